@@ -1,0 +1,1 @@
+"""SQLite storage (WAL, migrations): node state, dedup of seen messages, sequences."""
