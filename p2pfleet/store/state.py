@@ -1,7 +1,7 @@
-"""The node's small persistent state: seen messages (dedup) and record sequence numbers.
+"""The node's small persistent state: seen messages (dedup), record sequence numbers, bans.
 
-Both survive restarts, so a replayed message is refused after a restart too, and record
-sequence numbers only move forward.
+All survive restarts: a replayed message is refused after a restart too, record sequence
+numbers only move forward, and a banned peer stays banned when it reconnects.
 """
 
 from __future__ import annotations
@@ -24,11 +24,18 @@ MIGRATIONS = [
         last INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE bans (
+        peer TEXT PRIMARY KEY,
+        until_s REAL NOT NULL,
+        reason TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
 class NodeState:
-    """Dedup store and sequence counters in one SQLite file."""
+    """Dedup store, sequence counters and bans in one SQLite file."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -58,6 +65,21 @@ class NodeState:
             "DELETE FROM seen WHERE keep_until_ms IS NOT NULL AND keep_until_ms < ?", (now_ms,)
         )
         return cur.rowcount
+
+    # bans ------------------------------------------------------------------
+    def save_ban(self, peer: str, until_s: float, reason: str) -> None:
+        self.conn.execute(
+            "INSERT INTO bans (peer, until_s, reason) VALUES (?, ?, ?) ON CONFLICT (peer) "
+            "DO UPDATE SET until_s = max(until_s, excluded.until_s), reason = excluded.reason",
+            (peer, until_s, reason),
+        )
+
+    def active_bans(self, now_s: float) -> list[tuple[str, float, str]]:
+        return list(self.conn.execute(
+            "SELECT peer, until_s, reason FROM bans WHERE until_s > ? ORDER BY peer", (now_s,)))
+
+    def forget_ended_bans(self, now_s: float) -> int:
+        return self.conn.execute("DELETE FROM bans WHERE until_s <= ?", (now_s,)).rowcount
 
     # sequences -------------------------------------------------------------
     def next_sequence(self, name: str, now_ms: int) -> int:

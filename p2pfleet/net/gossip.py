@@ -1,0 +1,110 @@
+"""GossipSub tuned for a fleet, and the validator of the job-announcement topic.
+
+py-libp2p's defaults do not suit us: a 120 s heartbeat, adaptive gossip that stretches it
+to 30-60 s when the mesh looks thin, score thresholds at minus infinity (all gates off) and
+1 MiB inbound RPCs. We set a 1 s heartbeat, adaptive gossip off, mesh degree 6, real score
+thresholds fed by our application score (minus the peer's penalty, see core/reputation),
+and caps far below 1 MiB.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
+
+from ..wire import errors as E
+from ..wire.envelope import Opened, open_envelope
+
+GOSSIP_PROTOCOLS = ["/meshsub/1.1.0"]
+MAX_GOSSIP_RPC = 64 * 1024  # inbound RPC frame cap (announcements are ~1 KiB)
+
+
+def make_gossipsub(app_score: Callable[[object], float], *, heartbeat_s: float = 1.0,
+                   degree: int = 6) -> GossipSub:
+    params = ScoreParams(
+        p4_invalid_messages=TopicScoreParams(weight=-10.0, cap=100.0, decay=0.9),
+        p5_behavior_penalty_weight=-1.0,
+        p5_behavior_penalty_decay=0.9,
+        p6_appl_slack_weight=1.0,
+        p6_appl_slack_decay=1.0,
+        publish_threshold=-50.0,
+        gossip_threshold=-20.0,
+        graylist_threshold=-80.0,
+        accept_px_threshold=0.0,
+        app_specific_score_fn=app_score,
+    )
+    return GossipSub(
+        protocols=GOSSIP_PROTOCOLS,
+        degree=degree,
+        degree_low=max(1, degree - 2),
+        degree_high=degree * 2,
+        heartbeat_interval=heartbeat_s,  # type: ignore[arg-type]  # accepts floats
+        heartbeat_initial_delay=0.1,
+        adaptive_gossip_enabled=False,
+        score_params=params,
+        # Announcements are low-rate by design; the library's spam protection (drop a
+        # neighbour forwarding > 10 msgs/s per topic) stays on as a backstop.
+        spam_protection_enabled=True,
+    )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class PublisherRateLimit:
+    """Token bucket per publisher key: `per_minute` announcements, bursts of `burst`."""
+
+    def __init__(self, per_minute: float = 12.0, burst: int = 6):
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self._buckets: dict[bytes, _Bucket] = {}
+
+    def allow(self, publisher: bytes, now: float) -> bool:
+        b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
+        tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[publisher] = _Bucket(tokens, now)
+            return False
+        self._buckets[publisher] = _Bucket(tokens - 1.0, now)
+        if len(self._buckets) > 10_000:  # forget the idle ones
+            cutoff = now - self.burst / self.rate
+            self._buckets = {k: v for k, v in self._buckets.items() if v.at > cutoff}
+        return True
+
+
+class Verdict:
+    ACCEPT = "accept"      # deliver and forward
+    IGNORE = "ignore"      # forward-compatible: unknown kind/version, forward but do not use
+    REJECT = "reject"      # invalid: drop and score the forwarder down
+
+
+class JobTopicValidator:
+    """Decides what happens to a message on the jobs topic."""
+
+    def __init__(self, network: str, *, clock: Callable[[], float] = time.time,
+                 max_bytes: int = 8 * 1024, rate: PublisherRateLimit | None = None):
+        self.network = network
+        self.clock = clock
+        self.max_bytes = max_bytes
+        self.rate = rate or PublisherRateLimit()
+
+    def check(self, data: bytes) -> tuple[str, Opened | None, str]:
+        if len(data) > self.max_bytes:
+            return Verdict.REJECT, None, f"{len(data)} bytes over the topic cap {self.max_bytes}"
+        now = self.clock()
+        try:
+            opened = open_envelope(data, self.network, now_ms=int(now * 1000), kinds={"job"})
+        except E.Unsupported as exc:
+            return Verdict.IGNORE, None, str(exc)
+        except E.WireError as exc:
+            return Verdict.REJECT, None, str(exc)
+        if not self.rate.allow(opened.signer, now):
+            return Verdict.REJECT, None, "publisher over its announcement rate"
+        return Verdict.ACCEPT, opened, ""

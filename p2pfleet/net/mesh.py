@@ -1,0 +1,339 @@
+"""The mesh: one py-libp2p host with our DHT, gossip, fixes, reputation and connection gate.
+
+`Mesh.run()` is a trio service: it starts the host without listening, starts GossipSub and
+the DHT (so no peer can reach a protocol whose service is not running yet: fix for the
+crash in notes/libp2p.md), only then listens, and then keeps dialling bootstrap peers with
+exponential back-off (a node runs alone until peers appear). Cancelling `run()` closes every
+connection: a node that leaves the mesh holds none.
+
+What arrives from the network is checked by p2pfleet.wire before use; each offence goes to
+`core.reputation`, whose bans are persisted in the node state, fed into GossipSub's
+application score and enforced by a connection gate, so a punished peer does not come back
+clean by reconnecting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.records.validator import NamespacedValidator
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..core.reputation import Reputation
+from ..identity import Identity
+from ..names import Names
+from ..store.state import NodeState
+from ..wire.envelope import Opened
+from . import libp2p_fixes
+from .dht_records import FleetRecordValidator, RecordRejected
+from .gossip import MAX_GOSSIP_RPC, JobTopicValidator, Verdict, make_gossipsub
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(Exception):
+    """A mesh operation failed in a way the caller should report (names what and why)."""
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    network: str
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    dht_mode: str = "auto"  # server | client | auto (auto: server until reachability lands)
+    heartbeat_s: float = 1.0
+    gossip_degree: int = 6
+    dht_idle_timeout_s: float = 10.0
+    bootstrap_backoff_s: tuple[float, float] = (1.0, 60.0)
+    max_connections: int = 128
+    min_connections: int = 8
+    seed: int | None = None  # back-off jitter; None: from the OS
+
+
+@dataclass
+class MeshStats:
+    rejected_messages: int = 0
+    ignored_messages: int = 0
+    protocol_errors: int = 0
+    gated_connections: int = 0
+    bans: list[str] = field(default_factory=list)
+
+
+class _ConnectionGate(INotifee):
+    """Closes connections of banned peers as soon as they are established."""
+
+    def __init__(self, mesh: "Mesh"):
+        self.mesh = mesh
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        peer = conn.muxed_conn.peer_id
+        if self.mesh.is_banned(peer):
+            self.mesh.stats.gated_connections += 1
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001 - it may already be closing
+                pass
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+class Mesh:
+    def __init__(self, identity: Identity, settings: MeshSettings, state: NodeState | None = None,
+                 *, clock: Callable[[], float] = time.time, reputation: Reputation | None = None):
+        libp2p_fixes.check_version()
+        self.identity = identity
+        self.settings = settings
+        self.names = Names(settings.network)
+        self.state = state
+        self.clock = clock
+        self.reputation = reputation or Reputation()
+        self.stats = MeshStats()
+        self._rng = random.Random(settings.seed)
+        self._accepted: OrderedDict[bytes, Opened] = OrderedDict()
+        self._job_send, self.jobs = trio.open_memory_channel[Opened](64)
+        self.host: Any = None
+        self.dht: KadDHT | None = None
+        self.pubsub: Pubsub | None = None
+        self.record_validator = FleetRecordValidator(self.names, clock)
+        self.job_validator = JobTopicValidator(settings.network, clock=clock)
+        if state is not None:
+            for peer, until, _reason in state.active_bans(clock()):
+                self.reputation.restore_ban(peer, until)
+
+    # --- reputation ----------------------------------------------------------------------
+    def is_banned(self, peer: Any) -> bool:
+        return self.reputation.is_banned(str(peer), self.clock())
+
+    def penalize(self, peer: Any, offence: str, detail: str = "") -> None:
+        if peer is None:
+            return
+        for ban in self.reputation.penalize(str(peer), offence, self.clock(), detail):
+            log.warning("banning peer %s until %s: %s", ban.peer, time.ctime(ban.until), ban.reason)
+            self.stats.bans.append(ban.peer)
+            if self.state is not None:
+                self.state.save_ban(ban.peer, ban.until, ban.reason)
+            if self.pubsub is not None:
+                self.pubsub.add_to_blacklist(peer if isinstance(peer, ID) else ID.from_base58(ban.peer))
+            if self.host is not None:
+                self._nursery.start_soon(self._close_peer, peer)
+
+    async def _close_peer(self, peer: Any) -> None:
+        try:
+            await self.host.get_network().close_peer(peer)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+    def _on_stream_violation(self, peer: Any, protocol: str, reason: str) -> None:
+        self.stats.protocol_errors += 1
+        offence = "stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT else "protocol-error"
+        self.penalize(peer, offence, f"{protocol}: {reason}")
+
+    def _app_score(self, peer: Any) -> float:
+        return self.reputation.score(str(peer), self.clock())
+
+    # --- the service ---------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        libp2p_fixes.set_dht_protocol(self.names.protocol("kad"))
+        try:
+            listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
+        except Exception as exc:  # noqa: BLE001 - multiaddr raises assorted types
+            raise MeshError(f"bad listen address in {list(self.settings.listen)}: {exc}") from None
+        key_pair = create_new_key_pair(self.identity.seed)
+        host = new_host(key_pair=key_pair, listen_addrs=listen,
+                        connection_config=self._connection_config())
+        libp2p_fixes.guard_stream_handlers(
+            host, self._on_stream_violation,
+            idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},
+        )
+        gossipsub = make_gossipsub(self._app_score, heartbeat_s=self.settings.heartbeat_s,
+                                   degree=self.settings.gossip_degree)
+        pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=MAX_GOSSIP_RPC,
+                        allowed_topics={self.names.topic("jobs"), self.names.topic("evidence")})
+        mode = DHTMode.CLIENT if self.settings.dht_mode == "client" else DHTMode.SERVER
+        validator = NamespacedValidator({"p2pfleet": self.record_validator}, strict_validation=True)
+        dht = KadDHT(host, mode, validator=validator, validator_changed=True, strict_validation=True)
+        pubsub.set_topic_validator(self.names.topic("jobs"), self._validate_job, False)
+        host.get_network().register_notifee(_ConnectionGate(self))
+        async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                async with background_trio_service(dht):
+                    try:
+                        await host.get_network().listen(*listen)
+                    except Exception as exc:  # noqa: BLE001
+                        raise MeshError(f"cannot listen on {list(self.settings.listen)}: {exc}") from None
+                    self.host, self.dht, self.pubsub = host, dht, pubsub
+                    jobs_sub = await pubsub.subscribe(self.names.topic("jobs"))
+                    nursery.start_soon(self._receive_jobs, jobs_sub)
+                    if self.settings.bootstrap:
+                        nursery.start_soon(self._bootstrap_loop)
+                    task_status.started(self)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self.host = self.dht = self.pubsub = None
+                        nursery.cancel_scope.cancel()
+
+    def _connection_config(self) -> ConnectionConfig:
+        # py-libp2p's defaults keep >= 50 connections and dial up to 200 known peers every
+        # 30 s; a car on a shared link wants few, long-lived connections.
+        s = self.settings
+        return ConnectionConfig(
+            max_connections=s.max_connections, min_connections=s.min_connections,
+            low_watermark=s.min_connections * 2, high_watermark=int(s.max_connections * 0.75),
+            max_connections_per_peer=2, inbound_upgrade_timeout=5.0,
+            outbound_upgrade_timeout=10.0, dial_timeout=10.0,
+        )
+
+    # --- bootstrap -----------------------------------------------------------------------
+    async def _bootstrap_loop(self) -> None:
+        low, high = self.settings.bootstrap_backoff_s
+        delay = low
+        while True:
+            answered, failures = 0, []
+            for addr in self.settings.bootstrap:
+                try:
+                    await self.connect(addr)
+                    answered += 1
+                except MeshError as exc:
+                    failures.append(str(exc))
+            if answered:
+                delay = low
+                await trio.sleep(60.0)  # keep bootstrap links fresh
+                continue
+            log.warning("no bootstrap peer answered (%s); running alone, retrying in %.0f s",
+                        "; ".join(failures), delay)
+            await trio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(high, delay * 2)
+
+    async def connect(self, addr: str, timeout: float = 10.0) -> str:
+        """Dial a /.../p2p/<peer-id> multiaddr, add it to the DHT; returns its peer id."""
+        if self.host is None:
+            raise MeshError("the mesh is not running")
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # noqa: BLE001
+            raise MeshError(f"{addr}: not a multiaddr with /p2p/<peer-id> ({exc})") from None
+        if info.peer_id == self.host.get_id():
+            return str(info.peer_id)
+        if self.host.get_network().get_connections(info.peer_id):
+            return str(info.peer_id)
+        try:
+            with trio.fail_after(timeout):
+                await self.host.connect(info)
+                await self.dht.add_peer(info.peer_id)
+        except trio.TooSlowError:
+            raise MeshError(f"{addr}: no answer within {timeout:.0f} s") from None
+        except Exception as exc:  # noqa: BLE001 - dial errors come in many types
+            raise MeshError(f"{addr}: {type(exc).__name__}: {exc}") from None
+        return str(info.peer_id)
+
+    # --- records ---------------------------------------------------------------------------
+    async def put_capacity(self, envelope: bytes) -> str:
+        """Store our signed capacity record in the DHT under our peer id."""
+        if self.dht is None:
+            raise MeshError("the mesh is not running")
+        key = self.names.node_key(self.identity.peer_id)
+        try:
+            self.record_validator.validate(key, envelope)
+            await self.dht.put_value(key, envelope)
+        except RecordRejected as exc:
+            raise MeshError(f"our own capacity record is invalid: {exc}") from None
+        return key
+
+    async def get_capacity(self, peer_id: str, timeout: float = 10.0) -> Opened | None:
+        """Find a peer's capacity record; None if there is none we can believe."""
+        if self.dht is None:
+            raise MeshError("the mesh is not running")
+        key = self.names.node_key(peer_id)
+        with trio.move_on_after(timeout):
+            value = await self.dht.get_value(key)
+            if value is None:
+                return None
+            try:
+                return self.record_validator.open(key, value)
+            except RecordRejected as exc:
+                log.info("discarding record for %s: %s", peer_id, exc)
+                return None
+        return None
+
+    # --- job announcements -----------------------------------------------------------------
+    async def announce_job(self, envelope: bytes) -> None:
+        if self.pubsub is None:
+            raise MeshError("the mesh is not running")
+        verdict, _opened, why = self.job_validator.check(envelope)
+        if verdict != Verdict.ACCEPT:
+            raise MeshError(f"announcement refused locally: {why}")
+        await self.pubsub.publish(self.names.topic("jobs"), envelope)
+
+    def _validate_job(self, forwarder: ID, msg: Any) -> bool:
+        data = bytes(msg.data)
+        digest = hashlib.sha256(data).digest()
+        if digest in self._accepted:  # seen and accepted already (e.g. our own publish)
+            return True
+        verdict, opened, why = self.job_validator.check(data)
+        if verdict == Verdict.REJECT:
+            self.stats.rejected_messages += 1
+            self.penalize(forwarder, "invalid-message", f"jobs topic: {why}")
+            return False
+        if verdict == Verdict.IGNORE:
+            self.stats.ignored_messages += 1
+            return True  # forward for newer nodes; not delivered to us (no entry)
+        self._accepted[digest] = opened
+        while len(self._accepted) > 1024:
+            self._accepted.popitem(last=False)
+        return True
+
+    async def _receive_jobs(self, sub: Any) -> None:
+        while True:
+            msg = await sub.get()
+            opened = self._accepted.get(hashlib.sha256(bytes(msg.data)).digest())
+            if opened is None:
+                continue
+            try:
+                self._job_send.send_nowait(opened)
+            except trio.WouldBlock:
+                log.warning("job announcements arrive faster than the node reads them; dropping one")
+
+    # --- introspection ---------------------------------------------------------------------
+    def listen_addrs(self) -> list[str]:
+        if self.host is None:
+            return []
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        if self.host is None:
+            return []
+        return sorted(str(p) for p, conns in self.host.get_network().connections.items() if conns)
+

@@ -1,0 +1,118 @@
+"""Each py-libp2p fix in p2pfleet/net/libp2p_fixes.py, shown by the attack it stops.
+
+Every test ends the same way: an honest peer still reads a DHT record and receives a job
+announcement from the attacked node's fleet.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from p2pfleet.identity import Identity
+from p2pfleet.wire.envelope import seal
+from test_mesh import announcement, capacity, now_ms
+
+from fleetkit import NETWORK, fleet, wait_until
+
+
+async def assert_still_serving(meshes) -> None:
+    """An honest peer reads a DHT record and receives an announcement."""
+    owner, reader = meshes[0], meshes[-1]
+    await owner.put_capacity(seal(capacity(now_ms()), owner.identity, NETWORK))
+    got = await reader.get_capacity(owner.identity.peer_id)
+    assert got is not None and got.signer == owner.identity.public_key
+    await trio.sleep(1.0)
+    while True:  # drain what earlier steps left
+        try:
+            meshes[-1].jobs.receive_nowait()
+        except trio.WouldBlock:
+            break
+    publisher = Identity.from_seed(os.urandom(8))
+    await owner.announce_job(announcement(publisher))
+    with trio.fail_after(10):
+        opened = await reader.jobs.receive()
+    assert opened.signer == publisher.public_key
+
+
+async def raw_attacker(seed: bytes):
+    host = new_host(key_pair=create_new_key_pair(seed.ljust(32, b"\0")[:32]))
+    return host
+
+
+async def test_garbage_on_gossip_resets_the_stream_and_keeps_the_host():
+    """Fix 2: GossipSub's reader raised DecodeError up to host.run(), killing the node."""
+    async with fleet(3) as meshes:
+        victim = meshes[0]
+        evil = await raw_attacker(b"garbage")
+        async with evil.run([multiaddr.Multiaddr("/ip4/127.0.0.9/tcp/0")]):
+            await evil.connect(info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0])))
+            for _ in range(3):
+                stream = await evil.new_stream(victim.host.get_id(), [TProtocol("/meshsub/1.1.0")])
+                await stream.write(b"\x10" + os.urandom(16))
+                await trio.sleep(0.2)
+            await wait_until(lambda: victim.stats.protocol_errors >= 1)
+            assert victim.reputation.penalty(str(evil.get_id()), time.time()) > 0
+        await assert_still_serving(meshes)
+
+
+async def test_stalled_dht_streams_time_out_and_free_the_slots():
+    """Fix 3: 12 inbound DHT streams that stall used to deny DHT service to everyone."""
+    async with fleet(3, dht_idle_timeout_s=1.0) as meshes:
+        victim = meshes[0]
+        evil = await raw_attacker(b"staller")
+        async with evil.run([multiaddr.Multiaddr("/ip4/127.0.0.10/tcp/0")]):
+            await evil.connect(info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0])))
+            streams = []
+            for _ in range(12):  # all of the DHT's inbound slots
+                s = await evil.new_stream(victim.host.get_id(), [TProtocol(victim.names.protocol("kad"))])
+                await s.write(b"\x80\x08")  # a length prefix, then nothing
+                streams.append(s)
+            await wait_until(lambda: victim.dht._inbound_limiter.borrowed_tokens == 12, timeout=5)
+            await wait_until(lambda: victim.stats.protocol_errors >= 12, timeout=15)
+            assert victim.dht._inbound_limiter.borrowed_tokens == 0
+            await assert_still_serving(meshes)
+
+
+async def test_dht_speaks_our_protocol_not_ipfs():
+    """Fix 1: KadDHT ignored protocol_prefix and always spoke /ipfs/kad/1.0.0."""
+    async with fleet(2) as meshes:
+        protocols = meshes[0].host.get_mux().get_protocols()
+        assert f"/p2pfleet/{NETWORK}/kad/1.0.0" in protocols
+        assert "/ipfs/kad/1.0.0" not in protocols
+
+
+async def test_banned_peer_is_refused_after_reconnecting(tmp_path):
+    async with fleet(2, state_dir=tmp_path) as meshes:
+        victim = meshes[0]
+        evil = await raw_attacker(b"repeat offender")
+        async with evil.run([multiaddr.Multiaddr("/ip4/127.0.0.11/tcp/0")]):
+            info = info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0]))
+            for _ in range(8):
+                try:
+                    await evil.connect(info)
+                    s = await evil.new_stream(victim.host.get_id(), [TProtocol("/meshsub/1.1.0")])
+                    await s.write(b"\x10" + os.urandom(16))
+                except Exception:
+                    pass
+                await trio.sleep(0.2)
+                if victim.is_banned(evil.get_id()):
+                    break
+            assert victim.is_banned(evil.get_id())
+            assert str(evil.get_id()) in [p for p, _, _ in victim.state.active_bans(time.time())]
+            await wait_until(lambda: not victim.host.get_network().get_connections(evil.get_id()))
+            # it reconnects: the gate closes the connection again
+            try:
+                await evil.connect(info)
+            except Exception:
+                pass
+            await wait_until(lambda: victim.stats.gated_connections >= 1)
+            await wait_until(lambda: not victim.host.get_network().get_connections(evil.get_id()))
+        await assert_still_serving(meshes)
