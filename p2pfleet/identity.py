@@ -131,7 +131,7 @@ def encode_key(identity: Identity, passphrase: str | None = None) -> str:
 
 
 def decode_key(text: str, passphrase: str | None = None, *, source: str = "key") -> Identity:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if len(lines) != 1:
         raise KeyFileError(f"{source}: expected one key line, found {len(lines)}")
     parts = lines[0].split()
@@ -141,7 +141,7 @@ def decode_key(text: str, passphrase: str | None = None, *, source: str = "key")
             seed = bytes.fromhex(parts[2])
         elif tag == SEALED_TAG and len(parts) == 4:
             if passphrase is None:
-                raise KeyFileError(f"{source}: the key is sealed with a passphrase; give --passphrase")
+                raise KeyFileError(f"{source}: the key is sealed with a passphrase; none was given")
             salt, sealed = bytes.fromhex(parts[2]), bytes.fromhex(parts[3])
             box_key = nacl.pwhash.argon2id.kdf(
                 nacl.secret.SecretBox.KEY_SIZE, passphrase.encode(), salt,

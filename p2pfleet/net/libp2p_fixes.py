@@ -130,3 +130,51 @@ def guard_stream_handlers(host: Any, on_violation: ViolationFn,
                                             timeouts.get(str(protocol_id))))
 
     host.set_stream_handler = set_stream_handler
+
+
+# --- Fix 4: inbound connection slots leak --------------------------------------------------
+# Upstream: Swarm._do_handle_inbound_connection holds its inbound slot until the whole
+# swarm stops ("intentional barrier: await self.manager.wait_finished()"), not until the
+# connection closes. After (max_connections - min_connections) inbound connections have
+# come and gone, every new inbound connection is refused, for good: ~120 connect/
+# disconnect cycles lock a node out. We hold the slot only while the connection lives.
+
+
+async def _wait_connection_closed(swarm: Any, muxed_conn: Any) -> None:
+    for conns in list(swarm.connections.values()):
+        for conn in conns:
+            if getattr(conn, "muxed_conn", None) is muxed_conn:
+                await conn.event_closed.wait()
+                return
+
+
+def fix_inbound_slot_leak(swarm: Any) -> None:
+    from libp2p.abc import IMuxedConn
+    from libp2p.network.connection.raw_connection import RawConnection
+
+    original = swarm._do_handle_inbound_connection
+
+    async def handle(read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        if isinstance(read_write_closer, IMuxedConn):  # QUIC and such: upstream path
+            await original(read_write_closer, maddr, failure_event)
+            return
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+            try:
+                await read_write_closer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
+        raw_conn = None
+        try:
+            raw_conn = RawConnection(read_write_closer, False)
+            muxed_conn = await swarm.upgrade_inbound_raw_conn(raw_conn, maddr)
+            await _wait_connection_closed(swarm, muxed_conn)
+        except Exception as exc:  # noqa: BLE001 - a failed handshake must not escape
+            log.debug("inbound connection failed: %s", exc)
+            try:
+                await (raw_conn or read_write_closer).close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    swarm._do_handle_inbound_connection = handle

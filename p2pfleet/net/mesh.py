@@ -171,6 +171,7 @@ class Mesh:
         key_pair = create_new_key_pair(self.identity.seed)
         host = new_host(key_pair=key_pair, listen_addrs=listen,
                         connection_config=self._connection_config())
+        libp2p_fixes.fix_inbound_slot_leak(host.get_network())
         libp2p_fixes.guard_stream_handlers(
             host, self._on_stream_violation,
             idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},

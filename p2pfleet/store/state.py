@@ -16,7 +16,7 @@ MIGRATIONS = [
     """
     CREATE TABLE seen (
         msg_id BLOB PRIMARY KEY,
-        keep_until_ms INTEGER          -- NULL: keep forever (kinds kept as proof)
+        keep_until_ms INTEGER          -- NULL: keep forever
     ) WITHOUT ROWID;
     CREATE INDEX seen_expiry ON seen (keep_until_ms);
     CREATE TABLE sequences (

@@ -12,7 +12,9 @@ bytes that were signed; it is a msgpack map checked by the kind's strict schema.
 `open_envelope` checks, in order: total size, envelope structure, network, kind and version
 (unknown ones raise `Unsupported`: ignore, do not punish), the kind's body size cap, the
 signature, then decodes the body under msgpack buffer limits and the schema, then expiry
-(given `now_ms`) and replay (given a dedup store). Only `WireError` subclasses escape.
+and dating (given `now_ms`) and replay (given a dedup store; kinds that never expire are
+not deduplicated here). Only `WireError` subclasses escape. Map keys in a body must be
+unique strings; an envelope format newer than ours is unsupported, not invalid.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ ENVELOPE_FORMAT = 1
 MAX_ENVELOPE = 1024 * 1024  # hard cap on any message, before anything else is looked at
 MAX_CLOCK_SKEW_MS = 30_000
 MIN_RECORD_LIFETIME_MS = 10 * MAX_CLOCK_SKEW_MS
-_ENVELOPE_ITEMS = 7
-_NETWORK_MAX = 32
-_KIND_MAX = 32
-_BODY_MAP_MAX = 32  # no kind has more fields
-_BODY_ARRAY_MAX = 256  # the largest list any schema allows
-_BODY_STR_MAX = 1024  # bytes: 256 characters of UTF-8
+ENVELOPE_ITEMS = 7
+MAX_OUTER_ITEMS = 16  # read a future format far enough to see its number
+MAX_NETWORK_LEN = 32
+MAX_KIND_LEN = 32
+BODY_MAP_MAX = 32  # no kind has more fields
+BODY_ARRAY_MAX = 256  # the largest list any schema allows
+BODY_STR_MAX = 1024  # bytes: 256 characters of UTF-8
+KEEP_UNTIL_MAX = 2**63 - 1  # dedup stores keep times as signed 64-bit integers
 
 
 class DedupStore(Protocol):
@@ -106,17 +110,21 @@ def _unpack_outer(data: Any) -> list:
     try:
         outer = msgpack.unpackb(
             bytes(data), raw=False, strict_map_key=True, use_list=True,
-            max_str_len=max(_NETWORK_MAX, _KIND_MAX),
-            max_bin_len=MAX_ENVELOPE, max_array_len=_ENVELOPE_ITEMS, max_map_len=0,
+            max_str_len=max(MAX_NETWORK_LEN, MAX_KIND_LEN),
+            max_bin_len=MAX_ENVELOPE, max_array_len=MAX_OUTER_ITEMS, max_map_len=0,
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many unrelated types for bad input
         raise E.MalformedEnvelope("envelope", f"not a msgpack envelope ({type(exc).__name__})") from None
-    if type(outer) is not list or len(outer) != _ENVELOPE_ITEMS:
-        raise E.MalformedEnvelope("envelope", f"expected an array of {_ENVELOPE_ITEMS} items")
+    if type(outer) is not list or not outer or type(outer[0]) is not int or outer[0] < 1:
+        raise E.MalformedEnvelope("envelope", "expected an array starting with a format number")
+    if outer[0] > ENVELOPE_FORMAT:
+        raise E.UnsupportedVersion("format", f"envelope format {outer[0]}; this node reads "
+                                             f"format {ENVELOPE_FORMAT}")
+    if len(outer) != ENVELOPE_ITEMS:
+        raise E.MalformedEnvelope("envelope", f"expected an array of {ENVELOPE_ITEMS} items")
     fmt, network, kind, version, signer, body, sig = outer
     checks = (
-        ("format", type(fmt) is int and fmt == ENVELOPE_FORMAT, f"must be {ENVELOPE_FORMAT}"),
         ("network", type(network) is str, "must be a string"),
         ("kind", type(kind) is str, "must be a string"),
         ("version", type(version) is int and version >= 1, "must be an integer >= 1"),
@@ -130,13 +138,32 @@ def _unpack_outer(data: Any) -> list:
     return outer
 
 
+class _BadMap(Exception):
+    pass
+
+
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict:
+    """Map keys must be strings and unique: a decoder that kept the first or the last of
+    two equal keys would disagree with another about what was signed."""
+    out: dict = {}
+    for key, value in pairs:
+        if type(key) is not str:
+            raise _BadMap(f"map key {key!r:.40} is not a string")
+        if key in out:
+            raise _BadMap(f"duplicate map key {key!r:.40}")
+        out[key] = value
+    return out
+
+
 def _decode_body(spec: KindSpec, body: bytes) -> Any:
     try:
         value = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=_BODY_STR_MAX, max_bin_len=spec.max_body,
-            max_array_len=_BODY_ARRAY_MAX, max_map_len=_BODY_MAP_MAX, max_ext_len=0,
+            body, raw=False, strict_map_key=False, object_pairs_hook=_strict_map, use_list=True,
+            max_str_len=BODY_STR_MAX, max_bin_len=spec.max_body,
+            max_array_len=BODY_ARRAY_MAX, max_map_len=BODY_MAP_MAX, max_ext_len=0,
         )
+    except _BadMap as exc:
+        raise E.InvalidBody("body", str(exc)) from None
     except Exception as exc:  # msgpack raises many unrelated types for bad input
         raise E.InvalidBody("body", f"not a msgpack value within limits ({type(exc).__name__})") from None
     try:
@@ -148,6 +175,9 @@ def _decode_body(spec: KindSpec, body: bytes) -> Any:
 
 
 def _check_lifetime(spec: KindSpec, body: Any, now_ms: int) -> None:
+    at = getattr(body, "at", None)
+    if at is not None and at > now_ms + MAX_CLOCK_SKEW_MS:
+        raise E.NotYetValid("body.at", f"dated {at}, now {now_ms} (skew allowed {MAX_CLOCK_SKEW_MS} ms)")
     exp = getattr(body, "exp", None)
     if spec.max_lifetime_ms is None or exp is None:
         return
@@ -181,8 +211,12 @@ def open_envelope(data: bytes, network: str, *, now_ms: int | None = None,
     opened = Opened(network, kind, version, signer, body, body_bytes, sig, bytes(data))
     if now_ms is not None:
         _check_lifetime(spec, body, now_ms)
-        if dedup is not None:
-            keep = None if spec.max_lifetime_ms is None else body.exp + MAX_CLOCK_SKEW_MS
+        # Kinds kept as proof (no expiry) are not remembered here: anyone can mint them
+        # with fresh keys, so the dedup table would grow without bound. Their stores are
+        # idempotent instead (a receipt per lease, a rotation per key).
+        if dedup is not None and spec.max_lifetime_ms is not None:
+            # Clamped to a signed 64-bit integer (SQLite INTEGER): exp may be up to 2**64-1.
+            keep = min(body.exp + MAX_CLOCK_SKEW_MS, KEEP_UNTIL_MAX)
             if not dedup.remember(opened.msg_id, keep, now_ms):
                 raise E.Replay("envelope", f"{kind} {opened.msg_id.hex()[:16]} was seen before")
     elif dedup is not None:

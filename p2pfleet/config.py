@@ -1,0 +1,675 @@
+"""The node's configuration: one TOML file, every key with a default and a comment.
+
+The settings are declared once, below, as the fields of one frozen dataclass per section
+(`NodeSettings`, `HardwareSettings`, ...). Each field carries its default, a comment for
+the rendered config file and what values it allows; `SETTINGS` is the same information as a
+flat table of `Setting` rows, which everything else (loading, validation, the environment
+variable names, `render_config`, `p2pfleet config show`) is derived from.
+
+Where a value comes from, highest precedence first:
+
+1. the command line (`Override`s given to `load_config`),
+2. the environment: ``P2PFLEET_<SECTION>_<KEY>``, e.g. ``P2PFLEET_NODE_NETWORK=test``;
+   lists are comma-separated, booleans are true/false/yes/no/on/off/1/0,
+3. the config file (``<data dir>/config.toml`` unless told otherwise),
+4. the defaults declared here.
+
+Environment variables named ``P2PFLEET_<SECTION>_...`` for a known section are reserved: one
+that names no setting is an error (a typo must not be silently ignored). Any invalid value,
+unknown key or unknown section raises `ConfigError`, naming the key (``section.key``), where
+the value came from, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import textwrap
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import tomli_w
+
+from .names import NetworkIdError, check_network
+
+ENV_PREFIX = "P2PFLEET_"
+DEFAULT = "default"
+
+# Type names used in the table (derived from the dataclass annotations).
+STR, INT, FLOAT, BOOL, LIST = "str", "int", "float", "bool", "list"
+_TYPE_OF = {str: STR, int: INT, float: FLOAT, bool: BOOL, tuple[str, ...]: LIST}
+_TYPE_WORDS = {STR: "a string", INT: "an integer", FLOAT: "a number", BOOL: "true or false",
+               LIST: "a list of strings"}
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+class ConfigError(Exception):
+    """A configuration value, key, section or file is not acceptable.
+
+    `key` is the dotted setting name (``node.network``) when one is concerned, `source` where
+    the value came from (``file /x/config.toml``, ``env P2PFLEET_NODE_NETWORK``,
+    ``option --network``), `value` the offending value and `allowed` what would be accepted.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None,
+                 value: Any = None, allowed: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.source = source
+        self.value = value
+        self.allowed = allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks used by the table. Each raises ValueError(reason) for a bad value.
+
+def _check_network(value: str) -> None:
+    try:
+        check_network(value)
+    except NetworkIdError:
+        raise ValueError("not a valid network id") from None
+
+
+def _multiaddr_error(text: str) -> str | None:
+    from multiaddr import Multiaddr  # light; a dependency of libp2p
+
+    try:
+        Multiaddr(text)
+    except Exception as exc:  # the multiaddr package raises several types
+        return str(exc).split(" (string:")[0]
+    return None
+
+
+def _check_listen(values: tuple[str, ...]) -> None:
+    for i, text in enumerate(values):
+        why = _multiaddr_error(text)
+        if why is not None:
+            raise ValueError(f"item {i + 1} {text!r} is not a multiaddr: {why}")
+        if "/p2p/" in text:
+            raise ValueError(f"item {i + 1} {text!r}: a listen address names no peer id")
+
+
+def _check_bootstrap(values: tuple[str, ...]) -> None:
+    for i, text in enumerate(values):
+        why = _multiaddr_error(text)
+        if why is not None:
+            raise ValueError(f"item {i + 1} {text!r} is not a multiaddr: {why}")
+        if "/p2p/" not in text and not text.startswith("/dnsaddr/"):
+            raise ValueError(f"item {i + 1} {text!r} names no peer (add /p2p/<peer id>)")
+
+
+def _check_peer_ids(values: tuple[str, ...]) -> None:
+    from .identity import key_from_peer_id
+
+    for i, text in enumerate(values):
+        try:
+            key_from_peer_id(text)
+        except ValueError:
+            raise ValueError(f"item {i + 1} {text!r} is not an Ed25519 peer id") from None
+
+
+_HEX_RE = re.compile(r"(?:[0-9a-f]{2}){0,32}")
+
+
+def _check_hw_class(value: str) -> None:
+    if not _HEX_RE.fullmatch(value):
+        raise ValueError("not lower-case hex of at most 32 bytes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    section: str
+    key: str
+    type: str  # STR, INT, FLOAT, BOOL or LIST
+    default: Any
+    comment: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    check: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    allowed_text: str | None = None  # what `check` accepts, in words
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env_var(self) -> str:
+        return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
+
+    @property
+    def allowed(self) -> str:
+        """What values are allowed, in words."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        text = self.allowed_text or _TYPE_WORDS[self.type]
+        bounds = []
+        if self.min is not None:
+            bounds.append(f">= {_num(self.min)}")
+        if self.max is not None:
+            bounds.append(f"<= {_num(self.max)}")
+        return text + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _setting(default: Any, comment: str, *, choices: Iterable[str] | None = None,
+             min: float | None = None, max: float | None = None,
+             check: Callable[[Any], None] | None = None, allowed: str | None = None) -> Any:
+    meta = {"comment": comment, "choices": tuple(choices) if choices is not None else None,
+            "min": min, "max": max, "check": check, "allowed_text": allowed}
+    return field(default=default, metadata={"p2pfleet": meta})
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    network: str = _setting(
+        "main", "The network to join. Nodes only ever talk to nodes of the same network, so "
+        "test fleets and the production network never mix.",
+        check=_check_network, allowed="1-32 of a-z, 0-9 and '-', starting and ending with a "
+        "letter or digit")
+    listen: tuple[str, ...] = _setting(
+        ("/ip4/0.0.0.0/tcp/4001",), "Multiaddrs to listen on.",
+        check=_check_listen, allowed="a list of multiaddrs such as '/ip4/0.0.0.0/tcp/4001'")
+    bootstrap: tuple[str, ...] = _setting(
+        (), "Peers to contact first, as multiaddrs ending in /p2p/<peer id> (or /dnsaddr/ "
+        "names). Empty: only peers found by mDNS (if enabled) or given on the command line.",
+        check=_check_bootstrap,
+        allowed="a list of multiaddrs ending in /p2p/<peer id>, or /dnsaddr/ names")
+    mdns: bool = _setting(
+        False, "Find peers on the local network with mDNS (announces this node on the LAN).")
+    dht_mode: str = _setting(
+        "auto", "DHT mode: 'auto' serves the DHT once AutoNAT finds this node reachable, "
+        "'server' always, 'client' never (behind NAT or on a metered link).",
+        choices=("auto", "server", "client"))
+    log_level: str = _setting(
+        "warning", "How much to log.", choices=("error", "warning", "info", "debug"))
+    info_opt_in: bool = _setting(
+        False, "Answer node-info requests from explorers (software version, uptime, "
+        "counters). Off: such requests are refused.")
+
+
+@dataclass(frozen=True)
+class HardwareSettings:
+    hw_class: str = _setting(
+        "", "Hardware class (hex), a hint publishers use to spread replicas across "
+        "hardware. Empty: measured at start.",
+        check=_check_hw_class, allowed="empty, or lower-case hex of at most 32 bytes")
+    bench: float = _setting(
+        0.0, "Benchmark score in samples per second. 0: measured at start.",
+        min=0, max=1e9)
+    cores: int = _setting(
+        0, "CPU cores inference may use. 0: all of them.", min=0, max=4096)
+    memory_mb: int = _setting(
+        0, "Memory inference may use, in MiB. 0: chosen from the machine's memory.",
+        min=0, max=16 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class PublishersSettings:
+    allow: tuple[str, ...] = _setting(
+        (), "Publishers (peer ids) this node works for.",
+        check=_check_peer_ids, allowed="a list of Ed25519 peer ids (12D3KooW...)")
+    serve_anyone: bool = _setting(
+        False, "Also work for publishers not in 'allow' (chosen by their announced jobs "
+        "and payment record).")
+    unpaid_cap: int = _setting(
+        1000, "Stop working for a publisher once this much work (credit units) is "
+        "delivered but not yet paid by a receipt.", min=0)
+
+
+@dataclass(frozen=True)
+class RecordsSettings:
+    capacity_lifetime_s: int = _setting(
+        900, "Lifetime of this node's capacity record in the DHT, seconds. At least 300 "
+        "(10x the allowed 30 s clock skew), at most one hour.", min=300, max=3600)
+    republish_s: int = _setting(
+        300, "Republish the capacity record this often, seconds (and on every state "
+        "change). At most half of capacity_lifetime_s.", min=60, max=1800)
+
+
+SECTIONS: dict[str, type] = {
+    "node": NodeSettings,
+    "hardware": HardwareSettings,
+    "publishers": PublishersSettings,
+    "records": RecordsSettings,
+}
+
+SECTION_COMMENTS: dict[str, str] = {
+    "node": "The node on the network.",
+    "hardware": "What this machine offers. Measured at start where left at 0 or empty.",
+    "publishers": "Whom this node computes for.",
+    "records": "Records this node publishes in the DHT.",
+}
+
+
+def _build_table() -> tuple[Setting, ...]:
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata["p2pfleet"]
+            rows.append(Setting(section=section, key=f.name, type=_TYPE_OF[hints[f.name]],
+                                default=f.default, **meta))
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = _build_table()
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+BY_ENV: dict[str, Setting] = {s.env_var: s for s in SETTINGS}
+
+
+def setting(name: str) -> Setting:
+    """The table row for ``section.key``; ConfigError (with a suggestion) if unknown."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown setting {name!r}{_suggest_name(name)}", key=name,
+                          allowed="one of " + ", ".join(BY_NAME)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The result.
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration: typed, immutable, with where each value came from."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    hardware: HardwareSettings = field(default_factory=HardwareSettings)
+    publishers: PublishersSettings = field(default_factory=PublishersSettings)
+    records: RecordsSettings = field(default_factory=RecordsSettings)
+    # "section.key" -> "default" | "file <path>" | "env <VAR>" | "option <--opt>"
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
+        {name: DEFAULT for name in BY_NAME}), compare=False, repr=False)
+    file: Path | None = field(default=None, compare=False)  # the file read, if any
+
+    def get(self, name: str) -> Any:
+        s = setting(name)
+        return getattr(getattr(self, s.section), s.key)
+
+    def source(self, name: str) -> str:
+        setting(name)
+        return self.sources.get(name, DEFAULT)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (lists, not tuples), e.g. for JSON or TOML."""
+        out: dict[str, dict[str, Any]] = {}
+        for s in SETTINGS:
+            value = self.get(s.name)
+            out.setdefault(s.section, {})[s.key] = list(value) if s.type == LIST else value
+        return out
+
+
+def defaults() -> Config:
+    return Config()
+
+
+@dataclass(frozen=True)
+class Override:
+    """A value given on the command line, with the option that gave it (for messages)."""
+
+    value: Any
+    option: str = "command line"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and validation of single values.
+
+def describe_source(source: str) -> str:
+    """A source tag ("env X", "file P", "option --x", "default") in words."""
+    kind, _, rest = source.partition(" ")
+    if kind == "env":
+        return f"environment variable {rest}"
+    if kind == "file":
+        return rest
+    return source
+
+
+def _fail(s: Setting, value: Any, source: str, reason: str) -> ConfigError:
+    return ConfigError(f"{s.name} = {_show(value)} (from {describe_source(source)}): {reason}; "
+                       f"allowed: {s.allowed}",
+                       key=s.name, source=source, value=value, allowed=s.allowed)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _typed(s: Setting, value: Any, source: str) -> Any:
+    """Check a value that already has a type (TOML, or a typed command-line value)."""
+    t = s.type
+    if t == BOOL:
+        ok = type(value) is bool
+    elif t == INT:
+        ok = type(value) is int
+    elif t == FLOAT:
+        ok = type(value) in (int, float)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise _fail(s, value, source, "must be a finite number")
+    elif t == STR:
+        ok = type(value) is str
+    else:  # LIST
+        ok = isinstance(value, (list, tuple)) and all(type(v) is str for v in value)
+        if ok:
+            value = tuple(value)
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and t != STR:
+            hint = " (remove the quotes)"
+        elif t == LIST and isinstance(value, str):
+            hint = ' (write a list: ["..."])'
+        raise _fail(s, value, source,
+                    f"expected {_TYPE_WORDS[t]}, got {type(value).__name__}{hint}")
+    return value
+
+
+def _from_text(s: Setting, text: str, source: str) -> Any:
+    """Parse a string from the environment or the command line."""
+    t = s.type
+    raw = text.strip()
+    if t == STR:
+        return text
+    if t == LIST:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    if t == BOOL:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise _fail(s, text, source, "not a boolean (true/false, yes/no, on/off, 1/0)")
+    try:
+        value: Any = int(raw, 10) if t == INT else float(raw)
+    except ValueError:
+        raise _fail(s, text, source, f"not {_TYPE_WORDS[t]}") from None
+    if t == FLOAT and not math.isfinite(value):
+        raise _fail(s, text, source, "must be a finite number")
+    return value
+
+
+def _check(s: Setting, value: Any, source: str, raw: Any = None) -> Any:
+    """Range, choice and custom checks of a typed value; returns the value.
+
+    `raw`: the value as given (a string from the environment), shown in errors."""
+    shown = value if raw is None else raw
+    if s.choices is not None and value not in s.choices:
+        raise _fail(s, shown, source, "not an allowed value")
+    if s.min is not None and value < s.min:
+        raise _fail(s, shown, source, f"too small (minimum {_num(s.min)})")
+    if s.max is not None and value > s.max:
+        raise _fail(s, shown, source, f"too large (maximum {_num(s.max)})")
+    if s.check is not None:
+        try:
+            s.check(value)
+        except ValueError as exc:
+            raise _fail(s, shown, source, str(exc)) from None
+    return value
+
+
+def validate_value(name: str, value: Any, source: str = "command line") -> Any:
+    """Parse (if a string for a non-string setting) and check one value; returns it typed."""
+    s = setting(name)
+    if isinstance(value, str) and s.type != STR:
+        return _check(s, _from_text(s, value, source), source, raw=value)
+    return _check(s, _typed(s, value, source), source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+def closest_setting(name: str) -> Setting | None:
+    """The setting a mistyped ``section.key`` most likely meant, if any."""
+    section, _, key = name.partition(".")
+    if section in SECTIONS and key:
+        keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        if match:
+            return BY_NAME[f"{section}.{match[0]}"]
+    if key:  # the right key in the wrong section?
+        for s in SETTINGS:
+            if s.key == key:
+                return s
+    match = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
+    return BY_NAME[match[0]] if match else None
+
+
+def _suggest_name(name: str) -> str:
+    s = closest_setting(name)
+    return f" (did you mean {s.name}?)" if s is not None else ""
+
+
+def parse_config_text(text: str, source: str = "config file") -> dict[str, Any]:
+    """The settings a config file's text sets: {"section.key": typed value}.
+
+    Raises ConfigError for TOML syntax errors, unknown sections or keys, and bad values.
+    `source` names the file in messages ("file /x/config.toml").
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}", source=source) from None
+    problems: list[str] = []
+    unknown: list[str] = []
+    for section, table in data.items():
+        if section not in SECTIONS:
+            if isinstance(table, dict):
+                match = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
+                hint = f" (did you mean [{match[0]}]?)" if match else ""
+                problems.append(f"unknown section [{section}]{hint}")
+            else:
+                problems.append(f"key {section!r} must be inside a section"
+                                f"{_suggest_name('.' + section)}")
+            unknown.append(section)
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{section} must be a section ([{section}]), not a value")
+            unknown.append(section)
+            continue
+        for key in table:
+            if f"{section}.{key}" not in BY_NAME:
+                problems.append(f"unknown key {section}.{key}{_suggest_name(f'{section}.{key}')}")
+                unknown.append(f"{section}.{key}")
+    if problems:
+        known = ", ".join(SECTIONS)
+        raise ConfigError(f"{source}: " + "; ".join(problems) + f" (sections: {known})",
+                          key=", ".join(unknown), source=source,
+                          allowed="the keys listed by 'p2pfleet config default'")
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        for key, raw in table.items():
+            s = BY_NAME[f"{section}.{key}"]
+            values[s.name] = _check(s, _typed(s, raw, source), source)
+    return values
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """The settings a config file sets (see `parse_config_text`)."""
+    path = Path(path)
+    source = f"file {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not UTF-8 text", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read it ({exc.strerror})", source=source) from None
+    return parse_config_text(text, source)
+
+
+def env_values(env: Mapping[str, str] | None = None) -> dict[str, tuple[Any, str]]:
+    """Settings given in the environment: {"section.key": (typed value, "env VAR")}."""
+    env = os.environ if env is None else env
+    out: dict[str, tuple[Any, str]] = {}
+    prefixes = {f"{ENV_PREFIX}{sec.upper()}_": sec for sec in SECTIONS}
+    for var in sorted(env):
+        s = BY_ENV.get(var)
+        if s is None:
+            for prefix, section in prefixes.items():
+                if var.startswith(prefix):
+                    key = var[len(prefix):].lower()
+                    near = closest_setting(f"{section}.{key}")
+                    hint = f" (did you mean {near.env_var}?)" if near is not None else ""
+                    raise ConfigError(
+                        f"environment variable {var} names no setting{hint}",
+                        key=f"{section}.{key}", source=f"env {var}",
+                        allowed=", ".join(x.env_var for x in SETTINGS if x.section == section))
+            continue
+        source = f"env {var}"
+        out[s.name] = (_check(s, _from_text(s, env[var], source), source, raw=env[var]), source)
+    return out
+
+
+def _override_values(overrides: Mapping[str, Any] | None) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for name, given in (overrides or {}).items():
+        ov = given if isinstance(given, Override) else Override(given)
+        source = "command line" if ov.option == "command line" else f"option {ov.option}"
+        out[setting(name).name] = (validate_value(name, ov.value, source), source)
+    return out
+
+
+def _cross_check(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    life, rep = values["records.capacity_lifetime_s"], values["records.republish_s"]
+    if rep * 2 > life:
+        s = BY_NAME["records.republish_s"]
+        rep_from = describe_source(sources["records.republish_s"])
+        life_from = describe_source(sources["records.capacity_lifetime_s"])
+        raise ConfigError(
+            f"records.republish_s = {rep} (from {rep_from}) must be at most half of "
+            f"records.capacity_lifetime_s = {life} (from {life_from}), so a record is renewed "
+            f"before it expires; allowed: {s.allowed} and <= capacity_lifetime_s / 2",
+            key=s.name, source=sources["records.republish_s"], value=rep,
+            allowed=f"<= {life // 2}")
+
+
+def build_config(file_values: Mapping[str, Any] | None = None, *, file: Path | None = None,
+                 env: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """Merge defaults < file values < environment < overrides into a Config."""
+    values = {s.name: s.default for s in SETTINGS}
+    sources = {s.name: DEFAULT for s in SETTINGS}
+    file_source = f"file {file}" if file is not None else "config file"
+    for name, value in (file_values or {}).items():
+        values[name] = value
+        sources[name] = file_source
+    for layer in (env_values(env), _override_values(overrides)):
+        for name, (value, source) in layer.items():
+            values[name] = value
+            sources[name] = source
+    _cross_check(values, sources)
+    sections = {
+        section: cls(**{k: values[f"{section}.{k}"] for k in (f.name for f in dataclasses.fields(cls))})
+        for section, cls in SECTIONS.items()
+    }
+    return Config(**sections, sources=MappingProxyType(sources), file=file)
+
+
+def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None, missing_ok: bool = True) -> Config:
+    """The effective configuration.
+
+    `path`: the config file (None: none). A missing file means "all defaults" unless
+    `missing_ok` is false. `env`: the environment (default os.environ). `overrides`:
+    {"section.key": value or Override(value, "--option")} from the command line; string
+    values are parsed like environment values.
+    """
+    file_values: dict[str, Any] = {}
+    file: Path | None = None
+    if path is not None:
+        path = Path(path)
+        if path.exists() or not missing_ok:
+            file_values = read_config_file(path)
+            file = path
+    return build_config(file_values, file=file, env=env, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+
+HEADER = """\
+# p2pfleet node configuration.
+#
+# Every setting is listed with its comment and its default. Lines starting with '# key ='
+# show a default; remove the '# ' and change the value to set it. Unknown keys are errors.
+#
+# A setting can also come from the environment, P2PFLEET_<SECTION>_<KEY> (for example
+# P2PFLEET_NODE_NETWORK=test; lists comma-separated), or from the command line.
+# Precedence: command line > environment > this file > defaults.
+# 'p2pfleet config show' prints the effective values and where each came from;
+# 'p2pfleet config check' validates this file.
+"""
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML (lists on one line when short)."""
+    if isinstance(value, (list, tuple)):
+        items = [toml_value(v) for v in value]
+        one = "[" + ", ".join(items) + "]"
+        if len(one) <= 72:
+            return one
+        return "[\n" + "".join(f"    {item},\n" for item in items) + "]"
+    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+
+
+def render_config(values: Mapping[str, Any] | None = None, *,
+                  commented_defaults: bool = True) -> str:
+    """The fully commented config file.
+
+    Keys in `values` ({"section.key": value}) are written as set; every other key shows its
+    default, commented out (or set, if `commented_defaults` is false). Loading the result
+    gives `values` over the defaults.
+    """
+    values = dict(values or {})
+    for name in values:
+        setting(name)
+    out = [HEADER]
+    for section in SECTIONS:
+        out.append(f"\n[{section}]\n")
+        out.append(f"# {SECTION_COMMENTS[section]}\n")
+        for s in (x for x in SETTINGS if x.section == section):
+            out.append("\n")
+            for line in textwrap.wrap(s.comment, 88):
+                out.append(f"# {line}\n")
+            about = f"Allowed: {s.allowed}."
+            if s.name in values or not commented_defaults:  # the default is not shown below
+                about += f" Default: {' '.join(toml_value(s.default).split())}."
+            for line in textwrap.wrap(f"{about} Env: {s.env_var}", 88):
+                out.append(f"# {line}\n")
+            if s.name in values:
+                out.append(f"{s.key} = {toml_value(validate_value(s.name, values[s.name]))}\n")
+            else:
+                line = f"{s.key} = {toml_value(s.default)}"
+                if commented_defaults:
+                    line = "\n".join("# " + ln for ln in line.split("\n"))
+                out.append(line + "\n")
+    return "".join(out)
+
+
+__all__ = [
+    "BY_ENV", "BY_NAME", "Config", "ConfigError", "HardwareSettings", "NodeSettings",
+    "Override", "PublishersSettings", "RecordsSettings", "SECTIONS", "SETTINGS", "Setting",
+    "build_config", "closest_setting", "defaults", "describe_source", "env_values",
+    "load_config", "parse_config_text",
+    "read_config_file", "render_config", "setting", "toml_value", "validate_value",
+]

@@ -1,0 +1,1 @@
+"""Signed, versioned wire messages: schemas, envelopes, errors, key rotation."""
