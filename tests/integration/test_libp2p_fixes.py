@@ -116,3 +116,21 @@ async def test_banned_peer_is_refused_after_reconnecting(tmp_path):
             await wait_until(lambda: victim.stats.gated_connections >= 1)
             await wait_until(lambda: not victim.host.get_network().get_connections(evil.get_id()))
         await assert_still_serving(meshes)
+
+
+async def test_connection_churn_does_not_lock_out_honest_peers():
+    """Fix 4: each inbound connection held its slot until the swarm stopped; after
+    (max - min) connect/disconnect cycles every new inbound connection was refused."""
+    async with fleet(2, max_connections=12, min_connections=2) as meshes:
+        victim = meshes[0]
+        info = info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0]))
+        churner = await raw_attacker(b"churner")
+        async with churner.run([multiaddr.Multiaddr("/ip4/127.0.0.12/tcp/0")]):
+            for _ in range(30):  # three times the 10 inbound slots
+                with trio.fail_after(10):
+                    await churner.connect(info)
+                await churner.disconnect(info.peer_id)
+                await wait_until(lambda: not victim.host.get_network().get_connections(churner.get_id()))
+        swarm = victim.host.get_network()
+        await wait_until(lambda: swarm._inbound_limiter.borrowed_tokens <= 1)
+        await assert_still_serving(meshes)
