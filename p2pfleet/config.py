@@ -203,6 +203,14 @@ class NodeSettings:
     info_opt_in: bool = _setting(
         False, "Answer node-info requests from explorers (software version, uptime, "
         "counters). Off: such requests are refused.")
+    publish_private_addrs: bool = _setting(
+        False, "Put private and loopback addresses in the public capacity record. Only for "
+        "test networks on one machine or LAN: on a real network they tell strangers about "
+        "your home network.")
+    state_jitter_s: float = _setting(
+        60.0, "Delay joining the mesh by a random 0..this many seconds after the car becomes "
+        "eligible, so the public record is no precise log of when the car is home.",
+        min=0, max=3600)
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,88 @@ class RecordsSettings:
     republish_s: int = _setting(
         300, "Republish the capacity record this often, seconds (and on every state "
         "change). At most half of capacity_lifetime_s.", min=60, max=1800)
+    leaving_lifetime_s: int = _setting(
+        300, "Lifetime of the short 'leaving' record published when the node leaves the "
+        "mesh, seconds (at least 10x the 30 s clock skew).", min=300, max=3600)
+
+
+def _check_hhmm(value: str) -> None:
+    if value and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
+        raise ValueError("not a time of day HH:MM")
+
+
+def _check_windows(values: tuple[str, ...]) -> None:
+    for i, text in enumerate(values):
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", text):
+            raise ValueError(f"item {i + 1} {text!r} is not a window HH:MM-HH:MM")
+
+
+@dataclass(frozen=True)
+class VehicleSettings:
+    provider: str = _setting(
+        "static", "Where the node learns the car's state: 'static' (the values below) or "
+        "'trace' (replay a trace file, specs/vehicle-trace-format.md).",
+        choices=("static", "trace"))
+    trace: str = _setting(
+        "", "Trace file for provider 'trace': a path, or builtin:<name> for a shipped trace "
+        "(commuter-day, flappy-plug, metered-network, hot-day).")
+    trace_speedup: float = _setting(
+        1.0, "Replay speed of the trace (60: an hour per minute; for tests and demos).",
+        min=0.001, max=1e6)
+    parked: bool = _setting(True, "Static provider: the car is parked.")
+    plugged_in: bool = _setting(True, "Static provider: the car is plugged in.")
+    soc_pct: float = _setting(80.0, "Static provider: state of charge, %.", min=0, max=100)
+    charge_limit_pct: float = _setting(
+        90.0, "Static provider: the car's own charge limit, %.", min=1, max=100)
+    network: str = _setting(
+        "ethernet", "Static provider: the network the node is on.",
+        choices=("wifi", "ethernet", "cellular", "none"))
+    metered: str = _setting(
+        "unknown", "Static provider: is the network metered? 'unknown' counts as metered, so "
+        "the node computes only once you say 'no'.", choices=("yes", "no", "unknown"))
+    departure_daily: str = _setting(
+        "", "Static provider: planned daily departure, local HH:MM (empty: none).",
+        check=_check_hhmm, allowed="empty or HH:MM")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    battery_floor_pct: float = _setting(
+        60.0, "Compute only with the battery at or above this %. The floor used is at most "
+        "the car's charge limit minus charge_limit_margin_pct, so it never flaps at the limit.",
+        min=0, max=100)
+    charge_limit_margin_pct: float = _setting(
+        5.0, "How far below the car's charge limit the floor must sit, %.", min=0, max=50)
+    max_battery_temp_c: float = _setting(40.0, "Stop above this battery temperature, C.",
+                                         min=-40, max=100)
+    max_cabin_temp_c: float = _setting(45.0, "Stop above this cabin temperature, C.",
+                                       min=-40, max=100)
+    require_unmetered: bool = _setting(
+        True, "Compute only on a network known to be unmetered (never burn mobile data).")
+    quiet_hours: tuple[str, ...] = _setting(
+        (), "Local time windows without computing, e.g. [\"22:00-06:00\"] (may wrap midnight).",
+        check=_check_windows, allowed="a list of HH:MM-HH:MM windows")
+    excluded_tariff_windows: tuple[str, ...] = _setting(
+        (), "Local time windows of expensive electricity, e.g. [\"17:00-20:00\"].",
+        check=_check_windows, allowed="a list of HH:MM-HH:MM windows")
+    departure_margin_s: float = _setting(
+        3600.0, "Stop this many seconds before the planned departure.", min=0, max=86400)
+    resume_after_s: float = _setting(
+        300.0, "Start only after all vehicle conditions held this long, seconds (hysteresis).",
+        min=0, max=86400)
+    cpu_share: float = _setting(
+        0.5, "Share of the CPU inference may use (0..1].", min=0.01, max=1)
+    max_threads: int = _setting(2, "Most threads inference may use.", min=1, max=1024)
+    daily_energy_budget_wh: float = _setting(
+        2000.0, "Energy the node may use per day, Wh (0: no budget). Estimated as "
+        "power_w x cpu_share x busy time unless the car or charger meters it.", min=0)
+    daily_transfer_cap_mb: float = _setting(
+        500.0, "Bytes the node may send and receive per day, MB (0: no cap).", min=0)
+    power_w: float = _setting(
+        60.0, "The computer's draw at full load, W (for energy estimates).", min=1, max=100000)
+    leaving_flush_cap_kb: int = _setting(
+        64, "KiB the node may send to flush results and receipts while leaving.", min=0,
+        max=1048576)
 
 
 SECTIONS: dict[str, type] = {
@@ -249,6 +339,8 @@ SECTIONS: dict[str, type] = {
     "hardware": HardwareSettings,
     "publishers": PublishersSettings,
     "records": RecordsSettings,
+    "vehicle": VehicleSettings,
+    "policy": PolicySettings,
 }
 
 SECTION_COMMENTS: dict[str, str] = {
@@ -256,6 +348,8 @@ SECTION_COMMENTS: dict[str, str] = {
     "hardware": "What this machine offers. Measured at start where left at 0 or empty.",
     "publishers": "Whom this node computes for.",
     "records": "Records this node publishes in the DHT.",
+    "vehicle": "Where the car's state comes from.",
+    "policy": "When the car may compute. The node never drains, heats or burns data.",
 }
 
 
@@ -295,6 +389,8 @@ class Config:
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
     publishers: PublishersSettings = field(default_factory=PublishersSettings)
     records: RecordsSettings = field(default_factory=RecordsSettings)
+    vehicle: VehicleSettings = field(default_factory=VehicleSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     # "section.key" -> "default" | "file <path>" | "env <VAR>" | "option <--opt>"
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
         {name: DEFAULT for name in BY_NAME}), compare=False, repr=False)

@@ -1,4 +1,4 @@
-"""`p2pfleet node init` (and, later, the commands that run a node)."""
+"""`p2pfleet node init|start|status|pause|resume|stop` and `p2pfleet peers`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from ..config import build_config, parse_config_text, render_config, validate_value
 from ..datadir import utc_stamp, write_atomic
-from ..identity import Identity
+from ..identity import Identity, load_key
 from .app import App, CliError, json_option, pass_app
 
 
@@ -106,3 +106,141 @@ def node_init(app: App, network: str | None, allow: tuple[str, ...],
     lines.append("Back up the key now, e.g. 'p2pfleet key export --out FILE --passphrase-prompt': "
                  "it is your node's identity and credit, and cannot be recovered if lost.")
     app.emit(data, "\n".join(lines))
+
+
+# --- running a node ------------------------------------------------------------------------
+
+def _control_path(app: App):
+    return app.data_dir.root / "control.sock"
+
+
+@node_group.command("start")
+@click.option("--listen", "listen", multiple=True, metavar="MULTIADDR",
+              help="Listen here instead of node.listen (repeatable).")
+@click.option("--bootstrap", "bootstrap", multiple=True, metavar="MULTIADDR",
+              help="A peer to contact first, /.../p2p/<peer id> (repeatable; added to "
+                   "node.bootstrap).")
+@click.option("--vehicle-trace", "trace", default=None, metavar="FILE",
+              help="Replay this vehicle trace (or builtin:<name>) instead of the configured "
+                   "provider.")
+@click.option("--trace-speedup", type=float, default=None,
+              help="Replay speed of the trace (60: an hour per minute).")
+@pass_app
+def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
+               trace: str | None, trace_speedup: float | None) -> None:
+    """Run the node until Ctrl-C or SIGTERM (or 'p2pfleet node stop').
+
+    The node computes only while the vehicle policy allows it; otherwise it stays out of
+    the mesh entirely. 'p2pfleet node status' says why.
+    """
+    import trio
+
+    from ..config import Override
+    from ..logs import setup_logging
+    from ..node import Node, NodeError
+
+    if trace is not None:
+        app.overrides["vehicle.provider"] = Override("trace", "--vehicle-trace")
+        app.overrides["vehicle.trace"] = Override(trace, "--vehicle-trace")
+    if trace_speedup is not None:
+        app.overrides["vehicle.trace_speedup"] = Override(trace_speedup, "--trace-speedup")
+    for name, values, option in (("node.listen", listen, "--listen"),
+                                 ("node.bootstrap", bootstrap, "--bootstrap")):
+        if values:
+            validate_value(name, list(values), f"option {option}")
+    config = app.config()
+    with app.data_dir.open(create=False, lock=True) as dd:
+        if not dd.has_key():
+            raise CliError(f"{dd.root} has no key: run 'p2pfleet node init' first")
+        identity = load_key(dd.key_file)
+        setup_logging(dd.logs_dir, config.node.log_level)
+        with dd.open_state() as state:
+            try:
+                node = Node(identity, config, state, control_path=_control_path(app),
+                            bootstrap=bootstrap, listen=listen or None)
+            except (NodeError, ValueError) as exc:
+                raise CliError(str(exc)) from None
+            click.echo(f"node {identity.peer_id} on network {config.node.network}; "
+                       f"control socket {_control_path(app)}", err=True)
+            trio.run(node.run)
+    click.echo("node stopped", err=True)
+
+
+def _ask(app: App, cmd: str, **args: Any) -> dict:
+    from ..control import ControlError, request
+
+    try:
+        return request(_control_path(app), cmd, **args)
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _print_status(app: App, reply: dict) -> None:
+    data = {k: v for k, v in reply.items() if k != "ok"}
+
+    def human() -> None:
+        state = "computing" if data["computing"] else "not computing"
+        mesh = f"in the mesh with {data['peers']} peers" if data["in_mesh"] else "out of the mesh"
+        click.echo(f"{data['peer_id']} ({data['network']}): {state}, {mesh}")
+        for line in data["why"]:
+            click.echo(f"  {line}")
+        if data["listen_addrs"]:
+            click.echo(f"  listening on {', '.join(data['listen_addrs'])}")
+        if data["last_error"]:
+            click.echo(f"  last error: {data['last_error']}")
+
+    app.emit(data, human)
+
+
+@node_group.command("status")
+@json_option
+@pass_app
+def node_status(app: App) -> None:
+    """Say whether the node computes, why (not), and when that may change."""
+    _print_status(app, _ask(app, "status"))
+
+
+@node_group.command("pause")
+@json_option
+@pass_app
+def node_pause(app: App) -> None:
+    """Stop computing now, hand back current work and leave the mesh until 'resume'."""
+    _print_status(app, _ask(app, "pause"))
+
+
+@node_group.command("resume")
+@json_option
+@pass_app
+def node_resume(app: App) -> None:
+    """Undo 'pause': compute again once the vehicle policy allows it."""
+    _print_status(app, _ask(app, "resume"))
+
+
+@node_group.command("stop")
+@click.option("--after-current", is_flag=True,
+              help="Let the running shard finish first (it needs no connection).")
+@json_option
+@pass_app
+def node_stop(app: App, after_current: bool) -> None:
+    """Stop the running node: it publishes a leaving record and exits."""
+    reply = _ask(app, "stop", after_current=after_current)
+    app.emit({"stopping": reply.get("stopping", False)}, "the node is stopping")
+
+
+@click.command("peers")
+@json_option
+@pass_app
+def peers_command(app: App) -> None:
+    """List the peers the running node is connected to."""
+    reply = _ask(app, "peers")
+    data = {"in_mesh": reply["in_mesh"], "peers": reply["peers"]}
+
+    def human() -> None:
+        if not data["in_mesh"]:
+            click.echo("the node is out of the mesh (see 'p2pfleet node status')")
+            return
+        click.echo(f"{len(data['peers'])} connected peers")
+        for peer in data["peers"]:
+            click.echo(f"  {peer}")
+
+    app.emit(data, human)

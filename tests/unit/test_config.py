@@ -22,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 # --- the table --------------------------------------------------------------------------------
 
 def test_every_setting_has_a_comment_a_valid_default_and_an_env_var():
-    assert len(C.SETTINGS) == 16
+    assert len(C.SETTINGS) == len(BAD_FILE_VALUES)
     for s in C.SETTINGS:
         assert s.comment.strip(), s.name
         assert C.validate_value(s.name, s.default) == s.default
@@ -131,6 +131,34 @@ BAD_FILE_VALUES = {
     "publishers.unpaid_cap": ("-5", "an integer >= 0"),
     "records.capacity_lifetime_s": ("60", "an integer >= 300 and <= 3600"),
     "records.republish_s": ("5", "an integer >= 60"),
+    "records.leaving_lifetime_s": ("30", "an integer >= 300"),
+    "node.publish_private_addrs": ('"no"', "true or false"),
+    "node.state_jitter_s": ("-1", "a number >= 0"),
+    "vehicle.provider": ('"obd"', "one of 'static', 'trace'"),
+    "vehicle.trace": ("3", "a string"),
+    "vehicle.trace_speedup": ("0", "a number >= 0.001"),
+    "vehicle.parked": ('"yes"', "true or false"),
+    "vehicle.plugged_in": ("0", "true or false"),
+    "vehicle.soc_pct": ("101", "a number >= 0 and <= 100"),
+    "vehicle.charge_limit_pct": ("0", "a number >= 1 and <= 100"),
+    "vehicle.network": ('"5g"', "one of 'wifi', 'ethernet', 'cellular', 'none'"),
+    "vehicle.metered": ("false", "one of 'yes', 'no', 'unknown'"),
+    "vehicle.departure_daily": ('"7:30"', "empty or HH:MM"),
+    "policy.battery_floor_pct": ("120", "a number >= 0 and <= 100"),
+    "policy.charge_limit_margin_pct": ("60", "a number >= 0 and <= 50"),
+    "policy.max_battery_temp_c": ('"hot"', "a number"),
+    "policy.max_cabin_temp_c": ("200", "<= 100"),
+    "policy.require_unmetered": ('"true"', "true or false"),
+    "policy.quiet_hours": ('["22-06"]', "HH:MM-HH:MM windows"),
+    "policy.excluded_tariff_windows": ('"17:00-20:00"', "HH:MM-HH:MM windows"),
+    "policy.departure_margin_s": ("-5", "a number >= 0"),
+    "policy.resume_after_s": ("1e9", "<= 86400"),
+    "policy.cpu_share": ("0", "a number >= 0.01 and <= 1"),
+    "policy.max_threads": ("0", "an integer >= 1"),
+    "policy.daily_energy_budget_wh": ("-1", "a number >= 0"),
+    "policy.daily_transfer_cap_mb": ("-1", "a number >= 0"),
+    "policy.power_w": ("0", "a number >= 1"),
+    "policy.leaving_flush_cap_kb": ("1.5", "an integer >= 0"),
 }
 
 
@@ -202,7 +230,7 @@ def test_republish_must_be_at_most_half_the_lifetime(tmp_path):
     ("[publishers]\nalow = []\n", "did you mean publishers.allow?"),
     ("[nodes]\nnetwork = 'x'\n", "unknown section [nodes] (did you mean [node]?)"),
     ("network = 'x'\n", "key 'network' must be inside a section (did you mean node.network?)"),
-    ("[zzz]\n", "unknown section [zzz] (sections: node, hardware, publishers, records)"),
+    ("[zzz]\n", "unknown section [zzz] (sections: node, hardware, publishers, records, vehicle, policy)"),
 ])
 def test_unknown_keys_are_errors_with_suggestions(text, expect):
     with pytest.raises(ConfigError) as info:

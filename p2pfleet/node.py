@@ -1,0 +1,350 @@
+"""The volunteer node: the vehicle policy decides, the mesh follows.
+
+The node wires the pure policy machine (`core.policy`) to a vehicle state provider and to
+the mesh (`net.mesh`). It observes the car, feeds the policy, and carries out its effects:
+`JoinMesh` starts a libp2p host after a random delay (`node.state_jitter_s`, so the public
+record is no precise log of when the car is home) and publishes the capacity record;
+`LeaveMesh` publishes a short-lived "leaving" record and then stops the host entirely, so
+an ineligible car holds no connection, sends no heartbeat and serves no DHT.
+
+While in the mesh the capacity record is republished every `records.republish_s` and on
+every state change. The owner controls the node through a unix socket (`p2pfleet.control`):
+status, peers, pause, resume, stop (now or after the current shard). SIGINT and SIGTERM stop
+it the same way: publish the leaving record, close the host, exit within a few seconds.
+
+Execution of shards comes with the execution and verified-work issues; until then the node
+computes nothing, and its record says "available" while it may compute.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+
+from . import __version__
+from .config import Config
+from .control import serve_control
+from .core import policy as P
+from .identity import Identity
+from .net.mesh import Mesh, MeshError, MeshSettings
+from .store.state import NodeState
+from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
+from .wire.envelope import seal
+from .wire.kinds import Capacity
+
+log = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+LEAVE_TIMEOUT_S = 3.0  # how long a leaving node may spend publishing its leaving record
+POLL_S = 5.0  # observe the car at least this often
+
+
+class NodeError(Exception):
+    """The node cannot start as configured; the message says what to change."""
+
+
+def make_provider(config: Config, *, t0: float | None = None) -> Any:
+    v = config.vehicle
+    if v.provider == "trace":
+        if not v.trace:
+            raise NodeError("vehicle.provider is 'trace' but vehicle.trace names no file")
+        path = builtin_trace_path(v.trace[len("builtin:"):]) if v.trace.startswith("builtin:") \
+            else Path(v.trace).expanduser()
+        return TraceProvider(path, t0=time.time() if t0 is None else t0, speedup=v.trace_speedup)
+    values: dict[str, Any] = {
+        "parked": v.parked, "plugged_in": v.plugged_in, "soc_pct": v.soc_pct,
+        "charge_limit_pct": v.charge_limit_pct, "network": v.network,
+        "metered": {"yes": True, "no": False, "unknown": None}[v.metered],
+    }
+    if v.departure_daily:
+        values["departure_daily"] = v.departure_daily
+    return StaticProvider.from_config(values, where="config [vehicle]")
+
+
+def policy_config(config: Config) -> P.PolicyConfig:
+    p = config.policy
+    return P.PolicyConfig(
+        battery_floor_pct=p.battery_floor_pct, charge_limit_margin_pct=p.charge_limit_margin_pct,
+        max_battery_temp_c=p.max_battery_temp_c, max_cabin_temp_c=p.max_cabin_temp_c,
+        require_unmetered=p.require_unmetered, quiet_hours=p.quiet_hours,
+        excluded_tariff_windows=p.excluded_tariff_windows,
+        departure_margin_s=p.departure_margin_s, resume_after_s=p.resume_after_s,
+        cpu_share=p.cpu_share, max_threads=p.max_threads,
+        daily_energy_budget_wh=p.daily_energy_budget_wh or None,
+        daily_transfer_cap_mb=p.daily_transfer_cap_mb or None,
+        power_w=p.power_w, leaving_flush_cap_kb=p.leaving_flush_cap_kb,
+    )
+
+
+def utc_offset_s(at: float) -> int:
+    off = time.localtime(at).tm_gmtoff
+    return int(off or 0)
+
+
+def memory_mb() -> int:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages * size / 2**20 / 4)  # a quarter of the machine by default
+    except (ValueError, OSError):
+        return 1024
+
+
+def public_addrs(addrs: list[str], allow_private: bool) -> tuple[str, ...]:
+    """Addresses fit for the public record: no private, loopback or link-local ones unless
+    the owner allows them (test networks)."""
+    out = []
+    for text in addrs:
+        try:
+            ma = multiaddr.Multiaddr(text)
+            ip = ma.value_for_protocol("ip4") if "ip4" in [p.name for p in ma.protocols()] else \
+                ma.value_for_protocol("ip6")
+            addr = ipaddress.ip_address(ip)
+        except Exception:  # noqa: BLE001 - dns names and odd transports: skip
+            continue
+        if addr.is_unspecified:
+            continue
+        if not allow_private and (addr.is_private or addr.is_loopback or addr.is_link_local):
+            continue
+        out.append(text.split("/p2p/")[0])
+    return tuple(out[:8])
+
+
+@dataclass
+class NodeStatus:
+    started_at: float
+    in_mesh: bool = False
+    record_state: str = "offline"
+    last_record_seq: int | None = None
+    mesh_joins: int = 0
+    mesh_leaves: int = 0
+    last_error: str | None = None
+    history: list[tuple[float, str]] = field(default_factory=list)
+
+
+class Node:
+    def __init__(self, identity: Identity, config: Config, state: NodeState, *,
+                 control_path: Path | None = None, provider: Any = None,
+                 bootstrap: tuple[str, ...] = (), listen: tuple[str, ...] | None = None,
+                 rng: random.Random | None = None, clock: Any = time.time):
+        self.identity = identity
+        self.config = config
+        self.state = state
+        self.control_path = control_path
+        self.provider = provider if provider is not None else make_provider(config)
+        self.policy = P.Policy(policy_config(config))
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.mesh_settings = MeshSettings(
+            network=config.node.network,
+            listen=listen or config.node.listen,
+            bootstrap=tuple(config.node.bootstrap) + tuple(bootstrap),
+            dht_mode=config.node.dht_mode,
+        )
+        self.status = NodeStatus(started_at=clock())
+        self.mesh: Mesh | None = None
+        self._mesh_scope: trio.CancelScope | None = None
+        self._mesh_done: trio.Event | None = None
+        self._wake = trio.Event()
+        self._stopping = False
+        self._events: list[Any] = []
+
+    # --- records -------------------------------------------------------------------------
+    def capacity_record(self, state: str, lifetime_s: int) -> bytes:
+        now = self.clock()
+        hw = self.config.hardware
+        seq = self.state.next_sequence("capacity", int(now * 1000))
+        addrs = public_addrs(self.mesh.listen_addrs() if self.mesh else [],
+                             self.config.node.publish_private_addrs)
+        body = Capacity(
+            seq=seq, exp=int((now + lifetime_s) * 1000), sw_version=__version__, state=state,
+            hw_class=bytes.fromhex(hw.hw_class), cores=hw.cores or (os.cpu_count() or 1),
+            memory_mb=hw.memory_mb or memory_mb(), bench=hw.bench, providers=(CPU_PROVIDER,),
+            slots=1, addrs=addrs,
+        )
+        self.status.last_record_seq = seq
+        return seal(body, self.identity, self.config.node.network)
+
+    async def publish_capacity(self, state: str) -> None:
+        if self.mesh is None:
+            return
+        lifetime = (self.config.records.leaving_lifetime_s if state == "leaving"
+                    else self.config.records.capacity_lifetime_s)
+        try:
+            await self.mesh.put_capacity(self.capacity_record(state, lifetime))
+            self.status.record_state = state
+        except MeshError as exc:
+            self.status.last_error = str(exc)
+            log.warning("could not publish the capacity record: %s", exc)
+
+    # --- the mesh session ----------------------------------------------------------------
+    async def _mesh_session(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        done = trio.Event()
+        self._mesh_done = done
+        try:
+            with trio.CancelScope() as scope:
+                self._mesh_scope = scope
+                task_status.started()
+                delay = self.rng.uniform(0, self.config.node.state_jitter_s)
+                await trio.sleep(delay)
+                mesh = Mesh(self.identity, self.mesh_settings, self.state, clock=self.clock)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(mesh.run)
+                    self.mesh = mesh
+                    self.status.in_mesh = True
+                    self.status.mesh_joins += 1
+                    self._note("joined the mesh")
+                    while True:
+                        await self.publish_capacity("available")
+                        await trio.sleep(self.config.records.republish_s)
+        finally:
+            self.mesh = None
+            self.status.in_mesh = False
+            self._mesh_scope = None
+            done.set()
+
+    async def _leave_mesh(self) -> None:
+        scope, done = self._mesh_scope, self._mesh_done
+        if scope is None:
+            return
+        if self.mesh is not None:
+            with trio.move_on_after(LEAVE_TIMEOUT_S) as leaving:
+                leaving.shield = True
+                await self.publish_capacity("leaving")
+        scope.cancel()
+        if done is not None:
+            await done.wait()
+        self.status.mesh_leaves += 1
+        self.status.record_state = "offline"
+        self._note("left the mesh")
+
+    def _note(self, what: str) -> None:
+        self.status.history.append((self.clock(), what))
+        del self.status.history[:-50]
+        log.info(what)
+
+    # --- policy --------------------------------------------------------------------------
+    def _feed(self, event: Any) -> list[Any]:
+        self._events.append(event)
+        del self._events[:-200]
+        return self.policy.handle(event)
+
+    async def _apply(self, nursery: trio.Nursery, effects: list[Any]) -> float | None:
+        wake = None
+        for eff in effects:
+            if isinstance(eff, P.JoinMesh):
+                await nursery.start(self._mesh_session)
+            elif isinstance(eff, P.LeaveMesh):
+                await self._leave_mesh()
+            elif isinstance(eff, P.StartComputing):
+                self._note(f"computing allowed: {eff.threads} threads, {eff.cpu_share:g} CPU share")
+            elif isinstance(eff, P.StopComputing):
+                self._note(f"computing stopped: {eff.reason}")
+            elif isinstance(eff, P.WakeAt):
+                wake = eff.at if wake is None else min(wake, eff.at)
+        return wake
+
+    async def _policy_loop(self, nursery: trio.Nursery) -> None:
+        policy_wake: float | None = None
+        while not self._stopping:
+            now = self.clock()
+            vehicle = self.provider.state_at(now)
+            wake = await self._apply(nursery, self._feed(P.StateObserved(now, vehicle, utc_offset_s(now))))
+            if wake is not None:
+                policy_wake = wake if policy_wake is None or policy_wake <= now else min(policy_wake, wake)
+            candidates = [now + POLL_S]
+            if policy_wake is not None and policy_wake > now:
+                candidates.append(policy_wake)
+            change = self.provider.next_change_after(now)
+            if change is not None:
+                candidates.append(change)
+            self._wake = trio.Event()
+            with trio.move_on_after(max(0.0, min(candidates) - self.clock())):
+                await self._wake.wait()
+
+    async def _owner(self, event_cls: type, nursery: trio.Nursery) -> None:
+        await self._apply(nursery, self._feed(event_cls(self.clock())))
+        self._wake.set()
+
+    # --- control -------------------------------------------------------------------------
+    def status_report(self) -> dict:
+        now = self.clock()
+        return {
+            "peer_id": self.identity.peer_id,
+            "network": self.config.node.network,
+            "version": __version__,
+            "uptime_s": round(now - self.status.started_at, 1),
+            "computing": self.policy.computing,
+            "in_mesh": self.status.in_mesh,
+            "record_state": self.status.record_state,
+            "record_seq": self.status.last_record_seq,
+            "why": self.policy.status(now),
+            "reasons": [{"code": r.code, "text": r.text, "until": r.until}
+                        for r in self.policy.reasons(now)],
+            "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
+            "peers": len(self.mesh.connected_peers()) if self.mesh else 0,
+            "mesh_joins": self.status.mesh_joins,
+            "mesh_leaves": self.status.mesh_leaves,
+            "last_error": self.status.last_error,
+            "history": [[t, what] for t, what in self.status.history[-10:]],
+        }
+
+    async def _control(self, request: dict, nursery: trio.Nursery) -> dict:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"ok": True, **self.status_report()}
+        if cmd == "peers":
+            peers = self.mesh.connected_peers() if self.mesh else []
+            return {"ok": True, "in_mesh": self.status.in_mesh, "peers": peers}
+        if cmd == "pause":
+            await self._owner(P.PauseRequested, nursery)
+            return {"ok": True, **self.status_report()}
+        if cmd == "resume":
+            await self._owner(P.ResumeRequested, nursery)
+            return {"ok": True, **self.status_report()}
+        if cmd == "stop":
+            if request.get("after_current"):
+                await self._owner(P.StopAfterCurrent, nursery)
+            nursery.start_soon(self.stop)
+            return {"ok": True, "stopping": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, peers, pause, "
+                                      "resume, stop"}
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Leave the mesh (publishing the leaving record) and end `run()`."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._leave_mesh()
+        self._root.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.warning("received %s: leaving the mesh and stopping",
+                            signal.Signals(signum).name)
+                await self.stop()
+                return
+
+    async def run(self, *, handle_signals: bool = True,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._root = nursery
+            if handle_signals:
+                nursery.start_soon(self._signals)
+            if self.control_path is not None:
+                await nursery.start(serve_control, self.control_path,
+                                    lambda req: self._control(req, nursery))
+            nursery.start_soon(self._policy_loop, nursery)
+            task_status.started(self)
+
