@@ -35,7 +35,7 @@ from . import __version__
 from .config import Config
 from .control import serve_control
 from .core import policy as P
-from .identity import Identity
+from .identity import Identity, key_from_peer_id
 from .net.mesh import Mesh, MeshError, MeshSettings
 from .store.state import NodeState
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
@@ -203,7 +203,10 @@ class Node:
                     self.status.in_mesh = True
                     self.status.mesh_joins += 1
                     self._note("joined the mesh")
-                    while True:
+                    await self.publish_capacity("available")  # stored locally at least
+                    with trio.move_on_after(self.config.records.republish_s):
+                        await mesh.first_peer.wait()
+                    while True:  # now it reaches the peers closest to our key
                         await self.publish_capacity("available")
                         await trio.sleep(self.config.records.republish_s)
         finally:
@@ -305,6 +308,8 @@ class Node:
         if cmd == "peers":
             peers = self.mesh.connected_peers() if self.mesh else []
             return {"ok": True, "in_mesh": self.status.in_mesh, "peers": peers}
+        if cmd == "lookup":
+            return await self._lookup(str(request.get("peer_id", "")))
         if cmd == "pause":
             await self._owner(P.PauseRequested, nursery)
             return {"ok": True, **self.status_report()}
@@ -316,8 +321,25 @@ class Node:
                 await self._owner(P.StopAfterCurrent, nursery)
             nursery.start_soon(self.stop)
             return {"ok": True, "stopping": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, peers, pause, "
-                                      "resume, stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, peers, lookup, "
+                                      "pause, resume, stop"}
+
+    async def _lookup(self, peer_id: str) -> dict:
+        if self.mesh is None:
+            return {"ok": False, "error": "the node is out of the mesh (see 'node status')"}
+        try:
+            key_from_peer_id(peer_id)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        opened = await self.mesh.get_capacity(peer_id)
+        if opened is None:
+            return {"ok": True, "found": False, "peer_id": peer_id}
+        body = opened.body
+        return {"ok": True, "found": True, "peer_id": peer_id, "record": {
+            "seq": body.seq, "exp": body.exp, "state": body.state, "sw_version": body.sw_version,
+            "hw_class": body.hw_class.hex(), "cores": body.cores, "memory_mb": body.memory_mb,
+            "bench": body.bench, "providers": list(body.providers), "slots": body.slots,
+            "addrs": list(body.addrs)}}
 
     # --- lifecycle -----------------------------------------------------------------------
     async def stop(self) -> None:

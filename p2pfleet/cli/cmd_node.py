@@ -244,3 +244,25 @@ def peers_command(app: App) -> None:
             click.echo(f"  {peer}")
 
     app.emit(data, human)
+
+
+@click.command("record")
+@click.argument("peer_id")
+@json_option
+@pass_app
+def record_command(app: App, peer_id: str) -> None:
+    """Look up a peer's capacity record in the DHT, through the running node."""
+    reply = _ask(app, "lookup", peer_id=peer_id)
+    data = {k: v for k, v in reply.items() if k != "ok"}
+
+    def human() -> None:
+        if not data["found"]:
+            click.echo(f"no valid record for {peer_id}")
+            return
+        r = data["record"]
+        click.echo(f"{peer_id}: {r['state']}, software {r['sw_version']}, {r['cores']} cores, "
+                   f"{r['memory_mb']} MiB, bench {r['bench']:g}/s, seq {r['seq']}")
+        if r["addrs"]:
+            click.echo(f"  addrs: {', '.join(r['addrs'])}")
+
+    app.emit(data, human)

@@ -100,10 +100,11 @@ def version(app: App) -> None:
 def _register() -> None:
     from .cmd_config import config_group
     from .cmd_key import key_group
-    from .cmd_node import node_group, peers_command
+    from .cmd_node import node_group, peers_command, record_command
 
     cli.add_command(node_group)
     cli.add_command(peers_command)
+    cli.add_command(record_command)
     cli.add_command(key_group)
     cli.add_command(config_group)
 

@@ -41,7 +41,7 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import NodeState
 from ..wire.envelope import Opened
-from . import libp2p_fixes
+from . import dht_lookup, libp2p_fixes
 from .dht_records import FleetRecordValidator, RecordRejected
 from .gossip import MAX_GOSSIP_RPC, JobTopicValidator, Verdict, make_gossipsub
 
@@ -96,6 +96,8 @@ class _ConnectionGate(INotifee):
                 await conn.close()
             except Exception:  # noqa: BLE001 - it may already be closing
                 pass
+            return
+        self.mesh.first_peer.set()
 
     async def disconnected(self, network: Any, conn: Any) -> None:
         pass
@@ -121,6 +123,8 @@ class Mesh:
         self._rng = random.Random(settings.seed)
         self._accepted: OrderedDict[bytes, Opened] = OrderedDict()
         self._job_send, self.jobs = trio.open_memory_channel[Opened](64)
+        self.first_peer = trio.Event()
+        self.last_put_peers = 0  # set when the first (unbanned) peer connects
         self.host: Any = None
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
@@ -205,6 +209,7 @@ class Mesh:
                     finally:
                         self.host = self.dht = self.pubsub = None
                         nursery.cancel_scope.cancel()
+                        await _close_swarm(host)
 
     def _connection_config(self) -> ConnectionConfig:
         # py-libp2p's defaults keep >= 50 connections and dial up to 200 known peers every
@@ -268,9 +273,12 @@ class Mesh:
         key = self.names.node_key(self.identity.peer_id)
         try:
             self.record_validator.validate(key, envelope)
-            await self.dht.put_value(key, envelope)
         except RecordRejected as exc:
             raise MeshError(f"our own capacity record is invalid: {exc}") from None
+        key_bytes = key.encode()
+        self.dht.value_store.put(key_bytes, envelope)
+        closest, _values = await dht_lookup.walk(self.dht, key_bytes)
+        self.last_put_peers = await dht_lookup.store_at(self.dht, closest, key_bytes, envelope)
         return key
 
     async def get_capacity(self, peer_id: str, timeout: float = 10.0) -> Opened | None:
@@ -278,16 +286,28 @@ class Mesh:
         if self.dht is None:
             raise MeshError("the mesh is not running")
         key = self.names.node_key(peer_id)
+        key_bytes = key.encode()
+        values: dict[Any, bytes] = {}
         with trio.move_on_after(timeout):
-            value = await self.dht.get_value(key)
-            if value is None:
-                return None
+            _closest, values = await dht_lookup.walk(self.dht, key_bytes)
+        local = self.dht.value_store.get(key_bytes)
+        candidates = list(values.values()) + ([bytes(local.value)] if local else [])
+        best: Opened | None = None
+        for value in candidates:
             try:
-                return self.record_validator.open(key, value)
+                opened = self.record_validator.open(key, value)
             except RecordRejected as exc:
-                log.info("discarding record for %s: %s", peer_id, exc)
-                return None
-        return None
+                log.info("discarding a record for %s: %s", peer_id, exc)
+                continue
+            if best is None or opened.body.seq > best.body.seq:
+                best = opened
+        if best is not None:
+            stale = [p for p, v in values.items() if v != best.raw]
+            if stale:  # Kademlia's entry correction: bring outdated holders up to date
+                self._nursery.start_soon(dht_lookup.store_at, self.dht, stale, key_bytes, best.raw)
+            if local is None or bytes(local.value) != best.raw:
+                self.dht.value_store.put(key_bytes, best.raw)
+        return best
 
     # --- job announcements -----------------------------------------------------------------
     async def announce_job(self, envelope: bytes) -> None:
@@ -338,3 +358,26 @@ class Mesh:
             return []
         return sorted(str(p) for p, conns in self.host.get_network().connections.items() if conns)
 
+
+async def _close_swarm(host: Any) -> None:
+    """Close every connection's socket and every listener when the mesh stops (fix 6).
+
+    Upstream: on cancellation, each connection's own task starts SwarmConn.close(), which
+    marks the connection closed and is then cancelled before it reaches the socket; the
+    swarm's cleanup sees "already closed" and skips it. A node that "left" the mesh still
+    held its TCP connections. We close the secured connection (and with it the socket) of
+    every connection directly, shielded and with a deadline, then close the swarm.
+    """
+    network = host.get_network()
+    conns = [c for cs in list(network.connections.values()) for c in list(cs)]
+    with trio.move_on_after(5.0) as scope:
+        scope.shield = True
+        for conn in conns:
+            try:
+                await conn.muxed_conn.secured_conn.close()
+            except Exception as exc:  # noqa: BLE001 - best effort; the deadline bounds it
+                log.debug("closing a connection: %s", exc)
+        try:
+            await network.close()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("closing the swarm: %s", exc)

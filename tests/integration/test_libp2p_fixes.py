@@ -134,3 +134,24 @@ async def test_connection_churn_does_not_lock_out_honest_peers():
         swarm = victim.host.get_network()
         await wait_until(lambda: swarm._inbound_limiter.borrowed_tokens <= 1)
         await assert_still_serving(meshes)
+
+
+async def test_a_stopped_mesh_holds_no_socket():
+    """Fix 6: a cancelled swarm's cleanup awaited conn.close() inside the cancelled scope,
+    so listeners and connections stayed open after the host 'stopped'."""
+    from p2pfleet.localfleet import tcp_sockets
+    from p2pfleet.net.mesh import Mesh
+
+    from fleetkit import settings
+
+    before = tcp_sockets(os.getpid())
+    async with fleet(1) as meshes:
+        leaver = Mesh(Identity.from_seed(b"leaver"), settings(5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leaver.run)
+            await leaver.connect(meshes[0].listen_addrs()[0])
+            assert tcp_sockets(os.getpid()) >= before + 3  # two listeners, a connection pair
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: not meshes[0].connected_peers())
+        assert tcp_sockets(os.getpid()) == before + 1  # the remaining node's listener
+    assert tcp_sockets(os.getpid()) == before

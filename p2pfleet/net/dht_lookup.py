@@ -1,0 +1,94 @@
+"""Record put and get by our own Kademlia walk over GET_VALUE (fix 5 for py-libp2p 0.8.1).
+
+Upstream problems this avoids:
+- A FIND_NODE server refuses keys longer than 50 bytes that are not multihashes ("FIND_NODE
+  key is not a valid PeerId"), so `KadDHT.put_value` cannot find the peers closest to a
+  record key such as /p2pfleet/<net>/node/1/<peer-id> (75+ bytes) beyond its own routing
+  table: on a larger network records land on the wrong peers.
+- `KadDHT.get_value` returns a locally held copy without asking anyone, so a node that once
+  cached a record never sees its newer sequence numbers (a car's "leaving" record stays
+  "available" to it until expiry).
+
+GET_VALUE answers carry the responder's closest peers for any key, so one iterative walk
+gives both the closest peers (targets for a put) and every copy they hold (for a get).
+The newest valid copy wins (the validator's `select`), the local copy included; copies
+older than the winner are corrected on the peers that held them, as Kademlia does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+
+log = logging.getLogger(__name__)
+
+K = 20          # replication: the k closest peers hold a record
+ALPHA = 3       # parallel queries per round
+QUERY_TIMEOUT_S = 5.0
+
+
+async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
+               timeout: float = QUERY_TIMEOUT_S) -> tuple[list[Any], dict[Any, bytes]]:
+    """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value})."""
+    host_id = dht.host.get_id()
+    shortlist = list(dht.routing_table.find_local_closest_peers(key, k))
+    for peer in dht.host.get_connected_peers():
+        if peer not in shortlist:
+            shortlist.append(peer)
+    shortlist = [p for p in sort_peer_ids_by_distance(key, shortlist) if p != host_id]
+    queried: set[Any] = set()
+    responded: list[Any] = []
+    values: dict[Any, bytes] = {}
+
+    async def query(peer: Any) -> None:
+        with trio.move_on_after(timeout):
+            try:
+                result = await dht.value_store._get_from_peer(
+                    peer, key, return_record=True, return_closer_peers=True)
+            except Exception as exc:  # noqa: BLE001 - a failing peer is just not counted
+                log.debug("GET_VALUE to %s failed: %s", peer, exc)
+                return
+            if not isinstance(result, tuple):
+                return
+            record, closer = result
+            responded.append(peer)
+            if record is not None and getattr(record, "value", None):
+                values[peer] = bytes(record.value)
+            for p in closer or []:
+                if p != host_id and p not in shortlist:
+                    shortlist.append(p)
+
+    while True:
+        shortlist = sort_peer_ids_by_distance(key, shortlist)
+        pending = [p for p in shortlist[:k] if p not in queried][:alpha]
+        if not pending:
+            break
+        queried.update(pending)
+        async with trio.open_nursery() as nursery:
+            for peer in pending:
+                nursery.start_soon(query, peer)
+    closest = [p for p in sort_peer_ids_by_distance(key, responded)][:k]
+    return closest, values
+
+
+async def store_at(dht: Any, peers: list[Any], key: bytes, value: bytes,
+                   timeout: float = QUERY_TIMEOUT_S) -> int:
+    """Store `value` at each peer; returns how many accepted it."""
+    stored = 0
+
+    async def one(peer: Any) -> None:
+        nonlocal stored
+        with trio.move_on_after(timeout):
+            try:
+                if await dht.value_store._store_at_peer(peer, key, value):
+                    stored += 1
+            except Exception as exc:  # noqa: BLE001
+                log.debug("PUT_VALUE to %s failed: %s", peer, exc)
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(one, peer)
+    return stored

@@ -1,0 +1,86 @@
+"""Real `p2pfleet node start` processes on loopback: records, traces, leaving, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from p2pfleet.localfleet import LocalFleet, tcp_sockets, wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    with LocalFleet(tmp_path_factory.mktemp("fleet"), 4, network="systest") as f:
+        yield f
+
+
+def test_every_node_finds_every_record(fleet):
+    for reader in fleet.nodes:
+        for owner in fleet.nodes:
+            reply = wait_for(lambda: (r := reader.ask("lookup", peer_id=owner.peer_id))["found"] and r,
+                             30, f"node {reader.index} to find node {owner.index}'s record")
+            assert reply["record"]["state"] == "available"
+            assert any(a.startswith(f"/ip4/127.0.0.{owner.index + 1}/") for a in reply["record"]["addrs"])
+
+
+def test_status_explains_itself_in_json(fleet):
+    status = fleet.nodes[1].ask("status")
+    assert status["computing"] and status["in_mesh"] and status["peers"] >= 1
+    assert status["network"] == "systest" and status["why"][0].startswith("computing")
+
+
+def test_sigterm_publishes_leaving_record_and_exits(tmp_path):
+    with LocalFleet(tmp_path, 3, network="systest") as f:
+        leaver, reader = f.nodes[2], f.nodes[1]
+        wait_for(lambda: reader.ask("lookup", peer_id=leaver.peer_id)["found"], 30, "record")
+        start = time.monotonic()
+        assert leaver.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - start < 10
+        reply = wait_for(lambda: (r := reader.ask("lookup", peer_id=leaver.peer_id))["found"]
+                         and r["record"]["state"] == "leaving" and r, 30, "leaving record")
+        assert reply["record"]["state"] == "leaving"
+
+
+TRACE = [
+    {"format": "p2pfleet-vehicle-trace", "version": 1, "start": 0, "loop": False,
+     "description": "plugged in, unplugged for a while, plugged in again"},
+    {"t": 0, "parked": True, "plugged_in": True, "soc_pct": 80, "charge_limit_pct": 90,
+     "network": "wifi", "metered": False},
+    {"t": 36, "plugged_in": False},
+    {"t": 84, "plugged_in": True},
+]
+
+
+def test_trace_driven_node_leaves_goes_silent_and_rejoins(tmp_path):
+    trace = tmp_path / "car.jsonl"
+    trace.write_text("\n".join(json.dumps(line) for line in TRACE) + "\n")
+    with LocalFleet(tmp_path / "f", 3, network="systest", traces={2: str(trace)},
+                    trace_speedup=3.0) as f:
+        car, reader = f.nodes[2], f.nodes[0]
+        t0 = time.monotonic()
+        wait_for(lambda: car.ask("status")["in_mesh"], 20, "the car to join")
+        wait_for(lambda: reader.ask("lookup", peer_id=car.peer_id)["found"], 20, "its record")
+        # unplugged at trace t=36 s, real ~12 s after start
+        status = wait_for(lambda: (s := car.ask("status")) and not s["in_mesh"] and s, 30,
+                          "the car to leave")
+        assert time.monotonic() - t0 > 8
+        assert any("plugged" in line for line in status["why"]), status["why"]
+        leaving = wait_for(lambda: (r := reader.ask("lookup", peer_id=car.peer_id))["found"]
+                           and r["record"]["state"] == "leaving", 20, "leaving record")
+        assert leaving
+        # silent: no TCP socket at all in the car's process, no peer connected to it
+        for _ in range(5):
+            assert car.ask("status")["in_mesh"] is False
+            assert tcp_sockets(car.proc.pid) == 0
+            assert all(car.peer_id not in n.ask("peers")["peers"] for n in f.nodes[:2])
+            time.sleep(0.5)
+        # plugged in again at trace t=84 s, real ~28 s
+        wait_for(lambda: car.ask("status")["in_mesh"], 30, "the car to rejoin")
+        record = wait_for(lambda: (r := reader.ask("lookup", peer_id=car.peer_id))["found"]
+                          and r["record"]["state"] == "available" and r, 30, "fresh record")
+        assert record["record"]["state"] == "available"
