@@ -3,7 +3,8 @@
 One request per connection: the client sends {"cmd": "...", ...}\\n and reads one JSON
 reply line: {"ok": true, ...} or {"ok": false, "error": "..."}. Only the owner (file
 permissions on the socket and its 0700 data dir) can talk to it; nothing listens on the
-network. Commands: status, peers, pause, resume, stop (with "after_current").
+network. Commands: status, peers, lookup, jobs, announce, pause, resume, stop (with
+"after_current").
 """
 
 from __future__ import annotations

@@ -159,11 +159,19 @@ class LocalFleet:
         for node in self.nodes[1:]:
             if node.trace is None:
                 node.addr = self.wait_addr(node, timeout)
+            else:  # a car may be out of the mesh: wait for its control socket only
+                wait_for(lambda: self._check_alive(node) and node.try_ask("status"), timeout,
+                         f"node {node.index} to answer")
+
+    @staticmethod
+    def _check_alive(node: LocalNode) -> bool:
+        if not node.alive():
+            raise FleetError(f"node {node.index} exited:\n{node.output()[-2000:]}")
+        return True
 
     def wait_addr(self, node: LocalNode, timeout: float) -> str:
         def addr() -> str | None:
-            if not node.alive():
-                raise FleetError(f"node {node.index} exited:\n{node.output()[-2000:]}")
+            self._check_alive(node)
             status = node.try_ask("status")
             return status["listen_addrs"][0] if status and status["listen_addrs"] else None
         return wait_for(addr, timeout, f"node {node.index} to listen")

@@ -35,7 +35,7 @@ from . import __version__
 from .config import Config
 from .control import serve_control
 from .core import policy as P
-from .identity import Identity, key_from_peer_id
+from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net.mesh import Mesh, MeshError, MeshSettings
 from .store.state import NodeState
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 CPU_PROVIDER = "CPUExecutionProvider"
 LEAVE_TIMEOUT_S = 3.0  # how long a leaving node may spend publishing its leaving record
 POLL_S = 5.0  # observe the car at least this often
+MAX_JOBS_HELD = 256  # job announcements remembered
 
 
 class NodeError(Exception):
@@ -157,6 +158,7 @@ class Node:
         self._wake = trio.Event()
         self._stopping = False
         self._events: list[Any] = []
+        self.jobs: dict[tuple[bytes, bytes], dict] = {}
 
     # --- records -------------------------------------------------------------------------
     def capacity_record(self, state: str, lifetime_s: int) -> bytes:
@@ -203,6 +205,7 @@ class Node:
                     self.status.in_mesh = True
                     self.status.mesh_joins += 1
                     self._note("joined the mesh")
+                    nursery.start_soon(self._hear_jobs, mesh)
                     await self.publish_capacity("available")  # stored locally at least
                     with trio.move_on_after(self.config.records.republish_s):
                         await mesh.first_peer.wait()
@@ -214,6 +217,18 @@ class Node:
             self.status.in_mesh = False
             self._mesh_scope = None
             done.set()
+
+    async def _hear_jobs(self, mesh: Mesh) -> None:
+        """Keep the announcements heard (newest per publisher and job), for choosing work."""
+        async for opened in mesh.jobs:
+            body = opened.body
+            key = (opened.signer, body.job_id)
+            held = self.jobs.get(key)
+            if held is None or held["seq"] < body.seq:
+                self.jobs[key] = {"seq": body.seq, "heard_at": self.clock(), "opened": opened}
+            while len(self.jobs) > MAX_JOBS_HELD:
+                oldest = min(self.jobs, key=lambda k: self.jobs[k]["heard_at"])
+                del self.jobs[oldest]
 
     async def _leave_mesh(self) -> None:
         scope, done = self._mesh_scope, self._mesh_done
@@ -308,6 +323,10 @@ class Node:
         if cmd == "peers":
             peers = self.mesh.connected_peers() if self.mesh else []
             return {"ok": True, "in_mesh": self.status.in_mesh, "peers": peers}
+        if cmd == "jobs":
+            return {"ok": True, "jobs": [self._job_view(v) for v in self.jobs.values()]}
+        if cmd == "announce":
+            return await self._announce(str(request.get("envelope_hex", "")))
         if cmd == "lookup":
             return await self._lookup(str(request.get("peer_id", "")))
         if cmd == "pause":
@@ -322,7 +341,27 @@ class Node:
             nursery.start_soon(self.stop)
             return {"ok": True, "stopping": True}
         return {"ok": False, "error": f"unknown command {cmd!r}; known: status, peers, lookup, "
-                                      "pause, resume, stop"}
+                                      "jobs, announce, pause, resume, stop"}
+
+    @staticmethod
+    def _job_view(held: dict) -> dict:
+        opened = held["opened"]
+        body = opened.body
+        return {"publisher": peer_id_from_key(opened.signer), "job_id": body.job_id.hex(),
+                "seq": body.seq, "heard_at": held["heard_at"], "quorum": body.quorum,
+                "shards_total": body.shards_total, "shards_left": body.shards_left,
+                "credit_rate": body.credit_rate, "model_digest": body.model_digest.hex()}
+
+    async def _announce(self, envelope_hex: str) -> dict:
+        """Gossip a signed job announcement (the publisher side uses this until the SDK)."""
+        if self.mesh is None:
+            return {"ok": False, "error": "the node is out of the mesh (see 'node status')"}
+        try:
+            envelope = bytes.fromhex(envelope_hex)
+            await self.mesh.announce_job(envelope)
+        except (ValueError, MeshError) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "sent_at": self.clock()}
 
     async def _lookup(self, peer_id: str) -> dict:
         if self.mesh is None:
@@ -332,10 +371,12 @@ class Node:
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         opened = await self.mesh.get_capacity(peer_id)
+        stats = self.mesh.last_lookup
+        cost = {"rounds": stats.rounds, "rpcs": stats.rpcs, "responses": stats.responses}
         if opened is None:
-            return {"ok": True, "found": False, "peer_id": peer_id}
+            return {"ok": True, "found": False, "peer_id": peer_id, "lookup": cost}
         body = opened.body
-        return {"ok": True, "found": True, "peer_id": peer_id, "record": {
+        return {"ok": True, "found": True, "peer_id": peer_id, "lookup": cost, "record": {
             "seq": body.seq, "exp": body.exp, "state": body.state, "sw_version": body.sw_version,
             "hw_class": body.hw_class.hex(), "cores": body.cores, "memory_mb": body.memory_mb,
             "bench": body.bench, "providers": list(body.providers), "slots": body.slots,

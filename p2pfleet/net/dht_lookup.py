@@ -18,6 +18,7 @@ older than the winner are corrected on the peers that held them, as Kademlia doe
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -30,9 +31,20 @@ ALPHA = 3       # parallel queries per round
 QUERY_TIMEOUT_S = 5.0
 
 
+@dataclass
+class WalkStats:
+    """What one lookup cost: rounds of parallel queries (hops) and GET_VALUE RPCs sent."""
+
+    rounds: int = 0
+    rpcs: int = 0
+    responses: int = 0
+
+
 async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
-               timeout: float = QUERY_TIMEOUT_S) -> tuple[list[Any], dict[Any, bytes]]:
+               timeout: float = QUERY_TIMEOUT_S,
+               stats: WalkStats | None = None) -> tuple[list[Any], dict[Any, bytes]]:
     """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value})."""
+    stats = stats if stats is not None else WalkStats()
     host_id = dht.host.get_id()
     shortlist = list(dht.routing_table.find_local_closest_peers(key, k))
     for peer in dht.host.get_connected_peers():
@@ -67,10 +79,13 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
         if not pending:
             break
         queried.update(pending)
+        stats.rounds += 1
+        stats.rpcs += len(pending)
         async with trio.open_nursery() as nursery:
             for peer in pending:
                 nursery.start_soon(query, peer)
-    closest = [p for p in sort_peer_ids_by_distance(key, responded)][:k]
+    stats.responses = len(responded)
+    closest = sort_peer_ids_by_distance(key, responded)[:k]
     return closest, values
 
 

@@ -124,7 +124,8 @@ class Mesh:
         self._accepted: OrderedDict[bytes, Opened] = OrderedDict()
         self._job_send, self.jobs = trio.open_memory_channel[Opened](64)
         self.first_peer = trio.Event()
-        self.last_put_peers = 0  # set when the first (unbanned) peer connects
+        self.last_put_peers = 0
+        self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
         self.host: Any = None
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
@@ -288,8 +289,9 @@ class Mesh:
         key = self.names.node_key(peer_id)
         key_bytes = key.encode()
         values: dict[Any, bytes] = {}
+        self.last_lookup = dht_lookup.WalkStats()
         with trio.move_on_after(timeout):
-            _closest, values = await dht_lookup.walk(self.dht, key_bytes)
+            _closest, values = await dht_lookup.walk(self.dht, key_bytes, stats=self.last_lookup)
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])
         best: Opened | None = None

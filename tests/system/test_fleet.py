@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -84,3 +85,24 @@ def test_trace_driven_node_leaves_goes_silent_and_rejoins(tmp_path):
         record = wait_for(lambda: (r := reader.ask("lookup", peer_id=car.peer_id))["found"]
                           and r["record"]["state"] == "available" and r, 30, "fresh record")
         assert record["record"]["state"] == "available"
+
+
+def test_announcement_reaches_every_node(fleet):
+    from p2pfleet.identity import Identity
+    from p2pfleet.wire.envelope import seal
+    from p2pfleet.wire.kinds import JobAnnouncement, Requirements
+
+    publisher = Identity.from_seed(b"system test publisher")
+    job_id = os.urandom(16)
+    body = JobAnnouncement(
+        seq=int(time.time() * 1000), exp=int(time.time() * 1000) + 600_000, job_id=job_id,
+        model_digest=b"m" * 32, model_size=1000,
+        requirements=Requirements(min_memory_mb=128, providers=(), min_sw_version="0.1.0",
+                                  ort_versions=">=1.19"),
+        credit_rate=2, quorum=2, shards_total=8, shards_left=8, addrs=())
+    time.sleep(1.5)  # the gossip mesh forms over a few heartbeats
+    fleet.nodes[3].ask("announce", envelope_hex=seal(body, publisher, "systest").hex())
+    for node in fleet.nodes:
+        heard = wait_for(lambda: [j for j in node.ask("jobs")["jobs"] if j["job_id"] == job_id.hex()],
+                         15, f"node {node.index} to hear the job")
+        assert heard[0]["publisher"] == publisher.peer_id and heard[0]["quorum"] == 2
