@@ -18,6 +18,7 @@ computes nothing, and its record says "available" while it may compute.
 
 from __future__ import annotations
 
+import importlib.metadata
 import ipaddress
 import logging
 import os
@@ -45,6 +46,7 @@ from .wire.kinds import Capacity
 log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
+ORT_VERSION = importlib.metadata.version("onnxruntime")  # without importing it (~40 MB)
 LEAVE_TIMEOUT_S = 3.0  # how long a leaving node may spend publishing its leaving record
 POLL_S = 5.0  # observe the car at least this often
 MAX_JOBS_HELD = 256  # job announcements remembered
@@ -114,7 +116,7 @@ def public_addrs(addrs: list[str], allow_private: bool) -> tuple[str, ...]:
             continue
         if addr.is_unspecified:
             continue
-        if not allow_private and (addr.is_private or addr.is_loopback or addr.is_link_local):
+        if not allow_private and not addr.is_global:  # private, loopback, CGNAT 100.64/10, ...
             continue
         out.append(text.split("/p2p/")[0])
     return tuple(out[:8])
@@ -171,7 +173,7 @@ class Node:
             seq=seq, exp=int((now + lifetime_s) * 1000), sw_version=__version__, state=state,
             hw_class=bytes.fromhex(hw.hw_class), cores=hw.cores or (os.cpu_count() or 1),
             memory_mb=hw.memory_mb or memory_mb(), bench=hw.bench, providers=(CPU_PROVIDER,),
-            slots=1, addrs=addrs,
+            ort_version=ORT_VERSION, slots=1, addrs=addrs,
         )
         self.status.last_record_seq = seq
         return seal(body, self.identity, self.config.node.network)

@@ -259,7 +259,7 @@ def vector_bytes(vec: dict) -> bytes:
 
 def dated_by(spec: K.KindSpec) -> str | None:
     """The field open_envelope dates a kind by (not-yet-valid), as it does: a body's `at`."""
-    return "at" if "at" in {f.name for f in S._fields(spec.cls)} else None
+    return "at" if spec.dated else None
 
 
 def replay_check(spec: K.KindSpec) -> str:
@@ -452,7 +452,7 @@ def capacity(**over: Any) -> K.Capacity:
     seq = next_sequence(None, NOW - 60_000)  # published a minute ago
     f = dict(seq=seq, exp=seq + 30 * K.MINUTE_MS, sw_version="0.1.0", state="available",
              hw_class=digest("hw class x86_64-avx2"), cores=4, memory_mb=4096, bench=153.25,
-             providers=("CPUExecutionProvider",), slots=2,
+             providers=("CPUExecutionProvider",), ort_version="1.32.0", slots=2,
              addrs=("/ip4/203.0.113.7/tcp/4001", "/ip4/203.0.113.7/udp/4001/quic-v1"))
     f.update(over)
     return K.Capacity(**f)
@@ -475,8 +475,9 @@ def job(**over: Any) -> K.JobAnnouncement:
 
 def work_request(**over: Any) -> K.WorkRequest:
     f = dict(req_id=id16("request"), exp=NOW + 2 * K.MINUTE_MS, job_id=None,
-             hw_class=digest("hw class x86_64-avx2"), bench=153.25, cores=4, memory_mb=4096,
-             providers=("CPUExecutionProvider",), free_slots=2)
+             hw_class=digest("hw class x86_64-avx2"), sw_version="0.1.0", ort_version="1.32.0",
+             bench=153.25, cores=4, memory_mb=4096, providers=("CPUExecutionProvider",),
+             free_slots=2)
     f.update(over)
     return K.WorkRequest(**f)
 
@@ -486,7 +487,8 @@ def lease(n: int, **over: Any) -> K.Lease:
              model_digest=digest("model"), model_size=4_718_592,
              input_digest=digest(f"input {17 + n}"), input_size=65_536, input_sources=(),
              token=label_bytes(f"token {n}", 32), deadline_ms=15 * K.MINUTE_MS, micro_batch=32,
-             opt_level="basic", provider="CPUExecutionProvider", samples=512, credit=40)
+             opt_level="basic", provider="CPUExecutionProvider", ort_versions=">=1.32,<2",
+             samples=512, first_batch=0, credit=40)
     f.update(over)
     return K.Lease(**f)
 
@@ -537,7 +539,8 @@ def result(**over: Any) -> K.Result:
     f = dict(lease_id=id16("lease 0"), exp=NOW + 3 * K.DAY_MS, job_id=id16("job"), shard=17,
              model_digest=digest("model"), input_digest=digest("input 17"),
              output_digest=digest("output 17"), output_size=48,
-             batch_digests=(digest("batch 0"), digest("batch 1")), elapsed_ms=93_500,
+             batch_digests=(digest("batch 0"), digest("batch 1")),
+             hw_class=digest("hw class x86_64-avx2"), ort_version="1.32.0", elapsed_ms=93_500,
              energy_mwh=1_250, output=label_bytes("output 17", 48))
     f.update(over)
     return K.Result(**f)

@@ -1,6 +1,6 @@
 """Signed envelopes: seal a body, and open untrusted bytes in the only safe order.
 
-Envelope (msgpack array, exactly 7 items):
+Envelope, format 1 (msgpack array of exactly 7 items):
     [1, network: str, kind: str, version: int, signer: bin(32), body: bin, signature: bin(64)]
 
 The signature is Ed25519 by `signer` over
@@ -175,9 +175,9 @@ def _decode_body(spec: KindSpec, body: bytes) -> Any:
 
 
 def _check_lifetime(spec: KindSpec, body: Any, now_ms: int) -> None:
-    at = getattr(body, "at", None)
-    if at is not None and at > now_ms + MAX_CLOCK_SKEW_MS:
-        raise E.NotYetValid("body.at", f"dated {at}, now {now_ms} (skew allowed {MAX_CLOCK_SKEW_MS} ms)")
+    if spec.dated and body.at > now_ms + MAX_CLOCK_SKEW_MS:
+        raise E.NotYetValid("body.at", f"dated {body.at}, now {now_ms} "
+                                       f"(skew allowed {MAX_CLOCK_SKEW_MS} ms)")
     exp = getattr(body, "exp", None)
     if spec.max_lifetime_ms is None or exp is None:
         return

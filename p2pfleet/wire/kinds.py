@@ -47,6 +47,7 @@ Addrs = ListOf(Text(256, min=1), max=8)
 SwVersion = Text(32, min=1, pattern=r"[0-9A-Za-z.+\-]+")
 HwClass = Bytes(32)
 Providers = ListOf(Text(64, min=1, pattern=r"[A-Za-z0-9_]+"), max=8)
+OrtVersion = Text(32, min=1, pattern=r"[0-9A-Za-z.+\-]+")
 Reason = Text(256)
 
 NODE_STATES = ("available", "busy", "paused", "leaving")
@@ -61,15 +62,19 @@ class KindSpec:
     max_body: int
     max_lifetime_ms: int | None  # None: never expires (kept as proof)
     record: bool  # sequence-ordered, newest wins
+    dated: bool  # has an `at` (Unix ms) that may not lie in the future beyond the skew
 
 
 KINDS: dict[str, KindSpec] = {}
 BY_CLASS: dict[type, KindSpec] = {}
 
 
-def kind(name: str, *, max_body: int, max_lifetime_ms: int | None, record: bool = False):
+def kind(name: str, *, max_body: int, max_lifetime_ms: int | None, record: bool = False,
+         dated: bool = False):
     def register(cls: type) -> type:
-        spec = KindSpec(name, MAJOR, cls, max_body, max_lifetime_ms, record)
+        if dated and "at" not in cls.__dataclass_fields__:
+            raise TypeError(f"{name}: a dated kind needs an 'at' field")
+        spec = KindSpec(name, MAJOR, cls, max_body, max_lifetime_ms, record, dated)
         KINDS[name] = spec
         BY_CLASS[cls] = spec
         return cls
@@ -91,6 +96,7 @@ class Capacity:
     memory_mb: int = wire_field(UInt(U32), "memory the node may use, MiB")
     bench: float = wire_field(Float(), "reference benchmark, samples/s")
     providers: tuple = wire_field(Providers, "ONNX Runtime execution providers offered")
+    ort_version: str = wire_field(OrtVersion, "onnxruntime version the node runs")
     slots: int = wire_field(UInt(U16), "concurrent shards the node takes")
     addrs: tuple = wire_field(Addrs, "public multiaddrs; empty when only reachable via relay")
 
@@ -132,6 +138,8 @@ class WorkRequest:
     exp: int = wire_field(TimeMs, "expiry, Unix ms")
     job_id: bytes | None = wire_field(Optional(Id16), "wanted job, or nil for any")
     hw_class: bytes = wire_field(HwClass, "hardware class of the node")
+    sw_version: str = wire_field(SwVersion, "software version of the node")
+    ort_version: str = wire_field(OrtVersion, "onnxruntime version the node runs")
     bench: float = wire_field(Float(), "reference benchmark, samples/s")
     cores: int = wire_field(UInt(U16), "cores available")
     memory_mb: int = wire_field(UInt(U32), "memory available, MiB")
@@ -156,7 +164,9 @@ class Lease:
     micro_batch: int = wire_field(UInt(U32, min=1), "exact micro-batch size to run")
     opt_level: str = wire_field(Enum(*OPT_LEVELS), "ONNX Runtime graph optimisation level")
     provider: str = wire_field(Text(64, min=1, pattern=r"[A-Za-z0-9_]+"), "execution provider")
+    ort_versions: str = wire_field(Text(64), "onnxruntime versions allowed, PEP 440 specifier")
     samples: int = wire_field(UInt(U32, min=1), "samples in the shard")
+    first_batch: int = wire_field(UInt(U32), "micro-batch to start at (after a hand-back)")
     credit: int = wire_field(UInt(), "credit units paid when the result is accepted")
 
 
@@ -251,6 +261,8 @@ class Result:
     output_digest: bytes = wire_field(Digest, "SHA-256 of the canonical output encoding")
     output_size: int = wire_field(UInt(), "size of the canonical outputs, bytes")
     batch_digests: tuple = wire_field(ListOf(Digest, max=256), "output digest per micro-batch")
+    hw_class: bytes = wire_field(HwClass, "hardware class of the worker")
+    ort_version: str = wire_field(OrtVersion, "onnxruntime version that computed it")
     elapsed_ms: int = wire_field(UInt(U32), "compute time, ms")
     energy_mwh: int = wire_field(UInt(U32), "estimated energy, milliwatt-hours")
     output: bytes | None = wire_field(Optional(Bytes(256 * KiB)), "outputs inline, or nil: fetch as blob")
@@ -271,7 +283,7 @@ class FailedResult:
     detail: str = wire_field(Reason, "human-readable detail")
 
 
-@kind("receipt", max_body=1 * KiB, max_lifetime_ms=None)
+@kind("receipt", max_body=1 * KiB, max_lifetime_ms=None, dated=True)
 @dataclass(frozen=True)
 class Receipt:
     """A publisher's signed payment for an accepted result. Kept forever as proof."""
@@ -310,7 +322,7 @@ class NodeInfo:
     results_accepted: int = wire_field(UInt(), "results accepted, all publishers")
 
 
-@kind("evidence", max_body=1 * MiB - 4 * KiB, max_lifetime_ms=None)
+@kind("evidence", max_body=1 * MiB - 4 * KiB, max_lifetime_ms=None, dated=True)
 @dataclass(frozen=True)
 class Evidence:
     """A publisher's signed report that a peer misbehaved, with the signed proof."""
@@ -327,7 +339,7 @@ class Evidence:
     note: str = wire_field(Reason, "human-readable detail")
 
 
-@kind("key_rotation", max_body=1 * KiB, max_lifetime_ms=None)
+@kind("key_rotation", max_body=1 * KiB, max_lifetime_ms=None, dated=True)
 @dataclass(frozen=True)
 class KeyRotation:
     """The old key (signer) names its successor; the new key countersigns."""

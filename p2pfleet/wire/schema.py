@@ -223,8 +223,9 @@ def decode_struct(cls: type, value: Any, path: str = "body") -> Any:
     for key in value:
         if type(key) is not str:
             raise _fail(path, f"map key {key!r} is not a string")
-        if key not in names:
-            raise _fail(f"{path}.{key}", "unknown field")
+        if key not in names:  # the sender's text: shown quoted and cut short
+            raise _fail(f"{path}.{key[:40]!r}" if not key.isidentifier() or len(key) > 40
+                        else f"{path}.{key}", "unknown field")
     kwargs = {}
     for f in fields:
         sub = f"{path}.{f.name}"

@@ -23,7 +23,7 @@ def now_ms() -> int:
 def capacity(seq: int, **over) -> Capacity:
     fields = dict(seq=seq, exp=now_ms() + 600_000, sw_version="0.1.0", state="available",
                   hw_class=b"\x07" * 32, cores=2, memory_mb=1024, bench=50.0,
-                  providers=("CPUExecutionProvider",), slots=1, addrs=())
+                  providers=("CPUExecutionProvider",), ort_version="1.32.0", slots=1, addrs=())
     fields.update(over)
     return Capacity(**fields)
 

@@ -34,7 +34,7 @@ BOB = Identity.from_seed(b"bob")
 def capacity(**over) -> Capacity:
     fields = dict(seq=NOW, exp=NOW + 600_000, sw_version="0.1.0", state="available",
                   hw_class=b"\x01" * 32, cores=4, memory_mb=2048, bench=120.5,
-                  providers=("CPUExecutionProvider",), slots=2, addrs=())
+                  providers=("CPUExecutionProvider",), ort_version="1.32.0", slots=2, addrs=())
     fields.update(over)
     return Capacity(**fields)
 
@@ -43,7 +43,8 @@ def lease(**over) -> Lease:
     fields = dict(lease_id=b"L" * 16, job_id=b"J" * 16, shard=3, model_digest=b"m" * 32,
                   model_size=1000, input_digest=b"i" * 32, input_size=5000, input_sources=(),
                   token=b"t" * 32, deadline_ms=60_000, micro_batch=32, opt_level="basic",
-                  provider="CPUExecutionProvider", samples=256, credit=10)
+                  provider="CPUExecutionProvider", ort_versions=">=1.32", samples=256,
+                  first_batch=0, credit=10)
     fields.update(over)
     return Lease(**fields)
 
