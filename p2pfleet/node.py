@@ -232,11 +232,12 @@ class Node:
                 oldest = min(self.jobs, key=lambda k: self.jobs[k]["heard_at"])
                 del self.jobs[oldest]
 
-    async def _leave_mesh(self) -> None:
+    async def _leave_mesh(self, may_send: bool = True) -> None:
+        """Publish the leaving record (if the link may carry it), then stop the host."""
         scope, done = self._mesh_scope, self._mesh_done
         if scope is None:
             return
-        if self.mesh is not None:
+        if self.mesh is not None and may_send:
             with trio.move_on_after(LEAVE_TIMEOUT_S) as leaving:
                 leaving.shield = True
                 await self.publish_capacity("leaving")
@@ -264,7 +265,9 @@ class Node:
             if isinstance(eff, P.JoinMesh):
                 await nursery.start(self._mesh_session)
             elif isinstance(eff, P.LeaveMesh):
-                await self._leave_mesh()
+                # On a metered or lost link the policy allows no bytes: the record then
+                # simply expires (records.capacity_lifetime_s) instead of saying "leaving".
+                await self._leave_mesh(may_send=eff.flush_byte_cap > 0)
             elif isinstance(eff, P.StartComputing):
                 self._note(f"computing allowed: {eff.threads} threads, {eff.cpu_share:g} CPU share")
             elif isinstance(eff, P.StopComputing):

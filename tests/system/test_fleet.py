@@ -106,3 +106,16 @@ def test_announcement_reaches_every_node(fleet):
         heard = wait_for(lambda: [j for j in node.ask("jobs")["jobs"] if j["job_id"] == job_id.hex()],
                          15, f"node {node.index} to hear the job")
         assert heard[0]["publisher"] == publisher.peer_id and heard[0]["quorum"] == 2
+
+
+def test_demo_runs_and_checks_itself():
+    """`make demo` is the README's main command: its quick mode must pass."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "tools" / "demo.py"
+    proc = subprocess.run([sys.executable, str(demo), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "demo passed" in proc.stdout
