@@ -37,6 +37,7 @@ from .config import Config
 from .control import serve_control
 from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
+from .net import traffic
 from .net.mesh import Mesh, MeshError, MeshSettings
 from .store.state import NodeState
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
@@ -161,6 +162,8 @@ class Node:
         self._stopping = False
         self._events: list[Any] = []
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
+        self.traffic = traffic.install()
+        self._traffic_reported = self.traffic.total
 
     # --- records -------------------------------------------------------------------------
     def capacity_record(self, state: str, lifetime_s: int) -> bytes:
@@ -213,7 +216,8 @@ class Node:
                         await mesh.first_peer.wait()
                     while True:  # now it reaches the peers closest to our key
                         await self.publish_capacity("available")
-                        await trio.sleep(self.config.records.republish_s)
+                        # jittered, so republishing is no clock others can read a car by
+                        await trio.sleep(self.config.records.republish_s * self.rng.uniform(0.9, 1.1))
         finally:
             self.mesh = None
             self.status.in_mesh = False
@@ -280,6 +284,10 @@ class Node:
         policy_wake: float | None = None
         while not self._stopping:
             now = self.clock()
+            moved = self.traffic.total - self._traffic_reported
+            if moved > 0:  # counts toward the daily transfer cap
+                self._traffic_reported += moved
+                await self._apply(nursery, self._feed(P.BytesTransferred(now, moved)))
             vehicle = self.provider.state_at(now)
             wake = await self._apply(nursery, self._feed(P.StateObserved(now, vehicle, utc_offset_s(now))))
             if wake is not None:
@@ -315,6 +323,8 @@ class Node:
                         for r in self.policy.reasons(now)],
             "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
             "peers": len(self.mesh.connected_peers()) if self.mesh else 0,
+            "bytes_sent": self.traffic.sent,
+            "bytes_received": self.traffic.received,
             "mesh_joins": self.status.mesh_joins,
             "mesh_leaves": self.status.mesh_leaves,
             "last_error": self.status.last_error,

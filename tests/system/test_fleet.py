@@ -119,3 +119,18 @@ def test_demo_runs_and_checks_itself():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo passed" in proc.stdout
+
+
+def test_daily_transfer_cap_takes_the_node_out_of_the_mesh(tmp_path):
+    """Bytes on the wire are counted; past the owner's daily cap the node leaves."""
+    with LocalFleet(tmp_path, 2, network="systest") as f:
+        capped = f.nodes[1]
+        capped.stop()
+        capped.settings["policy.daily_transfer_cap_mb"] = "0.005"  # 5 kB
+        capped.start(f.network, [f.nodes[0].addr])
+        status = wait_for(lambda: (s := capped.try_ask("status")) and s["mesh_leaves"] >= 1 and s,
+                          60, "the capped node to leave")
+        assert not status["in_mesh"]
+        assert any(r["code"] == "transfer_cap" for r in status["reasons"]), status["reasons"]
+        assert status["bytes_sent"] + status["bytes_received"] >= 5000
+        assert tcp_sockets(capped.proc.pid) == 0
