@@ -117,6 +117,14 @@ def _check_peer_ids(values: tuple[str, ...]) -> None:
             raise ValueError(f"item {i + 1} {text!r} is not an Ed25519 peer id") from None
 
 
+def _check_hostport(value: str) -> None:
+    if not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("not host:port")
+
+
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2}){0,32}")
 
 
@@ -207,6 +215,10 @@ class NodeSettings:
         False, "Put private and loopback addresses in the public capacity record. Only for "
         "test networks on one machine or LAN: on a real network they tell strangers about "
         "your home network.")
+    metrics_listen: str = _setting(
+        "127.0.0.1:9464", "Serve Prometheus metrics on this host:port (empty: off). Keep it on "
+        "localhost unless a firewall guards it: the page shows the node's state.",
+        check=_check_hostport, allowed="empty or host:port, e.g. 127.0.0.1:9464")
     state_jitter_s: float = _setting(
         60.0, "Delay joining the mesh by a random 0..this many seconds after the car becomes "
         "eligible, so the public record is no precise log of when the car is home.",

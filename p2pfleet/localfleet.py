@@ -30,6 +30,7 @@ FAST_TEST_SETTINGS = {
     "node.state_jitter_s": "0",
     "node.publish_private_addrs": "true",
     "node.log_level": "info",
+    "node.metrics_listen": "127.0.0.1:0",
 }
 
 

@@ -35,6 +35,7 @@ import trio
 from . import __version__
 from .config import Config
 from .control import serve_control
+from .metrics import serve_metrics
 from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
@@ -163,6 +164,7 @@ class Node:
         self._events: list[Any] = []
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
         self.traffic = traffic.install()
+        self.metrics_addr: tuple[str, int] | None = None
         self._traffic_reported = self.traffic.total
 
     # --- records -------------------------------------------------------------------------
@@ -323,6 +325,8 @@ class Node:
                         for r in self.policy.reasons(now)],
             "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
             "peers": len(self.mesh.connected_peers()) if self.mesh else 0,
+            "jobs_heard": len(self.jobs),
+            "metrics_addr": "%s:%d" % self.metrics_addr if self.metrics_addr else None,
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
             "mesh_joins": self.status.mesh_joins,
@@ -423,6 +427,14 @@ class Node:
             if self.control_path is not None:
                 await nursery.start(serve_control, self.control_path,
                                     lambda req: self._control(req, nursery))
+            if self.config.node.metrics_listen:
+                host, _, port = self.config.node.metrics_listen.rpartition(":")
+                try:
+                    self.metrics_addr = await nursery.start(serve_metrics, host, int(port),
+                                                            self.status_report)
+                except OSError as exc:
+                    raise NodeError(f"node.metrics_listen {self.config.node.metrics_listen}: "
+                                    f"{exc.strerror or exc}") from None
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)
 

@@ -137,6 +137,7 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
 
     from ..config import Override
     from ..logs import setup_logging
+    from ..net.mesh import MeshError
     from ..node import Node, NodeError
 
     if trace is not None:
@@ -162,8 +163,28 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                 raise CliError(str(exc)) from None
             click.echo(f"node {identity.peer_id} on network {config.node.network}; "
                        f"control socket {_control_path(app)}", err=True)
-            trio.run(node.run)
+            try:
+                trio.run(node.run)
+            except BaseExceptionGroup as group:
+                expected = _first_expected(group, (NodeError, MeshError))
+                if expected is None:
+                    raise
+                raise CliError(str(expected)) from None
+            except (NodeError, MeshError) as exc:
+                raise CliError(str(exc)) from None
     click.echo("node stopped", err=True)
+
+
+def _first_expected(group: BaseExceptionGroup, types: tuple[type, ...]) -> BaseException | None:
+    """The first expected error in a (nested) exception group from the node's nurseries."""
+    for exc in group.exceptions:
+        if isinstance(exc, types):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_expected(exc, types)
+            if found is not None:
+                return found
+    return None
 
 
 def _ask(app: App, cmd: str, **args: Any) -> dict:

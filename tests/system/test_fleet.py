@@ -134,3 +134,14 @@ def test_daily_transfer_cap_takes_the_node_out_of_the_mesh(tmp_path):
         assert any(r["code"] == "transfer_cap" for r in status["reasons"]), status["reasons"]
         assert status["bytes_sent"] + status["bytes_received"] >= 5000
         assert tcp_sockets(capped.proc.pid) == 0
+
+
+def test_prometheus_metrics_on_localhost(fleet):
+    import urllib.request
+
+    status = fleet.nodes[0].ask("status")
+    host, port = status["metrics_addr"].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    assert "p2pfleet_in_mesh 1" in text and "# TYPE p2pfleet_bytes_sent_total counter" in text
+    assert f'peer_id="{fleet.nodes[0].peer_id}"' in text

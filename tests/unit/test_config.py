@@ -134,6 +134,7 @@ BAD_FILE_VALUES = {
     "records.leaving_lifetime_s": ("30", "an integer >= 300"),
     "node.publish_private_addrs": ('"no"', "true or false"),
     "node.state_jitter_s": ("-1", "a number >= 0"),
+    "node.metrics_listen": ('"localhost"', "empty or host:port"),
     "vehicle.provider": ('"obd"', "one of 'static', 'trace'"),
     "vehicle.trace": ("3", "a string"),
     "vehicle.trace_speedup": ("0", "a number >= 0.001"),
