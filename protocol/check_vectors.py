@@ -4,9 +4,10 @@
     python3 protocol/check_vectors.py [protocol-dir]
 
 It does not import p2pfleet: only the Python standard library, msgpack and PyNaCl. It reads
-names.json (limits, envelope format, domain tag, rotation rule, peer id rule),
-schemas/envelope.json and schemas/<kind>.v<major>.json (body schemas; size caps, lifetimes,
-dating field and replay rule in "x-p2pfleet"),
+names.json (limits, envelope format, domain tag, rotation rule, peer id rule, and per kind
+the replay rule `replay_check`: only "message-id" kinds go through the replay store),
+schemas/envelope.json and schemas/<kind>.v<major>.json (body schemas; size caps, lifetimes
+and dating field in "x-p2pfleet", which must agree with names.json),
 implements the envelope checks in the order of README.md with a minimal JSON Schema
 validator for exactly the subset the generator emits, and runs every vector of
 vectors/valid.json and vectors/invalid.json. It prints a summary and exits 1 listing each
@@ -212,6 +213,9 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     return True
 
 
+REPLAY_CHECKS = ("message-id", "sequence", "store")  # README: Kinds
+
+
 class Protocol:
     """The rules of protocol/, read from its files."""
 
@@ -227,6 +231,13 @@ class Protocol:
             if path.name != f"{ann['kind']}.v{ann['major']}.json":
                 raise ValueError(f"{path.name} annotates kind {ann['kind']} v{ann['major']}")
             self.kinds.setdefault(ann["kind"], {})[ann["major"]] = schema
+        # How repeats are recognised, per kind: from names.json (README, step 9).
+        self.replay_check: dict[str, str] = {}
+        for kind, entry in self.names["kinds"].items():
+            if entry["replay_check"] not in REPLAY_CHECKS:
+                raise ValueError(f"names.json kinds.{kind}: unknown replay_check "
+                                 f"{entry['replay_check']!r}")
+            self.replay_check[kind] = entry["replay_check"]
 
     def domain_tag(self, network: str, kind: str, major: int) -> bytes:
         fmt = self.names["domain_tag"]["format"]
@@ -319,10 +330,11 @@ class Protocol:
                 raise Reject("expired", "body.exp", f"expired at {exp}, now {now_ms}")
             if exp - now_ms > life + skew:
                 raise Reject("expired", "body.exp", f"lives {exp - now_ms} ms, limit {life}")
-        # 9. replay, for kinds deduplicated by message id (the others: by their stores)
+        # 9. replay, only for kinds deduplicated by message id (records are ordered by
+        # sequence number, kinds that never expire by their idempotent stores)
         tag_and_body = self.signed_bytes(net, kind, version, body)
         msg_id = hashlib.sha256(signer + tag_and_body).digest()
-        if seen is not None and ann["replay_check"] == "message-id":
+        if seen is not None and self.replay_check.get(kind) == "message-id":
             if msg_id in seen:
                 raise Reject("replay", "envelope", msg_id.hex()[:16])
             seen.add(msg_id)
@@ -387,6 +399,19 @@ def check_names(proto: Protocol) -> list[str]:
                 problems.append(f"names.json examples: {group}.{key} is not {template} filled in")
     if not _pattern(names["network"]["pattern"]).search(ex["network"]):
         problems.append("names.json examples: network does not match the pattern")
+    for kind, entry in names["kinds"].items():
+        schema = proto.kinds.get(kind, {}).get(entry["major"])
+        if schema is None:
+            problems.append(f"names.json kinds.{kind}: no schemas/{kind}.v{entry['major']}.json")
+            continue
+        ann = schema["x-p2pfleet"]
+        for key in ("max_body", "max_lifetime_ms", "record", "dated_by", "replay_check"):
+            if entry[key] != ann[key]:
+                problems.append(f"names.json kinds.{kind}.{key} is {entry[key]!r}, the schema "
+                                f"says {ann[key]!r}")
+    for kind in proto.kinds:
+        if kind not in names["kinds"]:
+            problems.append(f"schemas: kind {kind} is not in names.json")
     return problems
 
 

@@ -21,7 +21,11 @@ p2pfleet.wire.errors.WireError. Anything else is a failure: its hex and tracebac
 printed and the exit status is 1. A success is also checked: an envelope-mode success must
 be a message somebody really signed; a decoded body must re-encode to an equal body and lie
 within its lifetime; a rotation that passes check_rotation must carry the successor's real
-countersignature. An input slower than 1 s is a failure (hang); a watchdog aborts the run if
+countersignature. With the dedup store, repeats follow the kind's replay rule
+(protocol/names.json `replay_check`): a kind deduplicated by message id (it expires and is
+not a record) is accepted once and then refused as `replay`, and a `replay` refusal must be
+of such a kind, accepted before; records (ordered by sequence number) and kinds that never
+expire open again every time. An input slower than 1 s is a failure (hang); a watchdog aborts the run if
 one input takes longer than --watchdog seconds. (A slow input is timed again before it
 counts, so a stall of a busy machine is not reported as a hang.)
 
@@ -749,6 +753,52 @@ class BodyMode:
             raise InvariantBroken("decoded body re-encodes far above max_body")
 
 
+def replay_check(spec: Any) -> str:
+    """How open_envelope treats a repeat of a kind (protocol/names.json `replay_check`)."""
+    if spec.max_lifetime_ms is None:
+        return "store"  # never expires: the store keeping it is idempotent
+    if spec.record:
+        return "sequence"  # ordered by sequence number, never deduplicated by message id
+    return "message-id"
+
+
+class DedupLedger:
+    """What the fuzzer expects the dedup store to hold: the message ids of the messages of
+    "message-id" kinds accepted with it. Checks each success and each `replay` refusal."""
+
+    def __init__(self) -> None:
+        self.remembered: set[bytes] = set()
+        self.reopened: set[bytes] = set()  # ids of other kinds accepted with the store
+        self.counts = {"replays_refused": 0, "sequence_reopened": 0, "store_reopened": 0}
+
+    def accepted(self, opened: Any) -> None:
+        W = _Wire.load()
+        rule = replay_check(W.kinds.KINDS[opened.kind])
+        msg_id = opened.msg_id
+        if rule == "message-id":
+            if msg_id in self.remembered:
+                raise InvariantBroken(f"accepted a replay of a {opened.kind} message with the "
+                                      "dedup store")
+            self.remembered.add(msg_id)
+        elif msg_id in self.reopened:
+            self.counts[f"{rule}_reopened"] += 1
+        else:
+            self.reopened.add(msg_id)
+
+    def refused_as_replay(self, case: Case) -> None:
+        W = _Wire.load()
+        if not case.dedup:
+            raise InvariantBroken("refused as a replay without a dedup store")
+        _fmt, net, kind, version, signer, body, _sig = W.msgpack.unpackb(bytes(case.data),
+                                                                         raw=False)
+        rule = replay_check(W.kinds.KINDS[kind])
+        if rule != "message-id":
+            raise InvariantBroken(f"a {kind} message (replay_check {rule}) refused as a replay")
+        if W.envelope.message_id(net, kind, version, signer, body) not in self.remembered:
+            raise InvariantBroken(f"a {kind} message refused as a replay, never accepted before")
+        self.counts["replays_refused"] += 1
+
+
 def _lifetime_ok(opened: Any, now_ms: int) -> None:
     W = _Wire.load()
     spec = W.kinds.KINDS[opened.kind]
@@ -942,6 +992,7 @@ def run_mode(mode: str, inputs: int, seed: int, state_dir: Path, *, watchdog: _W
     started = time.perf_counter()
     WireError = W.errors.WireError
     open_envelope = W.envelope.open_envelope
+    ledger = DedupLedger()
     with W.NodeState(state_dir / f"{mode}.sqlite") as dedup:
         for index in range(inputs):
             case = gen.next_case()
@@ -954,12 +1005,20 @@ def run_mode(mode: str, inputs: int, seed: int, state_dir: Path, *, watchdog: _W
             try:
                 opened = open_envelope(case.data, case.network, now_ms=case.now_ms,
                                        dedup=dedup if case.dedup else None, kinds=case.kinds)
+                if case.dedup:
+                    ledger.accepted(opened)
                 _lifetime_ok(opened, case.now_ms)
                 if case.post is not None:
                     case.post(opened)
                 outcome = "ok"
             except WireError as exc:
                 outcome = exc.code
+                if outcome == "replay":
+                    try:
+                        ledger.refused_as_replay(case)
+                    except InvariantBroken as broken:
+                        outcome = "FAILURE"
+                        error = broken
                 if outcome == "invalid-body":
                     path = _INDEX.sub("[]", exc.field)
                     if exc.reason == "unknown field":  # the path ends in the sender's key
@@ -1007,6 +1066,7 @@ def run_mode(mode: str, inputs: int, seed: int, state_dir: Path, *, watchdog: _W
         "distinct_errors": sorted(k for k in outcomes if k not in ("ok", "FAILURE")),
         "invalid_body_field_paths": len(body_fields),
         "invalid_body_by_field": dict(sorted(body_fields.items())),
+        "repeats_with_dedup": dict(ledger.counts),
         "failures": n_failures,
         "failure_details": failures,
         "slowest_input_ms": round(slowest[0] * 1000, 3),

@@ -101,9 +101,10 @@ ERROR_DOCS: dict[str, tuple[str, str]] = {
                 "`exp` passed more than the allowed skew ago, or lies further ahead than the "
                 "kind's `max_lifetime_ms` plus skew (field `body.exp`)"),
     "replay": ("open_envelope step 9",
-               "the message id of an expiring kind was seen before (field `envelope`)"),
+               "the message id of a kind with `replay_check` \"message-id\" (it expires and is "
+               "not a record) was seen before (field `envelope`)"),
     "stale-record": ("record stores, after opening (not open_envelope)",
-                     "a record whose sequence number is not newer than the one already held"),
+                     "a record whose sequence number is older than the one already held"),
 }
 
 
@@ -263,8 +264,28 @@ def dated_by(spec: K.KindSpec) -> str | None:
 
 
 def replay_check(spec: K.KindSpec) -> str:
-    """How a kind is deduplicated: by message id in open_envelope, or by the store keeping it."""
-    return "store" if spec.max_lifetime_ms is None else "message-id"
+    """How a repeated message of a kind is recognised, as open_envelope does it:
+    "store" for kinds that never expire (the store keeping them is idempotent), "sequence"
+    for records (ordered by sequence number, never deduplicated by message id), and
+    "message-id" for the other kinds, which expire (open_envelope's dedup store)."""
+    if spec.max_lifetime_ms is None:
+        return "store"
+    if spec.record:
+        return "sequence"
+    return "message-id"
+
+
+ERROR_ACTIONS = ("ignore", "drop, do not penalise", "drop and penalise the deliverer")
+
+
+def error_action(cls: type[E.WireError]) -> str:
+    """What a receiver does with a message refused with `cls`, from its `punish` flag:
+    penalised errors are dropped and scored; unpunished ones are ignored when unsupported
+    (upgrades), else dropped without a penalty (replays, stale records: honest peers
+    deliver those too)."""
+    if cls.punish:
+        return ERROR_ACTIONS[2]
+    return ERROR_ACTIONS[0] if issubclass(cls, E.Unsupported) else ERROR_ACTIONS[1]
 
 
 def names_doc() -> dict:
@@ -291,8 +312,9 @@ def names_doc() -> dict:
         },
         "message_id": {
             "definition": "SHA-256(signer || domain_tag || 0x00 || body)",
-            "description": "what replay protection remembers for kinds that expire; the "
-                           "signature bytes are not part of it",
+            "description": "what replay protection remembers for kinds with `replay_check` "
+                           "\"message-id\" (they expire and are not records); the signature "
+                           "bytes are not part of it",
         },
         "envelope": {
             "format": env.ENVELOPE_FORMAT,
@@ -323,10 +345,13 @@ def names_doc() -> dict:
                       "expiry",
             "expiry": "a kind with a max_lifetime_ms is expired at `body.exp` when exp + "
                       "max_clock_skew_ms < now or exp - now > max_lifetime_ms + max_clock_skew_ms",
-            "replay": "`replay_check` \"message-id\": remember the message id until "
-                      "min(exp + max_clock_skew_ms, replay_keep_until_max_ms) and refuse it again "
-                      "(replay at `envelope`); \"store\" (kinds that never expire): not "
-                      "deduplicated by message id, the store that keeps them is idempotent",
+            "replay": "`replay_check` \"message-id\" (kinds that expire and are not records): "
+                      "remember the message id until min(exp + max_clock_skew_ms, "
+                      "replay_keep_until_max_ms) and refuse it again (replay at `envelope`); "
+                      "\"sequence\" (records): not deduplicated by message id, ordered by `seq` "
+                      "instead (a second copy of the held record is the same record, accepted); "
+                      "\"store\" (kinds that never expire): not deduplicated by message id, the "
+                      "store that keeps them is idempotent",
         },
         "key_rotation": {
             "acceptance_tag_format": ROTATION_TAG_FORMAT,
@@ -361,7 +386,8 @@ def names_doc() -> dict:
         },
         "errors": {
             cls.code: {
-                "action": "ignore" if issubclass(cls, E.Unsupported) else "drop and penalise the sender",
+                "action": error_action(cls),
+                "punish": cls.punish,
                 "raised_by": ERROR_DOCS[cls.code][0],
             }
             for cls in E.ALL_ERRORS
@@ -1067,12 +1093,17 @@ def invalid_vectors() -> list[dict]:
     add("rotation-to-itself", "a key names itself as its successor",
         seal(rotation_body(new=WORKER), WORKER), "invalid-body", "body.new_key")
 
-    # -- step 9: replay, expiring kinds only (sequences: one fresh dedup store per vector) --
+    # -- step 9: replay, expiring non-record kinds only (one fresh dedup store per sequence) --
     prog = seal(progress(), WORKER)
     add_sequence("replay", "the same envelope twice", [(prog, "ok", None),
                                                       (prog, "replay", "envelope")])
-    add_sequence("replay-record", "a capacity record twice", [(cap, "ok", None),
-                                                              (cap, "replay", "envelope")])
+    add_sequence("replay-record", "a capacity record twice: records are ordered by sequence "
+                 "number, not deduplicated by message id (a record arrives again by DHT or "
+                 "gossip), so both open", [(cap, "ok", None), (cap, "ok", None)])
+    jb, ni = seal(job()), seal(node_info(), WORKER)
+    add_sequence("records-not-deduplicated", "a job announcement twice and a node_info record "
+                 "twice: both open each time", [(jb, "ok", None), (jb, "ok", None),
+                                                (ni, "ok", None), (ni, "ok", None)])
     rec = seal(receipt())
     add_sequence("receipt-twice-not-deduplicated",
                  "a receipt (never expires) twice: kinds that never expire are not deduplicated "
@@ -1137,8 +1168,7 @@ def readme(valid: list[dict], invalid: list[dict]) -> str:
         for name, s in K.KINDS.items()
     ]
     error_rows = [
-        [f"`{cls.code}`", "ignore" if issubclass(cls, E.Unsupported) else "drop, penalise sender",
-         ERROR_DOCS[cls.code][0], ERROR_DOCS[cls.code][1]]
+        [f"`{cls.code}`", error_action(cls), ERROR_DOCS[cls.code][0], ERROR_DOCS[cls.code][1]]
         for cls in E.ALL_ERRORS
     ]
     lim = names_doc()["limits"]
@@ -1147,6 +1177,9 @@ def readme(valid: list[dict], invalid: list[dict]) -> str:
     n_items = env.ENVELOPE_ITEMS
     dated = ", ".join(f"`{n}`" for n, s in K.KINDS.items() if dated_by(s))
     stored = ", ".join(f"`{n}`" for n, s in K.KINDS.items() if replay_check(s) == "store")
+    records = ", ".join(f"`{n}`" for n, s in K.KINDS.items() if replay_check(s) == "sequence")
+    unpunished = ", ".join(f"`{c.code}`" for c in E.ALL_ERRORS
+                           if error_action(c) == ERROR_ACTIONS[1])
     return f"""# protocol/: the p2pfleet wire protocol, language-neutral
 
 Everything another team needs, with the prose in `specs/`, to write a node that interoperates
@@ -1233,7 +1266,7 @@ So a signature never verifies as another kind, another major version or on anoth
 Verification follows libsodium: a non-canonical S (S >= L) and small-order public keys or R
 are refused (see the `signature-s-not-canonical` and `signer-small-order` vectors; some
 Ed25519 libraries accept them by default). The message id (what replay protection
-remembers, for kinds that expire) leaves the signature bytes out.
+remembers, for kinds with `replay_check: message-id`) leaves the signature bytes out.
 
 ## Opening an envelope: the check order
 
@@ -1268,10 +1301,11 @@ field it names (each invalid vector targets one step; any other fault it has com
      "(exactly the skew ahead is accepted)", "`not-yet-valid`", "`body.at`"],
     ["8b", f"expiry, for kinds with a `max_lifetime_ms`: refuse if `exp + {skew} < now`, or if "
      f"`exp - now > max_lifetime_ms + {skew}`", "`expired`", "`body.exp`"],
-    ["9", "replay, only for kinds that expire (`replay_check: message-id`): the message id was "
-     f"not seen before; remember it until `exp + {skew}` (capped at "
-     f"`replay_keep_until_max_ms` = 2^63 - 1), persistently, so restarts forget nothing. "
-     f"Kinds that never expire (`replay_check: store`: {stored}) skip this step",
+    ["9", "replay, only for kinds that expire and are not records (`replay_check: "
+     "message-id`): the message id was not seen before; remember it until "
+     f"`exp + {skew}` (capped at `replay_keep_until_max_ms` = 2^63 - 1), persistently, so "
+     f"restarts forget nothing. Records (`replay_check: sequence`: {records}) and kinds that "
+     f"never expire (`replay_check: store`: {stored}) skip this step",
      "`replay`", "`envelope`"],
     ["10", "kind-specific semantics after opening, e.g. the key rotation countersignature",
      "see below", ""],
@@ -1279,11 +1313,19 @@ field it names (each invalid vector targets one step; any other fault it has com
 
 ## Error codes
 
-`unsupported-*` means an envelope format, a kind or a version this node does not speak
-(`unsupported-version` at field `format` for a newer envelope format, `unsupported-kind` at
-`kind`, `unsupported-version` at `version`): **ignore** the message and never punish the
-sender, so protocol upgrades need no flag day. Every other code means the sender broke the
-protocol (or someone forged or replayed a message): **drop** it and score the sender down.
+Each code has one action (`action` and `punish` in `names.json`):
+
+- **ignore**: `unsupported-*` means an envelope format, a kind or a version this node does
+  not speak (`unsupported-version` at field `format` for a newer envelope format,
+  `unsupported-kind` at `kind`, `unsupported-version` at `version`): ignore the message and
+  never penalise anybody, so protocol upgrades need no flag day.
+- **drop, do not penalise**: {unpunished}. Honest peers deliver these too: a worker
+  resends a result whose acknowledgement was lost, a record arrives twice by DHT and
+  gossip, a DHT replica returns an older record. Drop the message without scoring anybody down; on a
+  direct stream, answer a message already processed as the first time, so retries end.
+- **drop and penalise the deliverer**: every other code means the message breaks the
+  protocol (malformed, forged, oversized, expired, misdated): drop it and score down the
+  peer that delivered it.
 
 {_md_table(["code", "caller must", "raised by", "meaning"], error_rows)}
 
@@ -1326,9 +1368,10 @@ The schemas are JSON Schema 2020-12 with one extension, `"x-msgpack": "bin"` (ab
 one annotation, `x-p2pfleet` (also in `names.json` under `kinds`): `kind`, `major`,
 `max_body` (bytes), `max_lifetime_ms` (null: never expires, kept as proof), `record`,
 `dated_by` (the field checked by step 8a, or null), `replay_check` (`message-id`: step 9;
-`store`: see below) and the `domain_tag` template. Kinds with a lifetime have an `exp` field
-(Unix ms). Every property has a `description`. The files list properties alphabetically; the
-declaration order, which decides the first fault reported, is the `required` array.
+`sequence`: records, `store`: kinds that never expire, see below) and the `domain_tag`
+template. Kinds with a lifetime have an `exp` field (Unix ms). Every property has a
+`description`. The files list properties alphabetically; the declaration order, which
+decides the first fault reported, is the `required` array.
 
 ## Kinds that never expire
 
@@ -1343,12 +1386,28 @@ accepted.
 
 ## Records
 
-Record kinds (`record: true`) are ordered by their sequence number `seq`, never by the wall
-clock: newest wins. A publisher picks the next sequence as **max(last + 1, now_ms)**, so a
-node that lost its state or restored its key from a backup still publishes newer records.
-A record whose `seq` is not newer than the one held is refused (`stale-record`); two
-different records of one signer with the same `seq` are equivocation, proof of misbehaviour.
-Record lifetimes are at least {env.MIN_RECORD_LIFETIME_MS} ms (10x the allowed clock skew).
+Record kinds (`record: true`, `replay_check: sequence`: {records}) are
+ordered by their sequence number `seq`, never by the wall clock: newest wins. A publisher
+picks the next sequence as **max(last + 1, now_ms)**, so a node that lost its state or
+restored its key from a backup still publishes newer records.
+
+Records are **not deduplicated by message id** (step 9 skips them): the same record fetched
+twice from the DHT or received again by gossip is normal, not a replay. The receiver orders
+an incoming record against the one it holds for the same stream, comparing `seq` and the
+exact body bytes:
+
+{_md_table(["outcome", "condition", "action"], [
+    ["newer", "nothing held, or `seq` > held `seq`", "replace the held record"],
+    ["same", "equal `seq`, identical body bytes", "the record already held: nothing changes"],
+    ["stale", "`seq` < held `seq`", "keep the held record; refuse the incoming one "
+     "(`stale-record`: drop, do not penalise)"],
+    ["equivocation", "equal `seq`, different body bytes", "keep the held record; the two "
+     "envelopes prove the signer signed two records with one number (misbehaviour)"],
+])}
+
+The `replay-record` and `records-not-deduplicated` vectors open records twice against one
+replay store and expect both to be accepted. Record lifetimes are at least
+{env.MIN_RECORD_LIFETIME_MS} ms (10x the allowed clock skew).
 
 ## Key rotation
 
@@ -1376,8 +1435,9 @@ get the countersignature check too.
   `signer` (hex), `body` (bin as `{{"hex": ...}}`, nil as null) and `msg_id` (hex).
 - `invalid.json`: the bytes must be refused with the error code `expect` naming `field`.
   Vectors with `steps` are sequences: open each step's bytes in order against one fresh
-  replay store (consulted only for `replay_check: message-id` kinds) and compare each with its
-  own `expect` and `field` (null when `ok`).
+  replay store (consulted only for `replay_check: message-id` kinds; records and kinds that
+  never expire open again) and compare each with its own `expect` and `field` (null when
+  `ok`).
 
 ## Running the checker
 

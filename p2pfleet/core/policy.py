@@ -558,6 +558,10 @@ def _failures(cfg: PolicyConfig, s: PolicyState, at: float) -> list[Reason]:
 def _advance(cfg: PolicyConfig, s: PolicyState, at: float, off: int):
     """Move the held state to time `at`: new local day, and vehicle conditions that lapsed
     by time alone (departure margin, stale state) since the last event."""
+    if s.day is not None and s.at is not None and off != s.utc_offset_s:
+        # A new offset (time zone learnt, or DST): today's counters belong to the local
+        # day of the last event as seen with the new offset.
+        s = replace(s, day=_local_day(s.at, off))
     day = _local_day(at, off)
     if s.day is None or day > s.day:
         s = replace(s, day=day, energy_wh=0.0, transfer_bytes=0)

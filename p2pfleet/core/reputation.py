@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 # Penalty per offence (ban threshold 100 by default).
 PENALTIES = {
-    "invalid-message": 10.0,   # forged, malformed, expired, oversized, replayed
+    "invalid-message": 10.0,   # forged, malformed, expired, oversized (not replays)
     "protocol-error": 20.0,    # a stream handler failed on the peer's input
     "rate-limit": 5.0,         # over a per-peer or per-publisher rate
     "stalled-stream": 5.0,     # an inbound stream went idle mid-request (also a bad link)

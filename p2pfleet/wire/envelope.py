@@ -12,8 +12,8 @@ bytes that were signed; it is a msgpack map checked by the kind's strict schema.
 `open_envelope` checks, in order: total size, envelope structure, network, kind and version
 (unknown ones raise `Unsupported`: ignore, do not punish), the kind's body size cap, the
 signature, then decodes the body under msgpack buffer limits and the schema, then expiry
-and dating (given `now_ms`) and replay (given a dedup store; kinds that never expire are
-not deduplicated here). Only `WireError` subclasses escape. Map keys in a body must be
+and dating (given `now_ms`) and replay (given a dedup store; records and kinds that never
+expire are not deduplicated here). Only `WireError` subclasses escape. Map keys in a body must be
 unique strings; an envelope format newer than ours is unsupported, not invalid.
 """
 
@@ -214,7 +214,9 @@ def open_envelope(data: bytes, network: str, *, now_ms: int | None = None,
         # Kinds kept as proof (no expiry) are not remembered here: anyone can mint them
         # with fresh keys, so the dedup table would grow without bound. Their stores are
         # idempotent instead (a receipt per lease, a rotation per key).
-        if dedup is not None and spec.max_lifetime_ms is not None:
+        # Records are ordered by sequence number instead: the same record arriving again
+        # (from the DHT, by gossip) is normal, not a replay.
+        if dedup is not None and spec.max_lifetime_ms is not None and not spec.record:
             # Clamped to a signed 64-bit integer (SQLite INTEGER): exp may be up to 2**64-1.
             keep = min(body.exp + MAX_CLOCK_SKEW_MS, KEEP_UNTIL_MAX)
             if not dedup.remember(opened.msg_id, keep, now_ms):

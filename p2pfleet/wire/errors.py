@@ -8,7 +8,10 @@ or an envelope part) and the reason. Two branches tell callers what to do:
 - `Invalid`: malformed, forged, expired, replayed or oversized. Drop it and score the
   sender down.
 
-`code` is a stable, language-neutral string used in protocol/vectors.
+`code` is a stable, language-neutral string used in protocol/vectors. `punish` says whether
+the peer that delivered the message should be scored down: not for unsupported messages
+(upgrades), nor for replays and stale records, which honest peers deliver too (a resent
+result whose acknowledgement was lost, a record gossiped twice).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class WireError(Exception):
     """Base class: something about a message on the wire is unacceptable."""
 
     code = "wire-error"
+    punish = True
 
     def __init__(self, field: str, reason: str):
         self.field = field
@@ -29,6 +33,7 @@ class Unsupported(WireError):
     """A kind or version we do not speak: ignore, do not punish."""
 
     code = "unsupported"
+    punish = False
 
 
 class UnsupportedKind(Unsupported):
@@ -79,12 +84,14 @@ class NotYetValid(Invalid):
 
 class Replay(Invalid):
     code = "replay"
+    punish = False  # drop; on a direct stream answer as the first time
 
 
 class StaleRecord(Invalid):
     """A record whose sequence number is not newer than the one already held."""
 
     code = "stale-record"
+    punish = False
 
 
 ALL_ERRORS: tuple[type[WireError], ...] = (

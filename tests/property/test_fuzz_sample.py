@@ -67,6 +67,10 @@ def test_each_mode_reaches_its_decoders(sample_run, mode):
         assert any(p.startswith("body.requirements.") for p in paths)  # nested struct
         assert any(p.startswith("body.leases[].") for p in paths)  # structs in a list
         assert info["invalid_body_field_paths"] >= 40
+        # repeats with the dedup store: replays refused, records and kept kinds reopened
+        repeats = info["repeats_with_dedup"]
+        assert repeats["replays_refused"] == info["outcomes"]["replay"] > 0
+        assert repeats["sequence_reopened"] > 0 and repeats["store_reopened"] > 0
 
 
 def test_deterministic_for_a_seed():
@@ -95,6 +99,28 @@ def test_a_non_wire_error_is_reported_as_failure(monkeypatch):
     first = result["failure_details"][0]
     assert first["error"].startswith("KeyError") and "injected" in first["traceback"]
     assert bytes.fromhex(first["input_hex"])  # the input is there to reproduce it
+
+
+def test_a_deduplicated_record_is_reported_as_failure(monkeypatch):
+    """The harness itself: records are ordered by sequence number, never refused as replays;
+    an open_envelope that deduplicated them (the old rule) fails the run."""
+    from p2pfleet.wire import envelope
+    from p2pfleet.wire import errors as E
+    from p2pfleet.wire.kinds import KINDS
+
+    real = envelope.open_envelope
+
+    def deduplicating_records(data, network, *, now_ms=None, dedup=None, kinds=None):
+        opened = real(data, network, now_ms=now_ms, dedup=dedup, kinds=kinds)
+        if dedup is not None and KINDS[opened.kind].record \
+                and not dedup.remember(opened.msg_id, None, now_ms):
+            raise E.Replay("envelope", "a record seen before (the old rule)")
+        return opened
+
+    monkeypatch.setattr(envelope, "open_envelope", deduplicating_records)
+    result = fuzz.run_fuzz(INPUTS, SEED, ["body"], watchdog_s=None)
+    assert result["failures"] > 0 and not result["ok"]
+    assert all("refused as a replay" in f["error"] for f in result["failure_details"])
 
 
 def test_command_line(tmp_path):

@@ -41,6 +41,8 @@ SIGNER = S.sample_identity("property")
 ALL_KINDS = sorted(KINDS)
 RECORD_KINDS = sorted(k for k, s in KINDS.items() if s.record)
 EXPIRING = sorted(k for k, s in KINDS.items() if s.max_lifetime_ms is not None)
+# What open_envelope deduplicates by message id: kinds that expire and are not records.
+DEDUPED = sorted(k for k in EXPIRING if not KINDS[k].record)
 
 common = settings(max_examples=EXAMPLES, deadline=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -221,7 +223,7 @@ def test_every_byte_flip_of_the_sample_is_refused(kind):
 # replay: refused, also after a restart; forget_expired forgets only what cannot be valid
 
 @common
-@given(kb=kind_and_body(EXPIRING), later=st.integers(min_value=0, max_value=30 * 24 * 3_600_000))
+@given(kb=kind_and_body(DEDUPED), later=st.integers(min_value=0, max_value=30 * 24 * 3_600_000))
 def test_replay_refused_across_restart_and_forget_expired(kb, later):
     spec, body = kb
     if hasattr(body, "exp"):  # node clocks stay far below 2**63 ms (SQLite INTEGER)
@@ -248,6 +250,10 @@ def test_replay_refused_across_restart_and_forget_expired(kb, later):
                 open_envelope(env, NET, now_ms=then, dedup=state)
 
 
+def _seen_rows(state: NodeState) -> int:
+    return state.conn.execute("SELECT count(*) FROM seen").fetchone()[0]
+
+
 @pytest.mark.parametrize("kind", sorted(set(KINDS) - set(EXPIRING)))
 def test_kinds_kept_as_proof_are_not_deduplicated_by_the_wire(kind):
     """Kinds that never expire (receipts, evidence, rotations) are not remembered by the
@@ -259,11 +265,35 @@ def test_kinds_kept_as_proof_are_not_deduplicated_by_the_wire(kind):
         first = open_envelope(env, NET, now_ms=now, dedup=state)
         again = open_envelope(env, NET, now_ms=now, dedup=state)
         assert first == again
-        assert state.conn.execute("SELECT count(*) FROM seen").fetchone()[0] == 0
+        assert _seen_rows(state) == 0
 
 
 @common
-@given(kind=st.sampled_from(EXPIRING), data=st.data())
+@given(kb=kind_and_body(RECORD_KINDS), times=st.lists(st.integers(0, 2 * MAX_CLOCK_SKEW_MS),
+                                                      min_size=2, max_size=4))
+def test_records_are_not_deduplicated_by_the_wire(kb, times):
+    """Records are ordered by sequence number (core/records.py), not deduplicated: the same
+    record fetched again from the DHT or re-gossiped opens every time, also after a restart,
+    and nothing is written to the dedup table. Ordering then calls it the same record."""
+    spec, body = kb
+    body = dataclasses.replace(body, exp=min(body.exp, 2**62))
+    env = seal(body, SIGNER, NET)
+    now = valid_now(spec, body)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.sqlite"
+        opened = []
+        for delta in times:
+            with NodeState(path) as state:  # a restart between copies changes nothing
+                opened.append(open_envelope(env, NET, now_ms=max(0, now - delta), dedup=state))
+                assert _seen_rows(state) == 0
+        assert all(o == opened[0] for o in opened)
+        first = opened[0]
+        assert compare(first.body.seq, first.body_bytes, first.body.seq,
+                       first.body_bytes) is Order.SAME
+
+
+@common
+@given(kind=st.sampled_from(DEDUPED), data=st.data())
 def test_dedup_outlives_every_acceptable_receive_time(kind, data):
     """Whatever now_ms a message is accepted at, its dedup entry outlives that acceptance
     window: forget_expired(t) for any t at which the message would still be accepted never
@@ -401,12 +431,20 @@ def test_rotation_countersignature_is_bound(at, other_net, reason, shift):
 
 @pytest.mark.parametrize("kind", EXPIRING)
 def test_far_future_exp_with_dedup_raises_only_wire_errors(kind):
-    """exp may be any u64; keep-until is clamped to SQLite's signed 64-bit INTEGER."""
+    """exp may be any u64; keep-until is clamped to SQLite's signed 64-bit INTEGER.
+    Deduplicated kinds refuse the second copy as a replay; records (ordered by sequence
+    number, not deduplicated) open it again and leave the dedup table empty."""
     spec = KINDS[kind]
     body = dataclasses.replace(S.sample_body(kind), exp=2**64 - 1)
     env = seal(body, SIGNER, NET)
     with tempfile.TemporaryDirectory() as tmp, NodeState(Path(tmp) / "s.sqlite") as state:
         now = 2**64 - 1 - spec.max_lifetime_ms // 2
-        open_envelope(env, NET, now_ms=now, dedup=state)
-        with pytest.raises(E.Replay):
-            open_envelope(env, NET, now_ms=now, dedup=state)
+        first = open_envelope(env, NET, now_ms=now, dedup=state)
+        if kind in DEDUPED:
+            assert _seen_rows(state) == 1
+            with pytest.raises(E.Replay):
+                open_envelope(env, NET, now_ms=now, dedup=state)
+        else:
+            assert spec.record
+            assert open_envelope(env, NET, now_ms=now, dedup=state) == first
+            assert _seen_rows(state) == 0

@@ -21,6 +21,7 @@ from p2pfleet.wire.kinds import (
     Capacity,
     LeaseBatch,
     Lease,
+    NoWork,
     Receipt,
 )
 from p2pfleet.wire.rotation import check_rotation, make_rotation
@@ -203,7 +204,8 @@ def test_kinds_kept_as_proof_never_expire():
 
 
 def test_replay_is_refused_and_remembered_across_restart(tmp_path):
-    raw = seal(capacity(), ALICE, NET)
+    raw = seal(NoWork(req_id=b"r" * 16, exp=NOW + 60_000, reason="quota", retry_after_ms=1000),
+               ALICE, NET)
     with NodeState(tmp_path / "state.sqlite") as state:
         open_envelope(raw, NET, now_ms=NOW, dedup=state)
         with pytest.raises(E.Replay):
@@ -213,12 +215,21 @@ def test_replay_is_refused_and_remembered_across_restart(tmp_path):
             open_envelope(raw, NET, now_ms=NOW + 2, dedup=state)
 
 
+def test_records_are_ordered_by_sequence_not_deduplicated(tmp_path):
+    raw = seal(capacity(), ALICE, NET)
+    with NodeState(tmp_path / "state.sqlite") as state:
+        open_envelope(raw, NET, now_ms=NOW, dedup=state)
+        open_envelope(raw, NET, now_ms=NOW + 1, dedup=state)  # the DHT hands it out again
+
+
 def test_rejected_message_is_not_remembered(tmp_path):
-    raw = seal(capacity(exp=NOW), ALICE, NET)
+    raw = seal(NoWork(req_id=b"r" * 16, exp=NOW, reason="quota", retry_after_ms=1000), ALICE, NET)
     with NodeState(tmp_path / "state.sqlite") as state:
         with pytest.raises(E.Expired):
             open_envelope(raw, NET, now_ms=NOW + HOUR_MS, dedup=state)
         open_envelope(raw, NET, now_ms=NOW, dedup=state)  # not marked as seen by the refusal
+        with pytest.raises(E.Replay):
+            open_envelope(raw, NET, now_ms=NOW, dedup=state)
 
 
 def test_key_rotation_needs_the_new_keys_countersignature():

@@ -123,17 +123,50 @@ def _step_kind(step: dict) -> str:
     return generator().outer_items(vector_bytes(step))[2]
 
 
+def replay_check(spec: K.KindSpec) -> str:
+    """The rule, written independently of the generator: open_envelope deduplicates by
+    message id only kinds that expire and are not records."""
+    if spec.max_lifetime_ms is None:
+        return "store"
+    return "sequence" if spec.record else "message-id"
+
+
+def _opened_twice(sequences) -> set[str]:
+    """Kinds of which some sequence vector opens the very same bytes twice, both accepted."""
+    twice = set()
+    for vec in sequences:
+        opened = [vector_bytes(s) for s in vec["steps"] if s["expect"] == "ok"]
+        twice |= {_step_kind(s) for s in vec["steps"] if opened.count(vector_bytes(s)) > 1}
+    return twice
+
+
 def test_sequence_vectors_include_replay():
     sequences = [v for v in invalid_vectors() if "steps" in v]
     assert any([s["expect"] for s in v["steps"]] == ["ok", "replay"] for v in sequences)
 
 
-def test_replay_vectors_use_expiring_kinds():
-    """open_envelope deduplicates only kinds that expire; a replay of another kind is a bug."""
+def test_replay_vectors_use_expiring_non_record_kinds():
+    """open_envelope deduplicates only kinds that expire and are not records; a replay of
+    another kind is a bug."""
+    replayed = set()
     for vec in invalid_vectors():
         for step in vec.get("steps", []):
             if step["expect"] == "replay":
-                assert K.KINDS[_step_kind(step)].max_lifetime_ms is not None, vec["name"]
+                spec = K.KINDS[_step_kind(step)]
+                assert spec.max_lifetime_ms is not None and not spec.record, vec["name"]
+                replayed.add(spec.name)
+    assert replayed
+
+
+def test_records_twice_are_not_replays():
+    """A record arriving again (DHT, gossip) is ordered by sequence number, not refused."""
+    sequences = {v["name"]: v for v in invalid_vectors() if "steps" in v}
+    steps = sequences["replay-record"]["steps"]
+    assert [s["expect"] for s in steps] == ["ok", "ok"]
+    assert steps[0] == steps[1] and _step_kind(steps[0]) == "capacity"
+    records = {n for n, spec in K.KINDS.items() if spec.record}
+    twice = _opened_twice(sequences.values())
+    assert records <= twice, f"record kinds without an opened-twice vector: {records - twice}"
 
 
 def test_receipt_twice_is_not_a_replay():
@@ -142,10 +175,7 @@ def test_receipt_twice_is_not_a_replay():
     assert [s["expect"] for s in steps] == ["ok", "ok"]
     assert steps[0] == steps[1] and _step_kind(steps[0]) == "receipt"
     never = {n for n, spec in K.KINDS.items() if spec.max_lifetime_ms is None}
-    twice = set()
-    for vec in sequences.values():
-        opened = [vector_bytes(s) for s in vec["steps"] if s["expect"] == "ok"]
-        twice |= {_step_kind(s) for s in vec["steps"] if opened.count(vector_bytes(s)) > 1}
+    twice = _opened_twice(sequences.values())
     assert never <= twice, f"kinds that never expire without an opened-twice vector: {never - twice}"
 
 
@@ -252,6 +282,22 @@ def test_standalone_checker_reports_mismatches(tmp_path):
     assert "valid.json capacity:" in proc.stdout
 
 
+def test_standalone_checker_takes_replay_rules_from_names_json(tmp_path):
+    """The checker deduplicates exactly the kinds names.json marks "message-id": marking
+    capacity so makes the replay-record vector fail, and the schema disagreement is reported."""
+    copy = tmp_path / "protocol"
+    shutil.copytree(PROTOCOL, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    names = json.loads((copy / "names.json").read_text(encoding="utf-8"))
+    assert names["kinds"]["capacity"]["replay_check"] == "sequence"
+    names["kinds"]["capacity"]["replay_check"] = "message-id"
+    (copy / "names.json").write_text(json.dumps(names), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(copy / "check_vectors.py"), str(copy)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "invalid.json replay-record step 1: got replay at envelope" in proc.stdout
+    assert "names.json kinds.capacity.replay_check" in proc.stdout
+
+
 # (d) coverage: kinds, schemas, error codes -------------------------------------------------------
 
 
@@ -263,7 +309,7 @@ def test_every_kind_has_a_schema_and_a_valid_vector():
             "kind": name, "major": spec.major, "max_body": spec.max_body,
             "max_lifetime_ms": spec.max_lifetime_ms, "record": spec.record,
             "dated_by": "at" if "at" in {f.name for f in S._fields(spec.cls)} else None,
-            "replay_check": "store" if spec.max_lifetime_ms is None else "message-id",
+            "replay_check": replay_check(spec),
             "domain_tag": f"p2pfleet/{{network}}/{name}/v{spec.major}",
         }
         names_entry = load("names.json")["kinds"][name]
@@ -303,13 +349,34 @@ def test_every_error_open_envelope_raises_has_a_vector():
     assert codes - {"ok"} <= {cls.code for cls in E.ALL_ERRORS}
 
 
+ERROR_ACTIONS = {
+    # (punish, unsupported): the action protocol/ documents
+    (False, True): "ignore",
+    (False, False): "drop, do not penalise",
+    (True, False): "drop and penalise the deliverer",
+}
+
+
 def test_every_error_code_is_documented():
     readme = (PROTOCOL / "README.md").read_text(encoding="utf-8")
     names = load("names.json")
+    assert set(names["errors"]) == {cls.code for cls in E.ALL_ERRORS}
     for cls in E.ALL_ERRORS:
         assert f"`{cls.code}`" in readme
-        action = names["errors"][cls.code]["action"]
-        assert (action == "ignore") == issubclass(cls, E.Unsupported)
+        entry = names["errors"][cls.code]
+        action = ERROR_ACTIONS[(cls.punish, issubclass(cls, E.Unsupported))]
+        assert entry["action"] == action, cls.code
+        assert entry["punish"] is cls.punish, cls.code
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{cls.code}` |"))
+        assert row.split(" | ")[1] == action, cls.code
+
+
+def test_error_actions_follow_the_wire_rules():
+    """Unsupported: ignore; replays and stale records: drop without a penalty (honest peers
+    resend and re-gossip); everything else: drop and penalise."""
+    for cls in E.ALL_ERRORS:
+        unpunished = issubclass(cls, (E.Unsupported, E.Replay, E.StaleRecord))
+        assert cls.punish is not unpunished, cls.code
 
 
 def _wire_types(w):
