@@ -1,0 +1,538 @@
+"""The sandbox child: one long-lived process per publisher that runs untrusted ONNX models.
+
+Started by sandbox.py as `python -s -B -m p2pfleet.exec.child '<json settings>'` with a
+minimal environment, in a fresh empty working directory, in its own session. It talks to
+its parent over stdin/stdout with frames: a 12-byte header (meta length u32, payload length
+u64, big-endian), a msgpack map (at most 1 MiB), then a raw payload that the map's
+tensors and models point into as [offset, nbytes]. Frames above `max_frame` bytes are
+refused. Any stray write of native code to fd 1 goes to stderr: the protocol uses private
+duplicates of fds 0 and 1.
+
+Start-up, in this order, before any model is loaded:
+1. import what the child needs, except onnxruntime (whose import starts a thread);
+2. leave the network while still single-threaded: as root, unshare into a fresh network
+   namespace (only a loopback interface, down); otherwise a new user + network namespace
+   where the kernel allows it; failing that, warn that the child has network access (the
+   warning travels in the hello frame to the node's log);
+   then import onnxruntime, and as root switch for good to an unprivileged uid/gid with no
+   supplementary groups (after that, the interpreter's own files may be unreadable);
+3. no new privileges, not dumpable (no ptrace by same-uid processes, no core), killed
+   when the parent dies;
+4. resource limits: RLIMIT_AS (address space), RLIMIT_CORE 0, RLIMIT_NOFILE small,
+   RLIMIT_FSIZE 0 (no file writes), RLIMIT_NPROC when running as a dropped uid,
+   RLIMIT_CPU (the soft limit is re-armed before each request to the CPU used so far plus
+   that request's budget; SIGXCPU kills the child);
+5. send the hello frame: {"hello": 1, pid, uid, gid, net, user, warnings, ort_version}.
+
+Requests and replies (every reply has "ok"; failures carry "reason" and "detail"):
+- {"op": "load", "model": [offset, nbytes], "key": str, "opt_level", "provider", "threads",
+   "timeout_s"} -> {"ok": true, "inputs": [[name, type, shape]], "outputs": [...], "ms"}
+- {"op": "run", "inputs": [[name, dtype, shape, [offset, nbytes]]], "timeout_s"}
+   -> {"ok": true, "outputs": [[name, dtype, shape, [offset, nbytes]]], "ms", "cpu_s"}
+  A watchdog thread sets RunOptions.terminate when timeout_s passes (reason "timeout").
+- {"op": "ping"} -> {"ok": true, "pid", "cpu_s"}
+- {"op": "exit"}: exit 0 (so does end of input).
+- {"op": "debug", "what": ...}: only when started with "debug": true (tests): "whoami",
+  "connect" (host, port), "sleep" (s), "rlimits".
+Failure reasons: out_of_memory, timeout, invalid_model, input_error, internal.
+"""
+
+from __future__ import annotations
+
+# Everything the child needs is imported up front: see step 1 above.
+import ctypes
+import encodings.idna  # noqa: F401  (socket name lookups import it lazily)
+import errno
+import json
+import math
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+import msgpack
+import numpy as np
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+
+#: ONNX Runtime tensor type strings <-> numpy dtype names carried on the pipe.
+ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16", "tensor(int32)": "int32", "tensor(uint32)": "uint32",
+    "tensor(int64)": "int64", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
+}
+DTYPES = frozenset(ORT_TYPES.values())
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+DETAIL_MAX = 240
+
+
+class Refused(Exception):
+    """A request fails with a reason for the parent."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail[:DETAIL_MAX]
+
+
+# --- frames -----------------------------------------------------------------------------
+# A frame: HEADER (meta length u32, payload length u64, big-endian), a msgpack map (the
+# meta, at most META_MAX bytes), then the payload: raw bytes that tensors and models in the
+# meta point into as [offset, nbytes]. Tensor bytes never pass through msgpack: fewer copies.
+HEADER = struct.Struct(">IQ")
+META_MAX = 1 << 20
+_rbuf = bytearray(1 << 20)
+
+
+def _read_bytes(fd: int, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, n - got)
+        if not b:
+            return None
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def _read_payload(fd: int, n: int) -> memoryview | None:
+    """n bytes in a reused buffer (valid until the next frame), or None at EOF."""
+    global _rbuf
+    if len(_rbuf) < n or len(_rbuf) > max(n, 1 << 20) * 4:
+        _rbuf = bytearray(max(n, 1 << 20))
+    view = memoryview(_rbuf)[:n]
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if not k:
+            return None
+        got += k
+    return view
+
+
+def read_frame(fd: int, max_frame: int) -> tuple[dict, memoryview] | None:
+    head = _read_bytes(fd, HEADER.size)
+    if head is None:
+        return None
+    meta_len, payload_len = HEADER.unpack(head)
+    if meta_len > META_MAX or meta_len + payload_len > max_frame:
+        raise Refused("internal", f"request frame of {meta_len} + {payload_len} bytes exceeds "
+                      f"the caps ({META_MAX} meta, {max_frame} total)")
+    meta = _read_bytes(fd, meta_len)
+    payload = _read_payload(fd, payload_len) if meta is not None else None
+    if payload is None:
+        return None
+    msg = msgpack.unpackb(meta, raw=False)
+    if not isinstance(msg, dict):
+        raise Refused("internal", "request frame is not a map")
+    return msg, payload
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_frame(fd: int, msg: dict, blobs: list = ()) -> None:
+    meta = msgpack.packb(msg, use_bin_type=True)
+    _write_all(fd, HEADER.pack(len(meta), sum(b.nbytes for b in blobs)) + meta)
+    for b in blobs:
+        if b.nbytes:
+            _write_all(fd, b)
+
+
+def _slice(payload: memoryview, ref) -> memoryview:
+    if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(v, int) and v >= 0 for v in ref)
+            and ref[0] + ref[1] <= len(payload)):
+        raise Refused("internal", "malformed payload reference")
+    return payload[ref[0]:ref[0] + ref[1]]
+
+
+# --- isolation --------------------------------------------------------------------------
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)  # the interpreter links libc
+
+
+def _unshare(libc, flags: int) -> str | None:
+    if libc.unshare(flags) == 0:
+        return None
+    return os.strerror(ctypes.get_errno())
+
+
+def isolate_network(settings: dict, libc) -> tuple[str, list[str]]:
+    """Leave the host's network. Must run while the process has one thread (a new user
+    namespace needs that, and unshare only moves the calling thread): before onnxruntime is
+    imported, which starts a thread. Returns (net, warnings).
+
+    As root: a new network namespace. Not root: a new user + network namespace, where the
+    kernel allows unprivileged user namespaces."""
+    warnings: list[str] = []
+    if settings.get("isolation", "auto") == "none":
+        warnings.append("network isolation disabled by configuration: the child has network access")
+        return "host", warnings
+    if os.geteuid() == 0:
+        err = _unshare(libc, CLONE_NEWNET)
+        if err is None:
+            return "netns", warnings
+        warnings.append(f"unshare(CLONE_NEWNET) failed as root ({err})")
+    else:
+        err = _unshare(libc, CLONE_NEWUSER | CLONE_NEWNET)
+        if err is None:
+            return "userns+netns", warnings
+        warnings.append(f"unshare(CLONE_NEWUSER|CLONE_NEWNET) failed ({err})")
+    warnings.append("the sandbox child has network access: run the node as root, or allow "
+                    "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 or "
+                    "user.max_user_namespaces > 0), to isolate it")
+    return "host", warnings
+
+
+def drop_privileges(settings: dict) -> tuple[str, list[str]]:
+    """As root, switch for good to the configured unprivileged uid/gid, no extra groups."""
+    if os.geteuid() != 0:
+        return f"uid {os.getuid()}", []
+    uid, gid = int(settings["uid"]), int(settings["gid"])
+    if uid == 0 or gid == 0:
+        raise RuntimeError("the sandbox user must not be root")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    try:  # paranoia: the switch must be irreversible
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise RuntimeError("could regain uid 0 after dropping privileges")
+    return f"uid {uid} gid {gid}", []
+
+
+def harden(libc, parent_pid: int) -> None:
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    # Cleared by a credential change, so set after dropping privileges.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(3)  # the parent died before PDEATHSIG was armed
+
+
+def set_limits(settings: dict, dropped_uid: bool) -> None:
+    as_bytes = int(settings["memory_mb"]) << 20
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    nofile = int(settings["nofile"])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    cpu_hard = int(settings["cpu_hard_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_hard, int(cpu_used()) + 60), cpu_hard))
+    if dropped_uid:
+        nproc = int(settings["nproc"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
+
+
+def cpu_used() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def arm_cpu(budget_s: float) -> None:
+    """Soft RLIMIT_CPU = CPU used so far + budget (the hard limit stays)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(cpu_used() + budget_s) + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+# --- watchdog ---------------------------------------------------------------------------
+class Watchdog(threading.Thread):
+    """Sets RunOptions.terminate on the armed run when its deadline passes.
+
+    Arming only wakes the thread when the new deadline is earlier than the one it sleeps
+    towards, and disarming never does: a shard's micro-batches share one deadline, so the
+    thread sleeps through them instead of costing two context switches per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(name="watchdog", daemon=True)
+        self._cond = threading.Condition()
+        self._target = None
+        self._deadline = 0.0
+        self._sleeping_until = math.inf
+        self.fired = False
+
+    def arm(self, run_options, timeout_s: float) -> None:
+        with self._cond:
+            self._target, self._deadline, self.fired = run_options, time.monotonic() + timeout_s, False
+            if self._deadline < self._sleeping_until:
+                self._cond.notify()
+
+    def disarm(self) -> bool:
+        with self._cond:
+            self._target = None
+            return self.fired
+
+    def run(self) -> None:
+        with self._cond:
+            while True:
+                if self._target is None:
+                    self._sleeping_until = math.inf
+                    self._cond.wait()
+                    continue
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._sleeping_until = self._deadline
+                    self._cond.wait(left)
+                    continue
+                self._target.terminate = True
+                self.fired = True
+                self._target = None
+
+
+# --- the model --------------------------------------------------------------------------
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Failed to allocate memory", "bad_alloc", "std::bad_alloc",
+                                   "Cannot allocate memory", "out of memory"))
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:DETAIL_MAX]
+
+
+def _shape(shape) -> list:
+    return [d if isinstance(d, int) else (str(d) if d is not None else None) for d in shape]
+
+
+class Child:
+    def __init__(self, settings: dict, ort, watchdog: Watchdog):
+        self.settings = settings
+        self.ort = ort
+        self.watchdog = watchdog
+        self.session = None
+        self.threads = 1
+        self.key: str | None = None
+        self.inputs: list = []
+        self.outputs: list = []
+
+    def load(self, req: dict, payload: memoryview) -> dict:
+        ort = self.ort
+        model, key = bytes(_slice(payload, req.get("model"))), req.get("key")
+        opt_level, provider = req.get("opt_level"), req.get("provider")
+        threads, timeout_s = req.get("threads"), req.get("timeout_s")
+        if not (isinstance(model, bytes) and isinstance(key, str) and opt_level in OPT_LEVELS
+                and isinstance(provider, str) and isinstance(threads, int) and 1 <= threads <= 256
+                and isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise Refused("internal", "malformed load request")
+        if provider not in ort.get_available_providers():
+            raise Refused("internal", f"execution provider {provider} is not available")
+        self.session, self.key = None, None
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opt_level]
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        so.use_deterministic_compute = True
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        arm_cpu(timeout_s * threads + 5)
+        t0 = time.monotonic()
+        try:
+            session = ort.InferenceSession(model, so, providers=[provider])
+        except BaseException as e:  # noqa: BLE001 - the model is untrusted
+            raise Refused("out_of_memory" if _is_oom(e) else "invalid_model", _describe(e)) from None
+        del model, req
+        inputs = [[i.name, i.type, _shape(i.shape)] for i in session.get_inputs()]
+        outputs = [[o.name, o.type, _shape(o.shape)] for o in session.get_outputs()]
+        for name, typ, _ in inputs + outputs:
+            if typ not in ORT_TYPES:
+                raise Refused("invalid_model", f"{name!r} has type {typ}: only numeric and bool "
+                              "tensors are supported")
+        self.session, self.key, self.inputs, self.outputs = session, key, inputs, outputs
+        self.threads = threads
+        return {"ok": True, "key": key, "inputs": inputs, "outputs": outputs,
+                "ms": (time.monotonic() - t0) * 1000}
+
+    def run(self, req: dict, payload: memoryview) -> tuple[dict, list]:
+        if self.session is None:
+            raise Refused("internal", "run before a successful load")
+        timeout_s = req.get("timeout_s")
+        raw = req.get("inputs")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and isinstance(raw, list)):
+            raise Refused("internal", "malformed run request")
+        feeds = {}
+        declared = {name: typ for name, typ, _ in self.inputs}
+        for item in raw:
+            if not (isinstance(item, list) and len(item) == 4):
+                raise Refused("internal", "malformed input tensor")
+            name, dtype, shape, ref = item
+            data = _slice(payload, ref)
+            if name not in declared or name in feeds:
+                raise Refused("input_error", f"unexpected input {name!r}")
+            if dtype != ORT_TYPES[declared[name]]:
+                raise Refused("input_error", f"input {name!r} is {dtype}, the model wants "
+                              f"{ORT_TYPES[declared[name]]}")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise Refused("internal", f"malformed input tensor {name!r}")
+            dt = np.dtype(dtype).newbyteorder("<")
+            if len(data) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+                raise Refused("input_error", f"input {name!r}: {len(data)} bytes do not fit {shape}")
+            feeds[name] = np.frombuffer(data, dtype=dt).reshape(shape)
+        if set(feeds) != set(declared):
+            raise Refused("input_error", f"inputs {sorted(feeds)} given, the model wants {sorted(declared)}")
+        ro = self.ort.RunOptions()
+        ro.log_severity_level = 3
+        arm_cpu(timeout_s * self.threads + 5)
+        t0 = time.monotonic()
+        self.watchdog.arm(ro, float(timeout_s))
+        try:
+            results = self.session.run(None, feeds, ro)
+        except BaseException as e:  # noqa: BLE001 - the model is untrusted
+            fired = self.watchdog.disarm()
+            if fired or "terminate flag" in str(e):
+                raise Refused("timeout", f"run stopped after {timeout_s:.3g} s wall clock") from None
+            if _is_oom(e):
+                raise Refused("out_of_memory", _describe(e)) from None
+            bad_input = type(e).__name__ == "InvalidArgument"
+            raise Refused("input_error" if bad_input else "invalid_model", _describe(e)) from None
+        self.watchdog.disarm()
+        ms = (time.monotonic() - t0) * 1000
+        del feeds
+        out, blobs, offset = [], [], 0
+        for (name, typ, shape), value in zip(self.outputs, results):
+            if not isinstance(value, np.ndarray):
+                raise Refused("invalid_model", f"output {name!r} is a {type(value).__name__}, "
+                              "not a tensor")
+            want = ORT_TYPES[typ]
+            if value.dtype != np.dtype(want):
+                raise Refused("invalid_model", f"output {name!r} is {value.dtype}, declared {want}")
+            if shape is not None and (len(shape) != value.ndim or any(
+                    isinstance(d, int) and d != v for d, v in zip(shape, value.shape))):
+                raise Refused("invalid_model", f"output {name!r} has shape {list(value.shape)}, "
+                              f"declared {shape}")
+            arr = np.asarray(value, dtype=np.dtype(want).newbyteorder("<"), order="C")
+            out.append([name, want, list(arr.shape), [offset, arr.nbytes]])
+            blobs.append(memoryview(arr).cast("B") if arr.nbytes else memoryview(b""))
+            offset += arr.nbytes
+        return {"ok": True, "outputs": out, "ms": ms, "cpu_s": cpu_used()}, blobs
+
+
+def debug(req: dict) -> dict:
+    what = req.get("what")
+    if what == "whoami":
+        return {"ok": True, "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+                "egid": os.getegid(), "groups": os.getgroups(), "pid": os.getpid(),
+                "cwd": os.getcwd()}
+    if what == "rlimits":
+        names = ("AS", "CPU", "CORE", "NOFILE", "NPROC", "FSIZE")
+        return {"ok": True, **{n: list(resource.getrlimit(getattr(resource, "RLIMIT_" + n)))
+                               for n in names}}
+    if what == "connect":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2.0)
+            s.connect((str(req["host"]), int(req["port"])))
+            return {"ok": True, "result": "connected"}
+        except OSError as e:
+            return {"ok": True, "result": errno.errorcode.get(e.errno or 0, str(e))}
+        finally:
+            s.close()
+    if what == "sleep":
+        time.sleep(float(req["s"]))
+        return {"ok": True}
+    raise Refused("internal", f"unknown debug request {what!r}")
+
+
+def main() -> int:
+    settings = json.loads(sys.argv[1])
+    # Private protocol fds; fd 0 becomes /dev/null and fd 1 a copy of stderr.
+    fd_in, fd_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    libc = _libc()
+    try:
+        os.nice(int(settings.get("nice", 0)))
+    except OSError:
+        pass
+    was_root = os.geteuid() == 0
+    net, warnings = isolate_network(settings, libc)  # still one thread
+    import onnxruntime as ort  # before privileges go: the install may be unreadable after
+
+    ort.set_default_logger_severity(3)
+    user, more = drop_privileges(settings)
+    warnings += more
+    harden(libc, int(settings.get("parent_pid", 0)))
+    dropped = was_root and os.geteuid() != 0
+    watchdog = Watchdog()
+    watchdog.start()
+    set_limits(settings, dropped)
+    max_frame = int(settings["max_frame"])
+    write_frame(fd_out, {"hello": 1, "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+                         "net": net, "user": user, "warnings": warnings,
+                         "ort_version": ort.__version__})
+    child = Child(settings, ort, watchdog)
+    debug_enabled = bool(settings.get("debug"))
+    while True:
+        try:
+            frame = read_frame(fd_in, max_frame)
+        except Refused as e:
+            write_frame(fd_out, {"ok": False, "reason": e.reason, "detail": e.detail})
+            return 2  # the stream is out of step: the parent restarts us
+        if frame is None:
+            return 0
+        req, payload = frame
+        frame = None
+        op = req.get("op")
+        blobs: list = []
+        try:
+            if op == "load":
+                reply = child.load(req, payload)
+            elif op == "run":
+                reply, blobs = child.run(req, payload)
+            elif op == "ping":
+                reply = {"ok": True, "pid": os.getpid(), "cpu_s": cpu_used()}
+            elif op == "exit":
+                return 0
+            elif op == "debug" and debug_enabled:
+                reply = debug(req)
+            else:
+                raise Refused("internal", f"unknown request {op!r}")
+        except Refused as e:
+            reply = {"ok": False, "reason": e.reason, "detail": e.detail}
+        except MemoryError:
+            reply = {"ok": False, "reason": "out_of_memory", "detail": "MemoryError in the child"}
+        except Exception as e:  # noqa: BLE001 - report, keep serving
+            traceback.print_exc()
+            reply = {"ok": False, "reason": "internal", "detail": _describe(e)}
+        req = payload = None
+        try:
+            write_frame(fd_out, reply, blobs)
+        except MemoryError:
+            write_frame(fd_out, {"ok": False, "reason": "out_of_memory",
+                                 "detail": "outputs too large to send"})
+        reply = blobs = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
