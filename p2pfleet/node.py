@@ -23,7 +23,10 @@ import ipaddress
 import logging
 import os
 import random
+import json
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,9 +143,13 @@ class Node:
     def __init__(self, identity: Identity, config: Config, state: NodeState, *,
                  control_path: Path | None = None, provider: Any = None,
                  bootstrap: tuple[str, ...] = (), listen: tuple[str, ...] | None = None,
-                 rng: random.Random | None = None, clock: Any = time.time):
+                 rng: random.Random | None = None, clock: Any = time.time,
+                 cache_dir: Path | None = None):
         self.identity = identity
         self.config = config
+        self.cache_dir = cache_dir
+        self.hw_class = bytes.fromhex(config.hardware.hw_class)
+        self.bench = config.hardware.bench
         self.state = state
         self.control_path = control_path
         self.provider = provider if provider is not None else make_provider(config)
@@ -167,6 +174,30 @@ class Node:
         self.metrics_addr: tuple[str, int] | None = None
         self._traffic_reported = self.traffic.total
 
+    # --- hardware ------------------------------------------------------------------------
+    async def measure_hardware(self) -> None:
+        """Fill the hardware class and benchmark the config leaves open (0 or empty) by
+        running the canary and reference models in a child process (cached in cache_dir)."""
+        hw = self.config.hardware
+        self.hw_class = bytes.fromhex(hw.hw_class)
+        self.bench = hw.bench
+        if (self.hw_class and self.bench) or self.cache_dir is None:
+            return
+        threads = str(max(1, self.config.policy.max_threads))
+        try:
+            with trio.fail_after(60):
+                proc = await trio.run_process(
+                    [sys.executable, "-m", "p2pfleet.exec.hwclass", str(self.cache_dir), threads],
+                    capture_stdout=True, capture_stderr=True)
+            profile = json.loads(proc.stdout)
+        except (trio.TooSlowError, OSError, ValueError, subprocess.CalledProcessError) as exc:
+            log.warning("could not measure the hardware class and benchmark: %s", exc)
+            return
+        self.hw_class = self.hw_class or bytes.fromhex(profile["hw_class"])
+        self.bench = self.bench or float(profile["bench"])
+        self._note(f"hardware class {self.hw_class.hex()[:16]}..., bench {self.bench:g} samples/s"
+                   + (" (cached)" if profile.get("cached") else ""))
+
     # --- records -------------------------------------------------------------------------
     def capacity_record(self, state: str, lifetime_s: int) -> bytes:
         now = self.clock()
@@ -176,8 +207,8 @@ class Node:
                              self.config.node.publish_private_addrs)
         body = Capacity(
             seq=seq, exp=int((now + lifetime_s) * 1000), sw_version=__version__, state=state,
-            hw_class=bytes.fromhex(hw.hw_class), cores=hw.cores or (os.cpu_count() or 1),
-            memory_mb=hw.memory_mb or memory_mb(), bench=hw.bench, providers=(CPU_PROVIDER,),
+            hw_class=self.hw_class, cores=hw.cores or (os.cpu_count() or 1),
+            memory_mb=hw.memory_mb or memory_mb(), bench=self.bench, providers=(CPU_PROVIDER,),
             ort_version=ORT_VERSION, slots=1, addrs=addrs,
         )
         self.status.last_record_seq = seq
@@ -397,7 +428,7 @@ class Node:
         body = opened.body
         return {"ok": True, "found": True, "peer_id": peer_id, "lookup": cost, "record": {
             "seq": body.seq, "exp": body.exp, "state": body.state, "sw_version": body.sw_version,
-            "hw_class": body.hw_class.hex(), "cores": body.cores, "memory_mb": body.memory_mb,
+            "hw_class": body.hw_class.hex(), "ort_version": body.ort_version, "cores": body.cores, "memory_mb": body.memory_mb,
             "bench": body.bench, "providers": list(body.providers), "slots": body.slots,
             "addrs": list(body.addrs)}}
 
@@ -435,6 +466,7 @@ class Node:
                 except OSError as exc:
                     raise NodeError(f"node.metrics_listen {self.config.node.metrics_listen}: "
                                     f"{exc.strerror or exc}") from None
+            await self.measure_hardware()
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)
 

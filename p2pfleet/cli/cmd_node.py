@@ -158,7 +158,7 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
         with dd.open_state() as state:
             try:
                 node = Node(identity, config, state, control_path=_control_path(app),
-                            bootstrap=bootstrap, listen=listen or None)
+                            bootstrap=bootstrap, listen=listen or None, cache_dir=dd.cache_dir)
             except (NodeError, ValueError) as exc:
                 raise CliError(str(exc)) from None
             click.echo(f"node {identity.peer_id} on network {config.node.network}; "

@@ -241,3 +241,25 @@ def measure(cache_dir: str | os.PathLike, *, threads: int = 1, bench_seconds: fl
 
 __all__ = ["HardwareProfile", "measure", "hardware_class", "benchmark", "canary_model",
            "canary_inputs", "reference_model", "fixed_floats", "cpu_description"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m p2pfleet.exec.hwclass CACHE_DIR [THREADS]`: print the profile as JSON.
+
+    The node runs this in a child process at start, so its own process never imports
+    onnxruntime (about 40 MB of resident memory a car would carry all day for nothing)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m p2pfleet.exec.hwclass CACHE_DIR [THREADS]", file=sys.stderr)
+        return 2
+    profile = measure(args[0], threads=int(args[1]) if len(args) == 2 else 1)
+    print(json.dumps({"hw_class": profile.hw_class.hex(), "bench": profile.bench,
+                      "ort_version": profile.ort_version, "cpu": profile.cpu,
+                      "threads": profile.threads, "cached": profile.cached}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

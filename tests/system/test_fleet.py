@@ -26,6 +26,9 @@ def test_every_node_finds_every_record(fleet):
             reply = wait_for(lambda: (r := reader.ask("lookup", peer_id=owner.peer_id))["found"] and r,
                              30, f"node {reader.index} to find node {owner.index}'s record")
             assert reply["record"]["state"] == "available"
+            # measured at start by the canary and reference models (exec/hwclass.py)
+            assert len(bytes.fromhex(reply["record"]["hw_class"])) == 32
+            assert reply["record"]["bench"] > 0
             assert any(a.startswith(f"/ip4/127.0.0.{owner.index + 1}/") for a in reply["record"]["addrs"])
 
 
