@@ -100,8 +100,10 @@ class LocalNode:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def tcp_sockets(pid: int) -> int:
-    """TCP sockets (any state) the process holds open, from /proc (Linux)."""
+def tcp_sockets(pid: int, ignore: tuple[str, ...] = ()) -> int:
+    """TCP sockets (any state) the process holds open, from /proc (Linux); `ignore` lists
+    local "host:port" addresses not to count (e.g. the node's own metrics listener)."""
+    ignored = {_proc_addr(a) for a in ignore}
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -113,8 +115,23 @@ def tcp_sockets(pid: int) -> int:
     count = 0
     for table in ("tcp", "tcp6"):
         lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        count += sum(1 for line in lines if line.split()[9] in inodes)
+        count += sum(1 for line in lines
+                     if line.split()[9] in inodes and line.split()[1] not in ignored)
     return count
+
+
+def _proc_addr(host_port: str) -> str:
+    """'127.0.0.1:9464' in /proc/net/tcp's notation ('0100007F:24F8')."""
+    host, _, port = host_port.rpartition(":")
+    packed = bytes(int(x) for x in host.split("."))[::-1]
+    return f"{packed.hex().upper()}:{int(port):04X}"
+
+
+def mesh_sockets(node: "LocalNode") -> int:
+    """TCP sockets a node process holds, apart from its local metrics listener."""
+    status = node.ask("status")
+    ignore = (status["metrics_addr"],) if status.get("metrics_addr") else ()
+    return tcp_sockets(node.proc.pid, ignore)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

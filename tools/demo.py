@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfleet.identity import Identity
-from p2pfleet.localfleet import FleetError, LocalFleet, tcp_sockets, wait_for
+from p2pfleet.localfleet import FleetError, LocalFleet, mesh_sockets, wait_for
 from p2pfleet.wire.envelope import seal
 from p2pfleet.wire.kinds import JobAnnouncement, Requirements
 
@@ -109,7 +109,7 @@ def main() -> int:
         leaving = wait_for(lambda: (r := fleet.nodes[0].ask("lookup", peer_id=car.peer_id))
                            ["found"] and r["record"]["state"] == "leaving" and r, 30,
                            "the leaving record")
-        sockets = tcp_sockets(car.proc.pid)
+        sockets = mesh_sockets(car)
         if sockets:
             raise FleetError(f"the car left the mesh but holds {sockets} TCP sockets")
         console.print(f"node 0 now sees the car's record as [bold]{leaving['record']['state']}[/]; "

@@ -1,7 +1,8 @@
 """Named fixes for py-libp2p 0.8.1, all in one place.
 
 Each fix names the upstream problem it covers (see notes/libp2p.md in the team notes) and
-has a test in tests/integration/test_libp2p_fixes.py that fails without it. They are small
+has a test that fails without it: fixes 1-4 and 6 in tests/integration/test_libp2p_fixes.py,
+fixes 7-10 in tests/integration/test_hostile.py (fix 5 lives in dht_lookup.py). They are small
 enough to send upstream. pyproject.toml pins the exact py-libp2p version they were
 written against; `check_version` refuses to run on another.
 """
@@ -9,7 +10,11 @@ written against; `check_version` refuses to run on another.
 from __future__ import annotations
 
 import logging
+import ipaddress
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -178,3 +183,414 @@ def fix_inbound_slot_leak(swarm: Any) -> None:
                 pass
 
     swarm._do_handle_inbound_connection = handle
+
+
+# --- Fix 7: stream handlers swallow peer errors, and a started frame may stall forever ------
+# Upstream: KadDHT's inbound handler turns every peer error (undecodable bytes, a 100 MB
+# length prefix, garbage protobuf, a forged or oversized record in PUT_VALUE) into a quiet
+# stream reset; GossipSub does the same with an RPC over its size cap and with a frame cut
+# off by EOF, and identify/push logs and drops whatever it got. No exception reaches fix 2,
+# so a peer can send garbage forever at no cost to its score. And a frame, once started,
+# has no deadline: a GossipSub stream (long-lived, so it must not have an idle timeout) can
+# hold a partial frame, its buffer and its reader task for as long as the connection lives.
+# We give each such handler a stream that follows the varint-length-prefixed framing of
+# what the handler reads: a frame over `max_frame` is refused at its length prefix (before
+# its body is buffered), a frame must be complete `deadline_s` after its first byte (time
+# between frames is not limited), a frame cut off by EOF is noted, and each complete frame
+# can be inspected (`inspect` returns why it is an offence, or None). The first offence is
+# reported for the stream's peer and the stream is reset.
+
+TRUNCATED_FRAME = "frame cut off by end of stream"
+MAX_DHT_FRAME = 64 * 1024        # upstream: 4 MiB; our records are a few KiB
+MAX_IDENTIFY_FRAME = 8 * 1024    # upstream: 1 MiB
+IDENTIFY_PUSH = "/ipfs/id/push/1.0.0"
+
+
+@dataclass(frozen=True)
+class FrameRules:
+    max_frame: int
+    deadline_s: float | None = None          # a started frame must complete within this
+    inspect: Callable[[bytes], str | None] | None = None
+
+
+class _FramedStream:
+    """A stream proxy that follows the length-prefixed frames read through it."""
+
+    def __init__(self, stream: Any, rules: FrameRules):
+        self._stream = stream
+        self._rules = rules
+        self._prefix = bytearray()
+        self._left: int | None = None   # body bytes still to come in the current frame
+        self._body = bytearray()
+        self._deadline: float | None = None
+        self.violation: str | None = None
+
+    def _flag(self, reason: str) -> None:
+        self.violation = self.violation or reason
+
+    def _mid_frame(self) -> bool:
+        return bool(self._prefix) or self._left is not None
+
+    async def read(self, n: int | None = None) -> bytes:
+        from libp2p.io.exceptions import IncompleteReadError
+        from libp2p.network.stream.exceptions import StreamEOF
+
+        try:
+            if self._deadline is None:
+                data = await self._stream.read(n)
+            else:
+                with trio.move_on_at(self._deadline):
+                    data = await self._stream.read(n)
+                    self._feed(data)
+                    return data
+                self._flag(IDLE_TIMEOUT)  # mapped to a stall, as for fix 3
+                raise IncompleteReadError(f"frame not complete within {self._rules.deadline_s} s",
+                                          expected_bytes=self._left or 1, received_bytes=1)
+        except StreamEOF:
+            if self._mid_frame():
+                self._flag(TRUNCATED_FRAME)
+            raise
+        self._feed(data)
+        return data
+
+    def _feed(self, data: bytes) -> None:
+        from libp2p.exceptions import ParseError
+        from libp2p.io.exceptions import MessageTooLarge
+        from libp2p.utils.varint import decode_uvarint
+
+        if not data and self._mid_frame():
+            self._flag(TRUNCATED_FRAME)
+        i = 0
+        while i < len(data):
+            if self._left is None:  # in a length prefix
+                if not self._prefix and self._rules.deadline_s is not None:
+                    self._deadline = trio.current_time() + self._rules.deadline_s
+                byte = data[i]
+                i += 1
+                self._prefix.append(byte)
+                if byte & 0x80:
+                    if len(self._prefix) >= 10:
+                        self._flag("bad length prefix")
+                        raise ParseError("varint length prefix over 64 bits")
+                    continue
+                length = decode_uvarint(bytes(self._prefix))
+                self._prefix.clear()
+                if length > self._rules.max_frame:
+                    self._flag(f"{length}-byte frame over the {self._rules.max_frame}-byte cap")
+                    raise MessageTooLarge(f"frame of {length} bytes, cap {self._rules.max_frame}")
+                self._left = length
+                if length == 0:
+                    self._end_frame()
+            else:
+                take = min(self._left, len(data) - i)
+                if self._rules.inspect is not None:
+                    self._body += data[i:i + take]
+                self._left -= take
+                i += take
+                if self._left == 0:
+                    self._end_frame()
+
+    def _end_frame(self) -> None:
+        if self._rules.inspect is not None:
+            reason = self._rules.inspect(bytes(self._body))
+            if reason:
+                self._flag(reason)
+        self._left, self._body, self._deadline = None, bytearray(), None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def check_frames(host: Any, on_violation: ViolationFn, rules: dict[str, FrameRules]) -> None:
+    """Give handlers of the protocols in `rules` a framed stream; report offences.
+
+    Call after `guard_stream_handlers` (so exceptions still end at fix 2's guard) and
+    before starting services."""
+    original = host.set_stream_handler
+
+    def wrap(handler: Callable[[Any], Awaitable[None]], protocol: str,
+             frame_rules: FrameRules) -> Callable[[Any], Awaitable[None]]:
+        async def framed_handler(stream: Any) -> None:
+            framed = _FramedStream(stream, frame_rules)
+            try:
+                await handler(framed)
+            except Exception:  # noqa: BLE001 - fix 2 reports it unless we already know why
+                if framed.violation is None:
+                    raise
+            if framed.violation is not None:
+                log.debug("stream %s from %s: %s", protocol, _peer_of(stream), framed.violation)
+                on_violation(_peer_of(stream), protocol, framed.violation[:200])
+                try:
+                    await stream.reset()
+                except Exception:  # noqa: BLE001 - the stream may already be gone
+                    pass
+
+        return framed_handler
+
+    def set_stream_handler(protocol_id: Any, handler: Callable[[Any], Awaitable[None]]) -> None:
+        frame_rules = rules.get(str(protocol_id))
+        if frame_rules is not None:
+            handler = wrap(handler, str(protocol_id), frame_rules)
+        original(protocol_id, handler)
+
+    host.set_stream_handler = set_stream_handler
+    # new_host registers identify, identify/push and ping before anyone can wrap
+    # set_stream_handler: register those of them we have rules for again, through the
+    # wrappers (this one and fix 2's guard).
+    for protocol_id, handler in list(host.get_mux().handlers.items()):
+        if str(protocol_id) in rules:
+            set_stream_handler(protocol_id, handler)
+
+
+def kad_frame_inspector(
+        check_record: Callable[[str, bytes], str | None]) -> Callable[[bytes], str | None]:
+    """Inspect one inbound DHT request: undecodable, or a PUT_VALUE whose record
+    `check_record(key, value)` calls an offence (it returns why, or None)."""
+    from google.protobuf.message import DecodeError
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+
+    def inspect(frame: bytes) -> str | None:
+        message = Message()
+        try:
+            message.ParseFromString(frame)
+        except DecodeError:
+            return "undecodable DHT message"
+        if message.type == Message.MessageType.PUT_VALUE and message.HasField("record"):
+            try:
+                key = message.record.key.decode("utf-8")
+            except UnicodeDecodeError:
+                return "PUT_VALUE key is not UTF-8"
+            why = check_record(key, bytes(message.record.value))
+            if why:
+                return f"refused record: {why}"
+        return None
+
+    return inspect
+
+
+def protobuf_frame_inspector(message_type: Any) -> Callable[[bytes], str | None]:
+    from google.protobuf.message import DecodeError
+
+    def inspect(frame: bytes) -> str | None:
+        try:
+            message_type().ParseFromString(frame)
+        except DecodeError:
+            return f"undecodable {message_type.__name__} message"
+        return None
+
+    return inspect
+
+
+def identify_frame_inspector() -> Callable[[bytes], str | None]:
+    from libp2p.identity.identify.pb.identify_pb2 import Identify
+
+    return protobuf_frame_inspector(Identify)
+
+
+# --- Fix 8: no per-IP limit on inbound handshakes or connections ----------------------------
+# Upstream: each inbound TCP connection takes one of the swarm's (max_connections -
+# min_connections) inbound slots before its handshake starts, and nothing limits how many
+# one address may hold: ~300 sockets from one host that never send a byte hold every slot
+# (each for inbound_upgrade_timeout, and the attacker simply reconnects), so honest peers
+# cannot connect. What 0.8.1 offers does not cover it: ConnectionConfig's allow/deny lists
+# are static; the resource manager's CIDRLimiter counts all addresses of a configured
+# network together (not each address) and is consulted only after the inbound slot is
+# taken; rcmgr's max_pending_inbound is never called by the swarm. We check the remote
+# address before the slot is taken and close the socket at once when that address already
+# has `max_pending` handshakes in progress or `max_open` inbound connections (pending ones
+# included). IPv6 addresses count per /64 (one subscriber's prefix); IPv4 per address, so
+# loopback test fleets on distinct 127.x.y.z addresses are distinct sources. A connection
+# counts until its inbound handler returns, which with fix 4 is when it closes.
+
+
+@dataclass
+class PerIPLimits:
+    max_pending: int = 4     # inbound handshakes in progress per source
+    max_open: int = 16       # inbound connections per source (pending ones included)
+    ipv6_prefix: int = 64
+
+
+class InboundIPLimiter:
+    def __init__(self, limits: PerIPLimits):
+        self.limits = limits
+        self.pending: Counter[str] = Counter()
+        self.open: Counter[str] = Counter()
+        self.refused = 0
+
+    def source(self, host: str) -> str:
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return host
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/{self.limits.ipv6_prefix}", strict=False))
+        return str(ip)
+
+    def try_admit(self, source: str) -> bool:
+        if (self.pending[source] >= self.limits.max_pending
+                or self.open[source] >= self.limits.max_open):
+            self.refused += 1
+            return False
+        self.pending[source] += 1
+        self.open[source] += 1
+        return True
+
+    def handshake_done(self, admission: list[Any]) -> None:
+        source, pending = admission
+        if pending:
+            admission[1] = False
+            self._drop(self.pending, source)
+
+    def release(self, admission: list[Any]) -> None:
+        self.handshake_done(admission)
+        self._drop(self.open, admission[0])
+
+    @staticmethod
+    def _drop(counter: Counter[str], source: str) -> None:
+        counter[source] -= 1
+        if counter[source] <= 0:
+            del counter[source]
+
+
+_admission: ContextVar[list[Any] | None] = ContextVar("p2pfleet_inbound_admission", default=None)
+
+
+def limit_inbound_per_ip(swarm: Any, limits: PerIPLimits | None = None) -> InboundIPLimiter:
+    """Install per-source limits on `swarm`'s inbound connections; returns the limiter
+    (its `limits` may be changed while the swarm runs)."""
+    from libp2p.abc import IMuxedConn
+
+    limiter = InboundIPLimiter(limits or PerIPLimits())
+    handle_inbound = swarm._handle_inbound_connection
+    upgrade_inbound = swarm.upgrade_inbound_raw_conn
+
+    async def handle(read_write_closer: Any, maddr: Any) -> None:
+        remote = None
+        if not isinstance(read_write_closer, IMuxedConn):  # QUIC and such: upstream path
+            try:
+                remote = read_write_closer.get_remote_address()
+            except Exception:  # noqa: BLE001 - no address: not limited
+                remote = None
+        if remote is None:
+            await handle_inbound(read_write_closer, maddr)
+            return
+        source = limiter.source(str(remote[0]))
+        if not limiter.try_admit(source):
+            log.debug("inbound connection from %s refused: per-source limit", source)
+            try:
+                await read_write_closer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
+        admission = [source, True]
+        token = _admission.set(admission)
+        try:
+            await handle_inbound(read_write_closer, maddr)
+        finally:
+            _admission.reset(token)
+            limiter.release(admission)
+
+    async def upgrade(raw_conn: Any, maddr: Any) -> Any:
+        muxed_conn = await upgrade_inbound(raw_conn, maddr)
+        admission = _admission.get()
+        if admission is not None:
+            limiter.handshake_done(admission)
+        return muxed_conn
+
+    swarm._handle_inbound_connection = handle
+    swarm.upgrade_inbound_raw_conn = upgrade
+    return limiter
+
+
+# --- Loopback fleets: dial from the address we listen on ----------------------------------
+# Not an upstream bug: py-libp2p dials from a source the kernel picks, and on loopback that
+# is 127.0.0.1 whatever the destination, so a test fleet whose nodes listen on distinct
+# 127.x.y.z addresses looks like one host to per-source limits (fix 8): a bootstrap node
+# would refuse the 17th local node. A node that listens on one specific loopback address
+# dials loopback destinations from it, as if it were its own host.
+
+
+def dial_loopback_from(host: Any, source_ip: str) -> bool:
+    """Bind outbound TCP dials to loopback destinations to `source_ip` (a loopback
+    address); returns whether it applied. (Not the transport's own dial_with_source: its
+    socket leaks when the dial is cancelled; trio's open_tcp_stream closes it.)"""
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.transport.exceptions import OpenConnectionError
+    from libp2p.transport.tcp.tcp import TCP
+
+    source = ipaddress.ip_address(source_ip)
+    if source.version != 4 or not source.is_loopback:
+        return False
+    applied = False
+    for transport in host.get_network().transport_manager.get_transports():
+        if not isinstance(transport, TCP):
+            continue
+        plain_dial = transport.dial
+
+        async def dial(maddr: Any, _plain: Any = plain_dial) -> Any:
+            try:
+                ip = maddr.value_for_protocol("ip4")
+                port = int(maddr.value_for_protocol("tcp"))
+                loopback = ipaddress.ip_address(ip).is_loopback
+            except Exception:  # noqa: BLE001 - not ip4/tcp: dial as usual
+                loopback = False
+            if not loopback:
+                return await _plain(maddr)
+            try:
+                stream = await trio.open_tcp_stream(ip, port, local_address=source_ip)
+            except OSError as exc:
+                raise OpenConnectionError(f"cannot dial {maddr} from {source_ip}: {exc}") from exc
+            return RawConnection(TrioTCPStream(stream), True)
+
+        transport.dial = dial
+        applied = True
+    return applied
+
+
+# --- Fix 9: GossipSub score weights P4 and P5 have the opposite sign to the spec ------------
+# Upstream: PeerScorer.topic_score does `s -= p4.weight * invalid_messages` and score() does
+# `score -= behaviour_penalty * p5_weight`, where the GossipSub v1.1 spec (and go- and
+# rust-libp2p) add weight * counter with a negative weight. Parameters written to the spec
+# (P4 weight -10) raise a peer's score with every invalid message it sends, so the score
+# gates never fire for it. Write the spec's weight through this.
+
+
+def spec_penalty_weight(spec_weight: float) -> float:
+    """The weight py-libp2p 0.8.1 needs for a P4/P5 weight given as the spec writes it."""
+    if spec_weight > 0:
+        raise ValueError("GossipSub v1.1 penalty weights (P4, P5) are negative")
+    return -spec_weight
+
+
+# --- Fix 10: topic validators can only accept or reject ------------------------------------
+# Upstream: a pubsub topic validator returns a bool; False scores the forwarder down (P4)
+# and caches the verdict. go- and rust-libp2p have a third answer, "ignore": drop the
+# message without forwarding it and without blaming whoever relayed it, for messages that
+# are not invalid but unwanted (e.g. over their publisher's rate; a relay that forwarded
+# them within the rate it saw is not at fault). `ignore(forwarder, msg)` is asked first for
+# messages on `topic` (not for our own publishes, nor for what the upstream drops anyway:
+# blacklisted forwarders, messages seen before, forwarders under the publish threshold);
+# True drops the message silently.
+
+IgnoreFn = Callable[[Any, Any], bool]
+
+
+def add_validation_ignore(pubsub: Any, topic: str, ignore: IgnoreFn) -> None:
+    push_msg = pubsub.push_msg
+
+    def upstream_drops(forwarder: Any, msg: Any) -> bool:  # cheap checks, before ours
+        if pubsub.is_peer_blacklisted(forwarder) or pubsub._is_msg_seen(msg):
+            return True
+        scorer = getattr(pubsub.router, "scorer", None)
+        return scorer is not None and not scorer.allow_publish(forwarder, list(msg.topicIDs))
+
+    async def push_msg_or_ignore(forwarder: Any, msg: Any) -> None:
+        if (topic in msg.topicIDs and forwarder != pubsub.my_id
+                and not upstream_drops(forwarder, msg) and ignore(forwarder, msg)):
+            return
+        await push_msg(forwarder, msg)
+
+    pubsub.push_msg = push_msg_or_ignore

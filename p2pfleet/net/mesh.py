@@ -43,7 +43,15 @@ from ..store.state import NodeState
 from ..wire.envelope import Opened
 from . import dht_lookup, libp2p_fixes
 from .dht_records import FleetRecordValidator, RecordRejected
-from .gossip import MAX_GOSSIP_RPC, JobTopicValidator, Verdict, make_gossipsub
+from .gossip import (
+    GOSSIP_PROTOCOLS,
+    MAX_GOSSIP_RPC,
+    OVER_RATE,
+    JobTopicValidator,
+    Verdict,
+    make_gossipsub,
+    over_rate_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,10 @@ class MeshSettings:
     bootstrap_backoff_s: tuple[float, float] = (1.0, 60.0)
     max_connections: int = 128
     min_connections: int = 8
+    # Cars behind carrier-grade NAT share public IPs: these trade honest cars refused at a
+    # popular node against slots one attacker address can hold.
+    max_pending_handshakes_per_ip: int = 4
+    max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
 
 
@@ -177,10 +189,40 @@ class Mesh:
         host = new_host(key_pair=key_pair, listen_addrs=listen,
                         connection_config=self._connection_config())
         libp2p_fixes.fix_inbound_slot_leak(host.get_network())
+        if len(listen) == 1 and "ip4" in [p.name for p in listen[0].protocols()]:
+            # a node of a loopback fleet (127.x.y.z) dials from its own address (no-op else)
+            libp2p_fixes.dial_loopback_from(host, listen[0].value_for_protocol("ip4"))
+        self.inbound_limiter = libp2p_fixes.limit_inbound_per_ip(  # fix 8
+            host.get_network(), libp2p_fixes.PerIPLimits(
+                max_pending=self.settings.max_pending_handshakes_per_ip,
+                max_open=self.settings.max_connections_per_ip))
         libp2p_fixes.guard_stream_handlers(
             host, self._on_stream_violation,
             idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},
         )
+
+        def record_offence(key: str, value: bytes) -> str | None:
+            try:
+                self.record_validator.parse_key(key)
+            except RecordRejected:
+                return None  # not a record type we know (a newer node's?): refused, unpunished
+            try:
+                self.record_validator.validate(key, value)
+            except RecordRejected as exc:
+                return str(exc)
+            return None
+
+        frame_deadline = self.settings.dht_idle_timeout_s  # a started frame completes in this
+        libp2p_fixes.check_frames(host, self._on_stream_violation, {  # fix 7
+            self.names.protocol("kad"): libp2p_fixes.FrameRules(
+                libp2p_fixes.MAX_DHT_FRAME, frame_deadline,
+                libp2p_fixes.kad_frame_inspector(record_offence)),
+            **{protocol: libp2p_fixes.FrameRules(MAX_GOSSIP_RPC, frame_deadline)
+               for protocol in GOSSIP_PROTOCOLS},
+            libp2p_fixes.IDENTIFY_PUSH: libp2p_fixes.FrameRules(
+                libp2p_fixes.MAX_IDENTIFY_FRAME, frame_deadline,
+                libp2p_fixes.identify_frame_inspector()),
+        })
         gossipsub = make_gossipsub(self._app_score, heartbeat_s=self.settings.heartbeat_s,
                                    degree=self.settings.gossip_degree)
         pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=MAX_GOSSIP_RPC,
@@ -189,6 +231,10 @@ class Mesh:
         validator = NamespacedValidator({"p2pfleet": self.record_validator}, strict_validation=True)
         dht = KadDHT(host, mode, validator=validator, validator_changed=True, strict_validation=True)
         pubsub.set_topic_validator(self.names.topic("jobs"), self._validate_job, False)
+        libp2p_fixes.add_validation_ignore(  # fix 10
+            pubsub, self.names.topic("jobs"), over_rate_filter(
+                self.job_validator,
+                lambda peer: self.penalize(peer, "rate-limit", f"jobs topic: {OVER_RATE}")))
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery

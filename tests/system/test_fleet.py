@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from p2pfleet.localfleet import LocalFleet, tcp_sockets, wait_for
+from p2pfleet.localfleet import LocalFleet, mesh_sockets, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -80,7 +80,7 @@ def test_trace_driven_node_leaves_goes_silent_and_rejoins(tmp_path):
         # silent: no TCP socket at all in the car's process, no peer connected to it
         for _ in range(5):
             assert car.ask("status")["in_mesh"] is False
-            assert tcp_sockets(car.proc.pid) == 0
+            assert mesh_sockets(car) == 0
             assert all(car.peer_id not in n.ask("peers")["peers"] for n in f.nodes[:2])
             time.sleep(0.5)
         # plugged in again at trace t=84 s, real ~28 s
@@ -136,7 +136,7 @@ def test_daily_transfer_cap_takes_the_node_out_of_the_mesh(tmp_path):
         assert not status["in_mesh"]
         assert any(r["code"] == "transfer_cap" for r in status["reasons"]), status["reasons"]
         assert status["bytes_sent"] + status["bytes_received"] >= 5000
-        assert tcp_sockets(capped.proc.pid) == 0
+        assert mesh_sockets(capped) == 0
 
 
 def test_prometheus_metrics_on_localhost(fleet):
