@@ -161,6 +161,7 @@ class Node:
             listen=listen or config.node.listen,
             bootstrap=tuple(config.node.bootstrap) + tuple(bootstrap),
             dht_mode=config.node.dht_mode,
+            mdns=config.node.mdns,
         )
         self.status = NodeStatus(started_at=clock())
         self.mesh: Mesh | None = None

@@ -70,6 +70,7 @@ class MeshSettings:
     gossip_degree: int = 6
     dht_idle_timeout_s: float = 10.0
     bootstrap_backoff_s: tuple[float, float] = (1.0, 60.0)
+    mdns: bool = False  # announce and find peers on the LAN (opt-in)
     max_connections: int = 128
     min_connections: int = 8
     # Cars behind carrier-grade NAT share public IPs: these trade honest cars refused at a
@@ -187,7 +188,17 @@ class Mesh:
             raise MeshError(f"bad listen address in {list(self.settings.listen)}: {exc}") from None
         key_pair = create_new_key_pair(self.identity.seed)
         host = new_host(key_pair=key_pair, listen_addrs=listen,
-                        connection_config=self._connection_config())
+                        connection_config=self._connection_config(),
+                        enable_mDNS=self.settings.mdns)
+        if self.settings.mdns:
+            # py-libp2p's mDNS advertises its own `port` (default 4001), not the bound one
+            port = int(listen[0].value_for_protocol("tcp")) if listen else 0
+            if port:
+                host.mDNS.port = host.mDNS.broadcaster.port = port
+                host.mDNS.broadcaster._build_service_info()
+            else:
+                log.warning("mDNS needs a fixed TCP listen port (not 0): LAN peers will not "
+                            "find this node")
         libp2p_fixes.fix_inbound_slot_leak(host.get_network())
         if len(listen) == 1 and "ip4" in [p.name for p in listen[0].protocols()]:
             # a node of a loopback fleet (127.x.y.z) dials from its own address (no-op else)

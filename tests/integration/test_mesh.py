@@ -84,3 +84,29 @@ async def test_announcement_reaches_every_node():
             with trio.fail_after(10):
                 opened = await mesh.jobs.receive()
             assert opened.signer == publisher.public_key and opened.body.quorum == 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+async def test_mdns_finds_a_lan_peer_without_bootstrap():
+    """Opt-in mDNS: two nodes on the LAN connect with no bootstrap address given."""
+    from p2pfleet.net.mesh import Mesh
+
+    from fleetkit import settings
+
+    async with trio.open_nursery() as nursery:
+        a = Mesh(Identity.from_seed(b"mdns a"),
+                 settings(0, mdns=True, listen=(f"/ip4/0.0.0.0/tcp/{free_port()}",)))
+        b = Mesh(Identity.from_seed(b"mdns b"),
+                 settings(1, mdns=True, listen=(f"/ip4/0.0.0.0/tcp/{free_port()}",)))
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        await wait_until(lambda: a.connected_peers() and b.connected_peers(), timeout=20)
+        assert b.identity.peer_id in a.connected_peers()
+        nursery.cancel_scope.cancel()
