@@ -66,6 +66,10 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
             if not isinstance(result, tuple):
                 return
             record, closer = result
+            if record is None and not closer:
+                # py-libp2p answers a failed dial with (None, []) instead of raising: a live
+                # peer practically always returns closer peers, so count this as no answer
+                return
             responded.append(peer)
             if record is not None and getattr(record, "value", None):
                 values[peer] = bytes(record.value)
