@@ -4,8 +4,9 @@ py-libp2p's defaults do not suit us: a 120 s heartbeat, adaptive gossip that str
 to 30-60 s when the mesh looks thin, score thresholds at minus infinity (all gates off) and
 1 MiB inbound RPCs. We set a 1 s heartbeat, adaptive gossip off, mesh degree 6, real score
 thresholds fed by our application score (minus the peer's penalty, see core/reputation),
-and caps far below 1 MiB. Announcements over their publisher's rate are ignored, not
-rejected (`over_rate_filter`, with fix 10), so relays are not blamed for them.
+and caps far below 1 MiB. Announcements over their publisher's rate, and messages of a
+kind or version we do not speak, are ignored, not rejected (`over_rate_filter`, with fix
+10): not delivered, not forwarded, and no relay is blamed for them.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class PublisherRateLimit:
 
 class Verdict:
     ACCEPT = "accept"      # deliver and forward
-    IGNORE = "ignore"      # forward-compatible: unknown kind/version, forward but do not use
+    IGNORE = "ignore"      # unknown kind/version: drop without blaming anyone
     REJECT = "reject"      # invalid: drop and score the forwarder down
 
 
@@ -145,8 +146,9 @@ class JobTopicValidator:
         return Verdict.ACCEPT, opened, ""
 
 
-def over_rate_filter(validator: JobTopicValidator,
-                     on_flood: Callable[[Any], None]) -> Callable[[Any, Any], bool]:
+def over_rate_filter(validator: JobTopicValidator, on_flood: Callable[[Any], None],
+                     on_unsupported: Callable[[], None] = lambda: None
+                     ) -> Callable[[Any, Any], bool]:
     """For fix 10 (libp2p_fixes.add_validation_ignore): ignore announcements over their
     publisher's rate instead of rejecting them.
 
@@ -160,6 +162,12 @@ def over_rate_filter(validator: JobTopicValidator,
 
     def ignore(forwarder: Any, msg: Any) -> bool:
         verdict, _opened, why = validator.check(bytes(msg.data))
+        if verdict == Verdict.IGNORE:
+            # an unknown kind or newer version: not ours to judge (no penalty), and not
+            # forwarded either, or anyone could flood the topic with unverifiable bytes;
+            # a new kind or major version gets its own topic (names carry the version)
+            on_unsupported()
+            return True
         if verdict == Verdict.REJECT and why == OVER_RATE:
             if ID(msg.from_id) == forwarder:
                 on_flood(forwarder)

@@ -176,6 +176,9 @@ class Mesh:
         offence = "stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT else "protocol-error"
         self.penalize(peer, offence, f"{protocol}: {reason}")
 
+    def _count_ignored(self) -> None:
+        self.stats.ignored_messages += 1
+
     def _app_score(self, peer: Any) -> float:
         return self.reputation.score(str(peer), self.clock())
 
@@ -245,7 +248,8 @@ class Mesh:
         libp2p_fixes.add_validation_ignore(  # fix 10
             pubsub, self.names.topic("jobs"), over_rate_filter(
                 self.job_validator,
-                lambda peer: self.penalize(peer, "rate-limit", f"jobs topic: {OVER_RATE}")))
+                lambda peer: self.penalize(peer, "rate-limit", f"jobs topic: {OVER_RATE}"),
+                self._count_ignored))
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -387,9 +391,9 @@ class Mesh:
             self.stats.rejected_messages += 1
             self.penalize(forwarder, "invalid-message", f"jobs topic: {why}")
             return False
-        if verdict == Verdict.IGNORE:
+        if verdict == Verdict.IGNORE:  # normally stopped earlier by over_rate_filter
             self.stats.ignored_messages += 1
-            return True  # forward for newer nodes; not delivered to us (no entry)
+            return False
         self._accepted[digest] = opened
         while len(self._accepted) > 1024:
             self._accepted.popitem(last=False)

@@ -110,3 +110,31 @@ async def test_mdns_finds_a_lan_peer_without_bootstrap():
         await wait_until(lambda: a.connected_peers() and b.connected_peers(), timeout=20)
         assert b.identity.peer_id in a.connected_peers()
         nursery.cancel_scope.cancel()
+
+
+async def test_unknown_kinds_on_the_jobs_topic_are_dropped_unpunished_and_not_forwarded():
+    from p2pfleet.wire.envelope import pack_envelope, signed_bytes
+
+    publisher = Identity.from_seed(b"publisher from the future")
+    body = msgpack.packb({"anything": 1})
+    future = pack_envelope(NETWORK, "job", 2, publisher.public_key, body,
+                           publisher.sign(signed_bytes(NETWORK, "job", 2, body)))
+    async with fleet(3) as meshes:
+        hub, sender, far = meshes  # sender and far are connected only through hub
+        await wait_until(lambda: len(hub.connected_peers()) == 2)
+        await trio.sleep(1.5)  # gossip mesh forms
+        # the sender's own validator would stop it at the source: an old-version sender
+        # would not, so publish past it
+        sender.pubsub.remove_topic_validator(sender.names.topic("jobs"))
+        await sender.pubsub.publish(sender.names.topic("jobs"), future)
+        sender.pubsub.set_topic_validator(sender.names.topic("jobs"), sender._validate_job, False)
+        await sender.announce_job(announcement(publisher))
+        with trio.fail_after(10):
+            got = await far.jobs.receive()
+        assert got.version == 1 and got.kind == "job"  # the valid one, not the v2 one
+        assert hub.reputation.penalty(sender.identity.peer_id, time.time()) == 0
+        assert hub.stats.rejected_messages == 0
+        assert hub.stats.ignored_messages == 1  # seen and dropped at the hub,
+        assert far.stats.ignored_messages == 0  # so never forwarded to far
+        with pytest.raises(trio.WouldBlock):
+            far.jobs.receive_nowait()
