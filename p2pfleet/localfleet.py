@@ -100,10 +100,8 @@ class LocalNode:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def tcp_sockets(pid: int, ignore: tuple[str, ...] = ()) -> int:
-    """TCP sockets (any state) the process holds open, from /proc (Linux); `ignore` lists
-    local "host:port" addresses not to count (e.g. the node's own metrics listener)."""
-    ignored = {_proc_addr(a) for a in ignore}
+def socket_inodes(pid: int) -> set[str]:
+    """Inode numbers of the sockets the process has open (Linux /proc)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -112,6 +110,14 @@ def tcp_sockets(pid: int, ignore: tuple[str, ...] = ()) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def tcp_sockets(pid: int, ignore: tuple[str, ...] = ()) -> int:
+    """TCP sockets (any state) the process holds open, from /proc (Linux); `ignore` lists
+    local "host:port" addresses not to count (e.g. the node's own metrics listener)."""
+    ignored = {_proc_addr(a) for a in ignore}
+    inodes = socket_inodes(pid)
     count = 0
     for table in ("tcp", "tcp6"):
         lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]

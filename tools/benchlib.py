@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from p2pfleet.control import ControlError, request  # noqa: E402
-from p2pfleet.localfleet import P2PFLEET, FleetError, LocalFleet, LocalNode  # noqa: E402
+from p2pfleet.localfleet import P2PFLEET, FleetError, LocalFleet, LocalNode, socket_inodes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -289,15 +289,8 @@ def py_spy_summary(path: Path, rate: int = 200, top: int = 12) -> dict:
 def inbound_sources(pid: int, listen_port: int) -> list[str]:
     """Remote IPv4 addresses of the established TCP connections that `pid` accepted on
     `listen_port` (one entry per connection), from /proc/<pid>/net/tcp."""
-    inodes = set()
     try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+        inodes = socket_inodes(pid)
         lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
     except OSError:
         return []
