@@ -77,9 +77,14 @@ def test_trace_driven_node_leaves_goes_silent_and_rejoins(tmp_path):
         leaving = wait_for(lambda: (r := reader.ask("lookup", peer_id=car.peer_id))["found"]
                            and r["record"]["state"] == "leaving", 20, "leaving record")
         assert leaving
-        # silent: no TCP socket at all in the car's process, no peer connected to it
+        # silent: no TCP socket at all in the car's process, no peer connected to it, and
+        # not one byte more on the wire
+        moved = car.ask("status")
+        moved = moved["bytes_sent"] + moved["bytes_received"]
         for _ in range(5):
-            assert car.ask("status")["in_mesh"] is False
+            status = car.ask("status")
+            assert status["in_mesh"] is False
+            assert status["bytes_sent"] + status["bytes_received"] == moved
             assert mesh_sockets(car) == 0
             assert all(car.peer_id not in n.ask("peers")["peers"] for n in f.nodes[:2])
             time.sleep(0.5)
