@@ -66,10 +66,10 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
             if not isinstance(result, tuple):
                 return
             record, closer = result
-            if record is None and not closer:
-                # py-libp2p answers a failed dial with (None, []) instead of raising: a live
-                # peer practically always returns closer peers, so count this as no answer
-                return
+            # py-libp2p answers a failed dial with (None, []) just like a live peer that
+            # holds nothing and knows no closer peers (common in small fleets), so both
+            # count as responses: a dead put target costs a timeout, a skipped live one
+            # would miss the record
             responded.append(peer)
             if record is not None and getattr(record, "value", None):
                 values[peer] = bytes(record.value)
