@@ -209,7 +209,9 @@ class Node:
         body = Capacity(
             seq=seq, exp=int((now + lifetime_s) * 1000), sw_version=__version__, state=state,
             hw_class=self.hw_class, cores=hw.cores or (os.cpu_count() or 1),
-            memory_mb=hw.memory_mb or memory_mb(), bench=self.bench, providers=(CPU_PROVIDER,),
+            memory_mb=hw.memory_mb or memory_mb(),
+            bench=float(f"{self.bench:.2g}"),  # coarse: a precise figure fingerprints the car
+            providers=(CPU_PROVIDER,),
             ort_version=ORT_VERSION, slots=1, addrs=addrs,
         )
         self.status.last_record_seq = seq
