@@ -16,7 +16,7 @@ _NETWORK_RE = re.compile(NETWORK_PATTERN)
 # Stream protocols (libp2p protocol ids).
 PROTOCOLS: dict[str, str] = {
     "kad": "/p2pfleet/{network}/kad/1.0.0",        # Kademlia DHT (never the default /ipfs one)
-    "work": "/p2pfleet/{network}/work/1.0.0",      # work_request -> lease_batch | no_work
+    "lease": "/p2pfleet/{network}/lease/1.0.0",    # work_request -> lease_batch | no_work
     "report": "/p2pfleet/{network}/report/1.0.0",  # progress, hand_back, result, failed -> receipt
     "notice": "/p2pfleet/{network}/notice/1.0.0",  # publisher -> node: cancel, receipt
     "blob": "/p2pfleet/{network}/blob/1.0.0",      # blob_request -> blob_chunk*
