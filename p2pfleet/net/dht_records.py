@@ -10,15 +10,20 @@ on the DHT value store. `select` prefers the highest sequence number.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from libp2p.records.validator import Validator
 
+from ..core.records import Order, compare
+
 from ..identity import peer_id_from_key
 from ..names import Names
 from ..wire import errors as E
 from ..wire.envelope import Opened, open_envelope
+
+log = logging.getLogger(__name__)
 
 # DHT key type -> the one envelope kind allowed under it.
 RECORD_KINDS = {"node": "capacity", "rotation": "key_rotation"}
@@ -64,14 +69,27 @@ class FleetRecordValidator(Validator):
     def validate(self, key: str, value: bytes) -> None:
         self.open(key, value)
 
-    def select(self, key: str, values: list[bytes]) -> int:
-        best, best_seq = 0, -1
+    def newest(self, key: str, values: list[bytes]) -> tuple[int, Opened] | None:
+        """The index and opened form of the newest valid value (core.records ordering:
+        a higher sequence wins; at equal sequence the first seen is kept), or None."""
+        best: tuple[int, Opened] | None = None
         for i, value in enumerate(values):
             try:
                 opened = self.open(key, value)
-            except RecordRejected:
+            except RecordRejected as exc:
+                log.info("discarding a record under %s: %s", key[:80], exc)
                 continue
-            seq = getattr(opened.body, "seq", 0)
-            if seq > best_seq:
-                best, best_seq = i, seq
+            held = best[1] if best else None
+            order = compare(_seq(held) if held else None, held.body_bytes if held else None,
+                            _seq(opened), opened.body_bytes)
+            if order is Order.NEWER:
+                best = (i, opened)
         return best
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        best = self.newest(key, values)
+        return best[0] if best else 0
+
+
+def _seq(opened: Opened) -> int:
+    return getattr(opened.body, "seq", 0)  # key rotations carry no sequence

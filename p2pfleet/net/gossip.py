@@ -15,12 +15,12 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 
+from ..core.ratelimit import PublisherRateLimit
 from ..wire import errors as E
 from ..wire.envelope import Opened, open_envelope
 from . import libp2p_fixes
@@ -61,33 +61,6 @@ def make_gossipsub(app_score: Callable[[object], float], *, heartbeat_s: float =
     )
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float
-
-
-class PublisherRateLimit:
-    """Token bucket per publisher key: `per_minute` announcements, bursts of `burst`."""
-
-    def __init__(self, per_minute: float = 12.0, burst: int = 6):
-        self.rate = per_minute / 60.0
-        self.burst = burst
-        self._buckets: dict[bytes, _Bucket] = {}
-
-    def allow(self, publisher: bytes, now: float) -> bool:
-        b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
-        tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
-        if tokens < 1.0:
-            self._buckets[publisher] = _Bucket(tokens, now)
-            return False
-        self._buckets[publisher] = _Bucket(tokens - 1.0, now)
-        if len(self._buckets) > 10_000:  # forget the idle ones
-            cutoff = now - self.burst / self.rate
-            self._buckets = {k: v for k, v in self._buckets.items() if v.at > cutoff}
-        return True
-
-
 class Verdict:
     ACCEPT = "accept"      # deliver and forward
     IGNORE = "ignore"      # unknown kind/version: drop without blaming anyone
@@ -95,7 +68,7 @@ class Verdict:
 
 
 OVER_RATE = "publisher over its announcement rate"
-CheckResult = tuple[str, "Opened | None", str]
+CheckResult = tuple[str, Opened | None, str]
 
 
 class JobTopicValidator:

@@ -355,15 +355,8 @@ class Mesh:
             _closest, values = await dht_lookup.walk(self.dht, key_bytes, stats=self.last_lookup)
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])
-        best: Opened | None = None
-        for value in candidates:
-            try:
-                opened = self.record_validator.open(key, value)
-            except RecordRejected as exc:
-                log.info("discarding a record for %s: %s", peer_id, exc)
-                continue
-            if best is None or opened.body.seq > best.body.seq:
-                best = opened
+        newest = self.record_validator.newest(key, candidates)
+        best = newest[1] if newest else None
         if best is not None:
             stale = [p for p, v in values.items() if v != best.raw]
             if stale:  # Kademlia's entry correction: bring outdated holders up to date
