@@ -65,7 +65,10 @@ def scenarios(draw):
     cfg = draw(configs)
     off = draw(st.sampled_from([0, 7200, -18000]))
     at = T0 + draw(st.integers(0, DAY))
-    events = []
+    # The machine learns the owner's UTC offset first, as the node does (its first event is
+    # a StateObserved carrying it); before any offset the policy counts days in UTC, which
+    # the reference (one offset throughout) does not model.
+    events = [Tick(at, off)]
     for _ in range(draw(st.integers(1, 40))):
         at += draw(st.sampled_from([0, 1, 60, 299, 300, 600, 3600, 5 * 3600]))
         kind = draw(st.sampled_from(["state"] * 4 + ["tick"] * 3 + ["energy", "bytes", "pause",
