@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.custom_types import TProtocol
 from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -140,6 +141,7 @@ class Mesh:
         self.last_put_peers = 0
         self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
         self.host: Any = None
+        self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
         self.record_validator = FleetRecordValidator(self.names, clock)
@@ -147,6 +149,29 @@ class Mesh:
         if state is not None:
             for peer, until, _reason in state.active_bans(clock()):
                 self.reputation.restore_ban(peer, until)
+
+    def set_handler(self, name: str, handler: Callable[[Any], Awaitable[None]]) -> None:
+        """Answer the stream protocol `name` (a key of names.PROTOCOLS) with `handler`.
+
+        Registered before `run` or while running; the handler gets the libp2p stream and runs
+        under the fix-2 guard (an exception resets the stream, nothing more)."""
+        protocol = self.names.protocol(name)
+        self._handlers[protocol] = handler
+        if self.host is not None:
+            self.host.set_stream_handler(TProtocol(protocol), handler)
+
+    async def open_stream(self, peer_id: str, name: str, timeout: float = 10.0) -> Any:
+        """Open a stream of protocol `name` to a connected or known peer."""
+        if self.host is None:
+            raise MeshError("the mesh is not running")
+        try:
+            with trio.fail_after(timeout):
+                return await self.host.new_stream(ID.from_base58(peer_id),
+                                                  [TProtocol(self.names.protocol(name))])
+        except trio.TooSlowError:
+            raise MeshError(f"{peer_id}: no {name} stream within {timeout:.0f} s") from None
+        except Exception as exc:  # noqa: BLE001 - dial/negotiation errors come in many types
+            raise MeshError(f"{peer_id}: cannot open {name} stream: {type(exc).__name__}: {exc}") from None
 
     # --- reputation ----------------------------------------------------------------------
     def is_banned(self, peer: Any) -> bool:
@@ -237,6 +262,8 @@ class Mesh:
                 libp2p_fixes.MAX_IDENTIFY_FRAME, frame_deadline,
                 libp2p_fixes.identify_frame_inspector()),
         })
+        for protocol, handler in self._handlers.items():
+            host.set_stream_handler(TProtocol(protocol), handler)
         gossipsub = make_gossipsub(self._app_score, heartbeat_s=self.settings.heartbeat_s,
                                    degree=self.settings.gossip_degree)
         pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=MAX_GOSSIP_RPC,

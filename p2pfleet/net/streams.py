@@ -1,0 +1,140 @@
+"""Framing of p2pfleet stream protocols: one varint-length-prefixed envelope per message.
+
+specs/identity-and-wire.md, section 15: a reader checks the length prefix against the
+stream's cap before reading the payload, and every read has a timeout. The exchanges on
+each protocol are in specs/work-and-leases.md, section 9. These helpers move bytes only;
+callers open the envelopes (`wire.open_envelope`) and decide what a violation costs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from libp2p.utils.varint import encode_uvarint
+
+MAX_STREAM_FRAME = 1024 * 1024
+FRAME_OVERHEAD = 256  # envelope fields around a body: cap = largest max_body + this
+DEFAULT_READ_TIMEOUT_S = 30.0
+_MAX_PREFIX = 9
+
+
+class StreamError(Exception):
+    """The peer broke the framing (`offence` says how), or the stream failed."""
+
+    def __init__(self, message: str, offence: str | None = None):
+        super().__init__(message)
+        self.offence = offence  # reputation offence for the peer, None: not its fault
+
+
+class StreamClosed(StreamError):
+    """The peer closed its write side cleanly before a new message began."""
+
+
+def frame(envelope: bytes) -> bytes:
+    return encode_uvarint(len(envelope)) + envelope
+
+
+async def write_envelope(stream: Any, envelope: bytes, timeout: float = DEFAULT_READ_TIMEOUT_S) -> None:
+    with trio.fail_after(timeout):
+        await stream.write(frame(envelope))
+
+
+async def _read_exactly(stream: Any, n: int, buffered: bytearray) -> bytes:
+    while len(buffered) < n:
+        chunk = await stream.read(n - len(buffered))
+        if not chunk:
+            raise StreamError(f"stream ended {n - len(buffered)} bytes short of a frame",
+                              "protocol-error")
+        buffered.extend(chunk)
+    out = bytes(buffered[:n])
+    del buffered[:n]
+    return out
+
+
+async def read_envelope(stream: Any, cap: int, timeout: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+    """Read one framed envelope of at most `cap` bytes; StreamClosed at a clean end."""
+    cap = min(cap, MAX_STREAM_FRAME)
+    try:
+        with trio.fail_after(timeout):
+            prefix = bytearray()
+            while True:
+                try:
+                    byte = await stream.read(1)
+                except Exception as exc:  # noqa: BLE001 - libp2p raises EOF/reset in many types
+                    if not prefix and _is_eof(exc):
+                        raise StreamClosed("stream closed") from None
+                    raise StreamError(f"read failed: {type(exc).__name__}: {exc}") from None
+                if not byte:
+                    if prefix:
+                        raise StreamError("stream ended inside a length prefix", "protocol-error")
+                    raise StreamClosed("stream closed")
+                prefix.append(byte[0])
+                if byte[0] < 0x80:
+                    break
+                if len(prefix) >= _MAX_PREFIX:
+                    raise StreamError("length prefix longer than 9 bytes", "protocol-error")
+            length = 0
+            for shift, b in enumerate(prefix):
+                length |= (b & 0x7F) << (7 * shift)
+            if length > cap:
+                raise StreamError(f"{length}-byte frame over the {cap}-byte cap", "oversized")
+            if length == 0:
+                raise StreamError("empty frame", "protocol-error")
+            try:
+                return await _read_exactly(stream, length, bytearray())
+            except StreamError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise StreamError(f"read failed: {type(exc).__name__}: {exc}") from None
+    except trio.TooSlowError:
+        raise StreamError(f"no complete frame within {timeout:.0f} s", "stalled-stream") from None
+
+
+def _is_eof(exc: Exception) -> bool:
+    return isinstance(exc, EOFError)  # libp2p's StreamEOF is one
+
+
+async def read_all_envelopes(stream: Any, cap: int, limit: int,
+                             timeout: float = DEFAULT_READ_TIMEOUT_S) -> list[bytes]:
+    """Read envelopes until the peer closes cleanly; more than `limit` is a violation."""
+    out: list[bytes] = []
+    while True:
+        try:
+            env = await read_envelope(stream, cap, timeout)
+        except StreamClosed:
+            return out
+        out.append(env)
+        if len(out) > limit:
+            raise StreamError(f"more than {limit} messages on one stream", "protocol-error")
+
+
+async def close_quietly(stream: Any) -> None:
+    with trio.move_on_after(2.0, shield=True):
+        try:
+            await stream.close()
+        except Exception:  # noqa: BLE001 - the stream may already be gone
+            pass
+
+
+async def reset_quietly(stream: Any) -> None:
+    with trio.move_on_after(2.0, shield=True):
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def remote_peer(stream: Any) -> Any:
+    return stream.muxed_conn.peer_id
+
+
+def remote_ip(stream: Any) -> str | None:
+    """The IP address the stream's connection comes from (None when unknown or relayed)."""
+    try:
+        addr = stream.get_remote_address()
+    except Exception:  # noqa: BLE001
+        return None
+    if not addr:
+        return None
+    return str(addr[0])
