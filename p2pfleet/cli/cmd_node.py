@@ -125,9 +125,11 @@ def _control_path(app: App):
                    "provider.")
 @click.option("--trace-speedup", type=float, default=None,
               help="Replay speed of the trace (60: an hour per minute).")
+@click.option("--cheat", type=click.Choice(["fp16"]), default=None, hidden=True,
+              help="Demos and tests of verification only: compute with fp16-rounded weights.")
 @pass_app
 def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
-               trace: str | None, trace_speedup: float | None) -> None:
+               trace: str | None, trace_speedup: float | None, cheat: str | None) -> None:
     """Run the node until Ctrl-C or SIGTERM (or 'p2pfleet node stop').
 
     The node computes only while the vehicle policy allows it; otherwise it stays out of
@@ -158,7 +160,8 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
         with dd.open_state() as state:
             try:
                 node = Node(identity, config, state, control_path=_control_path(app),
-                            bootstrap=bootstrap, listen=listen or None, cache_dir=dd.cache_dir)
+                            bootstrap=bootstrap, listen=listen or None, cache_dir=dd.cache_dir,
+                            ledger_path=dd.ledger_file, cheat=cheat or "")
             except (NodeError, ValueError) as exc:
                 raise CliError(str(exc)) from None
             click.echo(f"node {identity.peer_id} on network {config.node.network}; "

@@ -1,0 +1,215 @@
+"""The worker's rules for pulling work: whom to ask, when to ask again, what to accept.
+
+Pure (no I/O, no clock, no randomness of its own): the node's work loop
+(`p2pfleet/worker.py`) passes in the jobs it heard, the time and a seeded rng. The rules are
+specs/work-and-leases.md, sections 2-3:
+
+- ask only publishers the owner works for (allowlist, or anyone), whose announced job the
+  node meets the requirements of, whose unpaid work is under the cap (credit.md, section 3),
+  and whose last `no_work` back-off has passed;
+- back off from a publisher that has no work: exponentially from 60 s to 4 h with jitter
+  (BOINC's scheduler back-off), never before its `retry_after_ms`;
+- check every lease batch before holding a lease: the publisher signed it, it answers our
+  request, it is for us, it is not bigger than asked, every lease is for a job that
+  publisher announced, runnable here (micro-batch count, first batch, onnxruntime range).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+MAX_BATCHES = 256  # micro-batches per shard (execution.md)
+MAX_LEASES_PER_BATCH = 64
+BACKOFF_MIN_S = 60.0
+BACKOFF_MAX_S = 4 * 3600.0
+PROVIDER_CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What this node offers, as its capacity record and work requests state it."""
+
+    sw_version: str
+    ort_version: str
+    memory_mb: int
+    providers: tuple[str, ...] = (PROVIDER_CPU,)
+
+
+@dataclass(frozen=True)
+class HeardJob:
+    """A verified job announcement: `publisher` is the signer's key."""
+
+    publisher: bytes
+    job_id: bytes
+    shards_left: int
+    requirements: object  # wire.kinds.Requirements
+    heard_at: float
+    addrs: tuple[str, ...] = ()
+
+
+class LeaseRefused(Exception):
+    """A lease batch or lease the worker must not hold; `punish`: the publisher broke a rule."""
+
+    def __init__(self, reason: str, punish: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.punish = punish
+
+
+def _version_at_least(version: str, floor: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    if not floor.strip():
+        return True
+    try:
+        return Version(version) >= Version(floor)
+    except InvalidVersion:
+        return False
+
+
+def ort_allowed(spec: str, version: str) -> bool:
+    """Does `version` satisfy the PEP 440 specifier set `spec` ("" allows any)?"""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if not spec.strip():
+        return True
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return False
+
+
+def unmet_requirement(requirements: object, offer: Offer) -> str | None:
+    """Why this node cannot take a job with `requirements`, or None."""
+    r = requirements
+    if offer.memory_mb < r.min_memory_mb:
+        return f"needs {r.min_memory_mb} MiB, the node offers {offer.memory_mb}"
+    wanted = tuple(r.providers) or (PROVIDER_CPU,)
+    if not set(wanted) & set(offer.providers):
+        return f"needs one of {', '.join(wanted)}"
+    if not _version_at_least(offer.sw_version, r.min_sw_version):
+        return f"needs node software >= {r.min_sw_version}"
+    if not ort_allowed(r.ort_versions, offer.ort_version):
+        return f"needs onnxruntime {r.ort_versions}, the node runs {offer.ort_version}"
+    return None
+
+
+@dataclass
+class PublisherBackoff:
+    """When each publisher may be asked again (monotonic seconds)."""
+
+    base_s: float = BACKOFF_MIN_S
+    max_s: float = BACKOFF_MAX_S
+    _until: dict[bytes, float] = field(default_factory=dict)
+    _streak: dict[bytes, int] = field(default_factory=dict)
+
+    def ready(self, publisher: bytes, now: float) -> bool:
+        return now >= self._until.get(publisher, -math.inf)
+
+    def until(self, publisher: bytes) -> float | None:
+        return self._until.get(publisher)
+
+    def got_work(self, publisher: bytes) -> None:
+        self._until.pop(publisher, None)
+        self._streak.pop(publisher, None)
+
+    def no_work(self, publisher: bytes, now: float, retry_after_s: float, rng: random.Random,
+                *, exponential: bool = True) -> float:
+        """Record a `no_work` (or an unreachable publisher); returns when to ask again.
+
+        `exponential`: the reason says there is nothing to do (back off 60 s .. 4 h, with
+        jitter); other reasons (quota, rate limit) wait only `retry_after_s`."""
+        delay = max(0.0, retry_after_s)
+        if exponential:
+            n = self._streak.get(publisher, 0)
+            self._streak[publisher] = n + 1
+            backoff = min(self.max_s, self.base_s * 2**n) * rng.uniform(0.5, 1.0)
+            delay = max(delay, backoff)
+        self._until[publisher] = now + delay
+        return now + delay
+
+
+def eligible_publishers(jobs: Iterable[HeardJob], offer: Offer, *, allow: Sequence[bytes],
+                        serve_anyone: bool, over_cap: set[bytes], backoff: PublisherBackoff,
+                        now: float) -> dict[bytes, list[HeardJob]]:
+    """Publisher key -> its jobs this node may ask for now (work left, requirements met)."""
+    allowed = set(allow)
+    out: dict[bytes, list[HeardJob]] = {}
+    for job in jobs:
+        if not serve_anyone and job.publisher not in allowed:
+            continue
+        if job.publisher in over_cap or not backoff.ready(job.publisher, now):
+            continue
+        if job.shards_left <= 0 or unmet_requirement(job.requirements, offer) is not None:
+            continue
+        out.setdefault(job.publisher, []).append(job)
+    return out
+
+
+def choose_job(jobs: Iterable[HeardJob], offer: Offer, *, allow: Sequence[bytes],
+               serve_anyone: bool, over_cap: set[bytes], backoff: PublisherBackoff,
+               now: float, rng: random.Random) -> HeardJob | None:
+    """The job to ask for next: allowlisted publishers first, then anyone's; within a
+    group a random one (so a fleet spreads over publishers and jobs)."""
+    by_pub = eligible_publishers(jobs, offer, allow=allow, serve_anyone=serve_anyone,
+                                 over_cap=over_cap, backoff=backoff, now=now)
+    if not by_pub:
+        return None
+    preferred = [p for p in by_pub if p in set(allow)] or list(by_pub)
+    publisher = sorted(preferred)[rng.randrange(len(preferred))]
+    candidates = sorted(by_pub[publisher], key=lambda j: j.job_id)
+    return candidates[rng.randrange(len(candidates))]
+
+
+def check_lease_batch(signer: bytes, body: object, *, publisher: bytes, req_id: bytes,
+                      own_key: bytes, free_slots: int, known_jobs: set[bytes]) -> list:
+    """The leases of a `lease_batch` (work-and-leases.md, section 3), or LeaseRefused.
+
+    Faults refuse the whole batch (wrong signer, request or worker, more leases than asked,
+    a job the publisher never announced, a shard shape no node may run). A well-formed lease
+    this node cannot run is for `cannot_run`: it is handed back at once."""
+    if signer != publisher:
+        raise LeaseRefused("lease batch not signed by the publisher asked")
+    if body.req_id != req_id:
+        raise LeaseRefused("lease batch answers another request")
+    if body.worker != own_key:
+        raise LeaseRefused("lease batch is for another worker")
+    if len(body.leases) > min(free_slots, MAX_LEASES_PER_BATCH):
+        raise LeaseRefused(f"{len(body.leases)} leases for {free_slots} free slots")
+    ids = [lease.lease_id for lease in body.leases]
+    if len(set(ids)) != len(ids):
+        raise LeaseRefused("lease batch repeats a lease id")
+    for lease in body.leases:
+        if lease.job_id not in known_jobs:
+            raise LeaseRefused(f"lease {lease.lease_id.hex()} is for job {lease.job_id.hex()}, "
+                               "which this publisher did not announce")
+        total = math.ceil(lease.samples / lease.micro_batch)
+        if total > MAX_BATCHES:
+            raise LeaseRefused(f"lease {lease.lease_id.hex()}: {total} micro-batches, at most "
+                               f"{MAX_BATCHES}")
+        if lease.first_batch >= total:
+            raise LeaseRefused(f"lease {lease.lease_id.hex()}: first_batch {lease.first_batch} "
+                               f"past the last of {total} micro-batches")
+    return list(body.leases)
+
+
+def cannot_run(lease: object, *, ort_version: str, max_model_bytes: int,
+               max_input_bytes: int) -> str | None:
+    """Why this node must hand a well-formed lease back at once (`overloaded`), or None."""
+    if not ort_allowed(lease.ort_versions, ort_version):
+        return f"onnxruntime {ort_version} is outside the lease's {lease.ort_versions!r}"
+    if lease.model_size > max_model_bytes:
+        return f"model of {lease.model_size} bytes, this node's cap is {max_model_bytes}"
+    if lease.input_size > max_input_bytes:
+        return f"input of {lease.input_size} bytes, this node's cap is {max_input_bytes}"
+    if lease.provider != PROVIDER_CPU:
+        return f"execution provider {lease.provider} is not offered"
+    return None
+
+
+__all__ = ["Offer", "HeardJob", "LeaseRefused", "PublisherBackoff", "unmet_requirement",
+           "eligible_publishers", "choose_job", "check_lease_batch", "cannot_run", "ort_allowed"]

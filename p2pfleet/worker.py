@@ -1,0 +1,626 @@
+"""The node's work loop: pull leases from chosen publishers, compute them, report, get paid.
+
+Runs inside a mesh session (`node.py`) while the vehicle policy lets the car compute, and
+follows specs/work-and-leases.md from the worker's side:
+
+- choose a publisher and job (`core.worker.choose_job`: allowlist or anyone, requirements,
+  unpaid cap from the ledger, `no_work` back-off), send a signed `work_request` on the
+  `lease` protocol, check the `lease_batch` (`core.worker.check_lease_batch`) and persist
+  it in the ledger before running anything;
+- fetch the model by digest (any provider, then the publisher; hash-checked; cached and
+  provided to others) and the input from the publisher with the lease's token;
+- validate the model for the input's concrete shapes, run the shard in the publisher's
+  sandbox child, micro-batch by micro-batch, sending `progress` at most every 2 s;
+- persist the `result` / `failed` / `hand_back` in the ledger's outbox before sending it on
+  the `report` protocol; a clean close is the acknowledgement, receipts come back on the same
+  stream (or on `notice`) and go into the ledger; undelivered messages are retried with
+  back-off, across restarts, until they expire;
+- stop when the policy says so: stop the shard, hand back the finished micro-batches.
+
+The loop itself decides nothing the core does not: it moves bytes and calls the sandbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from . import __version__
+from .core import energy as energy_rules
+from .core import worker as rules
+from .identity import Identity, peer_id_from_key
+from .net import streams
+from .net.mesh import Mesh, MeshError
+from .wire import errors as wire_errors
+from .wire.envelope import open_envelope, seal
+from .wire.kinds import (KINDS, Cancel, FailedResult, HandBack, Progress, Receipt, Result,
+                         WorkRequest)
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MAX_INLINE_OUTPUT = 256 * KiB
+REQUEST_LIFETIME_MS = 60_000
+PROGRESS_EVERY_S = 2.0
+RESULT_LIFETIME_MS = 7 * 24 * 3600 * 1000
+HAND_BACK_LIFETIME_MS = 24 * 3600 * 1000
+FAILED_LIFETIME_MS = 7 * 24 * 3600 * 1000
+OUTBOX_POLL_S = 2.0
+IDLE_POLL_S = 2.0
+REPORT_TIMEOUT_S = 30.0
+REPORT_KINDS = {"result", "failed", "hand_back"}
+
+
+def _cap(kind: str) -> int:
+    return KINDS[kind].max_body + streams.FRAME_OVERHEAD
+
+
+@dataclass
+class RunningLease:
+    lease: Any
+    publisher: bytes
+    stop: trio.Event = field(default_factory=trio.Event)
+    cancelled: bool = False
+    hand_back_reason: str = "policy"
+
+
+@dataclass
+class WorkerStats:
+    requests: int = 0
+    leases: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+    hand_backs: int = 0
+    receipts: int = 0
+    no_work: int = 0
+    refused_batches: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    network: str
+    allow: tuple[bytes, ...] = ()
+    serve_anyone: bool = False
+    unpaid_cap: int = 1000
+    unpaid_cap_elapsed_ms: int = 4 * 3600 * 1000
+    retry_base_s: float = 60.0
+    backoff_base_s: float = 60.0
+    max_model_bytes: int = 256 * 1024 * 1024
+    max_input_bytes: int = 256 * 1024 * 1024
+    power_w: float = 60.0
+    cheat: str = ""  # demos and tests of verification only: "fp16" rounds the model's weights
+
+
+class Worker:
+    """One node's worker. `run(mesh)` per mesh session; `allow(...)`/`halt(...)` follow the
+    policy's StartComputing / StopComputing effects."""
+
+    def __init__(self, identity: Identity, settings: WorkerSettings, ledger: Any, cache: Any,
+                 pool: Any, *, offer: Callable[[], dict], clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None,
+                 on_energy: Callable[[float], None] | None = None,
+                 note: Callable[[str], None] | None = None):
+        self.identity = identity
+        self.settings = settings
+        self.ledger = ledger
+        self.cache = cache
+        self.pool = pool
+        self.offer = offer  # -> dict of the work_request's capacity fields
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_energy = on_energy or (lambda wh: None)
+        self.note = note or log.info
+        self.stats = WorkerStats()
+        self.backoff = rules.PublisherBackoff(base_s=settings.backoff_base_s)
+        self.running: dict[bytes, RunningLease] = {}
+        self.threads = 1
+        self.cpu_share = 1.0
+        self._allowed = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._outbox_wake = trio.Event()
+        self.mesh: Mesh | None = None
+        self.blobs: Any = None
+        self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
+        self._output_owner: dict[bytes, str] = {}  # outputs blob digest -> publisher peer id
+
+    # --- policy --------------------------------------------------------------------------
+    @property
+    def computing(self) -> bool:
+        return self._allowed.is_set()
+
+    def allow(self, threads: int, cpu_share: float) -> None:
+        self.threads, self.cpu_share = max(1, threads), cpu_share
+        self._allowed.set()
+
+    async def halt(self, reason: str, *, hand_back: bool = True, timeout: float = 10.0) -> None:
+        """Stop asking for work; stop running shards (they hand back what they finished) or,
+        with hand_back=False, let them finish; wait until the shards are over."""
+        if self._allowed.is_set():
+            self._allowed = trio.Event()
+        if hand_back:
+            for running in self.running.values():
+                running.hand_back_reason = reason
+                running.stop.set()
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+
+    # --- the session -----------------------------------------------------------------------
+    async def run(self, mesh: Mesh, blobs: Any, jobs: Callable[[], list[rules.HeardJob]], *,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.mesh, self.blobs, self.jobs = mesh, blobs, jobs
+        mesh.set_handler("notice", self._on_notice)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._outbox_loop)
+                nursery.start_soon(self._work_loop)
+                task_status.started()
+        finally:
+            self.mesh = self.blobs = None
+
+    def authorize_blob(self, peer_id: str, digest: bytes, token: bytes | None) -> bool:
+        """Outputs blobs go only to the publisher of their lease (work-and-leases.md, 5)."""
+        return self._output_owner.get(digest) == peer_id
+
+    # --- asking for work -------------------------------------------------------------------
+    def _over_cap(self, publishers: set[bytes], now_ms: int) -> set[bytes]:
+        s = self.settings
+        return {p for p in publishers if not self.ledger.may_request(
+            p, now_ms, cap_credit=s.unpaid_cap, cap_elapsed_ms=s.unpaid_cap_elapsed_ms)}
+
+    async def _work_loop(self) -> None:
+        await self._resume_open_leases()
+        while True:
+            await self._allowed.wait()
+            now = trio.current_time()
+            heard = self.jobs()
+            over = self._over_cap({j.publisher for j in heard}, int(self.clock() * 1000))
+            offer = self.offer()
+            job = rules.choose_job(
+                heard, rules.Offer(sw_version=__version__, ort_version=offer["ort_version"],
+                                   memory_mb=offer["memory_mb"], providers=offer["providers"]),
+                allow=self.settings.allow, serve_anyone=self.settings.serve_anyone,
+                over_cap=over, backoff=self.backoff, now=now, rng=self.rng)
+            if job is None:
+                await trio.sleep(IDLE_POLL_S)
+                continue
+            leases = await self._request(job, offer)
+            for lease, publisher in leases:
+                if not self._allowed.is_set():
+                    await self._hand_back_unstarted(lease, publisher, "policy")
+                    continue
+                await self._run_lease(lease, publisher)
+
+    async def _ensure_connected(self, job: rules.HeardJob) -> str:
+        peer = peer_id_from_key(job.publisher)
+        if self.mesh.host.get_network().get_connections(_peer_id(peer)):
+            return peer
+        for addr in job.addrs:
+            if not addr.endswith("/p2p/" + peer):
+                continue  # an address pointing elsewhere is ignored (section 2)
+            try:
+                await self.mesh.connect(addr)
+                return peer
+            except MeshError as exc:
+                log.info("publisher %s not reachable at %s: %s", peer, addr, exc)
+        return peer  # maybe the DHT's peerstore knows a way
+
+    async def _request(self, job: rules.HeardJob, offer: dict) -> list[tuple[Any, bytes]]:
+        mesh, net = self.mesh, self.settings.network
+        now_ms = int(self.clock() * 1000)
+        req = WorkRequest(
+            req_id=os.urandom(16), exp=now_ms + REQUEST_LIFETIME_MS, job_id=job.job_id,
+            hw_class=offer["hw_class"], sw_version=__version__, ort_version=offer["ort_version"],
+            bench=offer["bench"], cores=offer["cores"], memory_mb=offer["memory_mb"],
+            providers=tuple(offer["providers"]), free_slots=1)
+        self.stats.requests += 1
+        peer = await self._ensure_connected(job)
+        try:
+            stream = await mesh.open_stream(peer, "lease")
+        except MeshError as exc:
+            log.info("cannot ask %s for work: %s", peer, exc)
+            self.backoff.no_work(job.publisher, trio.current_time(), 0, self.rng)
+            return []
+        try:
+            await streams.write_envelope(stream, seal(req, self.identity, net))
+            await stream.close_write()
+            raw = await streams.read_envelope(stream, max(_cap("lease_batch"), _cap("no_work")))
+        except (streams.StreamError, Exception) as exc:  # noqa: BLE001 - any stream failure
+            offence = getattr(exc, "offence", None)
+            if offence:
+                mesh.penalize(peer, offence, f"lease reply: {exc}")
+            log.info("no answer from %s to a work request: %s", peer, exc)
+            self.backoff.no_work(job.publisher, trio.current_time(), 0, self.rng)
+            await streams.reset_quietly(stream)
+            return []
+        await streams.close_quietly(stream)
+        try:
+            opened = open_envelope(raw, net, now_ms=int(self.clock() * 1000),
+                                   kinds={"lease_batch", "no_work"})
+        except wire_errors.WireError as exc:
+            if exc.punish:
+                mesh.penalize(peer, "invalid-message", f"lease reply: {exc}")
+            self.backoff.no_work(job.publisher, trio.current_time(), 0, self.rng)
+            return []
+        body = opened.body
+        if opened.kind == "no_work":
+            if opened.signer != job.publisher or body.req_id != req.req_id:
+                mesh.penalize(peer, "invalid-message", "no_work for another request or signer")
+            self.stats.no_work += 1
+            self.backoff.no_work(job.publisher, trio.current_time(), body.retry_after_ms / 1000,
+                                 self.rng, exponential=body.reason in ("no_work", "excluded",
+                                                                      "not_eligible"))
+            return []
+        known = {j.job_id for j in self.jobs() if j.publisher == job.publisher}
+        try:
+            leases = rules.check_lease_batch(
+                opened.signer, body, publisher=job.publisher, req_id=req.req_id,
+                own_key=self.identity.public_key, free_slots=req.free_slots, known_jobs=known)
+        except rules.LeaseRefused as exc:
+            self.stats.refused_batches += 1
+            mesh.penalize(peer, "invalid-message", f"lease batch: {exc.reason}")
+            return []
+        self.backoff.got_work(job.publisher)
+        self.ledger.add_leases(job.publisher, opened, int(self.clock() * 1000))
+        self.stats.leases += len(leases)
+        return [(lease, job.publisher) for lease in leases]
+
+    async def _resume_open_leases(self) -> None:
+        """Leases held when the node stopped: run them again if their time is not up."""
+        now_ms = int(self.clock() * 1000)
+        for row in self.ledger.open_leases():
+            if row.received_ms + row.lease.deadline_ms <= now_ms:
+                self.ledger.set_status(row.lease.lease_id, "expired", now_ms)
+                continue
+            await self._allowed.wait()
+            await self._run_lease(row.lease, row.publisher)
+
+    # --- running a lease -----------------------------------------------------------------
+    async def _run_lease(self, lease: Any, publisher: bytes) -> None:
+        from .exec.outputs import EncodingError, decode_tensors
+        from .exec.runner import run_shard
+
+        s = self.settings
+        pub_peer = peer_id_from_key(publisher)
+        why = rules.cannot_run(lease, ort_version=self.offer()["ort_version"],
+                               max_model_bytes=s.max_model_bytes, max_input_bytes=s.max_input_bytes)
+        if why is not None:
+            log.info("handing back lease %s at once: %s", lease.lease_id.hex(), why)
+            await self._hand_back_unstarted(lease, publisher, "overloaded")
+            return
+        running = RunningLease(lease, publisher)
+        self.running[lease.lease_id] = running
+        self._idle = trio.Event()
+        self.ledger.set_status(lease.lease_id, "running", int(self.clock() * 1000))
+        try:
+            try:
+                model = await self._fetch_model(lease, pub_peer)
+                raw_input = await self.blobs.fetch(
+                    lease.input_digest, lease.input_size,
+                    [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
+                    public=False)
+            except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
+                await self._fail(lease, publisher, "fetch_failed", str(exc))
+                return
+            try:
+                inputs = decode_tensors(raw_input)
+            except EncodingError as exc:
+                await self._fail(lease, publisher, "input_error", f"input blob: {exc}")
+                return
+            expected = None
+            try:
+                expected = await self._validate(model, {n: a.shape for n, a in inputs.items()},
+                                                publisher)
+            except _Refused as exc:
+                await self._fail(lease, publisher, "invalid_model", str(exc))
+                return
+            run_model, run_lease = model, lease
+            if s.cheat == "fp16":
+                from .cheats import fp16_weights
+                run_model = fp16_weights(model)
+                run_lease = dataclasses.replace(lease, model_digest=hashlib.sha256(run_model).digest())
+            sandbox = await self.pool.get(publisher)
+            progress = _ProgressSender(self, lease, publisher)
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(progress.run)
+                outcome = await run_shard(sandbox, run_lease, run_model, inputs,
+                                          threads=self.threads, on_progress=progress.update,
+                                          stop=running.stop, expected_outputs=expected)
+                nursery.cancel_scope.cancel()
+            energy_mwh = self._account_energy(publisher, outcome.compute_s or
+                                              (trio.current_time() - started))
+            if running.cancelled:
+                self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
+                return
+            if outcome.status == "done":
+                await self._send_result(lease, publisher, outcome, energy_mwh)
+            elif outcome.status == "stopped":
+                await self._send_hand_back(lease, publisher, outcome, running.hand_back_reason)
+            else:
+                await self._fail(lease, publisher, outcome.reason or "internal", outcome.detail)
+        finally:
+            self.running.pop(lease.lease_id, None)
+            if not self.running:
+                self._idle.set()
+
+    async def _fetch_model(self, lease: Any, pub_peer: str) -> bytes:
+        model = self.cache.get(lease.model_digest)
+        if model is None:
+            model = await self.blobs.fetch(lease.model_digest, lease.model_size, [pub_peer],
+                                           public=True, use_providers=True)
+        return model
+
+    async def _validate(self, model: bytes, shapes: dict, publisher: bytes) -> Any:
+        """Validate in the publisher's sandbox child where the sandbox offers it (the child's
+        memory limit then bounds what validating a hostile model can cost)."""
+        from .exec.validate import ModelRefused, validate_model
+
+        sandbox = await self.pool.get(publisher)
+        validate = getattr(sandbox, "validate", None)
+        try:
+            if validate is not None:
+                validated = await validate(model, shapes)
+            else:
+                validated = validate_model(model, shapes)
+        except ModelRefused as exc:
+            raise _Refused(f"{exc.rule}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a SandboxFailure while validating
+            raise _Refused(f"{getattr(exc, 'reason', 'crash')}: {exc}") from None
+        digest = hashlib.sha256(model).digest()
+        if not self.cache.has(digest):
+            self.cache.put(digest, model, public=True)
+        if self.blobs is not None:
+            self._nursery.start_soon(self._provide, digest)
+        return getattr(validated, "outputs", None)
+
+    async def _provide(self, digest: bytes) -> None:
+        try:
+            await self.blobs.provide(digest)
+        except Exception as exc:  # noqa: BLE001 - best effort: the model still works
+            log.debug("could not announce model %s: %s", digest.hex()[:16], exc)
+
+    def _account_energy(self, publisher: bytes, busy_s: float) -> int:
+        sample = energy_rules.account(busy_s, power_w=self.settings.power_w,
+                                      cpu_share=self.cpu_share, meter_before=None, meter_after=None)
+        mwh = int(round(sample.wh * 1000))
+        self.ledger.add_energy(publisher, int(self.clock() * 1000), mwh, metered=sample.metered)
+        self.on_energy(sample.wh)
+        return mwh
+
+    # --- reports ---------------------------------------------------------------------------
+    async def _send_result(self, lease: Any, publisher: bytes, outcome: Any, energy_mwh: int) -> None:
+        now_ms = int(self.clock() * 1000)
+        offer = self.offer()
+        body = Result(
+            lease_id=lease.lease_id, exp=now_ms + RESULT_LIFETIME_MS, job_id=lease.job_id,
+            shard=lease.shard, model_digest=lease.model_digest, input_digest=lease.input_digest,
+            output_digest=outcome.output_digest, output_size=outcome.output_size,
+            batch_digests=tuple(outcome.batch_digests), hw_class=offer["hw_class"],
+            ort_version=outcome.ort_version or offer["ort_version"],
+            elapsed_ms=min(outcome.elapsed_ms, 2**32 - 1), energy_mwh=min(energy_mwh, 2**32 - 1),
+            output=outcome.outputs if outcome.output_size <= MAX_INLINE_OUTPUT else None)
+        try:
+            envelope = seal(body, self.identity, self.settings.network)
+        except ValueError:  # the body is over the kind's cap: serve the outputs as a blob
+            envelope = seal(dataclasses.replace(body, output=None), self.identity,
+                            self.settings.network)
+        self.cache.put(outcome.output_digest, outcome.outputs, public=False, pinned=True)
+        self._output_owner[outcome.output_digest] = peer_id_from_key(publisher)
+        self.ledger.enqueue(publisher, lease.lease_id, "result", envelope, body.exp, now_ms,
+                            output_digest=outcome.output_digest, elapsed_ms=outcome.elapsed_ms,
+                            energy_mwh=energy_mwh)
+        self.ledger.set_status(lease.lease_id, "done", now_ms)
+        self.stats.shards_done += 1
+        self.note(f"shard {lease.shard} of job {lease.job_id.hex()[:8]} done in "
+                  f"{outcome.elapsed_ms} ms")
+        self._outbox_wake.set()
+
+    async def _send_hand_back(self, lease: Any, publisher: bytes, outcome: Any, reason: str) -> None:
+        now_ms = int(self.clock() * 1000)
+        body = HandBack(lease_id=lease.lease_id, exp=now_ms + HAND_BACK_LIFETIME_MS,
+                        reason=reason if reason in _HAND_BACK_REASONS else "policy",
+                        done=outcome.done, batch_digests=tuple(outcome.batch_digests),
+                        output_digest=outcome.output_digest)
+        if outcome.outputs is not None:
+            self.cache.put(outcome.output_digest, outcome.outputs, public=False, pinned=True)
+            self._output_owner[outcome.output_digest] = peer_id_from_key(publisher)
+        envelope = seal(body, self.identity, self.settings.network)
+        self.ledger.enqueue(publisher, lease.lease_id, "hand_back", envelope, body.exp, now_ms,
+                            output_digest=outcome.output_digest)
+        self.ledger.set_status(lease.lease_id, "handed_back", now_ms)
+        self.stats.hand_backs += 1
+        self.note(f"handed back shard {lease.shard} ({outcome.done}/{outcome.total} "
+                  f"micro-batches done): {reason}")
+        await self._deliver_due(deadline_s=3.0)
+
+    async def _hand_back_unstarted(self, lease: Any, publisher: bytes, reason: str) -> None:
+        now_ms = int(self.clock() * 1000)
+        body = HandBack(lease_id=lease.lease_id, exp=now_ms + HAND_BACK_LIFETIME_MS,
+                        reason=reason, done=lease.first_batch, batch_digests=(),
+                        output_digest=None)
+        self.ledger.enqueue(publisher, lease.lease_id, "hand_back",
+                            seal(body, self.identity, self.settings.network), body.exp, now_ms)
+        self.ledger.set_status(lease.lease_id, "handed_back", now_ms)
+        self.stats.hand_backs += 1
+        self._outbox_wake.set()
+
+    async def _fail(self, lease: Any, publisher: bytes, reason: str, detail: str) -> None:
+        now_ms = int(self.clock() * 1000)
+        body = FailedResult(lease_id=lease.lease_id, exp=now_ms + FAILED_LIFETIME_MS,
+                            reason=reason if reason in _FAILED_REASONS else "internal",
+                            detail=detail[:240])
+        self.ledger.enqueue(publisher, lease.lease_id, "failed",
+                            seal(body, self.identity, self.settings.network), body.exp, now_ms)
+        self.ledger.set_status(lease.lease_id, "failed", now_ms)
+        self.stats.shards_failed += 1
+        self.note(f"shard {lease.shard} of job {lease.job_id.hex()[:8]} failed: {reason}: "
+                  f"{detail[:120]}")
+        self._outbox_wake.set()
+
+    async def send_report(self, publisher: bytes, envelope: bytes) -> list[bytes]:
+        """Send one report; returns the receipts answered. Raises on no acknowledgement."""
+        if self.mesh is None:
+            raise MeshError("the mesh is not running")
+        peer = peer_id_from_key(publisher)
+        stream = await self.mesh.open_stream(peer, "report")
+        try:
+            await streams.write_envelope(stream, envelope)
+            await stream.close_write()
+            receipts = await streams.read_all_envelopes(stream, _cap("receipt"), limit=64,
+                                                        timeout=REPORT_TIMEOUT_S)
+        except BaseException:
+            await streams.reset_quietly(stream)
+            raise
+        await streams.close_quietly(stream)
+        return receipts
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            await self._deliver_due()
+            self._outbox_wake = trio.Event()
+            with trio.move_on_after(OUTBOX_POLL_S):
+                await self._outbox_wake.wait()
+
+    async def _deliver_due(self, deadline_s: float | None = None) -> None:
+        with trio.move_on_after(deadline_s if deadline_s is not None else float("inf")):
+            for item in self.ledger.due(int(self.clock() * 1000)):
+                if self.mesh is None:
+                    return
+                try:
+                    receipts = await self.send_report(item.publisher, item.envelope)
+                except Exception as exc:  # noqa: BLE001 - not delivered: retry later
+                    at = self.ledger.retry_later(item.id, int(self.clock() * 1000), self.rng,
+                                                 base_s=self.settings.retry_base_s)
+                    log.info("%s for lease %s not delivered (%s); retrying at %s", item.kind,
+                             (item.lease_id or b"").hex()[:16], exc, time.ctime(at / 1000))
+                    continue
+                self.ledger.delivered(item.id, int(self.clock() * 1000))
+                for raw in receipts:
+                    self._take_receipt(raw, peer_id_from_key(item.publisher))
+
+    def _take_receipt(self, raw: bytes, sender: str) -> bool:
+        from .store.ledger import ReceiptRejected
+
+        try:
+            opened = open_envelope(raw, self.settings.network, now_ms=int(self.clock() * 1000),
+                                   kinds={"receipt"})
+            outcome = self.ledger.add_receipt(opened, int(self.clock() * 1000))
+        except wire_errors.WireError as exc:
+            if exc.punish and self.mesh is not None:
+                self.mesh.penalize(sender, "invalid-message", f"receipt: {exc}")
+            return False
+        except ReceiptRejected as exc:
+            if self.mesh is not None:
+                self.mesh.penalize(sender, "invalid-message", f"receipt: {exc}")
+            return False
+        if outcome == "new":
+            self.stats.receipts += 1
+            body: Receipt = opened.body
+            self._output_owner.pop(body.output_digest, None)
+            if self.cache is not None:
+                self.cache.unpin(body.output_digest)
+        return True
+
+    # --- notices (publisher -> worker) ------------------------------------------------------
+    async def _on_notice(self, stream: Any) -> None:
+        peer = str(streams.remote_peer(stream))
+        try:
+            raw = await streams.read_envelope(stream, max(_cap("cancel"), _cap("receipt")))
+            opened = open_envelope(raw, self.settings.network, now_ms=int(self.clock() * 1000),
+                                   kinds={"cancel", "receipt"})
+        except streams.StreamError as exc:
+            if exc.offence and self.mesh is not None:
+                self.mesh.penalize(peer, exc.offence, f"notice: {exc}")
+            await streams.reset_quietly(stream)
+            return
+        except wire_errors.WireError as exc:
+            if exc.punish and self.mesh is not None:
+                self.mesh.penalize(peer, "invalid-message", f"notice: {exc}")
+            await streams.reset_quietly(stream)
+            return
+        if peer_id_from_key(opened.signer) != peer:
+            if self.mesh is not None:
+                self.mesh.penalize(peer, "invalid-message", "notice signed by another peer")
+            await streams.reset_quietly(stream)
+            return
+        if opened.kind == "receipt":
+            ok = self._take_receipt(raw, peer)
+        else:
+            ok = self._cancel(opened.signer, opened.body)
+        if ok:
+            await streams.close_quietly(stream)
+        else:
+            await streams.reset_quietly(stream)
+
+    def _cancel(self, publisher: bytes, body: Cancel) -> bool:
+        wanted = set(body.lease_ids)
+        for lease_id, running in self.running.items():
+            if running.publisher != publisher or running.lease.job_id != body.job_id:
+                continue
+            if wanted and lease_id not in wanted:
+                continue
+            running.cancelled = True
+            running.stop.set()
+            self.note(f"lease {lease_id.hex()[:16]} cancelled by its publisher: {body.reason}")
+        return True
+
+
+class _Refused(Exception):
+    pass
+
+
+_HAND_BACK_REASONS = {"unplugged", "departure", "policy", "shutdown", "overloaded"}
+_FAILED_REASONS = {"crash", "out_of_memory", "timeout", "invalid_model", "input_error",
+                   "fetch_failed", "internal"}
+
+
+def _peer_id(peer: str) -> Any:
+    from libp2p.peer.id import ID
+
+    return ID.from_base58(peer)
+
+
+class _ProgressSender:
+    """Sends the latest progress of a lease at most every 2 s (best effort, never retried)."""
+
+    def __init__(self, worker: Worker, lease: Any, publisher: bytes):
+        self.worker, self.lease, self.publisher = worker, lease, publisher
+        self.latest: Any = None
+        self.sent: Any = None
+        self.changed = trio.Event()
+
+    def update(self, progress: Any) -> None:
+        self.latest = progress
+        self.changed.set()
+
+    async def run(self) -> None:
+        w = self.worker
+        while True:
+            await self.changed.wait()
+            self.changed = trio.Event()
+            p = self.latest
+            if p is None or p is self.sent:
+                continue
+            body = Progress(lease_id=self.lease.lease_id,
+                            exp=int(w.clock() * 1000) + 3600 * 1000, done=p.done, total=p.total,
+                            batch_digests=tuple(p.batch_digests))
+            try:
+                with trio.move_on_after(5.0):
+                    receipts = await w.send_report(self.publisher, seal(body, w.identity,
+                                                                        w.settings.network))
+                    for raw in receipts:
+                        w._take_receipt(raw, peer_id_from_key(self.publisher))
+            except Exception as exc:  # noqa: BLE001 - progress is best effort
+                log.debug("progress not delivered: %s", exc)
+            self.sent = p
+            await trio.sleep(PROGRESS_EVERY_S)

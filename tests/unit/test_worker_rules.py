@@ -1,0 +1,111 @@
+"""The worker's pure rules: whom to ask for work, back-off, and which lease batches to hold."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from p2pfleet.core import worker as W
+from p2pfleet.wire.kinds import Lease, LeaseBatch, Requirements
+
+OFFER = W.Offer(sw_version="0.1.0", ort_version="1.23.2", memory_mb=2048)
+REQ = Requirements(min_memory_mb=512, providers=(), min_sw_version="0.1.0", ort_versions="")
+PUB_A, PUB_B, ME = b"A" * 32, b"B" * 32, b"M" * 32
+
+
+def job(pub=PUB_A, job_id=b"j" * 16, left=5, req=REQ):
+    return W.HeardJob(publisher=pub, job_id=job_id, shards_left=left, requirements=req,
+                      heard_at=0.0)
+
+
+def lease(job_id=b"j" * 16, lease_id=b"l" * 16, samples=100, micro_batch=10, first_batch=0,
+          ort_versions="", model_size=1000):
+    return Lease(lease_id=lease_id, job_id=job_id, shard=0, model_digest=b"m" * 32,
+                 model_size=model_size, input_digest=b"i" * 32, input_size=100, input_sources=(),
+                 token=b"t" * 16, deadline_ms=60_000, micro_batch=micro_batch, opt_level="all",
+                 provider="CPUExecutionProvider", ort_versions=ort_versions, samples=samples,
+                 first_batch=first_batch, credit=5)
+
+
+def choose(jobs, **kw):
+    args = dict(allow=(PUB_A,), serve_anyone=False, over_cap=set(),
+                backoff=W.PublisherBackoff(), now=0.0, rng=random.Random(1))
+    args.update(kw)
+    return W.choose_job(jobs, OFFER, **args)
+
+
+def test_only_allowlisted_publishers_unless_serving_anyone():
+    assert choose([job(PUB_B)]) is None
+    assert choose([job(PUB_B)], serve_anyone=True).publisher == PUB_B
+    # the allowlist comes first even when serving anyone
+    for seed in range(20):
+        assert choose([job(PUB_A), job(PUB_B)], serve_anyone=True,
+                      rng=random.Random(seed)).publisher == PUB_A
+
+
+@pytest.mark.parametrize("req, why", [
+    (Requirements(min_memory_mb=4096, providers=(), min_sw_version="", ort_versions=""), "MiB"),
+    (Requirements(min_memory_mb=0, providers=("CUDAExecutionProvider",), min_sw_version="",
+                  ort_versions=""), "CUDA"),
+    (Requirements(min_memory_mb=0, providers=(), min_sw_version="9.0", ort_versions=""), ">= 9.0"),
+    (Requirements(min_memory_mb=0, providers=(), min_sw_version="", ort_versions=">=2"), "onnxruntime"),
+])
+def test_jobs_whose_requirements_the_node_misses_are_not_asked_for(req, why):
+    assert why in W.unmet_requirement(req, OFFER)
+    assert choose([job(req=req)]) is None
+
+
+def test_no_work_left_over_cap_or_backing_off_means_no_request():
+    assert choose([job(left=0)]) is None
+    assert choose([job()], over_cap={PUB_A}) is None
+    backoff = W.PublisherBackoff(base_s=60)
+    until = backoff.no_work(PUB_A, 100.0, retry_after_s=0, rng=random.Random(0))
+    assert 130.0 <= until <= 160.0
+    assert choose([job()], backoff=backoff, now=until - 1) is None
+    assert choose([job()], backoff=backoff, now=until) is not None
+
+
+def test_backoff_doubles_to_four_hours_and_respects_retry_after():
+    backoff, rng = W.PublisherBackoff(base_s=60), random.Random(3)
+    delays = [backoff.no_work(PUB_A, 0.0, 0, rng) for _ in range(12)]
+    assert all(30 <= d <= 4 * 3600 for d in delays)
+    assert delays[-1] >= 2 * 3600  # capped at 4 h with jitter down to half
+    assert backoff.no_work(PUB_B, 0.0, 7200.0, rng, exponential=False) == 7200.0
+    backoff.got_work(PUB_A)
+    assert backoff.ready(PUB_A, 0.0)
+
+
+def batch(leases, req_id=b"r" * 16, worker=ME):
+    return LeaseBatch(req_id=req_id, exp=10**13, worker=worker, leases=tuple(leases))
+
+
+def check(body, signer=PUB_A, free_slots=1, known=frozenset({b"j" * 16})):
+    return W.check_lease_batch(signer, body, publisher=PUB_A, req_id=b"r" * 16, own_key=ME,
+                               free_slots=free_slots, known_jobs=set(known))
+
+
+def test_a_good_batch_gives_its_leases():
+    assert check(batch([lease()])) == [lease()]
+
+
+@pytest.mark.parametrize("body, signer, reason", [
+    (batch([lease()]), PUB_B, "not signed by the publisher"),
+    (batch([lease()], req_id=b"x" * 16), PUB_A, "another request"),
+    (batch([lease()], worker=b"o" * 32), PUB_A, "another worker"),
+    (batch([lease(), lease(lease_id=b"k" * 16)]), PUB_A, "2 leases for 1 free slots"),
+    (batch([lease(job_id=b"z" * 16)]), PUB_A, "did not announce"),
+    (batch([lease(samples=10_000, micro_batch=1)]), PUB_A, "micro-batches, at most 256"),
+    (batch([lease(first_batch=10)]), PUB_A, "past the last"),
+])
+def test_bad_batches_are_refused_naming_the_fault(body, signer, reason):
+    with pytest.raises(W.LeaseRefused, match=reason) as info:
+        check(body, signer=signer, free_slots=1)
+    assert info.value.punish
+
+
+def test_leases_the_node_cannot_run_are_handed_back_not_refused():
+    kw = dict(ort_version="1.23.2", max_model_bytes=10_000, max_input_bytes=10_000)
+    assert W.cannot_run(lease(), **kw) is None
+    assert "outside" in W.cannot_run(lease(ort_versions=">=9"), **kw)
+    assert "model of" in W.cannot_run(lease(model_size=20_000), **kw)
