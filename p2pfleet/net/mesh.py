@@ -42,7 +42,7 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import NodeState
 from ..wire.envelope import Opened
-from . import dht_lookup, libp2p_fixes
+from . import dht_lookup, dht_providers, libp2p_fixes
 from .dht_records import FleetRecordValidator, RecordRejected
 from .gossip import (
     GOSSIP_PROTOCOLS,
@@ -210,6 +210,7 @@ class Mesh:
     # --- the service ---------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         libp2p_fixes.set_dht_protocol(self.names.protocol("kad"))
+        dht_providers.shorten_provider_expiry()  # fix 11: provider records live 1 h, not 48 h
         try:
             listen = [multiaddr.Multiaddr(a) for a in self.settings.listen]
         except Exception as exc:  # noqa: BLE001 - multiaddr raises assorted types

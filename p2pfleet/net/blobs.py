@@ -1,0 +1,527 @@
+"""Blob exchange over the `blob` stream protocol: serve and fetch content-addressed blobs.
+
+The exchange (specs/work-and-leases.md, sections 5 and 9): the fetcher sends one signed
+`blob_request` per stream and closes its write side; the holder answers with `blob_chunk`s
+of at most 256 KiB, in order and contiguous from the requested offset, then closes. A
+holder that cannot or will not serve closes without a chunk (a missing blob and a refused
+one look the same to the requester).
+
+Serving: public blobs (models) to any peer, private ones (inputs, outputs) only when the
+`authorize(peer, digest, token)` hook says yes; the request's signer must be the stream's
+remote peer; at most `max_serves_per_peer` streams per peer at once; each chunk is
+written only after the previous one was accepted by the muxer, so yamux's window gives
+back-pressure, with a write timeout per chunk; the optional `may_send(n)` hook (the node's
+daily transfer cap) is asked before each chunk.
+
+Fetching: sources are tried in order (DHT providers first when asked); a transfer that
+breaks off resumes at the offset reached, from the next source (the bytes are kept in the
+cache's partial file, so a restart resumes too). Every chunk is checked (signer, request
+id, digest, total size, contiguity, never past the expected size) and the whole blob is
+hash-checked before it is returned or cached. A source that breaks the protocol or
+delivers bytes that do not hash to the digest is penalised and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p.peer.id import ID
+
+from ..identity import peer_id_from_key
+from ..store.blobcache import BlobCache, BlobCorrupt, CacheFull
+from ..wire.envelope import encode_body, open_envelope, pack_envelope, seal, signed_bytes
+from ..wire.errors import WireError
+from ..wire.kinds import KINDS, BlobChunk, BlobRequest
+from . import dht_providers
+from .mesh import Mesh, MeshError
+from .streams import (
+    FRAME_OVERHEAD,
+    StreamClosed,
+    StreamError,
+    close_quietly,
+    read_envelope,
+    remote_peer,
+    reset_quietly,
+    write_envelope,
+)
+
+log = logging.getLogger(__name__)
+
+Authorizer = Callable[[str, bytes, bytes | None], bool]
+BudgetHook = Callable[[int], bool]
+
+MAX_CHUNK = 256 * 1024
+REQUEST_CAP = KINDS["blob_request"].max_body + FRAME_OVERHEAD
+CHUNK_CAP = KINDS["blob_chunk"].max_body + FRAME_OVERHEAD
+MAX_LENGTH = 2**32 - 1
+MESSAGE_LIFETIME_MS = 60_000
+# streams.py raises "oversized" for a frame over the cap; the reputation table calls that
+# an invalid message (reachability-and-discovery.md, section 8)
+_OFFENCES = {"oversized": "invalid-message"}
+
+
+class ChunkSealer:
+    """`seal` for blob chunks, byte for byte, with OpenSSL's Ed25519 (through
+    `cryptography`, which py-libp2p's Noise already needs): on 256 KiB it signs in ~1.3 ms
+    where PyNaCl takes ~3 ms (two SHA-512 passes and a copy of the message), and serving
+    signs every chunk. Ed25519 signatures are deterministic, so the bytes are the same."""
+
+    def __init__(self, identity: Any, network: str):
+        self.identity = identity
+        self.network = network
+        self._key = Ed25519PrivateKey.from_private_bytes(identity.seed)
+        self._spec = KINDS["blob_chunk"]
+
+    def seal(self, chunk: BlobChunk) -> bytes:
+        body = encode_body(chunk)
+        if len(body) > self._spec.max_body:
+            raise ValueError(f"blob_chunk body is {len(body)} bytes, cap {self._spec.max_body}")
+        sig = self._key.sign(signed_bytes(self.network, self._spec.name, self._spec.major, body))
+        return pack_envelope(self.network, self._spec.name, self._spec.major,
+                             self.identity.public_key, body, sig)
+
+
+class BlobError(Exception):
+    """A blob could not be fetched: names the digest, the source(s) and why."""
+
+    def __init__(self, digest: bytes, source: str, reason: str):
+        self.digest, self.source, self.reason = digest, source, reason
+        super().__init__(f"blob {digest.hex()[:16]} from {source}: {reason}")
+
+
+class _Fault(Exception):
+    """The source broke the protocol: penalise it with `offence`."""
+
+    def __init__(self, offence: str, reason: str):
+        super().__init__(reason)
+        self.offence = offence
+
+
+class _Failed(Exception):
+    """The source did not deliver (refused, unreachable, went away): no one's fault."""
+
+
+@dataclass(frozen=True)
+class Served:
+    peer: str
+    digest: bytes
+    offset: int
+    sent: int
+
+
+@dataclass
+class BlobStats:
+    served_requests: int = 0
+    served_bytes: int = 0
+    refused: Counter = field(default_factory=Counter)  # reason -> count
+    fetched_bytes: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=64))  # Served
+    last_failures: list = field(default_factory=list)  # why sources failed, last fetch
+
+
+class BlobService:
+    def __init__(self, mesh: Mesh, cache: BlobCache, *, authorize: Authorizer | None = None,
+                 clock: Callable[[], float] = time.time, chunk_size: int = MAX_CHUNK,
+                 may_send: BudgetHook | None = None, max_serves_per_peer: int = 4,
+                 read_timeout: float = 10.0, write_timeout: float = 30.0):
+        if not 0 < chunk_size <= MAX_CHUNK:
+            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK} bytes, got {chunk_size}")
+        self.mesh = mesh
+        self.cache = cache
+        self.authorize = authorize
+        self.clock = clock
+        self.chunk_size = chunk_size
+        self.may_send = may_send
+        self.max_serves_per_peer = max_serves_per_peer
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.stats = BlobStats()
+        self._serving: Counter = Counter()
+        self._fetching: dict[bytes, trio.Lock] = {}
+        self._provided: set[bytes] = set()
+        self._sealer = ChunkSealer(mesh.identity, mesh.settings.network)
+
+    @property
+    def network(self) -> str:
+        return self.mesh.settings.network
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- serving ---------------------------------------------------------------------------
+    def install(self) -> None:
+        self.mesh.set_handler("blob", self._serve)
+
+    async def _serve(self, stream: Any) -> None:
+        peer_id = remote_peer(stream)
+        peer = str(peer_id)
+        if self._serving[peer] >= self.max_serves_per_peer:
+            self.stats.refused["busy"] += 1
+            await close_quietly(stream)
+            return
+        self._serving[peer] += 1
+        try:
+            await self._serve_one(stream, peer_id, peer)
+        finally:
+            self._serving[peer] -= 1
+            if self._serving[peer] <= 0:
+                del self._serving[peer]
+
+    async def _serve_one(self, stream: Any, peer_id: Any, peer: str) -> None:
+        try:
+            raw = await read_envelope(stream, REQUEST_CAP, self.read_timeout)
+            opened = open_envelope(raw, self.network, now_ms=self._now_ms(),
+                                   kinds={"blob_request"})
+        except StreamClosed:
+            await close_quietly(stream)
+            return
+        except StreamError as exc:
+            if exc.offence:
+                self.mesh.penalize(peer_id, _OFFENCES.get(exc.offence, exc.offence),
+                                   f"blob request: {exc}")
+            await reset_quietly(stream)
+            return
+        except WireError as exc:
+            if exc.punish:
+                self.mesh.penalize(peer_id, "invalid-message", f"blob request: {exc}")
+            self.stats.refused["bad request"] += 1
+            await reset_quietly(stream)
+            return
+        if peer_id_from_key(opened.signer) != peer:
+            self.mesh.penalize(peer_id, "invalid-message", "blob request signed by another peer")
+            await reset_quietly(stream)
+            return
+        req: BlobRequest = opened.body
+        reason = self._refusal(peer, req)
+        if reason:
+            self.stats.refused[reason] += 1
+            await close_quietly(stream)
+            return
+        size = self.cache.size_of(req.digest) or 0
+        self.stats.served_requests += 1
+        sent = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                # the next chunk is read and signed in a worker thread while this one is
+                # written; a channel of 0 keeps at most one chunk ahead
+                send, recv = trio.open_memory_channel[tuple[bytes, int]](0)
+                nursery.start_soon(self._produce, send, req, size)
+                async with recv:
+                    async for frame, n in recv:
+                        await write_envelope(stream, frame, self.write_timeout)
+                        sent += n
+                        self.stats.served_bytes += n
+        except (trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - the fetcher went away
+            log.debug("serving %s to %s stopped: %s", req.digest.hex()[:16], peer, exc)
+            self.stats.recent.append(Served(peer, req.digest, req.offset, sent))
+            await reset_quietly(stream)
+            return
+        self.stats.recent.append(Served(peer, req.digest, req.offset, sent))
+        await close_quietly(stream)
+
+    async def _produce(self, send: Any, req: BlobRequest, size: int) -> None:
+        end = min(req.offset + req.length, size)
+        pos = req.offset
+        async with send:
+            while pos < end:
+                n = min(self.chunk_size, end - pos)
+                if self.may_send is not None and not self.may_send(n):
+                    self.stats.refused["transfer budget"] += 1
+                    return
+                frame = await trio.to_thread.run_sync(self._chunk, req, pos, n, size)
+                if frame is None:  # dropped as corrupt, or evicted meanwhile
+                    self.stats.refused["gone"] += 1
+                    return
+                await send.send((frame, n))
+                pos += n
+
+    def _refusal(self, peer: str, req: BlobRequest) -> str | None:
+        info = self.cache.info(req.digest)
+        if info is None:
+            return "not held"
+        if req.offset > info.size:
+            return "offset past the end"
+        if not info.public:
+            if self.authorize is None:
+                return "private"
+            try:
+                if not self.authorize(peer, req.digest, req.token):
+                    return "not authorized"
+            except Exception:  # noqa: BLE001 - a failing hook refuses, it never serves
+                log.exception("blob authorizer failed")
+                return "not authorized"
+        return None
+
+    def _chunk(self, req: BlobRequest, pos: int, n: int, size: int) -> bytes | None:
+        """Read and seal one chunk (in a worker thread: file read, SHA-512 of the signature)."""
+        data = self.cache.read_range(req.digest, pos, n)
+        if data is None or len(data) != n:
+            return None
+        chunk = BlobChunk(req_id=req.req_id, exp=self._now_ms() + MESSAGE_LIFETIME_MS,
+                          digest=req.digest, offset=pos, total_size=size, data=data)
+        return self._sealer.seal(chunk)
+
+    # --- fetching --------------------------------------------------------------------------
+    async def fetch(self, digest: bytes, size: int, sources: Sequence[str], *,
+                    token: bytes | None = None, public: bool = False,
+                    use_providers: bool = False, timeout: float = 60.0,
+                    pinned: bool = False) -> bytes:
+        """The blob `digest` of `size` bytes, from the cache or from `sources` (peer ids or
+        /p2p/ multiaddrs, tried in order; DHT providers first with `use_providers`, for
+        public blobs only). Hash-checked; cached as `public` (and `pinned`). BlobError if
+        no source delivers within `timeout` seconds."""
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise ValueError(f"a blob digest is 32 bytes of SHA-256, got {digest!r:.80}")
+        if size < 0:
+            raise ValueError(f"blob size must be >= 0, got {size}")
+        if use_providers and not public:
+            raise ValueError("only public blobs (models) are looked up in the DHT; "
+                             "inputs come from the sources a lease names")
+        lock = self._fetching.setdefault(digest, trio.Lock())
+        try:
+            async with lock:
+                cached = await self._cached(digest, size, public, pinned)
+                if cached is not None:
+                    return cached
+                failures: list[str] = []
+                self.stats.last_failures = failures
+                with trio.move_on_after(timeout):
+                    return await self._fetch(digest, size, sources, token, public, pinned,
+                                             use_providers, failures)
+                raise BlobError(digest, "its sources", f"not complete within {timeout:.0f} s"
+                                + (f" ({'; '.join(failures)})" if failures else ""))
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._fetching.pop(digest, None)
+
+    async def _cached(self, digest: bytes, size: int, public: bool, pinned: bool) -> bytes | None:
+        data = await trio.to_thread.run_sync(self.cache.get, digest)
+        if data is None:
+            return None
+        if len(data) != size:
+            raise BlobError(digest, "the cache", f"the blob is {len(data)} bytes, "
+                                                 f"not the {size} expected")
+        if public or pinned:
+            await trio.to_thread.run_sync(  # widens the flags only
+                lambda: self.cache.put(digest, data, public=public, pinned=pinned))
+        return data
+
+    async def _fetch(self, digest: bytes, size: int, sources: Sequence[str],
+                     token: bytes | None, public: bool, pinned: bool, use_providers: bool,
+                     failures: list[str]) -> bytes:
+        candidates: list[str] = []
+        if use_providers:
+            try:
+                candidates += await self.find_providers(digest)
+            except MeshError as exc:
+                failures.append(f"provider lookup: {exc}")
+        candidates += [s for s in sources if s not in candidates]
+        part = self.cache.partial(digest, size, public=public, pinned=pinned)
+        contributors: set[str] = {"an earlier download"} if part.offset else set()
+        tried: set[str] = set()
+        try:
+            for source in candidates:
+                if part.offset < size:
+                    peer = await self._resolve(source, failures)
+                    if peer is None or peer in tried or peer == self.mesh.identity.peer_id:
+                        continue
+                    tried.add(peer)
+                    before = part.offset
+                    try:
+                        await self._fetch_from(peer, part, token)
+                    except _Fault as fault:
+                        self.mesh.penalize(ID.from_base58(peer), fault.offence,
+                                           f"blob {digest.hex()[:16]}: {fault}")
+                        failures.append(f"{peer}: {fault}")
+                    except _Failed as exc:
+                        failures.append(f"{peer}: {exc}")
+                    if part.offset > before:
+                        contributors.add(peer)
+                    if part.offset < size:
+                        continue
+                try:
+                    data = await trio.to_thread.run_sync(part.finish)
+                except BlobCorrupt as exc:
+                    failures.append(f"{', '.join(sorted(contributors))}: {exc}")
+                    if len(contributors) == 1 and contributors <= tried:
+                        (liar,) = contributors
+                        self.mesh.penalize(ID.from_base58(liar), "invalid-message",
+                                           f"blob {digest.hex()[:16]}: {exc}")
+                    # with several contributors we cannot tell who lied: start over
+                    part = self.cache.partial(digest, size, public=public, pinned=pinned)
+                    contributors = set()
+                    continue
+                except CacheFull as exc:
+                    log.warning("fetched blob not cached: %s", exc)
+                    data = part.data
+                self.stats.fetched_bytes += size
+                return data
+            if size == 0 or part.offset == size:  # nothing to fetch, or sources ran out at the end
+                try:
+                    return await trio.to_thread.run_sync(part.finish)
+                except CacheFull:
+                    return part.data
+                except BlobCorrupt as exc:
+                    failures.append(str(exc))
+        finally:
+            part.close()
+        raise BlobError(digest, ", ".join(sorted(tried)) or "no source",
+                        "; ".join(failures) or "no source to fetch it from")
+
+    async def _resolve(self, source: str, failures: list[str]) -> str | None:
+        if not source.startswith("/"):
+            return source
+        try:
+            return await self.mesh.connect(source)
+        except MeshError as exc:
+            failures.append(str(exc))
+            return None
+
+    async def _fetch_from(self, peer: str, part: Any, token: bytes | None) -> None:
+        """Append what `peer` sends from `part.offset` on; raise _Fault or _Failed if it
+        stops short of the end."""
+        size = part.total_size
+        try:
+            stream = await self.mesh.open_stream(peer, "blob")
+        except MeshError as exc:
+            raise _Failed(str(exc).removeprefix(f"{peer}: ")) from None
+        req = BlobRequest(req_id=os.urandom(16), exp=self._now_ms() + MESSAGE_LIFETIME_MS,
+                          digest=part.digest, offset=part.offset,
+                          length=min(size - part.offset, MAX_LENGTH), token=token)
+        try:
+            await write_envelope(stream, seal(req, self.mesh.identity, self.network),
+                                 self.write_timeout)
+            await stream.close_write()
+        except Exception as exc:  # noqa: BLE001 - a stream failure, nobody's fault
+            await reset_quietly(stream)
+            raise _Failed(f"sending the request: {type(exc).__name__}: {exc}") from None
+        try:
+            await self._receive(stream, peer, req, part)
+        except BaseException:
+            await reset_quietly(stream)  # shielded: also when the fetch is cancelled
+            raise
+
+    async def _receive(self, stream: Any, peer: str, req: BlobRequest, part: Any) -> None:
+        size = part.total_size
+        error: Exception | None = None
+        reader_done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            # frames are read here while the previous one is verified, hashed and written
+            # in a worker thread; at most two frames are read ahead. The reader ends at the
+            # stream's end, at a reset, or when we stop receiving; a holder that closed
+            # cleanly after the last chunk is not reset.
+            send, recv = trio.open_memory_channel[bytes | StreamError](1)
+            nursery.start_soon(self._read_frames, stream, send, reader_done)
+            try:
+                async with recv:
+                    while part.offset < size:
+                        item = await recv.receive()
+                        if isinstance(item, StreamClosed):
+                            raise _Failed("refused or does not hold it"
+                                          if part.offset == req.offset else
+                                          f"stopped at byte {part.offset} of {size}")
+                        if isinstance(item, StreamError):
+                            if item.offence:
+                                raise _Fault(_OFFENCES.get(item.offence, item.offence),
+                                             str(item))
+                            raise _Failed(f"at byte {part.offset} of {size}: {item}")
+                        await trio.to_thread.run_sync(self._accept, item, peer, req, part)
+            except (_Fault, _Failed) as exc:
+                error = exc
+            if error is None:  # complete: an honest holder closes right after the last chunk
+                with trio.move_on_after(2.0):
+                    await reader_done.wait()
+            if not reader_done.is_set():
+                await reset_quietly(stream)  # read no further than the expected size
+        if error is not None:
+            raise error
+
+    async def _read_frames(self, stream: Any, send: Any, done: trio.Event) -> None:
+        try:
+            async with send:
+                while True:
+                    try:
+                        raw = await read_envelope(stream, CHUNK_CAP, self.read_timeout)
+                    except StreamError as exc:
+                        await send.send(exc)
+                        return
+                    await send.send(raw)
+        except trio.BrokenResourceError:
+            pass  # the fetcher stopped receiving
+        finally:
+            done.set()
+
+    def _accept(self, raw: bytes, peer: str, req: BlobRequest, part: Any) -> None:
+        """Check one chunk and append it (in a worker thread: signature, hash, file write)."""
+        size = part.total_size
+        try:
+            opened = open_envelope(raw, self.network, now_ms=self._now_ms(),
+                                   kinds={"blob_chunk"})
+        except WireError as exc:
+            if exc.punish:
+                raise _Fault("invalid-message", f"chunk: {exc}") from None
+            raise _Failed(f"chunk: {exc}") from None
+        if peer_id_from_key(opened.signer) != peer:
+            raise _Fault("invalid-message", "chunk signed by another peer")
+        chunk: BlobChunk = opened.body
+        if chunk.req_id != req.req_id or chunk.digest != req.digest:
+            raise _Fault("protocol-error", "chunk answers another request")
+        if chunk.total_size != size:
+            # the digest fixes the size: either the source or our size is wrong
+            raise _Failed(f"it says the blob is {chunk.total_size} bytes, we expect {size}")
+        if chunk.offset != part.offset:
+            raise _Fault("protocol-error", f"chunk at byte {chunk.offset}, expected "
+                                           f"{part.offset} (not contiguous)")
+        if not chunk.data:
+            raise _Fault("protocol-error", "empty chunk")
+        if chunk.offset + len(chunk.data) > size:
+            raise _Fault("invalid-message", f"chunk runs to byte "
+                         f"{chunk.offset + len(chunk.data)}, past the size {size}")
+        part.append(chunk.data)
+
+    # --- DHT providers (public blobs only) ------------------------------------------------
+    async def provide(self, digest: bytes) -> int:
+        """Announce this node in the DHT as a provider of the public blob `digest` (a
+        model), and keep re-announcing it from `run` while it stays cached. Returns to how
+        many peers the announcement went."""
+        if not self.cache.is_public(digest):
+            raise ValueError(f"blob {digest.hex()[:16]} is not a public blob in the cache; "
+                             "only models are announced")
+        if self.mesh.dht is None:
+            raise MeshError("the mesh is not running")
+        self._provided.add(digest)
+        return await dht_providers.provide(
+            self.mesh.dht, dht_providers.provider_key(self.mesh.names, digest))
+
+    async def find_providers(self, digest: bytes, limit: int = 8) -> list[str]:
+        """Peer ids (not ours) that announced the blob `digest` in the DHT; their addresses
+        go to the peerstore, so `fetch` can dial them."""
+        if self.mesh.dht is None:
+            raise MeshError("the mesh is not running")
+        me = self.mesh.host.get_id()
+        walk = await dht_providers.walk(
+            self.mesh.dht, dht_providers.provider_key(self.mesh.names, digest), want=limit + 1)
+        return [str(p) for p in walk.providers if p != me][:limit]
+
+    async def run(self, *, reprovide_s: float = dht_providers.REPROVIDE_S,
+                  task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Re-announce provided blobs every `reprovide_s` while they stay cached."""
+        task_status.started()
+        while True:
+            await trio.sleep(reprovide_s)
+            for digest in list(self._provided):
+                if not self.cache.is_public(digest):
+                    self._provided.discard(digest)
+                    continue
+                try:
+                    await self.provide(digest)
+                except (MeshError, ValueError) as exc:
+                    log.info("re-announcing blob %s: %s", digest.hex()[:16], exc)

@@ -1,0 +1,431 @@
+"""The node's blob cache: content-addressed files, size-limited, LRU eviction, crash-safe.
+
+Layout under `root` (normally `DataDir.cache_dir`)::
+
+    index.sqlite        one row per complete blob: digest, size, public, pins, last use
+    blobs/<hex>         complete blobs, named by the SHA-256 of their bytes
+    partial/<hex>-<n>   resumable downloads of an n-byte blob (bytes from offset 0 on)
+    tmp/                files being written; emptied on open
+
+A blob is written to tmp/, fsynced, renamed into blobs/ (and the directory fsynced), and
+only then indexed, so after a crash a blob is either complete and indexed or gone: on open,
+files without a row and rows without a file are dropped. Every `get` re-hashes the file
+(SHA-256 runs at ~1-2 GB/s; models are read once per run): a corrupt file is refused and
+dropped, never handed to the runner. Serving peers reads ranges (`read_range`), hash-checked
+once per file per process.
+
+Least-recently used blobs go first when the cache is over its limit; LRU order is a counter
+kept in the index, not the wall clock. Pinned blobs (outputs awaiting receipts, inputs of
+live leases) are never evicted; pins are counted, so two leases may pin one blob. Public
+blobs (models) may be served to anyone; private ones (inputs, outputs) only on a
+caller's decision (net/blobs.py). Partial downloads are kept for resume and not counted
+against the limit; at most `max_partials` are kept (the oldest goes).
+
+Thread-safe (one lock): the network side calls it from worker threads for large reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .db import open_db
+
+DIGEST_LEN = 32
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE blobs (
+        digest BLOB PRIMARY KEY,
+        size INTEGER NOT NULL,
+        public INTEGER NOT NULL,
+        pins INTEGER NOT NULL DEFAULT 0,
+        used INTEGER NOT NULL
+    );
+    CREATE INDEX blobs_used ON blobs(used)
+    """,
+]
+
+
+class CacheFull(Exception):
+    """A blob cannot fit: larger than the cache, or pinned blobs hold the space."""
+
+
+class BlobCorrupt(ValueError):
+    """Bytes do not hash to the digest they are stored or delivered under."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: bytes
+    size: int
+    public: bool
+    pins: int
+
+
+def _check_digest(digest: bytes) -> bytes:
+    if not isinstance(digest, bytes) or len(digest) != DIGEST_LEN:
+        raise ValueError(f"a blob digest is {DIGEST_LEN} bytes of SHA-256, got {digest!r:.80}")
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobCache:
+    """Content-addressed blob files under `root`, at most `max_bytes` of complete blobs."""
+
+    def __init__(self, root: Path, max_bytes: int, *, max_partials: int = 8):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.max_partials = max_partials
+        self._blobs = self.root / "blobs"
+        self._partial = self.root / "partial"
+        self._tmp = self.root / "tmp"
+        for d in (self.root, self._blobs, self._partial, self._tmp):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = open_db(self.root / "index.sqlite", _MIGRATIONS, name="blob cache index")
+        self._db.close()  # reopen for use across threads (guarded by our lock)
+        self._db = sqlite3.connect(str(self.root / "index.sqlite"), timeout=10.0,
+                                   isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._verified: dict[bytes, tuple[int, int, int]] = {}  # digest -> (ino, mtime, size)
+        self._open_partials: set[bytes] = set()
+        self._recover()
+
+    # --- recovery --------------------------------------------------------------------------
+    def _recover(self) -> None:
+        for f in self._tmp.iterdir():
+            f.unlink(missing_ok=True)
+        rows = {bytes(d): s for d, s in self._db.execute("SELECT digest, size FROM blobs")}
+        on_disk = {}
+        for f in self._blobs.iterdir():
+            try:
+                on_disk[bytes.fromhex(f.name)] = f
+            except ValueError:
+                f.unlink(missing_ok=True)
+        for digest, f in on_disk.items():
+            if digest not in rows or f.stat().st_size != rows[digest]:
+                f.unlink(missing_ok=True)  # written but never indexed: a crash in put
+        for digest in rows:
+            if digest not in on_disk or not (self._path(digest)).exists():
+                self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        self._trim_partials()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- queries ---------------------------------------------------------------------------
+    def _path(self, digest: bytes) -> Path:
+        return self._blobs / digest.hex()
+
+    def _touch(self, digest: bytes) -> None:
+        self._db.execute("UPDATE blobs SET used = (SELECT COALESCE(MAX(used), 0) + 1 FROM blobs)"
+                         " WHERE digest = ?", (digest,))
+
+    def info(self, digest: bytes) -> BlobInfo | None:
+        _check_digest(digest)
+        with self._lock:
+            row = self._db.execute("SELECT size, public, pins FROM blobs WHERE digest = ?",
+                                   (digest,)).fetchone()
+        return None if row is None else BlobInfo(digest, row[0], bool(row[1]), row[2])
+
+    def has(self, digest: bytes) -> bool:
+        return self.info(digest) is not None
+
+    def is_public(self, digest: bytes) -> bool:
+        info = self.info(digest)
+        return info is not None and info.public
+
+    def size_of(self, digest: bytes) -> int | None:
+        info = self.info(digest)
+        return None if info is None else info.size
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
+
+    def digests(self) -> list[bytes]:
+        """Every complete blob, least recently used first."""
+        with self._lock:
+            return [bytes(d) for (d,) in self._db.execute("SELECT digest FROM blobs ORDER BY used")]
+
+    # --- reading ---------------------------------------------------------------------------
+    def get(self, digest: bytes) -> bytes | None:
+        """The blob's bytes, hash-checked; None if absent or corrupt (a corrupt file is
+        dropped). Marks the blob as recently used."""
+        _check_digest(digest)
+        with self._lock:
+            if not self.has(digest):
+                return None
+            try:
+                data = self._path(digest).read_bytes()
+            except FileNotFoundError:
+                data = None
+            if data is None or hashlib.sha256(data).digest() != digest:
+                self._drop(digest)
+                return None
+            self._touch(digest)
+            return data
+
+    def read_range(self, digest: bytes, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) of a complete blob, for serving peers; None if
+        absent or corrupt. The whole file is hash-checked the first time it is read in
+        this process (and again if it changed on disk)."""
+        _check_digest(digest)
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+        with self._lock:
+            if not self.has(digest):
+                return None
+            path = self._path(digest)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                self._drop(digest)
+                return None
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._verified.get(digest) != stamp:
+                if hashlib.sha256(path.read_bytes()).digest() != digest:
+                    self._drop(digest)
+                    return None
+                self._verified[digest] = stamp
+            if offset == 0:
+                self._touch(digest)
+            with path.open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+
+    # --- writing ---------------------------------------------------------------------------
+    def put(self, digest: bytes, data: bytes, *, public: bool, pinned: bool = False) -> None:
+        """Store `data` under `digest` (ValueError if it does not hash to it). Storing a
+        blob already held keeps it; `public` only ever widens, `pinned` adds a pin."""
+        _check_digest(digest)
+        if hashlib.sha256(data).digest() != digest:
+            raise BlobCorrupt(f"blob {digest.hex()[:16]}: data hashes to "
+                              f"{hashlib.sha256(data).hexdigest()[:16]}, not to its digest")
+        with self._lock:
+            if self._merge_existing(digest, public, pinned):
+                return
+            self._make_room(len(data), digest)
+            tmp = self._tmp / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._install(tmp, digest, len(data), public, pinned)
+
+    def _merge_existing(self, digest: bytes, public: bool, pinned: bool) -> bool:
+        info = self.info(digest)
+        if info is None:
+            return False
+        if not self._path(digest).exists():
+            self._drop(digest)
+            return False
+        self._db.execute("UPDATE blobs SET public = MAX(public, ?), pins = pins + ? "
+                         "WHERE digest = ?", (int(public), int(pinned), digest))
+        self._touch(digest)
+        return True
+
+    def _install(self, src: Path, digest: bytes, size: int, public: bool, pinned: bool) -> None:
+        os.replace(src, self._path(digest))
+        _fsync_dir(self._blobs)
+        self._db.execute(
+            "INSERT OR REPLACE INTO blobs(digest, size, public, pins, used) VALUES "
+            "(?, ?, ?, ?, (SELECT COALESCE(MAX(used), 0) + 1 FROM blobs))",
+            (digest, size, int(public), int(pinned)))
+
+    def _make_room(self, size: int, digest: bytes) -> None:
+        if size > self.max_bytes:
+            raise CacheFull(f"blob {digest.hex()[:16]} is {size} bytes, the cache holds "
+                            f"at most {self.max_bytes}")
+        self._evict(self.max_bytes - size)
+        if self.used_bytes() + size > self.max_bytes:
+            pinned = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE pins > 0").fetchone()[0]
+            raise CacheFull(f"blob {digest.hex()[:16]} ({size} bytes) does not fit: "
+                            f"{pinned} of {self.max_bytes} bytes are pinned")
+
+    def pin(self, digest: bytes) -> None:
+        _check_digest(digest)
+        with self._lock:
+            if self._db.execute("UPDATE blobs SET pins = pins + 1 WHERE digest = ?",
+                                (digest,)).rowcount == 0:
+                raise KeyError(f"blob {digest.hex()[:16]} is not in the cache")
+
+    def unpin(self, digest: bytes) -> None:
+        _check_digest(digest)
+        with self._lock:
+            self._db.execute("UPDATE blobs SET pins = MAX(pins - 1, 0) WHERE digest = ?",
+                             (digest,))
+
+    def remove(self, digest: bytes) -> None:
+        _check_digest(digest)
+        with self._lock:
+            self._drop(digest)
+
+    def _drop(self, digest: bytes) -> None:
+        self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        self._path(digest).unlink(missing_ok=True)
+        self._verified.pop(digest, None)
+
+    def evict_to(self, max_bytes: int) -> int:
+        """Evict unpinned blobs, least recently used first, until at most `max_bytes` are
+        held (or only pinned ones remain). Returns the bytes freed."""
+        with self._lock:
+            return self._evict(max_bytes)
+
+    def _evict(self, max_bytes: int) -> int:
+        used = self.used_bytes()
+        freed = 0
+        if used <= max_bytes:
+            return 0
+        for d, size in self._db.execute(
+                "SELECT digest, size FROM blobs WHERE pins = 0 ORDER BY used").fetchall():
+            if used - freed <= max_bytes:
+                break
+            self._drop(bytes(d))
+            freed += size
+        return freed
+
+    # --- resumable downloads ---------------------------------------------------------------
+    def partial(self, digest: bytes, total_size: int, *, public: bool = False,
+                pinned: bool = False) -> "PartialBlob":
+        """A resumable download of the `total_size`-byte blob `digest`; its `offset` is
+        where the bytes kept from earlier attempts end. One open download per digest."""
+        _check_digest(digest)
+        if total_size < 0:
+            raise ValueError(f"total_size must be >= 0, got {total_size}")
+        with self._lock:
+            if digest in self._open_partials:
+                raise RuntimeError(f"blob {digest.hex()[:16]} is already being downloaded")
+            self._open_partials.add(digest)
+            for other in self._partial.glob(f"{digest.hex()}-*"):
+                if other.name != f"{digest.hex()}-{total_size}":
+                    other.unlink(missing_ok=True)  # a download of another claimed size
+            try:
+                blob = PartialBlob(self, digest, total_size, public, pinned)
+            except BaseException:
+                self._open_partials.discard(digest)
+                raise
+            self._trim_partials(keep=blob.path)
+            return blob
+
+    def _trim_partials(self, keep: Path | None = None) -> None:
+        files = sorted((f for f in self._partial.iterdir() if f != keep),
+                       key=lambda f: f.stat().st_mtime_ns)
+        room = self.max_partials - (1 if keep else 0)
+        for f in files[:max(0, len(files) - room)]:
+            if not any(f.name.startswith(d.hex()) for d in self._open_partials):
+                f.unlink(missing_ok=True)
+
+    def partial_offset(self, digest: bytes, total_size: int) -> int:
+        """Bytes kept from an earlier download of this blob (0 if none)."""
+        path = self._partial / f"{_check_digest(digest).hex()}-{total_size}"
+        try:
+            return min(path.stat().st_size, total_size)
+        except FileNotFoundError:
+            return 0
+
+
+class PartialBlob:
+    """A download in progress: bytes [0, offset) are kept on disk (and in memory)."""
+
+    def __init__(self, cache: BlobCache, digest: bytes, total_size: int, public: bool,
+                 pinned: bool):
+        self.cache = cache
+        self.digest = digest
+        self.total_size = total_size
+        self.public = public
+        self.pinned = pinned
+        self.path = cache._partial / f"{digest.hex()}-{total_size}"
+        self._hash = hashlib.sha256()
+        self._data = bytearray()
+        if self.path.exists():
+            kept = self.path.read_bytes()[:total_size]
+            self._data.extend(kept)
+            self._hash.update(kept)
+        self._file = self.path.open("ab")
+        self._file.truncate(len(self._data))
+        self._closed = False
+
+    @property
+    def offset(self) -> int:
+        return len(self._data)
+
+    def append(self, data: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("this download is closed")
+        if self.offset + len(data) > self.total_size:
+            raise ValueError(f"blob {self.digest.hex()[:16]}: {len(data)} bytes at offset "
+                             f"{self.offset} overrun its size {self.total_size}")
+        self._file.write(data)
+        self._data.extend(data)
+        self._hash.update(data)
+
+    def finish(self) -> bytes:
+        """Check the whole blob's hash and move it into the cache; returns its bytes.
+        BlobCorrupt (the download is discarded) if it does not hash to its digest;
+        CacheFull if it cannot be kept (the bytes are still returned by `data`)."""
+        if self.offset != self.total_size:
+            raise ValueError(f"blob {self.digest.hex()[:16]}: {self.offset} of "
+                             f"{self.total_size} bytes received")
+        if self._hash.digest() != self.digest:
+            self.discard()
+            raise BlobCorrupt(f"blob {self.digest.hex()[:16]}: the {self.total_size} bytes "
+                              f"received hash to {self._hash.hexdigest()[:16]}")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._close()
+        data = bytes(self._data)
+        c = self.cache
+        with c._lock:
+            try:
+                if not c._merge_existing(self.digest, self.public, self.pinned):
+                    c._make_room(self.total_size, self.digest)
+                    c._install(self.path, self.digest, self.total_size, self.public, self.pinned)
+            finally:
+                self.path.unlink(missing_ok=True)
+        return data
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self._data)
+
+    def discard(self) -> None:
+        """Drop the bytes kept so far."""
+        self._close()
+        self.path.unlink(missing_ok=True)
+        self._data.clear()
+
+    def close(self) -> None:
+        """Stop for now; the bytes kept so far stay for a later resume."""
+        if not self._closed:
+            self._file.flush()
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._file.close()
+            with self.cache._lock:
+                self.cache._open_partials.discard(self.digest)
+
+    def __enter__(self) -> "PartialBlob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,238 @@
+"""Blob exchange between real hosts: models spread car to car through DHT providers,
+private inputs need a token, transfers resume at another source, liars are penalised."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from libp2p.kad_dht import provider_store as kad_provider_store
+
+from p2pfleet.net import dht_providers, streams
+from p2pfleet.net.blobs import BlobError, BlobService
+from p2pfleet.store.blobcache import BlobCache
+from p2pfleet.wire.envelope import open_envelope, seal
+from p2pfleet.wire.kinds import BlobChunk
+
+from fleetkit import NETWORK, fleet, wait_until
+
+KiB = 1024
+
+
+def make_blob(tag: bytes, size: int) -> tuple[bytes, bytes]:
+    data = hashlib.shake_256(tag).digest(size)
+    return hashlib.sha256(data).digest(), data
+
+
+def services(meshes, tmp_path, **kw) -> list[BlobService]:
+    out = []
+    for i, mesh in enumerate(meshes):
+        svc = BlobService(mesh, BlobCache(tmp_path / f"cache-{i}", 64 * 1024 * KiB), **kw)
+        svc.install()
+        out.append(svc)
+    return out
+
+
+def peer(mesh) -> str:
+    return mesh.identity.peer_id
+
+
+def addr(mesh) -> str:
+    return mesh.listen_addrs()[0]
+
+
+def penalty(mesh, of) -> float:
+    return mesh.reputation.penalty(peer(of), time.time())
+
+
+async def test_model_spreads_car_to_car_through_dht_providers(tmp_path):
+    digest, model = make_blob(b"model", 1100 * KiB)  # 5 chunks
+    async with fleet(3) as meshes:
+        a, b, c = services(meshes, tmp_path)
+        a.cache.put(digest, model, public=True)
+        assert await b.fetch(digest, len(model), [peer(meshes[0])], public=True) == model
+        assert b.cache.is_public(digest) and a.stats.served_bytes == len(model)
+        assert await b.provide(digest) >= 1
+        assert await wait_until(lambda: peer(meshes[1]) in
+                                [str(p.peer_id) for p in meshes[0].dht.provider_store.get_providers(
+                                    dht_providers.provider_key(meshes[0].names, digest))])
+        assert await c.find_providers(digest) == [peer(meshes[1])]
+        assert await c.fetch(digest, len(model), [], public=True, use_providers=True) == model
+        assert b.stats.served_bytes == len(model) and a.stats.served_bytes == len(model)
+        assert [(s.peer, s.offset, s.sent) for s in b.stats.recent] == [
+            (peer(meshes[2]), 0, len(model))]
+        with pytest.raises(ValueError, match="only public blobs"):
+            await c.fetch(digest, len(model), [], use_providers=True)
+
+
+async def test_provider_keys_fit_upstream_limits(tmp_path):
+    """Fix 11: py-libp2p's server drops ADD_PROVIDER keys over 80 bytes (our namespaced
+    DHT key string is 88+), while the sender believes it was stored."""
+    digest, _ = make_blob(b"k", 10)
+    async with fleet(2) as (a, b):
+        names = a.names
+        long_key = names.model_key(digest).encode()
+        short_key = dht_providers.provider_key(names, digest)
+        assert len(long_key) > 80 and len(short_key) == 34
+        assert await b.dht.provider_store._send_add_provider(a.host.get_id(), long_key)
+        assert await b.dht.provider_store._send_add_provider(a.host.get_id(), short_key)
+        await wait_until(lambda: a.dht.provider_store.get_providers(short_key))
+        assert a.dht.provider_store.get_providers(long_key) == []
+        # and our walk always asks the network: upstream answers from its local copy
+        found = await dht_providers.walk(b.dht, short_key)
+        assert b.host.get_id() in found.providers and found.rpcs >= 1
+
+
+def test_provider_records_expire_after_an_hour():
+    """Fix 11: upstream keeps a provider record for 48 h; a car leaves long before."""
+    from libp2p import new_host
+    from libp2p.peer.peerinfo import PeerInfo
+
+    dht_providers.shorten_provider_expiry()
+    host = new_host()
+    store = kad_provider_store.ProviderStore(host)
+    store.add_provider(b"key", PeerInfo(host.get_id(), []))
+    assert store.get_providers(b"key")
+    store.providers[b"key"][str(host.get_id())].timestamp = time.time() - 3601
+    assert store.get_providers(b"key") == []
+
+
+async def test_private_input_is_served_only_with_the_lease_token(tmp_path):
+    digest, data = make_blob(b"input", 300 * KiB)
+    token = b"t" * 16
+    async with fleet(3) as meshes:
+        pub, worker, other = meshes
+        svc = services(meshes, tmp_path)
+        svc[0].authorize = lambda who, d, t: who == peer(worker) and d == digest and t == token
+        svc[0].cache.put(digest, data, public=False)
+        with pytest.raises(ValueError, match="not a public blob"):
+            await svc[0].provide(digest)
+        with pytest.raises(BlobError, match="refused or does not hold it"):
+            await svc[1].fetch(digest, len(data), [peer(pub)], timeout=10)
+        with pytest.raises(BlobError, match="refused"):
+            await svc[1].fetch(digest, len(data), [peer(pub)], token=b"x" * 16, timeout=10)
+        with pytest.raises(BlobError, match="refused"):  # the right token, the wrong peer
+            await svc[2].fetch(digest, len(data), [peer(pub)], token=token, timeout=10)
+        assert svc[0].stats.refused["not authorized"] == 3
+        got = await svc[1].fetch(digest, len(data), [pub.listen_addrs()[0]], token=token)
+        assert got == data and not svc[1].cache.is_public(digest)
+        assert penalty(pub, worker) == 0 and penalty(pub, other) == 0
+        # a worker never serves an input on: it holds it privately, with no authorizer
+        with pytest.raises(BlobError, match="refused"):
+            await svc[2].fetch(digest, len(data), [worker.listen_addrs()[0]], token=token,
+                               timeout=10)
+
+
+async def liar(stream, mode: str, digest: bytes, model: bytes, identity) -> None:
+    """A hostile holder: answers with well-signed chunks that break the rules."""
+    raw = await streams.read_envelope(stream, 2048, 5)
+    req = open_envelope(raw, NETWORK).body
+    size = len(model)
+    data = hashlib.shake_256(b"lies").digest(size) if mode == "garbage" else model
+    offsets = list(range(req.offset, size, 256 * KiB))
+    if mode == "gap":
+        offsets = offsets[:1] + [o + 1000 for o in offsets[1:]]
+    exp = int(time.time() * 1000) + 60_000
+    try:
+        for o in offsets:
+            piece = data[o:o + 256 * KiB]
+            if mode == "overrun" and o == offsets[-1]:
+                piece += b"extra"
+            chunk = BlobChunk(req_id=req.req_id, exp=exp, digest=digest, offset=o,
+                              total_size=size, data=piece)
+            await streams.write_envelope(stream, seal(chunk, identity, NETWORK), 5)
+    except Exception:  # noqa: BLE001 - the fetcher hangs up on us
+        pass
+    await streams.close_quietly(stream)
+
+
+async def test_resume_at_another_source_and_liars_are_penalised(tmp_path):
+    digest, model = make_blob(b"resume", 1000 * KiB)
+    async with fleet(4) as meshes:
+        a, b, c, d = meshes
+        svc = services(meshes, tmp_path)
+        for s in (svc[0], svc[2]):
+            s.cache.put(digest, model, public=True)
+        budget = [3 * 256 * KiB]  # A's transfer cap runs out after three chunks
+
+        def may_send(n: int) -> bool:
+            budget[0] -= n
+            return budget[0] >= 0
+
+        svc[0].may_send = may_send
+        got = await svc[1].fetch(digest, len(model), [peer(a), addr(c)], public=True)
+        assert got == model
+        assert [(s.offset, s.sent) for s in svc[0].stats.recent] == [(0, 3 * 256 * KiB)]
+        assert [(s.offset, s.sent) for s in svc[2].stats.recent] == [
+            (3 * 256 * KiB, len(model) - 3 * 256 * KiB)]
+        assert penalty(b, a) == 0 and penalty(b, c) == 0
+
+        # a corrupt file at a source is refused there, not sent (and costs nobody)
+        (svc[2].cache.root / "blobs" / digest.hex()).write_bytes(b"?" * len(model))
+        svc[1].cache.remove(digest)
+        with pytest.raises(BlobError, match="refused or does not hold it"):
+            await svc[1].fetch(digest, len(model), [addr(c)], public=True, timeout=10)
+        assert not svc[2].cache.has(digest) and penalty(b, c) == 0
+
+        # liars: D's handler breaks the rules; each time the fetch falls back to C
+        svc[2].cache.put(digest, model, public=True)
+        # (why the liar failed, where C resumed: a garbage blob starts over, bytes that
+        # arrived intact before a broken chunk are kept)
+        expected = {"garbage": ("hash to", 0), "gap": ("not contiguous", 256 * KiB),
+                    "overrun": ("past the size", 768 * KiB)}
+        for mode, (why, resumed_at) in expected.items():
+            d.set_handler("blob", lambda s, m=mode: liar(s, m, digest, model, d.identity))
+            svc[1].cache.remove(digest)
+            before = penalty(b, d)
+            assert await svc[1].fetch(digest, len(model), [addr(d), addr(c)], public=True) == model
+            assert penalty(b, d) > before, (mode, svc[1].stats.last_failures)
+            assert why in " ".join(svc[1].stats.last_failures), mode
+            assert svc[2].stats.recent[-1].offset == resumed_at, mode
+        assert penalty(b, c) == 0
+
+
+async def test_oversized_and_unsigned_requests_cost_the_requester(tmp_path):
+    digest, model = make_blob(b"x", 10 * KiB)
+    async with fleet(2) as (a, b):
+        svc = services([a], tmp_path)[0]
+        svc.cache.put(digest, model, public=True)
+        stream = await b.open_stream(peer(a), "blob")
+        await streams.write_envelope(stream, b"\x00" * 5000)  # over the request cap
+        with pytest.raises(streams.StreamError):
+            await streams.read_envelope(stream, 1000, 5)
+        await wait_until(lambda: penalty(a, b) > 0)
+        stream = await b.open_stream(peer(a), "blob")
+        await streams.write_envelope(stream, b"not an envelope")
+        await stream.close_write()
+        with pytest.raises(streams.StreamError):
+            await streams.read_envelope(stream, 1000, 5)
+        await wait_until(lambda: penalty(a, b) > 15)  # two offences of 10
+        assert svc.stats.served_requests == 0
+
+
+async def test_a_peer_gets_at_most_four_streams_at_once(tmp_path):
+    digest, model = make_blob(b"y", 10 * KiB)
+    async with fleet(2) as (a, b):
+        svc = services([a], tmp_path, read_timeout=1.0)[0]
+        svc.cache.put(digest, model, public=True)
+        fetcher = BlobService(b, BlobCache(tmp_path / "fetcher", 10**6))
+        stalled = [await b.open_stream(peer(a), "blob") for _ in range(4)]
+        for st in stalled:  # a byte, so each stream reaches the handler, then silence
+            await st.write(b"\x80")
+        await wait_until(lambda: sum(svc._serving.values()) == 4)
+        with pytest.raises(BlobError, match="refused"):
+            await fetcher.fetch(digest, len(model), [peer(a)], public=True, timeout=5)
+        assert svc.stats.refused["busy"] == 1
+        await wait_until(lambda: not svc._serving)  # the stalled ones time out after 1 s
+        assert await fetcher.fetch(digest, len(model), [peer(a)], public=True) == model
+
+
+def test_chunk_sealer_matches_seal():
+    from p2pfleet.identity import Identity
+    from p2pfleet.net.blobs import ChunkSealer
+
+    ident = Identity.from_seed(b"sealer")
+    chunk = BlobChunk(req_id=b"r" * 16, exp=123, digest=b"d" * 32, offset=5, total_size=9,
+                      data=b"four")
+    assert ChunkSealer(ident, NETWORK).seal(chunk) == seal(chunk, ident, NETWORK)
