@@ -223,6 +223,9 @@ class NodeSettings:
         60.0, "Delay joining the mesh by a random 0..this many seconds after the car becomes "
         "eligible, so the public record is no precise log of when the car is home.",
         min=0, max=3600)
+    blob_cache_mb: int = _setting(
+        2048, "Most disk space (MiB) for cached models, inputs and outputs in the data "
+        "dir's cache/; the least recently used go first, never those in use.", min=16)
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,13 @@ class PublishersSettings:
     unpaid_cap: int = _setting(
         1000, "Stop working for a publisher once this much work (credit units) is "
         "delivered but not yet paid by a receipt.", min=0)
+    retry_base_s: float = _setting(
+        60.0, "Resend an undelivered result after this long at first, seconds; doubling up "
+        "to 4 h. Also the first back-off after a publisher had no work.", min=0.1, max=14400)
+    unpaid_time_cap_h: float = _setting(
+        4.0, "Also stop working for a publisher once this much compute time (hours) is "
+        "delivered but not yet paid by a receipt (a publisher could promise tiny credit).",
+        min=0)
 
 
 @dataclass(frozen=True)

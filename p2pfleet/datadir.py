@@ -7,6 +7,8 @@ Layout (the directory itself is 0700)::
       config.toml     the node's configuration (`p2pfleet.config`), fully commented
       key             the node's Ed25519 key, 0600 (`p2pfleet.identity.save_key/load_key`)
       state.sqlite    seen messages and record sequences (`p2pfleet.store.state.NodeState`)
+      ledger.sqlite   leases, reports, receipts and energy per publisher
+                      (`p2pfleet.store.ledger.Ledger`)
       node.lock       held with flock(2) by the process using the directory; holds its pid
       logs/           log files
       cache/          downloaded models and blobs (safe to delete while the node is stopped)
@@ -57,6 +59,7 @@ FORMAT_NAME = "FORMAT"
 CONFIG_NAME = "config.toml"
 KEY_NAME = "key"
 STATE_NAME = "state.sqlite"
+LEDGER_NAME = "ledger.sqlite"
 LOCK_NAME = "node.lock"
 LOGS_NAME = "logs"
 CACHE_NAME = "cache"
@@ -67,6 +70,7 @@ RETIRED_NAME = "keys-retired"
 LAYOUT_NAMES = frozenset({
     FORMAT_NAME, CONFIG_NAME, KEY_NAME, STATE_NAME, STATE_NAME + "-wal", STATE_NAME + "-shm",
     LOCK_NAME, LOGS_NAME, CACHE_NAME, ROTATIONS_NAME, RETIRED_NAME,
+    LEDGER_NAME, LEDGER_NAME + "-wal", LEDGER_NAME + "-shm",
 })
 _SUBDIRS = (LOGS_NAME, CACHE_NAME, ROTATIONS_NAME, RETIRED_NAME)
 
@@ -205,6 +209,10 @@ class DataDir:
     @property
     def state_file(self) -> Path:
         return self.root / STATE_NAME
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / LEDGER_NAME
 
     @property
     def lock_file(self) -> Path:

@@ -100,6 +100,7 @@ def version(app: App) -> None:
 def _register() -> None:
     from .cmd_config import config_group
     from .cmd_key import key_group
+    from .cmd_ledger import ledger_group
     from .cmd_node import node_group, peers_command, record_command
 
     cli.add_command(node_group)
@@ -107,6 +108,9 @@ def _register() -> None:
     cli.add_command(record_command)
     cli.add_command(key_group)
     cli.add_command(config_group)
+    from .cmd_explore import explore_command
+    cli.add_command(explore_command)
+    cli.add_command(ledger_group)
 
 
 _register()
