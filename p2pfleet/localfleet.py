@@ -1,8 +1,8 @@
 """A local fleet of real `p2pfleet node start` processes on loopback.
 
-Used by `make demo`, the mesh benchmark and the system tests. Node i listens on
-127.0.0.<i+1> (distinct addresses, so per-prefix rules see distinct peers) on a port the
-OS picks; node 0 starts first and the others bootstrap from it. Each node has its own data
+Used by `make demo`, the benchmarks and the system tests. Node i listens on
+127.0.<i+1>.1 (distinct /24 network prefixes, so publishers' one-replica-per-prefix rule
+sees distinct peers; `ip` puts several nodes behind one prefix) on a port the OS picks; node 0 starts first and the others bootstrap from it. Each node has its own data
 dir under `root`; settings are passed as `-s section.key=value` overrides. Nodes are asked
 for their state through their control sockets.
 """
@@ -45,6 +45,8 @@ class LocalNode:
     settings: dict[str, str]
     trace: str | None = None
     trace_speedup: float | None = None
+    args: tuple[str, ...] = ()  # more `node start` options, e.g. ("--cheat", "fp16")
+    ip: str = ""  # listen address; default 127.0.<index+1>.1
     proc: subprocess.Popen | None = None
     peer_id: str = ""
     addr: str = ""
@@ -52,6 +54,7 @@ class LocalNode:
 
     def __post_init__(self) -> None:
         self.log_path = self.data_dir.parent / f"node-{self.index}.out"
+        self.ip = self.ip or f"127.0.{self.index + 1}.1"
 
     @property
     def control(self) -> Path:
@@ -73,13 +76,14 @@ class LocalNode:
         cmd = [*P2PFLEET, "--data-dir", str(self.data_dir)]
         for key, value in self.settings.items():
             cmd += ["-s", f"{key}={value}"]
-        cmd += ["node", "start", "--listen", f"/ip4/127.0.0.{self.index + 1}/tcp/0"]
+        cmd += ["node", "start", "--listen", f"/ip4/{self.ip}/tcp/0"]
         for addr in bootstrap:
             cmd += ["--bootstrap", addr]
         if self.trace:
             cmd += ["--vehicle-trace", self.trace]
         if self.trace_speedup:
             cmd += ["--trace-speedup", str(self.trace_speedup)]
+        cmd += list(self.args)
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})

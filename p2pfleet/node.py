@@ -12,12 +12,15 @@ every state change. The owner controls the node through a unix socket (`p2pfleet
 status, peers, pause, resume, stop (now or after the current shard). SIGINT and SIGTERM stop
 it the same way: publish the leaving record, close the host, exit within a few seconds.
 
-Execution of shards comes with the execution and verified-work issues; until then the node
-computes nothing, and its record says "available" while it may compute.
+While the policy lets the car compute, the worker (`p2pfleet.worker`) pulls leases from the
+publishers the owner chose, runs them in a sandbox child per publisher (`p2pfleet.exec`),
+reports results and keeps receipts in the ledger (`store.ledger`); a stop hands back the
+finished micro-batches before the node leaves the mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import ipaddress
 import logging
@@ -43,7 +46,10 @@ from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
 from .net.mesh import Mesh, MeshError, MeshSettings
+from .net.info import InfoFacts, info_handler
 from .store.state import NodeState
+from .worker import Worker, WorkerSettings
+from .core.worker import HeardJob
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
 from .wire.envelope import seal
 from .wire.kinds import Capacity
@@ -55,6 +61,13 @@ ORT_VERSION = importlib.metadata.version("onnxruntime")  # without importing it 
 LEAVE_TIMEOUT_S = 3.0  # how long a leaving node may spend publishing its leaving record
 POLL_S = 5.0  # observe the car at least this often
 MAX_JOBS_HELD = 256  # job announcements remembered
+
+
+def _hand_back_reason(code: str) -> str:
+    """The hand_back reason for the policy condition that stopped the node."""
+    if code in ("unplugged", "departure"):
+        return code
+    return "policy"
 
 
 class NodeError(Exception):
@@ -144,7 +157,8 @@ class Node:
                  control_path: Path | None = None, provider: Any = None,
                  bootstrap: tuple[str, ...] = (), listen: tuple[str, ...] | None = None,
                  rng: random.Random | None = None, clock: Any = time.time,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, ledger_path: Path | None = None,
+                 cheat: str = ""):
         self.identity = identity
         self.config = config
         self.cache_dir = cache_dir
@@ -174,6 +188,11 @@ class Node:
         self.traffic = traffic.install()
         self.metrics_addr: tuple[str, int] | None = None
         self._traffic_reported = self.traffic.total
+        self._energy_pending_wh = 0.0
+        self.ledger_path = ledger_path
+        self.cheat = cheat
+        self.worker: Worker | None = None
+        self.blob_cache: Any = None
 
     # --- hardware ------------------------------------------------------------------------
     async def measure_hardware(self) -> None:
@@ -240,6 +259,9 @@ class Node:
                 delay = self.rng.uniform(0, self.config.node.state_jitter_s)
                 await trio.sleep(delay)
                 mesh = Mesh(self.identity, self.mesh_settings, self.state, clock=self.clock)
+                blobs = self._blob_service(mesh)
+                if self.config.node.info_opt_in:  # else the info protocol is not offered
+                    mesh.set_handler("info", self._info_handler())
                 async with trio.open_nursery() as nursery:
                     await nursery.start(mesh.run)
                     self.mesh = mesh
@@ -247,11 +269,13 @@ class Node:
                     self.status.mesh_joins += 1
                     self._note("joined the mesh")
                     nursery.start_soon(self._hear_jobs, mesh)
+                    if self.worker is not None and blobs is not None:
+                        await nursery.start(self.worker.run, mesh, blobs, self.heard_jobs)
                     await self.publish_capacity("available")  # stored locally at least
                     with trio.move_on_after(self.config.records.republish_s):
                         await mesh.first_peer.wait()
                     while True:  # now it reaches the peers closest to our key
-                        await self.publish_capacity("available")
+                        await self.publish_capacity(self.coarse_state())
                         # jittered, so republishing is no clock others can read a car by
                         await trio.sleep(self.config.records.republish_s * self.rng.uniform(0.9, 1.1))
         finally:
@@ -259,6 +283,80 @@ class Node:
             self.status.in_mesh = False
             self._mesh_scope = None
             done.set()
+
+    def _info_handler(self) -> Any:
+        """Answer explorers' `info` streams with a signed node_info (net/info.py)."""
+        def facts() -> InfoFacts:
+            w = self.worker
+            state = "available" if self.status.record_state == "offline" else self.status.record_state
+            return InfoFacts(sw_version=__version__, state=state,
+                             uptime_s=self.clock() - self.status.started_at,
+                             shards_done=w.stats.shards_done if w else 0,
+                             results_accepted=w.stats.receipts if w else 0)
+        return info_handler(self.identity, self.config.node.network, facts,
+                            next_seq=lambda now_ms: self.state.next_sequence("node_info", now_ms),
+                            clock=self.clock)
+
+    def _blob_service(self, mesh: Mesh) -> Any:
+        if self.blob_cache is None or self.worker is None:
+            return None
+        from .net.blobs import BlobService
+
+        service = BlobService(mesh, self.blob_cache, authorize=self.worker.authorize_blob)
+        service.install()
+        return service  # its run() (re-announcing models) starts with the worker
+
+    def coarse_state(self) -> str:
+        """The public state: "busy" while a shard runs, else "available" (only at republish
+        time, so the record is no precise log of the car's work)."""
+        return "busy" if self.worker is not None and self.worker.running else "available"
+
+    def heard_jobs(self) -> list[HeardJob]:
+        """Announcements heard that have not expired, for the worker to choose from."""
+        now_ms = int(self.clock() * 1000)
+        out = []
+        for held in self.jobs.values():
+            opened = held["opened"]
+            body = opened.body
+            if body.exp <= now_ms:
+                continue
+            out.append(HeardJob(publisher=opened.signer, job_id=body.job_id,
+                                shards_left=body.shards_left, requirements=body.requirements,
+                                heard_at=held["heard_at"], addrs=tuple(body.addrs)))
+        return out
+
+    def offer(self) -> dict:
+        """The capacity fields a work request states."""
+        hw = self.config.hardware
+        return {"hw_class": self.hw_class, "ort_version": ORT_VERSION, "bench": float(self.bench),
+                "cores": hw.cores or (os.cpu_count() or 1), "memory_mb": hw.memory_mb or memory_mb(),
+                "providers": (CPU_PROVIDER,)}
+
+    def _make_worker(self, pool: Any) -> Worker:
+        from .store.blobcache import BlobCache
+        from .store.ledger import Ledger
+
+        c = self.config
+        self.ledger = Ledger(self.ledger_path)
+        blob_mb = getattr(c.node, "blob_cache_mb", 1024)
+        self.blob_cache = BlobCache(self.cache_dir / "blobs", int(blob_mb) * 2**20)
+        settings = WorkerSettings(
+            network=c.node.network, allow=tuple(key_from_peer_id(p) for p in c.publishers.allow),
+            serve_anyone=c.publishers.serve_anyone, unpaid_cap=c.publishers.unpaid_cap,
+            unpaid_cap_elapsed_ms=int(c.publishers.unpaid_time_cap_h * 3_600_000),
+            retry_base_s=c.publishers.retry_base_s, backoff_base_s=c.publishers.retry_base_s,
+            power_w=c.policy.power_w, cheat=self.cheat)
+        if self.cheat:
+            log.warning("this node CHEATS (%s): for demos and tests of verification only",
+                        self.cheat)
+
+        def used(wh: float) -> None:
+            self._energy_pending_wh += wh
+            self._wake.set()
+
+        return Worker(self.identity, settings, self.ledger, self.blob_cache, pool,
+                      offer=self.offer, clock=self.clock, rng=random.Random(self.rng.random()),
+                      on_energy=used, note=self._note)
 
     async def _hear_jobs(self, mesh: Mesh) -> None:
         """Keep the announcements heard (newest per publisher and job), for choosing work."""
@@ -310,8 +408,15 @@ class Node:
                 await self._leave_mesh(may_send=eff.flush_byte_cap > 0)
             elif isinstance(eff, P.StartComputing):
                 self._note(f"computing allowed: {eff.threads} threads, {eff.cpu_share:g} CPU share")
+                if self.worker is not None:
+                    self.worker.allow(eff.threads, eff.cpu_share)
             elif isinstance(eff, P.StopComputing):
                 self._note(f"computing stopped: {eff.reason}")
+                if self.worker is not None:
+                    if eff.hand_back:
+                        await self.worker.halt(_hand_back_reason(eff.code), hand_back=True)
+                    else:  # let the running shard finish; stop asking for more
+                        nursery.start_soon(self.worker.halt, "policy", False)
             elif isinstance(eff, P.WakeAt):
                 wake = eff.at if wake is None else min(wake, eff.at)
         return wake
@@ -324,6 +429,9 @@ class Node:
             if moved > 0:  # counts toward the daily transfer cap
                 self._traffic_reported += moved
                 await self._apply(nursery, self._feed(P.BytesTransferred(now, moved)))
+            if self._energy_pending_wh > 0:  # counts toward the daily energy budget
+                used, self._energy_pending_wh = self._energy_pending_wh, 0.0
+                await self._apply(nursery, self._feed(P.EnergyUsed(now, used)))
             vehicle = self.provider.state_at(now)
             wake = await self._apply(nursery, self._feed(P.StateObserved(now, vehicle, utc_offset_s(now))))
             if wake is not None:
@@ -360,6 +468,7 @@ class Node:
             "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
             "peers": len(self.mesh.connected_peers()) if self.mesh else 0,
             "jobs_heard": len(self.jobs),
+            "work": self.work_report(),
             "metrics_addr": "%s:%d" % self.metrics_addr if self.metrics_addr else None,
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
@@ -368,6 +477,14 @@ class Node:
             "last_error": self.status.last_error,
             "history": [[t, what] for t, what in self.status.history[-10:]],
         }
+
+    def work_report(self) -> dict | None:
+        if self.worker is None:
+            return None
+        w = self.worker
+        return {**dataclasses.asdict(w.stats), "computing": w.computing,
+                "running": [{"lease_id": r.lease.lease_id.hex(), "job_id": r.lease.job_id.hex(),
+                             "shard": r.lease.shard} for r in w.running.values()]}
 
     async def _control(self, request: dict, nursery: trio.Nursery) -> dict:
         cmd = request["cmd"]
@@ -441,6 +558,8 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        if self.worker is not None:
+            await self.worker.halt("shutdown", hand_back=True, timeout=LEAVE_TIMEOUT_S)
         await self._leave_mesh()
         self._root.cancel_scope.cancel()
 
@@ -454,6 +573,21 @@ class Node:
 
     async def run(self, *, handle_signals: bool = True,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped. With a ledger and a cache the node computes (a sandbox pool,
+        the worker); without, it only takes part in the mesh."""
+        if self.ledger_path is None or self.cache_dir is None:
+            await self._run(handle_signals, task_status)
+            return
+        from .exec.sandbox import SandboxConfig, open_sandbox_pool
+
+        async with open_sandbox_pool(SandboxConfig()) as pool:
+            self.worker = self._make_worker(pool)
+            try:
+                await self._run(handle_signals, task_status)
+            finally:
+                self.ledger.close()
+
+    async def _run(self, handle_signals: bool, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
             self._root = nursery
             if handle_signals:

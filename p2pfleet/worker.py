@@ -162,6 +162,7 @@ class Worker:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._outbox_loop)
+                nursery.start_soon(blobs.run)  # re-announces the models this node provides
                 nursery.start_soon(self._work_loop)
                 task_status.started()
         finally:
@@ -270,7 +271,8 @@ class Worker:
             mesh.penalize(peer, "invalid-message", f"lease batch: {exc.reason}")
             return []
         self.backoff.got_work(job.publisher)
-        self.ledger.add_leases(job.publisher, opened, int(self.clock() * 1000))
+        new = set(self.ledger.add_leases(job.publisher, opened, int(self.clock() * 1000)))
+        leases = [lease for lease in leases if lease.lease_id in new]  # never run one twice
         self.stats.leases += len(leases)
         return [(lease, job.publisher) for lease in leases]
 

@@ -104,7 +104,7 @@ class Bench:
                 "lookups": args.lookups or "all pairs", "seed": args.seed,
                 "idle_window_s": args.idle_s, "settle_s": args.settle_s, "quick": args.quick,
                 "start_batch": args.start_batch,
-                "network": NETWORK, "transport": "TCP on loopback, node i on 127.0.0.<i+1>",
+                "network": NETWORK, "transport": "TCP on loopback, node i on 127.0.<i+1>.1",
                 "dht": {"k": dht_lookup.K, "alpha": dht_lookup.ALPHA,
                         "query_timeout_s": dht_lookup.QUERY_TIMEOUT_S},
                 "node_settings": {**self.fleet.nodes[0].settings},
@@ -774,7 +774,7 @@ class Bench:
         if sources == ["127.0.0.1"] or boot_fail:
             out["fleet_start"] = (
                 "Every accepted loopback connection comes from source address "
-                f"{', '.join(sources or ['?'])}: nodes listen on 127.0.0.<i+1> but dial without "
+                f"{', '.join(sources or ['?'])}: nodes listen on 127.0.<i+1>.1 but dial without "
                 "binding a source address, so the kernel uses 127.0.0.1 for all of them. "
                 "Mesh fix 8 (libp2p_fixes.limit_inbound_per_ip: at most 4 handshakes in "
                 "progress and 16 inbound connections per source IP) therefore sees the whole "
