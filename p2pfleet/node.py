@@ -231,7 +231,8 @@ class Node:
             memory_mb=hw.memory_mb or memory_mb(),
             bench=float(f"{self.bench:.2g}"),  # coarse: a precise figure fingerprints the car
             providers=(CPU_PROVIDER,),
-            ort_version=ORT_VERSION, slots=1, addrs=addrs,
+            ort_version=ORT_VERSION, slots=self.worker.settings.slots if self.worker else 1,
+            addrs=addrs,
         )
         self.status.last_record_seq = seq
         return seal(body, self.identity, self.config.node.network)
@@ -409,6 +410,7 @@ class Node:
             elif isinstance(eff, P.StartComputing):
                 self._note(f"computing allowed: {eff.threads} threads, {eff.cpu_share:g} CPU share")
                 if self.worker is not None:
+                    self.sandbox_pool.set_cpu_share(eff.cpu_share)
                     self.worker.allow(eff.threads, eff.cpu_share)
             elif isinstance(eff, P.StopComputing):
                 self._note(f"computing stopped: {eff.reason}")
@@ -578,9 +580,10 @@ class Node:
         if self.ledger_path is None or self.cache_dir is None:
             await self._run(handle_signals, task_status)
             return
-        from .exec.sandbox import SandboxConfig, open_sandbox_pool
+        from .exec.sandbox import open_sandbox_pool, sandbox_config
 
-        async with open_sandbox_pool(SandboxConfig()) as pool:
+        async with open_sandbox_pool(sandbox_config(self.config)) as pool:
+            self.sandbox_pool = pool
             self.worker = self._make_worker(pool)
             try:
                 await self._run(handle_signals, task_status)

@@ -96,6 +96,7 @@ class WorkerSettings:
     max_model_bytes: int = 256 * 1024 * 1024
     max_input_bytes: int = 256 * 1024 * 1024
     power_w: float = 60.0
+    slots: int = 4  # leases asked for at once (run one after another): fewer round trips
     cheat: str = ""  # demos and tests of verification only: "fp16" rounds the model's weights
 
 
@@ -222,7 +223,7 @@ class Worker:
             req_id=os.urandom(16), exp=now_ms + REQUEST_LIFETIME_MS, job_id=job.job_id,
             hw_class=offer["hw_class"], sw_version=__version__, ort_version=offer["ort_version"],
             bench=offer["bench"], cores=offer["cores"], memory_mb=offer["memory_mb"],
-            providers=tuple(offer["providers"]), free_slots=1)
+            providers=tuple(offer["providers"]), free_slots=self.settings.slots)
         self.stats.requests += 1
         peer = await self._ensure_connected(job)
         try:
@@ -311,19 +312,13 @@ class Worker:
                     [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
                     public=False)
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
+                log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
                 await self._fail(lease, publisher, "fetch_failed", str(exc))
                 return
             try:
                 inputs = decode_tensors(raw_input)
             except EncodingError as exc:
                 await self._fail(lease, publisher, "input_error", f"input blob: {exc}")
-                return
-            expected = None
-            try:
-                expected = await self._validate(model, {n: a.shape for n, a in inputs.items()},
-                                                publisher)
-            except _Refused as exc:
-                await self._fail(lease, publisher, "invalid_model", str(exc))
                 return
             run_model, run_lease = model, lease
             if s.cheat == "fp16":
@@ -335,10 +330,13 @@ class Worker:
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(progress.run)
+                # validates the model in the child first (its memory limit bounds the cost)
                 outcome = await run_shard(sandbox, run_lease, run_model, inputs,
                                           threads=self.threads, on_progress=progress.update,
-                                          stop=running.stop, expected_outputs=expected)
+                                          stop=running.stop)
                 nursery.cancel_scope.cancel()
+            if outcome.rule is None and outcome.reason != "invalid_model":
+                self._keep_model(lease.model_digest, model)
             energy_mwh = self._account_energy(publisher, outcome.compute_s or
                                               (trio.current_time() - started))
             if running.cancelled:
@@ -362,28 +360,13 @@ class Worker:
                                            public=True, use_providers=True)
         return model
 
-    async def _validate(self, model: bytes, shapes: dict, publisher: bytes) -> Any:
-        """Validate in the publisher's sandbox child where the sandbox offers it (the child's
-        memory limit then bounds what validating a hostile model can cost)."""
-        from .exec.validate import ModelRefused, validate_model
-
-        sandbox = await self.pool.get(publisher)
-        validate = getattr(sandbox, "validate", None)
-        try:
-            if validate is not None:
-                validated = await validate(model, shapes)
-            else:
-                validated = validate_model(model, shapes)
-        except ModelRefused as exc:
-            raise _Refused(f"{exc.rule}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - a SandboxFailure while validating
-            raise _Refused(f"{getattr(exc, 'reason', 'crash')}: {exc}") from None
-        digest = hashlib.sha256(model).digest()
+    def _keep_model(self, digest: bytes, model: bytes) -> None:
+        """A model that passed validation is cached and offered to other nodes (models
+        spread car to car, specs/work-and-leases.md, section 5)."""
         if not self.cache.has(digest):
             self.cache.put(digest, model, public=True)
         if self.blobs is not None:
             self._nursery.start_soon(self._provide, digest)
-        return getattr(validated, "outputs", None)
 
     async def _provide(self, digest: bytes) -> None:
         try:
@@ -575,10 +558,6 @@ class Worker:
             running.stop.set()
             self.note(f"lease {lease_id.hex()[:16]} cancelled by its publisher: {body.reason}")
         return True
-
-
-class _Refused(Exception):
-    pass
 
 
 _HAND_BACK_REASONS = {"unplugged", "departure", "policy", "shutdown", "overloaded"}

@@ -1,8 +1,18 @@
-"""Measure the sandboxed runner: child start time, per-shard and per-micro-batch overhead
-against onnxruntime run in-process, output digests per optimisation level, and the
-hardware profile.
+"""Measure the sandboxed runner against plain onnxruntime, in one run on the same cores.
 
-    .venv/bin/python tools/bench_exec.py [--samples 4096] [--micro-batch 64] [--json FILE]
+Per model (the scikit-learn digits classifier, magika's model from its wheel, a
+784-1024-1024-10 MLP built with onnx.helper; p2pfleet/zoo.py):
+samples/s of `run_shard` in a warm sandbox child (validation cached, session loaded; the
+whole call: feeding micro-batches over the pipe, per-batch digests, the canonical outputs
+blob) against an onnxruntime session in this process running the same micro-batches with
+the same threads and optimisation level (`ratio`), and against that session plus the
+digests and outputs blob a node must make anyway (`ratio_vs_plain_with_digests`),
+alternated run by run; validation time in this
+process and in the child; the child's memory after loading the model. Also: child start
+time and memory, the CPU-share duty cycle (share 0.5 of one core), the hardware profile.
+JSON on stdout (and in --json FILE).
+
+    .venv/bin/python tools/bench_exec.py [--threads 2] [--repeat 7] [--cpus 0,1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -10,6 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -17,127 +29,193 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT,):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
-import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import trio  # noqa: E402
 
-from p2pfleet.exec.hwclass import fixed_floats, measure, reference_model  # noqa: E402
-from p2pfleet.exec.outputs import compare_outputs, concat_batches, decode_tensors, tensors_digest  # noqa: E402
+from p2pfleet.zoo import MODELS  # noqa: E402
+from p2pfleet.exec.hwclass import measure  # noqa: E402
+from p2pfleet.exec.outputs import concat_batches, encode_tensors, tensors_digest  # noqa: E402
 from p2pfleet.exec.runner import plan_batches, run_shard  # noqa: E402
-from p2pfleet.exec.sandbox import SandboxConfig, open_sandbox_pool  # noqa: E402
-from p2pfleet.wire.kinds import OPT_LEVELS, Lease  # noqa: E402
+from p2pfleet.exec.sandbox import SandboxConfig, _proc_cpu_s, open_sandbox_pool  # noqa: E402
+from p2pfleet.exec.validate import validate_model  # noqa: E402
+from p2pfleet.wire.kinds import Lease  # noqa: E402
 
-LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+#: model -> (samples per shard, micro-batch): a shard of ~0.05-1 s.
+SHARDS = {"digits": (65536, 4096), "digits@64": (8192, 64), "magika": (256, 64),
+          "mlp784": (4096, 64)}
 
 
-def lease(model: bytes, samples: int, mb: int, level: str = "all") -> Lease:
+def lease(model: bytes, samples: int, mb: int) -> Lease:
     return Lease(lease_id=b"b" * 16, job_id=b"j" * 16, shard=0,
                  model_digest=hashlib.sha256(model).digest(), model_size=len(model),
                  input_digest=b"\0" * 32, input_size=0, input_sources=(), token=b"t" * 16,
-                 deadline_ms=600_000, micro_batch=mb, opt_level=level,
+                 deadline_ms=600_000, micro_batch=mb, opt_level="all",
                  provider="CPUExecutionProvider", ort_versions="", samples=samples,
                  first_batch=0, credit=1)
 
 
-def in_process(model: bytes, x: np.ndarray, mb: int, threads: int, level: str = "all"):
+def session(model: bytes, threads: int):
     so = ort.SessionOptions()
-    so.graph_optimization_level = LEVELS[level]
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.use_deterministic_compute = True
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def proc_mem_mb(pid: int) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "VmPeak"):
+                    out[key] = round(int(rest.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+async def bench_model(pool, key: str, threads: int, repeat: int) -> dict:
+    name = key.split("@")[0]
+    model, input_name, make_inputs = MODELS[name]()
+    samples, mb = SHARDS[key]
+    x = make_inputs(samples)
+    inputs = {input_name: x}
+    res: dict = {"model_bytes": len(model), "samples": samples, "micro_batch": mb}
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    t_load = time.perf_counter() - t0
+    for _ in range(3):
+        validate_model(model, {input_name: (mb, *x.shape[1:])})
+    res["validate_in_process_ms"] = round((time.perf_counter() - t0) / 3 * 1000, 2)
+    box = await pool.get(key.encode())
+    await box.start()
+    t0 = trio.current_time()
+    await box.validate(model, {input_name: (mb, *x.shape[1:])})
+    res["validate_in_child_ms"] = round(box.last_validate_ms, 2)
+    res["validate_in_child_wall_ms"] = round((trio.current_time() - t0) * 1000, 2)
+
+    sess = session(model, threads)
     names = [o.name for o in sess.get_outputs()]
-    t0 = time.perf_counter()
-    batches = [dict(zip(names, sess.run(None, {"x": x[a:b]}))) for _k, a, b in plan_batches(len(x), mb)]
-    digest = tensors_digest(concat_batches(batches))
-    return t_load, time.perf_counter() - t0, digest
+    plan = plan_batches(samples, mb)
+
+    def plain() -> tuple[float, float, bytes]:
+        """(onnxruntime alone, + what a node must add: batch digests and the canonical
+        outputs blob with its digest, as run_shard makes them) seconds, digest."""
+        t = time.perf_counter()
+        batches = [dict(zip(names, sess.run(None, {input_name: x[a:b]}))) for _k, a, b in plan]
+        elapsed = time.perf_counter() - t
+        digests = [tensors_digest(b) for b in batches]
+        blob = encode_tensors(concat_batches(batches))
+        digest = hashlib.sha256(blob).digest()
+        assert len(digests) == len(plan)
+        return elapsed, time.perf_counter() - t, digest
+
+    le = lease(model, samples, mb)
+    cold = await run_shard(box, le, model, inputs, threads=threads)
+    assert cold.status == "done", cold
+    res["sandbox_load_ms"] = round(cold.load_ms, 1)
+    res["child_mem_after_load_mb"] = proc_mem_mb(box.pid)
+    plain()  # warm-up
+    t_plain, t_plain_d, t_box = [], [], []
+    digest = None
+    for _ in range(repeat):
+        t, td, digest = plain()
+        t_plain.append(t)
+        t_plain_d.append(td)
+        t0 = trio.current_time()
+        r = await run_shard(box, le, model, inputs, threads=threads)
+        t_box.append(trio.current_time() - t0)
+        assert r.status == "done" and r.output_digest == cold.output_digest, (r.status, r.reason, r.detail, r.done)
+    res["plain_samples_per_s"] = round(samples / statistics.median(t_plain))
+    res["sandbox_samples_per_s"] = round(samples / statistics.median(t_box))
+    res["plain_with_digests_samples_per_s"] = round(samples / statistics.median(t_plain_d))
+    res["ratio"] = round(statistics.median(t_plain) / statistics.median(t_box), 3)
+    res["ratio_vs_plain_with_digests"] = round(statistics.median(t_plain_d) / statistics.median(t_box), 3)
+    res["digest_matches_plain"] = digest == cold.output_digest
+    await pool.close(key.encode())
+    return res
 
 
-async def sandboxed(args, model: bytes, x: np.ndarray) -> dict:
-    cfg = SandboxConfig(memory_mb=2048)
-    out: dict = {}
+async def bench_duty_cycle(threads_model: str = "mlp784", seconds: float = 3.0, nice: int = 0) -> dict:
+    """A busy child under cpu_share 0.5 of one core: CPU-seconds used per wall second."""
+    model, input_name, make_inputs = MODELS[threads_model]()
+    samples, mb = SHARDS[threads_model]
+    x = make_inputs(samples)
+    out = {}
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    for share in (1.0, 0.5, 0.25):
+        cfg = SandboxConfig(memory_mb=2048, cores=1, cpu_share=share, nice=nice)
+        async with open_sandbox_pool(cfg) as pool:
+            box = await pool.get(b"duty")
+            le = lease(model, samples, mb)
+            await run_shard(box, le, model, {input_name: x}, threads=1)
+            cpu0, t0, n = _proc_cpu_s(box.pid, tick), trio.current_time(), 0
+            while trio.current_time() - t0 < seconds:
+                r = await run_shard(box, le, model, {input_name: x}, threads=1)
+                assert r.status == "done"
+                n += samples
+            wall = trio.current_time() - t0
+            out[f"share_{share}"] = {"cpu_per_wall_s": round((_proc_cpu_s(box.pid, tick) - cpu0) / wall, 3),
+                                     "samples_per_s": round(n / wall), "stopped_s": round(box.stopped_s, 2)}
+    return out
+
+
+async def main_async(args) -> dict:
+    report: dict = {}
+    cfg = SandboxConfig(memory_mb=2048, nice=args.nice)
     async with open_sandbox_pool(cfg) as pool:
-        starts = []
+        starts, mems = [], []
         for i in range(args.starts):
             box = await pool.get(b"start-%d" % i)
             t0 = trio.current_time()
-            await box.start()
+            hello = await box.start()
             starts.append(trio.current_time() - t0)
+            mems.append(proc_mem_mb(box.pid))
             await pool.close(b"start-%d" % i)
-        out["child_start_ms"] = {"median": round(statistics.median(starts) * 1000, 1),
-                                 "max": round(max(starts) * 1000, 1)}
-        box = await pool.get(b"publisher")
-        await box.start()
-        le = lease(model, len(x), args.micro_batch)
-        cold = await run_shard(box, le, model, {"x": x}, threads=args.threads)
-        warm = []
-        for _ in range(args.repeat):
-            r = await run_shard(box, le, model, {"x": x}, threads=args.threads)
-            assert r.status == "done" and r.output_digest == cold.output_digest
-            warm.append(r)
-        out["sandbox_cold_shard_ms"] = cold.elapsed_ms
-        out["sandbox_load_ms"] = round(cold.load_ms, 1)
-        out["sandbox_warm_shard_ms"] = statistics.median(r.elapsed_ms for r in warm)
-        out["sandbox_compute_ms"] = round(statistics.median(r.compute_s for r in warm) * 1000, 1)
-        out["sandbox_digest"] = cold.output_digest.hex()
-        digests = {}
-        outputs = {}
-        for level in OPT_LEVELS:
-            r = await run_shard(box, lease(model, len(x), args.micro_batch, level), model, {"x": x},
-                                threads=args.threads)
-            digests[level] = r.output_digest.hex()[:16]
-            outputs[level] = decode_tensors(r.outputs)
-        out["digest_by_opt_level"] = digests
-        out["max_norm_error_vs_all"] = {lv: compare_outputs(outputs[lv], outputs["all"]).max_norm_error
-                                        for lv in OPT_LEVELS}
-        box2 = await pool.get(b"other-publisher")
-        r2 = await run_shard(box2, le, model, {"x": x}, threads=1)
-        out["second_child_same_digest"] = r2.output_digest == cold.output_digest
-        out["second_child_pid_differs"] = box2.pid != box.pid
-    return out
+        report["child"] = {"start_ms_median": round(statistics.median(starts) * 1000, 1),
+                           "start_ms_max": round(max(starts) * 1000, 1),
+                           "rss_mb_after_start": statistics.median(m.get("VmRSS", 0) for m in mems),
+                           "vm_peak_mb_after_start": statistics.median(m.get("VmPeak", 0) for m in mems),
+                           "net": hello.get("net"), "fs": hello.get("fs"), "user": hello.get("user"),
+                           "memory_limit_mb": cfg.memory_mb}
+        report["models"] = {}
+        for key in args.models.split(","):
+            report["models"][key] = await bench_model(pool, key, args.threads, args.repeat)
+            print(key, json.dumps(report["models"][key]), file=sys.stderr)
+    report["duty_cycle_1_core"] = await bench_duty_cycle(nice=args.nice)
+    return report
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--starts", type=int, default=5)
+    p.add_argument("--models", default="digits,digits@64,magika,mlp784")
+    p.add_argument("--cpus", default="", help="pin this process and its children, e.g. 0,1")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the children (a node uses 10; 0 compares like with like)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    model = reference_model()
-    x = fixed_floats("bench_exec_x", args.samples * 784).reshape(args.samples, 784)
-    report: dict = {"ort_version": ort.__version__, "model": "MLP 784-256-10",
-                    "samples": args.samples, "micro_batch": args.micro_batch, "threads": args.threads}
-    loads, runs, digest = [], [], None
-    for _ in range(args.repeat):
-        t_load, t_run, digest = in_process(model, x, args.micro_batch, args.threads)
-        loads.append(t_load)
-        runs.append(t_run)
-    report["in_process_load_ms"] = round(statistics.median(loads) * 1000, 1)
-    report["in_process_shard_ms"] = round(statistics.median(runs) * 1000, 1)
-    report["in_process_digest"] = digest.hex()
-    report.update(trio.run(sandboxed, args, model, x))
-    batches = len(plan_batches(args.samples, args.micro_batch))
-    over = report["sandbox_warm_shard_ms"] - report["in_process_shard_ms"]
-    report["warm_overhead_ms"] = round(over, 1)
-    report["overhead_per_micro_batch_us"] = round(over * 1000 / batches, 1)
-    report["digest_matches_in_process"] = report["in_process_digest"] == report["sandbox_digest"]
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    report: dict = {"ort_version": ort.__version__, "python": platform.python_version(),
+                    "machine": platform.machine(), "cpus": sorted(os.sched_getaffinity(0)),
+                    "threads": args.threads, "repeat": args.repeat, "child_nice": args.nice,
+                    "load_avg_1m_before": round(os.getloadavg()[0], 2), "as_root": os.geteuid() == 0}
+    report.update(trio.run(main_async, args))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         prof = measure(d, threads=1)
         report["hw_profile"] = {"hw_class": prof.hw_class.hex(), "bench_1_thread": prof.bench,
                                 "measure_s": round(time.perf_counter() - t0, 2)}
-        report["hw_profile"]["bench_2_threads"] = measure(d, threads=2).bench
+    report["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -1,5 +1,6 @@
-"""Running strangers' ONNX models: validation now; the sandboxed runner, hardware class and
-benchmark follow.
+"""Running strangers' ONNX models: validation (validate.py, limits.py), the sandbox
+(sandbox.py, child.py: one child per publisher; validation runs there too), the runner
+(runner.py), canonical outputs (outputs.py), hardware class and benchmark (hwclass.py).
 
 `validate_model(model_bytes, input_shapes, limits)` checks an untrusted model (as bytes,
 never a path) against one lease's concrete input shapes and this node's `ModelLimits`, and

@@ -9,20 +9,24 @@ refused. Any stray write of native code to fd 1 goes to stderr: the protocol use
 duplicates of fds 0 and 1.
 
 Start-up, in this order, before any model is loaded:
-1. import what the child needs, except onnxruntime (whose import starts a thread);
+1. import what the child needs (the validator and onnx included), except onnxruntime
+   (whose import starts a thread);
 2. leave the network while still single-threaded: as root, unshare into a fresh network
    namespace (only a loopback interface, down); otherwise a new user + network namespace
    where the kernel allows it; failing that, warn that the child has network access (the
    warning travels in the hello frame to the node's log);
-   then import onnxruntime, and as root switch for good to an unprivileged uid/gid with no
-   supplementary groups (after that, the interpreter's own files may be unreadable);
+   then import onnxruntime; confine the filesystem: chroot into the working directory (the
+   parent made it empty, private and fresh) where the child may (as root, or inside its
+   own user namespace, which then loses every capability), else warn that the child can
+   read every file its user can; and as root switch for good to an unprivileged uid/gid
+   with no supplementary groups. Nothing is imported after this step;
 3. no new privileges, not dumpable (no ptrace by same-uid processes, no core), killed
    when the parent dies;
 4. resource limits: RLIMIT_AS (address space), RLIMIT_CORE 0, RLIMIT_NOFILE small,
    RLIMIT_FSIZE 0 (no file writes), RLIMIT_NPROC when running as a dropped uid,
    RLIMIT_CPU (the soft limit is re-armed before each request to the CPU used so far plus
    that request's budget; SIGXCPU kills the child);
-5. send the hello frame: {"hello": 1, pid, uid, gid, net, user, warnings, ort_version}.
+5. send the hello frame: {"hello": 1, pid, uid, gid, net, fs, user, warnings, ort_version}.
 
 Requests and replies (every reply has "ok"; failures carry "reason" and "detail"):
 - {"op": "load", "model": [offset, nbytes], "key": str, "opt_level", "provider", "threads",
@@ -30,10 +34,15 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
 - {"op": "run", "inputs": [[name, dtype, shape, [offset, nbytes]]], "timeout_s"}
    -> {"ok": true, "outputs": [[name, dtype, shape, [offset, nbytes]]], "ms", "cpu_s"}
   A watchdog thread sets RunOptions.terminate when timeout_s passes (reason "timeout").
+- {"op": "validate", "model": [offset, nbytes], "shapes": {name: [dims]}, "limits": {...
+   ModelLimits fields}, "timeout_s"} -> {"ok": true, "valid": {ValidatedModel fields but
+   model_bytes}} or {"ok": true, "refused": {"rule", "reason", "node", "tensor"}}. The onnx
+   tools cannot be interrupted: a SIGALRM timer (default action: the child dies) ends a
+   validation that passes timeout_s, RLIMIT_CPU and RLIMIT_AS bound it as they bound runs.
 - {"op": "ping"} -> {"ok": true, "pid", "cpu_s"}
 - {"op": "exit"}: exit 0 (so does end of input).
 - {"op": "debug", "what": ...}: only when started with "debug": true (tests): "whoami",
-  "connect" (host, port), "sleep" (s), "rlimits".
+  "connect" (host, port), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU).
 Failure reasons: out_of_memory, timeout, invalid_model, input_error, internal.
 """
 
@@ -58,11 +67,16 @@ import traceback
 import msgpack
 import numpy as np
 
+from p2pfleet.exec.limits import ModelLimits
+from p2pfleet.exec.validate import ModelRefused, validate_model
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 #: ONNX Runtime tensor type strings <-> numpy dtype names carried on the pipe.
 ORT_TYPES = {
@@ -195,6 +209,51 @@ def isolate_network(settings: dict, libc) -> tuple[str, list[str]]:
                     "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 or "
                     "user.max_user_namespaces > 0), to isolate it")
     return "host", warnings
+
+
+def _drop_capabilities(libc) -> str | None:
+    """Clear the effective, permitted and inheritable capability sets (capset(2))."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    data = (Data * 2)()
+    if libc.capset(ctypes.byref(Header(LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def confine_filesystem(settings: dict, net: str, libc) -> tuple[str, list[str]]:
+    """chroot into the working directory: the parent made it fresh, empty and private, and
+    the child cannot write there (RLIMIT_FSIZE 0; as root, the dropped user cannot even
+    read it). Call after every import: nothing outside is reachable afterwards.
+
+    As root: chroot, then the caller drops to the unprivileged user (which loses
+    CAP_SYS_CHROOT, so the classic chroot escapes are closed). Not root, inside the child's
+    own user namespace (net == "userns+netns"): that namespace grants CAP_SYS_CHROOT, so
+    chroot works; then every capability is dropped. Otherwise (no user namespaces, or
+    isolation "none"): no confinement, and a warning. Returns (fs, warnings)."""
+    if settings.get("confine_fs", True) is False:
+        return "host", ["filesystem confinement disabled by configuration: the child can read "
+                        "every file its user can"]
+    in_userns = net == "userns+netns"
+    if os.geteuid() != 0 and not in_userns:
+        return "host", ["the sandbox child can read every file its user can: run the node as "
+                        "root, or allow unprivileged user namespaces, to confine it"]
+    try:
+        os.chroot(".")
+        os.chdir("/")
+    except OSError as e:
+        return "host", [f"chroot failed ({e.strerror}): the sandbox child can read every "
+                        "file its user can"]
+    if in_userns:
+        err = _drop_capabilities(libc)
+        if err is not None:
+            raise RuntimeError(f"could not drop capabilities after chroot ({err})")
+    return "chroot", []
 
 
 def drop_privileges(settings: dict) -> tuple[str, list[str]]:
@@ -332,7 +391,8 @@ class Child:
         opt_level, provider = req.get("opt_level"), req.get("provider")
         threads, timeout_s = req.get("threads"), req.get("timeout_s")
         if not (isinstance(model, bytes) and isinstance(key, str) and opt_level in OPT_LEVELS
-                and isinstance(provider, str) and isinstance(threads, int) and 1 <= threads <= 256
+                and isinstance(provider, str) and isinstance(threads, int)
+                and 1 <= threads <= int(self.settings.get("max_threads", 256))
                 and isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise Refused("internal", "malformed load request")
         if provider not in ort.get_available_providers():
@@ -369,6 +429,47 @@ class Child:
         self.threads = threads
         return {"ok": True, "key": key, "inputs": inputs, "outputs": outputs,
                 "ms": (time.monotonic() - t0) * 1000}
+
+    def validate(self, req: dict, payload: memoryview) -> dict:
+        """validate_model here, under this child's limits (section 3.6 of execution.md)."""
+        model = _slice(payload, req.get("model"))
+        shapes, limits, timeout_s = req.get("shapes"), req.get("limits"), req.get("timeout_s")
+        if not (isinstance(shapes, dict) and isinstance(limits, dict)
+                and isinstance(timeout_s, (int, float)) and 0 < timeout_s < 1e6):
+            raise Refused("internal", "malformed validate request")
+        try:
+            lim = ModelLimits(**limits)
+        except (TypeError, ValueError) as e:
+            raise Refused("internal", f"bad limits: {e}") from None
+        model = bytes(model)
+        del req
+        arm_cpu(timeout_s + 5)  # validation is single-threaded
+        # The onnx tools cannot be interrupted: past timeout_s, SIGALRM's default action
+        # ends the child (the parent reports a timeout and starts a new one).
+        signal.setitimer(signal.ITIMER_REAL, float(timeout_s))
+        t0 = time.monotonic()
+        try:
+            vm = validate_model(model, shapes, lim, runtime_version=self.ort.__version__)
+        except ModelRefused as e:
+            return {"ok": True, "ms": (time.monotonic() - t0) * 1000, "refused": {
+                "rule": e.rule, "reason": e.reason[:1000], "node": e.node, "tensor": e.tensor}}
+        except MemoryError:
+            raise Refused("out_of_memory", "validation ran out of memory") from None
+        except RecursionError:
+            raise Refused("invalid_model", "validation: model nested too deeply") from None
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        del model
+
+        def spec(t):
+            return [t.name, t.elem_type, list(t.shape), t.nbytes]
+
+        return {"ok": True, "ms": (time.monotonic() - t0) * 1000, "valid": {
+            "digest": vm.digest, "ir_version": vm.ir_version, "opset": vm.opset,
+            "ml_opset": vm.ml_opset, "inputs": [spec(t) for t in vm.inputs],
+            "outputs": [spec(t) for t in vm.outputs], "node_count": vm.node_count,
+            "constant_bytes": vm.constant_bytes, "total_bytes": vm.total_bytes,
+            "peak_bytes": vm.peak_bytes, "macs": vm.macs, "op_types": list(vm.op_types)}}
 
     def run(self, req: dict, payload: memoryview) -> tuple[dict, list]:
         if self.session is None:
@@ -457,6 +558,18 @@ def debug(req: dict) -> dict:
     if what == "sleep":
         time.sleep(float(req["s"]))
         return {"ok": True}
+    if what == "open":
+        try:
+            with open(str(req["path"]), "rb") as f:
+                f.read(64)
+            return {"ok": True, "result": "opened"}
+        except OSError as e:
+            return {"ok": True, "result": errno.errorcode.get(e.errno or 0, str(e))}
+    if what == "spin":  # burn CPU on one thread for s seconds of wall clock
+        end, n = time.monotonic() + float(req["s"]), 0
+        while time.monotonic() < end:
+            n += 1
+        return {"ok": True, "cpu_s": cpu_used()}
     raise Refused("internal", f"unknown debug request {what!r}")
 
 
@@ -480,6 +593,8 @@ def main() -> int:
     import onnxruntime as ort  # before privileges go: the install may be unreadable after
 
     ort.set_default_logger_severity(3)
+    fs, more = confine_filesystem(settings, net, libc)
+    warnings += more
     user, more = drop_privileges(settings)
     warnings += more
     harden(libc, int(settings.get("parent_pid", 0)))
@@ -489,7 +604,7 @@ def main() -> int:
     set_limits(settings, dropped)
     max_frame = int(settings["max_frame"])
     write_frame(fd_out, {"hello": 1, "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
-                         "net": net, "user": user, "warnings": warnings,
+                         "net": net, "fs": fs, "user": user, "warnings": warnings,
                          "ort_version": ort.__version__})
     child = Child(settings, ort, watchdog)
     debug_enabled = bool(settings.get("debug"))
@@ -510,6 +625,8 @@ def main() -> int:
                 reply = child.load(req, payload)
             elif op == "run":
                 reply, blobs = child.run(req, payload)
+            elif op == "validate":
+                reply = child.validate(req, payload)
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid(), "cpu_s": cpu_used()}
             elif op == "exit":

@@ -22,6 +22,11 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+RUNTIME_MB = 512
+"""Address space a sandbox child needs before any model (python, numpy, onnx, onnxruntime,
+thread stacks): measured ~310 MiB of VmPeak after start, ~60 MiB resident
+(tools/bench_exec.py, "child"); the rest of the limit is left for the model."""
+
 MIN_ORT_VERSION = "1.32"
 """onnxruntime releases before this follow external-data paths out of the model (1.19 read
 `../../etc/passwd` into an output and segfaulted on `_ORT_MEM_ADDR_`; notes/onnx.md)."""
@@ -81,6 +86,24 @@ class ModelLimits:
     """Assumed size of one string element when counting memory."""
     min_ort_version: str = MIN_ORT_VERSION
 
+    @classmethod
+    def for_memory(cls, memory_mb: int, **overrides) -> "ModelLimits":
+        """Limits for a sandbox child with `memory_mb` MiB of address space (its RLIMIT_AS,
+        from the node's hardware.memory_mb): what is left after the runtime (`RUNTIME_MB`)
+        bounds the estimated peak, any one tensor and one node's scratch space (each also at
+        most its default), the sum of all tensors at 8x that, and the model file at a
+        quarter of it (the bytes are held several times while loading). `overrides` are
+        other fields."""
+        avail = max(64 * MiB, (int(memory_mb) - RUNTIME_MB) * MiB)
+        d = cls()
+        kw = dict(max_peak_bytes=min(d.max_peak_bytes, avail),
+                  max_tensor_bytes=min(d.max_tensor_bytes, avail),
+                  max_workspace_bytes=min(d.max_workspace_bytes, avail),
+                  max_total_bytes=min(d.max_total_bytes, 8 * avail),
+                  max_model_bytes=min(d.max_model_bytes, avail // 4))
+        kw.update(overrides)
+        return cls(**kw)
+
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             if name == "min_ort_version":
@@ -89,4 +112,4 @@ class ModelLimits:
                 raise ValueError(f"ModelLimits.{name} must be a non-negative int, got {value!r}")
 
 
-__all__ = ["ModelLimits", "MIN_ORT_VERSION", "KiB", "MiB", "GiB"]
+__all__ = ["ModelLimits", "MIN_ORT_VERSION", "RUNTIME_MB", "KiB", "MiB", "GiB"]

@@ -20,8 +20,12 @@ SHA-256 of that encoding. With first_batch > 0 they cover only the batches run h
 `batch_digests[i]` belongs to micro-batch first_batch + i. `done` counts micro-batches
 from the start of the shard: batches [0, done) are finished.
 
-Stopping. When `stop` is set the runner finishes the micro-batch in flight, then returns
-status "stopped" with the finished batches (for a HandBack). To abandon a shard at once,
+Micro-batches are pipelined (`Sandbox.run_many`): the next one is already in the pipe while
+the child runs the current one, so the child never waits for the parent in between.
+
+Stopping. When `stop` is set the runner finishes the micro-batch in flight (the one running
+and the one already queued behind it), then returns status "stopped" with the finished
+batches (for a HandBack). To abandon a shard at once,
 cancel the caller's scope: the child is killed and restarted on the next use.
 
 Failures (status "failed", `reason` as in FailedResult): crash, out_of_memory, timeout
@@ -40,8 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from .limits import ModelLimits
 from .outputs import EncodingError, concat_batches, encode_tensors, tensors_digest
 from .sandbox import ModelInfo, Sandbox, SandboxFailure
+from .validate import ModelRefused
 
 MAX_BATCHES = 256
 
@@ -82,6 +88,8 @@ class ShardOutcome:
     reason: str | None = None
     detail: str = ""
     ort_version: str = ""
+    rule: str | None = None         # the validation rule of a refused model (detail starts with it)
+    validate_ms: float = 0.0        # validation in the child (0 when cached or not run)
 
     @property
     def output_size(self) -> int:
@@ -134,6 +142,16 @@ def _check_inputs(info: ModelInfo, inputs: Mapping[str, np.ndarray], samples: in
     return None
 
 
+def _precheck_inputs(inputs: Mapping[str, np.ndarray], samples: int) -> str | None:
+    """Before validation: every input an array with axis 0 = the shard's samples."""
+    for name, arr in inputs.items():
+        if not isinstance(name, str) or not isinstance(arr, np.ndarray):
+            return f"input {name!r} is not an array"
+        if arr.ndim < 1 or arr.shape[0] != samples:
+            return f"input {name!r} has shape {list(arr.shape)}: axis 0 must be the {samples} samples"
+    return None
+
+
 def _check_outputs(expected, outs: Mapping[str, np.ndarray]) -> str | None:
     """Real outputs against what validation inferred: same names, dtypes, ranks and dims
     beyond axis 0 (axis 0 is the micro-batch, smaller in the last one)."""
@@ -154,7 +172,9 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                     threads: int = 1, time_limit_s: float | None = None,
                     on_progress: Callable[[BatchProgress], None] | None = None,
                     stop: trio.Event | None = None,
-                    expected_outputs: Sequence | None = None) -> ShardOutcome:
+                    expected_outputs: Sequence | None = None,
+                    validate: bool = True, limits: ModelLimits | None = None,
+                    validate_timeout_s: float = 30.0) -> ShardOutcome:
     """Run `lease` (a wire.kinds.Lease) on `model` (validated bytes) and `inputs` (the whole
     shard: name -> array, axis 0 = lease.samples) in `sandbox`.
 
@@ -162,7 +182,16 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
     Progress on a channel with send_nowait, or keep the latest). `time_limit_s` defaults to
     the lease's deadline. `expected_outputs` (e.g. validate's ValidatedModel.outputs:
     objects with name, dtype, shape) are checked against every micro-batch's real outputs
-    (the child already checks them against the model's declared types and shapes)."""
+    (the child already checks them against the model's declared types and shapes).
+
+    `validate` (default on): before loading, the model is validated in the child
+    (`Sandbox.validate`, cached per model, shapes and limits) with the shape of one full
+    micro-batch (axis 0 = min(micro_batch, samples)) and `limits` (default
+    `ModelLimits.for_memory(sandbox.config.memory_mb)`), within `validate_timeout_s` and the
+    shard's time. A refusal fails the shard with reason `invalid_model` (`input_error` for
+    rule input-mismatch), `rule` set and `detail` starting "<rule>: "; validation's
+    inferred outputs become `expected_outputs` unless given. validate=False skips it (the
+    caller validated in a child already, or tests of the runtime limits)."""
     t_start = trio.current_time()
     limit = lease.deadline_ms / 1000.0 if time_limit_s is None else float(time_limit_s)
     deadline = t_start + limit
@@ -174,7 +203,10 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
     plan: list = []
     total = 0
 
-    def outcome(status: str, reason: str | None = None, detail: str = "") -> ShardOutcome:
+    validate_ms = 0.0
+
+    def outcome(status: str, reason: str | None = None, detail: str = "",
+                rule: str | None = None) -> ShardOutcome:
         encoded = digest = None
         if results:
             try:
@@ -188,7 +220,8 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             done=lease.first_batch + len(digests), total=total,
             batch_digests=tuple(digests), outputs=encoded, output_digest=digest,
             elapsed_ms=int((trio.current_time() - t_start) * 1000), compute_s=compute_s,
-            load_ms=load_ms, reason=reason, detail=detail[:240], ort_version=ort_version)
+            load_ms=load_ms, reason=reason, detail=detail[:240], ort_version=ort_version,
+            rule=rule, validate_ms=validate_ms)
 
     try:
         plan = plan_batches(lease.samples, lease.micro_batch, lease.first_batch)
@@ -201,7 +234,7 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
     if not plan:
         return outcome("failed", "input_error",
                        f"first_batch {lease.first_batch} is past the last micro-batch ({total})")
-    if hashlib.sha256(model).digest() != lease.model_digest:
+    if sandbox.model_digest(model) != lease.model_digest:
         return outcome("failed", "internal", "model bytes do not match the lease's model digest")
 
     async with sandbox.lock:
@@ -211,6 +244,26 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             if not ort_version_allowed(lease.ort_versions, ort_version):
                 return outcome("failed", "internal", f"onnxruntime {ort_version} is outside "
                                f"the lease's range {lease.ort_versions!r}")
+            if validate:
+                problem = _precheck_inputs(inputs, lease.samples)
+                if problem:
+                    return outcome("failed", "input_error", problem)
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    return outcome("failed", "timeout", f"no time left of {limit:.3g} s")
+                rows = min(lease.micro_batch, lease.samples)
+                shapes = {name: (rows, *arr.shape[1:]) for name, arr in inputs.items()}
+                lim = limits if limits is not None else ModelLimits.for_memory(sandbox.config.memory_mb)
+                try:
+                    vm = await sandbox.validate(model, shapes, lim,
+                                                timeout_s=min(left, validate_timeout_s))
+                except ModelRefused as e:
+                    validate_ms = sandbox.last_validate_ms
+                    reason = "input_error" if e.rule == "input-mismatch" else "invalid_model"
+                    return outcome("failed", reason, str(e), rule=e.rule)
+                validate_ms = sandbox.last_validate_ms
+                if expected_outputs is None:
+                    expected_outputs = vm.outputs
             left = deadline - trio.current_time()
             if left <= 0:
                 return outcome("failed", "timeout", f"no time left of {limit:.3g} s")
@@ -220,27 +273,36 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             problem = _check_inputs(info, inputs, lease.samples)
             if problem:
                 return outcome("failed", "input_error", problem)
-            for _k, start, end in plan:
-                if stop is not None and stop.is_set():
-                    return outcome("stopped")
-                left = deadline - trio.current_time()
-                if left <= 0:
-                    return outcome("failed", "timeout", f"shard took longer than {limit:.3g} s")
-                feeds = {name: arr[start:end] for name, arr in inputs.items()}
-                outs, ms = await sandbox.run(feeds, left)
+            if stop is not None and stop.is_set():
+                return outcome("stopped")
+            problem_at: list[str] = []
+
+            def on_result(_i: int, outs: dict[str, np.ndarray], ms: float) -> bool:
+                nonlocal compute_s
+                if problem_at:
+                    return False  # a micro-batch that was in flight after a failure
                 compute_s += ms / 1000.0
-                if expected_outputs is not None:
-                    problem = _check_outputs(expected_outputs, outs)
-                    if problem:
-                        return outcome("failed", "invalid_model", problem)
-                try:
-                    digests.append(tensors_digest(outs))
-                except EncodingError as e:
-                    return outcome("failed", "invalid_model", str(e))
+                bad = _check_outputs(expected_outputs, outs) if expected_outputs is not None else None
+                if bad is None:
+                    try:
+                        digests.append(tensors_digest(outs))
+                    except EncodingError as e:
+                        bad = str(e)
+                if bad is not None:
+                    problem_at.append(bad)
+                    return False
                 results.append(outs)
                 if on_progress is not None:
                     on_progress(BatchProgress(lease.lease_id, lease.first_batch + len(digests),
                                               total, tuple(digests)))
+                return not (stop is not None and stop.is_set())
+
+            batches = [{name: arr[start:end] for name, arr in inputs.items()} for _k, start, end in plan]
+            await sandbox.run_many(batches, deadline, on_result)
+            if problem_at:
+                return outcome("failed", "invalid_model", problem_at[0])
+            if len(digests) < len(plan):
+                return outcome("stopped")
         except SandboxFailure as e:
             return outcome("failed", e.reason, e.detail)
     return outcome("done")

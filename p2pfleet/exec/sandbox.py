@@ -16,6 +16,14 @@ Limits and who enforces them:
   SIGKILLs the child (`timeout`). Model loading has no terminate flag: only the backstop.
 - CPU time: RLIMIT_CPU in the child, re-armed per request to that request's budget
   (wall limit x threads + 5 s); SIGXCPU kills the child (`timeout`).
+- CPU share: at most `cpu_share x cores` onnxruntime threads, and a duty cycle in the
+  parent: a task reads the child's CPU time (/proc/<pid>/stat) every 50 ms and SIGSTOPs it
+  for as long as it ran ahead of `cpu_share x cores` CPU-seconds per second (a token
+  bucket with 0.1 s of burst), then SIGCONTs it. Works unprivileged on any Linux; a cgroup's
+  cpu.max would be smoother but needs a delegated cgroup v2 (not done: see execution.md).
+- validation: `Sandbox.validate` runs validate_model in the child, under the same limits;
+  onnx's tools cannot be interrupted, so a SIGALRM timer in the child (its default action
+  ends the process) is the wall-clock limit (`timeout`).
 - anything else that ends the child (a signal, an exit) is a `crash`.
 After any of these the child is gone; the next request starts a new one. The sandbox
 itself never raises anything but `SandboxFailure` for what the child or model did.
@@ -26,6 +34,8 @@ so the child is killed (shielded) and the cancellation goes on.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +56,10 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import trio
+
+from .limits import ModelLimits
+from .validate import ModelRefused, ValidatedModel
+from .validate import TensorSpec as ValidatedSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +77,10 @@ _PKG_ROOT = str(Path(__file__).resolve().parents[2])
 class SandboxConfig:
     """How children are started and limited.
 
-    memory_mb: RLIMIT_AS of a child, MiB (address space, including ~300 MiB of runtime).
+    memory_mb: RLIMIT_AS of a child, MiB (address space, including ~300 MiB of runtime);
+      0: measured (`measured_memory_mb`: a quarter of the machine's memory, or of the
+      node's cgroup limit, at least 1024). The node passes its hardware.memory_mb. Each
+      child gets the whole limit: a node running shards at once divides it itself.
     max_frame: largest frame either way, bytes (a model plus its load request must fit).
     isolation: "auto": no network (as root a new network namespace, else a new user + network
       namespace where the kernel allows, else a warning); "none": the child keeps the host's
@@ -77,6 +94,12 @@ class SandboxConfig:
     kill_grace_s: how long past a request's deadline the parent waits before SIGKILL.
     max_children: children kept at once; the least recently used idle one is closed.
     debug: allow the child's debug requests (tests only).
+    cpu_share: share of the machine's CPU the children may use, (0, 1] (policy.cpu_share):
+      caps onnxruntime threads at ceil(cpu_share x cores) and, below 1, duty-cycles each
+      child to cpu_share x cores CPU-seconds per second.
+    cores: cores of the machine for cpu_share (hardware.cores); 0: those this process may run on.
+    max_threads: most onnxruntime intra-op threads per child (policy.max_threads); 0: cores.
+    confine_fs: chroot the child into its empty working directory where possible.
     """
 
     memory_mb: int = 2048
@@ -92,8 +115,26 @@ class SandboxConfig:
     max_children: int = 4
     debug: bool = False
     python: str = sys.executable
+    cpu_share: float = 1.0
+    cores: int = 0
+    max_threads: int = 0
+    confine_fs: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.memory_mb, int) and not isinstance(self.memory_mb, bool) \
+                and self.memory_mb == 0:
+            object.__setattr__(self, "memory_mb", measured_memory_mb())
+        for name in ("cores", "max_threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 4096:
+                raise ValueError(f"SandboxConfig.{name} must be an integer 0..4096, got {v!r}")
+        if self.cores == 0:
+            object.__setattr__(self, "cores", _usable_cores())
+        if self.max_threads == 0:
+            object.__setattr__(self, "max_threads", self.cores)
+        share = self.cpu_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+            raise ValueError(f"SandboxConfig.cpu_share must be a number in (0, 1], got {share!r}")
         if self.isolation not in ISOLATION:
             raise ValueError(f"SandboxConfig.isolation must be one of {ISOLATION}, got {self.isolation!r}")
         for name in ("memory_mb", "max_frame", "nofile", "nproc", "cpu_hard_s", "max_children"):
@@ -103,6 +144,69 @@ class SandboxConfig:
         if self.memory_mb < 256:
             raise ValueError(f"SandboxConfig.memory_mb must be >= 256 (the runtime needs ~300 MiB "
                              f"of address space), got {self.memory_mb}")
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().split()[0]
+        return int(text)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measured_memory_mb() -> int:
+    """A child's memory limit when the owner left hardware.memory_mb at 0: a quarter of
+    the machine's memory or of this process's cgroup memory limit, whichever is smaller,
+    and at least 1024 MiB (the runtime alone takes ~300 MiB of address space)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        total = 4 << 30
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            limit = _read_int(f"/sys/fs/cgroup{path}/memory.max")
+        elif "memory" in controllers.split(","):
+            limit = _read_int(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        else:
+            continue
+        if limit is not None and 0 < limit < total:
+            total = limit
+    return max(1024, total // 4 >> 20)
+
+
+def sandbox_config(config, **overrides) -> SandboxConfig:
+    """The SandboxConfig of a node's `p2pfleet.config.Config`: memory from
+    hardware.memory_mb (0: measured), cores from hardware.cores, cpu_share and max_threads
+    from the policy. `overrides` are other SandboxConfig fields."""
+    kw = dict(memory_mb=config.hardware.memory_mb, cores=config.hardware.cores,
+              cpu_share=config.policy.cpu_share, max_threads=config.policy.max_threads)
+    kw.update(overrides)
+    return SandboxConfig(**kw)
+
+
+def _proc_cpu_s(pid: int, tick: float) -> float | None:
+    """CPU time (user + system, all threads) of a process from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) * tick
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class SandboxFailure(Exception):
@@ -174,6 +278,62 @@ def _bad_reply(what: str) -> SandboxFailure:
     return SandboxFailure("crash", f"child broke the protocol: {what}")
 
 
+class _ChildProcess:
+    """A child started from the trio thread itself, not from a worker thread as
+    trio.lowlevel.open_process does: the child's PR_SET_PDEATHSIG fires when the thread
+    that forked it exits, and trio's idle worker threads exit after 10 s, which killed
+    long-lived children. The part of trio.Process the sandbox uses: pid, returncode,
+    wait, kill, send_signal and the stdin/stdout/stderr streams (trio FdStreams).
+    Forking blocks the event loop for a few milliseconds."""
+
+    def __init__(self, argv: list[str], *, cwd: str, env: dict[str, str]):
+        pipes = [os.pipe() for _ in range(3)]  # (read, write) each
+        child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
+        try:
+            self._popen = subprocess.Popen(argv, stdin=child_ends[0], stdout=child_ends[1],
+                                           stderr=child_ends[2], cwd=cwd, env=env,
+                                           start_new_session=True, close_fds=True)
+        except BaseException:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            raise
+        for fd in child_ends:
+            os.close(fd)
+        self.pid = self._popen.pid
+        self.stdin = trio.lowlevel.FdStream(pipes[0][1])
+        self.stdout = trio.lowlevel.FdStream(pipes[1][0])
+        self.stderr = trio.lowlevel.FdStream(pipes[2][0])
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        if self._popen.poll() is None:
+            if self._pidfd is not None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            else:
+                while self._popen.poll() is None:
+                    await trio.sleep(0.05)
+        rc = self._popen.wait()
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        self._popen.send_signal(sig)  # a no-op once the child is reaped
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+
 class Sandbox:
     """One publisher's child process. Use through `SandboxPool.get`; one request at a time
     (`lock` serialises callers; the runner holds it for a whole shard)."""
@@ -183,7 +343,7 @@ class Sandbox:
         self.config = config
         self._nursery = nursery
         self.lock = trio.Lock()
-        self._proc: trio.Process | None = None
+        self._proc: _ChildProcess | None = None
         self._workdir: str | None = None
         self._stderr_tail = bytearray()
         self._killed_for: tuple[str, str] | None = None
@@ -193,6 +353,13 @@ class Sandbox:
         self.hello: dict | None = None
         self.starts = 0
         self.closed = False
+        self.cpu_share = config.cpu_share
+        self.stopped_s = 0.0                # time the duty cycle kept the child stopped
+        self._validated: OrderedDict[tuple, dict] = OrderedDict()
+        self.start_ms: float | None = None
+        self._rx = bytearray()              # bytes read from the child past the last frame
+        self._digests: list[tuple[bytes, bytes]] = []  # (model object, SHA-256), newest last
+        self.last_validate_ms = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------
     @property
@@ -206,6 +373,36 @@ class Sandbox:
     @property
     def loaded(self) -> ModelInfo | None:
         return self._loaded
+
+    def model_digest(self, model: bytes) -> bytes:
+        """SHA-256 of `model`, remembered for the last few model objects (by identity; bytes
+        are immutable): hashing a 7 MB model costs ~10 ms, once per shard otherwise."""
+        for obj, digest in self._digests:
+            if obj is model:
+                return digest
+        digest = hashlib.sha256(model).digest()
+        if isinstance(model, bytes):
+            self._digests = [*self._digests[-3:], (model, digest)]
+        return digest
+
+    def threads_for(self, requested: int) -> int:
+        """onnxruntime intra-op threads for a request of `requested`: at most max_threads
+        and ceil(cpu_share x cores), at least 1 (threads do not change outputs)."""
+        cfg = self.config
+        by_share = math.ceil(self.cpu_share * cfg.cores - 1e-9)
+        return max(1, min(int(requested), cfg.max_threads, by_share))
+
+    @property
+    def cpu_limit(self) -> float | None:
+        """CPU-seconds per second the duty cycle allows the child (None: not limited)."""
+        return None if self.cpu_share >= 1 else self.cpu_share * self.config.cores
+
+    def set_cpu_share(self, share: float) -> None:
+        """Change the CPU share (the policy changed); takes effect within 50 ms; the
+        thread cap applies from the next model load."""
+        if not (isinstance(share, (int, float)) and 0 < share <= 1):
+            raise ValueError(f"cpu_share must be in (0, 1], got {share!r}")
+        self.cpu_share = float(share)
 
     async def start(self) -> dict:
         """Start the child if it is not running; returns its hello frame."""
@@ -222,7 +419,8 @@ class Sandbox:
             "memory_mb": cfg.memory_mb, "max_frame": cfg.max_frame, "isolation": cfg.isolation,
             "uid": uid, "gid": gid, "nofile": cfg.nofile, "nproc": cfg.nproc,
             "cpu_hard_s": cfg.cpu_hard_s, "nice": cfg.nice, "debug": cfg.debug,
-            "parent_pid": os.getpid(),
+            "parent_pid": os.getpid(), "max_threads": cfg.max_threads,
+            "confine_fs": cfg.confine_fs,
         }
         env = {
             "PATH": os.defpath, "PYTHONPATH": _PKG_ROOT, "LANG": "C.UTF-8",
@@ -230,14 +428,13 @@ class Sandbox:
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
         self._stderr_tail.clear()
+        self._rx.clear()
         self._killed_for = None
         self._loaded = None
         self.hello = None
         t0 = trio.current_time()
-        proc = await trio.lowlevel.open_process(
-            [cfg.python, "-s", "-B", "-m", "p2pfleet.exec.child", json.dumps(settings)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self._workdir, env=env, start_new_session=True)
+        proc = _ChildProcess([cfg.python, "-s", "-B", "-m", "p2pfleet.exec.child",
+                              json.dumps(settings)], cwd=self._workdir, env=env)
         self._proc = proc
         self.starts += 1
         for stream in (proc.stdin, proc.stdout):
@@ -260,13 +457,45 @@ class Sandbox:
         self.hello = hello
         self._cpu_s = 0.0
         self._oom_before = _oom_kills()
+        self._nursery.start_soon(self._duty_cycle, proc)
         for w in hello["warnings"]:
             log.warning("sandbox child %s: %s", proc.pid, w)
-        log.info("sandbox child %s started in %.0f ms: net=%s user=%s", proc.pid,
-                 (trio.current_time() - t0) * 1000, hello.get("net"), hello.get("user"))
+        self.start_ms = (trio.current_time() - t0) * 1000
+        log.info("sandbox child %s started in %.0f ms: net=%s fs=%s user=%s", proc.pid,
+                 self.start_ms, hello.get("net"), hello.get("fs"), hello.get("user"))
         return hello
 
-    async def _drain_stderr(self, proc: trio.Process) -> None:
+    async def _duty_cycle(self, proc: _ChildProcess, period: float = 0.05, burst_s: float = 0.1) -> None:
+        """Hold the child to `cpu_limit` CPU-seconds per second: a token bucket filled at
+        that rate (at most `burst_s` seconds' worth); when the child's CPU time runs ahead
+        of it, SIGSTOP it until the bucket is back at zero, then SIGCONT. Ends with the child."""
+        tick = 1.0 / os.sysconf("SC_CLK_TCK")
+        last = _proc_cpu_s(proc.pid, tick)
+        t_last = trio.current_time()
+        credit = 0.0
+        while last is not None and proc.returncode is None:
+            await trio.sleep(period)
+            used, now = _proc_cpu_s(proc.pid, tick), trio.current_time()
+            if used is None or proc.returncode is not None:
+                return
+            rate = self.cpu_limit
+            if rate is None:
+                credit = 0.0
+            else:
+                credit = min(credit + rate * (now - t_last) - (used - last), rate * burst_s)
+            last, t_last = used, now
+            if credit >= 0:
+                continue
+            pause = -credit / rate
+            try:
+                proc.send_signal(signal.SIGSTOP)  # a no-op once the child is reaped
+                await trio.sleep(pause)
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGCONT)
+                self.stopped_s += pause
+
+    async def _drain_stderr(self, proc: _ChildProcess) -> None:
         """Keep the last 4 KiB of the child's stderr (for crash details); log a little."""
         logged = 0
         try:
@@ -357,14 +586,24 @@ class Sandbox:
                 await self._proc.stdin.send_all(b)
 
     async def _read_into(self, buf: bytearray) -> None:
+        """Fill `buf` from the child's stdout. Reads ask for at least 64 KiB, so a small
+        reply's header, meta and payload usually arrive in one read (one trio checkpoint);
+        bytes past `buf` wait in `_rx` for the next call."""
         view, got, n = memoryview(buf), 0, len(buf)
+        if self._rx:
+            got = min(n, len(self._rx))
+            view[:got] = self._rx[:got]
+            del self._rx[:got]
         stdout = self._proc.stdout
         while got < n:
-            chunk = await stdout.receive_some(min(n - got, 4 * MiB))
+            chunk = await stdout.receive_some(min(max(n - got, 65536), 4 * MiB))
             if not chunk:
                 raise EOFError
-            view[got:got + len(chunk)] = chunk
-            got += len(chunk)
+            take = min(len(chunk), n - got)
+            view[got:got + take] = chunk[:take] if take < len(chunk) else chunk
+            got += take
+            if take < len(chunk):
+                self._rx += chunk[take:]
 
     async def _recv(self) -> tuple[dict, bytearray]:
         """One frame: (meta map, payload)."""
@@ -406,6 +645,8 @@ class Sandbox:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
             if sig == signal.SIGXCPU:
                 return SandboxFailure("timeout", "child exceeded its CPU time limit (SIGXCPU)")
+            if sig == signal.SIGALRM:
+                return SandboxFailure("timeout", "validation passed its wall-clock limit (SIGALRM)")
             if sig == signal.SIGKILL:
                 oom_after = _oom_kills()
                 if oom_before is not None and oom_after is not None and oom_after > oom_before:
@@ -453,7 +694,10 @@ class Sandbox:
     # --- requests -----------------------------------------------------------------------
     async def load(self, model: bytes, key: str, *, opt_level: str, provider: str, threads: int,
                    timeout_s: float) -> ModelInfo:
-        """Load a model (a no-op if this key is loaded). `key` names model + settings."""
+        """Load a model (a no-op if this key is loaded). `key` names model + settings.
+        `threads` is capped by `threads_for` (the thread count is part of the loaded key)."""
+        threads = self.threads_for(threads)
+        key = f"{key}#t{threads}"
         if self.alive and self._loaded is not None and self._loaded.key == key:
             return self._loaded
         self._loaded = None  # a failed load leaves the child without a session
@@ -475,19 +719,92 @@ class Sandbox:
         self._loaded = info
         return info
 
-    async def run(self, inputs: Mapping[str, np.ndarray], timeout_s: float) -> tuple[dict[str, np.ndarray], float]:
-        """Run the loaded model on one micro-batch; returns (outputs, run ms in the child)."""
-        info = self._loaded
-        if info is None or not self.alive:
-            raise SandboxFailure("internal", "run without a loaded model (the child restarted?)")
+    async def validate(self, model: bytes, input_shapes: Mapping[str, Sequence[int]],
+                       limits: ModelLimits | None = None, *, timeout_s: float = 30.0) -> ValidatedModel:
+        """`validate_model(model, input_shapes, limits)` run in the child, under its
+        address-space, CPU-time and (SIGALRM) wall-clock limits, so no model can make the
+        node itself run out of memory or hang. Returns the ValidatedModel (its model_bytes
+        the bytes given here) or raises ModelRefused (the rule, as validate_model would);
+        what stops the child raises SandboxFailure (`out_of_memory`, `timeout`, `crash`;
+        the child is gone and the next request starts a new one). Results are cached per
+        model digest, shapes and limits (validation is deterministic)."""
+        if isinstance(model, (bytearray, memoryview)):
+            model = bytes(model)
+        if not isinstance(model, bytes):
+            raise TypeError(f"model must be bytes, not {type(model).__name__}")
+        limits = limits if limits is not None else ModelLimits()
+        try:
+            shapes = {str(k): [int(d) for d in v] for k, v in input_shapes.items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ModelRefused("input-mismatch", "input shapes must map names to lists of "
+                               "integers") from None
+        digest = self.model_digest(model)
+        ckey = (digest, tuple(sorted((k, tuple(v)) for k, v in shapes.items())), limits)
+        result = self._validated.get(ckey)
+        self.last_validate_ms = 0.0
+        if result is None:
+            reply, _ = await self._call(
+                {"op": "validate", "model": [0, len(model)], "shapes": shapes,
+                 "limits": dataclasses.asdict(limits), "timeout_s": timeout_s},
+                timeout_s + self.config.kill_grace_s, [memoryview(model)])
+            result = {k: reply.get(k) for k in ("valid", "refused", "ms")}
+            try:
+                self._build_validated(model, digest, result)  # well-formed before caching
+            except ModelRefused:
+                pass
+            except (KeyError, TypeError, ValueError):
+                await self._kill("crash", "bad validate reply")
+                raise _bad_reply("malformed validate reply") from None
+            self._validated[ckey] = result
+            while len(self._validated) > 16:
+                self._validated.popitem(last=False)
+            self.last_validate_ms = float(result.get("ms") or 0.0)
+        return self._build_validated(model, digest, result)
+
+    @staticmethod
+    def _build_validated(model: bytes, digest: bytes, result: dict) -> ValidatedModel:
+        refused = result.get("refused")
+        if refused is not None:
+            rule, reason = refused["rule"], refused["reason"]
+            node, tensor = refused.get("node"), refused.get("tensor")
+            if not (isinstance(rule, str) and isinstance(reason, str)
+                    and all(v is None or isinstance(v, str) for v in (node, tensor))):
+                raise ValueError("refusal")
+            raise ModelRefused(rule, reason, node=node, tensor=tensor)  # unknown rule: ValueError
+        v = result["valid"]
+
+        def specs(items) -> tuple:
+            out = []
+            for name, elem, shape, nbytes in items:
+                if not (isinstance(name, str) and isinstance(elem, int) and isinstance(nbytes, int)
+                        and all(isinstance(d, int) and d >= 0 for d in shape)):
+                    raise ValueError(name)
+                out.append(ValidatedSpec(name, elem, tuple(shape), nbytes))
+            return tuple(out)
+
+        if v["digest"] != digest:
+            raise ValueError("digest")
+        ints = ("ir_version", "opset", "node_count", "constant_bytes", "total_bytes",
+                "peak_bytes", "macs")
+        if not all(isinstance(v[k], int) for k in ints) or not (
+                v["ml_opset"] is None or isinstance(v["ml_opset"], int)):
+            raise ValueError("fields")
+        return ValidatedModel(model_bytes=model, digest=digest, inputs=specs(v["inputs"]),
+                              outputs=specs(v["outputs"]), op_types=tuple(map(str, v["op_types"])),
+                              ml_opset=v["ml_opset"], **{k: v[k] for k in ints})
+
+    @staticmethod
+    def _run_request(inputs: Mapping[str, np.ndarray], timeout_s: float) -> tuple[dict, list]:
         wire, blobs, offset = [], [], 0
         for name, arr in inputs.items():
             a = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
             wire.append([name, a.dtype.name, list(a.shape), [offset, a.nbytes]])
             blobs.append(memoryview(a).cast("B") if a.nbytes else memoryview(b""))
             offset += a.nbytes
-        reply, payload = await self._call({"op": "run", "inputs": wire, "timeout_s": timeout_s},
-                                          timeout_s + self.config.kill_grace_s, blobs)
+        return {"op": "run", "inputs": wire, "timeout_s": timeout_s}, blobs
+
+    async def _run_reply(self, info: ModelInfo, reply: dict, payload: bytearray
+                         ) -> tuple[dict[str, np.ndarray], float]:
         outputs: dict[str, np.ndarray] = {}
         try:
             items = reply["outputs"]
@@ -510,6 +827,111 @@ class Sandbox:
             await self._kill("crash", "bad run reply")
             raise _bad_reply("malformed run reply") from None
         return outputs, ms
+
+    async def _failed_reply(self, reply: dict) -> SandboxFailure:
+        reason, detail = reply.get("reason"), reply.get("detail")
+        if reason not in REASONS or not isinstance(detail, str):
+            await self._kill("crash", "bad failure reply")
+            return _bad_reply("malformed failure reply")
+        if reason in ("out_of_memory", "timeout", "internal"):
+            await self._kill(reason, detail)
+        return SandboxFailure(reason, detail)
+
+    async def run(self, inputs: Mapping[str, np.ndarray], timeout_s: float) -> tuple[dict[str, np.ndarray], float]:
+        """Run the loaded model on one micro-batch; returns (outputs, run ms in the child)."""
+        info = self._loaded
+        if info is None or not self.alive:
+            raise SandboxFailure("internal", "run without a loaded model (the child restarted?)")
+        msg, blobs = self._run_request(inputs, timeout_s)
+        reply, payload = await self._call(msg, timeout_s + self.config.kill_grace_s, blobs)
+        return await self._run_reply(info, reply, payload)
+
+    async def run_many(self, batches: Sequence[Mapping[str, np.ndarray]], deadline: float,
+                       on_result: Callable[[int, dict[str, np.ndarray], float], bool],
+                       depth: int = 2) -> None:
+        """Run the loaded model on micro-batches in order, keeping up to `depth` requests
+        in the pipe so the child never waits for the parent between micro-batches (each is
+        still its own session.run: outputs are those of `run`). `on_result(i, outputs, ms)`
+        is called for every micro-batch in order; returning False sends no further
+        micro-batches, but those already sent (at most depth - 1: "the micro-batch in
+        flight") are still run and passed to `on_result`. `deadline` is on trio's clock.
+        Raises SandboxFailure like `run`; with requests still in the pipe the child is then
+        killed (restarted on next use)."""
+        info = self._loaded
+        if info is None or not self.alive:
+            raise SandboxFailure("internal", "run without a loaded model (the child restarted?)")
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        slots = trio.Semaphore(depth)
+        sent = replies = 0
+        more = True
+        sending = False           # a frame may be half written (the pipe is out of step)
+        sender_done = trio.Event()
+        wake = trio.Event()       # the receiver waits here for something to read
+        failure: list[SandboxFailure] = []
+
+        async def sender() -> None:
+            nonlocal sent, sending
+            try:
+                for batch in batches:
+                    await slots.acquire()
+                    left = deadline - trio.current_time()
+                    if not more or left <= 0:
+                        return
+                    msg, blobs = self._run_request(batch, left)
+                    sending = True
+                    try:
+                        await self._send(msg, blobs)
+                    except SandboxFailure as e:  # over the frame cap: nothing was written
+                        sending = False
+                        failure.append(e)
+                        return
+                    sending = False
+                    sent += 1
+                    wake.set()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the child went away: the receiver learns why
+            finally:
+                sender_done.set()
+                wake.set()
+
+        try:
+            with trio.fail_at(deadline + self.config.kill_grace_s):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sender)
+                    try:
+                        while True:
+                            while replies == sent and not sender_done.is_set():
+                                wake = trio.Event()
+                                await wake.wait()
+                            if replies == sent:
+                                break  # the sender stopped and every reply is in
+                            reply, payload = await self._recv()
+                            replies += 1
+                            if reply.get("ok") is not True:
+                                failure.append(await self._failed_reply(reply))
+                                break
+                            outs, ms = await self._run_reply(info, reply, payload)
+                            if not on_result(replies - 1, outs, ms):
+                                more = False
+                            slots.release()
+                    except SandboxFailure as e:
+                        failure.append(e)
+                    nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            detail = f"no reply within the deadline (+{self.config.kill_grace_s:.3g} s): child killed"
+            await self._kill("timeout", detail)
+            raise SandboxFailure("timeout", detail) from None
+        except BaseException:
+            await self._kill("crash", "request abandoned by the node")  # cancelled mid-request
+            raise
+        if failure:
+            e = failure[0]
+            if sending or sent > replies:
+                await self._kill(e.reason, e.detail)  # replies still due, or half a frame
+            raise e
+        if more and replies < len(batches):
+            raise SandboxFailure("timeout", "the deadline passed between micro-batches")
 
     async def ping(self, timeout_s: float = 5.0) -> dict:
         return (await self._call({"op": "ping"}, timeout_s))[0]
@@ -549,6 +971,14 @@ class SandboxPool:
         self._boxes[publisher] = box
         return box
 
+    def set_cpu_share(self, share: float) -> None:
+        """The policy's CPU share changed: applies to every child, now and later."""
+        if not (isinstance(share, (int, float)) and 0 < share <= 1):
+            raise ValueError(f"cpu_share must be in (0, 1], got {share!r}")
+        self.config = dataclasses.replace(self.config, cpu_share=float(share))
+        for box in self._boxes.values():
+            box.set_cpu_share(share)
+
     async def close(self, publisher: bytes) -> None:
         box = self._boxes.pop(publisher, None)
         if box is not None:
@@ -575,4 +1005,4 @@ async def open_sandbox_pool(config: SandboxConfig | None = None) -> AsyncIterato
 
 
 __all__ = ["SandboxConfig", "SandboxFailure", "Sandbox", "SandboxPool", "open_sandbox_pool",
-           "ModelInfo", "TensorSpec", "REASONS"]
+           "ModelInfo", "TensorSpec", "REASONS", "sandbox_config", "measured_memory_mb"]

@@ -74,8 +74,10 @@ matmuls within `max_macs` still take long), real memory use (kernels may allocat
 estimated; string lengths), outputs that differ from the inferred types and shapes, and
 bugs in onnx's or onnxruntime's own code. Nor all of its own cost: a 1-D tensor whose
 length only data propagation learns (Expand(x, Concat([10^6])) then Adds) escapes the
-too-complex budget (~70 bytes per element per propagating op). Run validation itself in
-the sandboxed child, under the same address-space and time limits as execution.
+too-complex budget (~70 bytes per element per propagating op). So a node runs validation
+in the sandbox child (`Sandbox.validate`; `run_shard` does it by default), under the same
+address-space, CPU and wall-clock limits as execution; a MemoryError is re-raised, never
+reported as a rule.
 """
 
 from __future__ import annotations
@@ -741,6 +743,8 @@ def _infer(prep: ModelProto, data_prop: bool) -> ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(prep, check_type=True, strict_mode=True,
                                                  data_prop=data_prop)
+    except MemoryError:
+        raise  # the caller's memory limit, not the model's fault to report as a rule
     except Exception as e:  # InferenceError, ValidationError, RuntimeError from C++
         msg = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
         m = _NODE_IN_MESSAGE.search(str(e))
@@ -1011,6 +1015,8 @@ def _parse(model_bytes: bytes, limits: ModelLimits) -> ModelProto:
     model = ModelProto()
     try:
         model.ParseFromString(model_bytes)
+    except MemoryError:
+        raise  # the caller's memory limit, not the model's fault to report as a rule
     except Exception as e:  # DecodeError, RecursionError, ...
         raise ModelRefused("parse-error", f"not an ONNX model: {e}"[:300]) from None
     if not model.HasField("graph"):
@@ -1067,6 +1073,8 @@ def _constants(graph: GraphProto, limits: ModelLimits) -> dict[str, tuple[int, .
 def _checker(model_bytes: bytes) -> None:
     try:
         onnx.checker.check_model(model_bytes)  # bytes: the checker never sees a path
+    except MemoryError:
+        raise  # the caller's memory limit, not the model's fault to report as a rule
     except Exception as e:  # ValidationError and C++ errors
         msg = str(e).strip()
         m = _NODE_IN_MESSAGE.search(msg)
