@@ -23,7 +23,7 @@ def node_group() -> None:
                    "--network).")
 @click.option("--allow", "allow", multiple=True, metavar="PEER_ID",
               help="A publisher to work for (repeatable), written into config.toml.")
-@click.option("--serve-anyone", is_flag=True, default=None,
+@click.option("--serve-anyone", "--anyone", "serve_anyone", is_flag=True, default=None,
               help="Also work for publishers not allowed by --allow.")
 @click.option("--force", is_flag=True,
               help="Replace an existing key with a new one (the old key is kept in keys-retired/).")
@@ -92,6 +92,8 @@ def node_init(app: App, network: str | None, allow: tuple[str, ...],
         "network": effective.node.network,
         "retired_key": str(retired) if retired else None,
         "config_backup": str(backup) if backup else None,
+        "publishers": publisher_mode(effective.publishers.allow,
+                                     effective.publishers.serve_anyone),
     }
     lines = [
         f"initialised a p2pfleet node in {dd.root}",
@@ -99,6 +101,7 @@ def node_init(app: App, network: str | None, allow: tuple[str, ...],
         f"  key file: {dd.key_file}",
         f"  config:   {cfg_path} (network {effective.node.network})",
     ]
+    lines.append(f"  publishers: {data['publishers']['text']}")
     if retired:
         lines.append(f"  the previous key was moved to {retired}")
     if backup:
@@ -106,6 +109,23 @@ def node_init(app: App, network: str | None, allow: tuple[str, ...],
     lines.append("Back up the key now, e.g. 'p2pfleet key export --out FILE --passphrase-prompt': "
                  "it is your node's identity and credit, and cannot be recovered if lost.")
     app.emit(data, "\n".join(lines))
+
+
+def publisher_mode(allow: tuple[str, ...], serve_anyone: bool) -> dict[str, Any]:
+    """Which publishers the node works for, as a mode and a sentence for the owner."""
+    if serve_anyone:
+        mode = "anyone"
+        text = ("works for anyone announcing jobs" +
+                (f", preferring the {len(allow)} allowed" if allow else "") +
+                " (stops serving a publisher whose unpaid work passes publishers.unpaid_cap)")
+    elif allow:
+        mode = "allowlist"
+        text = f"works only for the {len(allow)} allowed: {', '.join(allow)}"
+    else:
+        mode = "none"
+        text = ("works for NO publisher yet: set publishers.allow (peer ids) or "
+                "publishers.serve_anyone = true in config.toml")
+    return {"mode": mode, "allow": list(allow), "text": text}
 
 
 # --- running a node ------------------------------------------------------------------------
