@@ -1,0 +1,884 @@
+"""The publisher's scheduler: who gets which replica, leases, expiry, quorum, receipts, exclusion.
+
+A pure state machine for all of one publisher's jobs (notes/style.md; specs/
+work-and-leases.md, sections 3, 4 and 8; verification.md, sections 3-8). Frozen events in
+(`handle(event) -> list[effect]`), effects out; `at_ms` comes in every event and an `rng`
+(unpredictable to workers: lease ids and re-check draws come from it) in the constructor.
+It decides, then mutates: an event it refuses (`PeerViolation`, `CoreUsageError`) changes
+nothing.
+
+Replicas. A shard needs `target` agreeing results from distinct workers: max(quorum,
+min_replicas), or 1 when its first replica went to a worker trusted for a single copy
+(trust.may_take_single), plus one when it is drawn for a re-check (`recheck_rate`). A shard
+has open replicas while target - (largest agreeing group) - (live leases) > 0. Eligibility
+of worker W for shard s: W never held a lease of s; no live or returned lease of s from W's
+network prefix; at most one live or returned lease of s by a non-established identity, and
+non-established identities only get shards holding known-answer rows; replicas after a
+disagreement and re-checks of single copies go to established identities; a shard drawn
+for cross-class (`cross_class_rate`) waits up to `cross_class_wait_ms` for a worker of
+another hardware class than its first replica. Among eligible shards in the window of the
+lowest-numbered open shards, W gets those with the lowest HMAC(secret, job_id || u32be(s)
+|| W). Caps: per identity (trust.lease_cap, and the request's free slots), per prefix, and
+the job's credit budget (paid + outstanding may not exceed it).
+
+Results. The driver states in `ResultArrived` what only data can tell (form valid, known
+answers matched, which earlier results it agrees with); verify.py finds the quorum. Valid
+results (agreeing with the accepted output, also late ones) are paid (`Pay`); invalid ones
+reset the worker's trust. A failed known answer, or a second different result for one
+lease, excludes the worker (`Excluded`, with the lease ids whose signed results are the
+proof), cancels its live leases and discards its results in undecided shards. Errors
+(failed, expired, malformed, failed known answer) beyond `max_error`, or `max_total`
+leases issued without a quorum, fail the shard.
+
+State is kept in plain records (`JobRec`, `ShardRec`, `LeaseRec`, trust.WorkerTrust);
+`take_changes()` returns those touched since the last call so the driver persists them in
+the same transaction as the event's input, and `restore()` rebuilds the machine from them.
+An optional `sink` gets every event (event_json gives one JSON line for a replay log).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import trust as T
+from .verify import Vote, choose_output, find_quorum, is_valid, largest_agreeing
+
+MINUTE_MS = 60_000
+UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
+
+
+class CoreUsageError(Exception):
+    """The caller (our code) used the machine wrongly: unknown job, time going back."""
+
+
+class PeerViolation(Exception):
+    """A peer broke the protocol; `penalty` names the reputation offence."""
+
+    def __init__(self, peer: bytes, why: str, penalty: str = "invalid-message"):
+        super().__init__(f"peer {peer.hex()[:16]}: {why}")
+        self.peer, self.why, self.penalty = peer, why, penalty
+
+
+# --- settings -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SchedulerSettings:
+    prefix_v4: int = 24
+    prefix_v6: int = 48
+    prefix_cap: int = 64
+    window: int = 256
+    min_replicas: int = 2            # untrusted work is always replicated
+    min_deadline_ms: int = 10 * MINUTE_MS
+    grace_min_ms: int = MINUTE_MS
+    grace_fraction: float = 0.1
+    transfer_bytes_per_s: float = 1e6
+    request_interval_ms: int = 10_000
+    no_work_retry_ms: int = MINUTE_MS
+    cross_class_rate: float = 0.1
+    recheck_cross_rate: float = 0.5  # share of re-checks that must go to another class
+    cross_class_wait_ms: int = 10 * MINUTE_MS
+    fresh_need_known_answer: bool = True
+    max_batch: int = 64
+    trust: T.TrustSettings = field(default_factory=T.TrustSettings)
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What the scheduler needs of a job; per-shard tuples are indexed by shard."""
+
+    job_id: bytes
+    secret: bytes
+    samples: tuple[int, ...]         # per shard, known-answer rows included
+    credit: tuple[int, ...]
+    known_answer: tuple[bool, ...]
+    input_size: tuple[int, ...]
+    quorum: int = 2
+    max_error: int = 3
+    max_total: int = 0               # 0: 2 * quorum + 4
+    recheck_rate: float = 0.07
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.samples)
+        if n == 0:
+            raise CoreUsageError("a job needs at least one shard")
+        if not (len(self.credit) == len(self.known_answer) == len(self.input_size) == n):
+            raise CoreUsageError("per-shard tuples of a job must have one entry per shard")
+        if len(self.secret) < 32:
+            raise CoreUsageError("the job secret must be at least 32 bytes")
+        if not 1 <= self.quorum <= 255:
+            raise CoreUsageError(f"quorum {self.quorum} outside 1..255")
+        if not 0.0 <= self.recheck_rate <= 1.0:
+            raise CoreUsageError(f"recheck_rate {self.recheck_rate} outside [0, 1]")
+
+    @property
+    def total_bound(self) -> int:
+        return self.max_total or 2 * self.quorum + 4
+
+
+# --- events ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobAdded:
+    at_ms: int
+    job: JobParams
+
+
+@dataclass(frozen=True)
+class WorkRequested:
+    at_ms: int
+    worker: bytes
+    prefix: str
+    hw_class: bytes
+    bench: float
+    free_slots: int
+    jobs: tuple[bytes, ...]  # live jobs whose requirements the request meets (driver checks)
+
+
+@dataclass(frozen=True)
+class ResultArrived:
+    at_ms: int
+    lease_id: bytes
+    worker: bytes
+    digest: bytes
+    form_ok: bool = True
+    known_answer_ok: bool | None = None   # None: the shard holds no known answers
+    agrees: tuple[bytes, ...] = ()         # lease ids of the shard's results it agrees with
+
+
+@dataclass(frozen=True)
+class LeaseFailed:
+    at_ms: int
+    lease_id: bytes
+    worker: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class HandedBack:
+    at_ms: int
+    lease_id: bytes
+    worker: bytes
+
+
+@dataclass(frozen=True)
+class Tick:
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    at_ms: int
+    job_id: bytes
+
+
+EVENTS = (JobAdded, WorkRequested, ResultArrived, LeaseFailed, HandedBack, Tick, JobCancelled)
+
+
+# --- effects ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LeaseGrant:
+    lease_id: bytes
+    job_id: bytes
+    shard: int
+    deadline_ms: int
+    credit: int
+    first_batch: int = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    worker: bytes
+    leases: tuple[LeaseGrant, ...]
+
+
+@dataclass(frozen=True)
+class Refuse:
+    worker: bytes
+    reason: str  # a NoWork reason
+    retry_after_ms: int
+
+
+@dataclass(frozen=True)
+class Pay:
+    lease_id: bytes
+    job_id: bytes
+    shard: int
+    worker: bytes
+    digest: bytes
+    credit: int
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class CancelLeases:
+    worker: bytes
+    job_id: bytes
+    lease_ids: tuple[bytes, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Excluded:
+    worker: bytes
+    job_id: bytes
+    claim: str                       # conflicting_results | failed_known_answer
+    lease_ids: tuple[bytes, ...]     # leases whose stored results are the proofs
+    note: str
+
+
+@dataclass(frozen=True)
+class ShardAccepted:
+    job_id: bytes
+    shard: int
+    lease_id: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class ShardFailed:
+    job_id: bytes
+    shard: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobDone:
+    job_id: bytes
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    at_ms: int
+
+
+# --- state records ---------------------------------------------------------------------
+@dataclass
+class JobRec:
+    job: JobParams
+    status: str = "live"     # live | cancelled | done
+    paid: int = 0
+
+
+@dataclass
+class ShardRec:
+    job_id: bytes
+    index: int
+    status: str = "open"     # open | accepted | failed | cancelled
+    target: int = 0          # 0: no replica issued yet
+    single: bool = False
+    recheck: bool = False
+    cross: bool = False
+    errors: int = 0
+    issued: int = 0          # leases counted against max_total (hand-backs are not)
+    accepted_lease: bytes | None = None
+    reason: str = ""
+    last_issue_ms: int = 0
+
+
+@dataclass
+class LeaseRec:
+    lease_id: bytes
+    job_id: bytes
+    shard: int
+    worker: bytes
+    prefix: str
+    hw_class: bytes
+    issued_ms: int
+    expires_ms: int
+    deadline_ms: int
+    credit: int
+    fresh: bool              # the worker was not established when the lease was issued
+    state: str = "live"      # live | returned | expired | failed | handed_back | cancelled
+    digest: bytes | None = None
+    ok: bool = False
+    agrees: tuple[bytes, ...] = ()
+    order: int = 0
+    verdict: str = ""        # "" | valid | invalid | discarded
+    paid: bool = False
+
+
+def prefix_of(ip: str | None, v4_bits: int = 24, v6_bits: int = 48) -> str:
+    """The network prefix a worker counts under (UNKNOWN_PREFIX when relayed/unknown)."""
+    if not ip:
+        return UNKNOWN_PREFIX
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return UNKNOWN_PREFIX
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    bits = v4_bits if addr.version == 4 else v6_bits
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+
+
+def rank(secret: bytes, job_id: bytes, shard: int, worker: bytes) -> bytes:
+    return hmac.new(secret, job_id + shard.to_bytes(4, "big") + worker, hashlib.sha256).digest()
+
+
+def lease_deadline_ms(samples: int, bench: float, input_size: int, s: SchedulerSettings) -> int:
+    """About three times the expected compute time plus the transfer time, >= the minimum."""
+    compute_ms = 3000.0 * samples / max(bench, 1e-3)
+    transfer_ms = 1000.0 * input_size / s.transfer_bytes_per_s
+    return int(min(max(s.min_deadline_ms, compute_ms + transfer_ms), 2**32 - 1))
+
+
+def grace_ms(deadline_ms: int, s: SchedulerSettings) -> int:
+    return max(s.grace_min_ms, int(s.grace_fraction * deadline_ms))
+
+
+class KeyedRandom(random.Random):
+    """A random.Random drawing from HMAC-SHA256(key, counter): unpredictable to anyone
+    without the key (workers see lease ids), yet replayable by whoever holds it."""
+
+    def __init__(self, key: bytes):
+        self._key = bytes(key)
+        self._counter = 0
+        super().__init__(0)
+
+    def seed(self, *args, **kwargs) -> None:  # random.Random.__init__ calls it
+        self._counter = 0
+
+    def _block(self) -> bytes:
+        self._counter += 1
+        return hmac.new(self._key, self._counter.to_bytes(8, "big"), hashlib.sha256).digest()
+
+    def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        out = b""
+        while len(out) * 8 < k:
+            out += self._block()
+        return int.from_bytes(out, "big") >> (len(out) * 8 - k)
+
+    def random(self) -> float:
+        return self.getrandbits(53) / float(1 << 53)
+
+    def randbytes(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            out += self._block()
+        return out[:n]
+
+    def getstate(self):  # noqa: D401 - mirrors random.Random
+        return (self._key, self._counter)
+
+    def setstate(self, state) -> None:
+        self._key, self._counter = state
+
+
+# --- the machine -----------------------------------------------------------------------
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings | None = None, *, rng: random.Random,
+                 sink: Callable[[object], None] | None = None):
+        self.s = settings or SchedulerSettings()
+        self.rng = rng
+        self.sink = sink
+        self.jobs: dict[bytes, JobRec] = {}
+        self.shards: dict[tuple[bytes, int], ShardRec] = {}
+        self.leases: dict[bytes, LeaseRec] = {}
+        self.workers: dict[bytes, T.WorkerTrust] = {}
+        self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
+        self._live: dict[bytes, None] = {}  # live lease ids, in issue order
+        self._decided_prefix: dict[bytes, int] = {}  # per job: shards [0, n) are decided
+        self._last_request: dict[bytes, int] = {}
+        self._order = 0
+        self._now = 0
+        self._dirty: set[tuple[str, object]] = set()
+
+    # --- queries (read-only) ---------------------------------------------------------
+    def trust_of(self, worker: bytes) -> T.WorkerTrust:
+        return self.workers.get(worker) or T.WorkerTrust(worker)
+
+    def shard_leases(self, job_id: bytes, shard: int) -> list[LeaseRec]:
+        return [self.leases[i] for i in self._by_shard.get((job_id, shard), [])]
+
+    def returned(self, job_id: bytes, shard: int) -> list[LeaseRec]:
+        return [l for l in self.shard_leases(job_id, shard) if l.state == "returned"]
+
+    def live_leases(self, worker: bytes | None = None) -> list[LeaseRec]:
+        return [self.leases[i] for i in self._live
+                if worker is None or self.leases[i].worker == worker]
+
+    def _set_state(self, lease: LeaseRec, state: str) -> None:
+        lease.state = state
+        if state == "live":
+            self._live[lease.lease_id] = None
+        else:
+            self._live.pop(lease.lease_id, None)
+
+    def open_replicas(self, sh: ShardRec) -> int:
+        if sh.status != "open" or self.jobs[sh.job_id].status != "live":
+            return 0
+        job = self.jobs[sh.job_id].job
+        target = sh.target or max(job.quorum, self.s.min_replicas)
+        leases = self.shard_leases(sh.job_id, sh.index)
+        live = sum(1 for l in leases if l.state == "live")
+        have = largest_agreeing([_vote(l) for l in leases if l.state == "returned"])
+        return max(0, target - have - live)
+
+    def job_counts(self, job_id: bytes) -> dict[str, int]:
+        shards = [self.shards[(job_id, i)] for i in range(len(self.jobs[job_id].job.samples))]
+        leases = [l for l in self.leases.values() if l.job_id == job_id]
+        return {
+            "shards": len(shards),
+            "accepted": sum(1 for s in shards if s.status == "accepted"),
+            "failed": sum(1 for s in shards if s.status == "failed"),
+            "leases": len(leases),
+            "live": sum(1 for l in leases if l.state == "live"),
+            "invalid": sum(1 for l in leases if l.verdict in ("invalid", "discarded")),
+            "workers": len({l.worker for l in leases}),
+            "paid": self.jobs[job_id].paid,
+        }
+
+    # --- persistence -----------------------------------------------------------------
+    def take_changes(self) -> tuple[list[JobRec], list[ShardRec], list[LeaseRec], list[T.WorkerTrust]]:
+        jobs, shards, leases, workers = [], [], [], []
+        for kind, key in sorted(self._dirty, key=repr):
+            if kind == "job":
+                jobs.append(copy.copy(self.jobs[key]))
+            elif kind == "shard":
+                shards.append(copy.copy(self.shards[key]))
+            elif kind == "lease":
+                leases.append(copy.copy(self.leases[key]))
+            else:
+                workers.append(self.workers[key])
+        self._dirty.clear()
+        return jobs, shards, leases, workers
+
+    def restore(self, jobs: Iterable[JobRec], shards: Iterable[ShardRec],
+                leases: Iterable[LeaseRec], workers: Iterable[T.WorkerTrust]) -> None:
+        """Rebuild from persisted records (on an empty machine)."""
+        if self.jobs or self.leases:
+            raise CoreUsageError("restore() needs a fresh scheduler")
+        for j in jobs:
+            self.jobs[j.job.job_id] = copy.copy(j)
+        for sh in shards:
+            self.shards[(sh.job_id, sh.index)] = copy.copy(sh)
+        for l in sorted(leases, key=lambda l: (l.issued_ms, l.lease_id)):
+            self.leases[l.lease_id] = copy.copy(l)
+            if l.state == "live":
+                self._live[l.lease_id] = None
+            self._by_shard.setdefault((l.job_id, l.shard), []).append(l.lease_id)
+            self._order = max(self._order, l.order)
+        for w in workers:
+            self.workers[w.worker] = w
+        for job_id, rec in self.jobs.items():
+            for i in range(len(rec.job.samples)):
+                if (job_id, i) not in self.shards:
+                    raise CoreUsageError(f"job {job_id.hex()}: shard {i} missing from the store")
+
+    # --- events ----------------------------------------------------------------------
+    def handle(self, ev: object) -> list:
+        at = getattr(ev, "at_ms", None)
+        if not isinstance(ev, EVENTS):
+            raise CoreUsageError(f"not a scheduler event: {type(ev).__name__}")
+        if at < self._now - 5_000:
+            # Small steps back happen between threads of one driver; larger ones are a bug.
+            raise CoreUsageError(f"{type(ev).__name__} at {at} ms goes back from {self._now} ms")
+        method = getattr(self, "_on_" + type(ev).__name__)
+        effects = method(ev)
+        self._now = max(self._now, at)
+        if self.sink is not None:
+            self.sink(ev)
+        return effects
+
+    def _on_JobAdded(self, ev: JobAdded) -> list:
+        job = ev.job
+        if job.job_id in self.jobs:
+            raise CoreUsageError(f"job {job.job_id.hex()} already exists")
+        self.jobs[job.job_id] = JobRec(job)
+        self._dirty.add(("job", job.job_id))
+        for i in range(len(job.samples)):
+            self.shards[(job.job_id, i)] = ShardRec(job.job_id, i)
+            self._dirty.add(("shard", (job.job_id, i)))
+        return []
+
+    def _on_JobCancelled(self, ev: JobCancelled) -> list:
+        rec = self.jobs.get(ev.job_id)
+        if rec is None:
+            raise CoreUsageError(f"no job {ev.job_id.hex()}")
+        if rec.status != "live":
+            return []
+        rec.status = "cancelled"
+        self._dirty.add(("job", ev.job_id))
+        for i in range(len(rec.job.samples)):
+            sh = self.shards[(ev.job_id, i)]
+            if sh.status == "open":
+                sh.status = "cancelled"
+                self._dirty.add(("shard", (ev.job_id, i)))
+        return self._cancel([l for l in self.live_leases() if l.job_id == ev.job_id],
+                            "job cancelled")
+
+    def _cancel(self, leases: list[LeaseRec], reason: str) -> list:
+        by: dict[tuple[bytes, bytes], list[bytes]] = {}
+        for l in leases:
+            self._set_state(l, "cancelled")
+            self._dirty.add(("lease", l.lease_id))
+            by.setdefault((l.worker, l.job_id), []).append(l.lease_id)
+        return [CancelLeases(w, j, tuple(ids), reason) for (w, j), ids in by.items()]
+
+    # work requests ---------------------------------------------------------------------
+    def _on_WorkRequested(self, ev: WorkRequested) -> list:
+        s = self.s
+        t = self.trust_of(ev.worker)
+        now = ev.at_ms
+        if t.excluded:
+            return [Refuse(ev.worker, "excluded", 24 * 60 * MINUTE_MS)]
+        last = self._last_request.get(ev.worker)
+        if last is not None and now - last < s.request_interval_ms:
+            return [Refuse(ev.worker, "backoff", s.request_interval_ms - (now - last))]
+        self._last_request[ev.worker] = now
+        if t.backoff_until_ms > now:
+            return [Refuse(ev.worker, "backoff", t.backoff_until_ms - now)]
+        live = [j for j, r in self.jobs.items() if r.status == "live"]
+        if not live:
+            return [Refuse(ev.worker, "no_work", s.no_work_retry_ms)]
+        wanted = [j for j in live if j in set(ev.jobs)]
+        if not wanted:
+            return [Refuse(ev.worker, "not_eligible", s.no_work_retry_ms)]
+        mine = len(self.live_leases(ev.worker))
+        in_prefix = sum(1 for l in self.live_leases() if l.prefix == ev.prefix)
+        room = min(ev.free_slots, T.lease_cap(t, s.trust, now) - mine,
+                   s.prefix_cap - in_prefix, s.max_batch)
+        if room <= 0:
+            return [Refuse(ev.worker, "quota", s.no_work_retry_ms)]
+        established = T.established(t, s.trust, now)
+        picks: list[tuple[JobRec, ShardRec]] = []
+        for job_id in wanted:
+            rec = self.jobs[job_id]
+            outstanding = self._outstanding_credit(job_id) if rec.job.budget is not None else 0
+            candidates = []
+            for sh in self._window(rec):
+                if self._eligible(sh, ev, established, now):
+                    candidates.append((rank(rec.job.secret, job_id, sh.index, ev.worker), sh))
+            candidates.sort(key=lambda c: c[0])
+            for _r, sh in candidates:
+                if len(picks) >= room:
+                    break
+                credit = rec.job.credit[sh.index]
+                if rec.job.budget is not None and rec.paid + outstanding + credit > rec.job.budget:
+                    continue  # no_work: the job's status tells its owner the budget is spent
+                outstanding += credit
+                picks.append((rec, sh))
+            if len(picks) >= room:
+                break
+        if not picks:
+            return [Refuse(ev.worker, "no_work", s.no_work_retry_ms)]
+        grants = []
+        for rec, sh in picks:
+            grants.append(self._issue(rec, sh, ev, t, now))
+        next_exp = min(l.expires_ms for l in self.live_leases())
+        return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
+
+    def _outstanding_credit(self, job_id: bytes) -> int:
+        return sum(l.credit for l in self.leases.values() if l.job_id == job_id and
+                   (l.state == "live" or (l.state == "returned" and not l.verdict)))
+
+    def _window(self, rec: JobRec) -> list[ShardRec]:
+        job_id, n = rec.job.job_id, len(rec.job.samples)
+        start = self._decided_prefix.get(job_id, 0)
+        while start < n and self.shards[(job_id, start)].status != "open":
+            start += 1  # decided shards stay decided: skip them next time too
+        self._decided_prefix[job_id] = start
+        out = []
+        for i in range(start, n):
+            sh = self.shards[(job_id, i)]
+            if self.open_replicas(sh) > 0:
+                out.append(sh)
+                if len(out) >= self.s.window:
+                    break
+        return out
+
+    def _eligible(self, sh: ShardRec, ev: WorkRequested, established: bool, now: int) -> bool:
+        job = self.jobs[sh.job_id].job
+        leases = self.shard_leases(sh.job_id, sh.index)
+        held = [l for l in leases if l.state in ("live", "returned")]
+        if any(l.worker == ev.worker for l in leases):
+            return False  # one replica per peer, ever
+        if any(l.prefix == ev.prefix for l in held):
+            return False  # one replica per network prefix
+        if not established:
+            if any(l.fresh for l in held):
+                return False
+            if self.s.fresh_need_known_answer and not job.known_answer[sh.index]:
+                return False
+            votes = [_vote(l) for l in held if l.state == "returned"]
+            if sh.single or (votes and largest_agreeing(votes) < sum(v.ok for v in votes)):
+                return False  # re-checks of single copies and tie-breakers: established only
+        if sh.cross and held and now - sh.last_issue_ms < self.s.cross_class_wait_ms:
+            first = min(leases, key=lambda l: (l.issued_ms, l.lease_id)).hw_class
+            if all(l.hw_class == first for l in held) and ev.hw_class == first:
+                return False
+        if sh.issued >= job.total_bound:
+            return False
+        return True
+
+    def _issue(self, rec: JobRec, sh: ShardRec, ev: WorkRequested, t: T.WorkerTrust,
+               now: int) -> LeaseGrant:
+        job = rec.job
+        credit = job.credit[sh.index]
+        if sh.target == 0:
+            sh.single = T.may_take_single(t, self.s.trust, credit, now, self.rng)
+            sh.recheck = self.rng.random() < job.recheck_rate
+            rate = self.s.recheck_cross_rate if sh.recheck else self.s.cross_class_rate
+            sh.cross = self.rng.random() < rate
+            base = 1 if sh.single else max(job.quorum, self.s.min_replicas)
+            sh.target = base + (1 if sh.recheck else 0)
+        deadline = lease_deadline_ms(job.samples[sh.index], ev.bench, job.input_size[sh.index], self.s)
+        lease = LeaseRec(
+            lease_id=self.rng.randbytes(16), job_id=job.job_id, shard=sh.index,
+            worker=ev.worker, prefix=ev.prefix, hw_class=ev.hw_class, issued_ms=now,
+            expires_ms=now + deadline + grace_ms(deadline, self.s), deadline_ms=deadline,
+            credit=credit, fresh=not T.established(t, self.s.trust, now))
+        while lease.lease_id in self.leases:  # 128 random bits: never, but never twice either
+            lease.lease_id = self.rng.randbytes(16)
+        self.leases[lease.lease_id] = lease
+        self._live[lease.lease_id] = None
+        self._by_shard.setdefault((job.job_id, sh.index), []).append(lease.lease_id)
+        sh.issued += 1
+        sh.last_issue_ms = now
+        self._dirty.update({("lease", lease.lease_id), ("shard", (job.job_id, sh.index))})
+        return LeaseGrant(lease.lease_id, job.job_id, sh.index, deadline, credit, 0)
+
+    # results -----------------------------------------------------------------------------
+    def lease_of(self, lease_id: bytes, worker: bytes, what: str) -> LeaseRec:
+        """The lease `worker` reports `what` about; PeerViolation if it is not its lease."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise PeerViolation(worker, f"{what} for lease {lease_id.hex()}, which this "
+                                        f"publisher never issued")
+        if lease.worker != worker:
+            raise PeerViolation(worker, f"{what} for lease {lease_id.hex()}, issued to "
+                                        f"another worker")
+        return lease
+
+    def _on_ResultArrived(self, ev: ResultArrived) -> list:
+        lease = self.lease_of(ev.lease_id, ev.worker, "result")
+        if lease.state == "returned":
+            if lease.digest == ev.digest:
+                return []  # a retry of the result we hold
+            return self._exclude(ev.worker, lease.job_id, "conflicting_results", (lease.lease_id,),
+                                 f"two results for lease {lease.lease_id.hex()}", ev.at_ms)
+        if lease.state in ("failed", "handed_back", "cancelled"):
+            return []  # given up already; the replica was reissued; nothing is paid
+        if self.trust_of(ev.worker).excluded:
+            return []
+        sh = self.shards[(lease.job_id, lease.shard)]
+        mates = {l.lease_id for l in self.returned(lease.job_id, lease.shard)}
+        self._order += 1
+        self._set_state(lease, "returned")
+        lease.digest = ev.digest
+        lease.ok = ev.form_ok and ev.known_answer_ok is not False
+        lease.agrees = tuple(sorted(set(ev.agrees) & mates))
+        lease.order = self._order
+        self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
+        for other in lease.agrees:
+            o = self.leases[other]
+            o.agrees = tuple(sorted(set(o.agrees) | {lease.lease_id}))
+            self._dirty.add(("lease", other))
+        effects: list = []
+        if not ev.form_ok or ev.known_answer_ok is False:
+            sh.errors += 1
+            lease.verdict = "invalid"
+            self._set_trust(T.on_disagreement(self.trust_of(ev.worker), ev.at_ms))
+        if ev.known_answer_ok is False:
+            effects += self._exclude(ev.worker, lease.job_id, "failed_known_answer",
+                                     (lease.lease_id,), f"known-answer rows of shard "
+                                     f"{lease.shard} did not match", ev.at_ms)
+        return effects + self._evaluate(sh, ev.at_ms)
+
+    def _on_LeaseFailed(self, ev: LeaseFailed) -> list:
+        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "failed"), "failed", ev.at_ms)
+
+    def _on_HandedBack(self, ev: HandedBack) -> list:
+        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "hand_back"), "handed_back",
+                             ev.at_ms)
+
+    def _give_up(self, lease: LeaseRec, state: str, now: int) -> list:
+        if lease.state not in ("live", "expired"):
+            return []  # a retry, or the lease was decided otherwise
+        was_live = lease.state == "live"
+        sh = self.shards[(lease.job_id, lease.shard)]
+        self._set_state(lease, state)
+        self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
+        if state == "handed_back":
+            sh.issued -= 1 if was_live else 0  # not the worker's fault: not counted
+        elif was_live:  # an expired lease was counted as an error already
+            sh.errors += 1
+            self._set_trust(T.on_failure(self.trust_of(lease.worker), self.s.trust, now))
+        return self._evaluate(sh, now)
+
+    def _on_Tick(self, ev: Tick) -> list:
+        effects: list = []
+        for lease in sorted(self.live_leases(), key=lambda l: (l.expires_ms, l.lease_id)):
+            if lease.expires_ms <= ev.at_ms:
+                self._set_state(lease, "expired")
+                sh = self.shards[(lease.job_id, lease.shard)]
+                sh.errors += 1
+                self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
+                self._set_trust(T.on_failure(self.trust_of(lease.worker), self.s.trust, ev.at_ms))
+                effects += self._evaluate(sh, ev.at_ms)
+        live = self.live_leases()
+        if live:
+            effects.append(WakeAt(min(l.expires_ms for l in live)))
+        return effects
+
+    # decisions ---------------------------------------------------------------------------
+    def _set_trust(self, t: T.WorkerTrust) -> None:
+        self.workers[t.worker] = t
+        self._dirty.add(("worker", t.worker))
+
+    def _pay(self, lease: LeaseRec, now: int) -> list:
+        lease.verdict = "valid"
+        lease.paid = True
+        self.jobs[lease.job_id].paid += lease.credit
+        self._dirty.update({("lease", lease.lease_id), ("job", lease.job_id)})
+        self._set_trust(T.on_valid(self.trust_of(lease.worker), lease.credit, now))
+        return [Pay(lease.lease_id, lease.job_id, lease.shard, lease.worker, lease.digest,
+                    lease.credit, now)]
+
+    def _evaluate(self, sh: ShardRec, now: int) -> list:
+        job_rec = self.jobs[sh.job_id]
+        job = job_rec.job
+        leases = self.shard_leases(sh.job_id, sh.index)
+        effects: list = []
+        if sh.status == "accepted":
+            accepted = _vote(self.leases[sh.accepted_lease])
+            for l in leases:
+                if l.state == "returned" and not l.verdict:
+                    effects += self._judge(l, accepted, now)
+            return effects
+        if sh.status != "open":
+            return effects
+        votes = [_vote(l) for l in leases if l.state == "returned"]
+        need = sh.target or max(job.quorum, self.s.min_replicas)
+        group = find_quorum(votes, need) if job_rec.status == "live" else None
+        if group is not None:
+            winner = choose_output(group)
+            sh.status = "accepted"
+            sh.accepted_lease = winner.lease_id
+            self._dirty.add(("shard", (sh.job_id, sh.index)))
+            effects.append(ShardAccepted(sh.job_id, sh.index, winner.lease_id, winner.digest))
+            for l in leases:
+                if l.state == "returned" and not l.verdict:
+                    effects += self._judge(l, winner, now)
+            effects += self._cancel([l for l in leases if l.state == "live"], "shard decided")
+            return effects + self._maybe_done(sh.job_id)
+        reason = ""
+        if sh.errors > job.max_error:
+            reason = f"{sh.errors} errors, more than max_error {job.max_error}"
+        elif (sh.issued >= job.total_bound and self.open_replicas(sh) > 0
+              and not any(l.state == "live" for l in leases)):
+            reason = f"no quorum of {need} within max_total {job.total_bound} results"
+        if reason:
+            sh.status = "failed"
+            sh.reason = reason
+            self._dirty.add(("shard", (sh.job_id, sh.index)))
+            effects.append(ShardFailed(sh.job_id, sh.index, reason))
+            effects += self._cancel([l for l in leases if l.state == "live"], "shard failed")
+            effects += self._maybe_done(sh.job_id)
+        return effects
+
+    def _judge(self, lease: LeaseRec, accepted: Vote, now: int) -> list:
+        if is_valid(_vote(lease), accepted):
+            return self._pay(lease, now)
+        lease.verdict = "invalid"
+        self._dirty.add(("lease", lease.lease_id))
+        self._set_trust(T.on_disagreement(self.trust_of(lease.worker), now))
+        return []
+
+    def _maybe_done(self, job_id: bytes) -> list:
+        rec = self.jobs[job_id]
+        if rec.status != "live":
+            return []
+        if all(self.shards[(job_id, i)].status in ("accepted", "failed")
+               for i in range(len(rec.job.samples))):
+            rec.status = "done"
+            self._dirty.add(("job", job_id))
+            return [JobDone(job_id)]
+        return []
+
+    def _exclude(self, worker: bytes, job_id: bytes, claim: str, lease_ids: tuple[bytes, ...],
+                 note: str, now: int) -> list:
+        t = self.trust_of(worker)
+        if t.excluded:
+            return []
+        self._set_trust(T.on_excluded(t, claim))
+        effects: list = [Excluded(worker, job_id, claim, lease_ids, note)]
+        effects += self._cancel(self.live_leases(worker), "excluded")
+        touched = set()
+        for l in self.leases.values():
+            if l.worker == worker and l.state == "returned" and not l.verdict:
+                sh = self.shards[(l.job_id, l.shard)]
+                if sh.status == "open":
+                    l.ok = False
+                    l.verdict = "discarded"
+                    self._dirty.add(("lease", l.lease_id))
+                    touched.add((l.job_id, l.shard))
+        for key in sorted(touched):
+            effects += self._evaluate(self.shards[key], now)
+        return effects
+
+
+def _vote(l: LeaseRec) -> Vote:
+    return Vote(l.lease_id, l.worker, l.digest or b"", l.order, frozenset(l.agrees), l.ok)
+
+
+# --- event log (one JSON line per event, for replay) -----------------------------------
+def _plain(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"hex": value.hex()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("non-finite numbers are not logged")
+    return value
+
+
+def event_json(ev: object) -> str:
+    """One JSON line for an event: {"type": ..., fields; bytes as {"hex": ...}}."""
+    return json.dumps({"type": type(ev).__name__, **_plain(ev)}, sort_keys=True)
+
+
+_TYPES = {cls.__name__: cls for cls in EVENTS}
+
+
+def _typed(value: object) -> object:
+    if isinstance(value, dict) and set(value) == {"hex"}:
+        return bytes.fromhex(value["hex"])
+    if isinstance(value, list):
+        return tuple(_typed(v) for v in value)
+    return value
+
+
+def event_from_json(line: str) -> object:
+    """Inverse of event_json."""
+    data = json.loads(line)
+    cls = _TYPES[data.pop("type")]
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = data[f.name]
+        if f.name == "job":
+            v = JobParams(**{k: _typed(x) for k, x in v.items()})
+        kwargs[f.name] = _typed(v)
+    return cls(**kwargs)
+
+
+__all__ = [
+    "Scheduler", "SchedulerSettings", "JobParams", "CoreUsageError", "PeerViolation",
+    "JobAdded", "WorkRequested", "ResultArrived", "LeaseFailed", "HandedBack", "Tick",
+    "JobCancelled", "LeaseGrant", "Grant", "Refuse", "Pay", "CancelLeases", "Excluded",
+    "ShardAccepted", "ShardFailed", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
+    "prefix_of", "rank", "lease_deadline_ms", "grace_ms", "KeyedRandom", "event_json",
+    "event_from_json", "UNKNOWN_PREFIX",
+]

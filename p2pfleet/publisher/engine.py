@@ -1,0 +1,752 @@
+"""The publisher engine: the scheduler (core/scheduler.py) driven on a real Mesh.
+
+`Publisher.run()` is a trio service. It rebuilds the scheduler from the job store, answers
+the `lease` protocol (one work_request -> one lease_batch or no_work) and the `report`
+protocol (progress, hand_back, result, failed -> stored -> up to 64 pending receipts ->
+clean close), authorises input fetches on the blob service with lease-bound tokens, pushes
+cancels and receipts on `notice` when it can reach the worker, announces live jobs on the
+jobs topic, publishes evidence, and ticks the scheduler so leases expire.
+
+Order of persistence (specs/work-and-leases.md, section 10): each scheduler event runs
+inside one store transaction with its input (the result envelope) and its consequences
+(lease records, receipts, evidence); only after the commit is anything sent. A lease batch
+is therefore on disk before the worker sees it, a result before it is acknowledged, a
+receipt before it is delivered.
+
+Violations: an envelope that does not open, a signer that is not the stream's remote peer,
+a report about a lease not issued to it: reset and `mesh.penalize`. A well-formed result
+that fails the publisher's own checks (digests, known answers) is stored, counted against
+the worker's trust and acknowledged, so the worker stops resending it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from packaging.version import InvalidVersion, Version
+
+from ..core import scheduler as S
+from ..core.records import next_sequence
+from ..exec.outputs import compare_outputs, decode_tensors
+from ..exec.runner import ort_version_allowed
+from ..identity import Identity, peer_id_from_key
+from ..net import streams
+from ..net.mesh import Mesh, MeshError
+from ..store.jobs import JobStore
+from ..wire.envelope import open_envelope, seal
+from ..wire.errors import WireError
+from ..wire.kinds import (
+    KINDS,
+    Cancel,
+    Evidence,
+    FailedResult,
+    HandBack,
+    JobAnnouncement,
+    Lease,
+    LeaseBatch,
+    NoWork,
+    Progress,
+    Receipt,
+    Requirements,
+    Result,
+)
+from .jobs import BuiltJob, JobSpec, JobSpecError, build_job, check_result_outputs, strip_known_answers
+
+log = logging.getLogger(__name__)
+
+REPORT_KINDS = {"progress", "hand_back", "result", "failed"}
+REQUEST_CAP = KINDS["work_request"].max_body + streams.FRAME_OVERHEAD
+REPORT_CAP = KINDS["result"].max_body + streams.FRAME_OVERHEAD
+MAX_RECEIPTS_PER_ANSWER = 64
+ANSWER_LIFETIME_MS = 60_000
+
+
+class PublisherError(Exception):
+    """A publisher operation cannot be done (unknown job, job not finished, ...)."""
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    scheduler: S.SchedulerSettings = field(default_factory=S.SchedulerSettings)
+    announce_interval_s: float = 15.0
+    announce_lifetime_ms: int = 10 * 60_000
+    tick_interval_s: float = 1.0
+    notice_timeout_s: float = 5.0
+    receipt_retry_s: float = 30.0
+    read_timeout_s: float = 30.0
+    output_fetch_timeout_s: float = 60.0
+    max_output_bytes: int = 64 * 1024 * 1024
+    event_log: Path | None = None     # one JSON line per scheduler event (for replay)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: bytes
+    state: str                 # live | cancelled | done
+    shards: int
+    accepted: int
+    failed: int
+    leases: int                # replicas issued
+    live: int
+    rejected: int              # results found invalid or discarded
+    workers: int
+    evidence: int
+    credit_paid: int
+    budget: int | None
+    waiting: str = ""          # why no progress is possible right now, if known
+
+
+def _now_ms(clock: Callable[[], float]) -> int:  # noqa: D103
+    return int(clock() * 1000)
+
+
+class Publisher:
+    def __init__(self, identity: Identity, mesh: Mesh, store_path: Path | str, blobs: Any, *,
+                 clock: Callable[[], float] = time.time, rng: Any = None,
+                 settings: PublisherSettings | None = None):
+        self.identity = identity
+        self.mesh = mesh
+        self.network = mesh.settings.network
+        self.blobs = blobs
+        self.clock = clock
+        self.settings = settings or PublisherSettings()
+        self.store = JobStore(store_path)
+        self._token_key = self.store.secret("token-key")
+        self._job_rng = rng or S.KeyedRandom(self.store.secret("publisher") + os.urandom(16))
+        self._log_file = None
+        if self.settings.event_log is not None:
+            self._log_file = open(self.settings.event_log, "a", encoding="utf-8")  # noqa: SIM115
+        sink = self._log_event if self._log_file else None
+        self.sched = S.Scheduler(self.settings.scheduler,
+                                 rng=rng or S.KeyedRandom(self.store.secret("publisher") + os.urandom(16)),
+                                 sink=sink)
+        self.sched.restore(*self.store.load_records())
+        self._meta: dict[bytes, dict] = {jid: self.store.job_meta(jid) for jid in self.store.job_ids()}
+        self._shards: dict[bytes, list[tuple[bytes, list[tuple[int, int]]]]] = {
+            jid: self.store.shard_inputs(jid) for jid in self._meta}
+        self._done: dict[bytes, trio.Event] = {}
+        self._decoded: OrderedDict[bytes, dict] = OrderedDict()
+        self._ka_cache: dict[bytes, dict] = {}
+        self._seq: int | None = None
+        self._announce_now = trio.Event()
+        self._pending_proofs: dict[bytes, list[bytes]] = {}  # second results of one lease
+        self._pushing: dict[bytes, trio.Lock] = {}
+        self._last_ms = 0
+        self._stopped = False
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"requests": 0, "leases_sent": 0, "results": 0, "refused": 0}
+        self._prev_authorize = getattr(blobs, "authorize", None) if blobs is not None else None
+        if isinstance(getattr(self._prev_authorize, "__self__", None), Publisher):
+            self._prev_authorize = None  # an earlier engine of this store, not another service
+
+    # --- public API --------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> bytes:
+        """Check, shard and store a job; returns its id. Announced once `run` is running."""
+        built = build_job(spec, self._job_rng)
+        job_id = self._job_rng.randbytes(16)
+        secret = self._job_rng.randbytes(32)
+        req = spec.requirements
+        ort_versions = spec.ort_versions or req.ort_versions
+        params = S.JobParams(job_id, secret, built.samples, built.credit, built.known_answer,
+                             tuple(len(b) for b in built.shard_blobs), quorum=spec.quorum,
+                             max_error=spec.max_error, max_total=spec.max_total,
+                             recheck_rate=spec.recheck_rate, budget=spec.budget)
+        model_digest = hashlib.sha256(spec.model).digest()
+        ka_digest = hashlib.sha256(built.ka_expected).digest()
+        meta = {
+            "model_digest": model_digest.hex(), "model_size": len(spec.model),
+            "micro_batch": spec.micro_batch, "opt_level": spec.opt_level,
+            "provider": spec.provider, "ort_versions": ort_versions,
+            "requirements": [req.min_memory_mb, list(req.providers), req.min_sw_version,
+                             ort_versions],
+            "credit_rate": spec.credit_rate, "quorum": spec.quorum,
+            "output_names": list(built.output_names), "ka_digest": ka_digest.hex(),
+            "real_rows": [list(r) for r in built.real_rows],
+        }
+        shards = []
+        now = self._now()
+        with self.store.transaction():
+            self.store.put_blob(model_digest, bytes(spec.model))
+            self.store.put_blob(ka_digest, built.ka_expected)
+            for blob in built.shard_blobs:
+                d = hashlib.sha256(blob).digest()
+                self.store.put_blob(d, blob)
+            shards = [(hashlib.sha256(b).digest(), ka) for b, ka in zip(built.shard_blobs, built.shard_ka)]
+            self.store.add_job(params, meta, now, shards)
+            self._apply(self.sched.handle(S.JobAdded(now, params)))
+        self._meta[job_id] = meta
+        self._shards[job_id] = shards
+        self._provide(job_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._provide_model, job_id)
+        self._announce_now.set()
+        return job_id
+
+    def resume(self, job_id: bytes) -> None:
+        """Make sure a stored job is served (jobs in the store are resumed by `run` anyway)."""
+        if job_id not in self._meta:
+            raise PublisherError(f"no job {job_id.hex()} in {self.store.path}")
+        self._provide(job_id)
+        self._announce_now.set()
+
+    def cancel(self, job_id: bytes) -> None:
+        self._require(job_id)
+        self._run_event(S.JobCancelled(self._now(), job_id))
+        self._done_event(job_id).set()
+
+    def status(self, job_id: bytes) -> JobStatus:
+        self._require(job_id)
+        rec = self.sched.jobs[job_id]
+        c = self.sched.job_counts(job_id)
+        waiting = ""
+        if rec.status == "live" and c["live"] == 0 and c["accepted"] + c["failed"] < c["shards"]:
+            if rec.job.budget is not None and rec.paid >= rec.job.budget:
+                waiting = "credit budget spent"
+            else:
+                waiting = "no eligible worker has asked for the open shards"
+        return JobStatus(job_id, rec.status, c["shards"], c["accepted"], c["failed"], c["leases"],
+                         c["live"], c["invalid"], c["workers"], len(self.store.evidence(job_id)),
+                         rec.paid, rec.job.budget, waiting)
+
+    def shard_outputs(self, job_id: bytes):
+        """Yield (shard, outputs) of accepted shards, known-answer rows removed, in order."""
+        self._require(job_id)
+        for i, (_digest, ka) in enumerate(self._shards[job_id]):
+            sh = self.sched.shards[(job_id, i)]
+            if sh.status != "accepted":
+                continue
+            stored = self.store.result(sh.accepted_lease)
+            if stored is None or stored[1] is None:
+                raise PublisherError(f"job {job_id.hex()} shard {i}: accepted output missing from the store")
+            yield i, strip_known_answers(decode_tensors(stored[1]), ka)
+
+    def outputs(self, job_id: bytes) -> dict[str, np.ndarray]:
+        """The whole job's outputs, in sample order; PublisherError unless every shard is accepted."""
+        st = self.status(job_id)
+        if st.accepted != st.shards:
+            raise PublisherError(f"job {job_id.hex()}: {st.accepted} of {st.shards} shards accepted "
+                                 f"({st.failed} failed); use shard_outputs() for partial results")
+        parts = [outs for _i, outs in self.shard_outputs(job_id)]
+        return {n: np.concatenate([p[n] for p in parts], axis=0) for n in parts[0]}
+
+    async def wait_done(self, job_id: bytes) -> JobStatus:
+        self._require(job_id)
+        if self.sched.jobs[job_id].status == "live":
+            await self._done_event(job_id).wait()
+        return self.status(job_id)
+
+    def close(self) -> None:
+        self._stopped = True
+        self.store.close()
+        if self._log_file:
+            self._log_file.close()
+
+    # --- the service -------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._stopped = False
+        self.mesh.set_handler("lease", self._on_lease_stream)
+        self.mesh.set_handler("report", self._on_report_stream)
+        if self.blobs is not None:
+            self.blobs.authorize = self._authorize
+        for job_id in self._meta:
+            self._provide(job_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._announce_loop)
+                nursery.start_soon(self._receipt_loop)
+                for job_id, rec in self.sched.jobs.items():
+                    if rec.status == "live":
+                        nursery.start_soon(self._provide_model, job_id)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            # Stopped (the mesh may live on): refuse work politely instead of failing on a
+            # closed store, which would count against innocent workers.
+            self._nursery = None
+            self._stopped = True
+            self.mesh.set_handler("lease", _not_serving)
+            self.mesh.set_handler("report", _not_serving)
+            if self.blobs is not None and self.blobs.authorize == self._authorize:
+                self.blobs.authorize = self._prev_authorize
+
+    # --- internals: scheduler plumbing -------------------------------------------------
+    def _now(self) -> int:
+        """Wall-clock ms (leases outlive restarts), never going back: a clock stepped back
+        by NTP must not look like time running backwards to the scheduler."""
+        self._last_ms = max(self._last_ms, _now_ms(self.clock))
+        return self._last_ms
+
+    def _require(self, job_id: bytes) -> None:
+        if job_id not in self.sched.jobs:
+            raise PublisherError(f"no job {job_id.hex()}")
+
+    def _done_event(self, job_id: bytes) -> trio.Event:
+        return self._done.setdefault(job_id, trio.Event())
+
+    def _log_event(self, ev: object) -> None:
+        self._log_file.write(S.event_json(ev) + "\n")
+        self._log_file.flush()
+
+    def _run_event(self, ev: object) -> list:
+        with self.store.transaction():
+            effects = self.sched.handle(ev)
+            self._apply(effects)
+        self._after(effects)
+        return effects
+
+    def _apply(self, effects: list) -> None:
+        """Inside the transaction: persist records, seal and store receipts and evidence."""
+        now = self._now()
+        for e in effects:
+            if isinstance(e, S.Pay):
+                rc = Receipt(e.lease_id, e.job_id, e.shard, e.worker, e.digest, e.credit, now)
+                self.store.add_receipt(e.lease_id, e.worker, seal(rc, self.identity, self.network))
+            elif isinstance(e, S.Excluded):
+                self.store.add_evidence(e.worker, e.job_id, e.claim, self._evidence(e, now), now)
+        self.store.save_records(*self.sched.take_changes())
+
+    def _after(self, effects: list) -> None:
+        """After the commit: send, publish, wake waiters."""
+        for e in effects:
+            if isinstance(e, S.CancelLeases) and self._nursery is not None:
+                body = Cancel(e.job_id, self._now() + 24 * 3600_000, e.lease_ids, e.reason)
+                self._nursery.start_soon(self._notice, e.worker, seal(body, self.identity, self.network))
+            elif isinstance(e, S.Pay) and self._nursery is not None:
+                self._nursery.start_soon(self._push_receipts, e.worker)
+            elif isinstance(e, S.Excluded) and self._nursery is not None:
+                self._nursery.start_soon(self._publish_evidence, e.worker, e.job_id)
+            elif isinstance(e, S.JobDone):
+                self._done_event(e.job_id).set()
+                self._announce_now.set()
+
+    def _evidence(self, e: S.Excluded, now: int) -> bytes:
+        proofs = []
+        for lease_id in e.lease_ids:
+            stored = self.store.result(lease_id)
+            if stored:
+                proofs.append(stored[0])
+        proofs += self._pending_proofs.pop(e.worker, [])
+        expected = None
+        if e.claim == "failed_known_answer":
+            expected = bytes.fromhex(self._meta[e.job_id]["ka_digest"])
+        body = Evidence(e.worker, e.job_id, e.claim, tuple(proofs[:4]) or (b"\x00",), expected,
+                        now, e.note[:256])
+        return seal(body, self.identity, self.network)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.tick_interval_s)
+            self._run_event(S.Tick(self._now()))
+
+    # --- announcements -----------------------------------------------------------------
+    def _addrs(self) -> tuple[str, ...]:
+        me = self.mesh.identity.peer_id
+        out = []
+        for a in self.mesh.listen_addrs():
+            out.append(a if "/p2p/" in a else f"{a}/p2p/{me}")
+        return tuple(out[:8])
+
+    def announcement(self, job_id: bytes) -> bytes:
+        meta = self._meta[job_id]
+        c = self.sched.job_counts(job_id)
+        now = self._now()
+        self._seq = next_sequence(self._seq, now)
+        m, p, v, o = meta["requirements"]
+        body = JobAnnouncement(
+            seq=self._seq, exp=now + self.settings.announce_lifetime_ms, job_id=job_id,
+            model_digest=bytes.fromhex(meta["model_digest"]), model_size=meta["model_size"],
+            requirements=Requirements(m, tuple(p), v, o), credit_rate=meta["credit_rate"],
+            quorum=meta["quorum"], shards_total=c["shards"],
+            shards_left=c["shards"] - c["accepted"] - c["failed"], addrs=self._addrs())
+        return seal(body, self.identity, self.network)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            for job_id, rec in list(self.sched.jobs.items()):
+                if rec.status == "live":
+                    try:
+                        await self.mesh.announce_job(self.announcement(job_id))
+                    except MeshError as exc:
+                        log.info("announcing job %s: %s", job_id.hex()[:8], exc)
+            # The jobs topic allows a publisher 12 announcements a minute (core/ratelimit.py):
+            # with many live jobs each is announced less often.
+            live = sum(1 for r in self.sched.jobs.values() if r.status == "live")
+            self._announce_now = trio.Event()
+            with trio.move_on_after(max(self.settings.announce_interval_s, 5.0 * live)):
+                await self._announce_now.wait()
+            await trio.sleep(min(5.0, self.settings.announce_interval_s))
+
+    # --- blobs -------------------------------------------------------------------------
+    def _provide(self, job_id: bytes) -> None:
+        if self.blobs is None:
+            return
+        meta = self._meta[job_id]
+        model_digest = bytes.fromhex(meta["model_digest"])
+        self.blobs.cache.put(model_digest, self.store.get_blob(model_digest), public=True, pinned=True)
+        if self.sched.jobs[job_id].status != "live":
+            return
+        for digest, _ka in self._shards[job_id]:
+            if not self.blobs.cache.has(digest):
+                self.blobs.cache.put(digest, self.store.get_blob(digest), public=False, pinned=True)
+
+    async def _provide_model(self, job_id: bytes) -> None:
+        """Announce the model in the DHT, so workers may fetch it from each other."""
+        if self.blobs is None or not hasattr(self.blobs, "provide"):
+            return
+        try:
+            await self.blobs.provide(bytes.fromhex(self._meta[job_id]["model_digest"]))
+        except Exception as exc:  # noqa: BLE001 - best effort: the publisher serves it anyway
+            log.info("announcing the model of job %s as provided: %s", job_id.hex()[:8], exc)
+
+    def token(self, lease: S.LeaseRec, input_digest: bytes) -> bytes:
+        """lease id || HMAC(lease id, worker, input digest, expiry)[:16]: 128 bits of MAC."""
+        mac = hmac.new(self._token_key, lease.lease_id + lease.worker + input_digest +
+                       lease.expires_ms.to_bytes(8, "big"), hashlib.sha256).digest()
+        return lease.lease_id + mac[:16]
+
+    def _authorize(self, peer: str, digest: bytes, token: bytes | None) -> bool:
+        if token is not None and len(token) == 32:
+            lease = self.sched.leases.get(token[:16])
+            if lease is not None and lease.state == "live":
+                input_digest = self._shards[lease.job_id][lease.shard][0]
+                ok = (digest == input_digest and peer_id_from_key(lease.worker) == peer and
+                      hmac.compare_digest(token, self.token(lease, input_digest)) and
+                      self._now() < lease.expires_ms)
+                if ok:
+                    return True
+        if self._prev_authorize is not None:
+            return bool(self._prev_authorize(peer, digest, token))
+        return False
+
+    # --- the lease protocol ------------------------------------------------------------
+    async def _on_lease_stream(self, stream: Any) -> None:
+        await self._guarded(self._lease_exchange, stream)
+
+    async def _on_report_stream(self, stream: Any) -> None:
+        await self._guarded(self._report_exchange, stream)
+
+    async def _guarded(self, exchange: Callable, stream: Any) -> None:
+        """Our own failures (a bug, a store closed under us) reset the stream without
+        blaming the peer: the mesh's guard would count an escaped exception against it."""
+        if self._stopped:
+            await streams.reset_quietly(stream)
+            return
+        try:
+            await exchange(stream)
+        except trio.Cancelled:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("publisher: %s exchange failed on our side", exchange.__name__)
+            await streams.reset_quietly(stream)
+
+    async def _lease_exchange(self, stream: Any) -> None:
+        peer = streams.remote_peer(stream)
+        try:
+            raw = await streams.read_envelope(stream, REQUEST_CAP, self.settings.read_timeout_s)
+            opened = open_envelope(raw, self.network, now_ms=self._now(),
+                                   kinds={"work_request"})
+        except (streams.StreamError, WireError) as exc:
+            await self._violation(stream, peer, exc, "work request")
+            return
+        if peer_id_from_key(opened.signer) != str(peer):
+            self.mesh.penalize(peer, "invalid-message", "work request signed by another peer")
+            await streams.reset_quietly(stream)
+            return
+        self.stats["requests"] += 1
+        req = opened.body
+        now = self._now()
+        prefix = S.prefix_of(streams.remote_ip(stream), self.settings.scheduler.prefix_v4,
+                             self.settings.scheduler.prefix_v6)
+        if _relayed(stream):
+            prefix = S.UNKNOWN_PREFIX
+        jobs = tuple(j for j, rec in self.sched.jobs.items() if rec.status == "live"
+                     and (req.job_id is None or req.job_id == j) and self._meets(j, req))
+        ev = S.WorkRequested(now, opened.signer, prefix, req.hw_class, req.bench,
+                             req.free_slots, jobs)
+        effects = self._run_event(ev)
+        answer: bytes
+        exp = now + ANSWER_LIFETIME_MS
+        grant = next((e for e in effects if isinstance(e, S.Grant)), None)
+        if grant is not None:
+            leases = tuple(self._lease(g, opened.signer) for g in grant.leases)
+            answer = seal(LeaseBatch(req.req_id, exp, opened.signer, leases), self.identity, self.network)
+            self.stats["leases_sent"] += len(leases)
+        else:
+            refuse = next(e for e in effects if isinstance(e, S.Refuse))
+            self.stats["refused"] += 1
+            answer = seal(NoWork(req.req_id, exp, refuse.reason,
+                                 min(refuse.retry_after_ms, 2**32 - 1)), self.identity, self.network)
+        try:
+            await streams.write_envelope(stream, answer)
+        except (trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - the worker went away
+            log.info("answering %s: %s (its leases expire and are reissued)", peer, exc)
+            await streams.reset_quietly(stream)
+            return
+        await streams.close_quietly(stream)
+
+    def _meets(self, job_id: bytes, req: Any) -> bool:
+        meta = self._meta[job_id]
+        min_mem, providers, min_sw, ort_versions = meta["requirements"]
+        if req.memory_mb < min_mem:
+            return False
+        need = set(providers) or {meta["provider"]}
+        if not need <= set(req.providers) and not (need == {"CPUExecutionProvider"} and not req.providers):
+            return False
+        try:
+            if Version(req.sw_version) < Version(min_sw):
+                return False
+        except InvalidVersion:
+            return False
+        return ort_version_allowed(ort_versions, req.ort_version)
+
+    def _lease(self, g: S.LeaseGrant, worker: bytes) -> Lease:
+        meta = self._meta[g.job_id]
+        rec = self.sched.leases[g.lease_id]
+        input_digest, _ka = self._shards[g.job_id][g.shard]
+        return Lease(
+            lease_id=g.lease_id, job_id=g.job_id, shard=g.shard,
+            model_digest=bytes.fromhex(meta["model_digest"]), model_size=meta["model_size"],
+            input_digest=input_digest, input_size=self.sched.jobs[g.job_id].job.input_size[g.shard],
+            input_sources=(), token=self.token(rec, input_digest), deadline_ms=g.deadline_ms,
+            micro_batch=meta["micro_batch"], opt_level=meta["opt_level"], provider=meta["provider"],
+            ort_versions=meta["ort_versions"], samples=self.sched.jobs[g.job_id].job.samples[g.shard],
+            first_batch=g.first_batch, credit=g.credit)
+
+    # --- the report protocol -----------------------------------------------------------
+    async def _report_exchange(self, stream: Any) -> None:
+        peer = streams.remote_peer(stream)
+        try:
+            raw = await streams.read_envelope(stream, REPORT_CAP, self.settings.read_timeout_s)
+            opened = open_envelope(raw, self.network, now_ms=self._now(), kinds=REPORT_KINDS)
+        except (streams.StreamError, WireError) as exc:
+            await self._violation(stream, peer, exc, "report")
+            return
+        if peer_id_from_key(opened.signer) != str(peer):
+            self.mesh.penalize(peer, "invalid-message", f"{opened.kind} signed by another peer")
+            await streams.reset_quietly(stream)
+            return
+        try:
+            await self._report(opened, raw, str(peer))
+        except S.PeerViolation as exc:
+            self.mesh.penalize(peer, exc.penalty, f"{opened.kind}: {exc.why}")
+            await streams.reset_quietly(stream)
+            return
+        except _Unavailable as exc:  # not the worker's fault: it retries later
+            log.info("report from %s not taken: %s", peer, exc)
+            await streams.reset_quietly(stream)
+            return
+        pending = self.store.pending_receipts(opened.signer, MAX_RECEIPTS_PER_ANSWER)
+        try:
+            for _lease_id, env in pending:
+                await streams.write_envelope(stream, env)
+        except (trio.TooSlowError, Exception):  # noqa: BLE001 - worker gone: receipts stay pending
+            await streams.reset_quietly(stream)
+            return
+        await streams.close_quietly(stream)
+        if pending:
+            with self.store.transaction():
+                self.store.mark_delivered([lid for lid, _ in pending])
+
+    async def _report(self, opened: Any, raw: bytes, peer: str) -> None:
+        body = opened.body
+        now = self._now()
+        worker = opened.signer
+        if isinstance(body, Progress):
+            self.sched.lease_of(body.lease_id, worker, "progress")  # raises for a stranger's lease
+            return
+        if isinstance(body, HandBack):
+            self._run_event(S.HandedBack(now, body.lease_id, worker))
+            return
+        if isinstance(body, FailedResult):
+            self._run_event(S.LeaseFailed(now, body.lease_id, worker, body.reason))
+            return
+        assert isinstance(body, Result)
+        lease = self.sched.lease_of(body.lease_id, worker, "result")
+        stored = self.store.result(body.lease_id)
+        if stored is not None and stored[0] == raw:
+            return  # the same envelope again: acknowledge again
+        if stored is not None and lease.digest == body.output_digest:
+            return  # a re-signed copy of the same result
+        if stored is not None:
+            # a second, different result for one lease: its two envelopes prove it
+            self._pending_proofs.setdefault(worker, []).append(raw)
+            self._run_event(S.ResultArrived(now, body.lease_id, worker, body.output_digest))
+            return
+        meta = self._meta[lease.job_id]
+        input_digest, ka = self._shards[lease.job_id][lease.shard]
+        samples = self.sched.jobs[lease.job_id].job.samples[lease.shard]
+        why = ""
+        if (body.job_id, body.shard, body.model_digest, body.input_digest) != (
+                lease.job_id, lease.shard, bytes.fromhex(meta["model_digest"]), input_digest):
+            why = "job, shard, model or input digest is not the lease's"
+        elif not ort_version_allowed(meta["ort_versions"], body.ort_version):
+            why = f"onnxruntime {body.ort_version} is outside {meta['ort_versions']!r}"
+        output = body.output
+        if not why and output is None:
+            output = await self._fetch_output(body, peer, worker)
+        check = None
+        if not why:
+            check = check_result_outputs(
+                output, digest=body.output_digest, size=body.output_size, samples=samples,
+                micro_batch=meta["micro_batch"], batch_digests=tuple(body.batch_digests),
+                output_names=tuple(meta["output_names"]), ka=ka,
+                ka_expected=self._ka_expected(lease.job_id))
+            why = check.why if not check.form_ok else ""
+        form_ok = not why
+        ka_ok = check.known_answer_ok if check is not None and form_ok else None
+        if why:
+            log.warning("result for lease %s from %s refused: %s", body.lease_id.hex()[:8], peer, why)
+            if not form_ok:
+                self.mesh.penalize(peer, "invalid-message", f"result: {why}")
+        agrees = ()
+        if form_ok and ka_ok is not False:
+            agrees = self._agreeing(lease, body.output_digest, check.outputs)
+        ev = S.ResultArrived(now, body.lease_id, worker, body.output_digest, form_ok, ka_ok, agrees)
+        with self.store.transaction():
+            self.store.save_result(body.lease_id, raw, output if form_ok else body.output, now)
+            effects = self.sched.handle(ev)
+            self._apply(effects)
+        self._after(effects)
+        if form_ok:
+            self._decoded[body.output_digest] = check.outputs
+            while len(self._decoded) > 256:
+                self._decoded.popitem(last=False)
+
+    def _ka_expected(self, job_id: bytes) -> dict:
+        if job_id not in self._ka_cache:
+            blob = self.store.get_blob(bytes.fromhex(self._meta[job_id]["ka_digest"]))
+            self._ka_cache[job_id] = decode_tensors(blob)
+        return self._ka_cache[job_id]
+
+    def _outputs_of(self, lease: S.LeaseRec) -> dict | None:
+        if lease.digest in self._decoded:
+            return self._decoded[lease.digest]
+        stored = self.store.result(lease.lease_id)
+        if stored is None or stored[1] is None:
+            return None
+        outs = decode_tensors(stored[1])
+        self._decoded[lease.digest] = outs
+        return outs
+
+    def _agreeing(self, lease: S.LeaseRec, digest: bytes, outs: dict) -> tuple[bytes, ...]:
+        agree = []
+        for other in self.sched.returned(lease.job_id, lease.shard):
+            if other.digest == digest:
+                agree.append(other.lease_id)
+                continue
+            theirs = self._outputs_of(other)
+            if theirs is not None and compare_outputs(outs, theirs).within_tolerance:
+                agree.append(other.lease_id)
+        return tuple(agree)
+
+    async def _fetch_output(self, body: Result, peer: str, worker: bytes) -> bytes:
+        if self.blobs is None:
+            raise _Unavailable("the result has no inline output and there is no blob service")
+        if body.output_size > self.settings.max_output_bytes:
+            raise S.PeerViolation(worker, f"outputs blob of {body.output_size} bytes is over the cap")
+        try:
+            return await self.blobs.fetch(body.output_digest, body.output_size, [peer],
+                                          timeout=self.settings.output_fetch_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - BlobError and transport errors
+            raise _Unavailable(f"cannot fetch the outputs blob: {exc}") from None
+
+    async def _violation(self, stream: Any, peer: Any, exc: Exception, what: str) -> None:
+        if isinstance(exc, streams.StreamClosed):
+            await streams.close_quietly(stream)
+            return
+        offence = None
+        if isinstance(exc, streams.StreamError) and exc.offence:
+            offence = "invalid-message" if exc.offence == "oversized" else exc.offence
+        elif isinstance(exc, WireError) and exc.punish:
+            offence = "invalid-message"
+        if offence:
+            self.mesh.penalize(peer, offence, f"{what}: {exc}")
+        await streams.reset_quietly(stream)
+
+    # --- notices and evidence ----------------------------------------------------------
+    async def _notice(self, worker: bytes, envelope: bytes) -> bool:
+        """Push one cancel or receipt on `notice`; True when the worker acknowledged it."""
+        peer = peer_id_from_key(worker)
+        if peer not in self.mesh.connected_peers():
+            return False  # we only push to workers we are connected to (they dial us)
+        try:
+            with trio.fail_after(self.settings.notice_timeout_s):
+                stream = await self.mesh.open_stream(peer, "notice", self.settings.notice_timeout_s)
+                await streams.write_envelope(stream, envelope)
+                await stream.close_write()
+                try:
+                    await streams.read_envelope(stream, 1024, self.settings.notice_timeout_s)
+                except streams.StreamClosed:
+                    # py-libp2p 0.8.1 (yamux) shows a reset as a clean end: check the flag
+                    return not getattr(getattr(stream, "muxed_stream", None), "reset_received", False)
+                except streams.StreamError as exc:
+                    log.info("notice to %s not acknowledged: %s", peer, exc)
+                    return False
+                await streams.reset_quietly(stream)
+                return False
+        except (trio.TooSlowError, MeshError, Exception):  # noqa: BLE001 - best effort
+            return False
+
+    async def _push_receipts(self, worker: bytes) -> None:
+        lock = self._pushing.setdefault(worker, trio.Lock())
+        if lock.locked():
+            return  # a push to this worker is under way; the retry loop catches the rest
+        async with lock:
+            for lease_id, env in self.store.pending_receipts(worker, MAX_RECEIPTS_PER_ANSWER):
+                if not await self._notice(worker, env):
+                    return
+                with self.store.transaction():
+                    self.store.mark_delivered([lease_id])
+
+    async def _receipt_loop(self) -> None:
+        """Retry pending receipts on `notice` for workers we are connected to."""
+        while True:
+            await trio.sleep(self.settings.receipt_retry_s)
+            for worker in self.store.workers_with_pending_receipts():
+                self._nursery.start_soon(self._push_receipts, worker)
+
+    async def _publish_evidence(self, worker: bytes, job_id: bytes) -> None:
+        pubsub = self.mesh.pubsub
+        for _w, _claim, env in self.store.evidence(job_id):
+            if _w != worker:
+                continue
+            if pubsub is None or len(env) > 60 * 1024:
+                log.warning("evidence against %s kept, not published (%d bytes)",
+                            peer_id_from_key(worker), len(env))
+                continue
+            try:
+                await pubsub.publish(self.mesh.names.topic("evidence"), env)
+            except Exception as exc:  # noqa: BLE001
+                log.info("publishing evidence: %s", exc)
+
+
+async def _not_serving(stream: Any) -> None:
+    await streams.reset_quietly(stream)
+
+
+class _Unavailable(Exception):
+    """A report cannot be taken now for a reason that is not the sender's fault."""
+
+
+def _relayed(stream: Any) -> bool:
+    try:
+        return "p2p-circuit" in str(stream.muxed_conn.secured_conn.get_remote_address() or "")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+__all__ = ["Publisher", "PublisherSettings", "PublisherError", "JobStatus", "JobSpec",
+           "JobSpecError", "BuiltJob"]

@@ -1,0 +1,303 @@
+"""The publisher engine on real libp2p hosts, with small in-test workers (workerkit.py).
+
+Real meshes on distinct loopback /24s (so the one-replica-per-prefix rule holds), real blob
+exchange with lease tokens, real onnxruntime, a real SQLite job store.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import numpy as np
+import trio
+
+from p2pfleet.core import scheduler as S
+from p2pfleet.core import trust as T
+from p2pfleet.exec.outputs import compare_outputs
+from p2pfleet.identity import Identity
+from p2pfleet.net import streams
+from p2pfleet.net.blobs import BlobService
+from p2pfleet.net.mesh import Mesh
+from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
+from p2pfleet.publisher.jobs import run_locally
+from p2pfleet.store.blobcache import BlobCache
+from p2pfleet.wire.envelope import open_envelope, seal
+from p2pfleet.wire.kinds import NoWork
+
+from fleetkit import NETWORK, settings, wait_until
+from workerkit import TestWorker, mlp_model
+
+MODEL = mlp_model(seed=3)
+INPUTS = {"x": np.random.default_rng(5).standard_normal((120, 16)).astype(np.float32)}
+
+
+def spec(**over) -> JobSpec:
+    base = dict(model=MODEL, inputs=INPUTS, shard_size=30, micro_batch=8, quorum=2)
+    base.update(over)
+    return JobSpec(**base)
+
+
+def pub_settings(trusted=(), **over) -> PublisherSettings:
+    # one hardware class in this fleet: no replica waits for another class
+    sched = S.SchedulerSettings(request_interval_ms=0, cross_class_rate=0.0, recheck_cross_rate=0.0,
+                                trust=T.TrustSettings(trusted=frozenset(trusted)), **over)
+    return PublisherSettings(scheduler=sched, announce_interval_s=2.0, tick_interval_s=0.2,
+                             receipt_retry_s=0.5)
+
+
+@asynccontextmanager
+async def meshes(n: int):
+    """Node 0 (the publisher) on 127.0.0.1; workers on 127.0.i.1: one /24 each."""
+    async with trio.open_nursery() as nursery:
+        out = []
+        for i in range(n):
+            mesh = Mesh(Identity.from_seed(f"pub-itest-{i}".encode()),
+                        settings(i, listen=(f"/ip4/127.0.{i}.1/tcp/0",)))
+            await nursery.start(mesh.run)
+            out.append(mesh)
+        for mesh in out[1:]:
+            await mesh.connect(out[0].listen_addrs()[0])
+        try:
+            yield out
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def keep_working(worker: TestWorker, pub: str, done) -> None:
+    """Ask, compute and report until `done()`. Like a real worker, a report that was not
+    acknowledged (the publisher restarting) stays in an outbox and is sent again."""
+    outbox: list[bytes] = []
+    while not done():
+        try:
+            while outbox:
+                await worker.report(pub, outbox[0])
+                outbox.pop(0)
+            answer = await worker.request(pub, free_slots=2)
+            if isinstance(answer, NoWork):
+                await trio.sleep(0.05)  # polling interval while others finish
+                continue
+            for lease in answer.leases:
+                outbox.append(await worker.compute(pub, lease))
+        except Exception as exc:  # noqa: BLE001 - reset streams while the publisher restarts
+            worker.errors.append(repr(exc))
+            await trio.sleep(0.05)
+
+
+async def finish(pub: Publisher, job: bytes, workers=(), timeout: float = 30.0):
+    """wait_done, or fail naming what every shard and lease and worker is doing."""
+    with trio.move_on_after(timeout):
+        return await pub.wait_done(job)
+    shards = [(sh.index, sh.status, sh.target, sh.errors,
+               [(l.worker[:2].hex(), l.state, l.verdict) for l in pub.sched.shard_leases(job, sh.index)])
+              for sh in pub.sched.shards.values() if sh.status != "accepted"]
+    raise AssertionError(f"job not done in {timeout} s: {pub.status(job)}; open shards {shards}; "
+                         f"workers {[(w.errors[-2:], w.refusals[-2:]) for w in workers]}")
+
+
+def announced(mesh: Mesh, job_id: bytes):
+    """The announcement of `job_id` this mesh heard on the jobs topic, if any yet."""
+    heard = mesh.__dict__.setdefault("_heard_jobs", [])
+    while True:
+        try:
+            heard.append(mesh.jobs.receive_nowait())
+        except trio.WouldBlock:
+            break
+    return next((o for o in heard if o.body.job_id == job_id), None)
+
+
+def local_reference() -> np.ndarray:
+    return run_locally(MODEL, INPUTS, "all")["y"]
+
+
+def assert_matches_local(outputs: dict) -> None:
+    ref = {"y": local_reference()}
+    assert outputs["y"].shape == ref["y"].shape
+    assert compare_outputs(outputs, ref).within_tolerance
+
+
+async def test_quorum_two_job_by_three_workers_equals_a_local_run(tmp_path):
+    async with meshes(4) as (pm, *wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        workers = [TestWorker.start(m, tmp_path / f"w{i}") for i, m in enumerate(wm)]
+        trusted = {m.identity.public_key for m in wm}
+        log = tmp_path / "events.jsonl"
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=replace(pub_settings(trusted), event_log=log))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec())
+            pid = pm.identity.peer_id
+            # workers learn of the job from its announcement on the jobs topic
+            heard = await wait_until(lambda: announced(wm[0], job), timeout=20)
+            assert heard.signer == pm.identity.public_key and heard.body.shards_total == 4
+            assert any(a.endswith(f"/p2p/{pid}") for a in heard.body.addrs)
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            for w in workers:
+                nursery.start_soon(keep_working, w, pid, done)
+            st = await finish(pub, job, workers)
+            assert (st.shards, st.accepted, st.failed, st.rejected) == (4, 4, 0, 0)
+            valid = [l for l in pub.sched.leases.values() if l.verdict == "valid"]
+            assert len(valid) >= 8  # two replicas per shard, a third where a re-check was drawn
+            assert st.credit_paid == len(valid) * 31  # 30 samples + 1 known-answer row each
+            out = pub.outputs(job)
+            assert_matches_local(out)
+            # every valid result was paid once, with a receipt the worker can verify
+            # (a receipt may arrive twice: in a report's answer and on `notice`)
+            paid = lambda: {(r.body.lease_id, r.signer) for w in workers for r in w.receipts}  # noqa: E731
+            await wait_until(lambda: len(paid()) == len(valid), timeout=10)
+            assert {s for _l, s in paid()} == {pm.identity.public_key}
+            for w in workers:
+                for r in w.receipts:
+                    assert r.body.worker == w.mesh.identity.public_key
+                    assert r.body.output_digest == open_envelope(
+                        w.results[r.body.lease_id], NETWORK).body.output_digest
+            # the shards' replicas went to distinct workers in distinct /24s
+            for i in range(4):
+                ls = pub.sched.shard_leases(job, i)
+                assert len({l.worker for l in ls}) == len(ls)
+                assert len({l.prefix for l in ls}) == len(ls)
+            nursery.cancel_scope.cancel()
+        pub.close()
+        events = [S.event_from_json(line) for line in log.read_text().splitlines()]
+        kinds = {type(e).__name__ for e in events}
+        assert {"JobAdded", "WorkRequested", "ResultArrived", "Tick"} <= kinds
+
+
+async def test_a_cheating_worker_is_caught_with_evidence_and_nothing_wrong_is_accepted(tmp_path):
+    async with meshes(4) as (pm, *wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        honest = [TestWorker.start(m, tmp_path / f"w{i}") for i, m in enumerate(wm[:2])]
+        cheater = TestWorker.start(wm[2], tmp_path / "cheat", cheat="fp16")
+        trusted = {m.identity.public_key for m in wm[:2]}  # the cheater is a fresh identity
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings(trusted))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            # two honest workers only: a re-check (a third replica) could never be placed
+            job = pub.submit(spec(recheck_rate=0.0))
+            pid = pm.identity.peer_id
+            # the cheater asks first, so it surely gets (and returns) a lease
+            answer = await cheater.request(pid, free_slots=2)
+            assert len(answer.leases) == 2  # a fresh identity's cap
+            for lease in answer.leases[:1]:
+                await cheater.report(pid, await cheater.compute(pid, lease))
+            assert cheater.receipts == []
+            assert (await cheater.request(pid)).reason == "excluded"
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            for w in honest:
+                nursery.start_soon(keep_working, w, pid, done)
+            st = await finish(pub, job, honest)
+            assert st.accepted == 4 and st.evidence == 1 and st.rejected >= 1
+            assert_matches_local(pub.outputs(job))
+            [(accused, claim, env)] = pub.store.evidence(job)
+            ev = open_envelope(env, NETWORK).body
+            assert accused == cheater.mesh.identity.public_key and claim == "failed_known_answer"
+            proof = open_envelope(ev.proofs[0], NETWORK)
+            assert proof.signer == accused and proof.kind == "result"
+            # the cheater's other live lease was cancelled on `notice`
+            [cancel] = await wait_until(lambda: cheater.cancels, timeout=10)
+            assert cancel.body.lease_ids == (answer.leases[1].lease_id,)
+            nursery.cancel_scope.cancel()
+        pub.close()
+
+
+async def test_publisher_cancelled_mid_job_resumes_from_its_store(tmp_path):
+    async with meshes(4) as (pm, *wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        workers = [TestWorker.start(m, tmp_path / f"w{i}") for i, m in enumerate(wm)]
+        trusted = {m.identity.public_key for m in wm}
+        store = tmp_path / "jobs.sqlite"
+        pub = Publisher(pm.identity, pm, store, blobs, settings=pub_settings(trusted))
+        state = {"pub": pub, "stop": False}
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as first:
+                await first.start(pub.run)
+                job = pub.submit(spec(shard_size=10))  # 12 shards
+                for w in workers:
+                    outer.start_soon(keep_working, w, pid, lambda: state["stop"])
+                await wait_until(lambda: pub.status(job).accepted >= 3, timeout=60)
+                first.cancel_scope.cancel()  # the engine dies mid-job
+            before = {i: pub.sched.shards[(job, i)].accepted_lease for i in range(12)
+                      if pub.sched.shards[(job, i)].status == "accepted"}
+            pub.close()
+            pub2 = Publisher(pm.identity, pm, store, blobs, settings=pub_settings(trusted))
+            assert pub2.status(job).accepted >= len(before)
+            for i, lease in before.items():
+                assert pub2.sched.shards[(job, i)].accepted_lease == lease
+            await outer.start(pub2.run)
+            pub2.resume(job)
+            st = await finish(pub2, job, workers)
+            state["stop"] = True
+            assert st.accepted == 12
+            for i, lease in before.items():  # nothing accepted twice, nothing recomputed
+                assert pub2.sched.shards[(job, i)].accepted_lease == lease
+                assert len(pub2.sched.shard_leases(job, i)) == len(pub.sched.shard_leases(job, i))
+            assert_matches_local(pub2.outputs(job))
+            receipts = pub2.store.conn.execute("SELECT lease_id FROM receipts").fetchall()
+            valid = [l for l in pub2.sched.leases.values() if l.verdict == "valid"]
+            assert len(receipts) == len(set(receipts)) == len(valid) >= 2 * 12
+            outer.cancel_scope.cancel()
+        pub2.close()
+
+
+async def test_forged_and_replayed_results_are_refused(tmp_path):
+    async with meshes(3) as (pm, wa, wb):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        a = TestWorker.start(wa, tmp_path / "a")
+        b = TestWorker.start(wb, tmp_path / "b")
+        trusted = {wa.identity.public_key, wb.identity.public_key}
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings(trusted))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec(shard_size=120))  # one shard
+            pid = pm.identity.peer_id
+            [lease] = (await a.request(pid)).leases
+            env = await a.compute(pid, lease)
+            refused = 0
+
+            async def refused_report(worker, envelope) -> None:
+                nonlocal refused
+                try:
+                    await worker.report(pid, envelope)
+                except streams.StreamError:
+                    refused += 1
+                    return
+                raise AssertionError("the publisher acknowledged a bad report")
+
+            # a's result relayed by b: the signer is not the stream's peer
+            await refused_report(b, env)
+            # a result for a's lease signed by b
+            forged = seal(open_envelope(env, NETWORK).body, wb.identity, NETWORK)
+            await refused_report(b, forged)
+            # a's result with one byte of its body changed (the signature no longer holds)
+            tampered = bytearray(env)
+            tampered[-100] ^= 1
+            await refused_report(a, bytes(tampered))
+            assert refused == 3
+            assert pm.reputation.penalty(wb.identity.peer_id, pm.clock()) > 0
+            assert pub.status(job).accepted == 0 and pub.sched.leases[lease.lease_id].state == "live"
+            # the genuine result, then the same envelope again: acknowledged, paid once
+            await a.report(pid, env)
+            await a.report(pid, env)
+            [lease_b] = (await b.request(pid)).leases
+            await b.report(pid, await b.compute(pid, lease_b))
+            assert pub.status(job).accepted == 1
+            await wait_until(lambda: len({r.body.lease_id for r in a.receipts}) == 1, timeout=10)
+            count = pub.store.conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
+            assert count == 2
+            # a work request signed by a, sent over b's connection, gets no answer
+            try:
+                await b.request(pid, identity=wa.identity)
+            except streams.StreamError:
+                pass
+            else:
+                raise AssertionError("a work request relayed by another peer was answered")
+            nursery.cancel_scope.cancel()
+        pub.close()
