@@ -265,6 +265,27 @@ class PublishersSettings:
 
 
 @dataclass(frozen=True)
+class PublishingSettings:
+    request_interval_s: float = _setting(
+        10.0, "answer one work request per worker identity this often at most, s.",
+        min=0, max=3600)
+    min_lease_s: float = _setting(
+        600.0, "shortest lease deadline, s (leases last ~3x the expected compute "
+        "time, at least this).", min=1, max=86400)
+    cross_class_wait_s: float = _setting(
+        600.0, "how long a shard waits for a replica from another hardware class "
+        "before taking one of the same class, s.", min=0, max=86400)
+    announce_interval_s: float = _setting(
+        15.0, "re-announce live jobs this often, s.", min=1, max=3600)
+    established_results: int = _setting(
+        10, "accepted results before a worker identity counts as established "
+        "(may compute a shard's second replica).", min=0, max=100000)
+    established_age_h: float = _setting(
+        24.0, "hours since a worker's first accepted result before it counts as "
+        "established.", min=0, max=8760)
+
+
+@dataclass(frozen=True)
 class RecordsSettings:
     capacity_lifetime_s: int = _setting(
         900, "Lifetime of this node's capacity record in the DHT, seconds. At least 300 "
@@ -360,6 +381,7 @@ SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "hardware": HardwareSettings,
     "publishers": PublishersSettings,
+    "publishing": PublishingSettings,
     "records": RecordsSettings,
     "vehicle": VehicleSettings,
     "policy": PolicySettings,
@@ -369,6 +391,7 @@ SECTION_COMMENTS: dict[str, str] = {
     "node": "The node on the network.",
     "hardware": "What this machine offers. Measured at start where left at 0 or empty.",
     "publishers": "Whom this node computes for.",
+    "publishing": "When you publish jobs ('p2pfleet job ...'): how the publisher schedules.",
     "records": "Records this node publishes in the DHT.",
     "vehicle": "Where the car's state comes from.",
     "policy": "When the car may compute. The node never drains, heats or burns data.",
@@ -410,6 +433,7 @@ class Config:
     node: NodeSettings = field(default_factory=NodeSettings)
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
     publishers: PublishersSettings = field(default_factory=PublishersSettings)
+    publishing: PublishingSettings = field(default_factory=PublishingSettings)
     records: RecordsSettings = field(default_factory=RecordsSettings)
     vehicle: VehicleSettings = field(default_factory=VehicleSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)

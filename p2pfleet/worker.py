@@ -131,7 +131,8 @@ class Worker:
         self.mesh: Mesh | None = None
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
-        self._output_owner: dict[bytes, str] = {}  # outputs blob digest -> publisher peer id
+        self._output_owner: dict[bytes, str] = {}
+        self._left: dict[tuple[bytes, bytes], int] = {}  # shards left per announced job  # outputs blob digest -> publisher peer id
 
     # --- policy --------------------------------------------------------------------------
     @property
@@ -185,6 +186,7 @@ class Worker:
             await self._allowed.wait()
             now = trio.current_time()
             heard = self.jobs()
+            self._reset_backoff_on_news(heard)
             over = self._over_cap({j.publisher for j in heard}, int(self.clock() * 1000))
             offer = self.offer()
             job = rules.choose_job(
@@ -201,6 +203,15 @@ class Worker:
                     await self._hand_back_unstarted(lease, publisher, "policy")
                     continue
                 await self._run_lease(lease, publisher)
+
+    def _reset_backoff_on_news(self, heard: list[rules.HeardJob]) -> None:
+        """A publisher whose job made progress (or who announced a new one) may have work
+        again: ask it without waiting out the back-off of its earlier `no_work`s."""
+        for job in heard:
+            key = (job.publisher, job.job_id)
+            if self._left.get(key) != job.shards_left:
+                self._left[key] = job.shards_left
+                self.backoff.got_work(job.publisher)
 
     async def _ensure_connected(self, job: rules.HeardJob) -> str:
         peer = peer_id_from_key(job.publisher)

@@ -99,6 +99,7 @@ def version(app: App) -> None:
 
 def _register() -> None:
     from .cmd_config import config_group
+    from .cmd_job import job_group
     from .cmd_key import key_group
     from .cmd_ledger import ledger_group
     from .cmd_node import node_group, peers_command, record_command
@@ -111,6 +112,7 @@ def _register() -> None:
     from .cmd_explore import explore_command
     cli.add_command(explore_command)
     cli.add_command(ledger_group)
+    cli.add_command(job_group)
 
 
 _register()

@@ -63,12 +63,12 @@ async def read_envelope(stream: Any, cap: int, timeout: float = DEFAULT_READ_TIM
                     byte = await stream.read(1)
                 except Exception as exc:  # noqa: BLE001 - libp2p raises EOF/reset in many types
                     if not prefix and _is_eof(exc):
-                        raise StreamClosed("stream closed") from None
+                        raise _closed(stream) from None
                     raise StreamError(f"read failed: {type(exc).__name__}: {exc}") from None
                 if not byte:
                     if prefix:
                         raise StreamError("stream ended inside a length prefix", "protocol-error")
-                    raise StreamClosed("stream closed")
+                    raise _closed(stream)
                 prefix.append(byte[0])
                 if byte[0] < 0x80:
                     break
@@ -93,6 +93,19 @@ async def read_envelope(stream: Any, cap: int, timeout: float = DEFAULT_READ_TIM
 
 def _is_eof(exc: Exception) -> bool:
     return isinstance(exc, EOFError)  # libp2p's StreamEOF is one
+
+
+def was_reset(stream: Any) -> bool:
+    """py-libp2p 0.8.1's yamux shows a reset to the reading side as a clean end of stream;
+    the muxed stream remembers the reset. A reset is never an acknowledgement."""
+    muxed = getattr(stream, "muxed_stream", None)
+    return bool(getattr(muxed, "reset_received", False))
+
+
+def _closed(stream: Any) -> StreamError:
+    if was_reset(stream):
+        return StreamError("stream reset by the peer")
+    return StreamClosed("stream closed")
 
 
 async def read_all_envelopes(stream: Any, cap: int, limit: int,

@@ -19,8 +19,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from ..control import serve_control
 from ..datadir import DataDir
 from ..identity import Identity, key_from_peer_id, load_key, peer_id_from_key, save_key
 from ..net.blobs import BlobService
@@ -39,6 +40,7 @@ from .inputs import load_inputs, load_model
 
 POLL_S = 0.2
 STORE_NAME = "jobs.sqlite"
+CONTROL_NAME = "control.sock"
 
 
 class SdkError(Exception):
@@ -110,8 +112,8 @@ class JobReport:
 class Job:
     """A submitted job. Obtain from `Client.submit` or `Client.job`."""
 
-    def __init__(self, client: "Client", job_id: bytes, started: float):
-        self.client = client
+    def __init__(self, publisher: Publisher, job_id: bytes, started: float):
+        self.publisher = publisher
         self.job_id = job_id
         self.started = started
 
@@ -121,7 +123,7 @@ class Job:
 
     @property
     def _pub(self) -> Publisher:
-        return self.client.publisher
+        return self.publisher
 
     def status(self) -> JobStatus:
         return self._pub.status(self.job_id)
@@ -300,7 +302,7 @@ class Client:
             job_id = self.publisher.submit(spec)  # sharding blocks briefly; SQLite is per thread
         except JobSpecError as exc:
             raise SdkError(str(exc)) from None
-        job = Job(self, job_id, time.time())
+        job = Job(self.publisher, job_id, time.time())
         if deadline_s is not None:
             self._nursery.start_soon(self._deadline, job, deadline_s)
         return job
@@ -319,10 +321,50 @@ class Client:
             self.publisher.resume(jid)
         except PublisherError as exc:
             raise SdkError(str(exc)) from None
-        return Job(self, jid, time.time())
+        return Job(self.publisher, jid, time.time())
 
     def jobs(self) -> list[str]:
         return [j.hex() for j in self.publisher.store.job_ids()]
+
+    async def _control(self, request: dict) -> dict:
+        """`p2pfleet job status|cancel` from another terminal reach the running publisher."""
+        cmd = request.get("cmd")
+        try:
+            if cmd == "status":
+                return {"ok": True, "jobs": [job_view(self.publisher, bytes.fromhex(j))
+                                             for j in self.jobs()],
+                        "peer_id": self.peer_id, "listen_addrs": self.listen_addrs()}
+            if cmd == "cancel":
+                self.publisher.cancel(bytes.fromhex(str(request.get("job_id", ""))))
+                return {"ok": True}
+        except (ValueError, PublisherError) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, cancel"}
+
+
+def job_view(publisher: Publisher, job_id: bytes) -> dict:
+    """A job's status as plain data (CLI tables and --json)."""
+    st = publisher.status(job_id)
+    return {"job_id": job_id.hex(), "state": st.state, "shards": st.shards,
+            "accepted": st.accepted, "failed": st.failed, "replicas": st.leases, "live": st.live,
+            "rejected": st.rejected, "nodes": st.workers, "evidence": st.evidence,
+            "credit_paid": st.credit_paid, "budget": st.budget, "waiting": st.waiting}
+
+
+@contextmanager
+def open_offline(data_dir: str | Path) -> Iterator[Publisher]:
+    """The publisher's store without a network (status, results, cancel while no publisher
+    runs): a Publisher whose mesh is never started."""
+    dd = DataDir(Path(data_dir))
+    if not (dd.root / STORE_NAME).exists():
+        raise SdkError(f"no publisher job store in {dd.root} (submit a job first)")
+    identity = load_key(dd.key_file)
+    mesh = Mesh(identity, MeshSettings(network="offline", listen=()))
+    publisher = Publisher(identity, mesh, dd.root / STORE_NAME, None)
+    try:
+        yield publisher
+    finally:
+        publisher.close()
 
 
 def with_trusted(settings: PublisherSettings, trusted: Sequence[str]) -> PublisherSettings:
@@ -369,6 +411,7 @@ async def connect(data_dir: str | Path, *, network: str = "main",
                 nursery.start_soon(blobs.run)
                 client = Client(identity, mesh, publisher, blobs)
                 client._nursery = nursery
+                await nursery.start(serve_control, dd.root / CONTROL_NAME, client._control)
                 try:
                     yield client
                 finally:

@@ -130,6 +130,12 @@ BAD_FILE_VALUES = {
     "publishers.serve_anyone": ('"false"', "true or false"),
     "publishers.unpaid_cap": ("-5", "an integer >= 0"),
     "publishers.retry_base_s": ("0", ">= 0.1"),
+    "publishing.request_interval_s": ("-1", ">= 0"),
+    "publishing.min_lease_s": ("0", ">= 1"),
+    "publishing.cross_class_wait_s": ("-1", ">= 0"),
+    "publishing.announce_interval_s": ("0", ">= 1"),
+    "publishing.established_results": ("-1", "an integer >= 0"),
+    "publishing.established_age_h": ("-1", ">= 0"),
     "publishers.unpaid_time_cap_h": ("-1", "a number >= 0"),
     "records.capacity_lifetime_s": ("60", "an integer >= 300 and <= 3600"),
     "records.republish_s": ("5", "an integer >= 60"),
@@ -234,7 +240,7 @@ def test_republish_must_be_at_most_half_the_lifetime(tmp_path):
     ("[publishers]\nalow = []\n", "did you mean publishers.allow?"),
     ("[nodes]\nnetwork = 'x'\n", "unknown section [nodes] (did you mean [node]?)"),
     ("network = 'x'\n", "key 'network' must be inside a section (did you mean node.network?)"),
-    ("[zzz]\n", "unknown section [zzz] (sections: node, hardware, publishers, records, vehicle, policy)"),
+    ("[zzz]\n", "unknown section [zzz] (sections: node, hardware, publishers, publishing, records, vehicle, policy)"),
 ])
 def test_unknown_keys_are_errors_with_suggestions(text, expect):
     with pytest.raises(ConfigError) as info:
