@@ -56,7 +56,7 @@ FAILED_LIFETIME_MS = 7 * 24 * 3600 * 1000
 OUTBOX_POLL_S = 2.0
 IDLE_POLL_S = 2.0
 REPORT_TIMEOUT_S = 30.0
-REPORT_KINDS = {"result", "failed", "hand_back"}
+FETCH_ATTEMPTS = 3
 
 
 def _cap(kind: str) -> int:
@@ -215,17 +215,24 @@ class Worker:
 
     async def _ensure_connected(self, job: rules.HeardJob) -> str:
         peer = peer_id_from_key(job.publisher)
-        if self.mesh.host.get_network().get_connections(_peer_id(peer)):
-            return peer
-        for addr in job.addrs:
+        if not self.mesh.host.get_network().get_connections(_peer_id(peer)):
+            await self._dial_announced(job.publisher)  # else maybe the peerstore knows a way
+        return peer
+
+    async def _dial_announced(self, publisher: bytes) -> bool:
+        """Connect to a publisher at the addresses its newest announcements give."""
+        peer = peer_id_from_key(publisher)
+        addrs = [a for j in sorted(self.jobs(), key=lambda j: -j.heard_at)
+                 if j.publisher == publisher for a in j.addrs]
+        for addr in dict.fromkeys(addrs):
             if not addr.endswith("/p2p/" + peer):
                 continue  # an address pointing elsewhere is ignored (section 2)
             try:
                 await self.mesh.connect(addr)
-                return peer
+                return True
             except MeshError as exc:
                 log.info("publisher %s not reachable at %s: %s", peer, addr, exc)
-        return peer  # maybe the DHT's peerstore knows a way
+        return False
 
     async def _request(self, job: rules.HeardJob, offer: dict) -> list[tuple[Any, bytes]]:
         mesh, net = self.mesh, self.settings.network
@@ -317,11 +324,11 @@ class Worker:
         self.ledger.set_status(lease.lease_id, "running", int(self.clock() * 1000))
         try:
             try:
-                model = await self._fetch_model(lease, pub_peer)
-                raw_input = await self.blobs.fetch(
+                model = await self._with_retries(publisher, lambda: self._fetch_model(lease, pub_peer))
+                raw_input = await self._with_retries(publisher, lambda: self.blobs.fetch(
                     lease.input_digest, lease.input_size,
                     [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
-                    public=False)
+                    public=False))
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
                 log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
                 await self._fail(lease, publisher, "fetch_failed", str(exc))
@@ -363,6 +370,19 @@ class Worker:
             self.running.pop(lease.lease_id, None)
             if not self.running:
                 self._idle.set()
+
+    async def _with_retries(self, publisher: bytes, fetch: Callable[[], Any]) -> Any:
+        """A fetch, tried FETCH_ATTEMPTS times: a failed lease costs this node its one
+        replica of the shard, so a passing network hiccup must not fail it."""
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                return await fetch()
+            except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise
+                log.info("fetch attempt %d failed (%s); retrying", attempt + 1, exc)
+                await trio.sleep(0.5 * 2**attempt)
+                await self._dial_announced(publisher)
 
     async def _fetch_model(self, lease: Any, pub_peer: str) -> bytes:
         model = self.cache.get(lease.model_digest)
@@ -468,7 +488,13 @@ class Worker:
         if self.mesh is None:
             raise MeshError("the mesh is not running")
         peer = peer_id_from_key(publisher)
-        stream = await self.mesh.open_stream(peer, "report")
+        try:
+            stream = await self.mesh.open_stream(peer, "report")
+        except MeshError:
+            # a restarted publisher may listen elsewhere: dial what its announcements say
+            if not await self._dial_announced(publisher):
+                raise
+            stream = await self.mesh.open_stream(peer, "report")
         try:
             await streams.write_envelope(stream, envelope)
             await stream.close_write()

@@ -1,0 +1,161 @@
+"""Verified work between real processes: `p2pfleet node start` workers, a `p2pfleet job`
+publisher, TCP on loopback, fixed seeds.
+
+- a quorum-2 job over a trained digits classifier equals a local onnxruntime run, output for
+  output, while one node cheats with fp16-rounded weights: the cheater is excluded with a
+  signed evidence report and none of its results is accepted;
+- the publisher is killed with SIGKILL mid-job and resumed: nothing accepted is lost, no
+  shard is accepted twice, and the outputs are still right;
+- nodes hold receipts for their accepted results in their ledgers (`p2pfleet ledger`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.system
+
+NETWORK = "vwork"
+PUBLISHING = {"publishing.request_interval_s": "0.2", "publishing.min_lease_s": "60",
+              "publishing.cross_class_wait_s": "1", "publishing.announce_interval_s": "2"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "p2pfleet.cli.main", *args]
+
+
+def _pub_args(pub_root, *extra: str) -> list[str]:
+    args = ["--data-dir", str(pub_root), "--network", NETWORK]
+    for k, v in PUBLISHING.items():
+        args += ["-s", f"{k}={v}"]
+    return _cli(*args, *extra)
+
+
+def _status(pub_root) -> dict:
+    out = subprocess.run(_pub_args(pub_root, "job", "status", "--json"), capture_output=True,
+                         text=True, timeout=60)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    import onnxruntime as ort
+
+    from p2pfleet.zoo import digits
+
+    model, name, inputs = digits()
+    root = tmp_path_factory.mktemp("digits")
+    X = inputs(900)
+    (root / "model.onnx").write_bytes(model)
+    np.save(root / "inputs.npy", X)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    local = dict(zip(names, sess.run(names, {name: X})))
+    return root / "model.onnx", root / "inputs.npy", local
+
+
+def _fleet(root, n, cheaters=()):
+    from p2pfleet.localfleet import LocalFleet
+
+    fleet = LocalFleet(root / "fleet", n, network=NETWORK, settings={
+        "publishers.serve_anyone": "true", "publishers.retry_base_s": "1",
+        "policy.max_threads": "1"})
+    for i in cheaters:
+        fleet.nodes[i].args = ("--cheat", "fp16")
+    return fleet
+
+
+def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp_path, digits):
+    from p2pfleet.localfleet import wait_for
+
+    model, inputs, local = digits
+    fleet = _fleet(tmp_path, 5, cheaters=(4,))
+    fleet.start()
+    pub_root, out = tmp_path / "pub", tmp_path / "out"
+    listen = f"/ip4/127.0.99.1/tcp/{_free_port('127.0.99.1')}"  # the same after the restart
+    try:
+        submit = _pub_args(pub_root, "job", "submit", str(model), str(inputs), "--json",
+                           "--shard-size", "50", "--micro-batch", "10", "--quorum", "2",
+                           "--listen", listen, "--bootstrap", fleet.nodes[0].addr,
+                           "--trust", fleet.nodes[0].peer_id, "--trust", fleet.nodes[1].peer_id)
+        proc = subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # kill the publisher once some, not all, shards are accepted
+        first = wait_for(lambda: next((j for j in _status(pub_root).get("jobs", [])
+                                       if j["accepted"] >= 3), None), 120,
+                         "the publisher to accept a few shards")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        job_id = first["job_id"]
+        before = next(j for j in _status(pub_root)["jobs"] if j["job_id"] == job_id)
+        assert before["accepted"] >= first["accepted"] and before["state"] == "live"
+
+        resume = subprocess.run(_pub_args(pub_root, "job", "resume", job_id, "--json", "--out",
+                                          str(out), "--timeout", "150",
+                                          "--listen", listen,
+                                          "--bootstrap", fleet.nodes[0].addr,
+                                          "--trust", fleet.nodes[0].peer_id,
+                                          "--trust", fleet.nodes[1].peer_id),
+                                capture_output=True, text=True, timeout=200)
+        assert resume.returncode == 0, resume.stderr[-3000:]
+        report = json.loads(resume.stdout)["report"]
+        assert report["state"] == "done" and report["accepted"] == report["shards"] == 18
+        assert report["failed"] == 0
+
+        # output for output equal to a local run: nothing wrong accepted, nothing lost
+        for name, want in local.items():
+            got = np.load(out / f"{name}.npy")
+            assert got.shape == want.shape and np.array_equal(got, want), name
+        lines = (out / "results.jsonl").read_text().splitlines()
+        assert [json.loads(x)["index"] for x in lines] == list(range(900))
+
+        # the cheater is excluded with signed evidence, and was never part of an acceptance
+        cheater = fleet.nodes[4].peer_id
+        assert [e["accused"] for e in report["evidence"]] == [cheater]
+        _assert_store(pub_root, job_id, cheater)
+
+        # honest nodes hold receipts in their ledgers; the cheater none
+        paid = {}
+        for node in fleet.nodes:
+            led = subprocess.run(_cli("--data-dir", str(node.data_dir), "ledger", "--json"),
+                                 capture_output=True, text=True, timeout=60)
+            assert led.returncode == 0, led.stderr
+            data = json.loads(led.stdout)
+            paid[node.index] = sum(p["credit"]["paid"] for p in data["publishers"])
+        assert paid[4] == 0 and all(paid[i] > 0 for i in (0, 1))
+    finally:
+        for node in fleet.nodes:
+            node.stop()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _assert_store(pub_root, job_id: str, cheater: str) -> None:
+    """Each shard accepted exactly once; no accepted lease is the cheater's."""
+    import sqlite3
+
+    from p2pfleet.identity import key_from_peer_id
+
+    db = sqlite3.connect(pub_root / "publisher" / "jobs.sqlite")
+    jid = bytes.fromhex(job_id)
+    rows = db.execute("select idx, status, accepted_lease from shards where job_id=?",
+                      (jid,)).fetchall()
+    assert all(status == "accepted" and lease for _i, status, lease in rows)
+    accepted = [lease for _i, _s, lease in rows]
+    assert len(set(accepted)) == len(accepted)
+    workers = dict(db.execute("select lease_id, worker from leases where job_id=?", (jid,)))
+    assert key_from_peer_id(cheater) not in {workers[lease] for lease in accepted}
