@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -39,6 +40,10 @@ from ..wire.kinds import Requirements
 from .inputs import load_inputs, load_model
 
 POLL_S = 0.2
+# py-libp2p logs routine peer errors at WARNING; without a handler of the application's
+# own they would reach stderr through logging's last resort. Applications that configure
+# logging still receive them.
+logging.getLogger("libp2p").addHandler(logging.NullHandler())
 STORE_NAME = "jobs.sqlite"
 CONTROL_NAME = "control.sock"
 

@@ -117,14 +117,14 @@ def test_announcement_reaches_every_node(fleet):
 
 
 def test_demo_runs_and_checks_itself():
-    """`make demo` is the README's main command: its quick mode must pass."""
+    """`make demo` is the README's main command: it must pass as the README runs it."""
     import subprocess
     import sys
     from pathlib import Path
 
     demo = Path(__file__).resolve().parents[2] / "tools" / "demo.py"
-    proc = subprocess.run([sys.executable, str(demo), "--quick"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(demo)], capture_output=True, text=True,
+                          timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo passed" in proc.stdout
 
