@@ -273,7 +273,7 @@ class PublishingSettings:
         600.0, "shortest lease deadline, s (leases last ~3x the expected compute "
         "time, at least this).", min=1, max=86400)
     cross_class_wait_s: float = _setting(
-        600.0, "how long a shard waits for a replica from another hardware class "
+        60.0, "how long a shard waits for a replica from another hardware class "
         "before taking one of the same class, s.", min=0, max=86400)
     announce_interval_s: float = _setting(
         15.0, "re-announce live jobs this often, s.", min=1, max=3600)

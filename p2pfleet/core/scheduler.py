@@ -84,7 +84,7 @@ class SchedulerSettings:
     no_work_retry_ms: int = MINUTE_MS
     cross_class_rate: float = 0.1
     recheck_cross_rate: float = 0.5  # share of re-checks that must go to another class
-    cross_class_wait_ms: int = 10 * MINUTE_MS
+    cross_class_wait_ms: int = MINUTE_MS  # a one-class fleet must not stall for long
     fresh_need_known_answer: bool = True
     max_batch: int = 64
     trust: T.TrustSettings = field(default_factory=T.TrustSettings)

@@ -430,11 +430,14 @@ async def connect(data_dir: str | Path, *, network: str = "main",
 
 def run_job(model: bytes | str | Path, inputs: Any, *, data_dir: str | Path,
             network: str = "main", bootstrap: Sequence[str] = (),
-            listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), progress: bool | None = None,
+            listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",), trusted: Sequence[str] = (),
+            settings: PublisherSettings | None = None, progress: bool | None = None,
             timeout: float | None = None, **submit: Any) -> tuple[dict[str, np.ndarray], JobReport]:
-    """Synchronous helper for scripts: submit, wait, return (outputs, report)."""
+    """Synchronous helper for scripts: submit, wait, return (outputs, report). Arguments as
+    `connect` and `Client.submit`."""
     async def main() -> tuple[dict[str, np.ndarray], JobReport]:
-        async with connect(data_dir, network=network, bootstrap=bootstrap, listen=listen) as client:
+        async with connect(data_dir, network=network, bootstrap=bootstrap, listen=listen,
+                           trusted=trusted, settings=settings) as client:
             job = await client.submit(model, inputs, **submit)
             report = await job.wait(progress=progress, timeout=timeout)
             return job.outputs(), report
