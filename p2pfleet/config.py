@@ -208,6 +208,9 @@ class NodeSettings:
         choices=("auto", "server", "client"))
     log_level: str = _setting(
         "warning", "How much to log.", choices=("error", "warning", "info", "debug"))
+    event_log: bool = _setting(
+        False, "Write every event the vehicle policy receives to <data dir>/logs/events.jsonl "
+        "(one JSON line each), for replay in the simulator or a bug report.")
     info_opt_in: bool = _setting(
         False, "Answer node-info requests from explorers (software version, uptime, "
         "counters). Off: such requests are refused.")

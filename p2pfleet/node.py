@@ -42,6 +42,7 @@ from . import __version__
 from .config import Config
 from .control import serve_control
 from .metrics import serve_metrics
+from .core import eventlog
 from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
@@ -158,7 +159,7 @@ class Node:
                  bootstrap: tuple[str, ...] = (), listen: tuple[str, ...] | None = None,
                  rng: random.Random | None = None, clock: Any = time.time,
                  cache_dir: Path | None = None, ledger_path: Path | None = None,
-                 cheat: str = ""):
+                 cheat: str = "", event_log: Path | None = None):
         self.identity = identity
         self.config = config
         self.cache_dir = cache_dir
@@ -189,6 +190,8 @@ class Node:
         self.metrics_addr: tuple[str, int] | None = None
         self._traffic_reported = self.traffic.total
         self._energy_pending_wh = 0.0
+        # one JSON line per policy event (core/eventlog.py), replayable
+        self.event_log = open(event_log, "a", encoding="utf-8") if event_log else None  # noqa: SIM115
         self.ledger_path = ledger_path
         self.cheat = cheat
         self.worker: Worker | None = None
@@ -396,6 +399,9 @@ class Node:
     def _feed(self, event: Any) -> list[Any]:
         self._events.append(event)
         del self._events[:-200]
+        if self.event_log is not None:
+            self.event_log.write(eventlog.to_json(event) + "\n")
+            self.event_log.flush()
         return self.policy.handle(event)
 
     async def _apply(self, nursery: trio.Nursery, effects: list[Any]) -> float | None:

@@ -28,7 +28,8 @@ def _pub_dir(app: App, given: Path | None) -> Path:
     return given if given is not None else app.data_dir.root / PUBLISHER_SUBDIR
 
 
-def _net(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> dict:
+def _net(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
+         event_log: Path | None = None) -> dict:
     """connect() arguments from the config ([node] network and bootstrap, [publishing])."""
     from ..core.scheduler import SchedulerSettings
     from ..core.trust import TrustSettings
@@ -45,7 +46,7 @@ def _net(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> dict:
     return {"network": cfg.node.network,
             "listen": list(listen) or ["/ip4/0.0.0.0/tcp/0"],
             "bootstrap": list(bootstrap) + list(cfg.node.bootstrap),
-            "settings": PublisherSettings(scheduler=sched,
+            "settings": PublisherSettings(scheduler=sched, event_log=event_log,
                                           announce_interval_s=p.announce_interval_s)}
 
 
@@ -55,6 +56,9 @@ publisher_dir_option = click.option(
 
 
 def _network_options(fn: Any) -> Any:
+    fn = click.option("--event-log", type=click.Path(dir_okay=False, path_type=Path),
+                      default=None, help="Append every scheduler event to this file (JSON "
+                      "lines), for replay.")(fn)
     fn = click.option("--listen", multiple=True, metavar="MULTIADDR",
                       help="Listen here (repeatable). Default: any address, a free port.")(fn)
     fn = click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
@@ -100,7 +104,7 @@ def job_submit(app: App, model: Path, inputs: Path, shard_size: int, micro_batch
                quorum: int, max_replicas: int, deadline_s: float | None, credit_rate: int,
                budget: int | None, out: Path | None, timeout: float | None,
                listen: tuple[str, ...], bootstrap: tuple[str, ...], trust: tuple[str, ...],
-               publisher_dir: Path | None) -> None:
+               event_log: Path | None, publisher_dir: Path | None) -> None:
     """Submit MODEL (.onnx) over INPUTS (.npy, or .npz with one array per model input) and
     publish it until done."""
     import trio
@@ -111,7 +115,7 @@ def job_submit(app: App, model: Path, inputs: Path, shard_size: int, micro_batch
 
     async def main() -> dict:
         async with connect(_pub_dir(app, publisher_dir), trusted=trust,
-                           **_net(app, listen, bootstrap)) as client:
+                           **_net(app, listen, bootstrap, event_log)) as client:
             job = await client.submit(model, inputs, shard_size=shard_size,
                                       micro_batch=micro_batch, quorum=quorum,
                                       max_replicas=max_replicas, deadline_s=deadline_s,
@@ -146,7 +150,7 @@ def job_submit(app: App, model: Path, inputs: Path, shard_size: int, micro_batch
 @pass_app
 def job_resume(app: App, job_id: str, out: Path | None, timeout: float | None,
                listen: tuple[str, ...], bootstrap: tuple[str, ...], trust: tuple[str, ...],
-               publisher_dir: Path | None) -> None:
+               event_log: Path | None, publisher_dir: Path | None) -> None:
     """Carry on publishing a stored job (after Ctrl-C, a crash or a kill) until done."""
     import trio
 
@@ -155,7 +159,7 @@ def job_resume(app: App, job_id: str, out: Path | None, timeout: float | None,
 
     async def main() -> dict:
         async with connect(_pub_dir(app, publisher_dir), trusted=trust,
-                           **_net(app, listen, bootstrap)) as client:
+                           **_net(app, listen, bootstrap, event_log)) as client:
             job = client.job(job_id)
             st = job.status()
             click.echo(f"job {job.id}: {st.accepted} of {st.shards} shards already accepted",

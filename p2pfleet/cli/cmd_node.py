@@ -181,7 +181,9 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
             try:
                 node = Node(identity, config, state, control_path=_control_path(app),
                             bootstrap=bootstrap, listen=listen or None, cache_dir=dd.cache_dir,
-                            ledger_path=dd.ledger_file, cheat=cheat or "")
+                            ledger_path=dd.ledger_file, cheat=cheat or "",
+                            event_log=(dd.logs_dir / "events.jsonl"
+                                       if config.node.event_log else None))
             except (NodeError, ValueError) as exc:
                 raise CliError(str(exc)) from None
             click.echo(f"node {identity.peer_id} on network {config.node.network}; "

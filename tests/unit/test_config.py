@@ -130,6 +130,7 @@ BAD_FILE_VALUES = {
     "publishers.serve_anyone": ('"false"', "true or false"),
     "publishers.unpaid_cap": ("-5", "an integer >= 0"),
     "publishers.retry_base_s": ("0", ">= 0.1"),
+    "node.event_log": ('"sometimes"', "true or false"),
     "publishing.request_interval_s": ("-1", ">= 0"),
     "publishing.min_lease_s": ("0", ">= 1"),
     "publishing.cross_class_wait_s": ("-1", ">= 0"),
