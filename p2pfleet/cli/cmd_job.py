@@ -73,7 +73,7 @@ def _network_options(fn: Any) -> Any:
 
 @click.group("job")
 def job_group() -> None:
-    """Publish inference jobs: submit, status, results, resume, cancel."""
+    """Publish inference jobs: submit, status, results, resume, cancel, serve."""
 
 
 @job_group.command("submit")
@@ -177,6 +177,34 @@ def job_resume(app: App, job_id: str, out: Path | None, timeout: float | None,
         raise CliError(str(exc)) from None
     table = result.pop("table")
     app.emit(result, lambda: console().print(table))
+
+
+@job_group.command("serve")
+@_network_options
+@publisher_dir_option
+@pass_app
+def job_serve(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
+              trust: tuple[str, ...], event_log: Path | None,
+              publisher_dir: Path | None) -> None:
+    """Run the publisher until Ctrl-C: it serves the stored live jobs and takes new ones
+    from `p2pfleet.sdk.attach` and `job status/cancel` on this machine."""
+    import signal
+
+    import trio
+
+    from ..sdk import connect
+
+    async def main() -> None:
+        async with connect(_pub_dir(app, publisher_dir), trusted=trust,
+                           **_net(app, listen, bootstrap, event_log)) as client:
+            click.echo(f"publisher {client.peer_id} listening on "
+                       f"{', '.join(client.listen_addrs())}; jobs in the store: "
+                       f"{len(client.jobs())}", err=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    return
+
+    trio.run(main)
 
 
 def _live(app: App, publisher_dir: Path | None) -> Path | None:

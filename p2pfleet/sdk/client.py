@@ -37,7 +37,7 @@ from ..net.mesh import Mesh, MeshSettings
 from ..publisher import JobSpec, JobStatus, Publisher, PublisherError, PublisherSettings
 from ..store.blobcache import BlobCache
 from ..wire.kinds import Requirements
-from .inputs import load_inputs, load_model
+from .inputs import InputError, load_inputs, load_model
 
 POLL_S = 0.2
 # py-libp2p logs routine peer errors at WARNING; without a handler of the application's
@@ -45,6 +45,9 @@ POLL_S = 0.2
 # logging still receive them.
 logging.getLogger("libp2p").addHandler(logging.NullHandler())
 STORE_NAME = "jobs.sqlite"
+SUBMIT_OPTIONS = ("shard_size", "micro_batch", "quorum", "max_replicas", "max_error",
+                  "deadline_s", "credit_rate", "budget", "opt_level", "ort_versions",
+                  "min_memory_mb", "known_answer_rate", "recheck_rate")
 CONTROL_NAME = "control.sock"
 
 
@@ -342,9 +345,15 @@ class Client:
             if cmd == "cancel":
                 self.publisher.cancel(bytes.fromhex(str(request.get("job_id", ""))))
                 return {"ok": True}
-        except (ValueError, PublisherError) as exc:
+            if cmd == "submit":  # from an attached client on this machine (sdk.attach)
+                options = {k: v for k, v in dict(request.get("options") or {}).items()
+                           if k in SUBMIT_OPTIONS}
+                job = await self.submit(Path(str(request["model"])), Path(str(request["inputs"])),
+                                        **options)
+                return {"ok": True, "job_id": job.id}
+        except (ValueError, KeyError, TypeError, PublisherError, SdkError, InputError) as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, cancel"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, cancel, submit"}
 
 
 def job_view(publisher: Publisher, job_id: bytes) -> dict:
@@ -443,3 +452,77 @@ def run_job(model: bytes | str | Path, inputs: Any, *, data_dir: str | Path,
             return job.outputs(), report
 
     return trio.run(main)
+
+
+class AttachedClient:
+    """A client of a publisher already running on this machine (`p2pfleet job serve`, or a
+    `job submit` in another terminal), through its control socket and its store."""
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.socket = self.data_dir / CONTROL_NAME
+
+    def _ask(self, cmd: str, **args: Any) -> dict:
+        from ..control import ControlError, request
+
+        try:
+            reply = request(self.socket, cmd, timeout=120.0, **args)
+        except ControlError as exc:
+            raise SdkError(f"no publisher running in {self.data_dir}: {exc}") from None
+        if not reply.get("ok"):
+            raise SdkError(reply.get("error", f"{cmd} refused"))
+        return reply
+
+    def submit(self, model: bytes | str | Path, inputs: Any, **options: Any) -> str:
+        """Submit (the model and inputs are handed over as files in the publisher's
+        directory); returns the job id."""
+        import uuid
+
+        unknown = set(options) - set(SUBMIT_OPTIONS)
+        if unknown:
+            raise SdkError(f"unknown submit options {sorted(unknown)}")
+        model_bytes = load_model(model)
+        arrays = load_inputs(inputs, model_bytes)
+        inbox = self.data_dir / "incoming"
+        inbox.mkdir(mode=0o700, exist_ok=True)
+        name = uuid.uuid4().hex
+        model_path, inputs_path = inbox / f"{name}.onnx", inbox / f"{name}.npz"
+        model_path.write_bytes(model_bytes)
+        np.savez(inputs_path, **arrays)
+        try:
+            return self._ask("submit", model=str(model_path), inputs=str(inputs_path),
+                             options=options)["job_id"]
+        finally:
+            model_path.unlink(missing_ok=True)
+            inputs_path.unlink(missing_ok=True)
+
+    def status(self, job_id: str | None = None) -> list[dict]:
+        jobs = self._ask("status")["jobs"]
+        return [j for j in jobs if job_id is None or j["job_id"] == job_id]
+
+    def cancel(self, job_id: str) -> None:
+        self._ask("cancel", job_id=job_id)
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = 0.5) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self.status(job_id)
+            if not found:
+                raise SdkError(f"the publisher has no job {job_id}")
+            if found[0]["state"] != "live":
+                return found[0]
+            if deadline is not None and time.monotonic() > deadline:
+                raise SdkError(f"job {job_id} not done within {timeout} s")
+            time.sleep(poll_s)
+
+    def export(self, job_id: str, out_dir: str | Path) -> list[Path]:
+        """Write the job's accepted outputs (read from the publisher's store)."""
+        with open_offline(self.data_dir) as pub:
+            return Job(pub, bytes.fromhex(job_id), time.time()).export(out_dir)
+
+
+def attach(data_dir: str | Path) -> AttachedClient:
+    """Attach to the publisher running in `data_dir` (synchronous API)."""
+    client = AttachedClient(data_dir)
+    client._ask("status")  # fails now, clearly, if nothing runs there
+    return client

@@ -226,3 +226,48 @@ def _ledger_leases(data_dir) -> dict:
 
     db = sqlite3.connect(data_dir / "ledger.sqlite")
     return dict(db.execute("select lease_id, status from leases"))
+
+
+def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
+    """`p2pfleet job serve` runs the publisher; a script attaches, submits, waits, exports;
+    `job status` and `job cancel` reach the same publisher."""
+    from p2pfleet.localfleet import wait_for
+    from p2pfleet.sdk import SdkError, attach
+
+    model, inputs, local = digits
+    fleet = _fleet(tmp_path, 3)
+    fleet.start()
+    pub_root = tmp_path / "pub"
+    serve = subprocess.Popen(_pub_args(pub_root, "job", "serve", "--listen", "/ip4/127.0.97.1/tcp/0",
+                                       "--bootstrap", fleet.nodes[0].addr,
+                                       "--trust", fleet.nodes[0].peer_id,
+                                       "--trust", fleet.nodes[1].peer_id),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = wait_for(lambda: _try_attach(pub_root / "publisher", attach, SdkError), 60,
+                          "the publisher to serve")
+        job_id = client.submit(model, np.load(inputs), shard_size=100, micro_batch=20, quorum=2)
+        done = client.wait(job_id, timeout=120)
+        assert done["state"] == "done" and done["accepted"] == done["shards"] == 9
+        client.export(job_id, tmp_path / "out")
+        for name, want in local.items():
+            assert np.array_equal(np.load(tmp_path / "out" / f"{name}.npy"), want)
+        assert [j["job_id"] for j in _status(pub_root)["jobs"]] == [job_id]
+        second = client.submit(model, np.load(inputs)[:300], shard_size=100, quorum=2,
+                               deadline_s=600)
+        cancel = subprocess.run(_pub_args(pub_root, "job", "cancel", second, "--json"),
+                                capture_output=True, text=True, timeout=60)
+        assert cancel.returncode == 0 and json.loads(cancel.stdout)["via"] == "running publisher"
+        assert client.status(second)[0]["state"] == "cancelled"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+        for node in fleet.nodes:
+            node.stop()
+
+
+def _try_attach(path, attach, error):
+    try:
+        return attach(path)
+    except error:
+        return None
