@@ -107,6 +107,21 @@ def job_submit(app: App, model: Path, inputs: Path, shard_size: int, micro_batch
                event_log: Path | None, publisher_dir: Path | None) -> None:
     """Submit MODEL (.onnx) over INPUTS (.npy, or .npz with one array per model input) and
     publish it until done."""
+    async def start(client: Any) -> Any:
+        job = await client.submit(model, inputs, shard_size=shard_size, micro_batch=micro_batch,
+                                  quorum=quorum, max_replicas=max_replicas,
+                                  deadline_s=deadline_s, credit_rate=credit_rate, budget=budget)
+        click.echo(f"job {job.id} submitted by publisher {client.peer_id} "
+                   f"({job.samples()} samples, {job.status().shards} shards)", err=True)
+        return job
+
+    _publish_until_done(app, start, out, timeout, trust,
+                        _pub_dir(app, publisher_dir), _net(app, listen, bootstrap, event_log))
+
+
+def _publish_until_done(app: App, start: Any, out: Path | None, timeout: float | None,
+                        trust: tuple[str, ...], pub_dir: Path, net: dict) -> None:
+    """Run an embedded publisher; `start(client)` gives the job; wait, export, report."""
     import trio
 
     from ..sdk import connect
@@ -114,14 +129,8 @@ def job_submit(app: App, model: Path, inputs: Path, shard_size: int, micro_batch
     from ..sdk.inputs import InputError
 
     async def main() -> dict:
-        async with connect(_pub_dir(app, publisher_dir), trusted=trust,
-                           **_net(app, listen, bootstrap, event_log)) as client:
-            job = await client.submit(model, inputs, shard_size=shard_size,
-                                      micro_batch=micro_batch, quorum=quorum,
-                                      max_replicas=max_replicas, deadline_s=deadline_s,
-                                      credit_rate=credit_rate, budget=budget)
-            click.echo(f"job {job.id} submitted by publisher {client.peer_id} "
-                       f"({job.samples()} samples, {job.status().shards} shards)", err=True)
+        async with connect(pub_dir, trusted=trust, **net) as client:
+            job = await start(client)
             try:
                 report = await job.wait(progress=None if not app.json else False, timeout=timeout)
             except trio.TooSlowError:
@@ -152,31 +161,15 @@ def job_resume(app: App, job_id: str, out: Path | None, timeout: float | None,
                listen: tuple[str, ...], bootstrap: tuple[str, ...], trust: tuple[str, ...],
                event_log: Path | None, publisher_dir: Path | None) -> None:
     """Carry on publishing a stored job (after Ctrl-C, a crash or a kill) until done."""
-    import trio
+    async def start(client: Any) -> Any:
+        job = client.job(job_id)
+        st = job.status()
+        click.echo(f"job {job.id}: {st.accepted} of {st.shards} shards already accepted",
+                   err=True)
+        return job
 
-    from ..sdk import connect
-    from ..sdk.client import SdkError
-
-    async def main() -> dict:
-        async with connect(_pub_dir(app, publisher_dir), trusted=trust,
-                           **_net(app, listen, bootstrap, event_log)) as client:
-            job = client.job(job_id)
-            st = job.status()
-            click.echo(f"job {job.id}: {st.accepted} of {st.shards} shards already accepted",
-                       err=True)
-            try:
-                report = await job.wait(progress=None if not app.json else False, timeout=timeout)
-            except trio.TooSlowError:
-                report = job.report()
-            files = job.export(out) if out is not None else []
-            return {"report": report.to_dict(), "files": [str(f) for f in files], "table": report}
-
-    try:
-        result = trio.run(main)
-    except (SdkError, ValueError) as exc:
-        raise CliError(str(exc)) from None
-    table = result.pop("table")
-    app.emit(result, lambda: console().print(table))
+    _publish_until_done(app, start, out, timeout, trust,
+                        _pub_dir(app, publisher_dir), _net(app, listen, bootstrap, event_log))
 
 
 @job_group.command("serve")

@@ -46,6 +46,7 @@ import trio
 
 from .limits import ModelLimits
 from .outputs import EncodingError, concat_batches, encode_tensors, tensors_digest
+from ..core.worker import ort_allowed
 from .sandbox import ModelInfo, Sandbox, SandboxFailure
 from .validate import ModelRefused
 
@@ -107,15 +108,7 @@ def plan_batches(samples: int, micro_batch: int, first_batch: int = 0) -> list[t
 
 def ort_version_allowed(spec: str, version: str) -> bool:
     """Does `version` satisfy the PEP 440 specifier `spec` ("" allows any)?"""
-    if not spec.strip():
-        return True
-    from packaging.specifiers import InvalidSpecifier, SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
-    except (InvalidSpecifier, InvalidVersion):
-        return False
+    return ort_allowed(spec, version)
 
 
 def session_key(lease, threads: int) -> str:

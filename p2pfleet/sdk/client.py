@@ -324,7 +324,10 @@ class Client:
 
     def job(self, job_id: str | bytes) -> Job:
         """A stored job (resumed: its open shards are leased again)."""
-        jid = bytes.fromhex(job_id) if isinstance(job_id, str) else job_id
+        try:
+            jid = bytes.fromhex(job_id) if isinstance(job_id, str) else job_id
+        except ValueError:
+            raise SdkError(f"{job_id!r} is not a job id (32 hex digits)") from None
         try:
             self.publisher.resume(jid)
         except PublisherError as exc:
