@@ -132,7 +132,8 @@ class Worker:
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
         self._output_owner: dict[bytes, str] = {}
-        self._left: dict[tuple[bytes, bytes], int] = {}  # shards left per announced job  # outputs blob digest -> publisher peer id
+        self._left: dict[tuple[bytes, bytes], int] = {}  # shards left per announced job
+        self._cancelled: set[tuple[bytes, bytes, bytes]] = set()  # (publisher, job, lease or b"")  # outputs blob digest -> publisher peer id
 
     # --- policy --------------------------------------------------------------------------
     @property
@@ -199,6 +200,9 @@ class Worker:
                 continue
             leases = await self._request(job, offer)
             for lease, publisher in leases:
+                if self._was_cancelled(lease, publisher):
+                    self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
+                    continue
                 if not self._allowed.is_set():
                     await self._hand_back_unstarted(lease, publisher, "policy")
                     continue
@@ -584,8 +588,15 @@ class Worker:
         else:
             await streams.reset_quietly(stream)
 
+    def _was_cancelled(self, lease: Any, publisher: bytes) -> bool:
+        """A queued lease its publisher cancelled before it started."""
+        return ((publisher, lease.job_id, b"") in self._cancelled
+                or (publisher, lease.job_id, lease.lease_id) in self._cancelled)
+
     def _cancel(self, publisher: bytes, body: Cancel) -> bool:
         wanted = set(body.lease_ids)
+        for lease_id in wanted or {b""}:
+            self._cancelled.add((publisher, body.job_id, lease_id))
         for lease_id, running in self.running.items():
             if running.publisher != publisher or running.lease.job_id != body.job_id:
                 continue

@@ -323,9 +323,12 @@ def rank(secret: bytes, job_id: bytes, shard: int, worker: bytes) -> bytes:
     return hmac.new(secret, job_id + shard.to_bytes(4, "big") + worker, hashlib.sha256).digest()
 
 
-def lease_deadline_ms(samples: int, bench: float, input_size: int, s: SchedulerSettings) -> int:
-    """About three times the expected compute time plus the transfer time, >= the minimum."""
-    compute_ms = 3000.0 * samples / max(bench, 1e-3)
+def lease_deadline_ms(samples: int, bench: float, input_size: int, s: SchedulerSettings,
+                      queued_samples: int = 0) -> int:
+    """About three times the expected compute time plus the transfer time, >= the minimum.
+    `queued_samples`: samples of the leases ahead of this one in the same batch (a worker
+    runs a batch's leases one after another, so the last waits for the others)."""
+    compute_ms = 3000.0 * (samples + queued_samples) / max(bench, 1e-3)
     transfer_ms = 1000.0 * input_size / s.transfer_bytes_per_s
     return int(min(max(s.min_deadline_ms, compute_ms + transfer_ms), 2**32 - 1))
 
@@ -572,9 +575,10 @@ class Scheduler:
                 break
         if not picks:
             return [Refuse(ev.worker, "no_work", s.no_work_retry_ms)]
-        grants = []
+        grants, queued = [], 0
         for rec, sh in picks:
-            grants.append(self._issue(rec, sh, ev, t, now))
+            grants.append(self._issue(rec, sh, ev, t, now, queued))
+            queued += rec.job.samples[sh.index]
         next_exp = min(l.expires_ms for l in self.live_leases())
         return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
 
@@ -622,7 +626,7 @@ class Scheduler:
         return True
 
     def _issue(self, rec: JobRec, sh: ShardRec, ev: WorkRequested, t: T.WorkerTrust,
-               now: int) -> LeaseGrant:
+               now: int, queued_samples: int = 0) -> LeaseGrant:
         job = rec.job
         credit = job.credit[sh.index]
         if sh.target == 0:
@@ -632,7 +636,8 @@ class Scheduler:
             sh.cross = self.rng.random() < rate
             base = 1 if sh.single else max(job.quorum, self.s.min_replicas)
             sh.target = base + (1 if sh.recheck else 0)
-        deadline = lease_deadline_ms(job.samples[sh.index], ev.bench, job.input_size[sh.index], self.s)
+        deadline = lease_deadline_ms(job.samples[sh.index], ev.bench, job.input_size[sh.index],
+                                     self.s, queued_samples)
         lease = LeaseRec(
             lease_id=self.rng.randbytes(16), job_id=job.job_id, shard=sh.index,
             worker=ev.worker, prefix=ev.prefix, hw_class=ev.hw_class, issued_ms=now,

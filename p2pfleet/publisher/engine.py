@@ -502,8 +502,9 @@ class Publisher:
         min_mem, providers, min_sw, ort_versions = meta["requirements"]
         if req.memory_mb < min_mem:
             return False
-        need = set(providers) or {meta["provider"]}
-        if not need <= set(req.providers) and not (need == {"CPUExecutionProvider"} and not req.providers):
+        need = set(providers) or {meta["provider"]}  # any one of them (as the worker reads it)
+        offered = set(req.providers) or {"CPUExecutionProvider"}
+        if not need & offered:
             return False
         try:
             if Version(req.sw_version) < Version(min_sw):
