@@ -610,7 +610,9 @@ class Scheduler:
         if any(l.prefix == ev.prefix for l in held):
             return False  # one replica per network prefix
         if not established:
-            if any(l.fresh for l in held):
+            # one new identity per shard; a result found invalid (its sender excluded) is in
+            # no quorum, so it does not hold that place (else a cheater could stall the shard)
+            if any(l.fresh and l.verdict != "invalid" for l in held):
                 return False
             if self.s.fresh_need_known_answer and not job.known_answer[sh.index]:
                 return False

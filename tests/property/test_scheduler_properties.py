@@ -107,7 +107,8 @@ class Sim:
             assert len(workers) == len(set(workers)), "two replicas to one peer"
             held = [l.prefix for l in leases if l.state in ("live", "returned")]
             assert len(held) == len(set(held)), "two replicas held in one prefix"
-            fresh = [l for l in leases if l.fresh and l.state in ("live", "returned")]
+            fresh = [l for l in leases if l.fresh and l.state in ("live", "returned")
+                     and l.verdict != "invalid"]  # an invalid result is in no quorum
             assert len(fresh) <= 1, "two fresh identities on one shard"
 
     def step(self) -> None:
