@@ -370,6 +370,8 @@ class Node:
             held = self.jobs.get(key)
             if held is None or held["seq"] < body.seq:
                 self.jobs[key] = {"seq": body.seq, "heard_at": self.clock(), "opened": opened}
+                if self.worker is not None:
+                    self.worker.poke()
             while len(self.jobs) > MAX_JOBS_HELD:
                 oldest = min(self.jobs, key=lambda k: self.jobs[k]["heard_at"])
                 del self.jobs[oldest]

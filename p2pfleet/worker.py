@@ -56,7 +56,7 @@ FAILED_LIFETIME_MS = 7 * 24 * 3600 * 1000
 OUTBOX_POLL_S = 2.0
 IDLE_POLL_S = 2.0
 REPORT_TIMEOUT_S = 30.0
-FETCH_ATTEMPTS = 3
+FETCH_RETRY_MAX_S = 30.0
 
 
 def _cap(kind: str) -> int:
@@ -96,7 +96,8 @@ class WorkerSettings:
     max_model_bytes: int = 256 * 1024 * 1024
     max_input_bytes: int = 256 * 1024 * 1024
     power_w: float = 60.0
-    slots: int = 4  # leases asked for at once (run one after another): fewer round trips
+    slots: int = 2  # leases asked for at once, run one after another: fewer round trips,
+    # but few enough that one node does not hoard a small job's shards
     cheat: str = ""  # demos and tests of verification only: "fp16" rounds the model's weights
 
 
@@ -128,12 +129,17 @@ class Worker:
         self._idle = trio.Event()
         self._idle.set()
         self._outbox_wake = trio.Event()
+        self._news = trio.Event()
         self.mesh: Mesh | None = None
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
         self._output_owner: dict[bytes, str] = {}
         self._left: dict[tuple[bytes, bytes], int] = {}  # shards left per announced job
         self._cancelled: set[tuple[bytes, bytes, bytes]] = set()  # (publisher, job, lease or b"")  # outputs blob digest -> publisher peer id
+
+    def poke(self) -> None:
+        """A job announcement was heard: look for work now."""
+        self._news.set()
 
     # --- policy --------------------------------------------------------------------------
     @property
@@ -196,7 +202,9 @@ class Worker:
                 allow=self.settings.allow, serve_anyone=self.settings.serve_anyone,
                 over_cap=over, backoff=self.backoff, now=now, rng=self.rng)
             if job is None:
-                await trio.sleep(IDLE_POLL_S)
+                self._news = trio.Event()
+                with trio.move_on_after(IDLE_POLL_S):
+                    await self._news.wait()  # a job announcement heard, or time to look again
                 continue
             leases = await self._request(job, offer)
             for lease, publisher in leases:
@@ -249,7 +257,12 @@ class Worker:
         self.stats.requests += 1
         peer = await self._ensure_connected(job)
         try:
-            stream = await mesh.open_stream(peer, "lease")
+            try:
+                stream = await mesh.open_stream(peer, "lease")
+            except MeshError:
+                if not await self._dial_announced(job.publisher):
+                    raise
+                stream = await mesh.open_stream(peer, "lease")
         except MeshError as exc:
             log.info("cannot ask %s for work: %s", peer, exc)
             self.backoff.no_work(job.publisher, trio.current_time(), 0, self.rng)
@@ -327,12 +340,15 @@ class Worker:
         self._idle = trio.Event()
         self.ledger.set_status(lease.lease_id, "running", int(self.clock() * 1000))
         try:
+            # fetching may use up to half the lease's time; computing needs the rest
+            give_up = trio.current_time() + lease.deadline_ms / 2000.0
             try:
-                model = await self._with_retries(publisher, lambda: self._fetch_model(lease, pub_peer))
+                model = await self._with_retries(
+                    publisher, lambda: self._fetch_model(lease, pub_peer), give_up)
                 raw_input = await self._with_retries(publisher, lambda: self.blobs.fetch(
                     lease.input_digest, lease.input_size,
                     [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
-                    public=False))
+                    public=False), give_up)
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
                 log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
                 await self._fail(lease, publisher, "fetch_failed", str(exc))
@@ -375,17 +391,22 @@ class Worker:
             if not self.running:
                 self._idle.set()
 
-    async def _with_retries(self, publisher: bytes, fetch: Callable[[], Any]) -> Any:
-        """A fetch, tried FETCH_ATTEMPTS times: a failed lease costs this node its one
-        replica of the shard, so a passing network hiccup must not fail it."""
-        for attempt in range(FETCH_ATTEMPTS):
+    async def _with_retries(self, publisher: bytes, fetch: Callable[[], Any],
+                            give_up_at: float) -> Any:
+        """A fetch, retried with back-off until `give_up_at` (trio time): a failed lease
+        costs this node its one replica of the shard, and a publisher that restarts or a
+        passing network hiccup is no reason to fail it."""
+        attempt = 0
+        while True:
             try:
                 return await fetch()
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
-                if attempt == FETCH_ATTEMPTS - 1:
+                delay = min(FETCH_RETRY_MAX_S, 0.5 * 2**attempt)
+                if trio.current_time() + delay > give_up_at:
                     raise
-                log.info("fetch attempt %d failed (%s); retrying", attempt + 1, exc)
-                await trio.sleep(0.5 * 2**attempt)
+                attempt += 1
+                log.info("fetch attempt %d failed (%s); retrying in %.1f s", attempt, exc, delay)
+                await trio.sleep(delay)
                 await self._dial_announced(publisher)
 
     async def _fetch_model(self, lease: Any, pub_peer: str) -> bytes:
