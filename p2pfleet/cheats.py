@@ -8,7 +8,27 @@ real network; the node logs a warning at start when one is set.
 
 from __future__ import annotations
 
-CHEATS = ("", "fp16")
+CHEATS = ("", "fp16", "strategic:N")
+
+
+def check_cheat(cheat: str) -> str:
+    """"" (honest), "fp16" (always rounds), or "strategic:N" (honest for N results, then fp16:
+    the strategy that builds trust to be given single copies, then cheats under them)."""
+    if cheat in ("", "fp16"):
+        return cheat
+    name, _, n = cheat.partition(":")
+    if name == "strategic" and n.isdigit():
+        return cheat
+    raise ValueError(f"unknown cheat {cheat!r}: use fp16 or strategic:N")
+
+
+def cheats_now(cheat: str, results_sent: int) -> bool:
+    """Does a node with this cheat cheat on its next result?"""
+    if cheat == "fp16":
+        return True
+    if cheat.startswith("strategic:"):
+        return results_sent >= int(cheat.split(":", 1)[1])
+    return False
 
 
 def fp16_weights(model: bytes) -> bytes:

@@ -145,8 +145,9 @@ def _control_path(app: App):
                    "provider.")
 @click.option("--trace-speedup", type=float, default=None,
               help="Replay speed of the trace (60: an hour per minute).")
-@click.option("--cheat", type=click.Choice(["fp16"]), default=None, hidden=True,
-              help="Demos and tests of verification only: compute with fp16-rounded weights.")
+@click.option("--cheat", default=None, hidden=True, metavar="fp16|strategic:N",
+              help="Demos and tests of verification only: compute with fp16-rounded weights "
+                   "(always, or after N honest results).")
 @pass_app
 def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
                trace: str | None, trace_speedup: float | None, cheat: str | None) -> None:
@@ -162,6 +163,13 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
     from ..net.mesh import MeshError
     from ..node import Node, NodeError
 
+    if cheat is not None:
+        from ..cheats import check_cheat
+
+        try:
+            check_cheat(cheat)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if trace is not None:
         app.overrides["vehicle.provider"] = Override("trace", "--vehicle-trace")
         app.overrides["vehicle.trace"] = Override(trace, "--vehicle-trace")

@@ -109,3 +109,13 @@ def test_leases_the_node_cannot_run_are_handed_back_not_refused():
     assert W.cannot_run(lease(), **kw) is None
     assert "outside" in W.cannot_run(lease(ort_versions=">=9"), **kw)
     assert "model of" in W.cannot_run(lease(model_size=20_000), **kw)
+
+
+def test_cheat_modes_for_demos_are_checked_and_strategic_waits():
+    from p2pfleet.cheats import check_cheat, cheats_now
+
+    assert check_cheat("strategic:3") == "strategic:3"
+    with pytest.raises(ValueError, match="unknown cheat"):
+        check_cheat("lazy")
+    assert [cheats_now("strategic:3", n) for n in range(5)] == [False, False, False, True, True]
+    assert cheats_now("fp16", 0) and not cheats_now("", 10)
