@@ -284,3 +284,34 @@ def _try_attach(path, attach, error):
         return attach(path)
     except error:
         return None
+
+
+def test_strategic_cheater_is_caught_once_it_cheats(tmp_path, digits):
+    """A node honest for its first 4 results (earning trust and pay), then computing with
+    fp16 weights: the hidden known-answer samples catch its first wrong result; it is
+    excluded with evidence and none of its wrong results is accepted."""
+    model, inputs, local = digits
+    fleet = _fleet(tmp_path, 4)
+    fleet.nodes[3].args = ("--cheat", "strategic:4")
+    fleet.start()
+    out = tmp_path / "out"
+    pub = _pub_args(tmp_path / "pub", "-s", "publishing.established_results=2",
+                    "-s", "publishing.established_age_h=0", "job", "submit", str(model),
+                    str(inputs), "--json", "--out", str(out), "--shard-size", "50",
+                    "--micro-batch", "10", "--quorum", "2", "--timeout", "200",
+                    "--listen", "/ip4/127.0.96.1/tcp/0", "--bootstrap", fleet.nodes[0].addr,
+                    "--trust", fleet.nodes[0].peer_id)
+    try:
+        proc = subprocess.run(pub, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout)["report"]
+        assert report["state"] == "done" and report["accepted"] == report["shards"]
+        for name, want in local.items():
+            assert np.array_equal(np.load(out / f"{name}.npy"), want), name
+        cheater = fleet.nodes[3]
+        assert [e["accused"] for e in report["evidence"]] == [cheater.peer_id]
+        work = cheater.ask("status")["work"]
+        assert work["shards_done"] > 4  # it did cheat: honest results first, then wrong ones
+    finally:
+        for node in fleet.nodes:
+            node.stop()
