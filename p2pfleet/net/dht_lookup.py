@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -40,18 +41,44 @@ class WalkStats:
     responses: int = 0
 
 
+def start_shortlist(dht: Any, key: bytes, k: int) -> list[Any]:
+    """Where a walk starts: the routing table's closest peers and the connected ones,
+    nearest first, never this host."""
+    host_id = dht.host.get_id()
+    shortlist = list(dht.routing_table.find_local_closest_peers(key, k))
+    for peer in dht.host.get_connected_peers():
+        if peer not in shortlist:
+            shortlist.append(peer)
+    return [p for p in sort_peer_ids_by_distance(key, shortlist) if p != host_id]
+
+
+async def query_rounds(key: bytes, shortlist: list[Any], query: Callable[[Any], Awaitable[None]],
+                       *, k: int, alpha: int, stats: Any,
+                       enough: Callable[[], bool] | None = None) -> None:
+    """Kademlia rounds: query up to `alpha` of the k closest unqueried peers at once, until
+    none is left (or `enough()`). `query(peer)` appends the closer peers it learns to
+    `shortlist`; `stats` counts rounds and rpcs."""
+    queried: set[Any] = set()
+    while not (enough is not None and enough()):
+        shortlist[:] = sort_peer_ids_by_distance(key, shortlist)
+        pending = [p for p in shortlist[:k] if p not in queried][:alpha]
+        if not pending:
+            return
+        queried.update(pending)
+        stats.rounds += 1
+        stats.rpcs += len(pending)
+        async with trio.open_nursery() as nursery:
+            for peer in pending:
+                nursery.start_soon(query, peer)
+
+
 async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                timeout: float = QUERY_TIMEOUT_S,
                stats: WalkStats | None = None) -> tuple[list[Any], dict[Any, bytes]]:
     """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value})."""
     stats = stats if stats is not None else WalkStats()
     host_id = dht.host.get_id()
-    shortlist = list(dht.routing_table.find_local_closest_peers(key, k))
-    for peer in dht.host.get_connected_peers():
-        if peer not in shortlist:
-            shortlist.append(peer)
-    shortlist = [p for p in sort_peer_ids_by_distance(key, shortlist) if p != host_id]
-    queried: set[Any] = set()
+    shortlist = start_shortlist(dht, key, k)
     responded: list[Any] = []
     values: dict[Any, bytes] = {}
 
@@ -77,17 +104,7 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                 if p != host_id and p not in shortlist:
                     shortlist.append(p)
 
-    while True:
-        shortlist = sort_peer_ids_by_distance(key, shortlist)
-        pending = [p for p in shortlist[:k] if p not in queried][:alpha]
-        if not pending:
-            break
-        queried.update(pending)
-        stats.rounds += 1
-        stats.rpcs += len(pending)
-        async with trio.open_nursery() as nursery:
-            for peer in pending:
-                nursery.start_soon(query, peer)
+    await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=stats)
     stats.responses = len(responded)
     closest = sort_peer_ids_by_distance(key, responded)[:k]
     return closest, values

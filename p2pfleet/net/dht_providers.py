@@ -45,6 +45,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from ..names import Names
+from .dht_lookup import query_rounds, start_shortlist
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +142,10 @@ async def walk(dht: Any, key: bytes, *, want: int | None = None, k: int = K,
     """Iterative GET_PROVIDERS walk towards `key`: the k closest responders and every
     provider they hold (the local store's included). Stops early once `want` providers
     are known."""
-    host_id = dht.host.get_id()
     found: dict[ID, list[Multiaddr]] = {}
     for info in dht.provider_store.get_providers(key):
         found.setdefault(info.peer_id, list(info.addrs))
-    shortlist = list(dht.routing_table.find_local_closest_peers(key, k))
-    for peer in dht.host.get_connected_peers():
-        if peer not in shortlist:
-            shortlist.append(peer)
-    shortlist = [p for p in shortlist if p != host_id]
-    queried: set[ID] = set()
+    shortlist = start_shortlist(dht, key, k)
     responded: list[ID] = []
     result = ProviderWalk(found, [])
 
@@ -168,17 +163,8 @@ async def walk(dht: Any, key: bytes, *, want: int | None = None, k: int = K,
                 if p not in shortlist:
                     shortlist.append(p)
 
-    while want is None or len(found) < want:
-        shortlist = sort_peer_ids_by_distance(key, shortlist)
-        pending = [p for p in shortlist[:k] if p not in queried][:alpha]
-        if not pending:
-            break
-        queried.update(pending)
-        result.rounds += 1
-        result.rpcs += len(pending)
-        async with trio.open_nursery() as nursery:
-            for peer in pending:
-                nursery.start_soon(query, peer)
+    await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=result,
+                       enough=lambda: want is not None and len(found) >= want)
     result.closest = sort_peer_ids_by_distance(key, responded)[:k]
     return result
 
