@@ -50,7 +50,7 @@ from .net.mesh import Mesh, MeshError, MeshSettings
 from .net.info import InfoFacts, info_handler
 from .store.state import NodeState
 from .worker import Worker, WorkerSettings
-from .core.worker import HeardJob
+from .core.worker import HeardJob, hand_back_reason
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
 from .wire.envelope import seal
 from .wire.kinds import Capacity
@@ -62,13 +62,6 @@ ORT_VERSION = importlib.metadata.version("onnxruntime")  # without importing it 
 LEAVE_TIMEOUT_S = 3.0  # how long a leaving node may spend publishing its leaving record
 POLL_S = 5.0  # observe the car at least this often
 MAX_JOBS_HELD = 256  # job announcements remembered
-
-
-def _hand_back_reason(code: str) -> str:
-    """The hand_back reason for the policy condition that stopped the node."""
-    if code in ("unplugged", "departure"):
-        return code
-    return "policy"
 
 
 class NodeError(Exception):
@@ -424,7 +417,7 @@ class Node:
                 self._note(f"computing stopped: {eff.reason}")
                 if self.worker is not None:
                     if eff.hand_back:
-                        await self.worker.halt(_hand_back_reason(eff.code), hand_back=True)
+                        await self.worker.halt(hand_back_reason(eff.code), hand_back=True)
                     else:  # let the running shard finish; stop asking for more
                         nursery.start_soon(self.worker.halt, "policy", False)
             elif isinstance(eff, P.WakeAt):

@@ -134,7 +134,6 @@ class Worker:
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
         self._output_owner: dict[bytes, str] = {}
-        self._left: dict[tuple[bytes, bytes], int] = {}  # shards left per announced job
         self._cancelled: set[tuple[bytes, bytes, bytes]] = set()  # (publisher, job, lease or b"")  # outputs blob digest -> publisher peer id
 
     def poke(self) -> None:
@@ -193,7 +192,8 @@ class Worker:
             await self._allowed.wait()
             now = trio.current_time()
             heard = self.jobs()
-            self._reset_backoff_on_news(heard)
+            for j in heard:
+                self.backoff.heard(j.publisher, j.job_id, j.shards_left)
             over = self._over_cap({j.publisher for j in heard}, int(self.clock() * 1000))
             offer = self.offer()
             job = rules.choose_job(
@@ -215,15 +215,6 @@ class Worker:
                     await self._hand_back_unstarted(lease, publisher, "policy")
                     continue
                 await self._run_lease(lease, publisher)
-
-    def _reset_backoff_on_news(self, heard: list[rules.HeardJob]) -> None:
-        """A publisher whose job made progress (or who announced a new one) may have work
-        again: ask it without waiting out the back-off of its earlier `no_work`s."""
-        for job in heard:
-            key = (job.publisher, job.job_id)
-            if self._left.get(key) != job.shards_left:
-                self._left[key] = job.shards_left
-                self.backoff.got_work(job.publisher)
 
     async def _ensure_connected(self, job: rules.HeardJob) -> str:
         peer = peer_id_from_key(job.publisher)
@@ -340,8 +331,7 @@ class Worker:
         self._idle = trio.Event()
         self.ledger.set_status(lease.lease_id, "running", int(self.clock() * 1000))
         try:
-            # fetching may use up to half the lease's time; computing needs the rest
-            give_up = trio.current_time() + lease.deadline_ms / 2000.0
+            give_up = trio.current_time() + rules.fetch_time_s(lease)
             try:
                 model = await self._with_retries(
                     publisher, lambda: self._fetch_model(lease, pub_peer), give_up)

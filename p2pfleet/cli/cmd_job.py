@@ -71,6 +71,16 @@ def _network_options(fn: Any) -> Any:
     return fn
 
 
+def _wait_options(fn: Any) -> Any:
+    fn = click.option("--timeout", type=click.FloatRange(min=1), default=None,
+                      help="Stop waiting (the job stays in the store) after this many "
+                           "seconds.")(fn)
+    fn = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Write the outputs here when done (<output>.npy and "
+                           "results.jsonl).")(fn)
+    return fn
+
+
 @click.group("job")
 def job_group() -> None:
     """Publish inference jobs: submit, status, results, resume, cancel, serve."""
@@ -92,10 +102,7 @@ def job_group() -> None:
 @click.option("--credit-rate", type=click.IntRange(1), default=1, show_default=True,
               help="Credit units paid per sample.")
 @click.option("--budget", type=click.IntRange(0), default=None, help="Credit the job may spend at most.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write the outputs here when done (<output>.npy and results.jsonl).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=None,
-              help="Stop waiting (the job stays in the store) after this many seconds.")
+@_wait_options
 @_network_options
 @publisher_dir_option
 @json_option
@@ -149,10 +156,7 @@ def _publish_until_done(app: App, start: Any, out: Path | None, timeout: float |
 
 @job_group.command("resume")
 @click.argument("job_id")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write the outputs here when done.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=None,
-              help="Stop waiting after this many seconds (the job stays in the store).")
+@_wait_options
 @_network_options
 @publisher_dir_option
 @json_option

@@ -26,6 +26,7 @@ MAX_LEASES_PER_BATCH = 64
 BACKOFF_MIN_S = 60.0
 BACKOFF_MAX_S = 4 * 3600.0
 PROVIDER_CPU = "CPUExecutionProvider"
+FETCH_SHARE = 0.5  # of a lease's time, fetching may use at most this much; computing the rest
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class PublisherBackoff:
     max_s: float = BACKOFF_MAX_S
     _until: dict[bytes, float] = field(default_factory=dict)
     _streak: dict[bytes, int] = field(default_factory=dict)
+    _left: dict[tuple[bytes, bytes], int] = field(default_factory=dict)  # shards left heard
 
     def ready(self, publisher: bytes, now: float) -> bool:
         return now >= self._until.get(publisher, -math.inf)
@@ -116,6 +118,14 @@ class PublisherBackoff:
     def got_work(self, publisher: bytes) -> None:
         self._until.pop(publisher, None)
         self._streak.pop(publisher, None)
+
+    def heard(self, publisher: bytes, job_id: bytes, shards_left: int) -> None:
+        """A job announcement: a job that made progress (or is new) may have work again,
+        so its publisher is asked without waiting out the back-off of earlier no_works."""
+        key = (publisher, job_id)
+        if self._left.get(key) != shards_left:
+            self._left[key] = shards_left
+            self.got_work(publisher)
 
     def no_work(self, publisher: bytes, now: float, retry_after_s: float, rng: random.Random,
                 *, exponential: bool = True) -> float:
@@ -197,6 +207,16 @@ def check_lease_batch(signer: bytes, body: object, *, publisher: bytes, req_id: 
     return list(body.leases)
 
 
+def fetch_time_s(lease: object) -> float:
+    """How long fetching a lease's model and input may keep being retried, seconds."""
+    return lease.deadline_ms / 1000.0 * FETCH_SHARE
+
+
+def hand_back_reason(condition: str) -> str:
+    """The hand_back reason for the vehicle-policy condition that stopped the node."""
+    return condition if condition in ("unplugged", "departure") else "policy"
+
+
 def cannot_run(lease: object, *, ort_version: str, max_model_bytes: int,
                max_input_bytes: int) -> str | None:
     """Why this node must hand a well-formed lease back at once (`overloaded`), or None."""
@@ -212,4 +232,5 @@ def cannot_run(lease: object, *, ort_version: str, max_model_bytes: int,
 
 
 __all__ = ["Offer", "HeardJob", "LeaseRefused", "PublisherBackoff", "unmet_requirement",
-           "eligible_publishers", "choose_job", "check_lease_batch", "cannot_run", "ort_allowed"]
+           "eligible_publishers", "choose_job", "check_lease_batch", "cannot_run", "ort_allowed",
+           "fetch_time_s", "hand_back_reason"]

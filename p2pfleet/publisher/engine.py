@@ -691,8 +691,7 @@ class Publisher:
                 try:
                     await streams.read_envelope(stream, 1024, self.settings.notice_timeout_s)
                 except streams.StreamClosed:
-                    # py-libp2p 0.8.1 (yamux) shows a reset as a clean end: check the flag
-                    return not getattr(getattr(stream, "muxed_stream", None), "reset_received", False)
+                    return True  # a clean close (read_envelope reports a reset as an error)
                 except streams.StreamError as exc:
                     log.info("notice to %s not acknowledged: %s", peer, exc)
                     return False

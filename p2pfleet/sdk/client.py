@@ -245,8 +245,10 @@ class Job:
         written: list[Path] = []
         parts = self._accepted_now()
         st = self.status()
-        if st.accepted == st.shards and parts:
-            for name, arr in self.outputs().items():
+        if st.accepted == st.shards and parts:  # the parts are every shard, in order
+            whole = {n: np.concatenate([p.outputs[n] for p in parts], axis=0)
+                     for n in parts[0].outputs}
+            for name, arr in whole.items():
                 path = out / f"{_safe(name)}.npy"
                 np.save(path, arr, allow_pickle=False)
                 written.append(path)

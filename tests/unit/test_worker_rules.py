@@ -119,3 +119,20 @@ def test_cheat_modes_for_demos_are_checked_and_strategic_waits():
         check_cheat("lazy")
     assert [cheats_now("strategic:3", n) for n in range(5)] == [False, False, False, True, True]
     assert cheats_now("fp16", 0) and not cheats_now("", 10)
+
+
+def test_progress_of_a_job_ends_the_back_off_of_its_publisher():
+    backoff = W.PublisherBackoff(base_s=60)
+    backoff.heard(PUB_A, b"j" * 16, 5)
+    backoff.no_work(PUB_A, 0.0, 0, random.Random(0))
+    assert not backoff.ready(PUB_A, 1.0)
+    backoff.heard(PUB_A, b"j" * 16, 5)  # the same news: still backing off
+    assert not backoff.ready(PUB_A, 1.0)
+    backoff.heard(PUB_A, b"j" * 16, 4)  # a shard was accepted: ask again now
+    assert backoff.ready(PUB_A, 1.0)
+
+
+def test_fetch_time_and_hand_back_reasons():
+    assert W.fetch_time_s(lease()) == 30.0  # half of a 60 s lease
+    assert W.hand_back_reason("unplugged") == "unplugged"
+    assert W.hand_back_reason("battery_hot") == "policy"
