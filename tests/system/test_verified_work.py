@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -85,7 +84,7 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
         submit = _pub_args(pub_root, "job", "submit", str(model), str(inputs), "--json",
                            "--shard-size", "50", "--micro-batch", "10", "--quorum", "2",
                            "--listen", listen, "--bootstrap", fleet.nodes[0].addr,
-                           "--trust", fleet.nodes[0].peer_id, "--trust", fleet.nodes[1].peer_id)
+                           *_trust(fleet.nodes[:3]))
         proc = subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # kill the publisher once some, not all, shards are accepted (read from its store:
@@ -102,8 +101,7 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
                                           str(out), "--timeout", "150",
                                           "--listen", listen,
                                           "--bootstrap", fleet.nodes[0].addr,
-                                          "--trust", fleet.nodes[0].peer_id,
-                                          "--trust", fleet.nodes[1].peer_id),
+                                          *_trust(fleet.nodes[:3])),
                                 capture_output=True, text=True, timeout=200)
         assert resume.returncode == 0, resume.stderr[-3000:]
         report = json.loads(resume.stdout)["report"]
@@ -134,6 +132,12 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
     finally:
         for node in fleet.nodes:
             node.stop()
+
+
+def _trust(nodes) -> list[str]:
+    """--trust options: three trusted nodes, so a shard whose trusted replica failed while
+    the publisher was down still finds another (re-checks go to established ones only)."""
+    return [a for n in nodes for a in ("--trust", n.peer_id)]
 
 
 def _accepted_in_store(pub_root) -> int:
@@ -193,7 +197,7 @@ def test_nodes_killed_or_stopped_mid_shard_lose_no_work(tmp_path):
     fleet = _fleet(tmp_path, 4)
     fleet.start()
     pub_root, out = tmp_path / "pub", tmp_path / "out"
-    trusted = [a for n in fleet.nodes for a in ("--trust", n.peer_id)]
+    trusted = _trust(fleet.nodes)
     try:
         proc = subprocess.Popen(_pub_args(pub_root, "job", "submit", str(tmp_path / "mlp.onnx"),
                                           str(tmp_path / "x.npy"), "--json", "--out", str(out),
