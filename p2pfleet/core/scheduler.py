@@ -50,7 +50,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import trust as T
-from .verify import Vote, choose_output, find_quorum, is_valid, largest_agreeing
+from .verify import (ESTABLISHED, FRESH, TRUSTED, Vote, choose_output, find_quorum, is_valid,
+                     largest_agreeing)
 
 MINUTE_MS = 60_000
 UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
@@ -86,6 +87,7 @@ class SchedulerSettings:
     recheck_cross_rate: float = 0.5  # share of re-checks that must go to another class
     cross_class_wait_ms: int = MINUTE_MS  # a one-class fleet must not stall for long
     fresh_need_known_answer: bool = True
+    fresh_prefix_cap: int = 4        # live leases of non-established identities per prefix
     max_batch: int = 64
     trust: T.TrustSettings = field(default_factory=T.TrustSettings)
 
@@ -295,7 +297,8 @@ class LeaseRec:
     expires_ms: int
     deadline_ms: int
     credit: int
-    fresh: bool              # the worker was not established when the lease was issued
+    fresh: bool              # the worker was not established when the lease was issued or
+                             # when its result arrived
     state: str = "live"      # live | returned | expired | failed | handed_back | cancelled
     digest: bytes | None = None
     ok: bool = False
@@ -392,6 +395,8 @@ class Scheduler:
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
         self._decided_prefix: dict[bytes, int] = {}  # per job: shards [0, n) are decided
         self._last_request: dict[bytes, int] = {}
+        # prefix -> (consecutive failures of its non-established identities, back off until)
+        self._prefix_backoff: dict[str, tuple[int, int]] = {}
         self._order = 0
         self._now = 0
         self._dirty: set[tuple[str, object]] = set()
@@ -417,6 +422,25 @@ class Scheduler:
         else:
             self._live.pop(lease.lease_id, None)
 
+    def _vote(self, l: LeaseRec) -> Vote:
+        standing = (TRUSTED if l.worker in self.s.trust.trusted else
+                    FRESH if l.fresh else ESTABLISHED)
+        return Vote(l.lease_id, l.worker, l.digest or b"", l.order, frozenset(l.agrees), l.ok,
+                    l.prefix, standing)
+
+    def errors(self, sh: ShardRec) -> int:
+        """The shard's errors as counted against max_error: failed and expired leases and
+        malformed results, once per established identity and once per network prefix for
+        non-established ones (throwaway keys behind one address count as one), never those
+        of an excluded identity."""
+        keys = set()
+        for l in self.shard_leases(sh.job_id, sh.index):
+            if l.state in ("failed", "expired") or (l.state == "returned" and
+                                                     l.verdict == "invalid" and not l.ok):
+                if not self.trust_of(l.worker).excluded:
+                    keys.add(("prefix", l.prefix) if l.fresh else ("worker", l.worker))
+        return len(keys)
+
     def open_replicas(self, sh: ShardRec) -> int:
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
             return 0
@@ -424,7 +448,7 @@ class Scheduler:
         target = sh.target or max(job.quorum, self.s.min_replicas)
         leases = self.shard_leases(sh.job_id, sh.index)
         live = sum(1 for l in leases if l.state == "live")
-        have = largest_agreeing([_vote(l) for l in leases if l.state == "returned"])
+        have = largest_agreeing([self._vote(l) for l in leases if l.state == "returned"])
         return max(0, target - have - live)
 
     def job_counts(self, job_id: bytes) -> dict[str, int]:
@@ -473,6 +497,11 @@ class Scheduler:
             self._order = max(self._order, l.order)
         for w in workers:
             self.workers[w.worker] = w
+        for l in sorted(self.leases.values(), key=lambda l: (l.expires_ms, l.lease_id)):
+            if l.fresh and l.state in ("failed", "expired"):  # when it ended is not kept:
+                self._prefix_failed(l.prefix, l.expires_ms)  # its expiry bounds it
+            elif l.fresh and l.verdict == "valid":
+                self._prefix_backoff.pop(l.prefix, None)
         for job_id, rec in self.jobs.items():
             for i in range(len(rec.job.samples)):
                 if (job_id, i) not in self.shards:
@@ -547,13 +576,21 @@ class Scheduler:
         wanted = [j for j in live if j in set(ev.jobs)]
         if not wanted:
             return [Refuse(ev.worker, "not_eligible", s.no_work_retry_ms)]
+        established = T.established(t, s.trust, now)
+        if not established:
+            _fails, until = self._prefix_backoff.get(ev.prefix, (0, 0))
+            if until > now:
+                return [Refuse(ev.worker, "backoff", until - now)]
         mine = len(self.live_leases(ev.worker))
-        in_prefix = sum(1 for l in self.live_leases() if l.prefix == ev.prefix)
+        live = self.live_leases()
+        in_prefix = sum(1 for l in live if l.prefix == ev.prefix)
         room = min(ev.free_slots, T.lease_cap(t, s.trust, now) - mine,
                    s.prefix_cap - in_prefix, s.max_batch)
+        if not established:
+            room = min(room, s.fresh_prefix_cap - sum(1 for l in live if l.prefix == ev.prefix
+                                                      and l.fresh))
         if room <= 0:
             return [Refuse(ev.worker, "quota", s.no_work_retry_ms)]
-        established = T.established(t, s.trust, now)
         picks: list[tuple[JobRec, ShardRec]] = []
         for job_id in wanted:
             rec = self.jobs[job_id]
@@ -610,13 +647,15 @@ class Scheduler:
         if any(l.prefix == ev.prefix for l in held):
             return False  # one replica per network prefix
         if not established:
+            if any(l.fresh and l.prefix == ev.prefix for l in leases):
+                return False  # one fresh identity per prefix per shard, ever
             # one new identity per shard; a result found invalid (its sender excluded) is in
             # no quorum, so it does not hold that place (else a cheater could stall the shard)
             if any(l.fresh and l.verdict != "invalid" for l in held):
                 return False
             if self.s.fresh_need_known_answer and not job.known_answer[sh.index]:
                 return False
-            votes = [_vote(l) for l in held if l.state == "returned"]
+            votes = [self._vote(l) for l in held if l.state == "returned"]
             if sh.single or (votes and largest_agreeing(votes) < sum(v.ok for v in votes)):
                 return False  # re-checks of single copies and tie-breakers: established only
         if sh.cross and held and now - sh.last_issue_ms < self.s.cross_class_wait_ms:
@@ -682,6 +721,9 @@ class Scheduler:
         mates = {l.lease_id for l in self.returned(lease.job_id, lease.shard)}
         self._order += 1
         self._set_state(lease, "returned")
+        # A worker reset since the lease was issued votes as a fresh identity.
+        lease.fresh = lease.fresh or not T.established(self.trust_of(ev.worker), self.s.trust,
+                                                        ev.at_ms)
         lease.digest = ev.digest
         lease.ok = ev.form_ok and ev.known_answer_ok is not False
         lease.agrees = tuple(sorted(set(ev.agrees) & mates))
@@ -693,7 +735,6 @@ class Scheduler:
             self._dirty.add(("lease", other))
         effects: list = []
         if not ev.form_ok or ev.known_answer_ok is False:
-            sh.errors += 1
             lease.verdict = "invalid"
             self._set_trust(T.on_disagreement(self.trust_of(ev.worker), ev.at_ms))
         if ev.known_answer_ok is False:
@@ -718,9 +759,8 @@ class Scheduler:
         self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
         if state == "handed_back":
             sh.issued -= 1 if was_live else 0  # not the worker's fault: not counted
-        elif was_live:  # an expired lease was counted as an error already
-            sh.errors += 1
-            self._set_trust(T.on_failure(self.trust_of(lease.worker), self.s.trust, now))
+        elif was_live:  # an expired lease was counted as a failure already
+            self._on_failure(lease, now)
         return self._evaluate(sh, now)
 
     def _on_Tick(self, ev: Tick) -> list:
@@ -729,9 +769,8 @@ class Scheduler:
             if lease.expires_ms <= ev.at_ms:
                 self._set_state(lease, "expired")
                 sh = self.shards[(lease.job_id, lease.shard)]
-                sh.errors += 1
                 self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
-                self._set_trust(T.on_failure(self.trust_of(lease.worker), self.s.trust, ev.at_ms))
+                self._on_failure(lease, ev.at_ms)
                 effects += self._evaluate(sh, ev.at_ms)
         live = self.live_leases()
         if live:
@@ -743,7 +782,20 @@ class Scheduler:
         self.workers[t.worker] = t
         self._dirty.add(("worker", t.worker))
 
+    def _on_failure(self, lease: LeaseRec, now: int) -> None:
+        """A failed or expired lease: the worker backs off, and so do the non-established
+        identities of its prefix when it was one (throwaway keys share their address's fate)."""
+        self._set_trust(T.on_failure(self.trust_of(lease.worker), self.s.trust, now))
+        if lease.fresh:
+            self._prefix_failed(lease.prefix, now)
+
+    def _prefix_failed(self, prefix: str, now: int) -> None:
+        fails = self._prefix_backoff.get(prefix, (0, 0))[0] + 1
+        self._prefix_backoff[prefix] = (fails, now + T.backoff_ms(fails, self.s.trust))
+
     def _pay(self, lease: LeaseRec, now: int) -> list:
+        if lease.fresh:
+            self._prefix_backoff.pop(lease.prefix, None)
         lease.verdict = "valid"
         lease.paid = True
         self.jobs[lease.job_id].paid += lease.credit
@@ -758,18 +810,22 @@ class Scheduler:
         leases = self.shard_leases(sh.job_id, sh.index)
         effects: list = []
         if sh.status == "accepted":
-            accepted = _vote(self.leases[sh.accepted_lease])
+            accepted = self._vote(self.leases[sh.accepted_lease])
             for l in leases:
                 if l.state == "returned" and not l.verdict:
                     effects += self._judge(l, accepted, now)
             return effects
         if sh.status != "open":
             return effects
-        votes = [_vote(l) for l in leases if l.state == "returned"]
+        votes = [self._vote(l) for l in leases if l.state == "returned"]
         need = sh.target or max(job.quorum, self.s.min_replicas)
         group = find_quorum(votes, need) if job_rec.status == "live" else None
+        errors = self.errors(sh)
+        if errors != sh.errors:
+            sh.errors = errors
+            self._dirty.add(("shard", (sh.job_id, sh.index)))
         if group is not None:
-            winner = choose_output(group)
+            winner = choose_output(group, votes)
             sh.status = "accepted"
             sh.accepted_lease = winner.lease_id
             self._dirty.add(("shard", (sh.job_id, sh.index)))
@@ -780,8 +836,8 @@ class Scheduler:
             effects += self._cancel([l for l in leases if l.state == "live"], "shard decided")
             return effects + self._maybe_done(sh.job_id)
         reason = ""
-        if sh.errors > job.max_error:
-            reason = f"{sh.errors} errors, more than max_error {job.max_error}"
+        if errors > job.max_error:
+            reason = f"{errors} errors, more than max_error {job.max_error}"
         elif (sh.issued >= job.total_bound and self.open_replicas(sh) > 0
               and not any(l.state == "live" for l in leases)):
             reason = f"no quorum of {need} within max_total {job.total_bound} results"
@@ -795,7 +851,7 @@ class Scheduler:
         return effects
 
     def _judge(self, lease: LeaseRec, accepted: Vote, now: int) -> list:
-        if is_valid(_vote(lease), accepted):
+        if is_valid(self._vote(lease), accepted):
             return self._pay(lease, now)
         lease.verdict = "invalid"
         self._dirty.add(("lease", lease.lease_id))
@@ -833,10 +889,6 @@ class Scheduler:
         for key in sorted(touched):
             effects += self._evaluate(self.shards[key], now)
         return effects
-
-
-def _vote(l: LeaseRec) -> Vote:
-    return Vote(l.lease_id, l.worker, l.digest or b"", l.order, frozenset(l.agrees), l.ok)
 
 
 # --- event log (one JSON line per event, for replay) -----------------------------------

@@ -107,12 +107,16 @@ def on_excluded(t: WorkerTrust, why: str) -> WorkerTrust:
     return replace(t, excluded=why or "excluded", streak=0, streak_value=0)
 
 
+def backoff_ms(fails: int, s: TrustSettings) -> int:
+    """How long to back off after `fails` consecutive failures: base * 2^(fails - 1), capped."""
+    return min(s.backoff_max_ms, s.backoff_base_ms * (2 ** min(max(fails, 1) - 1, 30)))
+
+
 def on_failure(t: WorkerTrust, s: TrustSettings, now_ms: int) -> WorkerTrust:
-    """A failed or expired lease: back off base * 2^(fails) up to the max."""
+    """A failed or expired lease: back off base * 2^(fails - 1) up to the max."""
     fails = t.fails + 1
-    delay = min(s.backoff_max_ms, s.backoff_base_ms * (2 ** min(fails - 1, 30)))
-    return replace(t, fails=fails, backoff_until_ms=now_ms + delay)
+    return replace(t, fails=fails, backoff_until_ms=now_ms + backoff_ms(fails, s))
 
 
 __all__ = ["TrustSettings", "WorkerTrust", "established", "lease_cap", "may_take_single",
-           "on_valid", "on_disagreement", "on_excluded", "on_failure", "DAY_MS"]
+           "on_valid", "on_disagreement", "on_excluded", "on_failure", "backoff_ms", "DAY_MS"]

@@ -8,6 +8,11 @@ and whether its known-answer rows matched. So a logged event replays to the same
 
 A `Vote` is one returned result. Votes that are not `ok` (bad form, failed known answer,
 discarded because their worker was excluded) never count towards a quorum.
+
+The replica rules guard the quorum, so they hold on the votes that form it, whatever the
+leases looked like when they were issued (an expired lease's late result is no back door):
+a quorum is a set of pairwise agreeing ok votes from distinct workers, in distinct network
+prefixes, with at most one from a non-established ("fresh") identity.
 """
 
 from __future__ import annotations
@@ -15,63 +20,91 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
+# Standing of a vote's worker at the publisher, best first (choose_output prefers it).
+TRUSTED, ESTABLISHED, FRESH = 0, 1, 2
+
 
 @dataclass(frozen=True)
 class Vote:
     lease_id: bytes
     worker: bytes
     digest: bytes
-    order: int                       # arrival order (ties: earliest wins)
+    order: int                       # arrival order (last tie-break)
     agrees: frozenset[bytes]         # lease ids of other votes it agrees with
     ok: bool = True
+    prefix: str = ""                 # network prefix the lease was issued to ("": unknown)
+    standing: int = ESTABLISHED      # TRUSTED, ESTABLISHED or FRESH
+
+    @property
+    def fresh(self) -> bool:
+        return self.standing >= FRESH
 
 
 def agree(a: Vote, b: Vote) -> bool:
     return a.digest == b.digest or b.lease_id in a.agrees or a.lease_id in b.agrees
 
 
-def find_quorum(votes: list[Vote], need: int) -> tuple[Vote, ...] | None:
-    """The earliest set of `need` ok votes from distinct workers that pairwise agree.
+def may_join(group: tuple[Vote, ...] | list[Vote], v: Vote) -> bool:
+    """Can `v` stand in one quorum with `group`: another worker, another prefix, at most one
+    fresh identity in all, agreeing with every member?"""
+    for g in group:
+        if g.worker == v.worker or g.prefix == v.prefix or (g.fresh and v.fresh):
+            return False
+        if not agree(g, v):
+            return False
+    return True
 
-    Brute force over combinations: a shard holds at most max_total (2q + 4) results."""
+
+def _quorums(votes: list[Vote], need: int):
+    """Every set of `need` ok votes that may stand together, each in arrival order."""
+    pool = sorted((v for v in votes if v.ok), key=lambda v: v.order)
+
+    def extend(start: int, group: tuple[Vote, ...]):
+        if len(group) == need:
+            yield group
+            return
+        for i in range(start, len(pool)):
+            if len(pool) - i < need - len(group):
+                return
+            if may_join(group, pool[i]):
+                yield from extend(i + 1, group + (pool[i],))
+
+    return extend(0, ())
+
+
+def find_quorum(votes: list[Vote], need: int) -> tuple[Vote, ...] | None:
+    """The earliest quorum of `need` votes (by the sorted arrival orders of its members), or
+    None. Backtracking over a shard's results: at most max_total (2q + 4) of them."""
     if need < 1:
         raise ValueError("a quorum needs at least one result")
-    pool = sorted((v for v in votes if v.ok), key=lambda v: v.order)
-    seen: set[bytes] = set()
-    distinct = []
-    for v in pool:  # one vote per worker (a second would be a conflict, handled elsewhere)
-        if v.worker not in seen:
-            seen.add(v.worker)
-            distinct.append(v)
-    if len(distinct) < need:
-        return None
     best = None
-    for group in combinations(distinct, need):
-        if all(agree(a, b) for a, b in combinations(group, 2)):
-            key = sorted(v.order for v in group)
-            if best is None or key < best[0]:
-                best = (key, group)
+    for group in _quorums(votes, need):
+        key = sorted(v.order for v in group)
+        if best is None or key < best[0]:
+            best = (key, group)
     return best[1] if best else None
 
 
 def largest_agreeing(votes: list[Vote]) -> int:
-    """Size of the largest group of ok votes (distinct workers) that pairwise agree."""
-    distinct = {}
-    for v in sorted((v for v in votes if v.ok), key=lambda v: v.order):
-        distinct.setdefault(v.worker, v)
-    vs = list(distinct.values())
-    for size in range(len(vs), 0, -1):
-        if find_quorum(vs, size) is not None:
-            return size
-    return 0
+    """Size of the largest set of ok votes that could stand in one quorum."""
+    size = 0
+    while next(iter(_quorums(votes, size + 1)), None) is not None:
+        size += 1
+    return size
 
 
-def choose_output(group: tuple[Vote, ...]) -> Vote:
-    """Among an agreeing group, the vote whose digest most share (ties: earliest)."""
+def choose_output(group: tuple[Vote, ...], votes: list[Vote] | None = None) -> Vote:
+    """The output the publisher's user gets from an agreeing group: never simply the first.
+
+    The best-standing worker's (the publisher's trusted machines, then established
+    identities, then a fresh one); among equals, the output bit-identical to the most ok
+    results of the shard (`votes`, default the group), so an honest class's exact output
+    wins over a near miss; then the earliest."""
+    pool = [v for v in (votes if votes is not None else group) if v.ok]
     counts: dict[bytes, int] = {}
-    for v in group:
+    for v in pool:
         counts[v.digest] = counts.get(v.digest, 0) + 1
-    return min(group, key=lambda v: (-counts[v.digest], v.order))
+    return min(group, key=lambda v: (v.standing, -counts.get(v.digest, 0), v.order))
 
 
 def is_valid(vote: Vote, accepted: Vote) -> bool:
@@ -79,4 +112,5 @@ def is_valid(vote: Vote, accepted: Vote) -> bool:
     return vote.ok and (vote.lease_id == accepted.lease_id or agree(vote, accepted))
 
 
-__all__ = ["Vote", "agree", "find_quorum", "largest_agreeing", "choose_output", "is_valid"]
+__all__ = ["Vote", "agree", "may_join", "find_quorum", "largest_agreeing", "choose_output",
+           "is_valid", "TRUSTED", "ESTABLISHED", "FRESH"]

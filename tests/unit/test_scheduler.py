@@ -12,6 +12,7 @@ from p2pfleet.core import trust as T
 JOB = b"j" * 16
 SECRET = b"s" * 32
 MIN = 60_000
+HOUR = 60 * MIN
 CLASS = b"c" * 32
 
 
@@ -104,6 +105,74 @@ def test_expired_lease_is_reissued_and_a_late_valid_result_is_still_used_and_pai
     eff = result(m, ga, "a", at=t + 3)  # late, but the shard was undecided
     assert {p.worker for p in eff if isinstance(p, S.Pay)} == {key("a"), key("b")}
     assert [c for c in eff if isinstance(c, S.CancelLeases)][0].worker == key("c")
+
+
+def test_lease_expiry_games_in_one_prefix_never_form_a_quorum():
+    """Issue 12, class 1: A1 takes the fresh replica and lets it expire; A2, a fresh key in
+    the same /24, asks next; both then report the same wrong output (A1's late)."""
+    m = machine(trusted=["t", "u", "e"])  # e: an established identity in the cheaters' /24
+    m.handle(S.JobAdded(0, job(1)))
+    P = "10.66.6.0/24"
+    [g1] = grants(ask(m, "A1", prefix=P))
+    [gt] = grants(ask(m, "t"))
+    t = g1.deadline_ms + 10 * MIN
+    m.handle(S.Tick(t))                             # A1's lease expired (t's is live: later)
+    assert m.leases[g1.lease_id].state == "expired"
+    # Another fresh key of A1's prefix never gets the shard again (nor any fresh key of that
+    # prefix while it backs off).
+    assert refused(ask(m, "A2", t, prefix=P)) == "backoff"
+    assert refused(ask(m, "A3", t + 5 * HOUR, prefix=P)) == "no_work"
+    # An established identity in A1's prefix may take the reissued replica (A1's lease is no
+    # longer held); it and A1's late result agree on a wrong output: no quorum, one prefix.
+    t2 = t + 5 * HOUR
+    [ge] = grants(ask(m, "e", t2, prefix=P))
+    eff = result(m, ge, "e", b"bad", at=t2 + 1, known_answer_ok=True)
+    eff += result(m, g1, "A1", b"bad", at=t2 + 2, known_answer_ok=True)
+    assert not any(isinstance(e, S.ShardAccepted) for e in eff)
+    eff = result(m, gt, "t", b"good", at=t2 + 3, known_answer_ok=True)
+    assert not any(isinstance(e, S.ShardAccepted) for e in eff)  # t alone is no quorum
+    [gu] = grants(ask(m, "u", t2 + 4))
+    eff = result(m, gu, "u", b"good", at=t2 + 5, known_answer_ok=True)
+    [acc] = [e for e in eff if isinstance(e, S.ShardAccepted)]
+    assert acc.digest == b"good".ljust(32, b".")
+    assert {p.worker for p in eff if isinstance(p, S.Pay)} == {key("t"), key("u")}
+    assert m.trust_of(key("t")).streak == 1  # the honest worker's trust was not reset
+
+
+def test_throwaway_identities_of_one_prefix_cannot_fail_a_job():
+    """Issue 12, class 2: ten fresh keys behind one address take leases and report failed."""
+    m = machine(trusted=["t", "u"])
+    m.handle(S.JobAdded(0, job(5)))
+    P = "10.66.6.0/24"
+    now = 0
+    for round_ in range(40):
+        for i in range(10):
+            for g in grants(ask(m, f"x{i}", now, prefix=P, slots=2)):
+                m.handle(S.LeaseFailed(now + 1, g.lease_id, key(f"x{i}"), "internal"))
+        now += 10 * MIN
+    shards = [m.shards[(JOB, i)] for i in range(5)]
+    assert all(sh.status == "open" for sh in shards), [sh.reason for sh in shards]
+    assert max(m.errors(sh) for sh in shards) <= 1  # once per prefix
+    # Honest established workers still finish the job.
+    for who in ("t", "u"):
+        for g in grants(ask(m, who, now, slots=5)):
+            m.handle(S.ResultArrived(now + 1, g.lease_id, key(who), b"good".ljust(32, b"."),
+                                     known_answer_ok=True))
+    assert m.job_counts(JOB)["accepted"] == 5
+
+
+def test_errors_of_an_excluded_identity_never_fail_a_shard():
+    m = machine(trusted=["t", "u"])
+    m.handle(S.JobAdded(0, job(2, max_error=1)))
+    [h1, h2] = grants(ask(m, "x", slots=2))
+    m.handle(S.LeaseFailed(1, h1.lease_id, key("x"), "internal"))
+    assert m.errors(m.shards[(JOB, h1.shard)]) == 1
+    eff = result(m, h2, "x", b"bad", at=2, known_answer_ok=False)
+    assert any(isinstance(e, S.Excluded) for e in eff)
+    assert m.errors(m.shards[(JOB, h1.shard)]) == 0  # x's failure no longer counts
+    [gt] = [g for g in grants(ask(m, "t", 3, slots=2)) if g.shard == h1.shard]
+    m.handle(S.LeaseFailed(4, gt.lease_id, key("t"), "internal"))
+    assert m.shards[(JOB, h1.shard)].status == "open"  # 1 error: not more than max_error 1
 
 
 def test_failed_known_answer_excludes_with_evidence_and_refuses_further_requests():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from p2pfleet.core.verify import Vote, choose_output, find_quorum, is_valid, largest_agreeing
+from p2pfleet.core.verify import (ESTABLISHED, FRESH, TRUSTED, Vote, choose_output, find_quorum,
+                                  is_valid, largest_agreeing)
 
 
-def v(n: int, worker: str, digest: str, agrees: str = "", ok: bool = True) -> Vote:
+def v(n: int, worker: str, digest: str, agrees: str = "", ok: bool = True, prefix: str = "",
+      standing: int = ESTABLISHED) -> Vote:
     return Vote(bytes([n]) * 16, worker.encode() * 32, digest.encode() * 32, n,
-                frozenset(bytes([int(c)]) * 16 for c in agrees), ok)
+                frozenset(bytes([int(c)]) * 16 for c in agrees), ok,
+                prefix or f"10.0.{ord(worker[0])}.0/24", standing)
 
 
 def test_equal_digests_form_a_quorum_in_arrival_order():
@@ -30,6 +33,37 @@ def test_one_worker_never_counts_twice_and_bad_votes_never_count():
     assert find_quorum([v(1, "a", "x"), v(2, "a", "x")], 2) is None
     assert find_quorum([v(1, "a", "x"), v(2, "b", "x", ok=False)], 2) is None
     assert largest_agreeing([v(1, "a", "x"), v(2, "b", "y"), v(3, "c", "y")]) == 2
+
+
+def test_the_replica_rules_hold_on_the_quorum_itself():
+    # Two identities behind one prefix agree on an output: never a quorum on their own,
+    # however their leases were issued (an expired lease's late result included).
+    same = [v(1, "a", "w", prefix="10.9.9.0/24"), v(2, "b", "w", prefix="10.9.9.0/24")]
+    assert find_quorum(same, 2) is None and largest_agreeing(same) == 1
+    # Two fresh identities in two prefixes: not a quorum either.
+    fresh = [v(1, "a", "w", standing=FRESH), v(2, "b", "w", standing=FRESH)]
+    assert find_quorum(fresh, 2) is None
+    # One fresh and one established in other prefixes: a quorum.
+    assert find_quorum([v(1, "a", "w", standing=FRESH), v(2, "b", "w")], 2) is not None
+    # A later honest result pairs with the established one of the same-prefix pair.
+    votes = same + [v(3, "c", "w")]
+    assert [g.order for g in find_quorum(votes, 2)] == [1, 3]
+
+
+def test_the_user_gets_the_best_standing_output_not_the_first():
+    # A fresh identity's near miss (within tolerance) arrives first; the established
+    # worker's exact output is what the user gets.
+    group = find_quorum([v(1, "a", "x", agrees="2", standing=FRESH), v(2, "b", "y")], 2)
+    assert choose_output(group).worker == b"b" * 32
+    # The publisher's trusted machine wins over established ones.
+    group = find_quorum([v(1, "a", "x", agrees="2"), v(2, "b", "y", standing=TRUSTED)], 2)
+    assert choose_output(group).digest == b"y" * 32
+    # Among equals the output bit-identical to the most results of the shard wins, counting
+    # results outside the group too.
+    votes = [v(1, "a", "x", agrees="23"), v(2, "b", "y", agrees="1"), v(3, "c", "y", agrees="1")]
+    group = find_quorum(votes, 2)
+    assert [g.order for g in group] == [1, 2]
+    assert choose_output(group, votes).digest == b"y" * 32
 
 
 def test_validity_is_agreement_with_the_accepted_output():
