@@ -107,6 +107,7 @@ class JobParams:
     max_total: int = 0               # 0: 2 * quorum + 4
     recheck_rate: float = 0.07
     budget: int | None = None
+    audit_rate: float = 0.05         # shards whose extra replica is the publisher's own
 
     def __post_init__(self) -> None:
         n = len(self.samples)
@@ -118,8 +119,9 @@ class JobParams:
             raise CoreUsageError("the job secret must be at least 32 bytes")
         if not 1 <= self.quorum <= 255:
             raise CoreUsageError(f"quorum {self.quorum} outside 1..255")
-        if not 0.0 <= self.recheck_rate <= 1.0:
-            raise CoreUsageError(f"recheck_rate {self.recheck_rate} outside [0, 1]")
+        for name in ("recheck_rate", "audit_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CoreUsageError(f"{name} {getattr(self, name)} outside [0, 1]")
 
     @property
     def total_bound(self) -> int:
@@ -278,6 +280,7 @@ class ShardRec:
     single: bool = False
     recheck: bool = False
     cross: bool = False
+    audit: bool = False      # one replica is reserved for a trusted machine of the publisher
     errors: int = 0
     issued: int = 0          # leases counted against max_total (hand-backs are not)
     accepted_lease: bytes | None = None
@@ -441,7 +444,8 @@ class Scheduler:
                     keys.add(("prefix", l.prefix) if l.fresh else ("worker", l.worker))
         return len(keys)
 
-    def open_replicas(self, sh: ShardRec) -> int:
+    def _untrusted_room(self, sh: ShardRec) -> int:
+        """Replicas the shard still needs, apart from an audit's reserved one."""
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
             return 0
         job = self.jobs[sh.job_id].job
@@ -449,7 +453,19 @@ class Scheduler:
         leases = self.shard_leases(sh.job_id, sh.index)
         live = sum(1 for l in leases if l.state == "live")
         have = largest_agreeing([self._vote(l) for l in leases if l.state == "returned"])
-        return max(0, target - have - live)
+        return max(0, target - have - live) - (1 if self._audit_pending(sh) else 0)
+
+    def _audit_pending(self, sh: ShardRec) -> bool:
+        """An audited shard whose reserved replica no trusted machine holds yet."""
+        trusted = self.s.trust.trusted
+        return sh.audit and not any(
+            l.worker in trusted and (l.state == "live" or (l.state == "returned" and l.ok))
+            for l in self.shard_leases(sh.job_id, sh.index))
+
+    def open_replicas(self, sh: ShardRec) -> int:
+        if sh.status != "open" or self.jobs[sh.job_id].status != "live":
+            return 0
+        return max(0, self._untrusted_room(sh)) + (1 if self._audit_pending(sh) else 0)
 
     def job_counts(self, job_id: bytes) -> dict[str, int]:
         shards = [self.shards[(job_id, i)] for i in range(len(self.jobs[job_id].job.samples))]
@@ -662,6 +678,9 @@ class Scheduler:
             first = min(leases, key=lambda l: (l.issued_ms, l.lease_id)).hw_class
             if all(l.hw_class == first for l in held) and ev.hw_class == first:
                 return False
+        if (ev.worker not in self.s.trust.trusted and sh.target
+                and self._untrusted_room(sh) <= 0):
+            return False  # the open replica is an audit's: the publisher's machines only
         if sh.issued >= job.total_bound:
             return False
         return True
@@ -676,7 +695,10 @@ class Scheduler:
             rate = self.s.recheck_cross_rate if sh.recheck else self.s.cross_class_rate
             sh.cross = self.rng.random() < rate
             base = 1 if sh.single else max(job.quorum, self.s.min_replicas)
-            sh.target = base + (1 if sh.recheck else 0)
+            # Audits need the publisher's own machines; drawn whoever asks first, so a
+            # worker learns nothing from being given an audited shard.
+            sh.audit = bool(self.s.trust.trusted) and self.rng.random() < job.audit_rate
+            sh.target = base + (1 if sh.recheck else 0) + (1 if sh.audit else 0)
         deadline = lease_deadline_ms(job.samples[sh.index], ev.bench, job.input_size[sh.index],
                                      self.s, queued_samples)
         lease = LeaseRec(
@@ -811,15 +833,18 @@ class Scheduler:
         effects: list = []
         if sh.status == "accepted":
             accepted = self._vote(self.leases[sh.accepted_lease])
+            audited = any(l.worker in self.s.trust.trusted and l.verdict == "valid"
+                          for l in leases)
             for l in leases:
                 if l.state == "returned" and not l.verdict:
-                    effects += self._judge(l, accepted, now)
+                    effects += self._judge(l, accepted, now, audited)
             return effects
         if sh.status != "open":
             return effects
         votes = [self._vote(l) for l in leases if l.state == "returned"]
         need = sh.target or max(job.quorum, self.s.min_replicas)
-        group = find_quorum(votes, need) if job_rec.status == "live" else None
+        group = (find_quorum(votes, need, trusted=sh.audit) if job_rec.status == "live"
+                 else None)
         errors = self.errors(sh)
         if errors != sh.errors:
             sh.errors = errors
@@ -830,9 +855,10 @@ class Scheduler:
             sh.accepted_lease = winner.lease_id
             self._dirty.add(("shard", (sh.job_id, sh.index)))
             effects.append(ShardAccepted(sh.job_id, sh.index, winner.lease_id, winner.digest))
+            audited = any(v.standing == TRUSTED for v in group)
             for l in leases:
                 if l.state == "returned" and not l.verdict:
-                    effects += self._judge(l, winner, now)
+                    effects += self._judge(l, winner, now, audited)
             effects += self._cancel([l for l in leases if l.state == "live"], "shard decided")
             return effects + self._maybe_done(sh.job_id)
         reason = ""
@@ -850,12 +876,18 @@ class Scheduler:
             effects += self._maybe_done(sh.job_id)
         return effects
 
-    def _judge(self, lease: LeaseRec, accepted: Vote, now: int) -> list:
+    def _judge(self, lease: LeaseRec, accepted: Vote, now: int, audited: bool = False) -> list:
         if is_valid(self._vote(lease), accepted):
             return self._pay(lease, now)
         lease.verdict = "invalid"
         self._dirty.add(("lease", lease.lease_id))
         self._set_trust(T.on_disagreement(self.trust_of(lease.worker), now))
+        if audited and lease.ok and lease.worker not in self.s.trust.trusted:
+            # The publisher's own machine computed this shard: a result that disagrees with
+            # the accepted output is wrong, as a failed known answer is.
+            return self._exclude(lease.worker, lease.job_id, "wrong_result", (lease.lease_id,),
+                                 f"result for shard {lease.shard} disagrees with the "
+                                 f"publisher's audit", now)
         return []
 
     def _maybe_done(self, job_id: bytes) -> list:

@@ -55,13 +55,15 @@ def may_join(group: tuple[Vote, ...] | list[Vote], v: Vote) -> bool:
     return True
 
 
-def _quorums(votes: list[Vote], need: int):
-    """Every set of `need` ok votes that may stand together, each in arrival order."""
+def _quorums(votes: list[Vote], need: int, trusted: bool = False):
+    """Every set of `need` ok votes that may stand together, each in arrival order; with
+    `trusted`, only sets holding a vote of the publisher's trusted machines."""
     pool = sorted((v for v in votes if v.ok), key=lambda v: v.order)
 
     def extend(start: int, group: tuple[Vote, ...]):
         if len(group) == need:
-            yield group
+            if not trusted or any(g.standing == TRUSTED for g in group):
+                yield group
             return
         for i in range(start, len(pool)):
             if len(pool) - i < need - len(group):
@@ -72,13 +74,15 @@ def _quorums(votes: list[Vote], need: int):
     return extend(0, ())
 
 
-def find_quorum(votes: list[Vote], need: int) -> tuple[Vote, ...] | None:
+def find_quorum(votes: list[Vote], need: int, *, trusted: bool = False
+                ) -> tuple[Vote, ...] | None:
     """The earliest quorum of `need` votes (by the sorted arrival orders of its members), or
-    None. Backtracking over a shard's results: at most max_total (2q + 4) of them."""
+    None; with `trusted` (an audited shard) it must hold a trusted machine's vote.
+    Backtracking over a shard's results: at most max_total (2q + 4) of them."""
     if need < 1:
         raise ValueError("a quorum needs at least one result")
     best = None
-    for group in _quorums(votes, need):
+    for group in _quorums(votes, need, trusted):
         key = sorted(v.order for v in group)
         if best is None or key < best[0]:
             best = (key, group)

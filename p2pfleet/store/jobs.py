@@ -9,7 +9,9 @@ them, and `load_records()` gives them back to rebuild the machine, so a resumed 
 no accepted result and recomputes none.
 
 Blobs the publisher serves or needs again (the model, shard inputs, outputs) are kept here
-too, by SHA-256: the store alone is enough to resume a job.
+too, by SHA-256: the store alone is enough to resume a job. So is the replay store (table
+`seen`): the message ids of work requests and reports taken, until they expire, so a
+replayed envelope is refused after a restart too.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ MIGRATIONS = [
     );
     CREATE TABLE workers (worker BLOB PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
     """,
+    # The replay store (identity-and-wire.md, section 10): ids of work requests and reports.
+    """
+    CREATE TABLE seen (msg_id BLOB PRIMARY KEY, keep_until_ms INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX seen_expiry ON seen (keep_until_ms);
+    """,
+    # Audited shards (verification.md, section 5): one replica reserved for trusted machines.
+    "ALTER TABLE shards ADD COLUMN audit INTEGER NOT NULL DEFAULT 0;",
 ]
 
 
@@ -85,14 +94,16 @@ def _params_json(p: JobParams) -> str:
         "job_id": p.job_id.hex(), "secret": p.secret.hex(), "samples": list(p.samples),
         "credit": list(p.credit), "known_answer": list(p.known_answer),
         "input_size": list(p.input_size), "quorum": p.quorum, "max_error": p.max_error,
-        "max_total": p.max_total, "recheck_rate": p.recheck_rate, "budget": p.budget})
+        "max_total": p.max_total, "recheck_rate": p.recheck_rate, "budget": p.budget,
+        "audit_rate": p.audit_rate})
 
 
 def _params_from(text: str) -> JobParams:
     d = json.loads(text)
     return JobParams(bytes.fromhex(d["job_id"]), bytes.fromhex(d["secret"]), tuple(d["samples"]),
                      tuple(d["credit"]), tuple(d["known_answer"]), tuple(d["input_size"]),
-                     d["quorum"], d["max_error"], d["max_total"], d["recheck_rate"], d["budget"])
+                     d["quorum"], d["max_error"], d["max_total"], d["recheck_rate"], d["budget"],
+                     d.get("audit_rate", 0.0))  # jobs stored before audits had none
 
 
 def _trust_json(t: WorkerTrust) -> str:
@@ -160,7 +171,7 @@ class JobStore:
             "INSERT INTO jobs (job_id, params, meta, status, paid, created_ms) VALUES (?,?,?,?,?,?)",
             (params.job_id, _params_json(params), json.dumps(meta), "live", 0, now_ms))
         self.conn.executemany(
-            "INSERT INTO shards VALUES (?,?,?,?,'open',0,0,0,0,0,0,NULL,'',0)",
+            "INSERT INTO shards VALUES (?,?,?,?,'open',0,0,0,0,0,0,NULL,'',0,0)",
             [(params.job_id, i, d, json.dumps(ka)) for i, (d, ka) in enumerate(shards)])
 
     def job_ids(self) -> list[bytes]:
@@ -186,10 +197,11 @@ class JobStore:
                       (j.status, j.paid, j.job.job_id))
         for s in shards:
             c.execute("UPDATE shards SET status=?, target=?, single=?, recheck=?, cross_class=?, "
-                      "errors=?, issued=?, accepted_lease=?, reason=?, last_issue_ms=? "
+                      "errors=?, issued=?, accepted_lease=?, reason=?, last_issue_ms=?, audit=? "
                       "WHERE job_id=? AND idx=?",
                       (s.status, s.target, int(s.single), int(s.recheck), int(s.cross), s.errors,
-                       s.issued, s.accepted_lease, s.reason, s.last_issue_ms, s.job_id, s.index))
+                       s.issued, s.accepted_lease, s.reason, s.last_issue_ms, int(s.audit),
+                       s.job_id, s.index))
         for l in leases:
             c.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (l.lease_id, l.job_id, l.shard, l.worker, l.prefix, l.hw_class, l.issued_ms,
@@ -202,11 +214,12 @@ class JobStore:
         c = self.conn
         jobs = [JobRec(_params_from(p), status, paid) for p, status, paid in
                 c.execute("SELECT params, status, paid FROM jobs ORDER BY created_ms")]
-        shards = [ShardRec(bytes(r[0]), r[1], r[2], r[3], bool(r[4]), bool(r[5]), bool(r[6]), r[7],
-                           r[8], bytes(r[9]) if r[9] is not None else None, r[10], r[11])
+        shards = [ShardRec(bytes(r[0]), r[1], r[2], r[3], bool(r[4]), bool(r[5]), bool(r[6]),
+                           bool(r[12]), r[7], r[8], bytes(r[9]) if r[9] is not None else None,
+                           r[10], r[11])
                   for r in c.execute("SELECT job_id, idx, status, target, single, recheck, "
                                      "cross_class, errors, issued, accepted_lease, reason, "
-                                     "last_issue_ms FROM shards")]
+                                     "last_issue_ms, audit FROM shards")]
         leases = []
         for r in c.execute("SELECT * FROM leases"):
             agrees = bytes(r[14])
@@ -217,6 +230,22 @@ class JobStore:
         workers = [WorkerTrust(bytes(w), **json.loads(rec))
                    for w, rec in c.execute("SELECT worker, record FROM workers")]
         return jobs, shards, leases, workers
+
+    # --- replay store (specs/identity-and-wire.md, section 10) --------------------------
+    def remember(self, msg_id: bytes, keep_until_ms: int | None, now_ms: int) -> bool:
+        """Record a message id; False if it is already remembered (a replay)."""
+        keep = keep_until_ms if keep_until_ms is not None else 2**63 - 1
+        cur = self.conn.execute("INSERT INTO seen (msg_id, keep_until_ms) VALUES (?, ?) "
+                                "ON CONFLICT DO NOTHING", (msg_id, keep))
+        return cur.rowcount == 1
+
+    def seen(self, msg_id: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM seen WHERE msg_id = ?",
+                                 (msg_id,)).fetchone() is not None
+
+    def forget_seen(self, now_ms: int) -> int:
+        """Drop ids of messages that would be refused as expired anyway."""
+        return self.conn.execute("DELETE FROM seen WHERE keep_until_ms < ?", (now_ms,)).rowcount
 
     # --- results, receipts, evidence ----------------------------------------------------
     def save_result(self, lease_id: bytes, envelope: bytes, output: bytes | None, now_ms: int) -> None:

@@ -175,6 +175,40 @@ def test_errors_of_an_excluded_identity_never_fail_a_shard():
     assert m.shards[(JOB, h1.shard)].status == "open"  # 1 error: not more than max_error 1
 
 
+def test_an_audit_reserves_a_replica_for_trusted_machines_and_excludes_colluders():
+    """Issue 12, class 4: two established colluders in two /24s report the same wrong
+    output. Without an audit they are a quorum; an audited shard needs the publisher's own
+    machine, whose result proves them wrong: both are excluded with evidence."""
+    quick = T.TrustSettings(established_accepted=0, established_age_ms=0,
+                            trusted=frozenset({key("T")}))
+    m = S.Scheduler(S.SchedulerSettings(cross_class_rate=0.0, recheck_cross_rate=0.0,
+                                        request_interval_ms=0, trust=quick), rng=random.Random(7))
+    m.handle(S.JobAdded(0, job(1, audit_rate=1.0)))
+    [g1] = grants(ask(m, "p"))
+    [g2] = grants(ask(m, "q"))
+    assert refused(ask(m, "h")) == "no_work"       # the third replica is the audit's
+    [gt] = grants(ask(m, "T"))
+    eff = result(m, g1, "p", b"bad") + result(m, g2, "q", b"bad", at=2)
+    assert not any(isinstance(e, S.ShardAccepted) for e in eff)
+    eff = result(m, gt, "T", b"good", at=3)
+    for n, who in enumerate(("h", "i")):
+        [g] = grants(ask(m, who, 4 + n))
+        eff += result(m, g, who, b"good", at=5 + n)
+    [acc] = [e for e in eff if isinstance(e, S.ShardAccepted)]
+    assert acc.digest == b"good".ljust(32, b".")
+    excluded = {e.worker: e.claim for e in eff if isinstance(e, S.Excluded)}
+    assert excluded == {key("p"): "wrong_result", key("q"): "wrong_result"}
+    # The same colluders on an unaudited shard: a quorum of two established identities in
+    # two prefixes, which only re-checks and audits can catch (verification.md, section 5).
+    m2 = S.Scheduler(S.SchedulerSettings(cross_class_rate=0.0, recheck_cross_rate=0.0,
+                                         request_interval_ms=0, trust=quick), rng=random.Random(7))
+    m2.handle(S.JobAdded(0, job(1, audit_rate=0.0)))
+    [g1] = grants(ask(m2, "p"))
+    [g2] = grants(ask(m2, "q"))
+    eff = result(m2, g1, "p", b"bad") + result(m2, g2, "q", b"bad", at=2)
+    assert [e.digest for e in eff if isinstance(e, S.ShardAccepted)] == [b"bad".ljust(32, b".")]
+
+
 def test_failed_known_answer_excludes_with_evidence_and_refuses_further_requests():
     m = machine(trusted=["a", "b"])
     m.handle(S.JobAdded(0, job(2)))
