@@ -18,15 +18,20 @@ Start-up, in this order, before any model is loaded:
    then import onnxruntime; confine the filesystem: chroot into the working directory (the
    parent made it empty, private and fresh) where the child may (as root, or inside its
    own user namespace, which then loses every capability), else warn that the child can
-   read every file its user can; and as root switch for good to an unprivileged uid/gid
-   with no supplementary groups. Nothing is imported after this step;
+   read every file its user can; and as root switch for good (real, effective, saved) to
+   the uid/gid the parent chose, with no supplementary groups: by default one of its own,
+   that no user, group or other process has, so no process but root can signal it (see
+   sandbox.private_id). Not root, the child keeps the node's uid. Nothing is imported
+   after this step;
 3. no new privileges, not dumpable (no ptrace by same-uid processes, no core), killed
    when the parent dies;
 4. resource limits: RLIMIT_AS (address space), RLIMIT_CORE 0, RLIMIT_NOFILE small,
    RLIMIT_FSIZE 0 (no file writes), RLIMIT_NPROC when running as a dropped uid,
    RLIMIT_CPU (the soft limit is re-armed before each request to the CPU used so far plus
    that request's budget; SIGXCPU kills the child);
-5. send the hello frame: {"hello": 1, pid, uid, gid, net, fs, user, warnings, ort_version}.
+5. send the hello frame: {"hello": 1, pid, uid, gid, net, fs, ids, user, warnings,
+   ort_version}; ids: "private" (a uid/gid of its own), "shared" (a configured user, or
+   nobody), "node" (the node's uid: not root).
 
 Requests and replies (every reply has "ok"; failures carry "reason" and "detail"):
 - {"op": "load", "model": [offset, nbytes], "key": str, "opt_level", "provider", "threads",
@@ -256,23 +261,32 @@ def confine_filesystem(settings: dict, net: str, libc) -> tuple[str, list[str]]:
     return "chroot", []
 
 
-def drop_privileges(settings: dict) -> tuple[str, list[str]]:
-    """As root, switch for good to the configured unprivileged uid/gid, no extra groups."""
+def drop_privileges(settings: dict) -> tuple[str, str, list[str]]:
+    """As root, switch for good (real, effective and saved ids) to the uid/gid the parent
+    chose, no supplementary groups: a private one (`ids` "private": no other process has
+    it, so only root can signal this child, and it can signal no one) or a configured user
+    shared by the children ("shared"). Not root: nothing to switch; the child keeps the
+    node's uid ("node"; inside its own user namespace it shows as the overflow uid, but
+    signals and /proc see the node's). Returns (user, ids, warnings)."""
     if os.geteuid() != 0:
-        return f"uid {os.getuid()}", []
+        uid = int(settings.get("uid", os.getuid()))
+        return f"uid {uid} (the node's own)", "node", []
     uid, gid = int(settings["uid"]), int(settings["gid"])
+    ids = settings.get("ids", "shared")
     if uid == 0 or gid == 0:
         raise RuntimeError("the sandbox user must not be root")
     os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
     try:  # paranoia: the switch must be irreversible
         os.setuid(0)
     except PermissionError:
         pass
     else:
         raise RuntimeError("could regain uid 0 after dropping privileges")
-    return f"uid {uid} gid {gid}", []
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+        raise RuntimeError("the switch to the sandbox user left other ids behind")
+    return f"uid {uid} gid {gid}", ids, []
 
 
 def harden(libc, parent_pid: int) -> None:
@@ -595,7 +609,7 @@ def main() -> int:
     ort.set_default_logger_severity(3)
     fs, more = confine_filesystem(settings, net, libc)
     warnings += more
-    user, more = drop_privileges(settings)
+    user, ids, more = drop_privileges(settings)
     warnings += more
     harden(libc, int(settings.get("parent_pid", 0)))
     dropped = was_root and os.geteuid() != 0
@@ -604,7 +618,7 @@ def main() -> int:
     set_limits(settings, dropped)
     max_frame = int(settings["max_frame"])
     write_frame(fd_out, {"hello": 1, "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
-                         "net": net, "fs": fs, "user": user, "warnings": warnings,
+                         "net": net, "fs": fs, "ids": ids, "user": user, "warnings": warnings,
                          "ort_version": ort.__version__})
     child = Child(settings, ort, watchdog)
     debug_enabled = bool(settings.get("debug"))

@@ -21,6 +21,10 @@ Limits and who enforces them:
   for as long as it ran ahead of `cpu_share x cores` CPU-seconds per second (a token
   bucket with 0.1 s of burst), then SIGCONTs it. Works unprivileged on any Linux; a cgroup's
   cpu.max would be smoother but needs a delegated cgroup v2 (not done: see execution.md).
+- who may signal the child: as root, each child gets a uid and gid of its own (`private_id`:
+  in no user or group database, held by no process, never given to another live child), so
+  only root can stop or kill it, and it can signal nothing else. Not root: the child runs
+  as the node's own uid (in its user namespace), which every process of that user shares.
 - validation: `Sandbox.validate` runs validate_model in the child, under the same limits;
   onnx's tools cannot be interrupted, so a SIGALRM timer in the child (its default action
   ends the process) is the wall-clock limit (`timeout`).
@@ -35,12 +39,14 @@ so the child is killed (shielded) and the cancellation goes on.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import hashlib
 import json
 import logging
 import math
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import struct
@@ -85,9 +91,13 @@ class SandboxConfig:
     isolation: "auto": no network (as root a new network namespace, else a new user + network
       namespace where the kernel allows, else a warning); "none": the child keeps the host's
       network (tests and debugging only).
-    user: user name or uid the child switches to when the node runs as root (never root).
-    nofile / nproc: RLIMIT_NOFILE; RLIMIT_NPROC (per uid, so shared by the children running
-      as that uid; only set after dropping to `user`).
+    user: None (the default): as root, each child switches to a uid and gid of its own
+      (`private_id`), so no other process but root can signal it. A user name or uid: every
+      child switches to that user instead (never root), and the children share it: any
+      process of that user, each other included, can stop or kill them. Not root: unused
+      (the child keeps the node's uid).
+    nofile / nproc: RLIMIT_NOFILE; RLIMIT_NPROC (per uid: with private ids, per child; only
+      set after dropping privileges).
     cpu_hard_s: hard RLIMIT_CPU over a child's life; the pool restarts children nearing it.
     nice: niceness of the child (inference yields to the car's own work).
     start_timeout_s: time for a child to start and say hello.
@@ -105,7 +115,7 @@ class SandboxConfig:
     memory_mb: int = 2048
     max_frame: int = 512 * MiB
     isolation: str = "auto"
-    user: str | int = "nobody"
+    user: str | int | None = None
     nofile: int = 32
     nproc: int = 64
     cpu_hard_s: int = 7 * 24 * 3600
@@ -264,6 +274,135 @@ def _grow_pipe(fd: int, size: int = MiB) -> None:
         pass
 
 
+#: The ids a child's private uid/gid is drawn from when the node runs as root: a range that
+#: systemd's UID/GID allocation (docs/UIDS-GIDS.md) leaves unused, above its container
+#: ranges (which end at 1879048191) and below its "foreign" range (2147352576), under 2^31
+#: (so no tool reads them as negative), and far from the /etc/subuid ranges that
+#: useradd hands out (from 100000). Drawn at random from 268 million ids, so two nodes on
+#: one machine practically never draw the same one at the same moment.
+PRIVATE_IDS = (0x70000000, 0x7FFDFFFF)
+#: Where to draw when PRIVATE_IDS is not mapped in this user namespace (a container).
+_FALLBACK_IDS = (1000, 0x7FFFFFFF)
+_NEVER = frozenset((0, 65534, 65535, 0xFFFFFFFF))  # root, nobody, 16-bit and 32-bit -1
+_DRAWS = 64
+#: Private ids this process handed to children still alive (released when one is reaped).
+_held_ids: set[int] = set()
+
+
+def _ranges_in(path: str) -> list[tuple[int, int]] | None:
+    """The ids mapped in this user namespace (first column of /proc/self/{uid,gid}_map),
+    as inclusive ranges; None where unknown."""
+    try:
+        with open(path) as f:
+            rows = [line.split() for line in f]
+        return [(int(r[0]), int(r[0]) + int(r[2]) - 1) for r in rows if len(r) == 3 and int(r[2]) > 0]
+    except (OSError, ValueError):
+        return None
+
+
+def _sub_ranges() -> list[tuple[int, int]]:
+    """/etc/subuid and /etc/subgid ranges: ids that rootless containers run processes as."""
+    out = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    parts = line.strip().split(":")
+                    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                        out.append((int(parts[1]), int(parts[1]) + int(parts[2]) - 1))
+        except OSError:
+            pass
+    return out
+
+
+def _ids_in_use() -> set[int]:
+    """Every uid and gid (real, effective, saved, filesystem) that a process visible here
+    holds (/proc/<pid>/status)."""
+    used: set[int] = set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return used
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                for line in f:
+                    if line.startswith((b"Uid:", b"Gid:")):
+                        used.update(int(v) for v in line.split()[1:])
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+    return used
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for lo1, hi1 in a:
+        for lo2, hi2 in b:
+            lo, hi = max(lo1, lo2), min(hi1, hi2)
+            if lo <= hi:
+                out.append((lo, hi))
+    return out
+
+
+def private_id(reserved=frozenset(), ranges: Sequence[tuple[int, int]] | None = None) -> int | None:
+    """An id that is free as both a uid and a gid, for one child to run as: mapped in this
+    user namespace, in no user or group database (NSS), in no /etc/subuid or /etc/subgid
+    range, held by no process (as any of its uids or gids), not in `reserved` (ids handed
+    to children that may not have switched yet), and none of 0, 65534, 65535, 2^32 - 1.
+    Drawn at random from `ranges` (inclusive; default PRIVATE_IDS, or, where that is not
+    mapped here, 1000..2^31 - 1). None: no such id found in 64 draws. Blocking (NSS, /proc):
+    call from a thread."""
+    mapped = [(0, 0xFFFFFFFE)]
+    for path in ("/proc/self/uid_map", "/proc/self/gid_map"):
+        got = _ranges_in(path)
+        if got is not None:
+            mapped = _intersect(mapped, got)
+    if ranges is None:
+        spans = _intersect(mapped, [PRIVATE_IDS]) or _intersect(mapped, [_FALLBACK_IDS])
+    else:
+        spans = _intersect(mapped, list(ranges))
+    total = sum(hi - lo + 1 for lo, hi in spans)
+    if total == 0:
+        return None
+    if total <= _DRAWS:
+        candidates = [i for lo, hi in spans for i in range(lo, hi + 1)]
+    else:
+        candidates = []
+        for _ in range(_DRAWS):
+            k = secrets.randbelow(total)
+            for lo, hi in spans:
+                if k <= hi - lo:
+                    candidates.append(lo + k)
+                    break
+                k -= hi - lo + 1
+    in_use, subs = _ids_in_use(), _sub_ranges()
+    for i in candidates:
+        if i in _NEVER or i in reserved or i in in_use or any(lo <= i <= hi for lo, hi in subs):
+            continue
+        try:
+            pwd.getpwuid(i)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(i)
+            continue
+        except KeyError:
+            pass
+        return i
+    return None
+
+
+def _nobody() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
 def _resolve_user(user: str | int) -> tuple[int, int]:
     if isinstance(user, int):
         try:
@@ -345,6 +484,7 @@ class Sandbox:
         self.lock = trio.Lock()
         self._proc: _ChildProcess | None = None
         self._workdir: str | None = None
+        self._held_id: int | None = None    # the private uid/gid of the current child
         self._stderr_tail = bytearray()
         self._killed_for: tuple[str, str] | None = None
         self._loaded: ModelInfo | None = None
@@ -413,11 +553,15 @@ class Sandbox:
         if self._proc is not None:
             await self._kill("crash", "stale child")
         cfg = self.config
-        uid, gid = _resolve_user(cfg.user)
-        self._workdir = tempfile.mkdtemp(prefix="p2pfleet-sandbox-")  # empty, 0700, ours
+        uid, gid, ids = await self._child_ids()
+        try:
+            self._workdir = tempfile.mkdtemp(prefix="p2pfleet-sandbox-")  # empty, 0700, ours
+        except BaseException:
+            self._release_id()
+            raise
         settings = {
             "memory_mb": cfg.memory_mb, "max_frame": cfg.max_frame, "isolation": cfg.isolation,
-            "uid": uid, "gid": gid, "nofile": cfg.nofile, "nproc": cfg.nproc,
+            "uid": uid, "gid": gid, "ids": ids, "nofile": cfg.nofile, "nproc": cfg.nproc,
             "cpu_hard_s": cfg.cpu_hard_s, "nice": cfg.nice, "debug": cfg.debug,
             "parent_pid": os.getpid(), "max_threads": cfg.max_threads,
             "confine_fs": cfg.confine_fs,
@@ -433,8 +577,14 @@ class Sandbox:
         self._loaded = None
         self.hello = None
         t0 = trio.current_time()
-        proc = _ChildProcess([cfg.python, "-s", "-B", "-m", "p2pfleet.exec.child",
-                              json.dumps(settings)], cwd=self._workdir, env=env)
+        try:
+            proc = _ChildProcess([cfg.python, "-s", "-B", "-m", "p2pfleet.exec.child",
+                                  json.dumps(settings)], cwd=self._workdir, env=env)
+        except BaseException:
+            self._release_id()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+            raise
         self._proc = proc
         self.starts += 1
         for stream in (proc.stdin, proc.stdout):
@@ -461,9 +611,52 @@ class Sandbox:
         for w in hello["warnings"]:
             log.warning("sandbox child %s: %s", proc.pid, w)
         self.start_ms = (trio.current_time() - t0) * 1000
-        log.info("sandbox child %s started in %.0f ms: net=%s fs=%s user=%s", proc.pid,
-                 self.start_ms, hello.get("net"), hello.get("fs"), hello.get("user"))
+        log.info("sandbox child %s started in %.0f ms: net=%s fs=%s ids=%s user=%s", proc.pid,
+                 self.start_ms, hello.get("net"), hello.get("fs"), hello.get("ids"),
+                 hello.get("user"))
         return hello
+
+    @property
+    def confinement(self) -> dict | None:
+        """What confines the current child, from its hello (None before it started):
+        net ("netns", "userns+netns" or "host"), fs ("chroot" or "host"), ids ("private":
+        a uid/gid of its own, only root can signal it; "shared": a configured user, or
+        nobody when no private id was free; "node": the node's own uid, not root) and user."""
+        hello = self.hello
+        if hello is None:
+            return None
+        return {k: hello.get(k) for k in ("net", "fs", "ids", "user")}
+
+    async def _child_ids(self) -> tuple[int, int, str]:
+        """The uid, gid and kind of ids ("private", "shared", "node") of the next child:
+        see SandboxConfig.user. A private id is held until the child is reaped."""
+        self._release_id()
+        if os.geteuid() != 0:
+            uid = os.getuid()
+            if uid == _nobody()[0]:
+                log.warning("the node runs as nobody: every process running as nobody can stop "
+                            "or kill its sandbox children; run it as a dedicated user, or as root")
+            return uid, os.getgid(), "node"
+        if self.config.user is not None:
+            uid, gid = _resolve_user(self.config.user)
+            return uid, gid, "shared"
+        while True:
+            pick = await trio.to_thread.run_sync(private_id, frozenset(_held_ids))
+            if pick is None:
+                uid, gid = _nobody()
+                log.warning("no free private uid/gid for a sandbox child (see PRIVATE_IDS): it "
+                            "runs as nobody, and every process running as nobody can stop or "
+                            "kill it")
+                return uid, gid, "shared"
+            if pick not in _held_ids:  # else another child took it meanwhile: draw again
+                _held_ids.add(pick)
+                self._held_id = pick
+                return pick, pick, "private"
+
+    def _release_id(self) -> None:
+        if self._held_id is not None:
+            _held_ids.discard(self._held_id)
+            self._held_id = None
 
     async def _duty_cycle(self, proc: _ChildProcess, period: float = 0.05, burst_s: float = 0.1) -> None:
         """Hold the child to `cpu_limit` CPU-seconds per second: a token bucket filled at
@@ -542,6 +735,7 @@ class Sandbox:
                     await stream.aclose()
         self._proc = None
         self._loaded = None
+        self._release_id()  # a process it left behind still holds it: private_id skips it
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -1005,4 +1199,5 @@ async def open_sandbox_pool(config: SandboxConfig | None = None) -> AsyncIterato
 
 
 __all__ = ["SandboxConfig", "SandboxFailure", "Sandbox", "SandboxPool", "open_sandbox_pool",
-           "ModelInfo", "TensorSpec", "REASONS", "sandbox_config", "measured_memory_mb"]
+           "ModelInfo", "TensorSpec", "REASONS", "sandbox_config", "measured_memory_mb",
+           "PRIVATE_IDS", "private_id"]

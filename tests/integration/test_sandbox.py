@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import grp
 import hashlib
 import os
+import pwd
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -369,6 +373,170 @@ def test_unprivileged_child_leaves_the_network_through_a_user_namespace(listener
         assert any("network access" in w for w in warnings)
         pytest.skip(f"this kernel refuses unprivileged user namespaces: {warnings}")
     assert net == "userns+netns" and warnings == [] and result != "connected"
+
+
+# --- the child's own uid: nothing else on the machine may signal it -------------------------
+NEEDS_ROOT = ("needs root: only a node running as root can give each child a uid of its own, "
+              "and the attacker must become nobody or another child's uid")
+
+
+def _signal_as(uid: int, gid: int, pid: int, sigs) -> list[str]:
+    """A real attacker: a fork that becomes uid/gid (no supplementary groups) and sends each
+    of `sigs` to `pid`. Returns what each kill(2) did: "sent" or the errno name."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the fork
+        try:
+            os.close(read_end)
+            try:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                out = []
+                for sig in sigs:
+                    try:
+                        os.kill(pid, sig)
+                        out.append("sent")
+                    except OSError as e:
+                        out.append(errno.errorcode.get(e.errno, str(e.errno)))
+            except OSError as e:
+                out = [f"could not become {uid}/{gid}: {e}"]
+            os.write(write_end, "\n".join(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    data = b""
+    while chunk := os.read(read_end, 4096):
+        data += chunk
+    os.close(read_end)
+    os.waitpid(child, 0)
+    return data.decode().split("\n")
+
+
+def _ids_of(pid: int) -> tuple[list[int], list[int]]:
+    """(real, effective, saved, filesystem) uids and gids of a process, from /proc."""
+    uids = gids = []
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                uids = [int(v) for v in line.split()[1:]]
+            elif line.startswith("Gid:"):
+                gids = [int(v) for v in line.split()[1:]]
+    return uids, gids
+
+
+def _processes_with_uid(uid: int) -> set[int]:
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if uid in _ids_of(int(name))[0]:
+                    found.add(int(name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
+def _nobody() -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+@pytest.mark.skipif(not AS_ROOT, reason=NEEDS_ROOT)
+async def test_a_process_running_as_nobody_cannot_stop_or_kill_the_child_mid_run(pool):
+    # Issue 12: children ran as the shared nobody user, so any process running as nobody
+    # could SIGSTOP a child (the lease then fails as a timeout) or SIGKILL it (a crash).
+    box = await pool.get(b"publisher-a")
+    slow, samples, micro_batch = matmul_chain(40), 64 * 20, 64
+    inputs = shard_inputs(samples, 512)
+    await box.start()
+    pid = box.pid
+    first_batch_done = trio.Event()
+    done: list[int] = []
+    attack: dict = {}
+
+    def progress(p):
+        done.append(p.done)
+        first_batch_done.set()
+
+    async def attacker():
+        await first_batch_done.wait()  # the model is running: more micro-batches to come
+        attack["result"] = _signal_as(*_nobody(), pid, [signal.SIGSTOP, signal.SIGKILL])
+        attack["batches_done"] = len(done)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(attacker)
+        out = await run_shard(box, lease_for(slow, samples, micro_batch), slow, inputs,
+                              on_progress=progress)
+    assert attack["result"] == ["EPERM", "EPERM"], attack
+    assert attack["batches_done"] < out.total  # the attack came while the shard ran
+    assert (out.status, out.done) == ("done", out.total), out
+    assert np.array_equal(decode_tensors(out.outputs)["y"], inputs["x"])  # identity weights
+    assert box.alive and box.pid == pid  # the same child, never restarted
+
+
+@pytest.mark.skipif(not AS_ROOT, reason=NEEDS_ROOT)
+async def test_each_child_has_a_uid_and_gid_of_its_own(pool):
+    a, b = await pool.get(b"publisher-a"), await pool.get(b"publisher-b")
+    hellos = [await a.start(), await b.start()]
+    known_uids = {p.pw_uid for p in pwd.getpwall()}
+    known_gids = {g.gr_gid for g in grp.getgrall()} | {p.pw_gid for p in pwd.getpwall()}
+    ids = []
+    for box in (a, b):
+        uids, gids = _ids_of(box.pid)
+        assert len(set(uids)) == 1 and len(set(gids)) == 1, (uids, gids)  # real = saved = ...
+        uid, gid = uids[0], gids[0]
+        assert uid not in known_uids and uid not in (0, _nobody()[0]), uid
+        assert gid not in known_gids and gid not in (0, _nobody()[1]), gid
+        assert _processes_with_uid(uid) == {box.pid}  # no other process on the machine has it
+        ids.append((uid, gid))
+    (ua, ga), (ub, gb) = ids
+    assert ua != ub and ga != gb
+    # Neither child can stop or kill the other (nor could a process it left behind).
+    assert _signal_as(ub, gb, a.pid, [signal.SIGSTOP, signal.SIGKILL]) == ["EPERM", "EPERM"]
+    assert _signal_as(ua, ga, b.pid, [signal.SIGSTOP, signal.SIGKILL]) == ["EPERM", "EPERM"]
+    assert a.alive and b.alive and (await a.ping())["ok"] and (await b.ping())["ok"]
+    for hello, (uid, gid) in zip(hellos, ids):  # what the node's log says is in force
+        assert (hello["ids"], hello["uid"], hello["gid"], hello["warnings"]) == ("private", uid, gid, [])
+    assert a.confinement["ids"] == "private"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason=NEEDS_ROOT)
+def test_private_ids_skip_what_a_process_or_the_user_database_holds():
+    from p2pfleet.exec.sandbox import PRIVATE_IDS, private_id
+
+    lo, hi = PRIVATE_IDS
+    assert private_id(ranges=((65534, 65534),)) is None  # nobody: in the user database
+    assert private_id(ranges=((0, 0),)) is None
+    free = private_id()
+    assert free is not None and lo <= free <= hi
+    assert private_id(reserved={free}, ranges=((free, free),)) is None  # handed out already
+    assert private_id(ranges=((free, free),)) == free
+    # A process running as that uid (a child left behind, say) takes it out of the draw.
+    read_end, write_end = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # pragma: no cover - runs in the fork
+        try:
+            os.close(write_end)
+            os.setgroups([])
+            os.setgid(free)
+            os.setuid(free)
+            os.read(read_end, 1)  # until the test closes its end
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    try:
+        while free not in _ids_of(holder)[0]:  # poll until the fork has switched
+            assert os.waitpid(holder, os.WNOHANG) == (0, 0), "the holder could not switch"
+            time.sleep(0.01)
+        assert private_id(ranges=((free, free),)) is None
+    finally:
+        os.close(write_end)
+        os.waitpid(holder, 0)
+    assert private_id(ranges=((free, free),)) == free
 
 
 async def test_debug_requests_are_refused_without_the_flag():
