@@ -161,7 +161,8 @@ class Publisher:
         params = S.JobParams(job_id, secret, built.samples, built.credit, built.known_answer,
                              tuple(len(b) for b in built.shard_blobs), quorum=spec.quorum,
                              max_error=spec.max_error, max_total=spec.max_total,
-                             recheck_rate=spec.recheck_rate, budget=spec.budget)
+                             recheck_rate=spec.recheck_rate, budget=spec.budget,
+                             audit_rate=spec.audit_rate)
         model_digest = hashlib.sha256(spec.model).digest()
         ka_digest = hashlib.sha256(built.ka_expected).digest()
         meta = {

@@ -57,6 +57,7 @@ class JobSpec:
     known_answer_rows: int = 1         # rows per such shard
     known_answer_pool: int = 16        # distinct samples whose answers the publisher computes
     recheck_rate: float = 0.07
+    audit_rate: float = 0.05           # shards with a replica reserved for trusted machines
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def check_spec(spec: JobSpec) -> int:
         raise _fail("budget", "must be >= 0 or None")
     if spec.opt_level not in OPT_LEVELS:
         raise _fail("opt_level", f"{spec.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
-    for name in ("known_answer_rate", "recheck_rate"):
+    for name in ("known_answer_rate", "recheck_rate", "audit_rate"):
         if not 0.0 <= getattr(spec, name) <= 1.0:
             raise _fail(name, f"must be within [0, 1], got {getattr(spec, name)}")
     if spec.known_answer_rows < 0 or spec.known_answer_pool < 1:

@@ -47,7 +47,7 @@ logging.getLogger("libp2p").addHandler(logging.NullHandler())
 STORE_NAME = "jobs.sqlite"
 SUBMIT_OPTIONS = ("shard_size", "micro_batch", "quorum", "max_replicas", "max_error",
                   "deadline_s", "credit_rate", "budget", "opt_level", "ort_versions",
-                  "min_memory_mb", "known_answer_rate", "recheck_rate")
+                  "min_memory_mb", "known_answer_rate", "recheck_rate", "audit_rate")
 CONTROL_NAME = "control.sock"
 
 
@@ -292,7 +292,7 @@ class Client:
                      budget: int | None = None, preprocess: Callable[[Path], Any] | None = None,
                      opt_level: str = "all", ort_versions: str = "",
                      min_memory_mb: int = 0, known_answer_rate: float = 1.0,
-                     recheck_rate: float = 0.07) -> Job:
+                     recheck_rate: float = 0.07, audit_rate: float = 0.05) -> Job:
         """Shard, store and announce a job; returns at once (see `Job.wait`/`results`).
 
         `max_replicas`: replicas a shard may get at most (0: 2 x quorum + 4); `deadline_s`:
@@ -307,7 +307,8 @@ class Client:
                        max_error=max_error, max_total=max_replicas, credit_rate=credit_rate,
                        budget=budget, opt_level=opt_level, ort_versions=ort_versions,
                        requirements=Requirements(min_memory_mb, (), "0.0.0", ort_versions),
-                       known_answer_rate=known_answer_rate, recheck_rate=recheck_rate)
+                       known_answer_rate=known_answer_rate, recheck_rate=recheck_rate,
+                       audit_rate=audit_rate)
         try:
             job_id = self.publisher.submit(spec)  # sharding blocks briefly; SQLite is per thread
         except JobSpecError as exc:

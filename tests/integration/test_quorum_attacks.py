@@ -1,0 +1,150 @@
+"""Attacks on the quorum from specs/ alone, against a real publisher on real libp2p hosts.
+
+Issue 12, classes 1 and 2, written as an attacker reads specs/work-and-leases.md, section 4:
+the replica rules (one replica per peer and per /24, at most one non-established identity)
+are promises about the *quorum*, so a cheap adversary plays the gaps between issue time and
+result time:
+
+- lease-expiry game: A1, a fresh key, takes a replica, fetches its input and stays silent
+  until its lease expires; A2, another fresh key on the same /24, asks for the reissued
+  replica; both report the same wrong output (A1's late). Nothing wrong may be accepted,
+  and the honest worker's trust is never reset by them;
+- throwaway identities: ten fresh keys on one address take leases and report `failed`, to
+  push shards over `max_error`. The job must still complete.
+
+Each host listens on its own loopback address; the attackers share 127.0.9.0/24 (seed:
+fixed identities from `Identity.from_seed`, job inputs from numpy seed 5).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import numpy as np
+import trio
+
+from p2pfleet.core import scheduler as S
+from p2pfleet.identity import Identity
+from p2pfleet.net.blobs import BlobService
+from p2pfleet.net.mesh import Mesh
+from p2pfleet.publisher import Publisher
+from p2pfleet.store.blobcache import BlobCache
+from p2pfleet.wire.envelope import seal
+from p2pfleet.wire.kinds import FailedResult, LeaseBatch
+
+from fleetkit import NETWORK, settings, wait_until
+from test_publisher import assert_matches_local, finish, keep_working, pub_settings, spec
+from workerkit import TestWorker
+
+ATTACKER_NET = "127.0.9"
+
+
+@asynccontextmanager
+async def hosts(addresses: list[str]):
+    """One mesh per address (the first is the publisher's); all dial the first."""
+    async with trio.open_nursery() as nursery:
+        out = []
+        for i, addr in enumerate(addresses):
+            mesh = Mesh(Identity.from_seed(f"quorum-attack-{i}".encode()),
+                        settings(i, listen=(f"/ip4/{addr}/tcp/0",)))
+            await nursery.start(mesh.run)
+            out.append(mesh)
+        for mesh in out[1:]:
+            await mesh.connect(out[0].listen_addrs()[0])
+        try:
+            yield out
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def publisher(pm: Mesh, tmp_path, trusted, **sched) -> Publisher:
+    blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+    blobs.install()
+    return Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                     settings=pub_settings(trusted, **sched))
+
+
+async def test_lease_expiry_game_in_one_prefix_gets_nothing_wrong_accepted(tmp_path):
+    addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1", f"{ATTACKER_NET}.1", f"{ATTACKER_NET}.2"]
+    async with hosts(addrs) as (pm, tm, hm, a1m, a2m):
+        honest = TestWorker.start(tm, tmp_path / "t")
+        second = TestWorker.start(hm, tmp_path / "h")
+        a1 = TestWorker.start(a1m, tmp_path / "a1", cheat="fp16")
+        a2 = TestWorker.start(a2m, tmp_path / "a2", cheat="fp16")
+        # Known answers off, so only the quorum rules stand between the attackers and the
+        # user (a wrong row escapes one known-answer row with probability 30/31 anyway).
+        pub = publisher(pm, tmp_path, {tm.identity.public_key, hm.identity.public_key},
+                        min_deadline_ms=1500, grace_min_ms=500, fresh_need_known_answer=False)
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec(inputs={"x": spec().inputs["x"][:30]}, known_answer_rate=0.0,
+                                  recheck_rate=0.0, audit_rate=0.0))
+            first = await a1.request(pid)
+            assert isinstance(first, LeaseBatch)
+            [lease1] = first.leases
+            late = await a1.compute(pid, lease1)   # input fetched while the lease is live
+            [lease_t] = (await honest.request(pid)).leases
+            await honest.report(pid, await honest.compute(pid, lease_t))
+            await wait_until(lambda: pub.sched.leases[lease1.lease_id].state == "expired",
+                             timeout=20)
+            answer = await a2.request(pid)
+            if isinstance(answer, LeaseBatch):     # the old publisher gave A2 the replica
+                for lease in answer.leases:
+                    await a2.report(pid, await a2.compute(pid, lease))
+            await a1.report(pid, late)
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            nursery.start_soon(keep_working, second, pid, done)
+            st = await finish(pub, job, [honest, second])
+            assert st.accepted == 1
+            assert_matches_local_rows(pub.outputs(job))
+            attackers = {a1m.identity.public_key, a2m.identity.public_key}
+            leases = pub.sched.shard_leases(job, 0)
+            assert not [l for l in leases if l.worker in attackers and l.verdict == "valid"]
+            assert not [r for w in (a1, a2) for r in w.receipts]  # nothing paid to them
+            t = pub.sched.trust_of(tm.identity.public_key)
+            assert t.reset_ms is None and t.streak >= 1   # the honest result was not outvoted
+            nursery.cancel_scope.cancel()
+        pub.close()
+
+
+def assert_matches_local_rows(outputs: dict) -> None:
+    from p2pfleet.publisher.jobs import run_locally
+    from test_publisher import MODEL
+
+    ref = run_locally(MODEL, {"x": spec().inputs["x"][:30]}, "all")["y"]
+    assert outputs["y"].shape == ref.shape
+    assert np.array_equal(outputs["y"], ref)  # the honest class's exact output
+
+
+async def test_throwaway_identities_on_one_address_cannot_fail_a_job(tmp_path):
+    addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1"] + [f"{ATTACKER_NET}.1"] * 10
+    async with hosts(addrs) as (pm, tm, hm, *swarm):
+        workers = [TestWorker.start(tm, tmp_path / "t"), TestWorker.start(hm, tmp_path / "h")]
+        pub = publisher(pm, tmp_path, {tm.identity.public_key, hm.identity.public_key})
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec(recheck_rate=0.0, audit_rate=0.0))  # 4 shards, max_error 3
+            failed = 0
+            for round_ in range(3):
+                for i, m in enumerate(swarm):
+                    w = TestWorker(m, None)
+                    answer = await w.request(pid, free_slots=2)
+                    if not isinstance(answer, LeaseBatch):
+                        continue
+                    for lease in answer.leases:
+                        env = seal(FailedResult(lease.lease_id, w.now_ms() + 60_000, "crash",
+                                                "throwaway"), m.identity, NETWORK)
+                        await w.report(pid, env)
+                        failed += 1
+            assert failed >= 1  # the attack did run
+            assert all(sh.errors <= 1 and sh.status == "open" for sh in pub.sched.shards.values())
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            for w in workers:
+                nursery.start_soon(keep_working, w, pid, done)
+            st = await finish(pub, job, workers)
+            assert st.accepted == 4 and st.failed == 0
+            assert_matches_local(pub.outputs(job))
+            nursery.cancel_scope.cancel()
+        pub.close()
