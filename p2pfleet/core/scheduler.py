@@ -90,6 +90,7 @@ class SchedulerSettings:
     fresh_prefix_cap: int = 4        # live leases of non-established identities per prefix
     max_batch: int = 64
     trust: T.TrustSettings = field(default_factory=T.TrustSettings)
+    own_key: bytes = b""             # the publisher's own key: its audits are never paid
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class WorkRequested:
     bench: float
     free_slots: int
     jobs: tuple[bytes, ...]  # live jobs whose requirements the request meets (driver checks)
+    audit_only: bool = False  # the publisher computing audits itself: only audit replicas
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,16 @@ class ShardAccepted:
     shard: int
     lease_id: bytes
     digest: bytes
+
+
+@dataclass(frozen=True)
+class ShardReopened:
+    """An accepted shard's output is withdrawn: a result it relied on came from a worker
+    excluded since. It will be accepted again (ShardAccepted) or fail."""
+    job_id: bytes
+    shard: int
+    lease_id: bytes                  # the excluded worker's result
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -462,6 +474,11 @@ class Scheduler:
             l.worker in trusted and (l.state == "live" or (l.state == "returned" and l.ok))
             for l in self.shard_leases(sh.job_id, sh.index))
 
+    def audits_waiting(self) -> bool:
+        """Does a live job have an audited shard whose reserved replica nobody holds?"""
+        return any(self._audit_pending(sh) for rec in self.jobs.values() if rec.status == "live"
+                   for sh in self._window(rec))
+
     def open_replicas(self, sh: ShardRec) -> int:
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
             return 0
@@ -581,9 +598,10 @@ class Scheduler:
         if t.excluded:
             return [Refuse(ev.worker, "excluded", 24 * 60 * MINUTE_MS)]
         last = self._last_request.get(ev.worker)
-        if last is not None and now - last < s.request_interval_ms:
-            return [Refuse(ev.worker, "backoff", s.request_interval_ms - (now - last))]
-        self._last_request[ev.worker] = now
+        if not ev.audit_only:  # the driver's own audits are not rate limited
+            if last is not None and now - last < s.request_interval_ms:
+                return [Refuse(ev.worker, "backoff", s.request_interval_ms - (now - last))]
+            self._last_request[ev.worker] = now
         if t.backoff_until_ms > now:
             return [Refuse(ev.worker, "backoff", t.backoff_until_ms - now)]
         live = [j for j, r in self.jobs.items() if r.status == "live"]
@@ -655,6 +673,8 @@ class Scheduler:
         return out
 
     def _eligible(self, sh: ShardRec, ev: WorkRequested, established: bool, now: int) -> bool:
+        if ev.audit_only and not self._audit_pending(sh):
+            return False
         job = self.jobs[sh.job_id].job
         leases = self.shard_leases(sh.job_id, sh.index)
         held = [l for l in leases if l.state in ("live", "returned")]
@@ -816,6 +836,12 @@ class Scheduler:
         self._prefix_backoff[prefix] = (fails, now + T.backoff_ms(fails, self.s.trust))
 
     def _pay(self, lease: LeaseRec, now: int) -> list:
+        if lease.paid or lease.worker == self.s.own_key:
+            # judged again after a reopened shard (paid once, counted once), or the
+            # publisher's own audit (nobody to pay)
+            lease.verdict = "valid"
+            self._dirty.add(("lease", lease.lease_id))
+            return []
         if lease.fresh:
             self._prefix_backoff.pop(lease.prefix, None)
         lease.verdict = "valid"
@@ -909,18 +935,43 @@ class Scheduler:
         self._set_trust(T.on_excluded(t, claim))
         effects: list = [Excluded(worker, job_id, claim, lease_ids, note)]
         effects += self._cancel(self.live_leases(worker), "excluded")
-        touched = set()
+        touched, reopen = set(), []
         for l in self.leases.values():
-            if l.worker == worker and l.state == "returned" and not l.verdict:
-                sh = self.shards[(l.job_id, l.shard)]
-                if sh.status == "open":
-                    l.ok = False
-                    l.verdict = "discarded"
-                    self._dirty.add(("lease", l.lease_id))
-                    touched.add((l.job_id, l.shard))
-        for key in sorted(touched):
+            if l.worker != worker or l.state != "returned":
+                continue
+            sh = self.shards[(l.job_id, l.shard)]
+            if not l.verdict and sh.status == "open":
+                l.ok = False
+                l.verdict = "discarded"
+                self._dirty.add(("lease", l.lease_id))
+                touched.add((l.job_id, l.shard))
+            elif (l.verdict == "valid" and sh.status == "accepted"
+                  and self.jobs[l.job_id].status == "live"):
+                reopen.append(l)
+        for l in sorted(reopen, key=lambda l: (l.job_id, l.shard)):
+            effects += self._reopen(self.shards[(l.job_id, l.shard)], l, claim)
+        for key in sorted(touched | {(l.job_id, l.shard) for l in reopen}):
             effects += self._evaluate(self.shards[key], now)
         return effects
+
+    def _reopen(self, sh: ShardRec, bad: LeaseRec, claim: str) -> list:
+        """An excluded worker's valid result helped accept `sh` (a job still live): the
+        acceptance is withdrawn and the shard decided again without it, audited by the
+        publisher's machines where it has some. Its fellow voters are judged again (what
+        was paid stays paid) so a colluder that agreed with it is found out in turn."""
+        bad.ok = False
+        bad.verdict = "discarded"
+        self._dirty.add(("lease", bad.lease_id))
+        sh.status, sh.accepted_lease, sh.reason = "open", None, ""
+        sh.audit = sh.audit or bool(self.s.trust.trusted)  # the quorum must hold a trusted vote
+        for l in self.shard_leases(sh.job_id, sh.index):
+            if l.state == "returned" and l.ok and l.verdict in ("valid", "invalid"):
+                l.verdict = ""
+                self._dirty.add(("lease", l.lease_id))
+        self._dirty.add(("shard", (sh.job_id, sh.index)))
+        self._decided_prefix[sh.job_id] = min(self._decided_prefix.get(sh.job_id, 0), sh.index)
+        return [ShardReopened(sh.job_id, sh.index, bad.lease_id,
+                              f"accepted with a result of a worker excluded for {claim}")]
 
 
 # --- event log (one JSON line per event, for replay) -----------------------------------
@@ -958,6 +1009,8 @@ def event_from_json(line: str) -> object:
     cls = _TYPES[data.pop("type")]
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name not in data and f.default is not dataclasses.MISSING:
+            continue  # a field added since the log was written
         v = data[f.name]
         if f.name == "job":
             v = JobParams(**{k: _typed(x) for k, x in v.items()})
@@ -969,7 +1022,7 @@ __all__ = [
     "Scheduler", "SchedulerSettings", "JobParams", "CoreUsageError", "PeerViolation",
     "JobAdded", "WorkRequested", "ResultArrived", "LeaseFailed", "HandedBack", "Tick",
     "JobCancelled", "LeaseGrant", "Grant", "Refuse", "Pay", "CancelLeases", "Excluded",
-    "ShardAccepted", "ShardFailed", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
+    "ShardAccepted", "ShardReopened", "ShardFailed", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
     "prefix_of", "rank", "lease_deadline_ms", "grace_ms", "KeyedRandom", "event_json",
     "event_from_json", "UNKNOWN_PREFIX",
 ]

@@ -57,11 +57,16 @@ class SdkError(Exception):
 
 @dataclass(frozen=True)
 class ShardResult:
-    """Verified outputs of one shard: samples [first_sample, first_sample + rows)."""
+    """Verified outputs of one shard: samples [first_sample, first_sample + rows).
+
+    `revised`: this shard was given before, but a worker whose result helped accept it was
+    excluded since (verification.md, section 8), so it was verified again: these outputs
+    replace the earlier ones."""
 
     shard: int
     first_sample: int
     outputs: dict[str, np.ndarray]
+    revised: bool = False
 
     @property
     def rows(self) -> int:
@@ -152,22 +157,26 @@ class Job:
         the job is done, failed or cancelled (failed shards are skipped: see the report)."""
         if order not in ("input", "completed"):
             raise ValueError("order must be 'input' or 'completed'")
-        given: set[int] = set()
+        given: dict[int, bytes | None] = {}  # shard -> the accepted lease it was given from
         rows = self._rows()
         next_shard = 0
+        sched = self._pub.sched
         while True:
             done_before = self.finished()
             accepted = {i: outs for i, outs in self._pub.shard_outputs(self.job_id)
-                        if i not in given}
+                        if given.get(i, b"") != sched.shards[(self.job_id, i)].accepted_lease}
             failed = self._failed_shards()
+            for i in sorted(set(accepted) & set(given)):  # verified again after an exclusion
+                given[i] = sched.shards[(self.job_id, i)].accepted_lease
+                yield ShardResult(i, rows[i][0], accepted.pop(i), revised=True)
             if order == "completed":
                 for i in sorted(accepted):
-                    given.add(i)
+                    given[i] = sched.shards[(self.job_id, i)].accepted_lease
                     yield ShardResult(i, rows[i][0], accepted[i])
             else:
                 while next_shard < len(rows):
                     if next_shard in accepted:
-                        given.add(next_shard)
+                        given[next_shard] = sched.shards[(self.job_id, next_shard)].accepted_lease
                         yield ShardResult(next_shard, rows[next_shard][0], accepted[next_shard])
                     elif next_shard not in failed:
                         break

@@ -91,6 +91,9 @@ class Sim:
                 self.accepted[e.shard] = e.digest
                 if e.digest != honest_digest(e.shard):
                     self.wrong_accepted += 1
+            elif isinstance(e, S.ShardReopened):  # decided again later, without the excluded
+                digest = self.accepted.pop(e.shard)
+                self.wrong_accepted -= digest != honest_digest(e.shard)
             elif isinstance(e, S.ShardFailed):
                 assert e.reason
                 self.failed[e.shard] = e.reason

@@ -209,6 +209,60 @@ def test_an_audit_reserves_a_replica_for_trusted_machines_and_excludes_colluders
     assert [e.digest for e in eff if isinstance(e, S.ShardAccepted)] == [b"bad".ljust(32, b".")]
 
 
+def test_an_exclusion_reopens_what_the_excluded_worker_helped_accept_and_catches_its_partner():
+    """Sustained collusion: p and q, established, agree on wrong outputs and get shard 0
+    accepted. When p is caught (here by a known answer in shard 1), shard 0 is reopened,
+    audited by the publisher's machine, and q, who agreed with p there, is excluded too."""
+    quick = T.TrustSettings(established_accepted=0, established_age_ms=0,
+                            trusted=frozenset({key("T")}))
+    m = S.Scheduler(S.SchedulerSettings(cross_class_rate=0.0, recheck_cross_rate=0.0,
+                                        request_interval_ms=0, trust=quick), rng=random.Random(7))
+    m.handle(S.JobAdded(0, job(2, audit_rate=0.0)))
+    gp = {g.shard: g for g in grants(ask(m, "p", slots=2))}
+    [gq] = [g for g in grants(ask(m, "q", slots=2)) if g.shard == 0]
+    eff = result(m, gp[0], "p", b"bad") + result(m, gq, "q", b"bad", at=2)
+    assert [e.shard for e in eff if isinstance(e, S.ShardAccepted)] == [0]  # wrong, for now
+    eff = result(m, gp[1], "p", b"bad", at=3, known_answer_ok=False)
+    [reopened] = [e for e in eff if isinstance(e, S.ShardReopened)]
+    assert (reopened.shard, reopened.lease_id) == (0, gp[0].lease_id)
+    sh = m.shards[(JOB, 0)]
+    assert sh.status == "open" and sh.audit and sh.accepted_lease is None
+    assert m.job_counts(JOB)["accepted"] == 0 and m.jobs[JOB].status == "live"
+    [gt] = [g for g in grants(ask(m, "T", 4, slots=2)) if g.shard == 0]
+    eff = result(m, gt, "T", b"good", at=5)
+    [gh] = [g for g in grants(ask(m, "h", 6)) if g.shard == 0]
+    eff += result(m, gh, "h", b"good", at=7)
+    [acc] = [e for e in eff if isinstance(e, S.ShardAccepted)]
+    assert (acc.shard, acc.digest) == (0, b"good".ljust(32, b"."))
+    assert {e.worker: e.claim for e in eff if isinstance(e, S.Excluded)} == {key("q"): "wrong_result"}
+    assert not [e for e in eff if isinstance(e, S.Pay) and e.worker in (key("p"), key("q"))]
+
+
+def test_the_publisher_audits_itself_when_it_has_no_other_trusted_machine():
+    own = key("P")
+    trust = T.TrustSettings(established_accepted=0, established_age_ms=0,
+                            trusted=frozenset({own}))
+    m = S.Scheduler(S.SchedulerSettings(cross_class_rate=0.0, recheck_cross_rate=0.0,
+                                        request_interval_ms=0, own_key=own, trust=trust),
+                    rng=random.Random(7))
+    m.handle(S.JobAdded(0, job(2, audit_rate=1.0)))
+    assert not m.audits_waiting()          # nothing issued yet: no shard drawn for an audit
+    audit = S.WorkRequested(0, own, "self", CLASS, 1000.0, 4, (JOB,), audit_only=True)
+    assert refused(m.handle(audit)) == "no_work"   # audits only: and none is drawn yet
+    [ga] = grants(ask(m, "a"))
+    assert m.audits_waiting()
+    [gown] = grants(m.handle(S.WorkRequested(1, own, "self", CLASS, 1000.0, 4, (JOB,),
+                                             audit_only=True)))
+    assert gown.shard == ga.shard and not m.audits_waiting()
+    [gb] = [g for g in grants(ask(m, "b", 2)) if g.shard == ga.shard]
+    eff = result(m, ga, "a", known_answer_ok=True) + result(m, gb, "b", at=3, known_answer_ok=True)
+    eff += m.handle(S.ResultArrived(4, gown.lease_id, own, b"good".ljust(32, b"."),
+                                    known_answer_ok=True))
+    assert any(isinstance(e, S.ShardAccepted) for e in eff)
+    assert {p.worker for p in eff if isinstance(p, S.Pay)} == {key("a"), key("b")}  # not own
+    assert m.jobs[JOB].paid == 10
+
+
 def test_failed_known_answer_excludes_with_evidence_and_refuses_further_requests():
     m = machine(trusted=["a", "b"])
     m.handle(S.JobAdded(0, job(2)))
