@@ -5,7 +5,9 @@ the mesh (`net.mesh`). It observes the car, feeds the policy, and carries out it
 `JoinMesh` starts a libp2p host after a random delay (`node.state_jitter_s`, so the public
 record is no precise log of when the car is home) and publishes the capacity record;
 `LeaveMesh` publishes a short-lived "leaving" record and then stops the host entirely, so
-an ineligible car holds no connection, sends no heartbeat and serves no DHT.
+an ineligible car holds no connection, sends no heartbeat and serves no DHT. A record never
+expires before one it replaces (`NodeState.next_record`): the leaving record lives at least
+as long as the last "available" one, so a replay of that one cannot bring the car back.
 
 While in the mesh the capacity record is republished every `records.republish_s` and on
 every state change. The owner controls the node through a unix socket (`p2pfleet.control`):
@@ -53,7 +55,7 @@ from .worker import Worker, WorkerSettings
 from .core.worker import HeardJob, hand_back_reason
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
 from .wire.envelope import seal
-from .wire.kinds import Capacity
+from .wire.kinds import KINDS, Capacity
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +220,13 @@ class Node:
     def capacity_record(self, state: str, lifetime_s: int) -> bytes:
         now = self.clock()
         hw = self.config.hardware
-        seq = self.state.next_sequence("capacity", int(now * 1000))
+        # exp never moves back: a replayed older record expires no later than this one
+        seq, exp = self.state.next_record("capacity", int(now * 1000), lifetime_s * 1000,
+                                          KINDS["capacity"].max_lifetime_ms)
         addrs = public_addrs(self.mesh.listen_addrs() if self.mesh else [],
                              self.config.node.publish_private_addrs)
         body = Capacity(
-            seq=seq, exp=int((now + lifetime_s) * 1000), sw_version=__version__, state=state,
+            seq=seq, exp=exp, sw_version=__version__, state=state,
             hw_class=self.hw_class, cores=hw.cores or (os.cpu_count() or 1),
             memory_mb=hw.memory_mb or memory_mb(),
             bench=float(f"{self.bench:.2g}"),  # coarse: a precise figure fingerprints the car
@@ -299,7 +303,8 @@ class Node:
             return None
         from .net.blobs import BlobService
 
-        service = BlobService(mesh, self.blob_cache, authorize=self.worker.authorize_blob)
+        service = BlobService(mesh, self.blob_cache, authorize=self.worker.authorize_blob,
+                              scores=self.worker.source_scores)
         service.install()
         return service  # its run() (re-announcing models) starts with the worker
 

@@ -1402,12 +1402,18 @@ exact body bytes:
     ["stale", "`seq` < held `seq`", "keep the held record; refuse the incoming one "
      "(`stale-record`: drop, do not penalise)"],
     ["equivocation", "equal `seq`, different body bytes", "keep the held record; the two "
-     "envelopes prove the signer signed two records with one number (misbehaviour)"],
+     "envelopes prove the signer signed two records with one number (misbehaviour): ban "
+     "the signer, never the peer that delivered either record"],
 ])}
+
+"Held" means the receiver's high-water mark for the stream: the highest `seq` it has seen
+in a record whose signature verified, expired records included, kept across restarts; a
+record below it is never accepted, stored or served.
 
 The `replay-record` and `records-not-deduplicated` vectors open records twice against one
 replay store and expect both to be accepted. Record lifetimes are at least
-{env.MIN_RECORD_LIFETIME_MS} ms (10x the allowed clock skew).
+{env.MIN_RECORD_LIFETIME_MS} ms (10x the allowed clock skew), and a record's `exp` is never
+earlier than that of a record it replaces (a replayed older record expires first).
 
 ## Key rotation
 

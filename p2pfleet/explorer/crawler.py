@@ -16,11 +16,15 @@ so it takes no work and is dialled by nobody. One `crawl()`:
 4. jobs and publisher evidence are heard all the time on the jobs and evidence topics.
 
 State is kept across crawls (`--watch`, `--serve`): peers seen before and now gone are shown
-offline, and a record replaced by another with the same `seq` is equivocation too.
+offline, and a record replaced by another with the same `seq` is equivocation too. The
+newest record seen per peer is its high-water mark (in memory, or in a node state file when
+one is given): a copy with a lower `seq` (a replay of an old "available" record after the
+car left) never replaces it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -31,13 +35,16 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.custom_types import TProtocol
 
+from ..core.records import mark_keep_until
 from ..identity import Identity, peer_id_from_key
 from ..names import Names
 from ..net import dht_lookup
 from ..net.info import fetch_node_info
 from ..net.mesh import Mesh, MeshError, MeshSettings
+from ..store.state import NodeState, RecordMark
 from ..wire import errors as E
-from ..wire.envelope import MAX_CLOCK_SKEW_MS, open_envelope
+from ..wire.envelope import MAX_CLOCK_SKEW_MS, Opened, open_envelope
+from ..wire.kinds import KINDS
 from .evidence import EvidenceRefused, Finding, check_copies, equivocation_between, open_publisher_evidence
 from .model import ONLINE_STATES, History, JobView, PeerView, Snapshot, capacity_now
 
@@ -71,7 +78,8 @@ class CrawlSettings:
 
 
 class Crawler:
-    def __init__(self, settings: CrawlSettings, *, clock: Any = time.time):
+    def __init__(self, settings: CrawlSettings, *, clock: Any = time.time,
+                 state: NodeState | None = None):
         self.settings = settings
         self.names = Names(settings.network)
         self.clock = clock
@@ -79,9 +87,10 @@ class Crawler:
         self.identity = Identity.from_seed(self.rng.randbytes(32))
         self.mesh = Mesh(self.identity, MeshSettings(
             network=settings.network, listen=(), bootstrap=settings.bootstrap,
-            dht_mode="client", seed=settings.seed))
+            dht_mode="client", seed=settings.seed), state, clock=clock)
         self.peers: dict[str, PeerView] = {}
-        self.held: dict[str, Any] = {}        # peer id -> newest valid record seen
+        # key -> newest valid record seen (its high-water mark)
+        self.marks = self.mesh.marks  # the state's table, or memory
         self.jobs: dict[tuple[str, str], JobView] = {}
         self.findings: dict[tuple, Finding] = {}
         self.rejected_reports: list[str] = []
@@ -267,7 +276,7 @@ class Crawler:
             self.findings.setdefault(finding.key(), finding)
         view.copies = len(copies)
         newest = check.newest
-        held = self.held.get(pid)
+        held = self._held(pid)
         if newest is not None and held is not None:
             finding = equivocation_between(pid, held, newest)
             if finding is not None:
@@ -280,7 +289,7 @@ class Crawler:
             else:
                 view.state, view.why_offline = "offline", "no record"
             return
-        self.held[pid] = newest
+        self._hold(pid, newest, now_ms)
         body = newest.body
         view.sw_version, view.ort_version = body.sw_version, body.ort_version
         view.hw_class, view.cores, view.memory_mb = body.hw_class.hex(), body.cores, body.memory_mb
@@ -294,6 +303,22 @@ class Crawler:
         else:
             view.state, view.why_offline = body.state, None
             view.last_seen = self.clock()
+
+    def _held(self, pid: str) -> Opened | None:
+        mark = self.marks.record_mark(self.names.node_key(pid))
+        if mark is None:
+            return None
+        try:
+            return open_envelope(mark.envelope, self.names.network, kinds={"capacity"})
+        except E.WireError:
+            return None
+
+    def _hold(self, pid: str, newest: Opened, now_ms: int) -> None:
+        body = newest.body
+        keep = mark_keep_until(body.seq, body.exp, now_ms, KINDS["capacity"].max_lifetime_ms,
+                               MAX_CLOCK_SKEW_MS)
+        self.marks.raise_mark(self.names.node_key(pid), RecordMark(
+            body.seq, hashlib.sha256(newest.body_bytes).digest(), newest.raw, keep))
 
     async def _probe(self, pid: str) -> None:
         view = self.peers[pid]

@@ -9,7 +9,9 @@ connection: a node that leaves the mesh holds none.
 What arrives from the network is checked by p2pfleet.wire before use; each offence goes to
 `core.reputation`, whose bans are persisted in the node state, fed into GossipSub's
 application score and enforced by a connection gate, so a punished peer does not come back
-clean by reconnecting.
+clean by reconnecting. DHT records are ordered against per-key high-water marks kept in the
+node state (net/dht_records.py): an older record is neither stored nor served, and two
+different records with one sequence number ban their signer.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ from libp2p.tools.anyio_service import background_trio_service
 from ..core.reputation import Reputation
 from ..identity import Identity
 from ..names import Names
-from ..store.state import NodeState
+from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
 from . import dht_lookup, dht_providers, libp2p_fixes
-from .dht_records import FleetRecordValidator, RecordRejected
+from .dht_records import (
+    FleetRecordValidator,
+    RecordEquivocation,
+    RecordRejected,
+    RecordStale,
+    guard_served_values,
+)
 from .gossip import (
     GOSSIP_PROTOCOLS,
     MAX_GOSSIP_RPC,
@@ -55,6 +63,8 @@ from .gossip import (
 )
 
 log = logging.getLogger(__name__)
+
+MARK_PRUNE_S = 600.0  # forget record marks that protect nothing any more this often
 
 
 class MeshError(Exception):
@@ -144,7 +154,9 @@ class Mesh:
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
-        self.record_validator = FleetRecordValidator(self.names, clock)
+        self.marks = state if state is not None else MemoryMarks()
+        self.record_validator = FleetRecordValidator(self.names, clock, marks=self.marks,
+                                                     on_equivocation=self._on_equivocation)
         self.job_validator = JobTopicValidator(settings.network, clock=clock)
         if state is not None:
             for peer, until, _reason in state.active_bans(clock()):
@@ -201,6 +213,18 @@ class Mesh:
         offence = "stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT else "protocol-error"
         self.penalize(peer, offence, f"{protocol}: {reason}")
 
+    def _on_equivocation(self, signer: str, key: str, held: bytes, new: bytes) -> None:
+        """Two different records with one seq, both signed by `signer`: the signer is
+        banned (whoever forwarded them is not at fault: relays cannot know)."""
+        if self.is_banned(signer):
+            return
+        try:
+            peer: Any = ID.from_base58(signer)
+        except Exception:  # noqa: BLE001 - the validator checked it; keep the text then
+            peer = signer
+        self.penalize(peer, "equivocation",
+                      f"{key[:80]}: two records with one seq ({len(held)} and {len(new)} bytes)")
+
     def _count_ignored(self) -> None:
         self.stats.ignored_messages += 1
 
@@ -248,6 +272,8 @@ class Mesh:
                 return None  # not a record type we know (a newer node's?): refused, unpunished
             try:
                 self.record_validator.validate(key, value)
+            except (RecordStale, RecordEquivocation):
+                return None  # refused; a forwarder of an old or a signer's double is not at fault
             except RecordRejected as exc:
                 return str(exc)
             return None
@@ -272,6 +298,7 @@ class Mesh:
         mode = DHTMode.CLIENT if self.settings.dht_mode == "client" else DHTMode.SERVER
         validator = NamespacedValidator({"p2pfleet": self.record_validator}, strict_validation=True)
         dht = KadDHT(host, mode, validator=validator, validator_changed=True, strict_validation=True)
+        guard_served_values(dht.value_store, self.record_validator)
         pubsub.set_topic_validator(self.names.topic("jobs"), self._validate_job, False)
         libp2p_fixes.add_validation_ignore(  # fix 10
             pubsub, self.names.topic("jobs"), over_rate_filter(
@@ -293,6 +320,7 @@ class Mesh:
                     nursery.start_soon(self._receive_jobs, jobs_sub)
                     if self.settings.bootstrap:
                         nursery.start_soon(self._bootstrap_loop)
+                    nursery.start_soon(self._forget_marks)
                     task_status.started(self)
                     try:
                         await trio.sleep_forever()
@@ -300,6 +328,11 @@ class Mesh:
                         self.host = self.dht = self.pubsub = None
                         nursery.cancel_scope.cancel()
                         await _close_swarm(host)
+
+    async def _forget_marks(self) -> None:
+        while True:
+            self.marks.forget_marks(int(self.clock() * 1000))
+            await trio.sleep(MARK_PRUNE_S)
 
     def _connection_config(self) -> ConnectionConfig:
         # py-libp2p's defaults keep >= 50 connections and dial up to 200 known peers every

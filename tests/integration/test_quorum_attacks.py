@@ -148,3 +148,55 @@ async def test_throwaway_identities_on_one_address_cannot_fail_a_job(tmp_path):
             assert_matches_local(pub.outputs(job))
             nursery.cancel_scope.cancel()
         pub.close()
+
+
+async def test_colluding_established_identities_are_caught_by_the_publishers_own_audits(tmp_path):
+    """Issue 12, class 4: two colluders in two /24s, established, report the same wrong
+    outputs (fp16 weights) on every shard; the publisher has no trusted workers and audits
+    shards itself (every shard here, so the test does not depend on which shards the
+    colluders draw; reopening after an exclusion and the audit rate are covered by
+    tests/unit/test_scheduler.py and the scheduler simulation). Nothing wrong is accepted,
+    both are excluded with `wrong_result` evidence, and the job completes with the honest
+    outputs. Fails on a publisher without audits: the colluders' quorum is accepted."""
+    import random
+
+    from p2pfleet.core import trust as T
+    from p2pfleet.wire.envelope import open_envelope
+
+    addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1", "127.0.3.1", "127.0.4.1"]
+    async with hosts(addrs) as (pm, h1m, h2m, c1m, c2m):
+        honest = [TestWorker.start(h1m, tmp_path / "h1"), TestWorker.start(h2m, tmp_path / "h2")]
+        colluders = [TestWorker.start(c1m, tmp_path / "c1", cheat="fp16"),
+                     TestWorker.start(c2m, tmp_path / "c2", cheat="fp16")]
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        settings = pub_settings()
+        quick = T.TrustSettings(established_accepted=0, established_age_ms=0)  # demo settings
+        settings = type(settings)(**{**settings.__dict__, "scheduler": type(settings.scheduler)(
+            **{**settings.scheduler.__dict__, "trust": quick})})
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs, settings=settings,
+                        rng=random.Random(12))
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec(known_answer_rate=0.0, recheck_rate=0.0, audit_rate=1.0))
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            for w in colluders:  # the colluders ask first and get the first replicas
+                nursery.start_soon(keep_working, w, pid, done)
+            await wait_until(lambda: all(w.results for w in colluders), timeout=20)
+            for w in honest:
+                nursery.start_soon(keep_working, w, pid, done)
+            st = await finish(pub, job, honest + colluders, timeout=60)
+            assert st.accepted == 4 and st.failed == 0
+            assert_matches_local(pub.outputs(job))
+            bad = {c1m.identity.public_key, c2m.identity.public_key}
+            claims = {accused: claim for accused, claim, _env in pub.store.evidence(job)}
+            assert claims == {k: "wrong_result" for k in bad}
+            for accused, _claim, env in pub.store.evidence(job):
+                proof = open_envelope(open_envelope(env, NETWORK).body.proofs[0], NETWORK)
+                assert proof.signer == accused and proof.kind == "result"
+            for i in range(4):  # every accepted shard's quorum holds the publisher's audit
+                accepted = pub.sched.leases[pub.sched.shards[(job, i)].accepted_lease]
+                assert accepted.worker not in bad
+            nursery.cancel_scope.cancel()
+        pub.close()
