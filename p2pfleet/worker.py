@@ -133,8 +133,7 @@ class Worker:
         self.mesh: Mesh | None = None
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
-        self._output_owner: dict[bytes, str] = {}
-        self._cancelled: set[tuple[bytes, bytes, bytes]] = set()  # (publisher, job, lease or b"")  # outputs blob digest -> publisher peer id
+        self._output_owner: dict[bytes, str] = {}  # outputs blob digest -> publisher peer id
 
     def poke(self) -> None:
         """A job announcement was heard: look for work now."""
@@ -311,6 +310,8 @@ class Worker:
                 self.ledger.set_status(row.lease.lease_id, "expired", now_ms)
                 continue
             await self._allowed.wait()
+            if self._was_cancelled(row.lease, row.publisher):
+                continue  # cancelled while the node waited to compute
             await self._run_lease(row.lease, row.publisher)
 
     # --- running a lease -----------------------------------------------------------------
@@ -595,28 +596,36 @@ class Worker:
         if opened.kind == "receipt":
             ok = self._take_receipt(raw, peer)
         else:
-            ok = self._cancel(opened.signer, opened.body)
+            ok = self._cancel(opened.signer, opened.body, peer)
         if ok:
             await streams.close_quietly(stream)
         else:
             await streams.reset_quietly(stream)
 
     def _was_cancelled(self, lease: Any, publisher: bytes) -> bool:
-        """A queued lease its publisher cancelled before it started."""
-        return ((publisher, lease.job_id, b"") in self._cancelled
-                or (publisher, lease.job_id, lease.lease_id) in self._cancelled)
+        """A queued lease its publisher cancelled before it started (the ledger says so)."""
+        row = self.ledger.lease(lease.lease_id)
+        return row is not None and row.publisher == publisher and row.status == "cancelled"
 
-    def _cancel(self, publisher: bytes, body: Cancel) -> bool:
-        wanted = set(body.lease_ids)
-        for lease_id in wanted or {b""}:
-            self._cancelled.add((publisher, body.job_id, lease_id))
-        for lease_id, running in self.running.items():
-            if running.publisher != publisher or running.lease.job_id != body.job_id:
-                continue
-            if wanted and lease_id not in wanted:
-                continue
-            running.cancelled = True
-            running.stop.set()
+    def _cancel(self, signer: bytes, body: Cancel, peer: str) -> bool:
+        """Stop the leases `signer` issued to us that the cancel names; False (drop it,
+        penalise the peer) if it names none of them. Nothing is kept for a cancel: a queued
+        lease is marked in the ledger row it already has, a running one is stopped."""
+        try:
+            targets = rules.leases_to_cancel(body.job_id, body.lease_ids,
+                                             self.ledger.job_leases(signer, body.job_id))
+        except rules.CancelRefused as exc:
+            if self.mesh is not None:
+                self.mesh.penalize(peer, "invalid-message", f"notice: {exc.reason}")
+            return False
+        now_ms = int(self.clock() * 1000)
+        for lease_id in targets:
+            running = self.running.get(lease_id)
+            if running is not None:
+                running.cancelled = True  # _run_lease marks it cancelled when the child stops
+                running.stop.set()
+            else:
+                self.ledger.set_status(lease_id, "cancelled", now_ms)
             self.note(f"lease {lease_id.hex()[:16]} cancelled by its publisher: {body.reason}")
         return True
 

@@ -3,9 +3,11 @@
 The owner's view of the node's ledger (specs/credit.md, section 4): per publisher, credit
 promised, paid and unpaid in that publisher's own units (never summed across publishers),
 results, compute time and energy, overall and per day. Every stored receipt's signature is
-checked again on each run. An export holds each receipt's fields and its complete signed
-envelope (hex), so anyone with the publisher's public key can verify it offline, as
-`p2pfleet ledger verify FILE` does.
+checked again on each run, and that it pays this node. An export holds each receipt's fields
+and its complete signed envelope (hex), and names the worker that exported it (with the key
+rotation statements linking its older keys), so anyone with the publisher's public key can
+verify it offline, as `p2pfleet ledger verify FILE` does: a receipt that pays another
+worker is no part of the exporter's contribution and fails.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -25,9 +28,11 @@ from ..identity import key_from_peer_id, peer_id_from_key
 from .app import App, CliError, json_option, pass_app
 from .cmd_key import iso_ms
 
-EXPORT_FORMAT = "p2pfleet-receipts-1"
+EXPORT_FORMAT = "p2pfleet-receipts-2"  # 2: names the exporting worker and its rotations
+OLD_FORMATS = ("p2pfleet-receipts-1",)  # readable, with --worker (they name no worker)
 EXPORT_COLUMNS = ("publisher", "publisher_key", "network", "lease_id", "job_id", "shard",
-                  "worker", "output_digest", "credit", "at_ms", "at", "received_ms", "envelope")
+                  "worker", "output_digest", "credit", "at_ms", "at", "received_ms", "envelope",
+                  "exported_by")
 MAX_EXPORT_FILE = 256 * 1024 * 1024
 
 
@@ -68,7 +73,71 @@ def check_envelope(envelope: bytes, network: str, claimed: dict[str, Any]) -> Ch
     return Checked({**claimed, **actual}, None)
 
 
-def _stored_rows(ledger: Any, publisher: bytes | None) -> list[Checked]:
+@dataclass(frozen=True)
+class Export:
+    """A receipts export as read: its rows, the worker that exported it (None: not named,
+    an export of format 1) and the key rotation statements it carries."""
+
+    rows: list[dict[str, Any]]
+    worker: str | None
+    rotations: list[bytes]
+
+
+def _rotation_edges(statements: Iterable[bytes], networks: set[str]) -> list[tuple[bytes, bytes]]:
+    """(old key, new key) of each key rotation statement; CliError for one that does not
+    verify on any of `networks`."""
+    from ..wire.envelope import open_envelope
+    from ..wire.errors import WireError
+    from ..wire.rotation import check_rotation
+
+    edges = []
+    for i, statement in enumerate(statements, start=1):
+        why = "no network to check it on"
+        for network in sorted(networks):
+            try:
+                opened = open_envelope(statement, network, kinds={"key_rotation"})
+                edges.append((opened.signer, check_rotation(opened).new_key))
+                break
+            except WireError as exc:
+                why = str(exc)
+        else:
+            raise CliError(f"key rotation statement {i} does not verify: {why}")
+    return edges
+
+
+def _foreign(checked: Checked, keys: frozenset[bytes], exporter: str) -> Checked:
+    """`checked`, failed if its receipt pays another worker than `exporter` (whose `keys`
+    are its key and the keys it rotated from)."""
+    if checked.error:
+        return checked
+    named = checked.row["worker"]
+    if key_from_peer_id(named) in keys:
+        return checked
+    return Checked(checked.row, f"receipt for lease {checked.row['lease_id']} names worker "
+                                f"{named}, not the exporting worker {exporter}"
+                                + (" nor a key it rotated from" if len(keys) > 1 else ""))
+
+
+def _own_keys(dd: Any, network: str) -> tuple[str | None, list[bytes], frozenset[bytes]]:
+    """This node's peer id, its key rotation statements and the keys it was paid under."""
+    from ..core.credit import worker_keys
+
+    me = dd.peek_key()
+    if me is None:
+        return None, [], frozenset()
+    statements = []
+    if dd.rotations_dir.is_dir():
+        statements = [f.read_bytes() for f in sorted(dd.rotations_dir.glob("*.bin"))]
+    try:
+        edges = _rotation_edges(statements, {network})
+    except CliError:
+        edges = []  # a damaged statement links nothing (receipts of that key then fail)
+        statements = []
+    return me.peer_id, statements, worker_keys(me.public_key, edges)
+
+
+def _stored_rows(ledger: Any, publisher: bytes | None, exporter: str | None = None,
+                 keys: frozenset[bytes] = frozenset()) -> list[Checked]:
     out = []
     for r in ledger.receipt_rows(publisher):
         claimed = {
@@ -78,7 +147,8 @@ def _stored_rows(ledger: Any, publisher: bytes | None) -> list[Checked]:
             "output_digest": r.output_digest.hex(), "credit": r.credit, "at_ms": r.at_ms,
             "at": iso_ms(r.at_ms), "received_ms": r.received_ms, "envelope": r.envelope.hex(),
         }
-        out.append(check_envelope(r.envelope, r.network, claimed))
+        checked = check_envelope(r.envelope, r.network, claimed)
+        out.append(_foreign(checked, keys, exporter) if exporter else checked)
     return out
 
 
@@ -118,8 +188,9 @@ def _publisher_key(peer_id: str | None) -> bytes | None:
         raise click.BadParameter(str(exc), param_hint="--publisher") from None
 
 
-def _export(rows: list[Checked], fmt: str, out: Path) -> None:
-    good = [c.row for c in rows]
+def _export(rows: list[Checked], fmt: str, out: Path, exporter: str | None,
+            rotations: list[bytes]) -> None:
+    good = [{**c.row, "exported_by": exporter or ""} for c in rows]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
@@ -130,8 +201,9 @@ def _export(rows: list[Checked], fmt: str, out: Path) -> None:
         grouped: dict[str, list[dict[str, Any]]] = {}
         for row in good:
             grouped.setdefault(row["publisher"], []).append(
-                {k: row[k] for k in EXPORT_COLUMNS if k != "publisher"})
-        data = json.dumps({"format": EXPORT_FORMAT,
+                {k: row[k] for k in EXPORT_COLUMNS if k not in ("publisher", "exported_by")})
+        data = json.dumps({"format": EXPORT_FORMAT, "worker": exporter,
+                           "rotations": [r.hex() for r in rotations],
                            "note": "credit units of different publishers are different "
                                    "currencies: never add them up",
                            "publishers": [{"publisher": p, "receipts": rs}
@@ -165,16 +237,17 @@ def ledger_group(ctx: click.Context, app: App, publisher_id: str | None,
     dd = app.data_dir.open(create=False, lock=False)
     now_ms = int(time.time() * 1000)
     tz_offset_s = time.localtime().tm_gmtoff
+    me, rotations, keys = _own_keys(dd, app.config().node.network)
     if dd.ledger_file.exists():
         with Ledger(dd.ledger_file) as ledger:
             summaries = [s for s in ledger.summary(now_ms, tz_offset_s=tz_offset_s)
                          if publisher is None or s.publisher == publisher]
-            checked = _stored_rows(ledger, publisher)
+            checked = _stored_rows(ledger, publisher, me, keys)
     else:
         summaries, checked = [], []
     failed = [c for c in checked if c.error]
     if export_fmt is not None and out is not None:
-        _export(checked, export_fmt, out)
+        _export(checked, export_fmt, out, me, rotations)
     data = {
         "ledger": str(dd.ledger_file),
         "note": "credit is in each publisher's own units; never add them up",
@@ -234,7 +307,7 @@ def _print_table(data: dict[str, Any]) -> None:
         con.print(f"exported {x['receipts']} receipts as {x['format']} to {x['file']}")
 
 
-def _read_export(file: Path) -> list[dict[str, Any]]:
+def _read_export(file: Path) -> Export:
     with open(file, "rb") as fh:
         raw = fh.read(MAX_EXPORT_FILE + 1)
     if len(raw) > MAX_EXPORT_FILE:
@@ -243,10 +316,15 @@ def _read_export(file: Path) -> list[dict[str, Any]]:
     if text.lstrip().startswith("{"):
         try:
             doc = json.loads(text)
-            if doc.get("format") != EXPORT_FORMAT:
+            if doc.get("format") not in (EXPORT_FORMAT, *OLD_FORMATS):
                 raise ValueError(f"format is {doc.get('format')!r}, expected {EXPORT_FORMAT!r}")
-            return [{"publisher": group["publisher"], **r}
+            worker = doc.get("worker") if doc["format"] == EXPORT_FORMAT else None
+            if worker is not None and not isinstance(worker, str):
+                raise ValueError("'worker' is not a peer id")
+            rotations = [bytes.fromhex(r) for r in doc.get("rotations") or []]
+            rows = [{"publisher": group["publisher"], **r}
                     for group in doc["publishers"] for r in group["receipts"]]
+            return Export(rows, worker, rotations)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CliError(f"{file}: not a receipts export ({exc})") from None
     try:
@@ -259,24 +337,66 @@ def _read_export(file: Path) -> list[dict[str, Any]]:
     for i, row in enumerate(rows, start=2):
         if "envelope" not in row or "network" not in row:
             raise CliError(f"{file}: line {i}: no 'envelope' or 'network' column")
-    return rows
+    # Every row names the exporter; a row naming another was not exported with the rest.
+    worker = (rows[0].get("exported_by") or None) if rows else None
+    return Export(rows, worker, [])
+
+
+def _exporter(export: Export, file: Path, worker_option: str | None) -> tuple[str, bytes]:
+    """The worker whose contribution the export is, as peer id and key."""
+    worker = export.worker
+    if worker_option is not None and worker is not None and worker_option != worker:
+        raise CliError(f"{file} was exported by {worker}, not by {worker_option}")
+    worker = worker or worker_option
+    if worker is None:
+        raise CliError(f"{file} does not name the worker that exported it (an export of an "
+                       "older version): give --worker PEER_ID")
+    try:
+        return worker, key_from_peer_id(worker)
+    except ValueError as exc:
+        raise CliError(f"{file}: the exporting worker {worker!r} is not a peer id ({exc})") from None
 
 
 @ledger_group.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--worker", "worker_option", default=None, metavar="PEER_ID",
+              help="The worker whose contribution this must be (required for exports that "
+                   "do not name it).")
+@click.option("--rotation", "rotation_files", multiple=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="A key rotation statement of the worker (repeatable): receipts paying a "
+                   "key it rotated from count too. JSON exports carry them already.")
 @json_option
 @pass_app
-def ledger_verify(app: App, file: Path) -> None:
-    """Verify an exported receipts file offline: every signature, and that each row's
-    fields are the signed ones. Needs no data dir and no network."""
+def ledger_verify(app: App, file: Path, worker_option: str | None,
+                  rotation_files: tuple[Path, ...]) -> None:
+    """Verify an exported receipts file offline: every signature, that each row's fields
+    are the signed ones, and that every receipt pays the worker that exported it (its key
+    or one it rotated from). Needs no data dir and no network."""
+    from ..core.credit import worker_keys
+    from ..wire.envelope import MAX_ENVELOPE
+
+    export = _read_export(file)
+    exporter, exporter_key = _exporter(export, file, worker_option)
+    statements = list(export.rotations)
+    for f in rotation_files:
+        with open(f, "rb") as fh:
+            statements.append(fh.read(MAX_ENVELOPE + 1))
+    networks = {str(row.get("network", "")) for row in export.rows}
+    keys = worker_keys(exporter_key, _rotation_edges(statements, networks))
     checked = []
-    for row in _read_export(file):
+    for row in export.rows:
+        if export.worker is not None and str(row.get("exported_by", export.worker)) != export.worker:
+            checked.append(Checked(row, f"receipt for lease {row.get('lease_id')} was exported "
+                                        f"by {row.get('exported_by')}, the rest by {export.worker}"))
+            continue
         try:
             envelope = bytes.fromhex(str(row.get("envelope", "")))
         except ValueError:
             checked.append(Checked(row, "envelope is not hex"))
             continue
-        checked.append(check_envelope(envelope, str(row.get("network", "")), row))
+        checked.append(_foreign(check_envelope(envelope, str(row.get("network", "")), row),
+                                keys, exporter))
     failed = [c for c in checked if c.error]
     per: dict[str, dict[str, int]] = {}
     best: dict[tuple[str, str], int] = {}
@@ -290,14 +410,16 @@ def ledger_verify(app: App, file: Path) -> None:
     for (pub, _), credit in best.items():
         per[pub]["credit"] += credit
     data = {
-        "file": str(file), "receipts": len(checked), "valid": len(checked) - len(failed),
+        "file": str(file), "worker": exporter,
+        "receipts": len(checked), "valid": len(checked) - len(failed),
         "publishers": [{"publisher": p, **v} for p, v in per.items()],
         "failed": [{"lease_id": c.row.get("lease_id"), "publisher": c.row.get("publisher"),
-                    "error": c.error} for c in failed],
+                    "worker": c.row.get("worker"), "error": c.error} for c in failed],
     }
 
     def human() -> None:
-        click.echo(f"{data['valid']} of {data['receipts']} receipts in {file} verify")
+        click.echo(f"{data['valid']} of {data['receipts']} receipts in {file} verify as "
+                   f"the contribution of worker {exporter}")
         for p in data["publishers"]:
             click.echo(f"  {p['publisher']}: {p['receipts']} receipts, {p['credit']} credit "
                        f"units of this publisher (highest receipt per lease)")

@@ -10,6 +10,8 @@
 - `retry_delay_s`: the back-off between delivery attempts of a result, failure or
   hand-back, 60 s doubling to 4 h, with jitter drawn from the caller's rng.
 - `local_day`: the owner's calendar day of an instant, for per-day ledger rows.
+- `worker_keys`: the keys a worker was paid under (its own and those it rotated from), which
+  every receipt of its exported ledger must name (credit.md, section 4).
 
 No clock, no randomness of its own, no I/O: times and the rng come from the caller, so the
 simulator replays the same decisions.
@@ -195,6 +197,21 @@ def may_request(owed: Unpaid, *, cap_credit: int,
     return cap_reason(owed, cap_credit=cap_credit, cap_elapsed_ms=cap_elapsed_ms) is None
 
 
+def worker_keys(worker: bytes, rotations: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The keys `worker` was paid under: itself and every key that rotated to it, directly
+    or through a chain. `rotations` are verified (old key, new key) statements."""
+    edges = list(rotations)
+    keys = {worker}
+    grown = True
+    while grown:
+        grown = False
+        for old, new in edges:
+            if new in keys and old not in keys:
+                keys.add(old)
+                grown = True
+    return frozenset(keys)
+
+
 def retry_delay_s(attempts: int, rng: random.Random, *, base_s: float = RETRY_BASE_S,
                   max_s: float = RETRY_MAX_S) -> float:
     """Seconds to wait before the next delivery attempt, after `attempts` failed ones.
@@ -225,5 +242,5 @@ __all__ = [
     "CHECK_SIGNER", "CHECK_WORKER", "DEFAULT_CAP_ELAPSED_MS", "Delivery", "HeldLease",
     "Payment", "RETRY_BASE_S", "RETRY_MAX_S", "ReceiptRefused", "Unpaid", "WINDOW_MS",
     "cap_reason", "check_receipt", "in_window", "local_day", "may_request", "paid_per_lease",
-    "retry_delay_s", "unpaid",
+    "retry_delay_s", "unpaid", "worker_keys",
 ]

@@ -11,7 +11,8 @@ specs/work-and-leases.md, sections 2-3:
   (BOINC's scheduler back-off), never before its `retry_after_ms`;
 - check every lease batch before holding a lease: the publisher signed it, it answers our
   request, it is for us, it is not bigger than asked, every lease is for a job that
-  publisher announced, runnable here (micro-batch count, first batch, onnxruntime range).
+  publisher announced, runnable here (micro-batch count, first batch, onnxruntime range);
+- obey a `cancel` only for leases its signer issued to this node (`leases_to_cancel`).
 """
 
 from __future__ import annotations
@@ -207,6 +208,43 @@ def check_lease_batch(signer: bytes, body: object, *, publisher: bytes, req_id: 
     return list(body.leases)
 
 
+OPEN_LEASE_STATUSES = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class LeaseStatus:
+    """A lease the node holds, as its ledger has it (queued, running, done, ...)."""
+
+    lease_id: bytes
+    status: str
+
+
+class CancelRefused(Exception):
+    """A `cancel` that is not its leases' publisher's: drop it, keep nothing, penalise."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def leases_to_cancel(job_id: bytes, lease_ids: Sequence[bytes],
+                     from_signer: Iterable[LeaseStatus]) -> tuple[bytes, ...]:
+    """The leases a `cancel` for `job_id` stops (work-and-leases.md, section 8).
+
+    `from_signer` are the leases of `job_id` the node holds from the cancel's signer. The
+    cancel names `lease_ids` (empty: the whole job). Only the signer's own leases count: if
+    it names none of them it is not their publisher's (CancelRefused). Of those it names,
+    the queued and running ones are stopped; finished ones are left alone (a cancel that
+    crossed their result is no fault)."""
+    named = set(lease_ids)
+    held = [lease for lease in from_signer if not named or lease.lease_id in named]
+    if not held:
+        what = f"{len(named)} leases" if named else "the whole job"
+        raise CancelRefused(f"cancel of {what} of job {job_id.hex()}: none of them is a lease "
+                            "the signer issued to this node")
+    return tuple(lease.lease_id for lease in held if lease.status in OPEN_LEASE_STATUSES)
+
+
 def fetch_time_s(lease: object) -> float:
     """How long fetching a lease's model and input may keep being retried, seconds."""
     return lease.deadline_ms / 1000.0 * FETCH_SHARE
@@ -233,4 +271,5 @@ def cannot_run(lease: object, *, ort_version: str, max_model_bytes: int,
 
 __all__ = ["Offer", "HeardJob", "LeaseRefused", "PublisherBackoff", "unmet_requirement",
            "eligible_publishers", "choose_job", "check_lease_batch", "cannot_run", "ort_allowed",
-           "fetch_time_s", "hand_back_reason"]
+           "fetch_time_s", "hand_back_reason", "LeaseStatus", "CancelRefused", "leases_to_cancel",
+           "OPEN_LEASE_STATUSES"]

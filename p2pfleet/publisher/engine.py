@@ -17,6 +17,11 @@ Violations: an envelope that does not open, a signer that is not the stream's re
 a report about a lease not issued to it: reset and `mesh.penalize`. A well-formed result
 that fails the publisher's own checks (digests, known answers) is stored, counted against
 the worker's trust and acknowledged, so the worker stops resending it.
+
+Replays (specs/identity-and-wire.md, section 10): the message ids of work requests and of
+result / failed / hand_back reports go into the job store's replay store. A work request
+seen before gets no answer (reset, no lease); a report seen before is acknowledged as the
+first time and not taken again. Neither is penalised.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from ..identity import Identity, peer_id_from_key
 from ..net import streams
 from ..net.mesh import Mesh, MeshError
 from ..store.jobs import JobStore
-from ..wire.envelope import open_envelope, seal
-from ..wire.errors import WireError
+from ..wire.envelope import KEEP_UNTIL_MAX, MAX_CLOCK_SKEW_MS, open_envelope, seal
+from ..wire.errors import Replay, WireError
 from ..wire.kinds import (
     KINDS,
     Cancel,
@@ -67,6 +72,7 @@ from .jobs import BuiltJob, JobSpec, JobSpecError, build_job, check_result_outpu
 log = logging.getLogger(__name__)
 
 REPORT_KINDS = {"progress", "hand_back", "result", "failed"}
+DEDUP_REPORT_KINDS = {"hand_back", "result", "failed"}  # progress changes nothing
 REQUEST_CAP = KINDS["work_request"].max_body + streams.FRAME_OVERHEAD
 REPORT_CAP = KINDS["result"].max_body + streams.FRAME_OVERHEAD
 MAX_RECEIPTS_PER_ANSWER = 64
@@ -152,7 +158,8 @@ class Publisher:
         self._last_ms = 0
         self._stopped = False
         self._nursery: trio.Nursery | None = None
-        self.stats = {"requests": 0, "leases_sent": 0, "results": 0, "refused": 0}
+        self.stats = {"requests": 0, "leases_sent": 0, "results": 0, "refused": 0, "replays": 0}
+        self._reports_in_flight: set[bytes] = set()  # message ids being taken (bounded by streams)
         self._prev_authorize = getattr(blobs, "authorize", None) if blobs is not None else None
         if isinstance(getattr(self._prev_authorize, "__self__", None), Publisher):
             self._prev_authorize = None  # an earlier engine of this store, not another service
@@ -362,6 +369,7 @@ class Publisher:
         while True:
             await trio.sleep(self.settings.tick_interval_s)
             self._run_event(S.Tick(self._now()))
+            self.store.forget_seen(self._now())
 
     # --- announcements -----------------------------------------------------------------
     def _addrs(self) -> tuple[str, ...]:
@@ -477,6 +485,15 @@ class Publisher:
             self.mesh.penalize(peer, "invalid-message", "work request signed by another peer")
             await streams.reset_quietly(stream)
             return
+        # Remembered only now, from its signer: a copy relayed by another peer first must
+        # not make the genuine request a replay. An honest worker draws a fresh req_id for
+        # every request, so a replay gets no answer at all (and no penalty).
+        if not self.store.remember(opened.msg_id, _keep_until(opened), self._now()):
+            log.info("work request from %s refused: %s", peer, Replay(
+                "envelope", f"work_request {opened.msg_id.hex()[:16]} was seen before"))
+            self.stats["replays"] += 1
+            await streams.reset_quietly(stream)
+            return
         self.stats["requests"] += 1
         req = opened.body
         now = self._now()
@@ -551,16 +568,33 @@ class Publisher:
             self.mesh.penalize(peer, "invalid-message", f"{opened.kind} signed by another peer")
             await streams.reset_quietly(stream)
             return
-        try:
-            await self._report(opened, raw, str(peer))
-        except S.PeerViolation as exc:
-            self.mesh.penalize(peer, exc.penalty, f"{opened.kind}: {exc.why}")
-            await streams.reset_quietly(stream)
+        # Reports that change state are remembered once taken (not before: a report not
+        # taken, e.g. its outputs blob unreachable, must be taken when resent). A replay is
+        # answered as the first time (a clean close, pending receipts), never run again.
+        dedup = opened.kind in DEDUP_REPORT_KINDS
+        if dedup and self.store.seen(opened.msg_id):
+            log.info("%s from %s acknowledged again, not taken again: %s", opened.kind, peer,
+                     Replay("envelope", f"{opened.kind} {opened.msg_id.hex()[:16]} was seen before"))
+            self.stats["replays"] += 1
+        elif opened.msg_id in self._reports_in_flight:
+            await streams.reset_quietly(stream)  # a copy is being taken: the worker retries
             return
-        except _Unavailable as exc:  # not the worker's fault: it retries later
-            log.info("report from %s not taken: %s", peer, exc)
-            await streams.reset_quietly(stream)
-            return
+        else:
+            self._reports_in_flight.add(opened.msg_id)
+            try:
+                await self._report(opened, raw, str(peer))
+            except S.PeerViolation as exc:
+                self.mesh.penalize(peer, exc.penalty, f"{opened.kind}: {exc.why}")
+                await streams.reset_quietly(stream)
+                return
+            except _Unavailable as exc:  # not the worker's fault: it retries later
+                log.info("report from %s not taken: %s", peer, exc)
+                await streams.reset_quietly(stream)
+                return
+            finally:
+                self._reports_in_flight.discard(opened.msg_id)
+            if dedup:
+                self.store.remember(opened.msg_id, _keep_until(opened), self._now())
         pending = self.store.pending_receipts(opened.signer, MAX_RECEIPTS_PER_ANSWER)
         try:
             for _lease_id, env in pending:
@@ -778,6 +812,11 @@ async def _not_serving(stream: Any) -> None:
 
 class _Unavailable(Exception):
     """A report cannot be taken now for a reason that is not the sender's fault."""
+
+
+def _keep_until(opened: Any) -> int:
+    """How long the replay store keeps a message id: until it would be refused as expired."""
+    return min(opened.body.exp + MAX_CLOCK_SKEW_MS, KEEP_UNTIL_MAX)
 
 
 def _relayed(stream: Any) -> bool:

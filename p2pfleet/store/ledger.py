@@ -28,6 +28,7 @@ from pathlib import Path
 import msgpack
 
 from ..core import credit as C
+from ..core import worker as W
 from ..wire.envelope import Opened
 from ..wire.kinds import Lease, Receipt
 from ..wire.schema import decode_struct, encode_struct
@@ -282,6 +283,12 @@ class Ledger:
             f"SELECT {self._LEASE_COLS} FROM leases WHERE status IN ('queued', 'running') "
             "ORDER BY received_ms, lease_id").fetchall()
         return [self._lease_row(r) for r in rows]
+
+    def job_leases(self, publisher: bytes, job_id: bytes) -> list[W.LeaseStatus]:
+        """The leases of `job_id` this node holds from `publisher`, with their status."""
+        rows = self.conn.execute("SELECT lease_id, status FROM leases WHERE publisher = ? AND "
+                                 "job_id = ? ORDER BY lease_id", (publisher, job_id)).fetchall()
+        return [W.LeaseStatus(bytes(lease_id), status) for lease_id, status in rows]
 
     def set_status(self, lease_id: bytes, status: str, now_ms: int) -> None:
         if status not in LEASE_STATUSES:

@@ -23,7 +23,7 @@ from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
 from p2pfleet.publisher.jobs import run_locally
 from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.wire.envelope import open_envelope, seal
-from p2pfleet.wire.kinds import NoWork
+from p2pfleet.wire.kinds import FailedResult, HandBack, NoWork
 
 from fleetkit import NETWORK, settings, wait_until
 from workerkit import TestWorker, mlp_model
@@ -301,3 +301,84 @@ async def test_forged_and_replayed_results_are_refused(tmp_path):
                 raise AssertionError("a work request relayed by another peer was answered")
             nursery.cancel_scope.cancel()
         pub.close()
+
+
+async def test_a_replayed_work_request_gets_no_leases_not_even_after_a_restart(tmp_path):
+    """Issue 12, 8a: the same signed work_request sent again (by its own signer: the
+    signer must be the stream's peer) is refused and changes nothing; the replay store is
+    persisted with the job store, so a restarted publisher refuses it too."""
+    async with meshes(2) as (pm, wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        w = TestWorker.start(wm, tmp_path / "w")
+        store = tmp_path / "jobs.sqlite"
+        trusted = {wm.identity.public_key}  # no fresh-identity cap: every request could be served
+        pid = pm.identity.peer_id
+        pub = Publisher(pm.identity, pm, store, blobs, settings=pub_settings(trusted))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            pub.submit(spec())  # 4 shards
+            env = w.work_request(free_slots=1)
+            first = await w.send_request(pid, env)
+            assert len(first.leases) == 1
+            issued = dict(pub.sched.leases)
+            try:
+                answer = await w.send_request(pid, env)
+            except streams.StreamError:
+                answer = None  # refused: reset, no answer
+            assert answer is None, f"a replayed work_request was answered: {answer}"
+            assert pub.sched.leases.keys() == issued.keys()
+            assert pm.reputation.penalty(wm.identity.peer_id, pm.clock()) == 0  # never punished
+            # the worker is not blocked: a new request (fresh req_id) is served
+            assert len((await w.request(pid)).leases) == 1
+            nursery.cancel_scope.cancel()
+        pub.close()
+        pub2 = Publisher(pm.identity, pm, store, blobs, settings=pub_settings(trusted))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub2.run)
+            issued = dict(pub2.sched.leases)
+            try:
+                answer = await w.send_request(pid, env)
+            except streams.StreamError:
+                answer = None
+            assert answer is None, "a restarted publisher answered a replayed work_request"
+            assert pub2.sched.leases.keys() == issued.keys()
+            nursery.cancel_scope.cancel()
+        pub2.close()
+
+
+async def test_replayed_reports_are_acknowledged_again_and_processed_once(tmp_path):
+    """A worker resends a report whose acknowledgement was lost: the publisher answers as
+    the first time (a clean close) but runs nothing again; the ids are in its replay store."""
+    async with meshes(2) as (pm, wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        w = TestWorker.start(wm, tmp_path / "w")
+        log = tmp_path / "events.jsonl"
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=replace(pub_settings({wm.identity.public_key}), event_log=log))
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            pub.submit(spec())
+            first, second, third = (await w.request(pid, free_slots=3)).leases
+            exp = w.now_ms() + 3600_000
+            reports = [
+                await w.compute(pid, first),
+                seal(FailedResult(second.lease_id, exp, "crash", "test"), wm.identity, NETWORK),
+                seal(HandBack(third.lease_id, exp, "policy", 0, (), None), wm.identity, NETWORK),
+            ]
+            for env in reports:
+                await w.report(pid, env)
+            records = pub.store.load_records()
+            for env in reports:
+                await w.report(pid, env)  # acknowledged again (raises if reset)
+                assert pub.store.seen(open_envelope(env, NETWORK).msg_id)
+            assert pub.store.load_records() == records
+            nursery.cancel_scope.cancel()
+        pub.close()
+        events = [S.event_from_json(line) for line in log.read_text().splitlines()]
+        about = [type(e).__name__ for e in events
+                 if isinstance(e, (S.ResultArrived, S.LeaseFailed, S.HandedBack))]
+        assert sorted(about) == ["HandedBack", "LeaseFailed", "ResultArrived"]
+        assert pm.reputation.penalty(wm.identity.peer_id, pm.clock()) == 0

@@ -118,12 +118,20 @@ class TestWorker:
     async def request(self, publisher: str, free_slots: int = 1, job_id: bytes | None = None,
                       identity: Any = None) -> Any:
         """One work_request; returns the opened lease_batch or no_work body."""
+        return await self.send_request(publisher, self.work_request(free_slots, job_id, identity))
+
+    def work_request(self, free_slots: int = 1, job_id: bytes | None = None,
+                     identity: Any = None) -> bytes:
+        """A sealed work_request with a fresh req_id (not sent)."""
         self._n += 1
         body = WorkRequest(req_id=self._n.to_bytes(16, "big"), exp=self.now_ms() + 60_000,
                            job_id=job_id, hw_class=HW_CLASS, sw_version="0.1.0",
                            ort_version=ort_version(), bench=10_000.0, cores=2, memory_mb=2048,
                            providers=("CPUExecutionProvider",), free_slots=free_slots)
-        env = seal(body, identity or self.mesh.identity, self.network)
+        return seal(body, identity or self.mesh.identity, self.network)
+
+    async def send_request(self, publisher: str, env: bytes) -> Any:
+        """Send a sealed work_request; returns the opened lease_batch or no_work body."""
         stream = await self.mesh.open_stream(publisher, "lease")
         await streams.write_envelope(stream, env)
         await stream.close_write()

@@ -103,7 +103,9 @@ def test_export_csv_and_json_then_verify_offline(node, tmp_path):
     opened = open_envelope(bytes.fromhex(rows[0]["envelope"]), rows[0]["network"])
     assert opened.signer.hex() == rows[0]["publisher_key"]
     doc = json.loads(json_file.read_text())
-    assert doc["format"] == "p2pfleet-receipts-1" and len(doc["publishers"]) == 2
+    assert doc["format"] == "p2pfleet-receipts-2" and len(doc["publishers"]) == 2
+    me = load_key(node / "key").peer_id
+    assert doc["worker"] == me and {r["exported_by"] for r in rows} == {me}
 
     for f in (csv_file, json_file):  # verify needs no data dir
         got = run_json("ledger", "verify", f, data_dir=tmp_path / "nowhere")
@@ -132,6 +134,79 @@ def test_export_csv_and_json_then_verify_offline(node, tmp_path):
     assert "not a receipts export" in fails("ledger", "verify", junk)
     junk.write_bytes(b"\x00\xff garbage")
     assert "not a receipts export" in fails("ledger", "verify", junk)
+
+
+OTHER = Identity.from_seed(b"cli another worker")
+
+
+def export_row(columns: list[str], like: dict, envelope: bytes) -> dict:
+    """An export row for a receipt envelope, other columns (exported_by) copied from `like`."""
+    r = open_envelope(envelope, NET).body
+    fields = {"publisher": PUB_A.peer_id, "publisher_key": PUB_A.public_key.hex(),
+              "network": NET, "lease_id": r.lease_id.hex(), "job_id": r.job_id.hex(),
+              "shard": r.shard, "worker": OTHER.peer_id if r.worker == OTHER.public_key else "",
+              "output_digest": r.output_digest.hex(), "credit": r.credit, "at_ms": r.at,
+              "received_ms": r.at + 1000, "envelope": envelope.hex()}
+    return {k: fields.get(k, like.get(k)) for k in columns}
+
+
+def test_verify_refuses_an_export_padded_with_another_workers_receipt(node, tmp_path):
+    """Issue 12, 8b: a genuine receipt of publisher A that pays another worker, added to
+    this node's export, would count that worker's credit as this node's contribution."""
+    me = load_key(node / "key").peer_id
+    theirs = seal(Receipt(lease_id=lid(9), job_id=JOB, shard=9, worker=OTHER.public_key,
+                          output_digest=b"\x09" * 32, credit=500, at=NOW + 2000), PUB_A, NET)
+    csv_file, json_file = tmp_path / "r.csv", tmp_path / "r.json"
+    run("ledger", "--export", "csv", "--out", csv_file, data_dir=node)
+    run("ledger", "--export", "json", "--out", json_file, data_dir=node)
+    rows = list(csv.DictReader(csv_file.open()))
+    rows.append(export_row(list(rows[0]), rows[0], theirs))
+    with csv_file.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    doc = json.loads(json_file.read_text())
+    group = next(g for g in doc["publishers"] if g["publisher"] == PUB_A.peer_id)
+    row = export_row(list(group["receipts"][0]), group["receipts"][0], theirs)
+    group["receipts"].append(row)
+    json_file.write_text(json.dumps(doc))
+
+    for f in (csv_file, json_file):
+        proc = run("ledger", "verify", f, ok=False)
+        assert proc.returncode == 2 and "1 of 4 receipts" in proc.stderr, proc
+        assert "3 of 4 receipts" in proc.stdout
+        assert (f"receipt for lease {lid(9).hex()} names worker {OTHER.peer_id}, not the "
+                f"exporting worker {me}") in proc.stdout
+        got = json.loads(run("ledger", "verify", f, "--json", ok=False).stdout)
+        [failed] = got["failed"]
+        assert failed["lease_id"] == lid(9).hex() and failed["worker"] == OTHER.peer_id
+        per = {p["publisher"]: p for p in got["publishers"]}
+        assert per[PUB_A.peer_id]["credit"] == 180  # the other worker's 500 are not counted
+
+    # claiming the export is the other worker's makes this node's receipts fail instead
+    doc["worker"] = OTHER.peer_id
+    json_file.write_text(json.dumps(doc))
+    proc = run("ledger", "verify", json_file, ok=False)
+    assert proc.returncode == 2 and "3 of 4 receipts" in proc.stderr
+    assert f"names worker {me}, not the exporting worker {OTHER.peer_id}" in proc.stdout
+    # and whose contribution it must be can be demanded
+    assert f"not by {me}" in fails("ledger", "verify", json_file, "--worker", me)
+
+
+def test_receipts_of_a_rotated_key_still_verify_as_the_workers(node, tmp_path):
+    old = load_key(node / "key").peer_id
+    rotated = run_json("key", "rotate", data_dir=node)
+    new = rotated["new_peer_id"]
+    assert "3 of 3 stored receipts verify" in run("ledger", data_dir=node).stdout
+    csv_file, json_file = tmp_path / "r.csv", tmp_path / "r.json"
+    run("ledger", "--export", "csv", "--out", csv_file, data_dir=node)
+    run("ledger", "--export", "json", "--out", json_file, data_dir=node)
+    got = run_json("ledger", "verify", json_file)  # the export carries the rotation
+    assert got["worker"] == new and got["valid"] == 3
+    proc = run("ledger", "verify", csv_file, ok=False)  # a CSV file cannot carry it
+    assert proc.returncode == 2 and f"names worker {old}, not the exporting worker {new}" in proc.stdout
+    got = run_json("ledger", "verify", csv_file, "--rotation", rotated["statement"])
+    assert got["worker"] == new and got["valid"] == 3
 
 
 def test_a_tampered_ledger_receipt_is_reported(node):

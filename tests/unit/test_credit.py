@@ -129,3 +129,11 @@ def test_local_day_uses_the_offset():
 def test_local_day_before_1970_and_far_offsets():
     assert C.local_day(-1) == "1969-12-31"
     assert C.local_day(0, 14 * 3600) == "1970-01-01"
+
+
+def test_worker_keys_follow_rotation_chains_back_to_the_current_key():
+    a, b, c, other = b"a" * 32, b"b" * 32, b"c" * 32, b"o" * 32
+    assert C.worker_keys(c, []) == {c}
+    assert C.worker_keys(c, [(b, c), (a, b), (other, b"z" * 32)]) == {a, b, c}
+    # a rotation away from the current key adds nothing: its successor is someone else now
+    assert C.worker_keys(a, [(a, b)]) == {a}

@@ -276,3 +276,22 @@ def test_a_result_for_a_rotated_key(tmp_path):
 def test_result_envelope_is_a_real_result():
     opened = open_envelope(result_env(1), NET)
     assert isinstance(opened.body, Result) and opened.signer == ME.public_key
+
+
+def test_job_leases_are_the_ones_held_from_that_publisher(tmp_path):
+    me = Identity.from_seed(b"job leases me")
+    pub, other = Identity.from_seed(b"job leases pub"), Identity.from_seed(b"job leases other")
+    base = sample_body("lease_batch").leases[0]
+    job = b"J" * 16
+    with Ledger(tmp_path / "l.sqlite") as led:
+        for signer, ids in ((pub, (1, 2)), (other, (3,))):
+            leases = tuple(dataclasses.replace(base, lease_id=bytes([i]) * 16, job_id=job)
+                           for i in ids)
+            body = LeaseBatch(req_id=bytes(16), exp=10**13, worker=me.public_key, leases=leases)
+            led.add_leases(signer.public_key, open_envelope(seal(body, signer, "t"), "t"), 0)
+        led.set_status(bytes([2]) * 16, "done", 1)
+        got = led.job_leases(pub.public_key, job)
+        assert [(g.lease_id, g.status) for g in got] == [(bytes([1]) * 16, "queued"),
+                                                         (bytes([2]) * 16, "done")]
+        assert led.job_leases(pub.public_key, b"K" * 16) == []
+        assert led.job_leases(me.public_key, job) == []

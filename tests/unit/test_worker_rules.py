@@ -136,3 +136,27 @@ def test_fetch_time_and_hand_back_reasons():
     assert W.fetch_time_s(lease()) == 30.0  # half of a 60 s lease
     assert W.hand_back_reason("unplugged") == "unplugged"
     assert W.hand_back_reason("battery_hot") == "policy"
+
+
+# --- cancels (work-and-leases.md, section 8) ----------------------------------------------------
+
+JOB = b"j" * 16
+
+
+def held(*pairs: tuple[bytes, str]) -> list[W.LeaseStatus]:
+    return [W.LeaseStatus(lease_id, status) for lease_id, status in pairs]
+
+
+def test_a_cancel_stops_only_the_signers_open_leases_it_names():
+    mine = held((b"1" * 16, "queued"), (b"2" * 16, "running"), (b"3" * 16, "done"))
+    assert W.leases_to_cancel(JOB, (b"1" * 16, b"x" * 16), mine) == (b"1" * 16,)
+    assert W.leases_to_cancel(JOB, (), mine) == (b"1" * 16, b"2" * 16)  # the whole job
+    assert W.leases_to_cancel(JOB, (b"3" * 16,), mine) == ()  # crossed its result: no fault
+
+
+@pytest.mark.parametrize("names", [(), (b"x" * 16, b"y" * 16)])
+def test_a_cancel_naming_none_of_the_signers_leases_is_refused(names):
+    with pytest.raises(W.CancelRefused, match="none of them is a lease the signer issued"):
+        W.leases_to_cancel(JOB, names, [])  # the signer issued this node nothing of the job
+    with pytest.raises(W.CancelRefused):
+        W.leases_to_cancel(JOB, (b"x" * 16,), held((b"1" * 16, "queued")))
