@@ -457,15 +457,22 @@ class Scheduler:
         return len(keys)
 
     def _untrusted_room(self, sh: ShardRec) -> int:
-        """Replicas the shard still needs, apart from an audit's reserved one."""
+        """Replicas the shard still needs, apart from an audit's reserved one (which is
+        needed as long as no trusted machine holds a replica)."""
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
             return 0
         job = self.jobs[sh.job_id].job
         target = sh.target or max(job.quorum, self.s.min_replicas)
         leases = self.shard_leases(sh.job_id, sh.index)
         live = sum(1 for l in leases if l.state == "live")
-        have = largest_agreeing([self._vote(l) for l in leases if l.state == "returned"])
-        return max(0, target - have - live) - (1 if self._audit_pending(sh) else 0)
+        votes = [self._vote(l) for l in leases if l.state == "returned"]
+        # An audited shard counts what agrees with a trusted result once it has one, and
+        # its trusted replica is one more than the others: workers may still fill all of
+        # `target` (colluders must not learn that a shard is audited by finding it full).
+        trusted = sh.audit and any(v.ok and v.standing == TRUSTED for v in votes)
+        have = largest_agreeing(votes, trusted=trusted)
+        extra = 1 if sh.audit and not self._audit_pending(sh) else 0
+        return max(0, target - have - live + extra)
 
     def _audit_pending(self, sh: ShardRec) -> bool:
         """An audited shard whose reserved replica no trusted machine holds yet."""
@@ -718,7 +725,7 @@ class Scheduler:
             # Audits need the publisher's own machines; drawn whoever asks first, so a
             # worker learns nothing from being given an audited shard.
             sh.audit = bool(self.s.trust.trusted) and self.rng.random() < job.audit_rate
-            sh.target = base + (1 if sh.recheck else 0) + (1 if sh.audit else 0)
+            sh.target = base + (1 if sh.recheck else 0)
         deadline = lease_deadline_ms(job.samples[sh.index], ev.bench, job.input_size[sh.index],
                                      self.s, queued_samples)
         lease = LeaseRec(

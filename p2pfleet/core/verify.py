@@ -89,10 +89,11 @@ def find_quorum(votes: list[Vote], need: int, *, trusted: bool = False
     return best[1] if best else None
 
 
-def largest_agreeing(votes: list[Vote]) -> int:
-    """Size of the largest set of ok votes that could stand in one quorum."""
+def largest_agreeing(votes: list[Vote], *, trusted: bool = False) -> int:
+    """Size of the largest set of ok votes that could stand in one quorum (with `trusted`,
+    one holding a trusted machine's vote)."""
     size = 0
-    while next(iter(_quorums(votes, size + 1)), None) is not None:
+    while next(iter(_quorums(votes, size + 1, trusted)), None) is not None:
         size += 1
     return size
 
