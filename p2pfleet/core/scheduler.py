@@ -7,28 +7,37 @@ work-and-leases.md, sections 3, 4 and 8; verification.md, sections 3-8). Frozen 
 It decides, then mutates: an event it refuses (`PeerViolation`, `CoreUsageError`) changes
 nothing.
 
-Replicas. A shard needs `target` agreeing results from distinct workers: max(quorum,
-min_replicas), or 1 when its first replica went to a worker trusted for a single copy
-(trust.may_take_single), plus one when it is drawn for a re-check (`recheck_rate`). A shard
-has open replicas while target - (largest agreeing group) - (live leases) > 0. Eligibility
-of worker W for shard s: W never held a lease of s; no live or returned lease of s from W's
-network prefix; at most one live or returned lease of s by a non-established identity, and
-non-established identities only get shards holding known-answer rows; replicas after a
+Replicas. A shard needs `target` agreeing results: max(quorum, min_replicas), or 1 when
+its first replica went to a worker trusted for a single copy (trust.may_take_single), plus
+one when it is drawn for a re-check (`recheck_rate`). A shard drawn for an audit
+(`audit_rate`, only when the publisher has trusted machines: its own key among them) is
+accepted only by a quorum holding a trusted result, and keeps one replica beyond `target`
+for them until one holds a replica. Eligibility of worker W for shard s: W never held a
+lease of s; no live or returned lease of s from W's network prefix; for a non-established
+W: no other live or returned lease of s by a non-established identity, none ever by a
+non-established identity of W's prefix, and s holds known-answer rows; replicas after a
 disagreement and re-checks of single copies go to established identities; a shard drawn
 for cross-class (`cross_class_rate`) waits up to `cross_class_wait_ms` for a worker of
 another hardware class than its first replica. Among eligible shards in the window of the
 lowest-numbered open shards, W gets those with the lowest HMAC(secret, job_id || u32be(s)
-|| W). Caps: per identity (trust.lease_cap, and the request's free slots), per prefix, and
-the job's credit budget (paid + outstanding may not exceed it).
+|| W). Caps: per identity (trust.lease_cap, and the request's free slots), per prefix
+(all identities, and the non-established ones apart), the job's credit budget (paid +
+outstanding may not exceed it); the non-established identities of a prefix back off
+together after one of them fails.
 
 Results. The driver states in `ResultArrived` what only data can tell (form valid, known
-answers matched, which earlier results it agrees with); verify.py finds the quorum. Valid
-results (agreeing with the accepted output, also late ones) are paid (`Pay`); invalid ones
-reset the worker's trust. A failed known answer, or a second different result for one
-lease, excludes the worker (`Excluded`, with the lease ids whose signed results are the
-proof), cancels its live leases and discards its results in undecided shards. Errors
-(failed, expired, malformed, failed known answer) beyond `max_error`, or `max_total`
-leases issued without a quorum, fail the shard.
+answers matched, which earlier results it agrees with); verify.py finds the quorum, under
+the replica rules again (distinct workers and prefixes, at most one non-established vote:
+a late result of an expired lease is no back door) and chooses the output the user gets.
+Valid results (agreeing with the accepted output, also late ones) are paid once (`Pay`);
+invalid ones reset the worker's trust, and exclude it when a trusted machine's result was
+in the quorum. A failed known answer, or a second different result for one lease, excludes
+the worker too (`Excluded`, with the lease ids whose signed results are the proof), cancels
+its live leases, discards its results in undecided shards and reopens the shards of live
+jobs its results helped accept (`ShardReopened`; decided again under an audit). Errors
+(failed, expired, malformed) count once per established identity and once per prefix for
+non-established ones, never for excluded ones; beyond `max_error`, or `max_total` leases
+issued without a quorum, the shard fails.
 
 State is kept in plain records (`JobRec`, `ShardRec`, `LeaseRec`, trust.WorkerTrust);
 `take_changes()` returns those touched since the last call so the driver persists them in
