@@ -35,6 +35,7 @@ import trio
 
 from . import __version__
 from .core import energy as energy_rules
+from .core import fetch as fetch_rules
 from .core import worker as rules
 from .identity import Identity, peer_id_from_key
 from .net import streams
@@ -122,6 +123,7 @@ class Worker:
         self.note = note or log.info
         self.stats = WorkerStats()
         self.backoff = rules.PublisherBackoff(base_s=settings.backoff_base_s)
+        self.source_scores = fetch_rules.SourceScores()  # for the blob service of each session
         self.running: dict[bytes, RunningLease] = {}
         self.threads = 1
         self.cpu_share = 1.0
@@ -335,11 +337,12 @@ class Worker:
             give_up = trio.current_time() + rules.fetch_time_s(lease)
             try:
                 model = await self._with_retries(
-                    publisher, lambda: self._fetch_model(lease, pub_peer), give_up)
+                    publisher, lambda: self._fetch_model(lease, pub_peer, give_up), give_up)
                 raw_input = await self._with_retries(publisher, lambda: self.blobs.fetch(
                     lease.input_digest, lease.input_size,
                     [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
-                    public=False), give_up)
+                    public=False, timeout=max(0.0, give_up - trio.current_time()),
+                    budget_s=rules.fetch_time_s(lease)), give_up)
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
                 log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
                 await self._fail(lease, publisher, "fetch_failed", str(exc))
@@ -402,11 +405,15 @@ class Worker:
                 await trio.sleep(delay)
                 await self._dial_announced(publisher)
 
-    async def _fetch_model(self, lease: Any, pub_peer: str) -> bytes:
+    async def _fetch_model(self, lease: Any, pub_peer: str, give_up: float) -> bytes:
+        """The model from the cache, else from its providers and then the publisher, each
+        within its share of the lease's fetch time (core.fetch)."""
         model = self.cache.get(lease.model_digest)
         if model is None:
             model = await self.blobs.fetch(lease.model_digest, lease.model_size, [pub_peer],
-                                           public=True, use_providers=True)
+                                           public=True, use_providers=True,
+                                           timeout=max(0.0, give_up - trio.current_time()),
+                                           budget_s=rules.fetch_time_s(lease))
         return model
 
     def _keep_model(self, digest: bytes, model: bytes) -> None:

@@ -13,16 +13,22 @@ written only after the previous one was accepted by the muxer, so yamux's window
 back-pressure, with a write timeout per chunk; the optional `may_send(n)` hook (the node's
 daily transfer cap) is asked before each chunk.
 
-Fetching: sources are tried in order (DHT providers first when asked); a transfer that
-breaks off resumes at the offset reached, from the next source (the bytes are kept in the
-cache's partial file, so a restart resumes too). Every chunk is checked (signer, request
-id, digest, total size, contiguity, never past the expected size) and the whole blob is
-hash-checked before it is returned or cached. A source that breaks the protocol or
-delivers bytes that do not hash to the digest is penalised and skipped.
+Fetching: sources are tried one after another in the order of `core.fetch.order_sources`
+(DHT providers by standing when asked, then the named sources: the publisher last); each
+may be waited on only for its share of the fetch's budget and only while it keeps ahead of
+the minimum rate (`core.fetch.source_until`, `core.fetch.Pace`). A transfer that breaks
+off, or a source that is abandoned, resumes at the offset reached from the next source (the
+bytes are kept in the cache's partial file, so a restart resumes too). Every chunk is
+checked (signer, request id, digest, total size, contiguity, never past the expected size)
+and the whole blob is hash-checked before it is returned or cached. A source that breaks
+the protocol, trickles, or delivers bytes that do not hash to the digest is penalised in
+the mesh's reputation and marked in the node's `SourceScores`, so it is not asked first
+again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -35,6 +41,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.peer.id import ID
 
+from ..core import fetch as rules
 from ..identity import peer_id_from_key
 from ..store.blobcache import BlobCache, BlobCorrupt, CacheFull
 from ..wire.envelope import encode_body, open_envelope, pack_envelope, seal, signed_bytes
@@ -109,6 +116,21 @@ class _Failed(Exception):
     """The source did not deliver (refused, unreachable, went away): no one's fault."""
 
 
+class _Pacer:
+    """A source's `core.fetch.Pace` driving a cancel scope: the scope's deadline follows the
+    pace's, so a source that falls behind the minimum rate is cancelled wherever it is
+    (dialling, waiting for a frame)."""
+
+    def __init__(self, fetch_rules: rules.FetchRules):
+        self.rules = fetch_rules
+        self.pace = rules.Pace.started(trio.current_time(), fetch_rules)
+        self.scope = trio.CancelScope(deadline=self.pace.deadline)
+
+    def took(self, n: int) -> None:
+        self.pace = self.pace.took(n, trio.current_time(), self.rules)
+        self.scope.deadline = self.pace.deadline
+
+
 @dataclass(frozen=True)
 class Served:
     peer: str
@@ -131,7 +153,9 @@ class BlobService:
     def __init__(self, mesh: Mesh, cache: BlobCache, *, authorize: Authorizer | None = None,
                  clock: Callable[[], float] = time.time, chunk_size: int = MAX_CHUNK,
                  may_send: BudgetHook | None = None, max_serves_per_peer: int = 4,
-                 read_timeout: float = 10.0, write_timeout: float = 30.0):
+                 read_timeout: float = 10.0, write_timeout: float = 30.0,
+                 scores: rules.SourceScores | None = None,
+                 fetch_rules: rules.FetchRules = rules.RULES):
         if not 0 < chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK} bytes, got {chunk_size}")
         self.mesh = mesh
@@ -144,6 +168,9 @@ class BlobService:
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.stats = BlobStats()
+        # the node's standing of sources; the worker passes its own, so it outlives sessions
+        self.scores = scores if scores is not None else rules.SourceScores()
+        self.fetch_rules = fetch_rules
         self._serving: Counter = Counter()
         self._fetching: dict[bytes, trio.Lock] = {}
         self._provided: set[bytes] = set()
@@ -273,11 +300,14 @@ class BlobService:
     async def fetch(self, digest: bytes, size: int, sources: Sequence[str], *,
                     token: bytes | None = None, public: bool = False,
                     use_providers: bool = False, timeout: float = 60.0,
-                    pinned: bool = False) -> bytes:
+                    budget_s: float | None = None, pinned: bool = False) -> bytes:
         """The blob `digest` of `size` bytes, from the cache or from `sources` (peer ids or
-        /p2p/ multiaddrs, tried in order; DHT providers first with `use_providers`, for
-        public blobs only). Hash-checked; cached as `public` (and `pinned`). BlobError if
-        no source delivers within `timeout` seconds."""
+        /p2p/ multiaddrs, asked in order, the last one last; DHT providers before them with
+        `use_providers`, for public blobs only). Hash-checked; cached as `public` (and
+        `pinned`). BlobError if no source delivers within `timeout` seconds.
+
+        `budget_s`: the whole budget the per-source shares are fractions of (a worker passes
+        its lease's fetch time, and as `timeout` what is left of it); default `timeout`."""
         if not isinstance(digest, bytes) or len(digest) != 32:
             raise ValueError(f"a blob digest is 32 bytes of SHA-256, got {digest!r:.80}")
         if size < 0:
@@ -285,6 +315,8 @@ class BlobService:
         if use_providers and not public:
             raise ValueError("only public blobs (models) are looked up in the DHT; "
                              "inputs come from the sources a lease names")
+        budget_end = trio.current_time() + timeout
+        budget_s = timeout if budget_s is None else budget_s
         lock = self._fetching.setdefault(digest, trio.Lock())
         try:
             async with lock:
@@ -293,9 +325,9 @@ class BlobService:
                     return cached
                 failures: list[str] = []
                 self.stats.last_failures = failures
-                with trio.move_on_after(timeout):
+                with trio.move_on_at(budget_end):
                     return await self._fetch(digest, size, sources, token, public, pinned,
-                                             use_providers, failures)
+                                             use_providers, failures, budget_end, budget_s)
                 raise BlobError(digest, "its sources", f"not complete within {timeout:.0f} s"
                                 + (f" ({'; '.join(failures)})" if failures else ""))
         finally:
@@ -316,65 +348,142 @@ class BlobService:
 
     async def _fetch(self, digest: bytes, size: int, sources: Sequence[str],
                      token: bytes | None, public: bool, pinned: bool, use_providers: bool,
-                     failures: list[str]) -> bytes:
-        candidates: list[str] = []
+                     failures: list[str], budget_end: float, budget_s: float) -> bytes:
+        providers: list[str] = []
         if use_providers:
-            try:
-                candidates += await self.find_providers(digest)
-            except MeshError as exc:
-                failures.append(f"provider lookup: {exc}")
-        candidates += [s for s in sources if s not in candidates]
-        part = self.cache.partial(digest, size, public=public, pinned=pinned)
-        contributors: set[str] = {"an earlier download"} if part.offset else set()
-        tried: set[str] = set()
-        try:
-            for source in candidates:
-                if part.offset < size:
-                    peer = await self._resolve(source, failures)
-                    if peer is None or peer in tried or peer == self.mesh.identity.peer_id:
-                        continue
-                    tried.add(peer)
-                    before = part.offset
+            # the walk, too, must leave the last source its time
+            until = rules.source_until(trio.current_time(), last=False, budget_end=budget_end,
+                                       budget_s=budget_s, rules=self.fetch_rules)
+            if until is not None:
+                with trio.move_on_at(until) as walk:
                     try:
-                        await self._fetch_from(peer, part, token)
-                    except _Fault as fault:
-                        self.mesh.penalize(ID.from_base58(peer), fault.offence,
-                                           f"blob {digest.hex()[:16]}: {fault}")
-                        failures.append(f"{peer}: {fault}")
-                    except _Failed as exc:
-                        failures.append(f"{peer}: {exc}")
-                    if part.offset > before:
-                        contributors.add(peer)
-                    if part.offset < size:
+                        providers = await self.find_providers(digest)
+                    except MeshError as exc:
+                        failures.append(f"provider lookup: {exc}")
+                if walk.cancelled_caught:
+                    failures.append("provider lookup: not done within its share of the time")
+        me = self.mesh.identity.peer_id
+        banned = {p for p in providers if self.mesh.is_banned(p)}
+        order = rules.order_sources(providers, sources, self.scores, self.clock(),
+                                    exclude={me} | banned)
+        queue = list(order)
+        part = self.cache.partial(digest, size, public=public, pinned=pinned)
+        # who sent which bytes of the download in `part`: (peer, start, end)
+        held: list[tuple[str, int, int]] = (
+            [("an earlier download", 0, part.offset)] if part.offset else [])
+        suspects: list[rules.Contribution] = []  # bytes of dropped downloads, to compare later
+        tried: set[str] = set()
+        ask_last_again = True
+        try:
+            while True:
+                if part.offset >= size:
+                    senders = {p for p, _s, _e in held if p in tried}
+                    snapshot = part.data if len(held) > 1 else b""  # finish() drops bad bytes
+                    try:
+                        data = await trio.to_thread.run_sync(part.finish)
+                    except BlobCorrupt as exc:
+                        who = sorted({p for p, _s, _e in held})
+                        failures.append(f"{', '.join(who) or 'nobody'}: {exc}")
+                        if len(held) == 1 and senders:
+                            self._blame(held[0][0], digest, str(exc))
+                        elif senders:
+                            # several sources: none can be blamed yet. Keep a digest of what
+                            # each sent, and ask the last source for a whole copy to compare
+                            view = memoryview(snapshot)
+                            suspects += [
+                                rules.Contribution(p, a, b, hashlib.sha256(view[a:b]).digest())
+                                for p, a, b in held if p in senders]
+                            if ask_last_again and order and rules.peer_of(order[-1]) in tried:
+                                ask_last_again = False
+                                tried.discard(rules.peer_of(order[-1]))
+                                queue.append(order[-1])
+                        part = self.cache.partial(digest, size, public=public, pinned=pinned)
+                        held = []
+                        if size == 0:
+                            break
                         continue
-                try:
-                    data = await trio.to_thread.run_sync(part.finish)
-                except BlobCorrupt as exc:
-                    failures.append(f"{', '.join(sorted(contributors))}: {exc}")
-                    if len(contributors) == 1 and contributors <= tried:
-                        (liar,) = contributors
-                        self.mesh.penalize(ID.from_base58(liar), "invalid-message",
-                                           f"blob {digest.hex()[:16]}: {exc}")
-                    # with several contributors we cannot tell who lied: start over
-                    part = self.cache.partial(digest, size, public=public, pinned=pinned)
-                    contributors = set()
-                    continue
-                except CacheFull as exc:
-                    log.warning("fetched blob not cached: %s", exc)
-                    data = part.data
-                self.stats.fetched_bytes += size
-                return data
-            if size == 0 or part.offset == size:  # nothing to fetch, or sources ran out at the end
-                try:
-                    return await trio.to_thread.run_sync(part.finish)
-                except CacheFull:
-                    return part.data
-                except BlobCorrupt as exc:
-                    failures.append(str(exc))
+                    except CacheFull as exc:
+                        log.warning("fetched blob not cached: %s", exc)
+                        data = part.data
+                    whole = held[0][0] if len(held) == 1 and held[0][0] in tried else None
+                    self._settle(digest, data, suspects, whole)
+                    if senders:
+                        self.stats.fetched_bytes += size
+                    return data
+                if not queue:
+                    break
+                source = queue.pop(0)
+                await self._ask(source, not queue, part, token, tried, held, failures,
+                                budget_end, budget_s)
         finally:
             part.close()
         raise BlobError(digest, ", ".join(sorted(tried)) or "no source",
                         "; ".join(failures) or "no source to fetch it from")
+
+    async def _ask(self, source: str, last: bool, part: Any, token: bytes | None,
+                   tried: set[str], held: list[tuple[str, int, int]], failures: list[str],
+                   budget_end: float, budget_s: float) -> None:
+        """Fetch from one source what it delivers within its window and pace."""
+        fr = self.fetch_rules
+        started = trio.current_time()
+        until = rules.source_until(started, last=last, budget_end=budget_end,
+                                   budget_s=budget_s, rules=fr)
+        if until is None:
+            failures.append(f"{source}: not asked, the time left is the last source's")
+            return
+        before = part.offset
+        peer: str | None = None
+        pacer = _Pacer(fr)
+        with trio.move_on_at(until) as window:
+            with pacer.scope:
+                peer = await self._resolve(source, failures)
+                if peer is None or peer in tried or peer == self.mesh.identity.peer_id:
+                    return
+                tried.add(peer)
+                try:
+                    await self._fetch_from(peer, part, token, pacer)
+                except _Fault as fault:
+                    self.mesh.penalize(ID.from_base58(peer), fault.offence,
+                                       f"blob {part.digest.hex()[:16]}: {fault}")
+                    self.scores.mark(peer, "slow" if fault.offence == "stalled-stream"
+                                     else "lied", self.clock())
+                    failures.append(f"{peer}: {fault}")
+                except _Failed as exc:
+                    self.scores.mark(peer, "failed", self.clock())
+                    failures.append(f"{peer}: {exc}")
+        if peer is not None and part.offset > before:
+            held.append((peer, before, part.offset))
+        took = trio.current_time() - started
+        if part.offset >= part.total_size:
+            return  # all delivered: a deadline that passed while the holder closed is no fault
+        if pacer.scope.cancelled_caught:
+            who = peer or rules.peer_of(source)
+            why = (f"{part.offset - before} bytes in {took:.0f} s, under the minimum of "
+                   f"{fr.min_rate_bps / 1024:g} KiB/s")
+            if peer is None:
+                self.scores.mark(who, "failed", self.clock())
+            else:
+                self.mesh.penalize(ID.from_base58(peer), "stalled-stream",
+                                   f"blob {part.digest.hex()[:16]}: {why}")
+                self.scores.mark(peer, "slow", self.clock())
+            failures.append(f"{who}: too slow: {why}")
+        elif window.cancelled_caught:
+            failures.append(f"{peer or source}: its share of the time ({until - started:.0f} s) "
+                            f"ran out at byte {part.offset} of {part.total_size}")
+
+    def _blame(self, peer: str, digest: bytes, why: str) -> None:
+        self.mesh.penalize(ID.from_base58(peer), "invalid-message",
+                           f"blob {digest.hex()[:16]}: {why}")
+        self.scores.mark(peer, "lied", self.clock())
+
+    def _settle(self, digest: bytes, data: bytes, suspects: list[rules.Contribution],
+                whole: str | None) -> None:
+        """A copy verified: sources of dropped bytes that differ from it lied; `whole`, the
+        one source that sent all of it, served well."""
+        for peer in rules.disproved(suspects, data):
+            self._blame(peer, digest, "its bytes differ from a copy that hashed to the digest")
+        if whole is not None:
+            self.scores.served(whole, self.clock())
 
     async def _resolve(self, source: str, failures: list[str]) -> str | None:
         if not source.startswith("/"):
@@ -385,9 +494,10 @@ class BlobService:
             failures.append(str(exc))
             return None
 
-    async def _fetch_from(self, peer: str, part: Any, token: bytes | None) -> None:
+    async def _fetch_from(self, peer: str, part: Any, token: bytes | None,
+                          pacer: _Pacer) -> None:
         """Append what `peer` sends from `part.offset` on; raise _Fault or _Failed if it
-        stops short of the end."""
+        stops short of the end. Every chunk accepted is told to `pacer`."""
         size = part.total_size
         try:
             stream = await self.mesh.open_stream(peer, "blob")
@@ -404,12 +514,13 @@ class BlobService:
             await reset_quietly(stream)
             raise _Failed(f"sending the request: {type(exc).__name__}: {exc}") from None
         try:
-            await self._receive(stream, peer, req, part)
+            await self._receive(stream, peer, req, part, pacer)
         except BaseException:
             await reset_quietly(stream)  # shielded: also when the fetch is cancelled
             raise
 
-    async def _receive(self, stream: Any, peer: str, req: BlobRequest, part: Any) -> None:
+    async def _receive(self, stream: Any, peer: str, req: BlobRequest, part: Any,
+                       pacer: _Pacer) -> None:
         size = part.total_size
         error: Exception | None = None
         reader_done = trio.Event()
@@ -433,7 +544,9 @@ class BlobService:
                                 raise _Fault(_OFFENCES.get(item.offence, item.offence),
                                              str(item))
                             raise _Failed(f"at byte {part.offset} of {size}: {item}")
+                        before = part.offset
                         await trio.to_thread.run_sync(self._accept, item, peer, req, part)
+                        pacer.took(part.offset - before)
             except (_Fault, _Failed) as exc:
                 error = exc
             if error is None:  # complete: an honest holder closes right after the last chunk

@@ -7,6 +7,7 @@ import hashlib
 import time
 
 import pytest
+import trio
 from libp2p.kad_dht import provider_store as kad_provider_store
 
 from p2pfleet.net import dht_providers, streams
@@ -236,3 +237,47 @@ def test_chunk_sealer_matches_seal():
     chunk = BlobChunk(req_id=b"r" * 16, exp=123, digest=b"d" * 32, offset=5, total_size=9,
                       data=b"four")
     assert ChunkSealer(ident, NETWORK).seal(chunk) == seal(chunk, ident, NETWORK)
+
+
+async def test_a_slow_liar_is_abandoned_and_then_proven_wrong_by_the_last_source(tmp_path):
+    """A source that trickles wrong bytes is abandoned below the minimum rate (its bytes
+    kept); the blob then fails its hash with two senders, so the last source is asked for a
+    whole copy, which verifies and proves the first one lied (core/fetch.py)."""
+    from p2pfleet.core.fetch import FetchRules
+
+    digest, model = make_blob(b"slow liar", 600 * KiB)
+    sent = []
+
+    async def trickle_lies(stream):
+        raw = await streams.read_envelope(stream, 2048, 5)
+        req = open_envelope(raw, NETWORK).body
+        try:
+            for o in range(req.offset, len(model)):
+                chunk = BlobChunk(req_id=req.req_id, exp=int(time.time() * 1000) + 60_000,
+                                  digest=digest, offset=o, total_size=len(model), data=b"?")
+                await streams.write_envelope(stream, seal(chunk, h.identity, NETWORK), 5)
+                sent.append(o)
+                await trio.sleep(0.2)
+        except Exception:  # noqa: BLE001 - the fetcher hangs up on us
+            pass
+        await streams.close_quietly(stream)
+
+    async with fleet(3) as (b, h, c):
+        # the times shrunk (a first chunk within 1 s); the rate and shares as in production
+        fetcher = BlobService(b, BlobCache(tmp_path / "fetcher", 64 * 1024 * KiB),
+                              fetch_rules=FetchRules(first_bytes_s=1.0))
+        honest = services([c], tmp_path)[0]
+        honest.cache.put(digest, model, public=True)
+        h.set_handler("blob", trickle_lies)
+        got = await fetcher.fetch(digest, len(model), [addr(h), addr(c)], public=True,
+                                  timeout=30)
+        assert got == model
+        why = " ".join(fetcher.stats.last_failures)
+        assert "too slow" in why and "hash to" in why, why
+        # C resumed after the liar's bytes that had arrived, then sent a whole copy
+        [(resumed_at, rest), whole] = [(s.offset, s.sent) for s in honest.stats.recent]
+        assert 1 <= resumed_at <= len(sent) and resumed_at + rest == len(model)
+        assert whole == (0, len(model))
+        # the liar: stalled-stream (5) for its pace, invalid-message (10) once disproved
+        assert penalty(b, h) > 14 and penalty(b, c) == 0
+        assert fetcher.scores.rank([peer(h), peer(c)], time.time()) == [peer(c)]
