@@ -413,17 +413,18 @@ class BlobService:
                 if not queue:
                     break
                 source = queue.pop(0)
-                await self._ask(source, not queue, part, token, tried, held, failures,
-                                budget_end, budget_s)
+                await self._ask(source, not queue, source in sources, part, token, tried,
+                                held, failures, budget_end, budget_s)
         finally:
             part.close()
         raise BlobError(digest, ", ".join(sorted(tried)) or "no source",
                         "; ".join(failures) or "no source to fetch it from")
 
-    async def _ask(self, source: str, last: bool, part: Any, token: bytes | None,
+    async def _ask(self, source: str, last: bool, named: bool, part: Any, token: bytes | None,
                    tried: set[str], held: list[tuple[str, int, int]], failures: list[str],
                    budget_end: float, budget_s: float) -> None:
-        """Fetch from one source what it delivers within its window and pace."""
+        """Fetch from one source what it delivers within its window and pace. `named`: a
+        source the caller gave (the publisher, a seeder), not a provider found in the DHT."""
         fr = self.fetch_rules
         started = trio.current_time()
         until = rules.source_until(started, last=last, budget_end=budget_end,
@@ -463,8 +464,10 @@ class BlobService:
             if peer is None:
                 self.scores.mark(who, "failed", self.clock())
             else:
-                self.mesh.penalize(ID.from_base58(peer), "stalled-stream",
-                                   f"blob {part.digest.hex()[:16]}: {why}")
+                if not named:
+                    # a publisher slowed by its many workers must not be banned by them
+                    self.mesh.penalize(ID.from_base58(peer), "stalled-stream",
+                                       f"blob {part.digest.hex()[:16]}: {why}")
                 self.scores.mark(peer, "slow", self.clock())
             failures.append(f"{who}: too slow: {why}")
         elif window.cancelled_caught:
