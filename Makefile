@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-unit test-property test-vectors test-system fuzz bench demo vectors schemas clean
+.PHONY: setup test test-unit test-property test-sim test-vectors test-system fuzz bench demo vectors schemas clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test-unit: $(STAMP)
 
 test-property: $(STAMP)
 	$(BIN)/python -m pytest -q tests/property
+
+test-sim: $(STAMP)
+	$(BIN)/python -m pytest -q tests/sim
 
 test-vectors: $(STAMP)
 	$(BIN)/python -m pytest -q tests/vectors

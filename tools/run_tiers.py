@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TIERS = ["unit", "property", "vectors", "integration", "system"]
+TIERS = ["unit", "property", "sim", "vectors", "integration", "system"]
 
 
 def main() -> int:
