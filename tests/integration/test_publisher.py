@@ -14,7 +14,7 @@ import trio
 
 from p2pfleet.core import scheduler as S
 from p2pfleet.core import trust as T
-from p2pfleet.exec.outputs import compare_outputs
+from p2pfleet.exec.outputs import TOLERANCE, compare_outputs
 from p2pfleet.identity import Identity
 from p2pfleet.net import streams
 from p2pfleet.net.blobs import BlobService
@@ -26,7 +26,7 @@ from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import FailedResult, HandBack, NoWork
 
 from fleetkit import NETWORK, settings, wait_until
-from workerkit import TestWorker, mlp_model
+from workerkit import TestWorker, mlp_model, scale_small_rows
 
 MODEL = mlp_model(seed=3)
 INPUTS = {"x": np.random.default_rng(5).standard_normal((120, 16)).astype(np.float32)}
@@ -200,6 +200,86 @@ async def test_a_cheating_worker_is_caught_with_evidence_and_nothing_wrong_is_ac
             # the cheater's other live lease was cancelled on `notice`
             [cancel] = await wait_until(lambda: cheater.cancels, timeout=10)
             assert cancel.body.lease_ids == (answer.leases[1].lease_id,)
+            nursery.cancel_scope.cancel()
+        pub.close()
+
+
+def attack_inputs(shards: int = 4, size: int = 30) -> dict:
+    """Normal inputs, with one sample per shard (at a seeded position) scaled by 1e6: that
+    sample's outputs are ~1e6 times the others' (the MLP is nearly linear at that scale)."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((shards * size, 16)).astype(np.float32)
+    for i in range(shards):
+        x[i * size + rng.integers(size)] *= np.float32(1e6)
+    return {"x": x}
+
+
+def row_errors(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Per sample: max |got - want| / max |want| over the sample's row (no floor: these rows
+    are far from zero)."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    return np.abs(g - w).max(axis=1) / np.abs(w).max(axis=1)
+
+
+async def test_a_cheat_on_the_small_samples_of_a_shard_is_not_accepted(tmp_path):
+    """Issue 12: agreement once divided a shard's error by its largest value, so with one
+    huge sample per shard, a worker that leaves the huge samples exact and multiplies every
+    small one by 1.5 agreed with honest workers (observed: 8/8 shards took the cheater's
+    output). The cheater is an established worker and the job has no known-answer rows and
+    no audits, so the agreement rule alone must stop it: known-answer rows (judged row by
+    row) and the publisher's own audits would catch a small-row cheat that meets them, but
+    a cheater who can tell known-answer rows apart, or a job with low rates, leaves only
+    agreement."""
+    inputs = attack_inputs()
+    ref = run_locally(MODEL, inputs, "all")["y"]
+    # the premise: every shard's cheat is within 3e-5 of the shard's largest value (the
+    # old rule's tolerance), while its small rows are 50% off
+    for i in range(4):
+        honest = ref[i * 30:(i + 1) * 30]
+        cheated = scale_small_rows({"y": honest})["y"]
+        assert np.abs(cheated - honest).max() / np.abs(honest).max() < 3e-5
+        assert np.sort(row_errors(cheated, honest))[-2] > 0.49  # all rows but the huge one
+    async with meshes(4) as (pm, *wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        honest_workers = [TestWorker.start(m, tmp_path / f"w{i}") for i, m in enumerate(wm[:2])]
+        cheater = TestWorker.start(wm[2], tmp_path / "cheat", cheat="small_rows")
+        # every worker is established (the thresholds lowered so that the cheater need not
+        # first earn 10 accepted results over a day); none is the publisher's own machine
+        base = pub_settings()
+        established = T.TrustSettings(established_accepted=0, established_age_ms=0)
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=replace(base, scheduler=replace(base.scheduler, trust=established)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            # no known-answer rows, no audit by the publisher's own run: agreement alone
+            # decides; no re-check (with two honest workers it could not be placed)
+            job = pub.submit(spec(inputs=inputs, known_answer_rate=0.0, audit_rate=0.0,
+                                  recheck_rate=0.0))
+            pid = pm.identity.peer_id
+            # the cheater asks first and returns first: it holds the first replica of every shard
+            answer = await cheater.request(pid, free_slots=4)
+            assert sorted(l.shard for l in answer.leases) == [0, 1, 2, 3]
+            for lease in answer.leases:
+                await cheater.report(pid, await cheater.compute(pid, lease))
+            done = lambda: pub.status(job).state != "live"  # noqa: E731
+            for w in honest_workers:
+                nursery.start_soon(keep_working, w, pid, done)
+            st = await finish(pub, job, honest_workers)
+            assert st.accepted == 4 and st.failed == 0
+            out = pub.outputs(job)["y"]
+            # nothing wrong accepted: every sample within the tolerance of a local run, by
+            # its own magnitude
+            assert row_errors(out, ref).max() <= TOLERANCE
+            assert compare_outputs({"y": out}, {"y": ref}).within_tolerance
+            # and the cheater's results were found invalid, every one
+            mine = [l for l in pub.sched.leases.values()
+                    if l.worker == cheater.mesh.identity.public_key and l.state == "returned"]
+            assert len(mine) == 4 and {l.verdict for l in mine} == {"invalid"}, \
+                [(l.shard, l.verdict) for l in mine]
+            assert all(pub.sched.shards[(job, i)].accepted_lease not in {l.lease_id for l in mine}
+                       for i in range(4))
+            assert cheater.receipts == []
             nursery.cancel_scope.cancel()
         pub.close()
 

@@ -61,6 +61,22 @@ def fp16_weights(model: bytes) -> bytes:
     return m.SerializeToString()
 
 
+def scale_small_rows(outs: dict, share: float = 0.01, factor: float = 1.5) -> dict:
+    """The "small_rows" cheat: per float output, every sample (row of axis 0) whose max |value|
+    is under `share` of the whole shard's largest is multiplied by `factor`; the other rows
+    (the large ones) stay exact. Against a tolerance relative to the shard's largest value,
+    the small rows may then be wrong by any relative amount (issue 12)."""
+    out = {}
+    for name, a in outs.items():
+        a = np.array(a)
+        if a.dtype.kind == "f" and a.size:
+            rows = np.abs(a.reshape(len(a), -1)).max(axis=1)
+            small = rows < share * rows.max()
+            a[small] = a[small] * a.dtype.type(factor)
+        out[name] = a
+    return out
+
+
 def was_reset(stream: Any) -> bool:
     """py-libp2p 0.8.1's yamux shows a reset to the reader as a clean end of stream (the RST
     drops the stream's bookkeeping, the waiting read then sees "Stream closed" = EOF); the
@@ -159,6 +175,10 @@ class TestWorker:
                 outs = {n: np.random.default_rng(k).standard_normal(a.shape).astype(a.dtype)
                         for n, a in outs.items()}
             batches.append(outs)
+        if self.cheat == "small_rows":  # needs the whole shard: cheat, then split again
+            whole = scale_small_rows(concat_batches(batches))
+            batches = [{n: a[k:k + lease.micro_batch] for n, a in whole.items()}
+                       for k in range(0, lease.samples, lease.micro_batch)]
         blob = encode_tensors(concat_batches(batches))
         body = Result(
             lease_id=lease.lease_id, exp=self.now_ms() + 3600_000, job_id=lease.job_id,
