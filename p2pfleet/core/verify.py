@@ -18,7 +18,6 @@ prefixes, with at most one from a non-established ("fresh") identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import combinations
 
 # Standing of a vote's worker at the publisher, best first (choose_output prefers it).
 TRUSTED, ESTABLISHED, FRESH = 0, 1, 2

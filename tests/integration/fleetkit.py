@@ -52,6 +52,25 @@ async def fleet(n: int, *, state_dir=None, clock=time.time, **over):
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def hosts(addresses: list[str], name: str):
+    """One mesh per IPv4 address (seeded identities `name-i`); all dial the first.
+    Addresses may repeat: several hosts behind one address listen on other ports."""
+    async with trio.open_nursery() as nursery:
+        out = []
+        for i, addr in enumerate(addresses):
+            mesh = Mesh(Identity.from_seed(f"{name}-{i}".encode()),
+                        settings(i, listen=(f"/ip4/{addr}/tcp/0",)))
+            await nursery.start(mesh.run)
+            out.append(mesh)
+        for mesh in out[1:]:
+            await mesh.connect(out[0].listen_addrs()[0])
+        try:
+            yield out
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
     """Poll (real time: py-libp2p's timers read time.time()) until predicate() is truthy."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,6 @@ from p2pfleet.core import scheduler as S
 from p2pfleet.core import trust as T
 from p2pfleet.core.worker import HeardJob
 from p2pfleet.exec.sandbox import SandboxConfig, open_sandbox_pool
-from p2pfleet.identity import Identity
 from p2pfleet.net import dht_providers, streams
 from p2pfleet.net.blobs import BlobService
 from p2pfleet.net.mesh import Mesh
@@ -32,7 +31,7 @@ from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import BlobChunk
 from p2pfleet.worker import Worker, WorkerSettings
 
-from fleetkit import NETWORK, settings, wait_until
+from fleetkit import NETWORK, hosts, wait_until
 from workerkit import HW_CLASS, mlp_model, ort_version
 
 MiB = 1024 * 1024
@@ -97,22 +96,9 @@ async def announce(mesh: Mesh, digests: list[bytes], watchers: list[Mesh]) -> No
                 p.peer_id for p in w.dht.provider_store.get_providers(key)])
 
 
-@asynccontextmanager
-async def meshes(n: int):
+def meshes(n: int):
     """Node 0 (the publisher) on 127.0.0.1, the others on 127.0.i.1 (one /24 each)."""
-    async with trio.open_nursery() as nursery:
-        out = []
-        for i in range(n):
-            mesh = Mesh(Identity.from_seed(f"hostile-provider-itest-{i}".encode()),
-                        settings(i, listen=(f"/ip4/127.0.{i}.1/tcp/0",)))
-            await nursery.start(mesh.run)
-            out.append(mesh)
-        for mesh in out[1:]:
-            await mesh.connect(out[0].listen_addrs()[0])
-        try:
-            yield out
-        finally:
-            nursery.cancel_scope.cancel()
+    return hosts([f"127.0.{i}.1" for i in range(n)], "hostile-provider-itest")
 
 
 def heard_jobs(mesh: Mesh):

@@ -6,7 +6,6 @@ exchange with lease tokens, real onnxruntime, a real SQLite job store.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +14,6 @@ import trio
 from p2pfleet.core import scheduler as S
 from p2pfleet.core import trust as T
 from p2pfleet.exec.outputs import TOLERANCE, compare_outputs
-from p2pfleet.identity import Identity
 from p2pfleet.net import streams
 from p2pfleet.net.blobs import BlobService
 from p2pfleet.net.mesh import Mesh
@@ -25,7 +23,7 @@ from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import FailedResult, HandBack, NoWork
 
-from fleetkit import NETWORK, settings, wait_until
+from fleetkit import NETWORK, hosts, wait_until
 from workerkit import TestWorker, mlp_model, scale_small_rows
 
 MODEL = mlp_model(seed=3)
@@ -46,22 +44,9 @@ def pub_settings(trusted=(), **over) -> PublisherSettings:
                              receipt_retry_s=0.5)
 
 
-@asynccontextmanager
-async def meshes(n: int):
+def meshes(n: int):
     """Node 0 (the publisher) on 127.0.0.1; workers on 127.0.i.1: one /24 each."""
-    async with trio.open_nursery() as nursery:
-        out = []
-        for i in range(n):
-            mesh = Mesh(Identity.from_seed(f"pub-itest-{i}".encode()),
-                        settings(i, listen=(f"/ip4/127.0.{i}.1/tcp/0",)))
-            await nursery.start(mesh.run)
-            out.append(mesh)
-        for mesh in out[1:]:
-            await mesh.connect(out[0].listen_addrs()[0])
-        try:
-            yield out
-        finally:
-            nursery.cancel_scope.cancel()
+    return hosts([f"127.0.{i}.1" for i in range(n)], "pub-itest")
 
 
 async def keep_working(worker: TestWorker, pub: str, done) -> None:

@@ -18,13 +18,9 @@ fixed identities from `Identity.from_seed`, job inputs from numpy seed 5).
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 import numpy as np
 import trio
 
-from p2pfleet.core import scheduler as S
-from p2pfleet.identity import Identity
 from p2pfleet.net.blobs import BlobService
 from p2pfleet.net.mesh import Mesh
 from p2pfleet.publisher import Publisher
@@ -32,29 +28,15 @@ from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.wire.envelope import seal
 from p2pfleet.wire.kinds import FailedResult, LeaseBatch
 
-from fleetkit import NETWORK, settings, wait_until
+from fleetkit import NETWORK, hosts, wait_until
 from test_publisher import assert_matches_local, finish, keep_working, pub_settings, spec
 from workerkit import TestWorker
 
 ATTACKER_NET = "127.0.9"
 
 
-@asynccontextmanager
-async def hosts(addresses: list[str]):
-    """One mesh per address (the first is the publisher's); all dial the first."""
-    async with trio.open_nursery() as nursery:
-        out = []
-        for i, addr in enumerate(addresses):
-            mesh = Mesh(Identity.from_seed(f"quorum-attack-{i}".encode()),
-                        settings(i, listen=(f"/ip4/{addr}/tcp/0",)))
-            await nursery.start(mesh.run)
-            out.append(mesh)
-        for mesh in out[1:]:
-            await mesh.connect(out[0].listen_addrs()[0])
-        try:
-            yield out
-        finally:
-            nursery.cancel_scope.cancel()
+def quorum_hosts(addresses: list[str]):
+    return hosts(addresses, "quorum-attack")
 
 
 def publisher(pm: Mesh, tmp_path, trusted, **sched) -> Publisher:
@@ -66,7 +48,7 @@ def publisher(pm: Mesh, tmp_path, trusted, **sched) -> Publisher:
 
 async def test_lease_expiry_game_in_one_prefix_gets_nothing_wrong_accepted(tmp_path):
     addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1", f"{ATTACKER_NET}.1", f"{ATTACKER_NET}.2"]
-    async with hosts(addrs) as (pm, tm, hm, a1m, a2m):
+    async with quorum_hosts(addrs) as (pm, tm, hm, a1m, a2m):
         honest = TestWorker.start(tm, tmp_path / "t")
         second = TestWorker.start(hm, tmp_path / "h")
         a1 = TestWorker.start(a1m, tmp_path / "a1", cheat="fp16")
@@ -119,7 +101,7 @@ def assert_matches_local_rows(outputs: dict) -> None:
 
 async def test_throwaway_identities_on_one_address_cannot_fail_a_job(tmp_path):
     addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1"] + [f"{ATTACKER_NET}.1"] * 10
-    async with hosts(addrs) as (pm, tm, hm, *swarm):
+    async with quorum_hosts(addrs) as (pm, tm, hm, *swarm):
         workers = [TestWorker.start(tm, tmp_path / "t"), TestWorker.start(hm, tmp_path / "h")]
         pub = publisher(pm, tmp_path, {tm.identity.public_key, hm.identity.public_key})
         pid = pm.identity.peer_id
@@ -164,7 +146,7 @@ async def test_colluding_established_identities_are_caught_by_the_publishers_own
     from p2pfleet.wire.envelope import open_envelope
 
     addrs = ["127.0.0.1", "127.0.1.1", "127.0.2.1", "127.0.3.1", "127.0.4.1"]
-    async with hosts(addrs) as (pm, h1m, h2m, c1m, c2m):
+    async with quorum_hosts(addrs) as (pm, h1m, h2m, c1m, c2m):
         honest = [TestWorker.start(h1m, tmp_path / "h1"), TestWorker.start(h2m, tmp_path / "h2")]
         colluders = [TestWorker.start(c1m, tmp_path / "c1", cheat="fp16"),
                      TestWorker.start(c2m, tmp_path / "c2", cheat="fp16")]
