@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfleet.core.scheduler import SchedulerSettings
+from p2pfleet.control import ControlError
 from p2pfleet.core.trust import TrustSettings
 from p2pfleet.localfleet import FleetError, LocalFleet, wait_for
 from p2pfleet.publisher import PublisherSettings
@@ -54,6 +55,17 @@ PUBLISHER = PublisherSettings(
                                 cross_class_wait_ms=1_000,
                                 trust=TrustSettings(established_accepted=3, established_age_ms=0)),
     announce_interval_s=2.0)
+
+
+def lookup(reader, owner) -> bool | str:
+    """True when `reader` finds `owner`'s verified record; "out" when `reader` is out of
+    the mesh (a car its trace unplugged)."""
+    try:
+        return reader.ask("lookup", peer_id=owner.peer_id)["found"]
+    except ControlError as exc:
+        if "out of the mesh" in str(exc):
+            return "out"
+        raise
 
 
 def digits_data() -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -108,11 +120,15 @@ def main() -> int:
         console.print(table)
 
         console.rule("DHT: every node looks up every node's signed capacity record")
+        found = 0
         for reader in fleet.nodes:
             for owner in fleet.nodes:
-                wait_for(lambda: reader.ask("lookup", peer_id=owner.peer_id)["found"], 30,
-                         f"node {reader.index} to find node {owner.index}")
-        console.print(f"{n * n}/{n * n} records found and verified")
+                found += wait_for(lambda: lookup(reader, owner), 30,
+                                  f"node {reader.index} to find node {owner.index}") is True
+        # On a slow machine the car's trace may unplug it before this check ends: a node
+        # out of the mesh looks nothing up (its own record then says it is leaving).
+        console.print(f"{found}/{n * n} records found and verified"
+                      + ("" if found == n * n else " (the car left the mesh meanwhile)"))
 
         console.rule("Verified inference: a digits classifier over 1797 images, quorum 2")
         report, outputs, ledgers = trio.run(publish, fleet, model, X, console)
