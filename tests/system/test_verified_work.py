@@ -270,8 +270,10 @@ def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
         for name, want in local.items():
             assert np.array_equal(np.load(tmp_path / "out" / f"{name}.npy"), want)
         assert [j["job_id"] for j in _status(pub_root)["jobs"]] == [job_id]
+        # No node has this much memory: the job stays live until the cancel (a job small
+        # enough to finish before `job cancel` starts up would race it).
         second = client.submit(model, np.load(inputs)[:300], shard_size=100, quorum=2,
-                               deadline_s=600)
+                               deadline_s=600, min_memory_mb=10**9)
         cancel = subprocess.run(_pub_args(pub_root, "job", "cancel", second, "--json"),
                                 capture_output=True, text=True, timeout=60)
         assert cancel.returncode == 0 and json.loads(cancel.stdout)["via"] == "running publisher"
