@@ -321,7 +321,8 @@ async def test_forged_and_replayed_results_are_refused(tmp_path):
                         settings=pub_settings(trusted))
         async with trio.open_nursery() as nursery:
             await nursery.start(pub.run)
-            job = pub.submit(spec(shard_size=120))  # one shard
+            # one shard, exactly two replicas (a re-check would ask for a third)
+            job = pub.submit(spec(shard_size=120, recheck_rate=0.0, audit_rate=0.0))
             pid = pm.identity.peer_id
             [lease] = (await a.request(pid)).leases
             env = await a.compute(pid, lease)
