@@ -12,7 +12,9 @@ specs/work-and-leases.md, sections 2-3:
 - check every lease batch before holding a lease: the publisher signed it, it answers our
   request, it is for us, it is not bigger than asked, every lease is for a job that
   publisher announced, runnable here (micro-batch count, first batch, onnxruntime range);
-- obey a `cancel` only for leases its signer issued to this node (`leases_to_cancel`).
+- obey a `cancel` only for leases its signer issued to this node (`leases_to_cancel`);
+- hold enough leases that the sandbox never waits for the network, but none it could not
+  finish before its deadline (`leases_to_request`).
 """
 
 from __future__ import annotations
@@ -250,6 +252,67 @@ def fetch_time_s(lease: object) -> float:
     return lease.deadline_ms / 1000.0 * FETCH_SHARE
 
 
+PIPELINE_DEPTH = 2  # leases held at least: one computing, the next one fetched meanwhile
+DEADLINE_MARGIN = 0.8  # a lease is planned to end within this share of its time left
+
+
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease the worker holds and has not finished (running or queued), as the lease-count
+    rule sees it."""
+
+    time_left_s: float       # until its deadline
+    compute_s: float | None  # compute it still needs, estimated (None: not known yet)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """What the worker measured for the job it would ask for (None: not measured yet)."""
+
+    compute_s: float | None = None    # one lease's compute
+    fetch_s: float | None = None      # one lease's input fetch
+    request_gap_s: float = 0.0        # least time the publisher wants between two requests
+    deadline_s: float | None = None   # a lease's deadline (the newest one granted)
+
+
+def leases_to_request(held: Sequence[HeldLease], pace: Pace, *, slots: int) -> int:
+    """How many leases to ask for now (0: none), for a worker that runs its leases one after
+    another and fetches the next one's input while the current one computes.
+
+    Enough that the sandbox never idles: one computing and, behind it, as many as compute
+    for the time the next one takes to arrive (its fetch and the publisher's request gap),
+    at least PIPELINE_DEPTH in all. No more than `slots`, and none that could not finish
+    before its deadline: leases held run first (`held` in running order), a new lease starts
+    once they are done and its input is in, and must end within DEADLINE_MARGIN of its
+    deadline; if a held lease is already planned past that, nothing more is asked for.
+    Without measurements (a job not run yet) only the depth counts."""
+    if slots <= 0:
+        return 0
+    compute = pace.compute_s if pace.compute_s is not None and pace.compute_s > 0 else None
+    want = PIPELINE_DEPTH
+    if compute is not None:
+        arrive = (pace.fetch_s or 0.0) + max(0.0, pace.request_gap_s)
+        want = max(want, 1 + math.ceil(arrive / compute))
+    n = max(0, min(want, slots) - len(held))
+    if n == 0:
+        return 0
+    ahead = 0.0
+    for h in held:
+        c = h.compute_s if h.compute_s is not None else compute
+        if c is None:
+            return n  # nothing to plan with yet
+        ahead += max(0.0, c)
+        if ahead > DEADLINE_MARGIN * h.time_left_s:
+            return 0
+    if compute is None or pace.deadline_s is None:
+        return n
+    start = max(ahead, pace.fetch_s or 0.0)
+    fits = 0
+    while fits < n and start + (fits + 1) * compute <= DEADLINE_MARGIN * pace.deadline_s:
+        fits += 1
+    return fits
+
+
 def hand_back_reason(condition: str) -> str:
     """The hand_back reason for the vehicle-policy condition that stopped the node."""
     return condition if condition in ("unplugged", "departure") else "policy"
@@ -272,4 +335,5 @@ def cannot_run(lease: object, *, ort_version: str, max_model_bytes: int,
 __all__ = ["Offer", "HeardJob", "LeaseRefused", "PublisherBackoff", "unmet_requirement",
            "eligible_publishers", "choose_job", "check_lease_batch", "cannot_run", "ort_allowed",
            "fetch_time_s", "hand_back_reason", "LeaseStatus", "CancelRefused", "leases_to_cancel",
-           "OPEN_LEASE_STATUSES"]
+           "OPEN_LEASE_STATUSES", "HeldLease", "Pace", "leases_to_request", "PIPELINE_DEPTH",
+           "DEADLINE_MARGIN"]

@@ -160,3 +160,39 @@ def test_a_cancel_naming_none_of_the_signers_leases_is_refused(names):
         W.leases_to_cancel(JOB, names, [])  # the signer issued this node nothing of the job
     with pytest.raises(W.CancelRefused):
         W.leases_to_cancel(JOB, (b"x" * 16,), held((b"1" * 16, "queued")))
+
+
+# --- how many leases to hold (pipelining) -------------------------------------------------
+def holding(*pairs):
+    return [W.HeldLease(time_left_s=t, compute_s=c) for t, c in pairs]
+
+
+def test_a_worker_that_knows_nothing_yet_holds_one_computing_and_one_fetched():
+    assert W.leases_to_request([], W.Pace(), slots=4) == W.PIPELINE_DEPTH == 2
+    assert W.leases_to_request(holding((600, None)), W.Pace(), slots=4) == 1
+    assert W.leases_to_request(holding((600, None), (600, None)), W.Pace(), slots=4) == 0
+    assert W.leases_to_request([], W.Pace(), slots=1) == 1  # never more than its slots
+    assert W.leases_to_request([], W.Pace(), slots=0) == 0
+
+
+def test_a_slow_fetch_or_a_request_gap_makes_it_hold_more_up_to_its_slots():
+    fast = W.Pace(compute_s=10, fetch_s=2, deadline_s=600)
+    assert W.leases_to_request(holding((600, 10)), fast, slots=8) == 1
+    slow = W.Pace(compute_s=10, fetch_s=25, deadline_s=600)  # 1 + ceil(25/10) = 4 in all
+    assert W.leases_to_request(holding((600, 10)), slow, slots=8) == 3
+    assert W.leases_to_request(holding((600, 10)), slow, slots=3) == 2
+    gap = W.Pace(compute_s=2, fetch_s=0.5, request_gap_s=10, deadline_s=600)  # 1 + ceil(10.5/2)
+    assert W.leases_to_request([], gap, slots=16) == 7
+
+
+def test_no_lease_is_asked_for_that_could_not_finish_before_its_deadline():
+    pace = W.Pace(compute_s=100, fetch_s=1, request_gap_s=250, deadline_s=500)  # wants 4
+    # 300 s of work ahead: a new lease would end at 400 <= 0.8 * 500, a second at 500 > 400
+    assert W.leases_to_request(holding((600, 200), (600, 100)), pace, slots=8) == 1
+    assert W.leases_to_request(holding((600, 250), (600, 100)), pace, slots=8) == 0
+
+
+def test_nothing_more_while_a_held_lease_is_already_planned_past_its_deadline():
+    pace = W.Pace(compute_s=10, fetch_s=1, deadline_s=600)
+    assert W.leases_to_request(holding((100, 50), (40, None)), pace, slots=8) == 0  # 60 > 0.8*40
+    assert W.leases_to_request(holding((100, 50)), pace, slots=8) == 1
