@@ -286,6 +286,13 @@ class PublishingSettings:
     established_age_h: float = _setting(
         24.0, "hours since a worker's first accepted result before it counts as "
         "established.", min=0, max=8760)
+    stall_wait_s: float = _setting(
+        30.0, "how long a shard that no asking worker may take waits before the publisher "
+        "computes it itself (or, with self_compute off, relaxes one replica rule), s.",
+        min=0.1, max=86400)
+    self_compute: bool = _setting(
+        True, "compute audit replicas and stalled shards on this machine (never paid); "
+        "off: stalled shards are decided under relaxed replica rules instead.")
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,15 @@ def _net(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
         request_interval_ms=int(p.request_interval_s * 1000),
         min_deadline_ms=int(p.min_lease_s * 1000),
         cross_class_wait_ms=int(p.cross_class_wait_s * 1000),
+        stall_wait_ms=int(p.stall_wait_s * 1000),
         trust=TrustSettings(established_accepted=p.established_results,
                             established_age_ms=int(p.established_age_h * 3_600_000)))
     return {"network": cfg.node.network,
             "listen": list(listen) or ["/ip4/0.0.0.0/tcp/0"],
             "bootstrap": list(bootstrap) + list(cfg.node.bootstrap),
             "settings": PublisherSettings(scheduler=sched, event_log=event_log,
-                                          announce_interval_s=p.announce_interval_s)}
+                                          announce_interval_s=p.announce_interval_s,
+                                          self_audit=p.self_compute)}
 
 
 publisher_dir_option = click.option(
@@ -251,6 +253,13 @@ def job_status(app: App, job_id: str | None, publisher_dir: Path | None) -> None
                       str(j["accepted"]), str(j["failed"]), str(j["shards"]), str(j["replicas"]),
                       str(j["nodes"]), str(j["rejected"]), str(j["evidence"]), str(j["credit_paid"]))
         console().print(t)
+        for j in jobs:  # stalled shards are never decided silently (work-and-leases.md, 4)
+            if j.get("self_computed"):
+                click.echo(f"job {j['job_id'][:16]}: {j['self_computed']} shard(s) computed by "
+                           f"the publisher (no eligible worker could take them)")
+            if j.get("relaxed"):
+                click.echo(f"job {j['job_id'][:16]}: {j['relaxed']} shard(s) stalled and "
+                           f"decided under relaxed replica rules (marked in `job results`)")
 
     app.emit({"running": running, "jobs": jobs}, human)
 

@@ -63,6 +63,12 @@ from .verify import (ESTABLISHED, FRESH, TRUSTED, Vote, choose_output, find_quor
                      largest_agreeing)
 
 MINUTE_MS = 60_000
+# Relaxations of a stalled shard's rules when the publisher does not compute it itself, in
+# the order they are applied (one per stall wait): a worker whose earlier lease of it ended
+# without a result may take it again; established identities may share a prefix (lease and
+# quorum); a re-check's extra replica is dropped; an audit's trusted vote is dropped. None
+# lets a quorum form without an established or trusted vote (at most one fresh, always).
+RELAX_ORDER = ("reissue", "prefix", "recheck", "audit")
 UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
 
 
@@ -100,6 +106,10 @@ class SchedulerSettings:
     max_batch: int = 64
     trust: T.TrustSettings = field(default_factory=T.TrustSettings)
     own_key: bytes = b""             # the publisher's own key: its audits are never paid
+    # A shard that needs replicas, has no live lease and that no worker asking for its job
+    # may take is "stalled"; after this long it is resolved (publisher computes it, or the
+    # rules are relaxed one step): tens of seconds, so a small honest fleet finishes soon.
+    stall_wait_ms: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,17 @@ class ShardReopened:
 
 
 @dataclass(frozen=True)
+class ShardStalled:
+    """No worker asking for the job could take the shard for `stall_wait_ms`: resolved by
+    `step`, "publisher" (the publisher computes the missing replica itself) or the next
+    relaxation of RELAX_ORDER, or "failed" when none is left."""
+    job_id: bytes
+    shard: int
+    step: str
+    note: str
+
+
+@dataclass(frozen=True)
 class ShardFailed:
     job_id: bytes
     shard: int
@@ -307,6 +328,13 @@ class ShardRec:
     accepted_lease: bytes | None = None
     reason: str = ""
     last_issue_ms: int = 0
+    # How a stall was resolved: "" (never), "publisher" (its own result decides), or the
+    # relaxations applied so far, in RELAX_ORDER, joined by ",".
+    fallback: str = ""
+    stalled_ms: int = 0      # since when no asking worker may take it (0: not stalled)
+
+    def relaxed(self, step: str) -> bool:
+        return step in self.fallback.split(",")
 
 
 @dataclass
@@ -422,6 +450,10 @@ class Scheduler:
         # prefix -> (consecutive failures of its non-established identities, back off until)
         self._prefix_backoff: dict[str, tuple[int, int]] = {}
         self._order = 0
+        # worker -> its last work request (not the publisher's own): who could take a
+        # stalled shard. In memory only: after a restart stall clocks start again.
+        self._requests: dict[bytes, WorkRequested] = {}
+        self._own_fallback: set[tuple[bytes, int]] = set()  # open shards the publisher computes
         self._now = 0
         self._dirty: set[tuple[str, object]] = set()
 
@@ -468,7 +500,8 @@ class Scheduler:
     def _untrusted_room(self, sh: ShardRec) -> int:
         """Replicas the shard still needs, apart from an audit's reserved one (which is
         needed as long as no trusted machine holds a replica)."""
-        if sh.status != "open" or self.jobs[sh.job_id].status != "live":
+        if (sh.status != "open" or self.jobs[sh.job_id].status != "live"
+                or sh.fallback == "publisher"):  # the publisher's own result decides it
             return 0
         job = self.jobs[sh.job_id].job
         target = sh.target or max(job.quorum, self.s.min_replicas)
@@ -479,12 +512,16 @@ class Scheduler:
         # its trusted replica is one more than the others: workers may still fill all of
         # `target` (colluders must not learn that a shard is audited by finding it full).
         trusted = sh.audit and any(v.ok and v.standing == TRUSTED for v in votes)
-        have = largest_agreeing(votes, trusted=trusted)
+        have = largest_agreeing(votes, trusted=trusted, shared_prefix=sh.relaxed("prefix"))
         extra = 1 if sh.audit and not self._audit_pending(sh) else 0
         return max(0, target - have - live + extra)
 
     def _audit_pending(self, sh: ShardRec) -> bool:
-        """An audited shard whose reserved replica no trusted machine holds yet."""
+        """An audited shard whose reserved replica no trusted machine holds yet, or a stalled
+        one the publisher is to compute and has not taken yet."""
+        if sh.fallback == "publisher":
+            return not any(l.worker == self.s.own_key
+                           for l in self.shard_leases(sh.job_id, sh.index))
         trusted = self.s.trust.trusted
         return sh.audit and not any(
             l.worker in trusted and (l.state == "live" or (l.state == "returned" and l.ok))
@@ -512,6 +549,10 @@ class Scheduler:
             "invalid": sum(1 for l in leases if l.verdict in ("invalid", "discarded")),
             "workers": len({l.worker for l in leases}),
             "paid": self.jobs[job_id].paid,
+            "self_computed": sum(1 for s in shards if s.fallback == "publisher"),
+            "relaxed": sum(1 for s in shards if s.fallback and s.fallback != "publisher"),
+            "stalled": sum(1 for s in shards if s.stalled_ms and s.status == "open"),
+            "exhausted": sum(1 for s in shards if s.relaxed("exhausted") and s.status == "open"),
         }
 
     # --- persistence -----------------------------------------------------------------
@@ -555,6 +596,8 @@ class Scheduler:
             for i in range(len(rec.job.samples)):
                 if (job_id, i) not in self.shards:
                     raise CoreUsageError(f"job {job_id.hex()}: shard {i} missing from the store")
+        self._own_fallback = {k for k, sh in self.shards.items()
+                              if sh.fallback == "publisher" and sh.status == "open"}
 
     # --- events ----------------------------------------------------------------------
     def handle(self, ev: object) -> list:
@@ -613,6 +656,8 @@ class Scheduler:
         now = ev.at_ms
         if t.excluded:
             return [Refuse(ev.worker, "excluded", 24 * 60 * MINUTE_MS)]
+        if not ev.audit_only and ev.worker != s.own_key:
+            self._requests[ev.worker] = ev
         last = self._last_request.get(ev.worker)
         if not ev.audit_only:  # the driver's own audits are not rate limited
             if last is not None and now - last < s.request_interval_ms:
@@ -654,7 +699,8 @@ class Scheduler:
                 if len(picks) >= room:
                     break
                 credit = rec.job.credit[sh.index]
-                if rec.job.budget is not None and rec.paid + outstanding + credit > rec.job.budget:
+                if (rec.job.budget is not None and not ev.audit_only  # own work is unpaid
+                        and rec.paid + outstanding + credit > rec.job.budget):
                     continue  # no_work: the job's status tells its owner the budget is spent
                 outstanding += credit
                 picks.append((rec, sh))
@@ -688,15 +734,23 @@ class Scheduler:
                     break
         return out
 
-    def _eligible(self, sh: ShardRec, ev: WorkRequested, established: bool, now: int) -> bool:
+    def _eligible(self, sh: ShardRec, ev: WorkRequested, established: bool, now: int,
+                  stall_check: bool = False) -> bool:
+        """May `ev`'s worker take a replica of `sh` now? `stall_check`: is it one that could
+        (a cross-class wait ends by itself, so it does not count)."""
         if ev.audit_only and not self._audit_pending(sh):
             return False
+        own = sh.fallback == "publisher"
+        if own and ev.worker != self.s.own_key:
+            return False  # the publisher computes it: nobody else
         job = self.jobs[sh.job_id].job
         leases = self.shard_leases(sh.job_id, sh.index)
         held = [l for l in leases if l.state in ("live", "returned")]
-        if any(l.worker == ev.worker for l in leases):
+        again = established and sh.relaxed("reissue")  # only a vote of its own counts once
+        if any(l.worker == ev.worker for l in (held if again else leases)):
             return False  # one replica per peer, ever
-        if any(l.prefix == ev.prefix for l in held):
+        if (not (established and sh.relaxed("prefix"))
+                and any(l.prefix == ev.prefix for l in held)):
             return False  # one replica per network prefix
         if not established:
             if any(l.fresh and l.prefix == ev.prefix for l in leases):
@@ -708,16 +762,18 @@ class Scheduler:
             if self.s.fresh_need_known_answer and not job.known_answer[sh.index]:
                 return False
             votes = [self._vote(l) for l in held if l.state == "returned"]
-            if sh.single or (votes and largest_agreeing(votes) < sum(v.ok for v in votes)):
+            if sh.single or (votes and largest_agreeing(
+                    votes, shared_prefix=sh.relaxed("prefix")) < sum(v.ok for v in votes)):
                 return False  # re-checks of single copies and tie-breakers: established only
-        if sh.cross and held and now - sh.last_issue_ms < self.s.cross_class_wait_ms:
+        if (sh.cross and held and not stall_check
+                and now - sh.last_issue_ms < self.s.cross_class_wait_ms):
             first = min(leases, key=lambda l: (l.issued_ms, l.lease_id)).hw_class
             if all(l.hw_class == first for l in held) and ev.hw_class == first:
                 return False
         if (ev.worker not in self.s.trust.trusted and sh.target
                 and self._untrusted_room(sh) <= 0):
             return False  # the open replica is an audit's: the publisher's machines only
-        if sh.issued >= job.total_bound:
+        if sh.issued >= job.total_bound and not own:
             return False
         return True
 
@@ -744,6 +800,11 @@ class Scheduler:
             credit=credit, fresh=not T.established(t, self.s.trust, now))
         while lease.lease_id in self.leases:  # 128 random bits: never, but never twice either
             lease.lease_id = self.rng.randbytes(16)
+        if sh.relaxed("reissue"):  # its expired lease's late result would be a second vote
+            for old in self.shard_leases(job.job_id, sh.index):
+                if old.worker == ev.worker and old.state == "expired":
+                    self._set_state(old, "cancelled")
+                    self._dirty.add(("lease", old.lease_id))
         self.leases[lease.lease_id] = lease
         self._live[lease.lease_id] = None
         self._by_shard.setdefault((job.job_id, sh.index), []).append(lease.lease_id)
@@ -830,10 +891,122 @@ class Scheduler:
                 self._dirty.update({("lease", lease.lease_id), ("shard", (sh.job_id, sh.index))})
                 self._on_failure(lease, ev.at_ms)
                 effects += self._evaluate(sh, ev.at_ms)
+        effects += self._check_stalls(ev.at_ms)
         live = self.live_leases()
         if live:
             effects.append(WakeAt(min(l.expires_ms for l in live)))
         return effects
+
+    # stalled shards ----------------------------------------------------------------------
+    def _horizon(self) -> int:
+        return max(self.s.stall_wait_ms, self.s.no_work_retry_ms + self.s.request_interval_ms)
+
+    def _requesters(self, job_id: bytes, now: int, busy: set[bytes]) -> list[WorkRequested]:
+        """Workers of this job's fleet: they asked for its work recently enough to ask again
+        (a refused worker waits `no_work_retry_ms`) or hold a live lease (they ask when done);
+        not excluded."""
+        return [r for r in self._requests.values()
+                if (now - r.at_ms <= self._horizon() or r.worker in busy) and job_id in r.jobs
+                and not self.trust_of(r.worker).excluded]
+
+    def _able(self, sh: ShardRec, req: WorkRequested, now: int) -> bool:
+        """Could this asking worker take a replica of `sh` (caps aside, which free up)?"""
+        t = self.trust_of(req.worker)
+        if t.backoff_until_ms > now:
+            return False
+        established = T.established(t, self.s.trust, now)
+        if not established and self._prefix_backoff.get(req.prefix, (0, 0))[1] > now:
+            return False
+        return self._eligible(sh, req, established, now, stall_check=True)
+
+    def stalled(self, sh: ShardRec, now: int, busy: set[bytes] | None = None) -> bool:
+        """Does `sh` need a replica that no live lease covers and that no worker asking for
+        its job may take? Not while nobody asks at all: that is a fleet yet to come."""
+        if sh.status != "open" or self.jobs[sh.job_id].status != "live":
+            return False
+        leases = self.shard_leases(sh.job_id, sh.index)
+        if any(l.state == "live" for l in leases):
+            return False
+        if sh.fallback == "publisher":  # stalled again only if its own computation ended
+            return any(l.worker == self.s.own_key for l in leases)  # without deciding it
+        if self.open_replicas(sh) <= 0:
+            return False
+        if busy is None:
+            busy = {l.worker for l in self.live_leases()}
+        asking = self._requesters(sh.job_id, now, busy)
+        return bool(asking) and not any(self._able(sh, r, now) for r in asking)
+
+    def _check_stalls(self, now: int) -> list:
+        busy = {l.worker for l in self.live_leases()}
+        for w in [w for w, r in self._requests.items()
+                  if now - r.at_ms > self._horizon() and w not in busy]:
+            del self._requests[w]
+        self._own_fallback = {k for k in self._own_fallback if self.shards[k].status == "open"}
+        effects: list = []
+        for rec in [r for r in self.jobs.values() if r.status == "live"]:
+            check = self._window(rec)
+            check += [self.shards[k] for k in sorted(self._own_fallback)
+                      if k[0] == rec.job.job_id and self.shards[k] not in check]
+            for sh in check:
+                if not self.stalled(sh, now, busy):
+                    if sh.stalled_ms:
+                        sh.stalled_ms = 0
+                        self._dirty.add(("shard", (sh.job_id, sh.index)))
+                    continue
+                if not sh.stalled_ms:
+                    sh.stalled_ms = now
+                    self._dirty.add(("shard", (sh.job_id, sh.index)))
+                elif now - sh.stalled_ms >= self.s.stall_wait_ms:
+                    effects += self._resolve_stall(sh, now)
+                if rec.status != "live":
+                    break
+        return effects
+
+    def _resolve_stall(self, sh: ShardRec, now: int) -> list:
+        """One step for a shard stalled for `stall_wait_ms`: the publisher computes it when it
+        can (its own key is trusted: `own_key` set, self-audit on); else the next relaxation of
+        RELAX_ORDER that applies; else the shard fails. Never silent: `ShardStalled`."""
+        key = (sh.job_id, sh.index)
+        waited = (now - sh.stalled_ms) / 1000
+        sh.stalled_ms = 0
+        self._dirty.add(("shard", key))
+        leases = self.shard_leases(*key)
+        own = self.s.own_key
+        if (not sh.fallback and own and own in self.s.trust.trusted
+                and not any(l.worker == own for l in leases)):
+            sh.fallback = "publisher"
+            self._own_fallback.add(key)
+            return [ShardStalled(*key, "publisher", f"no eligible worker for {waited:.0f} s: "
+                                                    f"the publisher computes it")]
+        if sh.fallback != "publisher":
+            applies = {
+                "reissue": any(l.state in ("failed", "expired", "handed_back", "cancelled")
+                               for l in leases),
+                "prefix": any(l.state in ("live", "returned") for l in leases),
+                "recheck": sh.recheck,
+                "audit": sh.audit,
+            }
+            step = next((x for x in RELAX_ORDER if applies[x] and not sh.relaxed(x)), None)
+            if step is not None:
+                sh.fallback = ",".join(x for x in RELAX_ORDER if sh.relaxed(x) or x == step)
+                if step == "recheck":
+                    sh.recheck, sh.target = False, max(1, sh.target - 1)
+                elif step == "audit":
+                    sh.audit = False
+                return [ShardStalled(*key, step, f"no eligible worker for {waited:.0f} s: "
+                                                 f"relaxed {step}")] + self._evaluate(sh, now)
+            # Nothing left to relax: failing it would let throwaway identities that keep
+            # asking fail shards while the established workers are away. It waits, marked.
+            if sh.relaxed("exhausted"):
+                return []
+            sh.fallback = ",".join(filter(None, (sh.fallback, "exhausted")))
+            return [ShardStalled(*key, "exhausted", "no relaxation left: waits for an "
+                                                    "established or trusted worker")]
+        reason = "stalled: the publisher's own computation of it ended without a result"
+        sh.status, sh.reason = "failed", reason
+        effects: list = [ShardStalled(*key, "failed", reason), ShardFailed(*key, reason)]
+        effects += self._cancel([l for l in leases if l.state == "live"], "shard failed")
+        return effects + self._maybe_done(sh.job_id)
 
     # decisions ---------------------------------------------------------------------------
     def _set_trust(self, t: T.WorkerTrust) -> None:
@@ -885,8 +1058,13 @@ class Scheduler:
             return effects
         votes = [self._vote(l) for l in leases if l.state == "returned"]
         need = sh.target or max(job.quorum, self.s.min_replicas)
-        group = (find_quorum(votes, need, trusted=sh.audit) if job_rec.status == "live"
-                 else None)
+        group = None
+        if job_rec.status == "live":
+            group = find_quorum(votes, need, trusted=sh.audit, shared_prefix=sh.relaxed("prefix"))
+            if group is None and sh.fallback == "publisher":
+                # Stalled, computed by the publisher itself: its own result decides.
+                own = [v for v in votes if v.ok and v.worker == self.s.own_key]
+                group = (own[0],) if own else None
         errors = self.errors(sh)
         if errors != sh.errors:
             sh.errors = errors
@@ -1038,7 +1216,7 @@ __all__ = [
     "Scheduler", "SchedulerSettings", "JobParams", "CoreUsageError", "PeerViolation",
     "JobAdded", "WorkRequested", "ResultArrived", "LeaseFailed", "HandedBack", "Tick",
     "JobCancelled", "LeaseGrant", "Grant", "Refuse", "Pay", "CancelLeases", "Excluded",
-    "ShardAccepted", "ShardReopened", "ShardFailed", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
+    "ShardAccepted", "ShardReopened", "ShardStalled", "ShardFailed", "RELAX_ORDER", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
     "prefix_of", "rank", "lease_deadline_ms", "grace_ms", "KeyedRandom", "event_json",
     "event_from_json", "UNKNOWN_PREFIX",
 ]

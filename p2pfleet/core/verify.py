@@ -12,7 +12,9 @@ discarded because their worker was excluded) never count towards a quorum.
 The replica rules guard the quorum, so they hold on the votes that form it, whatever the
 leases looked like when they were issued (an expired lease's late result is no back door):
 a quorum is a set of pairwise agreeing ok votes from distinct workers, in distinct network
-prefixes, with at most one from a non-established ("fresh") identity.
+prefixes, with at most one from a non-established ("fresh") identity. A shard whose stall
+was resolved by relaxing the prefix rule (`shared_prefix`; scheduler.py, RELAX_ORDER) lets
+two non-fresh votes share a prefix; a fresh vote never shares one.
 """
 
 from __future__ import annotations
@@ -43,18 +45,21 @@ def agree(a: Vote, b: Vote) -> bool:
     return a.digest == b.digest or b.lease_id in a.agrees or a.lease_id in b.agrees
 
 
-def may_join(group: tuple[Vote, ...] | list[Vote], v: Vote) -> bool:
-    """Can `v` stand in one quorum with `group`: another worker, another prefix, at most one
-    fresh identity in all, agreeing with every member?"""
+def may_join(group: tuple[Vote, ...] | list[Vote], v: Vote, shared_prefix: bool = False) -> bool:
+    """Can `v` stand in one quorum with `group`: another worker, another prefix (or, with
+    `shared_prefix`, the same one when neither vote is fresh), at most one fresh identity in
+    all, agreeing with every member?"""
     for g in group:
-        if g.worker == v.worker or g.prefix == v.prefix or (g.fresh and v.fresh):
+        if g.worker == v.worker or (g.fresh and v.fresh):
+            return False
+        if g.prefix == v.prefix and not (shared_prefix and not g.fresh and not v.fresh):
             return False
         if not agree(g, v):
             return False
     return True
 
 
-def _quorums(votes: list[Vote], need: int, trusted: bool = False):
+def _quorums(votes: list[Vote], need: int, trusted: bool = False, shared_prefix: bool = False):
     """Every set of `need` ok votes that may stand together, each in arrival order; with
     `trusted`, only sets holding a vote of the publisher's trusted machines."""
     pool = sorted((v for v in votes if v.ok), key=lambda v: v.order)
@@ -67,32 +72,33 @@ def _quorums(votes: list[Vote], need: int, trusted: bool = False):
         for i in range(start, len(pool)):
             if len(pool) - i < need - len(group):
                 return
-            if may_join(group, pool[i]):
+            if may_join(group, pool[i], shared_prefix):
                 yield from extend(i + 1, group + (pool[i],))
 
     return extend(0, ())
 
 
-def find_quorum(votes: list[Vote], need: int, *, trusted: bool = False
-                ) -> tuple[Vote, ...] | None:
+def find_quorum(votes: list[Vote], need: int, *, trusted: bool = False,
+                shared_prefix: bool = False) -> tuple[Vote, ...] | None:
     """The earliest quorum of `need` votes (by the sorted arrival orders of its members), or
     None; with `trusted` (an audited shard) it must hold a trusted machine's vote.
     Backtracking over a shard's results: at most max_total (2q + 4) of them."""
     if need < 1:
         raise ValueError("a quorum needs at least one result")
     best = None
-    for group in _quorums(votes, need, trusted):
+    for group in _quorums(votes, need, trusted, shared_prefix):
         key = sorted(v.order for v in group)
         if best is None or key < best[0]:
             best = (key, group)
     return best[1] if best else None
 
 
-def largest_agreeing(votes: list[Vote], *, trusted: bool = False) -> int:
+def largest_agreeing(votes: list[Vote], *, trusted: bool = False,
+                     shared_prefix: bool = False) -> int:
     """Size of the largest set of ok votes that could stand in one quorum (with `trusted`,
     one holding a trusted machine's vote)."""
     size = 0
-    while next(iter(_quorums(votes, size + 1, trusted)), None) is not None:
+    while next(iter(_quorums(votes, size + 1, trusted, shared_prefix)), None) is not None:
         size += 1
     return size
 

@@ -113,6 +113,8 @@ class JobStatus:
     credit_paid: int
     budget: int | None
     waiting: str = ""          # why no progress is possible right now, if known
+    self_computed: int = 0     # stalled shards the publisher computed itself (never paid)
+    relaxed: int = 0           # stalled shards decided under relaxed replica rules
 
 
 def _now_ms(clock: Callable[[], float]) -> int:  # noqa: D103
@@ -225,14 +227,20 @@ class Publisher:
         rec = self.sched.jobs[job_id]
         c = self.sched.job_counts(job_id)
         waiting = ""
-        if rec.status == "live" and c["live"] == 0 and c["accepted"] + c["failed"] < c["shards"]:
+        if rec.status == "live" and c["exhausted"]:
+            waiting = (f"{c['exhausted']} shard(s) wait for an established or trusted worker "
+                       f"(the publisher does not compute; nothing left to relax)")
+        elif rec.status == "live" and c["stalled"]:
+            waiting = (f"{c['stalled']} shard(s) no asking worker may take: resolved after "
+                       f"{self.sched.s.stall_wait_ms / 1000:g} s")
+        elif rec.status == "live" and c["live"] == 0 and c["accepted"] + c["failed"] < c["shards"]:
             if rec.job.budget is not None and rec.paid >= rec.job.budget:
                 waiting = "credit budget spent"
             else:
                 waiting = "no eligible worker has asked for the open shards"
         return JobStatus(job_id, rec.status, c["shards"], c["accepted"], c["failed"], c["leases"],
                          c["live"], c["invalid"], c["workers"], len(self.store.evidence(job_id)),
-                         rec.paid, rec.job.budget, waiting)
+                         rec.paid, rec.job.budget, waiting, c["self_computed"], c["relaxed"])
 
     def shard_outputs(self, job_id: bytes):
         """Yield (shard, outputs) of accepted shards, known-answer rows removed, in order."""
@@ -347,6 +355,8 @@ class Publisher:
                 self._nursery.start_soon(self._publish_evidence, e.worker, e.job_id)
             elif isinstance(e, S.JobDone):
                 self._done_event(e.job_id).set()
+            elif isinstance(e, S.ShardStalled):
+                log.warning("job %s shard %d stalled: %s", e.job_id.hex()[:8], e.shard, e.note)
             elif isinstance(e, S.ShardReopened):
                 log.warning("job %s shard %d reopened: %s", e.job_id.hex()[:8], e.shard, e.reason)
                 self._announce_now.set()

@@ -61,12 +61,18 @@ class ShardResult:
 
     `revised`: this shard was given before, but a worker whose result helped accept it was
     excluded since (verification.md, section 8), so it was verified again: these outputs
-    replace the earlier ones."""
+    replace the earlier ones.
+
+    `fallback`: "" for a shard verified under the usual rules; "publisher" when no eligible
+    worker could take it and the publisher computed it itself (its own result decided it);
+    else the replica rules relaxed for it, e.g. "reissue,prefix" (work-and-leases.md,
+    section 4, "Stalled shards")."""
 
     shard: int
     first_sample: int
     outputs: dict[str, np.ndarray]
     revised: bool = False
+    fallback: str = ""
 
     @property
     def rows(self) -> int:
@@ -92,6 +98,8 @@ class JobReport:
     budget: int | None
     evidence: list[dict] = field(default_factory=list)
     waiting: str = ""
+    self_computed: int = 0     # stalled shards the publisher computed itself
+    relaxed: int = 0           # stalled shards decided under relaxed replica rules
 
     @property
     def replication(self) -> float:
@@ -115,6 +123,9 @@ class JobReport:
             ("credit paid", f"{self.credit_paid}" + (f" of {self.budget}" if self.budget else "")),
             ("evidence reports", str(len(self.evidence))),
         ]
+        if self.self_computed or self.relaxed:
+            rows.append(("stalled shards", f"{self.self_computed} computed by the publisher, "
+                                           f"{self.relaxed} under relaxed rules"))
         for e in self.evidence:
             rows.append(("  excluded", f"{e['accused'][:20]}... {e['claim']}"))
         for k, v in rows:
@@ -168,16 +179,19 @@ class Job:
             failed = self._failed_shards()
             for i in sorted(set(accepted) & set(given)):  # verified again after an exclusion
                 given[i] = sched.shards[(self.job_id, i)].accepted_lease
-                yield ShardResult(i, rows[i][0], accepted.pop(i), revised=True)
+                yield ShardResult(i, rows[i][0], accepted.pop(i), revised=True,
+                                  fallback=sched.shards[(self.job_id, i)].fallback)
             if order == "completed":
                 for i in sorted(accepted):
                     given[i] = sched.shards[(self.job_id, i)].accepted_lease
-                    yield ShardResult(i, rows[i][0], accepted[i])
+                    yield ShardResult(i, rows[i][0], accepted[i],
+                                      fallback=sched.shards[(self.job_id, i)].fallback)
             else:
                 while next_shard < len(rows):
                     if next_shard in accepted:
                         given[next_shard] = sched.shards[(self.job_id, next_shard)].accepted_lease
-                        yield ShardResult(next_shard, rows[next_shard][0], accepted[next_shard])
+                        yield ShardResult(next_shard, rows[next_shard][0], accepted[next_shard],
+                                          fallback=sched.shards[(self.job_id, next_shard)].fallback)
                     elif next_shard not in failed:
                         break
                     next_shard += 1
@@ -239,16 +253,20 @@ class Job:
             failed=st.failed, replicas=st.leases, rejected=st.rejected, nodes=st.workers,
             samples=done_samples, elapsed_s=round(elapsed, 3),
             samples_per_s=round(done_samples / elapsed, 3), credit_paid=st.credit_paid,
-            budget=st.budget, evidence=evidence, waiting=st.waiting)
+            budget=st.budget, evidence=evidence, waiting=st.waiting,
+            self_computed=st.self_computed, relaxed=st.relaxed)
 
     def _accepted_now(self) -> list[ShardResult]:
         rows = self._rows()
-        return [ShardResult(i, rows[i][0], outs) for i, outs in self._pub.shard_outputs(self.job_id)]
+        sched = self._pub.sched
+        return [ShardResult(i, rows[i][0], outs, fallback=sched.shards[(self.job_id, i)].fallback)
+                for i, outs in self._pub.shard_outputs(self.job_id)]
 
     def export(self, out_dir: str | Path) -> list[Path]:
         """Write the accepted outputs: `<output>.npy` per model output (all shards must be
         accepted) and `results.jsonl` (one line per sample: index and outputs as lists,
-        for every accepted shard). Returns the files written."""
+        for every accepted shard, and `fallback` where its shard stalled, as in ShardResult).
+        Returns the files written."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -267,6 +285,8 @@ class Job:
                 for r in range(part.rows):
                     row = {"index": part.first_sample + r,
                            **{n: a[r].tolist() for n, a in part.outputs.items()}}
+                    if part.fallback:
+                        row["fallback"] = part.fallback
                     f.write(json.dumps(row) + "\n")
         written.append(lines)
         return written
@@ -377,7 +397,8 @@ def job_view(publisher: Publisher, job_id: bytes) -> dict:
     return {"job_id": job_id.hex(), "state": st.state, "shards": st.shards,
             "accepted": st.accepted, "failed": st.failed, "replicas": st.leases, "live": st.live,
             "rejected": st.rejected, "nodes": st.workers, "evidence": st.evidence,
-            "credit_paid": st.credit_paid, "budget": st.budget, "waiting": st.waiting}
+            "credit_paid": st.credit_paid, "budget": st.budget, "waiting": st.waiting,
+            "self_computed": st.self_computed, "relaxed": st.relaxed}
 
 
 @contextmanager

@@ -86,6 +86,12 @@ MIGRATIONS = [
     """,
     # Audited shards (verification.md, section 5): one replica reserved for trusted machines.
     "ALTER TABLE shards ADD COLUMN audit INTEGER NOT NULL DEFAULT 0;",
+    # Stalled shards (work-and-leases.md, section 4): how the stall was resolved, and since
+    # when the shard is stalled.
+    """
+    ALTER TABLE shards ADD COLUMN fallback TEXT NOT NULL DEFAULT '';
+    ALTER TABLE shards ADD COLUMN stalled_ms INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -171,7 +177,7 @@ class JobStore:
             "INSERT INTO jobs (job_id, params, meta, status, paid, created_ms) VALUES (?,?,?,?,?,?)",
             (params.job_id, _params_json(params), json.dumps(meta), "live", 0, now_ms))
         self.conn.executemany(
-            "INSERT INTO shards VALUES (?,?,?,?,'open',0,0,0,0,0,0,NULL,'',0,0)",
+            "INSERT INTO shards VALUES (?,?,?,?,'open',0,0,0,0,0,0,NULL,'',0,0,'',0)",
             [(params.job_id, i, d, json.dumps(ka)) for i, (d, ka) in enumerate(shards)])
 
     def job_ids(self) -> list[bytes]:
@@ -197,11 +203,11 @@ class JobStore:
                       (j.status, j.paid, j.job.job_id))
         for s in shards:
             c.execute("UPDATE shards SET status=?, target=?, single=?, recheck=?, cross_class=?, "
-                      "errors=?, issued=?, accepted_lease=?, reason=?, last_issue_ms=?, audit=? "
-                      "WHERE job_id=? AND idx=?",
+                      "errors=?, issued=?, accepted_lease=?, reason=?, last_issue_ms=?, audit=?, "
+                      "fallback=?, stalled_ms=? WHERE job_id=? AND idx=?",
                       (s.status, s.target, int(s.single), int(s.recheck), int(s.cross), s.errors,
                        s.issued, s.accepted_lease, s.reason, s.last_issue_ms, int(s.audit),
-                       s.job_id, s.index))
+                       s.fallback, s.stalled_ms, s.job_id, s.index))
         for l in leases:
             c.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (l.lease_id, l.job_id, l.shard, l.worker, l.prefix, l.hw_class, l.issued_ms,
@@ -216,10 +222,10 @@ class JobStore:
                 c.execute("SELECT params, status, paid FROM jobs ORDER BY created_ms")]
         shards = [ShardRec(bytes(r[0]), r[1], r[2], r[3], bool(r[4]), bool(r[5]), bool(r[6]),
                            bool(r[12]), r[7], r[8], bytes(r[9]) if r[9] is not None else None,
-                           r[10], r[11])
+                           r[10], r[11], r[13], r[14])
                   for r in c.execute("SELECT job_id, idx, status, target, single, recheck, "
                                      "cross_class, errors, issued, accepted_lease, reason, "
-                                     "last_issue_ms, audit FROM shards")]
+                                     "last_issue_ms, audit, fallback, stalled_ms FROM shards")]
         leases = []
         for r in c.execute("SELECT * FROM leases"):
             agrees = bytes(r[14])
