@@ -9,6 +9,10 @@ follows specs/work-and-leases.md from the worker's side:
   it in the ledger before running anything;
 - fetch the model by digest (any provider, then the publisher; hash-checked; cached and
   provided to others) and the input from the publisher with the lease's token;
+- pipeline: hold the leases `core.worker.leases_to_request` says (one computing, the next
+  ones queued), fetch the next lease's blobs while the current one computes (one lease
+  ahead), and ask for more as soon as one starts; a queued lease that is cancelled or
+  expires is dropped with its fetched input, a halt hands queued leases back;
 - validate the model for the input's concrete shapes, run the shard in the publisher's
   sandbox child, micro-batch by micro-batch, sending `progress` at most every 2 s;
 - persist the `result` / `failed` / `hand_back` in the ledger's outbox before sending it on
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections import deque
 import logging
 import os
 import random
@@ -51,6 +57,7 @@ KiB = 1024
 MAX_INLINE_OUTPUT = 256 * KiB
 REQUEST_LIFETIME_MS = 60_000
 PROGRESS_EVERY_S = 2.0
+PREFETCH_AHEAD = 1  # leases whose blobs are held fetched before they start (memory bound)
 RESULT_LIFETIME_MS = 7 * 24 * 3600 * 1000
 HAND_BACK_LIFETIME_MS = 24 * 3600 * 1000
 FAILED_LIFETIME_MS = 7 * 24 * 3600 * 1000
@@ -68,9 +75,27 @@ def _cap(kind: str) -> int:
 class RunningLease:
     lease: Any
     publisher: bytes
+    expires_at: float = math.inf     # trio time its deadline passes
     stop: trio.Event = field(default_factory=trio.Event)
     cancelled: bool = False
     hand_back_reason: str = "policy"
+
+
+@dataclass
+class QueuedLease:
+    """A lease held and not started yet; its blobs are fetched while another one computes."""
+
+    lease: Any
+    publisher: bytes
+    expires_at: float                # trio time its deadline passes
+    fetched: trio.Event = field(default_factory=trio.Event)  # also set when dropped
+    fetching: bool = False
+    model: bytes | None = None
+    raw_input: bytes | None = None
+    error: str | None = None
+    fetch_s: float | None = None
+    dropped: bool = False
+    scope: trio.CancelScope | None = None
 
 
 @dataclass
@@ -83,6 +108,9 @@ class WorkerStats:
     receipts: int = 0
     no_work: int = 0
     refused_batches: int = 0
+    prefetched: int = 0          # inputs fetched in full while another shard was computing
+    waited_for_fetch: int = 0    # shards that could not start at once: their blobs were not in
+    dropped: int = 0             # queued leases dropped (cancelled, expired) with their input
 
 
 @dataclass(frozen=True)
@@ -125,6 +153,14 @@ class Worker:
         self.backoff = rules.PublisherBackoff(base_s=settings.backoff_base_s)
         self.source_scores = fetch_rules.SourceScores()  # for the blob service of each session
         self.running: dict[bytes, RunningLease] = {}
+        self.queue: list[QueuedLease] = []  # held, not started, in running order
+        self._run_wake = trio.Event()  # the queue changed: one event per task that waits on it
+        self._fetch_wake = trio.Event()
+        self._pace: dict[bytes, dict[str, float]] = {}  # job id -> compute_s, fetch_s, deadline_s
+        self._request_gap: dict[bytes, float] = {}  # publisher -> least gap between requests
+        self._last_request: dict[bytes, float] = {}  # publisher -> trio time
+        self._running_since: dict[bytes, float] = {}
+        self.timeline: deque[tuple[float, str, bytes]] = deque(maxlen=256)  # (t, what, lease)
         self.threads = 1
         self.cpu_share = 1.0
         self._allowed = trio.Event()
@@ -155,6 +191,10 @@ class Worker:
         with hand_back=False, let them finish; wait until the shards are over."""
         if self._allowed.is_set():
             self._allowed = trio.Event()
+        for queued in list(self.queue):  # prefetched or not, unstarted leases go back
+            self._drop(queued, None)
+            await self._hand_back_unstarted(queued.lease, queued.publisher,
+                                            reason if hand_back else "policy")
         if hand_back:
             for running in self.running.values():
                 running.hand_back_reason = reason
@@ -173,6 +213,8 @@ class Worker:
                 nursery.start_soon(self._outbox_loop)
                 nursery.start_soon(blobs.run)  # re-announces the models this node provides
                 nursery.start_soon(self._work_loop)
+                nursery.start_soon(self._run_loop)
+                nursery.start_soon(self._prefetch_loop)
                 task_status.started()
         finally:
             self.mesh = self.blobs = None
@@ -187,11 +229,44 @@ class Worker:
         return {p for p in publishers if not self.ledger.may_request(
             p, now_ms, cap_credit=s.unpaid_cap, cap_elapsed_ms=s.unpaid_cap_elapsed_ms)}
 
+    def _held(self, now: float) -> list[rules.HeldLease]:
+        """The leases held, running first, as the lease-count rule sees them."""
+        out = []
+        for lease_id, r in self.running.items():
+            est = self._pace.get(r.lease.job_id, {}).get("compute_s")
+            if est is not None:
+                est = max(0.0, est - (now - self._running_since.get(lease_id, now)))
+            out.append(rules.HeldLease(time_left_s=r.expires_at - now, compute_s=est))
+        for q in self.queue:
+            out.append(rules.HeldLease(time_left_s=q.expires_at - now,
+                                       compute_s=self._pace.get(q.lease.job_id, {}).get("compute_s")))
+        return out
+
+    def _pace_for(self, job: rules.HeldJob) -> rules.Pace:
+        p = self._pace.get(job.job_id, {})
+        return rules.Pace(compute_s=p.get("compute_s"), fetch_s=p.get("fetch_s"),
+                          request_gap_s=self._request_gap.get(job.publisher, 0.0),
+                          deadline_s=p.get("deadline_s"))
+
+    def _touch(self) -> None:
+        """The queue or a lease's blobs changed: wake the runner and the prefetcher."""
+        self._run_wake.set()
+        self._fetch_wake.set()
+
+    def _mark(self, what: str, lease: Any) -> None:
+        """A timestamped step of a lease (the overlap and the waits show here)."""
+        self.timeline.append((trio.current_time(), what, lease.lease_id))
+        log.debug("lease %s: %s", lease.lease_id.hex()[:16], what)
+
     async def _work_loop(self) -> None:
+        """Asks for leases whenever the lease-count rule wants more (the runner and the
+        prefetcher take them from the queue)."""
         await self._resume_open_leases()
         while True:
             await self._allowed.wait()
+            self._news = trio.Event()  # set by announcements and by leases starting or ending
             now = trio.current_time()
+            self._drop_expired(now)
             heard = self.jobs()
             for j in heard:
                 self.backoff.heard(j.publisher, j.job_id, j.shards_left)
@@ -202,20 +277,152 @@ class Worker:
                                    memory_mb=offer["memory_mb"], providers=offer["providers"]),
                 allow=self.settings.allow, serve_anyone=self.settings.serve_anyone,
                 over_cap=over, backoff=self.backoff, now=now, rng=self.rng)
-            if job is None:
-                self._news = trio.Event()
-                with trio.move_on_after(IDLE_POLL_S):
-                    await self._news.wait()  # a job announcement heard, or time to look again
+            want = 0
+            if job is not None:
+                want = rules.leases_to_request(self._held(now), self._pace_for(job),
+                                               slots=self.settings.slots)
+            if want == 0:
+                # nothing to ask now: look again at news, or when a back-off ends
+                wake = IDLE_POLL_S
+                ends = [u - now for j in heard if (u := self.backoff.until(j.publisher)) is not None
+                        and u > now]
+                if ends:
+                    wake = min(wake, min(ends) + 0.001)
+                for q in self.queue:
+                    wake = min(wake, max(0.0, q.expires_at - now))
+                with trio.move_on_after(wake):
+                    await self._news.wait()
                 continue
-            leases = await self._request(job, offer)
-            for lease, publisher in leases:
-                if self._was_cancelled(lease, publisher):
-                    self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
-                    continue
-                if not self._allowed.is_set():
-                    await self._hand_back_unstarted(lease, publisher, "policy")
-                    continue
-                await self._run_lease(lease, publisher)
+            for lease, publisher in await self._request(job, offer, want):
+                await self._take(lease, publisher, trio.current_time() + lease.deadline_ms / 1000)
+
+    async def _take(self, lease: Any, publisher: bytes, expires_at: float) -> None:
+        """Queue a lease just granted (or held from before a restart), or hand it back."""
+        s = self.settings
+        if self._was_cancelled(lease, publisher):
+            self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
+            return
+        if not self._allowed.is_set():
+            await self._hand_back_unstarted(lease, publisher, "policy")
+            return
+        why = rules.cannot_run(lease, ort_version=self.offer()["ort_version"],
+                               max_model_bytes=s.max_model_bytes, max_input_bytes=s.max_input_bytes)
+        if why is not None:
+            log.info("handing back lease %s at once: %s", lease.lease_id.hex(), why)
+            await self._hand_back_unstarted(lease, publisher, "overloaded")
+            return
+        self._pace.setdefault(lease.job_id, {})["deadline_s"] = lease.deadline_ms / 1000
+        self.queue.append(QueuedLease(lease, publisher, expires_at))
+        self._mark("queued", lease)
+        self._touch()
+
+    def _drop(self, q: QueuedLease, status: str | None) -> None:
+        """Take a queued lease out: stop its fetch, forget its blobs and free the cache space
+        of its input (the model stays: other leases and other nodes use it)."""
+        if q in self.queue:
+            self.queue.remove(q)
+        q.dropped = True
+        if q.scope is not None:
+            q.scope.cancel()
+        q.model = q.raw_input = None
+        q.fetched.set()
+        if status is not None:
+            self.ledger.set_status(q.lease.lease_id, status, int(self.clock() * 1000))
+            self.stats.dropped += 1
+            self._mark(status, q.lease)
+        self._release_input(q.lease.input_digest)
+        self._touch()
+        self._news.set()
+
+    def _release_input(self, digest: bytes) -> None:
+        in_use = any(q.lease.input_digest == digest for q in self.queue) or any(
+            r.lease.input_digest == digest for r in self.running.values())
+        if not in_use and self.cache is not None and self.cache.has(digest):
+            self.cache.remove(digest)
+
+    def _drop_expired(self, now: float) -> None:
+        for q in list(self.queue):
+            if q.expires_at <= now:
+                log.info("queued lease %s expired before it could start", q.lease.lease_id.hex()[:16])
+                self._drop(q, "expired")
+
+    async def _prefetch_loop(self) -> None:
+        """Fetches the blobs of queued leases in order, at most PREFETCH_AHEAD ahead of the
+        runner, while the node may compute."""
+        while True:
+            self._fetch_wake = trio.Event()
+            ahead = sum(1 for q in self.queue if q.fetched.is_set())
+            nxt = next((q for q in self.queue if not q.fetched.is_set() and not q.fetching), None)
+            if nxt is None or ahead >= PREFETCH_AHEAD or not self._allowed.is_set():
+                with trio.move_on_after(IDLE_POLL_S):  # the policy may allow computing again
+                    await self._fetch_wake.wait()
+                continue
+            await self._prefetch(nxt)
+
+    async def _prefetch(self, q: QueuedLease) -> None:
+        lease, publisher = q.lease, q.publisher
+        pub_peer = peer_id_from_key(publisher)
+        q.fetching = True
+        q.scope = trio.CancelScope()
+        started = trio.current_time()
+        self._mark("fetch started", lease)
+        with q.scope:
+            give_up = started + rules.fetch_time_s(lease)
+            try:
+                model = await self._with_retries(
+                    publisher, lambda: self._fetch_model(lease, pub_peer, give_up), give_up)
+                t_input = trio.current_time()
+                raw_input = await self._with_retries(
+                    publisher, lambda: self._fetch_input(lease, pub_peer, give_up), give_up)
+                q.model, q.raw_input = model, raw_input
+                q.fetch_s = trio.current_time() - t_input
+            except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
+                log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
+                q.error = str(exc) or type(exc).__name__
+        q.fetching = False
+        if q.dropped:
+            q.model = q.raw_input = None
+            return
+        if q.fetch_s is not None:
+            self._pace.setdefault(lease.job_id, {})["fetch_s"] = q.fetch_s
+        while_computing = bool(self.running)
+        if while_computing and q.error is None:
+            self.stats.prefetched += 1
+        self._mark("fetched while computing" if while_computing else "fetched", lease)
+        q.fetched.set()
+        self._touch()
+
+    async def _run_loop(self) -> None:
+        """Runs the queued leases one after another, each as soon as its blobs are in."""
+        while True:
+            self._run_wake = trio.Event()
+            await self._allowed.wait()
+            if not self.queue:
+                with trio.move_on_after(IDLE_POLL_S):
+                    await self._run_wake.wait()
+                continue
+            q = self.queue[0]
+            if not q.fetched.is_set():
+                self.stats.waited_for_fetch += 1
+                self._mark("waiting for its blobs", q.lease)
+                await q.fetched.wait()
+            if q.dropped or q not in self.queue:
+                continue
+            self.queue.remove(q)
+            self._news.set()  # one lease fewer held: the feeder may ask for the next one now
+            self._touch()
+            if q.expires_at <= trio.current_time():
+                self.ledger.set_status(q.lease.lease_id, "expired", int(self.clock() * 1000))
+                self._release_input(q.lease.input_digest)
+                continue
+            if q.error is not None:
+                await self._fail(q.lease, q.publisher, "fetch_failed", q.error)
+                self._release_input(q.lease.input_digest)
+                continue
+            model, raw_input = q.model, q.raw_input
+            q.model = q.raw_input = None
+            await self._run_lease(q.lease, q.publisher, model, raw_input, q.expires_at)
+            self._news.set()
 
     async def _ensure_connected(self, job: rules.HeardJob) -> str:
         peer = peer_id_from_key(job.publisher)
@@ -238,15 +445,18 @@ class Worker:
                 log.info("publisher %s not reachable at %s: %s", peer, addr, exc)
         return False
 
-    async def _request(self, job: rules.HeardJob, offer: dict) -> list[tuple[Any, bytes]]:
+    async def _request(self, job: rules.HeardJob, offer: dict,
+                       free_slots: int) -> list[tuple[Any, bytes]]:
         mesh, net = self.mesh, self.settings.network
         now_ms = int(self.clock() * 1000)
         req = WorkRequest(
             req_id=os.urandom(16), exp=now_ms + REQUEST_LIFETIME_MS, job_id=job.job_id,
             hw_class=offer["hw_class"], sw_version=__version__, ort_version=offer["ort_version"],
             bench=offer["bench"], cores=offer["cores"], memory_mb=offer["memory_mb"],
-            providers=tuple(offer["providers"]), free_slots=self.settings.slots)
+            providers=tuple(offer["providers"]), free_slots=max(1, free_slots))
         self.stats.requests += 1
+        asked_at, before = trio.current_time(), self._last_request.get(job.publisher)
+        self._last_request[job.publisher] = asked_at
         peer = await self._ensure_connected(job)
         try:
             try:
@@ -285,6 +495,9 @@ class Worker:
             if opened.signer != job.publisher or body.req_id != req.req_id:
                 mesh.penalize(peer, "invalid-message", "no_work for another request or signer")
             self.stats.no_work += 1
+            if body.reason == "backoff" and before is not None:
+                # the publisher's least gap between requests: hold leases to cover it
+                self._request_gap[job.publisher] = asked_at - before + body.retry_after_ms / 1000
             self.backoff.no_work(job.publisher, trio.current_time(), body.retry_after_ms / 1000,
                                  self.rng, exponential=body.reason in ("no_work", "excluded",
                                                                       "not_eligible"))
@@ -312,40 +525,29 @@ class Worker:
                 self.ledger.set_status(row.lease.lease_id, "expired", now_ms)
                 continue
             await self._allowed.wait()
-            if self._was_cancelled(row.lease, row.publisher):
-                continue  # cancelled while the node waited to compute
-            await self._run_lease(row.lease, row.publisher)
+            left_s = (row.received_ms + row.lease.deadline_ms - int(self.clock() * 1000)) / 1000
+            await self._take(row.lease, row.publisher, trio.current_time() + left_s)
 
     # --- running a lease -----------------------------------------------------------------
-    async def _run_lease(self, lease: Any, publisher: bytes) -> None:
+    async def _run_lease(self, lease: Any, publisher: bytes, model: bytes, raw_input: bytes,
+                         expires_at: float) -> None:
+        """Run one lease whose blobs are in, in the publisher's sandbox; report its end."""
         from .exec.outputs import EncodingError, decode_tensors
         from .exec.runner import run_shard
 
         s = self.settings
-        pub_peer = peer_id_from_key(publisher)
-        why = rules.cannot_run(lease, ort_version=self.offer()["ort_version"],
-                               max_model_bytes=s.max_model_bytes, max_input_bytes=s.max_input_bytes)
-        if why is not None:
-            log.info("handing back lease %s at once: %s", lease.lease_id.hex(), why)
-            await self._hand_back_unstarted(lease, publisher, "overloaded")
-            return
-        running = RunningLease(lease, publisher)
+        running = RunningLease(lease, publisher, expires_at=expires_at)
         self.running[lease.lease_id] = running
+        self._running_since[lease.lease_id] = trio.current_time()
         self._idle = trio.Event()
         self.ledger.set_status(lease.lease_id, "running", int(self.clock() * 1000))
+        self._mark("started", lease)
         try:
-            give_up = trio.current_time() + rules.fetch_time_s(lease)
-            try:
-                model = await self._with_retries(
-                    publisher, lambda: self._fetch_model(lease, pub_peer, give_up), give_up)
-                raw_input = await self._with_retries(publisher, lambda: self.blobs.fetch(
-                    lease.input_digest, lease.input_size,
-                    [pub_peer, *[a for a in lease.input_sources]], token=lease.token,
-                    public=False, timeout=max(0.0, give_up - trio.current_time()),
-                    budget_s=rules.fetch_time_s(lease)), give_up)
-            except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
-                log.info("lease %s: fetch failed: %s", lease.lease_id.hex()[:16], exc)
-                await self._fail(lease, publisher, "fetch_failed", str(exc))
+            if running.stop.is_set():  # halted or cancelled between the queue and here
+                if running.cancelled:
+                    self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
+                else:
+                    await self._hand_back_unstarted(lease, publisher, running.hand_back_reason)
                 return
             try:
                 inputs = decode_tensors(raw_input)
@@ -371,8 +573,11 @@ class Worker:
                 nursery.cancel_scope.cancel()
             if outcome.rule is None and outcome.reason != "invalid_model":
                 self._keep_model(lease.model_digest, model)
-            energy_mwh = self._account_energy(publisher, outcome.compute_s or
-                                              (trio.current_time() - started))
+            busy_s = outcome.compute_s or (trio.current_time() - started)
+            energy_mwh = self._account_energy(publisher, busy_s)
+            self._mark(f"computed ({outcome.status})", lease)
+            if outcome.status == "done":
+                self._pace.setdefault(lease.job_id, {})["compute_s"] = busy_s
             if running.cancelled:
                 self.ledger.set_status(lease.lease_id, "cancelled", int(self.clock() * 1000))
                 return
@@ -384,6 +589,8 @@ class Worker:
                 await self._fail(lease, publisher, outcome.reason or "internal", outcome.detail)
         finally:
             self.running.pop(lease.lease_id, None)
+            self._running_since.pop(lease.lease_id, None)
+            self._release_input(lease.input_digest)
             if not self.running:
                 self._idle.set()
 
@@ -415,6 +622,14 @@ class Worker:
                                            timeout=max(0.0, give_up - trio.current_time()),
                                            budget_s=rules.fetch_time_s(lease))
         return model
+
+    async def _fetch_input(self, lease: Any, pub_peer: str, give_up: float) -> bytes:
+        """The input from the publisher, then the lease's seeders, with the lease's token.
+        (This and `_fetch_model` are the worker's only calls of `BlobService.fetch`.)"""
+        return await self.blobs.fetch(
+            lease.input_digest, lease.input_size, [pub_peer, *lease.input_sources],
+            token=lease.token, public=False, timeout=max(0.0, give_up - trio.current_time()),
+            budget_s=rules.fetch_time_s(lease))
 
     def _keep_model(self, digest: bytes, model: bytes) -> None:
         """A model that passed validation is cached and offered to other nodes (models
@@ -533,8 +748,9 @@ class Worker:
 
     async def _outbox_loop(self) -> None:
         while True:
-            await self._deliver_due()
+            # a fresh event before delivering: a result queued meanwhile is sent right after
             self._outbox_wake = trio.Event()
+            await self._deliver_due()
             with trio.move_on_after(OUTBOX_POLL_S):
                 await self._outbox_wake.wait()
 
@@ -633,6 +849,8 @@ class Worker:
                 running.stop.set()
             else:
                 self.ledger.set_status(lease_id, "cancelled", now_ms)
+                for q in [q for q in self.queue if q.lease.lease_id == lease_id]:
+                    self._drop(q, "cancelled")  # its prefetched input goes too
             self.note(f"lease {lease_id.hex()[:16]} cancelled by its publisher: {body.reason}")
         return True
 
