@@ -19,7 +19,7 @@ PROTOCOLS: dict[str, str] = {
     "lease": "/p2pfleet/{network}/lease/1.0.0",    # work_request -> lease_batch | no_work
     "report": "/p2pfleet/{network}/report/1.0.0",  # progress, hand_back, result, failed -> receipt
     "notice": "/p2pfleet/{network}/notice/1.0.0",  # publisher -> node: cancel, receipt
-    "blob": "/p2pfleet/{network}/blob/1.0.0",      # blob_request -> blob_chunk*
+    "blob": "/p2pfleet/{network}/blob/2.0.0",      # blob_request -> blob_manifest, chunks
     "info": "/p2pfleet/{network}/info/1.0.0",      # -> node_info (opt-in)
 }
 

@@ -540,11 +540,16 @@ def blob_request(**over: Any) -> K.BlobRequest:
     return K.BlobRequest(**f)
 
 
-def blob_chunk(**over: Any) -> K.BlobChunk:
+def blob_manifest(**over: Any) -> K.BlobManifest:
+    """A 600,000-byte blob in three 256 KiB chunks, zstd after a byte shuffle, answering a
+    request from offset 262,144 (chunk 1 on). The hashes are labels, not real BLAKE3 hashes
+    of real chunks: the envelope rules do not check them (the fetcher does, per chunk)."""
     f = dict(req_id=id16("blob request"), exp=NOW + 2 * K.MINUTE_MS, digest=digest("model"),
-             offset=262_144, total_size=4_718_592, data=label_bytes("chunk", 64))
+             total_size=600_000, chunk_size=262_144, codec="zstd-shuffle4", first=1,
+             hashes=label_bytes("chunk hashes", 96),
+             sizes=b"".join(n.to_bytes(4, "big") for n in (41_520, 40_977, 9_012)))
     f.update(over)
-    return K.BlobChunk(**f)
+    return K.BlobManifest(**f)
 
 
 def progress(**over: Any) -> K.Progress:
@@ -698,7 +703,12 @@ def valid_vectors() -> list[dict]:
     add("blob_request-input", "ask for a shard's input, with the lease's token",
         seal(blob_request(req_id=id16("blob request 2"), digest=digest("input 17"), length=65_536,
                           token=label_bytes("token 0", 32)), WORKER))
-    add("blob_chunk", "a 64-byte chunk of a blob", seal(blob_chunk()))
+    add("blob_manifest", "the holder's manifest of a 3-chunk blob, compressed, sent from "
+        "chunk 1 on", seal(blob_manifest()))
+    add("blob_manifest-raw", "the manifest of a 5,000-byte blob sent raw in two 4 KiB chunks",
+        seal(blob_manifest(total_size=5_000, chunk_size=4_096, codec="none", first=0,
+                           hashes=label_bytes("raw chunk hashes", 64),
+                           sizes=b"".join(n.to_bytes(4, "big") for n in (4_096, 904)))))
     add("progress", "two of sixteen micro-batches done", seal(progress(), WORKER))
     add("hand_back", "a car was unplugged; it hands back the lease with what it finished",
         seal(hand_back(), WORKER))
@@ -1023,6 +1033,15 @@ def invalid_vectors() -> list[dict]:
         "body.quorum")
     bad("int-zero-free-slots", "a work request wants at least one lease", "work_request",
         {**body_map(work_request()), "free_slots": 0}, "body.free_slots", WORKER)
+    bm = body_map(blob_manifest())
+    bad("blob-manifest-chunk-under-minimum", "a manifest's chunks are at least 1 KiB",
+        "blob_manifest", {**bm, "chunk_size": 1023}, "body.chunk_size")
+    bad("blob-manifest-chunk-over-maximum", "a manifest's chunks are at most 1 MiB",
+        "blob_manifest", {**bm, "chunk_size": 1_048_577}, "body.chunk_size")
+    bad("blob-manifest-unknown-codec", "a codec the protocol does not name", "blob_manifest",
+        {**bm, "codec": "gzip"}, "body.codec")
+    bad("blob-manifest-sizes-as-list", "chunk sizes are one bin of big-endian u32s, not an "
+        "array", "blob_manifest", {**bm, "sizes": [41_520, 40_977, 9_012]}, "body.sizes")
     bad("bin-too-short", "a peer key of 31 bytes", "receipt",
         {**body_map(receipt()), "worker": WORKER.public_key[:31]}, "body.worker")
     bad("bin-too-long", "a 17-byte job id", "receipt", {**body_map(receipt()), "job_id": b"j" * 17},

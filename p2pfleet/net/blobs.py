@@ -1,29 +1,32 @@
-"""Blob exchange over the `blob` stream protocol: serve and fetch content-addressed blobs.
+"""Blob exchange over the `blob` stream protocol (v2): serve and fetch content-addressed blobs.
 
 The exchange (specs/work-and-leases.md, sections 5 and 9): the fetcher sends one signed
-`blob_request` per stream and closes its write side; the holder answers with `blob_chunk`s
-of at most 256 KiB, in order and contiguous from the requested offset, then closes. A
-holder that cannot or will not serve closes without a chunk (a missing blob and a refused
-one look the same to the requester).
+`blob_request` per stream and closes its write side; the holder answers with one signed
+`blob_manifest` (total size, chunk size, codec, the BLAKE3 hash and wire length of every
+chunk), then the wire bytes of the chunks from the one holding the requested offset on, back
+to back and unsigned, then closes. A holder that cannot or will not serve closes without a
+manifest (a missing blob and a refused one look the same to the requester).
 
 Serving: public blobs (models) to any peer, private ones (inputs, outputs) only when the
 `authorize(peer, digest, token)` hook says yes; the request's signer must be the stream's
-remote peer; at most `max_serves_per_peer` streams per peer at once; each chunk is
-written only after the previous one was accepted by the muxer, so yamux's window gives
-back-pressure, with a write timeout per chunk; the optional `may_send(n)` hook (the node's
-daily transfer cap) is asked before each chunk.
+remote peer; at most `max_serves_per_peer` streams per peer at once. The blob's encoding
+(chunks, codec, hashes: `BlobCache.encoding`) is built once per blob and kept beside it;
+chunks are read ahead in a worker thread (a few in flight) and each written within
+`write_timeout`, the muxer's window giving back-pressure; the optional `may_send(n)` hook
+(the node's daily transfer cap) is asked before each chunk with its wire length.
 
 Fetching: sources are tried one after another in the order of `core.fetch.order_sources`
 (DHT providers by standing when asked, then the named sources: the publisher last); each
 may be waited on only for its share of the fetch's budget and only while it keeps ahead of
 the minimum rate (`core.fetch.source_until`, `core.fetch.Pace`). A transfer that breaks
 off, or a source that is abandoned, resumes at the offset reached from the next source (the
-bytes are kept in the cache's partial file, so a restart resumes too). Every chunk is
-checked (signer, request id, digest, total size, contiguity, never past the expected size)
-and the whole blob is hash-checked before it is returned or cached. A source that breaks
-the protocol, trickles, or delivers bytes that do not hash to the digest is penalised in
-the mesh's reputation and marked in the node's `SourceScores`, so it is not asked first
-again.
+bytes are kept in the cache's partial file, so a restart resumes too). The manifest is
+checked against the request and the expected size (`wire.blobcodec.plan`), every chunk
+against the manifest's hash before it is decoded (its raw size bounded before any
+decompression) and written, and the whole blob is hash-checked before it is returned or
+cached. A source that breaks the protocol, trickles, or delivers bytes that do not hash to
+the digest is penalised in the mesh's reputation and marked in the node's `SourceScores`,
+so it is not asked first again.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from libp2p.peer.id import ID
 from ..core import fetch as rules
 from ..identity import peer_id_from_key
 from ..store.blobcache import BlobCache, BlobCorrupt, CacheFull
+from ..wire import blobcodec
 from ..wire.envelope import encode_body, open_envelope, pack_envelope, seal, signed_bytes
 from ..wire.errors import WireError
-from ..wire.kinds import KINDS, BlobChunk, BlobRequest
+from ..wire.kinds import BY_CLASS, KINDS, BlobManifest, BlobRequest
 from . import dht_providers
 from .mesh import Mesh, MeshError
 from .streams import (
@@ -55,6 +59,7 @@ from .streams import (
     StreamError,
     close_quietly,
     read_envelope,
+    read_exactly,
     remote_peer,
     reset_quietly,
     write_envelope,
@@ -65,9 +70,10 @@ log = logging.getLogger(__name__)
 Authorizer = Callable[[str, bytes, bytes | None], bool]
 BudgetHook = Callable[[int], bool]
 
-MAX_CHUNK = 256 * 1024
+MAX_CHUNK = blobcodec.CHUNK_SIZE
 REQUEST_CAP = KINDS["blob_request"].max_body + FRAME_OVERHEAD
-CHUNK_CAP = KINDS["blob_chunk"].max_body + FRAME_OVERHEAD
+MANIFEST_CAP = KINDS["blob_manifest"].max_body + FRAME_OVERHEAD
+READ_AHEAD = 4  # chunks read (fetcher) or prepared (holder) ahead of the one being handled
 MAX_LENGTH = 2**32 - 1
 MESSAGE_LIFETIME_MS = 60_000
 # streams.py raises "oversized" for a frame over the cap; the reputation table calls that
@@ -75,25 +81,25 @@ MESSAGE_LIFETIME_MS = 60_000
 _OFFENCES = {"oversized": "invalid-message"}
 
 
-class ChunkSealer:
-    """`seal` for blob chunks, byte for byte, with OpenSSL's Ed25519 (through
-    `cryptography`, which py-libp2p's Noise already needs): on 256 KiB it signs in ~1.3 ms
-    where PyNaCl takes ~3 ms (two SHA-512 passes and a copy of the message), and serving
-    signs every chunk. Ed25519 signatures are deterministic, so the bytes are the same."""
+class FastSealer:
+    """`seal`, byte for byte, with OpenSSL's Ed25519 (through `cryptography`, which
+    py-libp2p's Noise already needs): on a large body (a manifest of a big model) it signs
+    2-3x faster than PyNaCl (which hashes twice and copies the message). Ed25519
+    signatures are deterministic, so the bytes are the same."""
 
     def __init__(self, identity: Any, network: str):
         self.identity = identity
         self.network = network
         self._key = Ed25519PrivateKey.from_private_bytes(identity.seed)
-        self._spec = KINDS["blob_chunk"]
 
-    def seal(self, chunk: BlobChunk) -> bytes:
-        body = encode_body(chunk)
-        if len(body) > self._spec.max_body:
-            raise ValueError(f"blob_chunk body is {len(body)} bytes, cap {self._spec.max_body}")
-        sig = self._key.sign(signed_bytes(self.network, self._spec.name, self._spec.major, body))
-        return pack_envelope(self.network, self._spec.name, self._spec.major,
-                             self.identity.public_key, body, sig)
+    def seal(self, body: Any) -> bytes:
+        spec = BY_CLASS[type(body)]
+        raw = encode_body(body)
+        if len(raw) > spec.max_body:
+            raise ValueError(f"{spec.name} body is {len(raw)} bytes, cap {spec.max_body}")
+        sig = self._key.sign(signed_bytes(self.network, spec.name, spec.major, raw))
+        return pack_envelope(self.network, spec.name, spec.major, self.identity.public_key,
+                             raw, sig)
 
 
 class BlobError(Exception):
@@ -136,33 +142,33 @@ class Served:
     peer: str
     digest: bytes
     offset: int
-    sent: int
+    sent: int  # raw bytes of the blob past `offset` sent
+    wire: int = 0  # bytes of chunks sent (encoded)
 
 
 @dataclass
 class BlobStats:
     served_requests: int = 0
     served_bytes: int = 0
+    served_wire_bytes: int = 0
     refused: Counter = field(default_factory=Counter)  # reason -> count
     fetched_bytes: int = 0
+    fetched_wire_bytes: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # Served
     last_failures: list = field(default_factory=list)  # why sources failed, last fetch
 
 
 class BlobService:
     def __init__(self, mesh: Mesh, cache: BlobCache, *, authorize: Authorizer | None = None,
-                 clock: Callable[[], float] = time.time, chunk_size: int = MAX_CHUNK,
+                 clock: Callable[[], float] = time.time,
                  may_send: BudgetHook | None = None, max_serves_per_peer: int = 4,
                  read_timeout: float = 10.0, write_timeout: float = 30.0,
                  scores: rules.SourceScores | None = None,
                  fetch_rules: rules.FetchRules = rules.RULES):
-        if not 0 < chunk_size <= MAX_CHUNK:
-            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK} bytes, got {chunk_size}")
         self.mesh = mesh
         self.cache = cache
         self.authorize = authorize
         self.clock = clock
-        self.chunk_size = chunk_size
         self.may_send = may_send
         self.max_serves_per_peer = max_serves_per_peer
         self.read_timeout = read_timeout
@@ -174,7 +180,7 @@ class BlobService:
         self._serving: Counter = Counter()
         self._fetching: dict[bytes, trio.Lock] = {}
         self._provided: set[bytes] = set()
-        self._sealer = ChunkSealer(mesh.identity, mesh.settings.network)
+        self._sealer = FastSealer(mesh.identity, mesh.settings.network)
 
     @property
     def network(self) -> str:
@@ -232,43 +238,57 @@ class BlobService:
             self.stats.refused[reason] += 1
             await close_quietly(stream)
             return
-        size = self.cache.size_of(req.digest) or 0
+        enc = await trio.to_thread.run_sync(self.cache.encoding, req.digest)
+        if enc is None:  # dropped as corrupt, or evicted meanwhile
+            self.stats.refused["gone"] += 1
+            await close_quietly(stream)
+            return
         self.stats.served_requests += 1
-        sent = 0
+        m = blobcodec.manifest(enc, req_id=req.req_id, exp=self._now_ms() + MESSAGE_LIFETIME_MS,
+                               digest=req.digest, offset=req.offset)
+        stop = min(req.offset + req.length, enc.total_size)
+        end = blobcodec.chunk_count(stop, enc.chunk_size) if stop > req.offset else m.first
+        done = Served(peer, req.digest, req.offset, 0, 0)
         try:
+            frame = await trio.to_thread.run_sync(self._sealer.seal, m)
+            await write_envelope(stream, frame, self.write_timeout)
             async with trio.open_nursery() as nursery:
-                # the next chunk is read and signed in a worker thread while this one is
-                # written; a channel of 0 keeps at most one chunk ahead
-                send, recv = trio.open_memory_channel[tuple[bytes, int]](0)
-                nursery.start_soon(self._produce, send, req, size)
+                # chunks are read in a worker thread while earlier ones are written
+                send, recv = trio.open_memory_channel[tuple[bytes, int]](READ_AHEAD - 1)
+                nursery.start_soon(self._produce, send, req.digest, enc, m.first, end)
                 async with recv:
-                    async for frame, n in recv:
-                        await write_envelope(stream, frame, self.write_timeout)
-                        sent += n
-                        self.stats.served_bytes += n
+                    async for wire, i in recv:
+                        with trio.fail_after(self.write_timeout):
+                            await stream.write(wire)
+                        lo = max(i * enc.chunk_size, req.offset)
+                        hi = min((i + 1) * enc.chunk_size, stop)
+                        done = Served(peer, req.digest, req.offset, done.sent + hi - lo,
+                                      done.wire + len(wire))
+                        self.stats.served_bytes += hi - lo
+                        self.stats.served_wire_bytes += len(wire)
         except (trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - the fetcher went away
             log.debug("serving %s to %s stopped: %s", req.digest.hex()[:16], peer, exc)
-            self.stats.recent.append(Served(peer, req.digest, req.offset, sent))
+            self.stats.recent.append(done)
             await reset_quietly(stream)
             return
-        self.stats.recent.append(Served(peer, req.digest, req.offset, sent))
+        self.stats.recent.append(done)
         await close_quietly(stream)
 
-    async def _produce(self, send: Any, req: BlobRequest, size: int) -> None:
-        end = min(req.offset + req.length, size)
-        pos = req.offset
+    async def _produce(self, send: Any, digest: bytes, enc: blobcodec.Encoding, first: int,
+                       end: int) -> None:
+        at = enc.wire_offset(first)
         async with send:
-            while pos < end:
-                n = min(self.chunk_size, end - pos)
+            for i in range(first, end):
+                n = enc.sizes[i]
                 if self.may_send is not None and not self.may_send(n):
                     self.stats.refused["transfer budget"] += 1
                     return
-                frame = await trio.to_thread.run_sync(self._chunk, req, pos, n, size)
-                if frame is None:  # dropped as corrupt, or evicted meanwhile
+                wire = await trio.to_thread.run_sync(self.cache.read_wire, digest, enc, at, n)
+                if wire is None:  # dropped or evicted meanwhile
                     self.stats.refused["gone"] += 1
                     return
-                await send.send((frame, n))
-                pos += n
+                await send.send((wire, i))
+                at += n
 
     def _refusal(self, peer: str, req: BlobRequest) -> str | None:
         info = self.cache.info(req.digest)
@@ -286,15 +306,6 @@ class BlobService:
                 log.exception("blob authorizer failed")
                 return "not authorized"
         return None
-
-    def _chunk(self, req: BlobRequest, pos: int, n: int, size: int) -> bytes | None:
-        """Read and seal one chunk (in a worker thread: file read, SHA-512 of the signature)."""
-        data = self.cache.read_range(req.digest, pos, n)
-        if data is None or len(data) != n:
-            return None
-        chunk = BlobChunk(req_id=req.req_id, exp=self._now_ms() + MESSAGE_LIFETIME_MS,
-                          digest=req.digest, offset=pos, total_size=size, data=data)
-        return self._sealer.seal(chunk)
 
     # --- fetching --------------------------------------------------------------------------
     async def fetch(self, digest: bytes, size: int, sources: Sequence[str], *,
@@ -524,84 +535,106 @@ class BlobService:
 
     async def _receive(self, stream: Any, peer: str, req: BlobRequest, part: Any,
                        pacer: _Pacer) -> None:
-        size = part.total_size
+        plan = await self._manifest(stream, peer, req, part.total_size)
         error: Exception | None = None
         reader_done = trio.Event()
+        clean: list[bool] = []  # the holder closed right after its last chunk
         async with trio.open_nursery() as nursery:
-            # frames are read here while the previous one is verified, hashed and written
-            # in a worker thread; at most two frames are read ahead. The reader ends at the
-            # stream's end, at a reset, or when we stop receiving; a holder that closed
-            # cleanly after the last chunk is not reset.
-            send, recv = trio.open_memory_channel[bytes | StreamError](1)
-            nursery.start_soon(self._read_frames, stream, send, reader_done)
+            # chunks are read here while earlier ones are checked, decoded and written in a
+            # worker thread; at most READ_AHEAD chunks are read ahead. The reader ends after
+            # the manifest's last chunk and the stream's end, at a reset, or when we stop
+            # receiving; a holder that closed cleanly after the last chunk is not reset.
+            send, recv = trio.open_memory_channel[tuple[int, bytes] | StreamError](
+                READ_AHEAD - 1)
+            nursery.start_soon(self._read_chunks, stream, plan, send, reader_done, clean)
             try:
                 async with recv:
-                    while part.offset < size:
+                    for index in plan.chunks():
                         item = await recv.receive()
                         if isinstance(item, StreamClosed):
-                            raise _Failed("refused or does not hold it"
-                                          if part.offset == req.offset else
-                                          f"stopped at byte {part.offset} of {size}")
+                            raise _Failed(f"stopped at byte {part.offset} of {part.total_size}")
                         if isinstance(item, StreamError):
                             if item.offence:
                                 raise _Fault(_OFFENCES.get(item.offence, item.offence),
-                                             str(item))
-                            raise _Failed(f"at byte {part.offset} of {size}: {item}")
+                                             f"chunk {index}: {item}")
+                            raise _Failed(f"at byte {part.offset} of {part.total_size}: {item}")
                         before = part.offset
-                        await trio.to_thread.run_sync(self._accept, item, peer, req, part)
+                        await trio.to_thread.run_sync(self._accept, plan, item, part)
+                        self.stats.fetched_wire_bytes += len(item[1])
                         pacer.took(part.offset - before)
             except (_Fault, _Failed) as exc:
                 error = exc
             if error is None:  # complete: an honest holder closes right after the last chunk
                 with trio.move_on_after(2.0):
                     await reader_done.wait()
-            if not reader_done.is_set():
+            if not clean:
                 await reset_quietly(stream)  # read no further than the expected size
         if error is not None:
             raise error
 
-    async def _read_frames(self, stream: Any, send: Any, done: trio.Event) -> None:
+    async def _manifest(self, stream: Any, peer: str, req: BlobRequest,
+                        size: int) -> blobcodec.Plan:
+        """Read and check the holder's manifest: the plan of the chunks that follow."""
+        try:
+            raw = await read_envelope(stream, MANIFEST_CAP, self.read_timeout)
+        except StreamClosed:
+            raise _Failed("refused or does not hold it") from None
+        except StreamError as exc:
+            if exc.offence:
+                raise _Fault(_OFFENCES.get(exc.offence, exc.offence), f"manifest: {exc}") from None
+            raise _Failed(f"manifest: {exc}") from None
+        try:
+            opened = await trio.to_thread.run_sync(
+                lambda: open_envelope(raw, self.network, now_ms=self._now_ms(),
+                                      kinds={"blob_manifest"}))
+        except WireError as exc:
+            if exc.punish:
+                raise _Fault("invalid-message", f"manifest: {exc}") from None
+            raise _Failed(f"manifest: {exc}") from None
+        if peer_id_from_key(opened.signer) != peer:
+            raise _Fault("invalid-message", "manifest signed by another peer")
+        m: BlobManifest = opened.body
+        try:
+            return blobcodec.plan(m, req_id=req.req_id, digest=req.digest, offset=req.offset,
+                                  length=req.length, expected_size=size)
+        except blobcodec.ChunkViolation as exc:
+            raise _Fault(exc.offence, f"manifest: {exc}") from None
+        except blobcodec.SizeMismatch as exc:
+            raise _Failed(str(exc)) from None
+
+    async def _read_chunks(self, stream: Any, plan: blobcodec.Plan, send: Any,
+                           done: trio.Event, clean: list[bool]) -> None:
         try:
             async with send:
-                while True:
+                for index in plan.chunks():
                     try:
-                        raw = await read_envelope(stream, CHUNK_CAP, self.read_timeout)
+                        wire = await read_exactly(stream, plan.wire_len(index),
+                                                  self.read_timeout)
                     except StreamError as exc:
                         await send.send(exc)
                         return
-                    await send.send(raw)
+                    await send.send((index, wire))
+                try:  # the holder's clean close after its last chunk
+                    await read_exactly(stream, 1, self.read_timeout)
+                except StreamClosed:
+                    clean.append(True)
+                except StreamError:
+                    pass
         except trio.BrokenResourceError:
             pass  # the fetcher stopped receiving
         finally:
             done.set()
 
-    def _accept(self, raw: bytes, peer: str, req: BlobRequest, part: Any) -> None:
-        """Check one chunk and append it (in a worker thread: signature, hash, file write)."""
-        size = part.total_size
+    @staticmethod
+    def _accept(plan: blobcodec.Plan, item: tuple[int, bytes], part: Any) -> None:
+        """Check one chunk against the manifest, decode it and append it (in a worker
+        thread: hash, decompression, file write)."""
+        index, wire = item
         try:
-            opened = open_envelope(raw, self.network, now_ms=self._now_ms(),
-                                   kinds={"blob_chunk"})
-        except WireError as exc:
-            if exc.punish:
-                raise _Fault("invalid-message", f"chunk: {exc}") from None
-            raise _Failed(f"chunk: {exc}") from None
-        if peer_id_from_key(opened.signer) != peer:
-            raise _Fault("invalid-message", "chunk signed by another peer")
-        chunk: BlobChunk = opened.body
-        if chunk.req_id != req.req_id or chunk.digest != req.digest:
-            raise _Fault("protocol-error", "chunk answers another request")
-        if chunk.total_size != size:
-            # the digest fixes the size: either the source or our size is wrong
-            raise _Failed(f"it says the blob is {chunk.total_size} bytes, we expect {size}")
-        if chunk.offset != part.offset:
-            raise _Fault("protocol-error", f"chunk at byte {chunk.offset}, expected "
-                                           f"{part.offset} (not contiguous)")
-        if not chunk.data:
-            raise _Fault("protocol-error", "empty chunk")
-        if chunk.offset + len(chunk.data) > size:
-            raise _Fault("invalid-message", f"chunk runs to byte "
-                         f"{chunk.offset + len(chunk.data)}, past the size {size}")
-        part.append(chunk.data)
+            raw = plan.decode(index, wire)
+        except blobcodec.ChunkViolation as exc:
+            raise _Fault(exc.offence, f"chunk {index}: {exc}") from None
+        part.append(raw)
 
     # --- DHT providers (public blobs only) ------------------------------------------------
     async def provide(self, digest: bytes) -> int:

@@ -91,6 +91,34 @@ async def read_envelope(stream: Any, cap: int, timeout: float = DEFAULT_READ_TIM
         raise StreamError(f"no complete frame within {timeout:.0f} s", "stalled-stream") from None
 
 
+async def read_exactly(stream: Any, n: int, timeout: float = DEFAULT_READ_TIMEOUT_S) -> bytes:
+    """Read exactly `n` unframed bytes (blob v2 chunks, whose lengths the manifest gave):
+    StreamClosed at a clean end before the first byte, StreamError ("protocol-error") at an
+    end inside them, ("stalled-stream") when they are not all there within `timeout`."""
+    buf = bytearray()
+    try:
+        with trio.fail_after(timeout):
+            while len(buf) < n:
+                try:
+                    piece = await stream.read(n - len(buf))
+                except Exception as exc:  # noqa: BLE001 - libp2p raises EOF/reset in many types
+                    if not _is_eof(exc):
+                        raise StreamError(f"read failed: {type(exc).__name__}: {exc}") from None
+                    piece = b""
+                if not piece:
+                    if not buf:
+                        raise _closed(stream)
+                    if was_reset(stream):
+                        raise StreamError("stream reset by the peer")
+                    raise StreamError(f"stream ended {n - len(buf)} bytes short of a "
+                                      f"{n}-byte chunk", "protocol-error")
+                buf += piece
+    except trio.TooSlowError:
+        raise StreamError(f"{len(buf)} of a {n}-byte chunk within {timeout:.0f} s",
+                          "stalled-stream") from None
+    return bytes(buf)
+
+
 def _is_eof(exc: Exception) -> bool:
     return isinstance(exc, EOFError)  # libp2p's StreamEOF is one
 

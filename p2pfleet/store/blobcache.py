@@ -5,6 +5,8 @@ Layout under `root` (normally `DataDir.cache_dir`)::
     index.sqlite        one row per complete blob: digest, size, public, pins, last use
     blobs/<hex>         complete blobs, named by the SHA-256 of their bytes
     partial/<hex>-<n>   resumable downloads of an n-byte blob (bytes from offset 0 on)
+    enc/<hex>.manifest  how the blob is served (blob v2: chunk size, codec, chunk hashes)
+    enc/<hex>.wire      its chunks' wire bytes, when the codec compresses
     tmp/                files being written; emptied on open
 
 A blob is written to tmp/, fsynced, renamed into blobs/ (and the directory fsynced), and
@@ -12,7 +14,9 @@ only then indexed, so after a crash a blob is either complete and indexed or gon
 files without a row and rows without a file are dropped. Every `get` re-hashes the file
 (SHA-256 runs at ~1-2 GB/s; models are read once per run): a corrupt file is refused and
 dropped, never handed to the runner. Serving peers reads ranges (`read_range`), hash-checked
-once per file per process.
+once per file per process. The wire encoding of a blob (`encoding`, `read_wire`) is built
+once, the first time the blob is served, and kept beside it; it is checked against its chunk
+hashes once per process (the blob itself as `read_range` checks it) and dropped with the blob.
 
 Least-recently used blobs go first when the cache is over its limit; LRU order is a counter
 kept in the index, not the wall clock. Pinned blobs (outputs awaiting receipts, inputs of
@@ -33,6 +37,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
+
+from ..wire import blobcodec
 from .db import open_db
 
 DIGEST_LEN = 32
@@ -93,7 +100,8 @@ class BlobCache:
         self._blobs = self.root / "blobs"
         self._partial = self.root / "partial"
         self._tmp = self.root / "tmp"
-        for d in (self.root, self._blobs, self._partial, self._tmp):
+        self._enc = self.root / "enc"
+        for d in (self.root, self._blobs, self._partial, self._tmp, self._enc):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = open_db(self.root / "index.sqlite", _MIGRATIONS, name="blob cache index")
@@ -102,6 +110,7 @@ class BlobCache:
                                    isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._verified: dict[bytes, tuple[int, int, int]] = {}  # digest -> (ino, mtime, size)
+        self._encodings: dict[bytes, blobcodec.Encoding] = {}  # checked in this process
         self._open_partials: set[bytes] = set()
         self._recover()
 
@@ -122,6 +131,10 @@ class BlobCache:
         for digest in rows:
             if digest not in on_disk or not (self._path(digest)).exists():
                 self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+        held = {d.hex() for d in rows if self._path(d).exists()}
+        for f in self._enc.iterdir():
+            if f.name.split(".", 1)[0] not in held:
+                f.unlink(missing_ok=True)
         self._trim_partials()
 
     def close(self) -> None:
@@ -281,6 +294,104 @@ class BlobCache:
         self._db.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
         self._path(digest).unlink(missing_ok=True)
         self._verified.pop(digest, None)
+        self._drop_encoding(digest)
+
+    def _drop_encoding(self, digest: bytes) -> None:
+        self._encodings.pop(digest, None)
+        for suffix in (".manifest", ".wire"):
+            (self._enc / (digest.hex() + suffix)).unlink(missing_ok=True)
+
+    # --- wire encoding (blob v2) ---------------------------------------------------------
+    def encoding(self, digest: bytes) -> blobcodec.Encoding | None:
+        """How the blob is sent (chunk size, codec, chunk hashes): built and stored beside
+        the blob the first time (compression tried once per blob, not per request), checked
+        once per process. None if the blob is absent or corrupt. CPU- and disk-heavy the
+        first time: call it from a worker thread."""
+        _check_digest(digest)
+        with self._lock:
+            if not self.has(digest):
+                return None
+            enc = self._encodings.get(digest)
+            # the blob is hash-checked once per process and again when its file changed
+            # (read_range's rule); a corrupt one is dropped with its encoding
+            if self.read_range(digest, 0, 0) is None:
+                return None
+            if enc is not None:
+                return enc
+            enc = self._load_encoding(digest)
+            if enc is not None:
+                self._encodings[digest] = enc
+                return enc
+        data = self.get(digest)  # hash-checked; drops a corrupt blob
+        if data is None:
+            return None
+        enc, wire = blobcodec.encode_blob(data)  # outside the lock: it may take a while
+        with self._lock:
+            if not self.has(digest):
+                return None
+            self._store_encoding(digest, enc, wire)
+            self._encodings[digest] = enc
+            return enc
+
+    def _load_encoding(self, digest: bytes) -> blobcodec.Encoding | None:
+        """The stored encoding if it matches the blob and its wire bytes hash as it says."""
+        mpath = self._enc / f"{digest.hex()}.manifest"
+        try:
+            size, chunk, codec, hashes, sizes = msgpack.unpackb(mpath.read_bytes())
+            enc = blobcodec.Encoding(size, chunk, codec, hashes, tuple(sizes))
+            if (size != self.size_of(digest) or len(sizes) != blobcodec.chunk_count(size, chunk)
+                    or len(hashes) != 32 * len(sizes)):
+                raise ValueError("does not fit the blob")
+            if codec == "none":  # the wire bytes are the blob's (checked by the caller)
+                wire = self._path(digest).read_bytes()
+            else:
+                wire = (self._enc / f"{digest.hex()}.wire").read_bytes()
+            if len(wire) != sum(sizes):
+                raise ValueError("wire bytes of another length")
+            view, at = memoryview(wire), 0
+            for i, n in enumerate(sizes):
+                if blobcodec.chunk_hash(view[at:at + n]) != hashes[32 * i:32 * i + 32]:
+                    raise ValueError(f"chunk {i} does not hash as stored")
+                at += n
+            return enc
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, msgpack.UnpackException):
+            self._drop_encoding(digest)  # rebuilt from the blob
+            return None
+
+    def _store_encoding(self, digest: bytes, enc: blobcodec.Encoding, wire: bytes) -> None:
+        stem = f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
+        if enc.codec != "none":
+            tmp = self._tmp / f"{stem}.wire"
+            tmp.write_bytes(wire)
+            os.replace(tmp, self._enc / f"{digest.hex()}.wire")
+        tmp = self._tmp / f"{stem}.manifest"
+        tmp.write_bytes(msgpack.packb([enc.total_size, enc.chunk_size, enc.codec, enc.hashes,
+                                       list(enc.sizes)]))
+        os.replace(tmp, self._enc / f"{digest.hex()}.manifest")  # last: marks it complete
+
+    def read_wire(self, digest: bytes, enc: blobcodec.Encoding, start: int,
+                  length: int) -> bytes | None:
+        """Wire bytes [start, start+length) of the blob's chunks under `enc` (from
+        `encoding`); None if the blob or its encoding went away meanwhile."""
+        _check_digest(digest)
+        if start < 0 or length < 0:
+            raise ValueError(f"bad range: start {start}, length {length}")
+        with self._lock:
+            if self._encodings.get(digest) is not enc:
+                return None
+            path = (self._path(digest) if enc.codec == "none"
+                    else self._enc / f"{digest.hex()}.wire")
+            if start == 0:
+                self._touch(digest)
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                data = f.read(length)
+        except FileNotFoundError:
+            return None
+        return data if len(data) == length else None
 
     def evict_to(self, max_bytes: int) -> int:
         """Evict unpinned blobs, least recently used first, until at most `max_bytes` are

@@ -207,17 +207,32 @@ class BlobRequest:
     token: bytes | None = wire_field(Optional(Bytes(64, min=16)), "lease token (inputs only)")
 
 
-@kind("blob_chunk", max_body=256 * KiB + 1 * KiB, max_lifetime_ms=5 * MINUTE_MS)
+# Blob v2 (specs/work-and-leases.md, sections 5 and 9): one signed manifest per stream, then
+# the chunks' wire bytes unsigned, each checked against the manifest's hash for it.
+BLOB_CODECS = ("none", "zstd", "zstd-shuffle4")
+BLOB_MIN_CHUNK = 1 * KiB
+BLOB_MAX_CHUNK = 1 * MiB
+BLOB_MAX_CHUNKS = 16_384
+
+
+@kind("blob_manifest", max_body=608 * KiB, max_lifetime_ms=5 * MINUTE_MS)
 @dataclass(frozen=True)
-class BlobChunk:
-    """A byte range of a blob; the whole blob is hash-checked before use."""
+class BlobManifest:
+    """The holder's answer to a `blob_request`: how the blob is cut into chunks and encoded,
+    and the hash of each chunk's wire bytes. The chunks follow on the stream, unsigned."""
 
     req_id: bytes = wire_field(Id16, "the request answered")
     exp: int = wire_field(TimeMs, "expiry, Unix ms")
-    digest: bytes = wire_field(Digest, "SHA-256 of the whole blob")
-    offset: int = wire_field(UInt(), "offset of this chunk")
-    total_size: int = wire_field(UInt(), "size of the whole blob")
-    data: bytes = wire_field(Bytes(256 * KiB), "the bytes")
+    digest: bytes = wire_field(Digest, "SHA-256 of the whole blob (its raw bytes)")
+    total_size: int = wire_field(UInt(), "size of the whole blob, raw bytes")
+    chunk_size: int = wire_field(UInt(BLOB_MAX_CHUNK, min=BLOB_MIN_CHUNK),
+                                 "raw bytes per chunk (the last one may be shorter)")
+    codec: str = wire_field(Enum(*BLOB_CODECS), "how chunks are encoded on the wire")
+    first: int = wire_field(UInt(U32), "index of the first chunk sent on this stream")
+    hashes: bytes = wire_field(Bytes(32 * BLOB_MAX_CHUNKS),
+                               "BLAKE3-256 of each chunk's wire bytes, concatenated")
+    sizes: bytes = wire_field(Bytes(4 * BLOB_MAX_CHUNKS),
+                              "wire length of each chunk: unsigned 32-bit big-endian, concatenated")
 
 
 @kind("progress", max_body=16 * KiB, max_lifetime_ms=HOUR_MS)
@@ -352,7 +367,8 @@ class KeyRotation:
 
 __all__ = [
     "KINDS", "BY_CLASS", "KindSpec", "MAJOR", "Capacity", "Requirements", "JobAnnouncement",
-    "WorkRequest", "Lease", "LeaseBatch", "NoWork", "BlobRequest", "BlobChunk", "Progress",
+    "WorkRequest", "Lease", "LeaseBatch", "NoWork", "BlobRequest", "BlobManifest", "Progress",
     "HandBack", "Result", "FailedResult", "Receipt", "Cancel", "NodeInfo", "Evidence",
-    "KeyRotation", "NODE_STATES", "OPT_LEVELS",
+    "KeyRotation", "NODE_STATES", "OPT_LEVELS", "BLOB_CODECS", "BLOB_MIN_CHUNK",
+    "BLOB_MAX_CHUNK", "BLOB_MAX_CHUNKS",
 ]

@@ -13,9 +13,10 @@ from libp2p.kad_dht import provider_store as kad_provider_store
 from p2pfleet.net import dht_providers, streams
 from p2pfleet.net.blobs import BlobError, BlobService
 from p2pfleet.store.blobcache import BlobCache
-from p2pfleet.wire.envelope import open_envelope, seal
-from p2pfleet.wire.kinds import BlobChunk
+from p2pfleet.wire.envelope import seal
+from p2pfleet.wire.kinds import BlobManifest
 
+import blobkit
 from fleetkit import NETWORK, fleet, wait_until
 
 KiB = 1024
@@ -125,27 +126,34 @@ async def test_private_input_is_served_only_with_the_lease_token(tmp_path):
                                timeout=10)
 
 
+def _bomb(raw_len: int) -> bytes:
+    """A zstd frame that inflates to 64 MiB, with its content size set to `raw_len`."""
+    import struct
+
+    import zstandard
+
+    frame = bytearray(zstandard.ZstdCompressor(level=1).compress(b"\0" * (64 << 20)))
+    assert frame[4] >> 6 == 2 and not frame[4] & 0x20  # a 4-byte content size after a window byte
+    struct.pack_into("<I", frame, 6, raw_len)
+    return bytes(frame)
+
+
 async def liar(stream, mode: str, digest: bytes, model: bytes, identity) -> None:
-    """A hostile holder: answers with well-signed chunks that break the rules."""
-    raw = await streams.read_envelope(stream, 2048, 5)
-    req = open_envelope(raw, NETWORK).body
-    size = len(model)
-    data = hashlib.shake_256(b"lies").digest(size) if mode == "garbage" else model
-    offsets = list(range(req.offset, size, 256 * KiB))
-    if mode == "gap":
-        offsets = offsets[:1] + [o + 1000 for o in offsets[1:]]
-    exp = int(time.time() * 1000) + 60_000
-    try:
-        for o in offsets:
-            piece = data[o:o + 256 * KiB]
-            if mode == "overrun" and o == offsets[-1]:
-                piece += b"extra"
-            chunk = BlobChunk(req_id=req.req_id, exp=exp, digest=digest, offset=o,
-                              total_size=size, data=piece)
-            await streams.write_envelope(stream, seal(chunk, identity, NETWORK), 5)
-    except Exception:  # noqa: BLE001 - the fetcher hangs up on us
-        pass
-    await streams.close_quietly(stream)
+    """A hostile holder: answers with a well-signed manifest and chunks that break a rule."""
+    req = await blobkit.read_request(stream)
+    if mode == "garbage":  # a manifest true to wrong bytes
+        await blobkit.answer(stream, identity, req, hashlib.shake_256(b"lies").digest(len(model)))
+    elif mode == "mismatch":  # the second chunk is not what the manifest says
+        await blobkit.answer(stream, identity, req, model,
+                             tamper=lambda i, w: w[::-1] if i == 1 else w)
+    elif mode == "bomb":  # the third chunk a compression bomb, declared and hashed
+        chunks = blobkit.wire_chunks(model, 256 * KiB, "none")
+        chunks[2] = _bomb(len(chunks[2]))
+        await blobkit.answer(stream, identity, req, model, codec="zstd", chunks=chunks)
+    elif mode == "wide":  # a manifest whose first chunk is wider on the wire than raw
+        chunks = blobkit.wire_chunks(model, 256 * KiB, "none")
+        chunks[0] += b"extra"
+        await blobkit.answer(stream, identity, req, model, codec="zstd", chunks=chunks)
 
 
 async def test_resume_at_another_source_and_liars_are_penalised(tmp_path):
@@ -180,8 +188,10 @@ async def test_resume_at_another_source_and_liars_are_penalised(tmp_path):
         svc[2].cache.put(digest, model, public=True)
         # (why the liar failed, where C resumed: a garbage blob starts over, bytes that
         # arrived intact before a broken chunk are kept)
-        expected = {"garbage": ("hash to", 0), "gap": ("not contiguous", 256 * KiB),
-                    "overrun": ("past the size", 768 * KiB)}
+        expected = {"garbage": ("hash to", 0),
+                    "mismatch": ("does not hash to the manifest", 256 * KiB),
+                    "bomb": ("does not decode within its declared", 512 * KiB),
+                    "wide": ("its raw size is", 0)}
         for mode, (why, resumed_at) in expected.items():
             d.set_handler("blob", lambda s, m=mode: liar(s, m, digest, model, d.identity))
             svc[1].cache.remove(digest)
@@ -229,14 +239,15 @@ async def test_a_peer_gets_at_most_four_streams_at_once(tmp_path):
         assert await fetcher.fetch(digest, len(model), [peer(a)], public=True) == model
 
 
-def test_chunk_sealer_matches_seal():
+def test_fast_sealer_matches_seal():
     from p2pfleet.identity import Identity
-    from p2pfleet.net.blobs import ChunkSealer
+    from p2pfleet.net.blobs import FastSealer
 
     ident = Identity.from_seed(b"sealer")
-    chunk = BlobChunk(req_id=b"r" * 16, exp=123, digest=b"d" * 32, offset=5, total_size=9,
-                      data=b"four")
-    assert ChunkSealer(ident, NETWORK).seal(chunk) == seal(chunk, ident, NETWORK)
+    m = BlobManifest(req_id=b"r" * 16, exp=123, digest=b"d" * 32, total_size=9,
+                     chunk_size=1024, codec="none", first=0, hashes=b"h" * 32,
+                     sizes=(9).to_bytes(4, "big"))
+    assert FastSealer(ident, NETWORK).seal(m) == seal(m, ident, NETWORK)
 
 
 async def test_a_slow_liar_is_abandoned_and_then_proven_wrong_by_the_last_source(tmp_path):
@@ -249,18 +260,9 @@ async def test_a_slow_liar_is_abandoned_and_then_proven_wrong_by_the_last_source
     sent = []
 
     async def trickle_lies(stream):
-        raw = await streams.read_envelope(stream, 2048, 5)
-        req = open_envelope(raw, NETWORK).body
-        try:
-            for o in range(req.offset, len(model)):
-                chunk = BlobChunk(req_id=req.req_id, exp=int(time.time() * 1000) + 60_000,
-                                  digest=digest, offset=o, total_size=len(model), data=b"?")
-                await streams.write_envelope(stream, seal(chunk, h.identity, NETWORK), 5)
-                sent.append(o)
-                await trio.sleep(0.2)
-        except Exception:  # noqa: BLE001 - the fetcher hangs up on us
-            pass
-        await streams.close_quietly(stream)
+        req = await blobkit.read_request(stream)
+        await blobkit.answer(stream, h.identity, req, b"?" * len(model), chunk_size=1024,
+                             pace_s=0.2, sent=sent)
 
     async with fleet(3) as (b, h, c):
         # the times shrunk (a first chunk within 1 s); the rate and shares as in production
@@ -276,7 +278,7 @@ async def test_a_slow_liar_is_abandoned_and_then_proven_wrong_by_the_last_source
         assert "too slow" in why and "hash to" in why, why
         # C resumed after the liar's bytes that had arrived, then sent a whole copy
         [(resumed_at, rest), whole] = [(s.offset, s.sent) for s in honest.stats.recent]
-        assert 1 <= resumed_at <= len(sent) and resumed_at + rest == len(model)
+        assert 1024 <= resumed_at <= 1024 * len(sent) and resumed_at + rest == len(model)
         assert whole == (0, len(model))
         # the liar: invalid-message (10) once disproved (being slow costs a named source, as
         # it is here, demerits but no penalty), and it is not asked first again

@@ -27,10 +27,9 @@ from p2pfleet.net.mesh import Mesh
 from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
 from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.store.ledger import Ledger
-from p2pfleet.wire.envelope import open_envelope, seal
-from p2pfleet.wire.kinds import BlobChunk
 from p2pfleet.worker import Worker, WorkerSettings
 
+import blobkit
 from fleetkit import NETWORK, hosts, wait_until
 from workerkit import HW_CLASS, mlp_model, ort_version
 
@@ -43,15 +42,21 @@ INPUTS = {"x": np.random.default_rng(7).standard_normal((24, 16)).astype(np.floa
 
 @dataclass
 class HostileProvider:
-    """Announces itself as a provider of `models` and answers blob requests with well-signed
-    chunks: "trickle" sends the right bytes, one byte every 8 s (each frame well inside the
-    fetcher's per-frame timeout); "garbage" sends wrong bytes at full speed."""
+    """Announces itself as a provider of `models` and answers blob requests in the v2 wire
+    format (a manifest it signs, then 1 KiB chunks): "trickle" sends the right bytes, one
+    chunk every 8 s (each well inside the fetcher's per-chunk timeout); "garbage" sends
+    wrong bytes at full speed under a manifest that matches them; "mismatch" sends a true
+    manifest and true chunks up to the fourth, whose bytes then do not match their hash."""
 
     mesh: Mesh
     mode: str
     models: dict[bytes, bytes]
     asked: list[tuple[bytes, int]] = field(default_factory=list)  # (digest, offset) requested
-    sent: int = 0
+    sent_chunks: list[int] = field(default_factory=list)  # 1 KiB chunks written, by index
+
+    @property
+    def sent(self) -> int:
+        return 1024 * len(self.sent_chunks)  # an upper bound: the last may be shorter
 
     async def announce(self, watchers: list[Mesh]) -> None:
         self.mesh.set_handler("blob", self.serve)
@@ -59,26 +64,21 @@ class HostileProvider:
 
     async def serve(self, stream: Any) -> None:
         try:
-            raw = await streams.read_envelope(stream, 2048, 5)
-            req = open_envelope(raw, NETWORK).body
-            self.asked.append((req.digest, req.offset))
-            model = self.models[req.digest]
-            size = len(model)
-            if self.mode == "garbage":
-                data = hashlib.shake_256(b"lies").digest(size)
-                pieces = [(o, data[o:o + 256 * 1024]) for o in range(req.offset, size, 256 * 1024)]
-            else:
-                pieces = [(o, model[o:o + 1]) for o in range(req.offset, size)]
-            for i, (offset, piece) in enumerate(pieces):
-                if self.mode == "trickle" and i:
-                    await trio.sleep(8.0)
-                chunk = BlobChunk(req_id=req.req_id, exp=int(time.time() * 1000) + 60_000,
-                                  digest=req.digest, offset=offset, total_size=size, data=piece)
-                await streams.write_envelope(stream, seal(chunk, self.mesh.identity, NETWORK), 5)
-                self.sent += len(piece)
-        except Exception:  # noqa: BLE001 - the fetcher hangs up on us
-            pass
-        await streams.close_quietly(stream)
+            req = await blobkit.read_request(stream)
+        except Exception:  # noqa: BLE001
+            await streams.reset_quietly(stream)
+            return
+        self.asked.append((req.digest, req.offset))
+        model = self.models[req.digest]
+        if self.mode == "garbage":
+            model = hashlib.shake_256(b"lies").digest(len(model))
+
+        def tamper(i: int, wire: bytes) -> bytes:
+            return bytes(b ^ 0xFF for b in wire) if self.mode == "mismatch" and i == 3 else wire
+
+        await blobkit.answer(stream, self.mesh.identity, req, model, chunk_size=1024,
+                             pace_s=8.0 if self.mode == "trickle" else 0.0, tamper=tamper,
+                             sent=self.sent_chunks)
 
 
 async def announce(mesh: Mesh, digests: list[bytes], watchers: list[Mesh]) -> None:
@@ -240,6 +240,36 @@ async def test_a_lying_provider_is_not_asked_again(tmp_path):
             assert hostile.asked == [(digests[0], 0)]
             assert [d for d, _o, _s in served_models(honest, digests)] == digests
             assert served_models(pub1.blobs, digests) == served_models(pub2.blobs, digests) == []
+            peer = hm.identity.peer_id
+            assert wm.reputation.penalty(peer, time.time()) > 5  # invalid-message: 10
+            assert blobs.scores.rank([peer], time.time()) == []
+
+
+async def test_a_provider_whose_chunks_do_not_match_its_manifest_is_penalised(tmp_path):
+    """Blob v2: a provider signs a true manifest, sends three true chunks, then a chunk whose
+    bytes do not hash to the manifest's hash for it. The worker keeps the three checked
+    chunks, penalises the provider (invalid-message) at once, without waiting for the whole
+    blob's hash, and finishes the fetch from an honest provider."""
+    model = mlp_model(seed=14)
+    digest = hashlib.sha256(model).digest()
+    async with meshes(4) as (pm, wm, hm, gm):
+        hostile = HostileProvider(hm, "mismatch", {digest: model})
+        await hostile.announce([pm, wm])  # the first provider the worker finds
+        honest = BlobService(gm, BlobCache(tmp_path / "honest-blobs", 64 * MiB))
+        honest.install()
+        honest.cache.put(digest, model, public=True)
+        await announce(gm, [digest], [pm, wm])  # the second provider found
+        async with publisher(pm, tmp_path, wm.identity.public_key) as pub, \
+                node_worker(wm, tmp_path, (pm.identity.public_key,)) as (worker, blobs):
+            job = pub.submit(job_spec(model))
+            await wait_shards(worker, 1, pub, job)
+            assert (worker.stats.shards_done, worker.stats.shards_failed) == (1, 0)
+            await wait_until(lambda: pub.status(job).accepted == 1)
+            assert hostile.asked == [(digest, 0)]
+            # the honest provider resumed after the three chunks that checked out (its own
+            # chunks are 256 KiB: it starts at its chunk 0, the worker skips what it holds)
+            assert served_models(honest, {digest}) == [(digest, 3 * 1024, len(model) - 3 * 1024)]
+            assert served_models(pub.blobs, {digest}) == []
             peer = hm.identity.peer_id
             assert wm.reputation.penalty(peer, time.time()) > 5  # invalid-message: 10
             assert blobs.scores.rank([peer], time.time()) == []
