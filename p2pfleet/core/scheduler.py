@@ -39,6 +39,13 @@ jobs its results helped accept (`ShardReopened`; decided again under an audit). 
 non-established ones, never for excluded ones; beyond `max_error`, or `max_total` leases
 issued without a quorum, the shard fails.
 
+Stalls (work-and-leases.md, section 4). On every `Tick`, a shard that needs a replica, has
+no live lease, and that no worker of its job's fleet may take (asked recently or holds a
+live lease; caps and the cross-class wait aside) for `stall_wait_ms` is resolved, never
+silently (`ShardStalled`, `ShardRec.fallback`): the publisher computes it when its own key
+is trusted (`own_key`; its result decides, see `_evaluate`), else one relaxation of
+RELAX_ORDER per wait, then it waits marked "exhausted".
+
 State is kept in plain records (`JobRec`, `ShardRec`, `LeaseRec`, trust.WorkerTrust);
 `take_changes()` returns those touched since the last call so the driver persists them in
 the same transaction as the event's input, and `restore()` rebuilds the machine from them.
