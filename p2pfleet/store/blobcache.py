@@ -379,7 +379,7 @@ class BlobCache:
         if start < 0 or length < 0:
             raise ValueError(f"bad range: start {start}, length {length}")
         with self._lock:
-            if self._encodings.get(digest) is not enc:
+            if self._encodings.get(digest) != enc:  # equal when built again meanwhile
                 return None
             path = (self._path(digest) if enc.codec == "none"
                     else self._enc / f"{digest.hex()}.wire")
