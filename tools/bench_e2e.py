@@ -2,7 +2,8 @@
 """End-to-end benchmark: verified inference on a local fleet against plain onnxruntime.
 
 One run, one machine, JSON out (stdout and tools/bench_e2e.last.json; progress on stderr).
-For each model of the zoo (magika, the trained digits MLP, the 784-1024-1024-10 MLP) and
+For each model of the zoo (magika, the trained digits MLP, the 784-1024-1024-10 MLP,
+ResNet-50 with 600 KB of float32 input per picture) and
 each quorum (1 and 2), at a fixed shard size per model:
 
 1. plain onnxruntime on the same inputs with the same threads budget: one process with
@@ -70,8 +71,13 @@ CONFIG = {
     "magika": {"shard": 128, "micro": 64, "samples": (1536, 256)},
     "digits": {"shard": 16384, "micro": 1024, "samples": (1 << 19, 1 << 17)},
     "mlp784": {"shard": 4096, "micro": 256, "samples": (1 << 16, 1 << 15)},
+    # 32 pictures = 19 MB of input and ~1-3 s of one core per shard (the mlp784 shard's
+    # order of bytes); batches of 8 keep the convolutions efficient and report progress
+    # about every half second
+    "resnet50": {"shard": 32, "micro": 8, "samples": (768, 128)},
 }
-TARGETS = {("magika", 1): 0.90, ("magika", 2): 0.45, ("mlp784", 1): 0.61, ("digits", 1): 0.10}
+TARGETS = {("magika", 1): 0.90, ("magika", 2): 0.45, ("mlp784", 1): 0.61, ("digits", 1): 0.10,
+           ("resnet50", 1): 0.90, ("resnet50", 2): 0.45}
 NODE_SETTINGS = {
     "publishers.serve_anyone": "true",
     "publishers.retry_base_s": "1",
@@ -402,7 +408,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small jobs, a smoke run (~1 min)")
     ap.add_argument("--threads", type=int, default=2,
                     help="threads budget: plain onnxruntime threads = fleet nodes (default 2)")
-    ap.add_argument("--models", default="magika,digits,mlp784")
+    ap.add_argument("--models", default="magika,digits,mlp784,resnet50")
     ap.add_argument("--quorums", default="1,2")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-fleet part")
     ap.add_argument("--out", type=Path, default=OUT)

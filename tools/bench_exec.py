@@ -1,7 +1,7 @@
 """Measure the sandboxed runner against plain onnxruntime, in one run on the same cores.
 
 Per model (the scikit-learn digits classifier, magika's model from its wheel, a
-784-1024-1024-10 MLP built with onnx.helper; p2pfleet/zoo.py):
+784-1024-1024-10 MLP built with onnx.helper, ResNet-50 with seeded weights; p2pfleet/zoo.py):
 samples/s of `run_shard` in a warm sandbox child (validation cached, session loaded; the
 whole call: feeding micro-batches over the pipe, per-batch digests, the canonical outputs
 blob) against an onnxruntime session in this process running the same micro-batches with
@@ -46,7 +46,7 @@ from p2pfleet.wire.kinds import Lease  # noqa: E402
 
 #: model -> (samples per shard, micro-batch): a shard of ~0.05-1 s.
 SHARDS = {"digits": (65536, 4096), "digits@64": (8192, 64), "magika": (256, 64),
-          "mlp784": (4096, 64)}
+          "mlp784": (4096, 64), "resnet50": (32, 8)}
 
 
 def lease(model: bytes, samples: int, mb: int) -> Lease:
@@ -197,7 +197,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--starts", type=int, default=5)
-    p.add_argument("--models", default="digits,digits@64,magika,mlp784")
+    p.add_argument("--models", default="digits,digits@64,magika,mlp784,resnet50")
     p.add_argument("--cpus", default="", help="pin this process and its children, e.g. 0,1")
     p.add_argument("--nice", type=int, default=0,
                    help="niceness of the children (a node uses 10; 0 compares like with like)")
