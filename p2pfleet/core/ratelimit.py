@@ -23,6 +23,12 @@ class PublisherRateLimit:
         self.burst = burst
         self._buckets: dict[bytes, _Bucket] = {}
 
+    def available(self, publisher: bytes, now: float) -> float:
+        """Tokens `publisher` has at `now` (changes nothing): a publisher keeping within
+        its own budget checks this before it announces."""
+        b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
+        return min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.rate)
+
     def allow(self, publisher: bytes, now: float) -> bool:
         b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
         tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -121,6 +122,23 @@ def _now_ms(clock: Callable[[], float]) -> int:  # noqa: D103
     return int(clock() * 1000)
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A job sharded, encoded and hashed, not stored yet (`Publisher._prepare`)."""
+
+    spec: JobSpec
+    built: BuiltJob
+    job_id: bytes
+    secret: bytes
+    model_digest: bytes
+    shard_digests: tuple[bytes, ...]
+    blobs: dict[bytes, bytes]  # digest -> bytes: model, known answers, shard inputs
+
+
+def _one_blob_each(p: _Prepared) -> list[_Prepared]:
+    return [replace(p, blobs={d: b}) for d, b in p.blobs.items()]
+
+
 class Publisher:
     def __init__(self, identity: Identity, mesh: Mesh, store_path: Path | str, blobs: Any, *,
                  clock: Callable[[], float] = time.time, rng: Any = None,
@@ -151,6 +169,7 @@ class Publisher:
         self._shards: dict[bytes, list[tuple[bytes, list[tuple[int, int]]]]] = {
             jid: self.store.shard_inputs(jid) for jid in self._meta}
         self._done: dict[bytes, trio.Event] = {}
+        self._changed: dict[bytes, trio.Event] = {}
         self._decoded: OrderedDict[bytes, dict] = OrderedDict()
         self._ka_cache: dict[bytes, dict] = {}
         self._seq: int | None = None
@@ -168,10 +187,56 @@ class Publisher:
 
     # --- public API --------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> bytes:
-        """Check, shard and store a job; returns its id. Announced once `run` is running."""
+        """Check, shard and store a job; returns its id. Announced once `run` is running.
+        Blocks for the sharding and encoding: from a running trio loop use `submit_async`."""
+        prepared = self._prepare(spec)
+        self._store_blobs(prepared)
+        self._provide_blobs(prepared)
+        return self._add_prepared(prepared)
+
+    async def submit_async(self, spec: JobSpec) -> bytes:
+        """`submit` that leaves the event loop free to serve other jobs' leases and blobs:
+        the known answers, sharding, encoding and hashing run in a worker thread, and the
+        store and cache take the shard blobs one at a time (SQLite stays on this thread)."""
+        prepared = await trio.to_thread.run_sync(self._prepare, spec)
+        for one in _one_blob_each(prepared):
+            self._store_blobs(one)
+            self._provide_blobs(one)
+            await trio.sleep(0)  # let other streams run between two blobs
+        return self._add_prepared(prepared)
+
+    def _prepare(self, spec: JobSpec) -> _Prepared:
+        """The CPU-heavy part of a submit; touches no store (runs in a worker thread)."""
         built = build_job(spec, self._job_rng)
-        job_id = self._job_rng.randbytes(16)
-        secret = self._job_rng.randbytes(32)
+        model_digest = hashlib.sha256(spec.model).digest()
+        blobs = {model_digest: bytes(spec.model),
+                 hashlib.sha256(built.ka_expected).digest(): built.ka_expected}
+        digests = []
+        for blob in built.shard_blobs:
+            d = hashlib.sha256(blob).digest()
+            blobs[d] = blob
+            digests.append(d)
+        return _Prepared(spec, built, self._job_rng.randbytes(16), self._job_rng.randbytes(32),
+                         model_digest, tuple(digests), blobs)
+
+    def _store_blobs(self, p: _Prepared) -> None:
+        # content-addressed: a blob stored before a crash and never used is only space
+        with self.store.transaction():
+            for digest, blob in p.blobs.items():
+                self.store.put_blob(digest, blob)
+
+    def _provide_blobs(self, p: _Prepared) -> None:
+        """Pin the model (public) and the shard inputs (private) in the blob cache."""
+        if self.blobs is None:
+            return
+        for digest, blob in p.blobs.items():
+            if digest == p.model_digest:
+                self.blobs.cache.put(digest, blob, public=True, pinned=True)
+            elif digest in p.shard_digests and not self.blobs.cache.has(digest):
+                self.blobs.cache.put(digest, blob, public=False, pinned=True)
+
+    def _add_prepared(self, p: _Prepared) -> bytes:
+        spec, built, job_id, secret = p.spec, p.built, p.job_id, p.secret
         req = spec.requirements
         ort_versions = spec.ort_versions or req.ort_versions
         params = S.JobParams(job_id, secret, built.samples, built.credit, built.known_answer,
@@ -179,10 +244,9 @@ class Publisher:
                              max_error=spec.max_error, max_total=spec.max_total,
                              recheck_rate=spec.recheck_rate, budget=spec.budget,
                              audit_rate=spec.audit_rate)
-        model_digest = hashlib.sha256(spec.model).digest()
         ka_digest = hashlib.sha256(built.ka_expected).digest()
         meta = {
-            "model_digest": model_digest.hex(), "model_size": len(spec.model),
+            "model_digest": p.model_digest.hex(), "model_size": len(spec.model),
             "micro_batch": spec.micro_batch, "opt_level": spec.opt_level,
             "provider": spec.provider, "ort_versions": ort_versions,
             "requirements": [req.min_memory_mb, list(req.providers), req.min_sw_version,
@@ -191,20 +255,13 @@ class Publisher:
             "output_names": list(built.output_names), "ka_digest": ka_digest.hex(),
             "real_rows": [list(r) for r in built.real_rows],
         }
-        shards = []
+        shards = list(zip(p.shard_digests, built.shard_ka))
         now = self._now()
         with self.store.transaction():
-            self.store.put_blob(model_digest, bytes(spec.model))
-            self.store.put_blob(ka_digest, built.ka_expected)
-            for blob in built.shard_blobs:
-                d = hashlib.sha256(blob).digest()
-                self.store.put_blob(d, blob)
-            shards = [(hashlib.sha256(b).digest(), ka) for b, ka in zip(built.shard_blobs, built.shard_ka)]
             self.store.add_job(params, meta, now, shards)
             self._apply(self.sched.handle(S.JobAdded(now, params)))
         self._meta[job_id] = meta
         self._shards[job_id] = shards
-        self._provide(job_id)
         if self._nursery is not None:
             self._nursery.start_soon(self._provide_model, job_id)
         self._announce_now.set()
@@ -343,9 +400,17 @@ class Publisher:
                 self.store.add_evidence(e.worker, e.job_id, e.claim, self._evidence(e, now), now)
         self.store.save_records(*self.sched.take_changes())
 
+    def changed(self, job_id: bytes) -> trio.Event:
+        """Set at the next change of the job's shards (accepted, failed, reopened, done)."""
+        return self._changed.setdefault(job_id, trio.Event())
+
     def _after(self, effects: list) -> None:
         """After the commit: send, publish, wake waiters."""
         for e in effects:
+            if isinstance(e, (S.ShardAccepted, S.ShardFailed, S.ShardReopened, S.JobDone)):
+                waiter = self._changed.pop(e.job_id, None)
+                if waiter is not None:
+                    waiter.set()
             if isinstance(e, S.CancelLeases) and self._nursery is not None:
                 body = Cancel(e.job_id, self._now() + 24 * 3600_000, e.lease_ids, e.reason)
                 self._nursery.start_soon(self._notice, e.worker, seal(body, self.identity, self.network))
@@ -404,20 +469,39 @@ class Publisher:
         return seal(body, self.identity, self.network)
 
     async def _announce_loop(self) -> None:
+        """Announce each live job every max(interval, 5 s x live jobs), within the jobs
+        topic's budget of a publisher (12 a minute, bursts of 6: core/ratelimit.py, the
+        same bucket the mesh checks before publishing). A job not announced yet goes first
+        and may take the last token; a repeat leaves one, so a new job is heard at once."""
+        announced: dict[bytes, float] = {}  # job id -> trio time of its last announcement
+        validator = getattr(self.mesh, "job_validator", None)
+        me = self.identity.public_key
+        urgent = False  # woken by a change (a shard reopened, a job resumed): repeat all now
         while True:
-            for job_id, rec in list(self.sched.jobs.items()):
-                if rec.status == "live":
-                    try:
-                        await self.mesh.announce_job(self.announcement(job_id))
-                    except MeshError as exc:
-                        log.info("announcing job %s: %s", job_id.hex()[:8], exc)
-            # The jobs topic allows a publisher 12 announcements a minute (core/ratelimit.py):
-            # with many live jobs each is announced less often.
-            live = sum(1 for r in self.sched.jobs.values() if r.status == "live")
             self._announce_now = trio.Event()
-            with trio.move_on_after(max(self.settings.announce_interval_s, 5.0 * live)):
+            now = trio.current_time()
+            live = [j for j, r in self.sched.jobs.items() if r.status == "live"]
+            period = max(self.settings.announce_interval_s, 5.0 * len(live))
+            wake = period
+            for job_id in sorted(live, key=lambda j: announced.get(j, -math.inf)):
+                new = job_id not in announced
+                if not new and not urgent and now - announced[job_id] < period:
+                    wake = min(wake, announced[job_id] + period - now)
+                    continue
+                if validator is not None:
+                    tokens = validator.rate.available(me, validator.clock())
+                    if tokens < (1.0 if new else 2.0):
+                        wake = min(wake, ((1.0 if new else 2.0) - tokens) / validator.rate.rate)
+                        continue
+                try:
+                    await self.mesh.announce_job(self.announcement(job_id))
+                    announced[job_id] = now
+                except MeshError as exc:
+                    log.info("announcing job %s: %s", job_id.hex()[:8], exc)
+                    wake = min(wake, 1.0)
+            with trio.move_on_after(max(0.05, wake)):
                 await self._announce_now.wait()
-            await trio.sleep(min(5.0, self.settings.announce_interval_s))
+            urgent = self._announce_now.is_set()
 
     # --- blobs -------------------------------------------------------------------------
     def _provide(self, job_id: bytes) -> None:

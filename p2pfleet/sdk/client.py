@@ -197,7 +197,8 @@ class Job:
                     next_shard += 1
             if done_before:
                 return
-            await trio.sleep(POLL_S)
+            with trio.move_on_after(POLL_S):  # a shard's change wakes it at once
+                await self._pub.changed(self.job_id).wait()
 
     def _failed_shards(self) -> set[int]:
         sched = self._pub.sched
@@ -339,7 +340,7 @@ class Client:
                        known_answer_rate=known_answer_rate, recheck_rate=recheck_rate,
                        audit_rate=audit_rate)
         try:
-            job_id = self.publisher.submit(spec)  # sharding blocks briefly; SQLite is per thread
+            job_id = await self.publisher.submit_async(spec)  # shards off the event loop
         except JobSpecError as exc:
             raise SdkError(str(exc)) from None
         job = Job(self.publisher, job_id, time.time())
