@@ -39,6 +39,20 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
 - {"op": "run", "inputs": [[name, dtype, shape, [offset, nbytes]]], "timeout_s"}
    -> {"ok": true, "outputs": [[name, dtype, shape, [offset, nbytes]]], "ms", "cpu_s"}
   A watchdog thread sets RunOptions.terminate when timeout_s passes (reason "timeout").
+- {"op": "shard", "inputs": [[name, dtype, shape, offset]], "in_size", "outputs": [[name,
+   dtype, tail shape, offset]], "out_size", "rows": [[start, stop]], "grant", "timeout_s"}:
+   a whole shard on shared memory. Just before this frame the parent sends two fds over
+   the fd socket (settings "fd_sock", SOCK_SEQPACKET, SCM_RIGHTS): the sealed input memfd
+   (mapped read-only here) and the output memfd (exactly out_size bytes, sealed against
+   resizing; mapped writable). Micro-batch i runs rows [start, stop) of every input (views
+   of the mapping, no copy) and writes its outputs' rows at offset + (start - rows[0][0]) x
+   row bytes; each must be exactly (stop - start, *tail) of that dtype (else invalid_model).
+   The child starts micro-batch i only while i < grant; the parent raises it with
+   {"op": "grant", "upto"} and ends the shard early with {"op": "stop"} (checked between
+   micro-batches). Replies: {"ok": true, "batch": i, "outputs": [[name, dtype, shape]],
+   "ms", "cpu_s"} per micro-batch (written in bursts, at most every 2 ms, to spare the
+   parent wake-ups), then {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure
+   (which also ends the shard). The watchdog holds the whole shard to timeout_s.
 - {"op": "validate", "model": [offset, nbytes], "shapes": {name: [dims]}, "limits": {...
    ModelLimits fields}, "timeout_s"} -> {"ok": true, "valid": {ValidatedModel fields but
    model_bytes}} or {"ok": true, "refused": {"rule", "reason", "node", "tensor"}}. The onnx
@@ -47,7 +61,9 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
 - {"op": "ping"} -> {"ok": true, "pid", "cpu_s"}
 - {"op": "exit"}: exit 0 (so does end of input).
 - {"op": "debug", "what": ...}: only when started with "debug": true (tests): "whoami",
-  "connect" (host, port), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU).
+  "connect" (host, port), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU),
+  "lie" (claim every later shard output `factor` times larger than it is), "write_input"
+  (try to write the next shard's input memfd; the result is reported in its "end" reply).
 Failure reasons: out_of_memory, timeout, invalid_model, input_error, internal.
 """
 
@@ -59,8 +75,10 @@ import encodings.idna  # noqa: F401  (socket name lookups import it lazily)
 import errno
 import json
 import math
+import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import struct
@@ -398,6 +416,8 @@ class Child:
         self.key: str | None = None
         self.inputs: list = []
         self.outputs: list = []
+        self.debug_lie = 0              # debug "lie": factor on claimed output rows
+        self.debug_write_input = False  # debug "write_input"
 
     def load(self, req: dict, payload: memoryview) -> dict:
         ort = self.ort
@@ -485,6 +505,25 @@ class Child:
             "constant_bytes": vm.constant_bytes, "total_bytes": vm.total_bytes,
             "peak_bytes": vm.peak_bytes, "macs": vm.macs, "op_types": list(vm.op_types)}}
 
+    def session_run(self, ro, feeds: dict, left_s: float, limit_s: float) -> tuple[list, float]:
+        """session.run under the watchdog (`left_s` of the `limit_s` wall-clock limit)."""
+        if left_s <= 0:
+            raise Refused("timeout", f"run stopped after {limit_s:.3g} s wall clock")
+        t0 = time.monotonic()
+        self.watchdog.arm(ro, left_s)
+        try:
+            results = self.session.run(None, feeds, ro)
+        except BaseException as e:  # noqa: BLE001 - the model is untrusted
+            fired = self.watchdog.disarm()
+            if fired or "terminate flag" in str(e):
+                raise Refused("timeout", f"run stopped after {limit_s:.3g} s wall clock") from None
+            if _is_oom(e):
+                raise Refused("out_of_memory", _describe(e)) from None
+            bad_input = type(e).__name__ == "InvalidArgument"
+            raise Refused("input_error" if bad_input else "invalid_model", _describe(e)) from None
+        self.watchdog.disarm()
+        return results, (time.monotonic() - t0) * 1000
+
     def run(self, req: dict, payload: memoryview) -> tuple[dict, list]:
         if self.session is None:
             raise Refused("internal", "run before a successful load")
@@ -515,20 +554,7 @@ class Child:
         ro = self.ort.RunOptions()
         ro.log_severity_level = 3
         arm_cpu(timeout_s * self.threads + 5)
-        t0 = time.monotonic()
-        self.watchdog.arm(ro, float(timeout_s))
-        try:
-            results = self.session.run(None, feeds, ro)
-        except BaseException as e:  # noqa: BLE001 - the model is untrusted
-            fired = self.watchdog.disarm()
-            if fired or "terminate flag" in str(e):
-                raise Refused("timeout", f"run stopped after {timeout_s:.3g} s wall clock") from None
-            if _is_oom(e):
-                raise Refused("out_of_memory", _describe(e)) from None
-            bad_input = type(e).__name__ == "InvalidArgument"
-            raise Refused("input_error" if bad_input else "invalid_model", _describe(e)) from None
-        self.watchdog.disarm()
-        ms = (time.monotonic() - t0) * 1000
+        results, ms = self.session_run(ro, feeds, float(timeout_s), float(timeout_s))
         del feeds
         out, blobs, offset = [], [], 0
         for (name, typ, shape), value in zip(self.outputs, results):
@@ -549,8 +575,224 @@ class Child:
         return {"ok": True, "outputs": out, "ms": ms, "cpu_s": cpu_used()}, blobs
 
 
-def debug(req: dict) -> dict:
+class ParentGone(Exception):
+    """End of input while a shard waited for its next control message."""
+
+
+def _frame_bytes(msg: dict) -> bytes:
+    meta = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(meta), 0) + meta
+
+
+def _receive_fds(sock: socket.socket | None, want: int) -> list[int]:
+    """The fds the parent sent just before a shard request (never blocks)."""
+    if sock is None:
+        raise Refused("internal", "shard request without an fd socket")
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 16, want + 1,
+                                       socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    except BlockingIOError:
+        raise Refused("internal", "shard request without its memfds") from None
+    if len(fds) != want:
+        for fd in fds:
+            os.close(fd)
+        raise Refused("internal", f"shard request with {len(fds)} fds, {want} expected")
+    return fds
+
+
+def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
+    if os.fstat(fd).st_size != size:
+        raise Refused("internal", f"a shard memfd holds {os.fstat(fd).st_size} bytes, "
+                      f"{size} announced")
+    if size == 0:
+        return None
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    except (MemoryError, OSError) as e:
+        if isinstance(e, MemoryError) or e.errno == errno.ENOMEM:
+            raise Refused("out_of_memory", f"mapping {size >> 20} MiB of shard data exceeds "
+                          "the child's address-space limit") from None
+        raise Refused("internal", f"cannot map a shard memfd: {e.strerror}") from None
+
+
+def _view(mapping, dtype: str, shape: list, offset: int, size: int, what: str) -> np.ndarray:
+    if not (isinstance(dtype, str) and dtype in DTYPES and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offset, int) and offset >= 0):
+        raise Refused("internal", f"malformed shard layout for {what}")
+    dt = np.dtype(dtype).newbyteorder("<")
+    count = int(np.prod(shape, dtype=np.int64))
+    if offset + count * dt.itemsize > size:
+        raise Refused("internal", f"shard layout of {what} runs past its memfd")
+    if count == 0:
+        return np.zeros(shape, dt)
+    return np.frombuffer(mapping, dtype=dt, count=count, offset=offset).reshape(shape)
+
+
+class ShardRun:
+    """One "shard" request: micro-batches on views of the shared input mapping, outputs
+    written into the shared output mapping, small replies in bursts."""
+
+    def __init__(self, child: "Child", req: dict, fd_in: int, fd_out: int,
+                 sock: socket.socket | None, max_frame: int):
+        self.child, self.req, self.fd_in, self.fd_out = child, req, fd_in, fd_out
+        self.sock, self.max_frame = sock, max_frame
+        self.pending: list[bytes] = []
+        self.last_flush = time.monotonic()
+        self.grant = 0
+        self.stopped = False
+
+    def flush(self) -> None:
+        if self.pending:
+            _write_all(self.fd_out, b"".join(self.pending))
+            self.pending.clear()
+        self.last_flush = time.monotonic()
+
+    def control(self, i: int) -> None:
+        """Read the parent's grants and stop; block while micro-batch i is not granted."""
+        while not self.stopped:
+            if i < self.grant and not select.select([self.fd_in], [], [], 0)[0]:
+                return
+            if i >= self.grant:
+                self.flush()  # the parent grants more once it has seen these
+            frame = read_frame(self.fd_in, self.max_frame)
+            if frame is None:
+                raise ParentGone
+            op, upto = frame[0].get("op"), frame[0].get("upto")
+            if op == "grant" and isinstance(upto, int):
+                self.grant = max(self.grant, upto)
+            elif op == "stop":
+                self.stopped = True
+            else:
+                raise Refused("internal", f"unexpected request {op!r} during a shard")
+
+    def run(self) -> dict:
+        child, req = self.child, self.req
+        if child.session is None:
+            raise Refused("internal", "shard before a successful load")
+        fds = _receive_fds(self.sock, 2)
+        in_map = out_map = None
+        try:
+            ins, outs, rows = req.get("inputs"), req.get("outputs"), req.get("rows")
+            in_size, out_size = req.get("in_size"), req.get("out_size")
+            timeout_s, grant = req.get("timeout_s"), req.get("grant")
+            if not (isinstance(ins, list) and isinstance(outs, list) and isinstance(rows, list)
+                    and rows and isinstance(in_size, int) and isinstance(out_size, int)
+                    and isinstance(grant, int) and isinstance(timeout_s, (int, float))
+                    and timeout_s > 0):
+                raise Refused("internal", "malformed shard request")
+            self.grant = grant
+            in_map = _map(fds[0], in_size, writable=False)
+            out_map = _map(fds[1], out_size, writable=True)
+            if child.debug_write_input:
+                child.debug_write_input = False
+                try:
+                    mmap.mmap(fds[0], max(in_size, 1), mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE).close()
+                    self.write_input = "mapped writable"
+                except OSError as e:
+                    self.write_input = errno.errorcode.get(e.errno or 0, str(e))
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            return self._batches(ins, outs, rows, in_map, in_size, out_map, out_size,
+                                 float(timeout_s))
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.pending and self.flush()
+            for m in (in_map, out_map):
+                if m is not None:
+                    try:
+                        m.close()
+                    except BufferError:  # a view survived (an exception's frame): let it go
+                        pass
+
+    def _batches(self, ins, outs, rows, in_map, in_size, out_map, out_size, timeout_s) -> dict:
+        child = self.child
+        declared = {name: typ for name, typ, _ in child.inputs}
+        feeds_all: dict[str, np.ndarray] = {}
+        for item in ins:
+            if not (isinstance(item, list) and len(item) == 4):
+                raise Refused("internal", "malformed shard input")
+            name, dtype, shape, offset = item
+            if name not in declared or name in feeds_all:
+                raise Refused("input_error", f"unexpected input {name!r}")
+            if dtype != ORT_TYPES[declared[name]]:
+                raise Refused("input_error", f"input {name!r} is {dtype}, the model wants "
+                              f"{ORT_TYPES[declared[name]]}")
+            feeds_all[name] = _view(in_map, dtype, shape, offset, in_size, f"input {name!r}")
+        if set(feeds_all) != set(declared):
+            raise Refused("input_error", f"inputs {sorted(feeds_all)} given, the model wants "
+                          f"{sorted(declared)}")
+        n_in = min((len(a) for a in feeds_all.values()), default=0)
+        if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                   for r in rows):
+            raise Refused("internal", "malformed shard rows")
+        first = rows[0][0]
+        for k, (a, b) in enumerate(rows):
+            if not (0 <= a < b <= n_in and (k == 0 or a == rows[k - 1][1])):
+                raise Refused("internal", "shard rows are not consecutive micro-batches")
+        n_out = rows[-1][1] - first
+        out_views: dict[str, tuple[np.ndarray, np.dtype, list]] = {}
+        for item in outs:
+            if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str)):
+                raise Refused("internal", "malformed shard output")
+            name, dtype, tail, offset = item
+            view = _view(out_map, dtype, [n_out, *tail] if isinstance(tail, list) else tail,
+                         offset, out_size, f"output {name!r}")
+            out_views[name] = (view, np.dtype(dtype), list(tail))
+        session_outs = [name for name, _, _ in child.outputs]
+        if set(out_views) != set(session_outs):
+            raise Refused("invalid_model", f"outputs {sorted(session_outs)}, validation "
+                          f"expected {sorted(out_views)}")
+        ro = child.ort.RunOptions()
+        ro.log_severity_level = 3
+        arm_cpu(timeout_s * child.threads + 5)
+        end_at = time.monotonic() + timeout_s
+        lie = child.debug_lie
+        done = 0
+        for i, (a, b) in enumerate(rows):
+            self.control(i)
+            if self.stopped:
+                break
+            feeds = {name: arr[a:b] for name, arr in feeds_all.items()}
+            results, ms = child.session_run(ro, feeds, end_at - time.monotonic(), timeout_s)
+            claimed = []
+            for (name, _typ, _shape), value in zip(child.outputs, results):
+                view, dt, tail = out_views[name]
+                want = [b - a, *tail]
+                if not isinstance(value, np.ndarray):
+                    raise Refused("invalid_model", f"output {name!r} is a "
+                                  f"{type(value).__name__}, not a tensor")
+                if value.dtype != dt or list(value.shape) != want:
+                    raise Refused("invalid_model", f"output {name!r} is {value.dtype}"
+                                  f"{list(value.shape)}, validation expected {dt}{want}")
+                view[a - first:b - first] = value
+                shape = list(value.shape)
+                if lie:
+                    shape[0] *= lie
+                claimed.append([name, dt.name, shape])
+            done += 1
+            self.pending.append(_frame_bytes({"ok": True, "batch": i, "outputs": claimed,
+                                              "ms": ms, "cpu_s": cpu_used()}))
+            if time.monotonic() - self.last_flush >= 0.002:
+                self.flush()
+        end = {"ok": True, "end": done, "cpu_s": cpu_used()}
+        if hasattr(self, "write_input"):
+            end["write_input"] = self.write_input
+        return end
+
+
+def debug(req: dict, child: Child | None = None) -> dict:
     what = req.get("what")
+    if what == "lie" and child is not None:
+        child.debug_lie = int(req["factor"])
+        return {"ok": True}
+    if what == "write_input" and child is not None:
+        child.debug_write_input = True
+        return {"ok": True}
     if what == "whoami":
         return {"ok": True, "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
                 "egid": os.getegid(), "groups": os.getgroups(), "pid": os.getpid(),
@@ -617,6 +859,8 @@ def main() -> int:
     watchdog.start()
     set_limits(settings, dropped)
     max_frame = int(settings["max_frame"])
+    sock_fd = settings.get("fd_sock")
+    fd_sock = socket.socket(fileno=int(sock_fd)) if isinstance(sock_fd, int) else None
     write_frame(fd_out, {"hello": 1, "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
                          "net": net, "fs": fs, "ids": ids, "user": user, "warnings": warnings,
                          "ort_version": ort.__version__})
@@ -634,6 +878,8 @@ def main() -> int:
         frame = None
         op = req.get("op")
         blobs: list = []
+        if op in ("grant", "stop"):
+            continue  # meant for a shard that has ended meanwhile: no reply
         try:
             if op == "load":
                 reply = child.load(req, payload)
@@ -645,14 +891,18 @@ def main() -> int:
                 reply = {"ok": True, "pid": os.getpid(), "cpu_s": cpu_used()}
             elif op == "exit":
                 return 0
+            elif op == "shard":
+                reply = ShardRun(child, req, fd_in, fd_out, fd_sock, max_frame).run()
             elif op == "debug" and debug_enabled:
-                reply = debug(req)
+                reply = debug(req, child)
             else:
                 raise Refused("internal", f"unknown request {op!r}")
         except Refused as e:
             reply = {"ok": False, "reason": e.reason, "detail": e.detail}
         except MemoryError:
             reply = {"ok": False, "reason": "out_of_memory", "detail": "MemoryError in the child"}
+        except ParentGone:
+            return 0
         except Exception as e:  # noqa: BLE001 - report, keep serving
             traceback.print_exc()
             reply = {"ok": False, "reason": "internal", "detail": _describe(e)}

@@ -293,8 +293,28 @@ def concat_batches(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
                 raise EncodingError(f"output {name!r} of micro-batch {k}: {a.dtype}{list(a.shape)} "
                                     f"does not continue {first.dtype}{list(first.shape)}")
             parts.append(a)
-        out[name] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        out[name] = _adjacent(parts) if len(parts) > 1 else parts[0]
     return out
+
+
+def _adjacent(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate(parts, axis=0), or, when the parts lie one after the other in the
+    memory of one C-contiguous array (the sandbox's shared-memory path gives them so), a
+    view of that memory: no copy."""
+    base, first = parts[0].base, parts[0]
+    if isinstance(base, np.ndarray) and base.flags.c_contiguous and first.ndim:
+        origin = base.__array_interface__["data"][0]
+        start = pos = first.__array_interface__["data"][0]
+        for p in parts:
+            if p.base is not base or not p.flags.c_contiguous or p.dtype != first.dtype or \
+                    p.shape[1:] != first.shape[1:] or p.__array_interface__["data"][0] != pos:
+                break
+            pos += p.nbytes
+        else:
+            rows = sum(p.shape[0] for p in parts)
+            return np.ndarray((rows, *first.shape[1:]), first.dtype, buffer=base,
+                              offset=start - origin)
+    return np.concatenate(parts, axis=0)
 
 
 # --- comparison -------------------------------------------------------------------------

@@ -20,8 +20,14 @@ SHA-256 of that encoding. With first_batch > 0 they cover only the batches run h
 `batch_digests[i]` belongs to micro-batch first_batch + i. `done` counts micro-batches
 from the start of the shard: batches [0, done) are finished.
 
-Micro-batches are pipelined (`Sandbox.run_many`): the next one is already in the pipe while
-the child runs the current one, so the child never waits for the parent in between.
+Data path. When every output validation expects has axis 0 = the micro-batch (the usual
+case), the shard runs over shared memory (`Sandbox.run_shared`, shm.py): the inputs are
+copied once into a sealed memfd (none if `inputs` already is a `shm.SharedArrays`, e.g.
+made while the previous shard ran), the child maps it read-only and runs every micro-batch
+on views of it, and writes outputs into an arena sized by the validated shapes; only small
+control frames cross the pipe, and the child runs ahead of the node by a granted window.
+Otherwise micro-batches go through the pipe, pipelined (`Sandbox.run_many`): the next one
+is already in the pipe while the child runs the current one.
 
 Stopping. When `stop` is set the runner finishes the micro-batch in flight (the one running
 and the one already queued behind it), then returns status "stopped" with the finished
@@ -47,7 +53,8 @@ import trio
 from .limits import ModelLimits
 from .outputs import EncodingError, concat_batches, encode_tensors, tensors_digest
 from ..core.worker import ort_allowed
-from .sandbox import ModelInfo, Sandbox, SandboxFailure
+from .sandbox import DTYPES, ModelInfo, Sandbox, SandboxFailure
+from .shm import SharedArrays, share_arrays
 from .validate import ModelRefused
 
 MAX_BATCHES = 256
@@ -161,6 +168,26 @@ def _check_outputs(expected, outs: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
+def _shared_layout(expected, rows: int) -> list[tuple[str, np.dtype, tuple[int, ...]]] | None:
+    """(name, dtype, shape beyond axis 0) of every expected output when all of them have
+    axis 0 = the micro-batch's `rows` (as validated): the shared-memory path then knows each
+    micro-batch's exact output size. None: use the pipe (run_many)."""
+    if not expected:
+        return None
+    out = []
+    for e in expected:
+        shape = tuple(e.shape)
+        try:
+            dt = np.dtype(e.dtype)
+        except TypeError:
+            return None
+        if not shape or shape[0] != rows or dt.name not in DTYPES or \
+                not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            return None
+        out.append((e.name, dt, tuple(int(d) for d in shape[1:])))
+    return out
+
+
 async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, np.ndarray], *,
                     threads: int = 1, time_limit_s: float | None = None,
                     on_progress: Callable[[BatchProgress], None] | None = None,
@@ -246,7 +273,10 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                     return outcome("failed", "timeout", f"no time left of {limit:.3g} s")
                 rows = min(lease.micro_batch, lease.samples)
                 shapes = {name: (rows, *arr.shape[1:]) for name, arr in inputs.items()}
-                lim = limits if limits is not None else ModelLimits.for_memory(sandbox.config.memory_mb)
+                # The child maps the whole shard's inputs: they count against its address space.
+                mapped_mb = -(-sum(a.nbytes for a in inputs.values()) // (1 << 20))
+                lim = limits if limits is not None else ModelLimits.for_memory(
+                    sandbox.config.memory_mb - mapped_mb)
                 try:
                     vm = await sandbox.validate(model, shapes, lim,
                                                 timeout_s=min(left, validate_timeout_s))
@@ -290,8 +320,20 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                                               total, tuple(digests)))
                 return not (stop is not None and stop.is_set())
 
-            batches = [{name: arr[start:end] for name, arr in inputs.items()} for _k, start, end in plan]
-            await sandbox.run_many(batches, deadline, on_result)
+            layout = _shared_layout(expected_outputs, min(lease.micro_batch, lease.samples))
+            if layout is not None:
+                shared = inputs if isinstance(inputs, SharedArrays) else \
+                    await trio.to_thread.run_sync(share_arrays, inputs)
+                try:
+                    await sandbox.run_shared(shared, [(a, b) for _k, a, b in plan], layout,
+                                             deadline, on_result)
+                finally:
+                    if shared is not inputs:
+                        shared.close()
+            else:
+                batches = [{name: arr[start:end] for name, arr in inputs.items()}
+                           for _k, start, end in plan]
+                await sandbox.run_many(batches, deadline, on_result)
             if problem_at:
                 return outcome("failed", "invalid_model", problem_at[0])
             if len(digests) < len(plan):

@@ -49,6 +49,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -64,6 +65,7 @@ import numpy as np
 import trio
 
 from .limits import ModelLimits
+from .shm import OutputArena, SharedArrays, send_fds
 from .validate import ModelRefused, ValidatedModel
 from .validate import TensorSpec as ValidatedSpec
 
@@ -425,13 +427,15 @@ class _ChildProcess:
     wait, kill, send_signal and the stdin/stdout/stderr streams (trio FdStreams).
     Forking blocks the event loop for a few milliseconds."""
 
-    def __init__(self, argv: list[str], *, cwd: str, env: dict[str, str]):
+    def __init__(self, argv: list[str], *, cwd: str, env: dict[str, str],
+                 pass_fds: Sequence[int] = ()):
         pipes = [os.pipe() for _ in range(3)]  # (read, write) each
         child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
         try:
             self._popen = subprocess.Popen(argv, stdin=child_ends[0], stdout=child_ends[1],
                                            stderr=child_ends[2], cwd=cwd, env=env,
-                                           start_new_session=True, close_fds=True)
+                                           start_new_session=True, close_fds=True,
+                                           pass_fds=tuple(pass_fds))
         except BaseException:
             for r, w in pipes:
                 os.close(r)
@@ -483,6 +487,8 @@ class Sandbox:
         self._nursery = nursery
         self.lock = trio.Lock()
         self._proc: _ChildProcess | None = None
+        self._fdsock: socket.socket | None = None
+        self._share_changed = trio.Event()
         self._workdir: str | None = None
         self._held_id: int | None = None    # the private uid/gid of the current child
         self._stderr_tail = bytearray()
@@ -500,6 +506,7 @@ class Sandbox:
         self._rx = bytearray()              # bytes read from the child past the last frame
         self._digests: list[tuple[bytes, bytes]] = []  # (model object, SHA-256), newest last
         self.last_validate_ms = 0.0
+        self.last_shard_end: dict | None = None  # the child's last "end" reply (tests)
 
     # --- lifecycle ----------------------------------------------------------------------
     @property
@@ -543,6 +550,7 @@ class Sandbox:
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"cpu_share must be in (0, 1], got {share!r}")
         self.cpu_share = float(share)
+        self._share_changed.set()
 
     async def start(self) -> dict:
         """Start the child if it is not running; returns its hello frame."""
@@ -571,6 +579,11 @@ class Sandbox:
             "PYTHONHASHSEED": "0", "PYTHONFAULTHANDLER": "1", "MALLOC_ARENA_MAX": "2",
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
         }
+        # The shard memfds go to the child over this socket (shm.py); its end is the
+        # child's only inherited fd besides stdin, stdout and stderr.
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_sock.set_inheritable(False)
+        settings["fd_sock"] = child_sock.fileno()
         self._stderr_tail.clear()
         self._rx.clear()
         self._killed_for = None
@@ -579,13 +592,18 @@ class Sandbox:
         t0 = trio.current_time()
         try:
             proc = _ChildProcess([cfg.python, "-s", "-B", "-m", "p2pfleet.exec.child",
-                                  json.dumps(settings)], cwd=self._workdir, env=env)
+                                  json.dumps(settings)], cwd=self._workdir, env=env,
+                                 pass_fds=(child_sock.fileno(),))
         except BaseException:
+            parent_sock.close()
             self._release_id()
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
             raise
+        finally:
+            child_sock.close()
         self._proc = proc
+        self._fdsock = parent_sock
         self.starts += 1
         for stream in (proc.stdin, proc.stdout):
             _grow_pipe(stream.fileno())
@@ -667,6 +685,13 @@ class Sandbox:
         t_last = trio.current_time()
         credit = 0.0
         while last is not None and proc.returncode is None:
+            if self.cpu_limit is None:
+                # Nothing to enforce: no wake-ups (they cost the child's cores) until the
+                # share changes or the child is reaped.
+                self._share_changed = trio.Event()
+                await self._share_changed.wait()
+                last, t_last, credit = _proc_cpu_s(proc.pid, tick), trio.current_time(), 0.0
+                continue
             await trio.sleep(period)
             used, now = _proc_cpu_s(proc.pid, tick), trio.current_time()
             if used is None or proc.returncode is not None:
@@ -735,6 +760,10 @@ class Sandbox:
                     await stream.aclose()
         self._proc = None
         self._loaded = None
+        if self._fdsock is not None:
+            self._fdsock.close()
+            self._fdsock = None
+        self._share_changed.set()  # ends the duty cycle's wait
         self._release_id()  # a process it left behind still holds it: private_id skips it
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -1126,6 +1155,133 @@ class Sandbox:
             raise e
         if more and replies < len(batches):
             raise SandboxFailure("timeout", "the deadline passed between micro-batches")
+
+    async def run_shared(self, inputs: SharedArrays, rows: Sequence[tuple[int, int]],
+                         outputs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+                         deadline: float,
+                         on_result: Callable[[int, dict[str, np.ndarray], float], bool],
+                         depth: int = 2, ahead_s: float = 0.02) -> None:
+        """Run the loaded model on micro-batches `rows` ([start, stop) of every input in
+        `inputs`, consecutive) over shared memory (shm.py): one request for the whole
+        shard, the inputs mapped read-only by the child, the outputs written by it into an
+        arena of exactly the size `outputs` ((name, dtype, shape beyond axis 0): validation's
+        inferred outputs) allow for these rows. Only small control frames cross the pipe.
+
+        Each micro-batch's outputs are copied out of the arena (the child could still
+        write there) before `on_result(i, outputs, ms)` sees them, in order. Flow control:
+        the child runs micro-batch i only once granted; the first `depth` are, and the
+        grant is kept about `ahead_s` seconds of micro-batches (at least `depth`; 2 x depth
+        before the first reply) ahead of the results seen, so the child neither waits for the node nor runs far past a stop.
+        on_result returning False stops the shard like run_many: the micro-batch queued
+        behind is still passed to it, any later one the child finished is dropped. A reply
+        that claims an output other than the one the layout bounds (a larger shape above
+        all) is a protocol breach: the child is killed (`crash`). Raises SandboxFailure
+        like run_many."""
+        info = self._loaded
+        if info is None or not self.alive:
+            raise SandboxFailure("internal", "run without a loaded model (the child restarted?)")
+        if depth < 1 or not rows:
+            raise ValueError("depth must be >= 1 and rows non-empty")
+        first, n_rows, total = rows[0][0], rows[-1][1] - rows[0][0], len(rows)
+        arena = OutputArena(outputs, n_rows)
+        private = {name: np.empty((n_rows, *tail), np.dtype(dt).newbyteorder("<"))
+                   for name, dt, tail in outputs}
+        bound = {name: (np.dtype(dt).name, list(tail), arena.row_bytes[name])
+                 for name, dt, tail in outputs}
+        granted, seen, limit, stopping = min(total, 2 * depth), 0, total, False
+        try:
+            with trio.fail_at(deadline + self.config.kill_grace_s):
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise SandboxFailure("timeout", "no time left for the shard")
+                if self._oom_before is None:
+                    self._oom_before = _oom_kills()
+                msg = {"op": "shard", "inputs": inputs.layout, "in_size": inputs.size,
+                       "outputs": arena.layout, "out_size": arena.size,
+                       "rows": [[int(a), int(b)] for a, b in rows], "grant": granted,
+                       "timeout_s": left}
+                try:
+                    send_fds(self._fdsock, [inputs.fd, arena.fd])
+                    await self._send(msg)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise await self._died() from None
+                while True:
+                    reply, payload = await self._recv()
+                    if reply.get("ok") is not True:
+                        raise await self._failed_reply(reply)  # the child ended the shard
+                    if "end" in reply:
+                        if reply["end"] != seen or (seen < total and not stopping) or payload:
+                            await self._kill("crash", "bad shard end")
+                            raise _bad_reply(f"shard ended after {reply['end']!r} micro-batches, "
+                                             f"{seen} replies seen")
+                        self._cpu_s = float(reply.get("cpu_s", self._cpu_s))
+                        self.last_shard_end = reply
+                        break
+                    i = reply.get("batch")
+                    if i != seen or i >= total or payload:
+                        await self._kill("crash", "bad shard reply")
+                        raise _bad_reply(f"reply for micro-batch {i!r}, {seen} expected")
+                    a, b = rows[i]
+                    outs = await self._shared_outputs(i, reply, b - a, a - first, arena,
+                                                      private, bound)
+                    try:
+                        ms = float(reply["ms"])
+                        self._cpu_s = float(reply["cpu_s"])
+                    except (KeyError, TypeError, ValueError):
+                        await self._kill("crash", "bad shard reply")
+                        raise _bad_reply("malformed shard reply") from None
+                    seen += 1
+                    if i >= limit:
+                        continue  # finished past a stop: dropped, as run_many never sent it
+                    if not on_result(i, outs, ms) and not stopping:
+                        stopping, limit = True, min(limit, i + 2)
+                        await self._send({"op": "stop"})
+                        continue
+                    if not stopping and granted < total:
+                        window = max(depth, min(64, int(ahead_s * 1000 / max(ms, 0.05))))
+                        if granted - seen <= max(1, window // 2):
+                            granted = min(total, seen + window)
+                            await self._send({"op": "grant", "upto": granted})
+        except trio.TooSlowError:
+            detail = f"no reply within the deadline (+{self.config.kill_grace_s:.3g} s): child killed"
+            await self._kill("timeout", detail)
+            raise SandboxFailure("timeout", detail) from None
+        except SandboxFailure:
+            raise
+        except BaseException:
+            await self._kill("crash", "request abandoned by the node")  # cancelled mid-shard
+            raise
+        finally:
+            arena.close()
+
+    async def _shared_outputs(self, i: int, reply: dict, n: int, row: int, arena: OutputArena,
+                              private: dict[str, np.ndarray], bound: dict) -> dict[str, np.ndarray]:
+        """Micro-batch i's outputs (n rows from `row` of the arena), checked against what
+        the child claims and copied out of the shared mapping."""
+        outs: dict[str, np.ndarray] = {}
+        try:
+            for name, dtype, shape in reply["outputs"]:
+                dt, tail, row_bytes = bound[name]
+                if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                    raise ValueError(f"output {name!r} with shape {shape!r}")
+                claimed = math.prod(shape) * np.dtype(dt).itemsize if dtype in DTYPES else 0
+                if claimed > n * row_bytes:
+                    raise ValueError(f"micro-batch {i} output {name!r} claimed as {dtype}{shape} "
+                                     f"({claimed} bytes), beyond the {n * row_bytes}-byte bound "
+                                     f"its validated output shape sets")
+                if dtype != dt or shape != [n, *tail] or name in outs:
+                    raise ValueError(f"micro-batch {i} output {name!r} claimed as {dtype}{shape}, "
+                                     f"the layout holds {dt}{[n, *tail]}")
+                dst = private[name][row:row + n]
+                dst[...] = arena.rows_of(name, row, row + n)
+                outs[name] = dst
+            if set(outs) != set(bound):
+                raise ValueError(f"micro-batch {i} outputs {sorted(outs)}, {sorted(bound)} expected")
+        except (KeyError, TypeError, ValueError) as e:
+            detail = str(e) if isinstance(e, ValueError) else "malformed shard reply"
+            await self._kill("crash", "bad shard reply")
+            raise _bad_reply(detail) from None
+        return outs
 
     async def ping(self, timeout_s: float = 5.0) -> dict:
         return (await self._call({"op": "ping"}, timeout_s))[0]
