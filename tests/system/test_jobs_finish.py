@@ -78,15 +78,16 @@ def test_three_nodes_one_excluded_cheater_every_job_finishes(tmp_path):
     try:
         client = wait_for(lambda: _try_attach(pub_root / "publisher"), 60,
                           "the publisher to serve")
-        # Submitted one after another and served together (a worker told there is no work
-        # waits up to a minute before asking again: jobs in a row would mostly measure that).
-        # Half of the shards are drawn for a re-check: each needs three agreeing workers.
-        job_ids = [client.submit(model, X, shard_size=50, micro_batch=10, quorum=2,
-                                 recheck_rate=0.5) for _k in range(JOBS)]
-        for k, job_id in enumerate(job_ids):
+        # Jobs in a row; half of the shards are drawn for a re-check: each needs three
+        # agreeing workers, which two honest nodes cannot give.
+        job_ids = []
+        for k in range(JOBS):
+            job_id = client.submit(model, X, shard_size=50, micro_batch=10, quorum=2,
+                                   recheck_rate=0.5)
             done = client.wait(job_id, timeout=240)
             assert done["state"] == "done", (k, done)
             assert done["accepted"] == done["shards"] == 6 and done["failed"] == 0, (k, done)
+            job_ids.append(job_id)
         views = client.status()
         line = subprocess.run(_pub_args(pub_root, "job", "status"), capture_output=True,
                               text=True, timeout=60)
