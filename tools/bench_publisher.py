@@ -303,6 +303,7 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> dict:
                 proc.terminate()
         st = pub.status(job_id)
         counts = pub.sched.job_counts(job_id)
+        counts["worker_prefixes"] = len({l.prefix for l in pub.sched.leases.values()})
         nursery.cancel_scope.cancel()
     pub.close()
     db = sqlite3.connect(workdir / "jobs.sqlite")

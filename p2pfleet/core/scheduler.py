@@ -697,14 +697,16 @@ class Scheduler:
         for job_id in wanted:
             rec = self.jobs[job_id]
             outstanding = self._outstanding_credit(job_id) if rec.job.budget is not None else 0
-            candidates = []
-            for sh in self._window(rec):
-                if self._eligible(sh, ev, established, now):
-                    candidates.append((rank(rec.job.secret, job_id, sh.index, ev.worker), sh))
-            candidates.sort(key=lambda c: c[0])
-            for _r, sh in candidates:
+            # Rank first, then check eligibility in rank order only until the batch is full:
+            # the same picks as ranking the eligible ones, without judging the whole window
+            # (a full check per shard per request was the publisher's top cost).
+            candidates = sorted((rank(rec.job.secret, job_id, sh.index, ev.worker), sh.index, sh)
+                                for sh in self._window(rec))
+            for _r, _i, sh in candidates:
                 if len(picks) >= room:
                     break
+                if not self._eligible(sh, ev, established, now):
+                    continue
                 credit = rec.job.credit[sh.index]
                 if (rec.job.budget is not None and not ev.audit_only  # own work is unpaid
                         and rec.paid + outstanding + credit > rec.job.budget):
@@ -735,7 +737,10 @@ class Scheduler:
         out = []
         for i in range(start, n):
             sh = self.shards[(job_id, i)]
-            if self.open_replicas(sh) > 0:
+            # A shard never issued (no target drawn, no fallback) has every replica open:
+            # no need to count its votes, which made each request cost O(shards).
+            untouched = sh.target == 0 and not sh.fallback and sh.status == "open"
+            if (untouched and rec.status == "live") or self.open_replicas(sh) > 0:
                 out.append(sh)
                 if len(out) >= self.s.window:
                     break

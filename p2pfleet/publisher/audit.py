@@ -42,18 +42,30 @@ def compute_shard(model: bytes, inputs_blob: bytes, samples: int, micro_batch: i
     return encode_tensors(concat_batches(batches)), tuple(tensors_digest(b) for b in batches)
 
 
+#: Audit replicas taken per request. One per tick capped the publisher at one audit a
+#: second: with audit_rate 0.05 that is 20 shards/s, and audited shards queued behind it
+#: (tools/bench_publisher.py: the last 20 s of a 600-shard job were spent on 30 audits).
+#: At most AUDIT_ROUNDS batches a tick, so a shard that keeps failing is retried at that pace.
+AUDIT_BATCH = 8
+AUDIT_ROUNDS = 16
+
+
 async def audit_loop(pub: Any, interval_s: float) -> None:
-    """Take and compute audit replicas while the publisher runs."""
+    """Take and compute audit replicas while the publisher runs: every tick, as many as
+    are waiting, AUDIT_BATCH at a time."""
     own = pub.identity.public_key
     while True:
         await trio.sleep(interval_s)
-        if not pub.sched.audits_waiting():
-            continue
-        live = tuple(j for j, rec in pub.sched.jobs.items() if rec.status == "live")
-        effects = pub._run_event(S.WorkRequested(pub._now(), own, OWN_PREFIX, OWN_CLASS,
-                                                 OWN_BENCH, 1, live, audit_only=True))
-        for grant in (e for e in effects if isinstance(e, S.Grant)):
-            for g in grant.leases:
+        for _round in range(AUDIT_ROUNDS):
+            if not pub.sched.audits_waiting():
+                break
+            live = tuple(j for j, rec in pub.sched.jobs.items() if rec.status == "live")
+            effects = pub._run_event(S.WorkRequested(pub._now(), own, OWN_PREFIX, OWN_CLASS,
+                                                     OWN_BENCH, AUDIT_BATCH, live, audit_only=True))
+            grants = [g for e in effects if isinstance(e, S.Grant) for g in e.leases]
+            if not grants:
+                break
+            for g in grants:
                 await audit_one(pub, g)
 
 
