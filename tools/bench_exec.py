@@ -3,11 +3,13 @@
 Per model (the scikit-learn digits classifier, magika's model from its wheel, a
 784-1024-1024-10 MLP built with onnx.helper, ResNet-50 with seeded weights; p2pfleet/zoo.py):
 samples/s of `run_shard` in a warm sandbox child (validation cached, session loaded; the
-whole call: feeding micro-batches over the pipe, per-batch digests, the canonical outputs
-blob) against an onnxruntime session in this process running the same micro-batches with
-the same threads and optimisation level (`ratio`), and against that session plus the
-digests and outputs blob a node must make anyway (`ratio_vs_plain_with_digests`),
-alternated run by run; validation time in this
+whole call: copying the shard's inputs into a sealed memfd, the child's micro-batches on
+shared memory, per-batch digests, the canonical outputs blob) against an onnxruntime
+session in this process running the same micro-batches with the same threads and
+optimisation level (`ratio`), and against that session plus the digests and outputs blob a
+node must make anyway (`ratio_vs_plain_with_digests`), alternated run by run; the same with
+the inputs already in a sealed memfd (`ratio_shared_inputs*`: a worker that prepares them
+while the previous shard runs), and the node's CPU time per shard (`parent_cpu_ms_per_shard`); validation time in this
 process and in the child; the child's memory after loading the model. Also: child start
 time and memory, the CPU-share duty cycle (share 0.5 of one core), the hardware profile.
 JSON on stdout (and in --json FILE).
@@ -41,6 +43,7 @@ from p2pfleet.exec.hwclass import measure  # noqa: E402
 from p2pfleet.exec.outputs import concat_batches, encode_tensors, tensors_digest  # noqa: E402
 from p2pfleet.exec.runner import plan_batches, run_shard  # noqa: E402
 from p2pfleet.exec.sandbox import SandboxConfig, _proc_cpu_s, open_sandbox_pool  # noqa: E402
+from p2pfleet.exec.shm import share_arrays  # noqa: E402
 from p2pfleet.exec.validate import validate_model  # noqa: E402
 from p2pfleet.wire.kinds import Lease  # noqa: E402
 
@@ -122,21 +125,34 @@ async def bench_model(pool, key: str, threads: int, repeat: int) -> dict:
     res["sandbox_load_ms"] = round(cold.load_ms, 1)
     res["child_mem_after_load_mb"] = proc_mem_mb(box.pid)
     plain()  # warm-up
-    t_plain, t_plain_d, t_box = [], [], []
+    t_plain, t_plain_d, t_box, t_shared, cpu_parent = [], [], [], [], []
     digest = None
+    shared = share_arrays(inputs)  # as a worker may prepare them while the previous shard runs
     for _ in range(repeat):
         t, td, digest = plain()
         t_plain.append(t)
         t_plain_d.append(td)
-        t0 = trio.current_time()
+        t0, c0 = trio.current_time(), time.process_time()
         r = await run_shard(box, le, model, inputs, threads=threads)
         t_box.append(trio.current_time() - t0)
+        cpu_parent.append(time.process_time() - c0)
         assert r.status == "done" and r.output_digest == cold.output_digest, (r.status, r.reason, r.detail, r.done)
+        t0 = trio.current_time()
+        r = await run_shard(box, le, model, shared, threads=threads)
+        t_shared.append(trio.current_time() - t0)
+        assert r.status == "done" and r.output_digest == cold.output_digest, (r.status, r.reason, r.detail, r.done)
+    shared.close()
+    res["shared_memory_path"] = box.last_shard_end is not None
     res["plain_samples_per_s"] = round(samples / statistics.median(t_plain))
     res["sandbox_samples_per_s"] = round(samples / statistics.median(t_box))
     res["plain_with_digests_samples_per_s"] = round(samples / statistics.median(t_plain_d))
     res["ratio"] = round(statistics.median(t_plain) / statistics.median(t_box), 3)
     res["ratio_vs_plain_with_digests"] = round(statistics.median(t_plain_d) / statistics.median(t_box), 3)
+    res["sandbox_shared_inputs_samples_per_s"] = round(samples / statistics.median(t_shared))
+    res["ratio_shared_inputs"] = round(statistics.median(t_plain) / statistics.median(t_shared), 3)
+    res["ratio_shared_inputs_vs_plain_with_digests"] = round(
+        statistics.median(t_plain_d) / statistics.median(t_shared), 3)
+    res["parent_cpu_ms_per_shard"] = round(statistics.median(cpu_parent) * 1000, 2)
     res["digest_matches_plain"] = digest == cold.output_digest
     await pool.close(key.encode())
     return res

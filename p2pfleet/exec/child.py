@@ -49,10 +49,13 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
    row bytes; each must be exactly (stop - start, *tail) of that dtype (else invalid_model).
    The child starts micro-batch i only while i < grant; the parent raises it with
    {"op": "grant", "upto"} and ends the shard early with {"op": "stop"} (checked between
-   micro-batches). Replies: {"ok": true, "batch": i, "outputs": [[name, dtype, shape]],
-   "ms", "cpu_s"} per micro-batch (written in bursts, at most every 2 ms, to spare the
-   parent wake-ups), then {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure
-   (which also ends the shard). The watchdog holds the whole shard to timeout_s.
+   micro-batches; outside a shard both are ignored, without a reply). Replies:
+   {"ok": true, "batches": [{"batch": i, "outputs": [[name, dtype, shape]], "ms",
+   "cpu_s"}, ...]}: the micro-batches finished since the last such frame, in order (sent
+   at most every 2 ms, and before waiting for a grant, to spare the parent wake-ups); then
+   {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure (which also ends the
+   shard, after the finished micro-batches' frame). The watchdog holds the whole shard to
+   timeout_s.
 - {"op": "validate", "model": [offset, nbytes], "shapes": {name: [dims]}, "limits": {...
    ModelLimits fields}, "timeout_s"} -> {"ok": true, "valid": {ValidatedModel fields but
    model_bytes}} or {"ok": true, "refused": {"rule", "reason", "node", "tensor"}}. The onnx
@@ -638,15 +641,15 @@ class ShardRun:
                  sock: socket.socket | None, max_frame: int):
         self.child, self.req, self.fd_in, self.fd_out = child, req, fd_in, fd_out
         self.sock, self.max_frame = sock, max_frame
-        self.pending: list[bytes] = []
+        self.pending: list[dict] = []  # replies of finished micro-batches not yet sent
         self.last_flush = time.monotonic()
         self.grant = 0
         self.stopped = False
 
     def flush(self) -> None:
         if self.pending:
-            _write_all(self.fd_out, b"".join(self.pending))
-            self.pending.clear()
+            _write_all(self.fd_out, _frame_bytes({"ok": True, "batches": self.pending}))
+            self.pending = []
         self.last_flush = time.monotonic()
 
     def control(self, i: int) -> None:
@@ -775,8 +778,7 @@ class ShardRun:
                     shape[0] *= lie
                 claimed.append([name, dt.name, shape])
             done += 1
-            self.pending.append(_frame_bytes({"ok": True, "batch": i, "outputs": claimed,
-                                              "ms": ms, "cpu_s": cpu_used()}))
+            self.pending.append({"batch": i, "outputs": claimed, "ms": ms, "cpu_s": cpu_used()})
             if time.monotonic() - self.last_flush >= 0.002:
                 self.flush()
         end = {"ok": True, "end": done, "cpu_s": cpu_used()}

@@ -5,7 +5,9 @@ pool.get(publisher)` returns that publisher's `Sandbox`, never shared with anoth
 publisher. A `Sandbox` starts its child lazily (`python -m p2pfleet.exec.child`, see
 child.py for what the child does before it loads a model) and talks to it with
 framed messages over its stdin/stdout pipes (a msgpack map plus a raw payload for tensor
-and model bytes, layout in child.py), capped at `max_frame` bytes each way.
+and model bytes, layout in child.py), capped at `max_frame` bytes each way. A shard's
+inputs and outputs travel over shared memory instead (`run_shared`, shm.py): two memfds
+passed over a Unix socket the child inherits, small control frames on the pipe.
 
 Limits and who enforces them:
 - memory: RLIMIT_AS in the child (`memory_mb`, the whole address space: the runtime
@@ -16,8 +18,8 @@ Limits and who enforces them:
   SIGKILLs the child (`timeout`). Model loading has no terminate flag: only the backstop.
 - CPU time: RLIMIT_CPU in the child, re-armed per request to that request's budget
   (wall limit x threads + 5 s); SIGXCPU kills the child (`timeout`).
-- CPU share: at most `cpu_share x cores` onnxruntime threads, and a duty cycle in the
-  parent: a task reads the child's CPU time (/proc/<pid>/stat) every 50 ms and SIGSTOPs it
+- CPU share: at most `cpu_share x cores` onnxruntime threads, and, below a share of 1, a
+  duty cycle in the parent: a task reads the child's CPU time (/proc/<pid>/stat) every 50 ms and SIGSTOPs it
   for as long as it ran ahead of `cpu_share x cores` CPU-seconds per second (a token
   bucket with 0.1 s of burst), then SIGCONTs it. Works unprivileged on any Linux; a cgroup's
   cpu.max would be smoother but needs a delegated cgroup v2 (not done: see execution.md).
@@ -1217,26 +1219,31 @@ class Sandbox:
                         self._cpu_s = float(reply.get("cpu_s", self._cpu_s))
                         self.last_shard_end = reply
                         break
-                    i = reply.get("batch")
-                    if i != seen or i >= total or payload:
+                    items = reply.get("batches")
+                    if not isinstance(items, list) or not items or payload:
                         await self._kill("crash", "bad shard reply")
-                        raise _bad_reply(f"reply for micro-batch {i!r}, {seen} expected")
-                    a, b = rows[i]
-                    outs = await self._shared_outputs(i, reply, b - a, a - first, arena,
-                                                      private, bound)
-                    try:
-                        ms = float(reply["ms"])
-                        self._cpu_s = float(reply["cpu_s"])
-                    except (KeyError, TypeError, ValueError):
-                        await self._kill("crash", "bad shard reply")
-                        raise _bad_reply("malformed shard reply") from None
-                    seen += 1
-                    if i >= limit:
-                        continue  # finished past a stop: dropped, as run_many never sent it
-                    if not on_result(i, outs, ms) and not stopping:
-                        stopping, limit = True, min(limit, i + 2)
-                        await self._send({"op": "stop"})
-                        continue
+                        raise _bad_reply("malformed shard reply")
+                    ms = 0.0
+                    for item in items:
+                        i = item.get("batch") if isinstance(item, dict) else None
+                        if i != seen or i >= total:
+                            await self._kill("crash", "bad shard reply")
+                            raise _bad_reply(f"reply for micro-batch {i!r}, {seen} expected")
+                        a, b = rows[i]
+                        outs = await self._shared_outputs(i, item, b - a, a - first, arena,
+                                                          private, bound)
+                        try:
+                            ms = float(item["ms"])
+                            self._cpu_s = float(item["cpu_s"])
+                        except (KeyError, TypeError, ValueError):
+                            await self._kill("crash", "bad shard reply")
+                            raise _bad_reply("malformed shard reply") from None
+                        seen += 1
+                        if i >= limit:
+                            continue  # finished past a stop: dropped, as run_many never sent it
+                        if not on_result(i, outs, ms) and not stopping:
+                            stopping, limit = True, min(limit, i + 2)
+                            await self._send({"op": "stop"})
                     if not stopping and granted < total:
                         window = max(depth, min(64, int(ahead_s * 1000 / max(ms, 0.05))))
                         if granted - seen <= max(1, window // 2):
