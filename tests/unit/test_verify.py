@@ -79,6 +79,18 @@ def test_a_quorum_needs_at_least_one_result():
         find_quorum([], 0)
 
 
+def test_largest_agreeing_of_at_most_one_ok_vote_without_the_search():
+    """The short cut for shards with one ok result (most of them while a job runs) gives
+    what the search gives: a bad vote never counts, a trusted count needs a trusted vote."""
+    a, bad = v(1, "a", "x"), v(2, "b", "y", ok=False)
+    t = v(3, "t", "x", standing=TRUSTED)
+    for votes, trusted, want in (([], False, 0), ([bad], False, 0), ([a], False, 1),
+                                 ([a, bad], False, 1), ([a], True, 0), ([t], True, 1),
+                                 ([t, bad], True, 1)):
+        assert largest_agreeing(votes, trusted=trusted) == want, (votes, trusted)
+        assert (find_quorum(votes, 1, trusted=trusted) is not None) == (want == 1)
+
+
 # --- the data side: shards with hidden known answers, and checking a result's outputs ---
 import random  # noqa: E402
 
