@@ -39,7 +39,6 @@ import cProfile
 import hashlib
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import pickle
