@@ -186,7 +186,7 @@ def _batch_stats_graph(nodes: list) -> tuple[list, list[tuple[str, str, str]]]:
 @lru_cache(maxsize=None)
 def resnet50() -> tuple[bytes, str, Inputs]:
     """ResNet-50 from onnx's backend test data. The "light" files there keep the graph
-    and only the tensors of at most 64 values (here the batch-norm parameters of conv1 and
+    and only the smallest tensors (here the 64-value batch-norm parameters of conv1 and
     res2); every larger weight is replaced by ConstantOfShape(its shape, 0.02) that the
     backend tests feed with dummy data. We put seeded initializers in their place
     (`_light_weights`), make the batch axis dynamic and fix the one Reshape, which flattened
