@@ -91,7 +91,7 @@ class QueuedLease:
     fetched: trio.Event = field(default_factory=trio.Event)  # also set when dropped
     fetching: bool = False
     model: bytes | None = None
-    raw_input: bytes | None = None
+    raw_input: Any = None            # the input blob, decoded into a sealed memfd (shm.py)
     error: str | None = None
     fetch_s: float | None = None
     dropped: bool = False
@@ -374,6 +374,11 @@ class Worker:
                 t_input = trio.current_time()
                 raw_input = await self._with_retries(
                     publisher, lambda: self._fetch_input(lease, pub_peer, give_up), give_up)
+                # Decoded into the sealed memfd the sandbox child maps (exec/shm.py) here,
+                # while the previous shard computes: the copy is off the run's critical path.
+                from .exec.shm import share_blob
+
+                raw_input = await trio.to_thread.run_sync(share_blob, raw_input)
                 q.model, q.raw_input = model, raw_input
                 q.fetch_s = trio.current_time() - t_input
             except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
@@ -529,11 +534,12 @@ class Worker:
             await self._take(row.lease, row.publisher, trio.current_time() + left_s)
 
     # --- running a lease -----------------------------------------------------------------
-    async def _run_lease(self, lease: Any, publisher: bytes, model: bytes, raw_input: bytes,
+    async def _run_lease(self, lease: Any, publisher: bytes, model: bytes, raw_input: Any,
                          expires_at: float) -> None:
         """Run one lease whose blobs are in, in the publisher's sandbox; report its end."""
         from .exec.outputs import EncodingError, decode_tensors
         from .exec.runner import run_shard
+        from .exec.shm import SharedArrays
 
         s = self.settings
         running = RunningLease(lease, publisher, expires_at=expires_at)
@@ -550,7 +556,8 @@ class Worker:
                     await self._hand_back_unstarted(lease, publisher, running.hand_back_reason)
                 return
             try:
-                inputs = decode_tensors(raw_input)
+                inputs = raw_input if isinstance(raw_input, SharedArrays) else \
+                    decode_tensors(raw_input)
             except EncodingError as exc:
                 await self._fail(lease, publisher, "input_error", f"input blob: {exc}")
                 return
@@ -588,6 +595,8 @@ class Worker:
             else:
                 await self._fail(lease, publisher, outcome.reason or "internal", outcome.detail)
         finally:
+            if isinstance(raw_input, SharedArrays):
+                raw_input.close()
             self.running.pop(lease.lease_id, None)
             self._running_since.pop(lease.lease_id, None)
             self._release_input(lease.input_digest)

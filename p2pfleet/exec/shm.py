@@ -87,11 +87,29 @@ class SharedArrays(Mapping):
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:  # a dropped lease's prepared inputs: no fd left behind
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def __enter__(self) -> "SharedArrays":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def share_blob(blob: bytes) -> SharedArrays | bytes:
+    """A canonical tensor encoding (an input blob) decoded into a sealed memfd, or the
+    blob itself when it does not decode (the runner then reports why). Blocking: call from
+    a thread, e.g. while the previous shard computes."""
+    from .outputs import EncodingError, decode_tensors
+
+    try:
+        arrays = decode_tensors(blob)
+    except EncodingError:
+        return blob
+    return share_arrays(arrays)
 
 
 def share_arrays(arrays: Mapping[str, np.ndarray], name: str = "p2pfleet-inputs") -> SharedArrays:
@@ -176,5 +194,5 @@ def send_fds(sock: socket.socket, fds: Sequence[int]) -> None:
     socket.send_fds(sock, [b"F"], list(fds))
 
 
-__all__ = ["SharedArrays", "share_arrays", "OutputArena", "send_fds", "INPUT_SEALS",
+__all__ = ["SharedArrays", "share_arrays", "share_blob", "OutputArena", "send_fds", "INPUT_SEALS",
            "ARENA_SEALS", "ALIGN"]
