@@ -672,11 +672,11 @@ class ShardRun:
 
     def run(self) -> dict:
         child, req = self.child, self.req
-        if child.session is None:
-            raise Refused("internal", "shard before a successful load")
-        fds = _receive_fds(self.sock, 2)
+        fds = _receive_fds(self.sock, 2)  # first: fds left queued would go to the next shard
         in_map = out_map = None
         try:
+            if child.session is None:
+                raise Refused("internal", "shard before a successful load")
             ins, outs, rows = req.get("inputs"), req.get("outputs"), req.get("rows")
             in_size, out_size = req.get("in_size"), req.get("out_size")
             timeout_s, grant = req.get("timeout_s"), req.get("grant")
