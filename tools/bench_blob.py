@@ -91,7 +91,7 @@ async def holder(mib: int, workdir: Path) -> None:
         async def raw_handler(stream) -> None:
             view = memoryview(data)
             for off in range(0, len(data), PIECE):
-                await stream.write(bytes(view[off:off + PIECE]))
+                await stream.write(view[off:off + PIECE])  # a view, as blob's holder writes
             await stream.close()
 
         mesh.host.set_stream_handler(RAW_PROTOCOL, raw_handler)

@@ -55,6 +55,7 @@ from . import dht_providers
 from .mesh import Mesh, MeshError
 from .streams import (
     FRAME_OVERHEAD,
+    ChunkReader,
     StreamClosed,
     StreamError,
     close_quietly,
@@ -74,6 +75,10 @@ MAX_CHUNK = blobcodec.CHUNK_SIZE
 REQUEST_CAP = KINDS["blob_request"].max_body + FRAME_OVERHEAD
 MANIFEST_CAP = KINDS["blob_manifest"].max_body + FRAME_OVERHEAD
 READ_AHEAD = 4  # chunks read (fetcher) or prepared (holder) ahead of the one being handled
+# bytes of compressed chunks decoded, and of manifests signed or checked, on the event loop
+# (more go to a worker thread)
+INLINE_BYTES = 64 * 1024
+WRITE_BATCH = 2 * 1024 * 1024  # bytes of a download hashed and written at once, at least
 MAX_LENGTH = 2**32 - 1
 MESSAGE_LIFETIME_MS = 60_000
 # streams.py raises "oversized" for a frame over the cap; the reputation table calls that
@@ -135,6 +140,27 @@ class _Pacer:
     def took(self, n: int) -> None:
         self.pace = self.pace.took(n, trio.current_time(), self.rules)
         self.scope.deadline = self.pace.deadline
+
+
+class _Flusher:
+    """Hashes (SHA-256), writes and syncs a download's new bytes in a worker thread,
+    WRITE_BATCH bytes or more at a time and one batch at a time, while more arrive."""
+
+    def __init__(self, part: Any, nursery: trio.Nursery):
+        self.part = part
+        self.nursery = nursery
+        self.busy = False
+
+    def poke(self) -> None:
+        if not self.busy and self.part.unwritten >= WRITE_BATCH:
+            self.busy = True
+            self.nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.part.write_pending, True)
+        finally:
+            self.busy = False
 
 
 @dataclass(frozen=True)
@@ -250,11 +276,14 @@ class BlobService:
         end = blobcodec.chunk_count(stop, enc.chunk_size) if stop > req.offset else m.first
         done = Served(peer, req.digest, req.offset, 0, 0)
         try:
-            frame = await trio.to_thread.run_sync(self._sealer.seal, m)
+            if len(m.hashes) + len(m.sizes) <= INLINE_BYTES:  # signing it costs < a thread hop
+                frame = self._sealer.seal(m)
+            else:
+                frame = await trio.to_thread.run_sync(self._sealer.seal, m)
             await write_envelope(stream, frame, self.write_timeout)
             async with trio.open_nursery() as nursery:
-                # chunks are read in a worker thread while earlier ones are written
-                send, recv = trio.open_memory_channel[tuple[bytes, int]](READ_AHEAD - 1)
+                # chunks are read ahead while earlier ones are written
+                send, recv = trio.open_memory_channel[tuple[memoryview, int]](READ_AHEAD - 1)
                 nursery.start_soon(self._produce, send, req.digest, enc, m.first, end)
                 async with recv:
                     async for wire, i in recv:
@@ -276,19 +305,37 @@ class BlobService:
 
     async def _produce(self, send: Any, digest: bytes, enc: blobcodec.Encoding, first: int,
                        end: int) -> None:
+        """Read chunks `first` .. `end - 1` into `send`: on the event loop when the page
+        cache holds them (a thread hop per chunk cost more than the read, the thread and
+        the event loop then handing the GIL back and forth), else in a worker thread. Each
+        is read into one of a ring of buffers: the muxer has copied a chunk into its frames
+        when its write returns, and the channel and the writer hold at most READ_AHEAD."""
         at = enc.wire_offset(first)
-        async with send:
-            for i in range(first, end):
-                n = enc.sizes[i]
-                if self.may_send is not None and not self.may_send(n):
-                    self.stats.refused["transfer budget"] += 1
-                    return
-                wire = await trio.to_thread.run_sync(self.cache.read_wire, digest, enc, at, n)
-                if wire is None:  # dropped or evicted meanwhile
-                    self.stats.refused["gone"] += 1
-                    return
-                await send.send((wire, i))
-                at += n
+        file = self.cache.open_wire(digest, enc)
+        if file is None:
+            self.stats.refused["gone"] += 1
+            return
+        biggest = max(enc.sizes[first:end], default=0)
+        ring = [memoryview(bytearray(biggest)) for _ in range(READ_AHEAD + 1)]
+        with file:
+            async with send:
+                for i in range(first, end):
+                    n = enc.sizes[i]
+                    if self.may_send is not None and not self.may_send(n):
+                        self.stats.refused["transfer budget"] += 1
+                        return
+                    buf = ring[i % len(ring)]
+                    try:
+                        wire = self.cache.read_wire(digest, enc, at, n, file, into=buf,
+                                                    cached_only=True)
+                    except BlockingIOError:
+                        wire = await trio.to_thread.run_sync(
+                            lambda: self.cache.read_wire(digest, enc, at, n, file, into=buf))
+                    if wire is None:  # dropped or evicted meanwhile
+                        self.stats.refused["gone"] += 1
+                        return
+                    await send.send((wire, i))
+                    at += n
 
     def _refusal(self, peer: str, req: BlobRequest) -> str | None:
         info = self.cache.info(req.digest)
@@ -540,17 +587,32 @@ class BlobService:
         reader_done = trio.Event()
         clean: list[bool] = []  # the holder closed right after its last chunk
         async with trio.open_nursery() as nursery:
-            # chunks are read here while earlier ones are checked, decoded and written in a
-            # worker thread; at most READ_AHEAD chunks are read ahead. The reader ends after
-            # the manifest's last chunk and the stream's end, at a reset, or when we stop
-            # receiving; a holder that closed cleanly after the last chunk is not reset.
-            send, recv = trio.open_memory_channel[tuple[int, bytes] | StreamError](
-                READ_AHEAD - 1)
+            # chunks are read here while earlier ones are checked and decoded, all those
+            # read meanwhile in one go (see _accept_all), and the download's SHA-256 and
+            # file write run in a worker thread (_Flusher); at most READ_AHEAD chunks are
+            # read ahead. The reader ends after the manifest's last chunk and the stream's
+            # end, at a reset, or when we stop receiving; a holder that closed cleanly after
+            # the last chunk is not reset.
+            send, recv = trio.open_memory_channel[
+                tuple[int, list[blobcodec.Buffer]] | StreamError](READ_AHEAD - 1)
             nursery.start_soon(self._read_chunks, stream, plan, send, reader_done, clean)
+            flusher = _Flusher(part, nursery)
             try:
                 async with recv:
-                    for index in plan.chunks():
-                        item = await recv.receive()
+                    index, end = plan.first, plan.end
+                    while index < end:
+                        batch = [await recv.receive()]
+                        while (len(batch) < end - index
+                               and not isinstance(batch[-1], StreamError)):
+                            try:
+                                batch.append(recv.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        item = batch[-1]
+                        chunks = batch[:-1] if isinstance(item, StreamError) else batch
+                        if chunks:
+                            await self._accept_all(plan, chunks, part, pacer, flusher)
+                            index += len(chunks)
                         if isinstance(item, StreamClosed):
                             raise _Failed(f"stopped at byte {part.offset} of {part.total_size}")
                         if isinstance(item, StreamError):
@@ -558,10 +620,6 @@ class BlobService:
                                 raise _Fault(_OFFENCES.get(item.offence, item.offence),
                                              f"chunk {index}: {item}")
                             raise _Failed(f"at byte {part.offset} of {part.total_size}: {item}")
-                        before = part.offset
-                        await trio.to_thread.run_sync(self._accept, plan, item, part)
-                        self.stats.fetched_wire_bytes += len(item[1])
-                        pacer.took(part.offset - before)
             except (_Fault, _Failed) as exc:
                 error = exc
             if error is None:  # complete: an honest holder closes right after the last chunk
@@ -583,10 +641,15 @@ class BlobService:
             if exc.offence:
                 raise _Fault(_OFFENCES.get(exc.offence, exc.offence), f"manifest: {exc}") from None
             raise _Failed(f"manifest: {exc}") from None
+        def opened_manifest() -> Any:
+            return open_envelope(raw, self.network, now_ms=self._now_ms(),
+                                 kinds={"blob_manifest"})
+
         try:
-            opened = await trio.to_thread.run_sync(
-                lambda: open_envelope(raw, self.network, now_ms=self._now_ms(),
-                                      kinds={"blob_manifest"}))
+            if len(raw) <= INLINE_BYTES:  # checking it costs less than a thread hop
+                opened = opened_manifest()
+            else:
+                opened = await trio.to_thread.run_sync(opened_manifest)
         except WireError as exc:
             if exc.punish:
                 raise _Fault("invalid-message", f"manifest: {exc}") from None
@@ -604,12 +667,12 @@ class BlobService:
 
     async def _read_chunks(self, stream: Any, plan: blobcodec.Plan, send: Any,
                            done: trio.Event, clean: list[bool]) -> None:
+        reader = ChunkReader(stream, sum(plan.wire_len(i) for i in plan.chunks()))
         try:
             async with send:
                 for index in plan.chunks():
                     try:
-                        wire = await read_exactly(stream, plan.wire_len(index),
-                                                  self.read_timeout)
+                        wire = await reader.read_parts(plan.wire_len(index), self.read_timeout)
                     except StreamError as exc:
                         await send.send(exc)
                         return
@@ -625,16 +688,41 @@ class BlobService:
         finally:
             done.set()
 
-    @staticmethod
-    def _accept(plan: blobcodec.Plan, item: tuple[int, bytes], part: Any) -> None:
-        """Check one chunk against the manifest, decode it and append it (in a worker
-        thread: hash, decompression, file write)."""
-        index, wire = item
+    async def _accept_all(self, plan: blobcodec.Plan,
+                          chunks: list[tuple[int, list[blobcodec.Buffer]]],
+                          part: Any, pacer: _Pacer, flusher: "_Flusher") -> None:
+        """Check, decode and append `chunks` in order; the chunks before one that fails are
+        kept. Raw chunks (a BLAKE3 hash and a copy) and small ones are handled on the event
+        loop: a worker thread per chunk cost more than that, as the thread and the event
+        loop then hand the GIL back and forth. Decompression runs in a worker thread, and
+        so does the whole blob's SHA-256 and the file write, in batches (`_Flusher`)."""
+        before = part.offset
+        wire: list[int] = []
         try:
-            raw = plan.decode(index, wire)
-        except blobcodec.ChunkViolation as exc:
-            raise _Fault(exc.offence, f"chunk {index}: {exc}") from None
-        part.append(raw)
+            if (plan.enc.codec == "none"
+                    or sum(plan.enc.raw_len(i) for i, _w in chunks) <= INLINE_BYTES):
+                self._accept(plan, chunks, part, wire)
+            else:
+                await trio.to_thread.run_sync(self._accept, plan, chunks, part, wire)
+        finally:
+            self.stats.fetched_wire_bytes += sum(wire)
+            if part.offset > before:
+                pacer.took(part.offset - before)
+        flusher.poke()
+
+    @staticmethod
+    def _accept(plan: blobcodec.Plan, chunks: list[tuple[int, list[blobcodec.Buffer]]],
+                part: Any, wire: list[int]) -> None:
+        """Check each chunk against the manifest (BLAKE3), decode it and append it to the
+        download; the wire length of each accepted goes to `wire`."""
+        for index, parts in chunks:
+            try:
+                raw = plan.decode_parts(index, parts)
+            except blobcodec.ChunkViolation as exc:
+                raise _Fault(exc.offence, f"chunk {index}: {exc}") from None
+            for piece in raw:
+                part.append(piece)
+            wire.append(sum(map(len, parts)))
 
     # --- DHT providers (public blobs only) ------------------------------------------------
     async def provide(self, digest: bytes) -> int:

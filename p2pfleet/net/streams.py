@@ -119,6 +119,65 @@ async def read_exactly(stream: Any, n: int, timeout: float = DEFAULT_READ_TIMEOU
     return bytes(buf)
 
 
+class ChunkReader:
+    """Unframed bytes of known lengths (blob v2 chunks) read from `stream` in large pieces,
+    never more than `limit` bytes in all, handed out `n` at a time by `read_parts` as views
+    of the pieces read, not copied (py-libp2p's yamux returns a frame, <= 64 KiB, per read,
+    so a chunk usually spans several)."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, stream: Any, limit: int):
+        self.stream = stream
+        self.left = limit  # bytes still to read from the stream
+        self._piece: memoryview = memoryview(b"")
+        self._at = 0
+
+    async def _read_piece(self) -> memoryview:
+        try:
+            piece = await self.stream.read(min(self.PIECE, self.left))
+        except Exception as exc:  # noqa: BLE001 - libp2p raises EOF/reset in many types
+            if not _is_eof(exc):
+                raise StreamError(f"read failed: {type(exc).__name__}: {exc}") from None
+            piece = b""
+        if len(piece) > self.left:  # a stream must not hand out more than was asked
+            raise StreamError(f"read {len(piece)} bytes, asked for at most {self.left}")
+        self.left -= len(piece)
+        return memoryview(piece)
+
+    async def read_parts(self, n: int, timeout: float = DEFAULT_READ_TIMEOUT_S
+                         ) -> list[memoryview]:
+        """The next `n` bytes (n >= 1) as read-only views, in order, with `read_exactly`'s
+        errors: StreamClosed at a clean end before the first byte, StreamError
+        ("protocol-error") at an end inside them, ("stalled-stream") when they are not all
+        there within `timeout`."""
+        if not 0 < n <= self.left + len(self._piece) - self._at:
+            raise ValueError(f"{n} bytes asked, {self.left + len(self._piece) - self._at} "
+                             "left to read")
+        parts: list[memoryview] = []
+        got = 0
+        try:
+            with trio.fail_after(timeout):
+                while got < n:
+                    if self._at == len(self._piece):
+                        self._piece, self._at = await self._read_piece(), 0
+                        if not self._piece:
+                            if not got:
+                                raise _closed(self.stream)
+                            if was_reset(self.stream):
+                                raise StreamError("stream reset by the peer")
+                            raise StreamError(f"stream ended {n - got} bytes short of a "
+                                              f"{n}-byte chunk", "protocol-error")
+                    take = min(n - got, len(self._piece) - self._at)
+                    parts.append(self._piece[self._at:self._at + take])
+                    self._at += take
+                    got += take
+        except trio.TooSlowError:
+            raise StreamError(f"{got} of a {n}-byte chunk within {timeout:.0f} s",
+                              "stalled-stream") from None
+        return parts
+
+
 def _is_eof(exc: Exception) -> bool:
     return isinstance(exc, EOFError)  # libp2p's StreamEOF is one
 

@@ -31,11 +31,13 @@ Thread-safe (one lock): the network side calls it from worker threads for large 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import msgpack
 
@@ -43,6 +45,7 @@ from ..wire import blobcodec
 from .db import open_db
 
 DIGEST_LEN = 32
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: a read that fails rather than wait for I/O
 
 _MIGRATIONS = [
     """
@@ -78,6 +81,27 @@ def _check_digest(digest: bytes) -> bytes:
     if not isinstance(digest, bytes) or len(digest) != DIGEST_LEN:
         raise ValueError(f"a blob digest is {DIGEST_LEN} bytes of SHA-256, got {digest!r:.80}")
     return digest
+
+
+def _pread(fd: int, start: int, length: int, into: memoryview | None,
+           cached_only: bool) -> bytearray | memoryview | None:
+    """`length` bytes at `start` of `fd` (in `into[:length]` if given); None if the file is
+    shorter. `cached_only`: BlockingIOError unless the page cache holds them all (also
+    where the platform cannot tell)."""
+    buf = into[:length] if into is not None else bytearray(length)
+    if cached_only and not _RWF_NOWAIT:
+        raise BlockingIOError("cannot tell what the page cache holds")
+    try:
+        got = os.preadv(fd, [buf], start, _RWF_NOWAIT if cached_only else 0)
+    except OSError as exc:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot say
+        if cached_only:
+            raise BlockingIOError(exc.errno, "not in the page cache") from None
+        raise
+    if got != length:
+        if cached_only:
+            raise BlockingIOError("not all in the page cache")
+        return None
+    return buf
 
 
 def _fsync_dir(path: Path) -> None:
@@ -371,10 +395,29 @@ class BlobCache:
                                        list(enc.sizes)]))
         os.replace(tmp, self._enc / f"{digest.hex()}.manifest")  # last: marks it complete
 
-    def read_wire(self, digest: bytes, enc: blobcodec.Encoding, start: int,
-                  length: int) -> bytes | None:
+    def open_wire(self, digest: bytes, enc: blobcodec.Encoding) -> BinaryIO | None:
+        """The file of the blob's wire bytes under `enc` (from `encoding`), open for
+        `read_wire`; None if the blob or its encoding went away meanwhile."""
+        _check_digest(digest)
+        with self._lock:
+            if self._encodings.get(digest) != enc:
+                return None
+            path = (self._path(digest) if enc.codec == "none"
+                    else self._enc / f"{digest.hex()}.wire")
+        try:
+            return path.open("rb", buffering=0)
+        except FileNotFoundError:
+            return None
+
+    def read_wire(self, digest: bytes, enc: blobcodec.Encoding, start: int, length: int,
+                  file: BinaryIO | None = None, *, into: memoryview | None = None,
+                  cached_only: bool = False) -> bytes | bytearray | memoryview | None:
         """Wire bytes [start, start+length) of the blob's chunks under `enc` (from
-        `encoding`); None if the blob or its encoding went away meanwhile."""
+        `encoding`); None if the blob or its encoding went away meanwhile. With `file`
+        (`open_wire`): read from it, into `into` if given (the view of it is returned), and
+        with `cached_only` BlockingIOError unless the page cache holds them all, so an
+        event loop may read them without waiting for the disk (and a worker thread reads
+        them otherwise)."""
         _check_digest(digest)
         if start < 0 or length < 0:
             raise ValueError(f"bad range: start {start}, length {length}")
@@ -385,6 +428,10 @@ class BlobCache:
                     else self._enc / f"{digest.hex()}.wire")
             if start == 0:
                 self._touch(digest)
+        if file is not None:
+            return _pread(file.fileno(), start, length, into, cached_only)
+        if cached_only or into is not None:
+            raise ValueError("cached_only and into need an open file")
         try:
             with path.open("rb") as f:
                 f.seek(start)
@@ -453,7 +500,16 @@ class BlobCache:
 
 
 class PartialBlob:
-    """A download in progress: bytes [0, offset) are kept on disk (and in memory)."""
+    """A download in progress: bytes [0, offset) are kept in memory, in one buffer of the
+    blob's size, and on disk up to `offset - unwritten`.
+
+    `append` copies bytes into the buffer and does no I/O; `write_pending` (from a worker
+    thread, while more is appended) computes the SHA-256 of what was appended since and
+    writes it to the partial file, on large contiguous spans, so the worker releases the GIL
+    a few times per batch instead of handing it back and forth per piece. `close` and
+    `finish` write what is left; `finish` checks the whole blob's hash, fsyncs once and
+    returns the buffer as `bytes` without copying it (a `BytesIO` over a `bytes` it alone
+    holds hands that object out)."""
 
     def __init__(self, cache: BlobCache, digest: bytes, total_size: int, public: bool,
                  pinned: bool):
@@ -464,28 +520,58 @@ class PartialBlob:
         self.pinned = pinned
         self.path = cache._partial / f"{digest.hex()}-{total_size}"
         self._hash = hashlib.sha256()
-        self._data = bytearray()
+        self._bio = io.BytesIO(bytes(total_size))  # zeroed pages, mapped when first written
+        self._view = self._bio.getbuffer()
+        self._offset = 0  # bytes appended
+        self._written = 0  # bytes hashed and written to the file
+        self._result: bytes | None = None
         if self.path.exists():
-            kept = self.path.read_bytes()[:total_size]
-            self._data.extend(kept)
-            self._hash.update(kept)
-        self._file = self.path.open("ab")
-        self._file.truncate(len(self._data))
+            with self.path.open("rb", buffering=0) as f:
+                kept = f.readinto(self._view[:total_size])
+            self._hash.update(self._view[:kept])
+            self._offset = self._written = kept
+        self._file = self.path.open("ab", buffering=0)
+        self._file.truncate(self._offset)
         self._closed = False
 
     @property
     def offset(self) -> int:
-        return len(self._data)
+        return self._offset
 
-    def append(self, data: bytes) -> None:
+    @property
+    def unwritten(self) -> int:
+        """Bytes appended but not yet hashed and written to the partial file."""
+        return self._offset - self._written
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy `data` in as the next bytes (no I/O: see `write_pending`)."""
         if self._closed:
             raise RuntimeError("this download is closed")
-        if self.offset + len(data) > self.total_size:
+        end = self._offset + len(data)
+        if end > self.total_size:
             raise ValueError(f"blob {self.digest.hex()[:16]}: {len(data)} bytes at offset "
                              f"{self.offset} overrun its size {self.total_size}")
-        self._file.write(data)
-        self._data.extend(data)
-        self._hash.update(data)
+        self._view[self._offset:end] = data
+        self._offset = end
+
+    def write_pending(self, sync: bool = False) -> None:
+        """Hash and write the bytes appended since the last call (and with `sync` wait until
+        they are on disk, so the fsync in `finish` has little left to wait for). May run in
+        a worker thread while `append` adds bytes after them; one call at a time."""
+        if self._closed:
+            raise RuntimeError("this download is closed")
+        start, end = self._written, self._offset
+        if start == end:
+            return
+        with self._view[start:end] as span:
+            self._hash.update(span)
+            fd = self._file.fileno()
+            done = 0
+            while done < len(span):
+                done += os.write(fd, span[done:])
+        if sync:
+            os.fdatasync(fd)
+        self._written = end
 
     def finish(self) -> bytes:
         """Check the whole blob's hash and move it into the cache; returns its bytes.
@@ -494,14 +580,14 @@ class PartialBlob:
         if self.offset != self.total_size:
             raise ValueError(f"blob {self.digest.hex()[:16]}: {self.offset} of "
                              f"{self.total_size} bytes received")
+        self.write_pending()
         if self._hash.digest() != self.digest:
             self.discard()
             raise BlobCorrupt(f"blob {self.digest.hex()[:16]}: the {self.total_size} bytes "
                               f"received hash to {self._hash.hexdigest()[:16]}")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._close()
-        data = bytes(self._data)
+        data = self.data
         c = self.cache
         with c._lock:
             try:
@@ -514,18 +600,30 @@ class PartialBlob:
 
     @property
     def data(self) -> bytes:
-        return bytes(self._data)
+        """The bytes kept so far (a copy, unless the download is complete and closed)."""
+        if self._result is not None:
+            return self._result
+        if not self._closed or self._offset < self.total_size:
+            return bytes(self._view[:self._offset])
+        self._view.release()
+        self._result = self._bio.getvalue()
+        self._bio = io.BytesIO()
+        return self._result
 
     def discard(self) -> None:
         """Drop the bytes kept so far."""
         self._close()
         self.path.unlink(missing_ok=True)
-        self._data.clear()
+        self._view.release()
+        self._bio = io.BytesIO()
+        self._view = self._bio.getbuffer()
+        self._offset = self._written = 0
+        self._result = None
 
     def close(self) -> None:
-        """Stop for now; the bytes kept so far stay for a later resume."""
+        """Stop for now; the bytes kept so far are written and stay for a later resume."""
         if not self._closed:
-            self._file.flush()
+            self.write_pending()
         self._close()
 
     def _close(self) -> None:

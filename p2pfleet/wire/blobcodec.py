@@ -19,6 +19,7 @@ than raw and nobody pays decompression for nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import struct
@@ -35,6 +36,8 @@ ZSTD_LEVEL = 1  # level 3 and up gain < 2% on tensors here and cost 2x the time
 MIN_SAVING = 1 / 32  # keep a codec only if it saves at least this share of the raw bytes
 SHUFFLE_WIDTH = 4
 
+Buffer = bytes | bytearray | memoryview  # bytes-like; chunks are read through views, not copied
+
 
 class ChunkViolation(Exception):
     """A manifest or chunk breaks the rules: `offence` is what it costs the holder."""
@@ -49,8 +52,14 @@ class SizeMismatch(Exception):
     size, so either side may be wrong: the source fails, without a penalty."""
 
 
-def chunk_hash(wire: bytes | memoryview) -> bytes:
-    return blake3.blake3(wire).digest()
+def chunk_hash(wire: Buffer | Sequence[Buffer]) -> bytes:
+    """BLAKE3 of a chunk's wire bytes, given whole or as consecutive parts."""
+    if isinstance(wire, (bytes, bytearray, memoryview)):
+        return blake3.blake3(wire).digest()
+    h = blake3.blake3()
+    for part in wire:
+        h.update(part)
+    return h.digest()
 
 
 def chunk_size_for(total_size: int) -> int:
@@ -94,16 +103,16 @@ def encode_chunk(raw: bytes | memoryview, codec: str) -> bytes:
     return out if len(out) < len(raw) else bytes(raw)
 
 
-def decode_chunk(wire: bytes | memoryview, codec: str, raw_len: int) -> bytes:
-    """The raw bytes of one chunk, exactly `raw_len` of them, or ChunkViolation. A zstd frame
-    must declare its content size, equal to `raw_len`, and is decoded into at most that many
-    bytes (libzstd refuses to write past a declared size): a bomb is refused before it
-    inflates."""
+def decode_chunk(wire: Buffer, codec: str, raw_len: int) -> Buffer:
+    """The raw bytes of one chunk, exactly `raw_len` of them, or ChunkViolation. A raw chunk
+    is `wire` itself, not a copy. A zstd frame must declare its content size, equal to
+    `raw_len`, and is decoded into at most that many bytes (libzstd refuses to write past a
+    declared size): a bomb is refused before it inflates."""
     if len(wire) == raw_len or codec == "none":
         if len(wire) != raw_len:
             raise ChunkViolation("invalid-message",
                                  f"a raw chunk of {len(wire)} bytes, expected {raw_len}")
-        return bytes(wire)
+        return wire
     if len(wire) > raw_len:
         raise ChunkViolation("invalid-message", f"a {len(wire)}-byte encoding of a "
                              f"{raw_len}-byte chunk (an encoding is never larger)")
@@ -205,15 +214,42 @@ class Plan:
     def wire_len(self, index: int) -> int:
         return self.enc.sizes[index]
 
-    def decode(self, index: int, wire: bytes | memoryview) -> bytes:
-        """The raw bytes of chunk `index` from `wire`, hash-checked and decoded; the first
-        chunk without the bytes before the requested offset. ChunkViolation if it lies."""
+    def decode(self, index: int, wire: Buffer) -> Buffer:
+        """The raw bytes of chunk `index` from `wire` (a raw chunk: `wire` itself or a view
+        of it), hash-checked and decoded; the first chunk without the bytes before the
+        requested offset. ChunkViolation if it lies."""
         want = self.enc.hashes[index * HASH_LEN:(index + 1) * HASH_LEN]
         if len(wire) != self.enc.sizes[index] or chunk_hash(wire) != want:
             raise ChunkViolation("invalid-message", f"chunk {index} does not hash to the "
                                  "manifest's hash for it")
         raw = decode_chunk(wire, self.enc.codec, self.enc.raw_len(index))
-        return raw[self.skip:] if index == self.first and self.skip else raw
+        return memoryview(raw)[self.skip:] if index == self.first and self.skip else raw
+
+    def decode_parts(self, index: int, parts: list[Buffer]) -> list[Buffer]:
+        """`decode` of chunk `index` received as consecutive `parts`: the raw bytes as parts
+        too (a raw chunk's are the parts themselves: nothing is copied)."""
+        want = self.enc.hashes[index * HASH_LEN:(index + 1) * HASH_LEN]
+        if sum(map(len, parts)) != self.enc.sizes[index] or chunk_hash(parts) != want:
+            raise ChunkViolation("invalid-message", f"chunk {index} does not hash to the "
+                                 "manifest's hash for it")
+        raw_len = self.enc.raw_len(index)
+        if self.enc.sizes[index] == raw_len:  # raw (any codec), checked by decode_chunk's rule
+            raw = parts
+        else:
+            raw = [decode_chunk(b"".join(parts), self.enc.codec, raw_len)]
+        return _drop_front(raw, self.skip) if index == self.first and self.skip else raw
+
+
+def _drop_front(parts: list[Buffer], n: int) -> list[Buffer]:
+    """`parts` without their first `n` bytes."""
+    out: list[Buffer] = []
+    for part in parts:
+        if n >= len(part):
+            n -= len(part)
+            continue
+        out.append(memoryview(part)[n:] if n else part)
+        n = 0
+    return out
 
 
 def plan(m: BlobManifest, *, req_id: bytes, digest: bytes, offset: int, length: int,

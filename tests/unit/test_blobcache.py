@@ -110,3 +110,45 @@ def test_partial_download_resumes_and_is_hash_checked(tmp_path):
     with pytest.raises(BlobCorrupt, match="hash to"):
         part.finish()
     assert cache.partial_offset(d2, 100) == 0 and not cache.has(d2)
+
+
+def test_partial_download_is_hashed_and_written_in_batches(tmp_path):
+    """`append` keeps bytes in memory; `write_pending` hashes and writes them (the fetcher
+    calls it from a worker thread while more arrive); `close` writes the rest for a resume,
+    and `finish` returns the blob as bytes."""
+    cache = BlobCache(tmp_path, 10_000)
+    d, data = blob("batch", 1000)
+    part = cache.partial(d, 1000)
+    view = memoryview(data)
+    part.append(view[:100])
+    part.append(bytearray(data[100:250]))
+    assert part.offset == 250 and part.unwritten == 250
+    assert cache.partial_offset(d, 1000) == 0  # nothing on disk yet
+    part.write_pending(sync=True)
+    assert part.unwritten == 0 and cache.partial_offset(d, 1000) == 250
+    part.append(view[250:600])
+    assert part.data == data[:600] and part.unwritten == 350
+    part.close()  # an abandoned source: what was kept is written for the next one
+    assert cache.partial_offset(d, 1000) == 600
+    part = cache.partial(d, 1000)
+    assert part.offset == 600 and part.unwritten == 0
+    part.append(view[600:])
+    out = part.finish()
+    assert type(out) is bytes and out == data and part.data is out
+    assert cache.get(d) == data
+
+    d2, data2 = blob("lie", 300)
+    part = cache.partial(d2, 300)
+    part.append(data2[:200])
+    part.write_pending()
+    part.append(b"x" * 100)
+    with pytest.raises(BlobCorrupt, match="hash to"):
+        part.finish()
+    assert cache.partial_offset(d2, 300) == 0 and not cache.has(d2)
+
+
+def test_an_empty_blob_downloads(tmp_path):
+    cache = BlobCache(tmp_path, 10_000)
+    d, data = blob("e", 0)
+    part = cache.partial(d, 0)
+    assert part.finish() == b"" and cache.get(d) == b""

@@ -56,6 +56,42 @@ def test_any_blob_round_trips_from_any_offset(data, chunk, codec, offset):
     assert receive(data, m, wire, offset) == data[offset:]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=9 * KiB), st.sampled_from(["none", "zstd", "zstd-shuffle4"]),
+       st.integers(0, 9 * KiB), st.lists(st.integers(1, 3 * KiB), min_size=1, max_size=8))
+def test_chunks_received_in_parts_decode_as_whole_ones(data, codec, offset, cuts):
+    """The fetcher hashes and keeps a chunk as the pieces it arrived in (decode_parts)."""
+    offset = min(offset, max(0, len(data) - 1))
+    _enc, wire, m = manifest_for(data, offset, chunk_size=1 * KiB, codecs=(codec,))
+    p = bc.plan(m, req_id=REQ, digest=m.digest, offset=offset, length=2**32 - 1,
+                expected_size=len(data))
+    out, at = [], p.enc.wire_offset(p.first)
+    for i in p.chunks():
+        chunk = memoryview(wire[at:at + p.wire_len(i)])
+        parts, j, k = [], 0, 0
+        while j < len(chunk):
+            parts.append(chunk[j:j + cuts[k % len(cuts)]])
+            j, k = j + cuts[k % len(cuts)], k + 1
+        got = p.decode_parts(i, parts)
+        assert b"".join(got) == bytes(p.decode(i, chunk))
+        out += got
+        at += p.wire_len(i)
+    assert b"".join(out) == data[offset:]
+
+
+def test_a_chunk_in_parts_that_does_not_match_its_hash_is_refused():
+    data = np.arange(3000, dtype=np.float32).tobytes()
+    _, wire, m = manifest_for(data, chunk_size=4 * KiB)
+    p = plan(m, len(data))
+    good = wire[:p.wire_len(0)]
+    flipped = good[:100] + bytes([good[100] ^ 1]) + good[101:]
+    for bad in ([flipped[:100], flipped[100:]], [good[:100], good[100:-1]],
+                [good[:100], good[100:], b"x"]):
+        with pytest.raises(bc.ChunkViolation, match="does not hash to the manifest") as e:
+            p.decode_parts(0, bad)
+        assert e.value.offence == "invalid-message"
+
+
 def test_codec_is_chosen_per_blob_and_kept_only_when_it_shrinks():
     rng = np.random.default_rng(0)
     digits = rng.integers(0, 17, 200_000).astype(np.float32).tobytes()
@@ -208,3 +244,24 @@ def test_the_cache_encodes_once_keeps_it_and_rebuilds_a_damaged_one(tmp_path):
     assert wire_file.read_bytes() == wire
     third.remove(digest)
     assert not list((tmp_path / "enc").iterdir()) and third.encoding(digest) is None
+
+
+def test_the_holder_reads_chunks_from_an_open_file_into_its_own_buffers(tmp_path):
+    data = np.random.default_rng(3).bytes(40 * KiB)  # incompressible: codec none
+    digest = hashlib.sha256(data).digest()
+    cache = BlobCache(tmp_path, 10**8)
+    cache.put(digest, data, public=True)
+    enc = cache.encoding(digest)
+    assert enc.codec == "none"
+    buf = memoryview(bytearray(16 * KiB))
+    with cache.open_wire(digest, enc) as f:
+        try:  # from the page cache, without waiting for the disk, or BlockingIOError
+            got = cache.read_wire(digest, enc, 8 * KiB, 16 * KiB, f, into=buf,
+                                  cached_only=True)
+        except BlockingIOError:
+            got = cache.read_wire(digest, enc, 8 * KiB, 16 * KiB, f, into=buf)
+        assert got.obj is buf.obj and got == data[8 * KiB:24 * KiB]
+        assert cache.read_wire(digest, enc, 30 * KiB, 16 * KiB, f) is None  # past the end
+        cache.remove(digest)  # dropped meanwhile: the serve stops
+        assert cache.read_wire(digest, enc, 0, 1 * KiB, f) is None
+    assert cache.open_wire(digest, enc) is None
