@@ -52,7 +52,7 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
    micro-batches; outside a shard both are ignored, without a reply). Replies:
    {"ok": true, "batches": [{"batch": i, "outputs": [[name, dtype, shape]], "ms",
    "cpu_s"}, ...]}: the micro-batches finished since the last such frame, in order (sent
-   at most every 2 ms, and before waiting for a grant, to spare the parent wake-ups); then
+   at most every 10 ms, and before waiting for a grant, to spare the parent wake-ups); then
    {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure (which also ends the
    shard, after the finished micro-batches' frame). The watchdog holds the whole shard to
    timeout_s.
@@ -578,6 +578,11 @@ class Child:
         return {"ok": True, "outputs": out, "ms": ms, "cpu_s": cpu_used()}, blobs
 
 
+#: Replies of finished micro-batches wait up to this long to go in one write: each write
+#: wakes the node, whose work then competes with onnxruntime's threads for the cores.
+FLUSH_S = 0.010
+
+
 class ParentGone(Exception):
     """End of input while a shard waited for its next control message."""
 
@@ -779,7 +784,7 @@ class ShardRun:
                 claimed.append([name, dt.name, shape])
             done += 1
             self.pending.append({"batch": i, "outputs": claimed, "ms": ms, "cpu_s": cpu_used()})
-            if time.monotonic() - self.last_flush >= 0.002:
+            if time.monotonic() - self.last_flush >= FLUSH_S:
                 self.flush()
         end = {"ok": True, "end": done, "cpu_s": cpu_used()}
         if hasattr(self, "write_input"):

@@ -1162,7 +1162,7 @@ class Sandbox:
                          outputs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
                          deadline: float,
                          on_result: Callable[[int, dict[str, np.ndarray], float], bool],
-                         depth: int = 2, ahead_s: float = 0.02) -> None:
+                         depth: int = 2, ahead_s: float = 0.04) -> None:
         """Run the loaded model on micro-batches `rows` ([start, stop) of every input in
         `inputs`, consecutive) over shared memory (shm.py): one request for the whole
         shard, the inputs mapped read-only by the child, the outputs written by it into an
@@ -1172,7 +1172,7 @@ class Sandbox:
         Each micro-batch's outputs are copied out of the arena (the child could still
         write there) before `on_result(i, outputs, ms)` sees them, in order. Flow control:
         the child runs micro-batch i only once granted; the first `depth` are, and the
-        grant is kept about `ahead_s` seconds of micro-batches (at least `depth`; 2 x depth
+        grant is kept about `ahead_s` seconds of micro-batches (at least `depth`; 16
         before the first reply) ahead of the results seen, so the child neither waits for the node nor runs far past a stop.
         on_result returning False stops the shard like run_many: the micro-batch queued
         behind is still passed to it, any later one the child finished is dropped. A reply
@@ -1190,7 +1190,9 @@ class Sandbox:
                    for name, dt, tail in outputs}
         bound = {name: (np.dtype(dt).name, list(tail), arena.row_bytes[name])
                  for name, dt, tail in outputs}
-        granted, seen, limit, stopping = min(total, 2 * depth), 0, total, False
+        # Granting ahead costs no stop latency (the child checks for a stop between micro-batches)
+        # and results past a stop are dropped anyway: start generously, then keep ~ahead_s.
+        granted, seen, limit, stopping = min(total, max(2 * depth, 16)), 0, total, False
         try:
             with trio.fail_at(deadline + self.config.kill_grace_s):
                 left = deadline - trio.current_time()
