@@ -284,8 +284,8 @@ class Worker:
             if want == 0:
                 # nothing to ask now: look again at news, or when a back-off ends
                 wake = IDLE_POLL_S
-                ends = [u - now for j in heard if (u := self.backoff.until(j.publisher)) is not None
-                        and u > now]
+                ends = [u - now for j in heard
+                        if (u := self.backoff.until(j.publisher, j.job_id)) is not None and u > now]
                 if ends:
                     wake = min(wake, min(ends) + 0.001)
                 for q in self.queue:
@@ -503,9 +503,10 @@ class Worker:
             if body.reason == "backoff" and before is not None:
                 # the publisher's least gap between requests: hold leases to cover it
                 self._request_gap[job.publisher] = asked_at - before + body.retry_after_ms / 1000
+            about_job = body.reason in ("no_work", "not_eligible")  # else about this node
             self.backoff.no_work(job.publisher, trio.current_time(), body.retry_after_ms / 1000,
-                                 self.rng, exponential=body.reason in ("no_work", "excluded",
-                                                                      "not_eligible"))
+                                 self.rng, exponential=about_job or body.reason == "excluded",
+                                 job_id=job.job_id if about_job else None)
             return []
         known = {j.job_id for j in self.jobs() if j.publisher == job.publisher}
         try:
@@ -516,7 +517,7 @@ class Worker:
             self.stats.refused_batches += 1
             mesh.penalize(peer, "invalid-message", f"lease batch: {exc.reason}")
             return []
-        self.backoff.got_work(job.publisher)
+        self.backoff.got_work(job.publisher, job.job_id)
         new = set(self.ledger.add_leases(job.publisher, opened, int(self.clock() * 1000)))
         leases = [lease for lease in leases if lease.lease_id in new]  # never run one twice
         self.stats.leases += len(leases)

@@ -7,8 +7,9 @@ specs/work-and-leases.md, sections 2-3:
 - ask only publishers the owner works for (allowlist, or anyone), whose announced job the
   node meets the requirements of, whose unpaid work is under the cap (credit.md, section 3),
   and whose last `no_work` back-off has passed;
-- back off from a publisher that has no work: exponentially from 60 s to 4 h with jitter
-  (BOINC's scheduler back-off), never before its `retry_after_ms`;
+- back off from a job that has no work for this node (from its publisher when the refusal
+  is about the node): exponentially from 60 s to 4 h with jitter (BOINC's scheduler
+  back-off), never before its `retry_after_ms`; news of the job ends its back-off;
 - check every lease batch before holding a lease: the publisher signed it, it answers our
   request, it is for us, it is not bigger than asked, every lease is for a job that
   publisher announced, runnable here (micro-batch count, first batch, onnxruntime range);
@@ -104,23 +105,40 @@ def unmet_requirement(requirements: object, offer: Offer) -> str | None:
 
 @dataclass
 class PublisherBackoff:
-    """When each publisher may be asked again (monotonic seconds)."""
+    """When each publisher, and each of its jobs, may be asked again (monotonic seconds).
+
+    A request names one job, so a refusal about that job (`no_work`, `not_eligible`: it is
+    finished, or has nothing for this node) backs off from that job only; a refusal about
+    the node or the publisher's door (`excluded`, `backoff`, `quota`, an unreachable
+    publisher) backs off from the publisher. Otherwise a finished job the node still held
+    would keep it away from the publisher's next job for minutes."""
 
     base_s: float = BACKOFF_MIN_S
     max_s: float = BACKOFF_MAX_S
+    max_jobs: int = 4096  # job back-offs remembered (the expired ones go first)
     _until: dict[bytes, float] = field(default_factory=dict)
     _streak: dict[bytes, int] = field(default_factory=dict)
+    _job_until: dict[tuple[bytes, bytes], float] = field(default_factory=dict)
+    _job_streak: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
     _left: dict[tuple[bytes, bytes], int] = field(default_factory=dict)  # shards left heard
 
-    def ready(self, publisher: bytes, now: float) -> bool:
-        return now >= self._until.get(publisher, -math.inf)
+    def ready(self, publisher: bytes, now: float, job_id: bytes | None = None) -> bool:
+        until = self.until(publisher, job_id)
+        return until is None or now >= until
 
-    def until(self, publisher: bytes) -> float | None:
-        return self._until.get(publisher)
+    def until(self, publisher: bytes, job_id: bytes | None = None) -> float | None:
+        """When the publisher (and, if named, that job of it) may be asked again."""
+        times = [t for t in (self._until.get(publisher),
+                             self._job_until.get((publisher, job_id)) if job_id else None)
+                 if t is not None]
+        return max(times) if times else None
 
-    def got_work(self, publisher: bytes) -> None:
+    def got_work(self, publisher: bytes, job_id: bytes | None = None) -> None:
         self._until.pop(publisher, None)
         self._streak.pop(publisher, None)
+        if job_id is not None:
+            self._job_until.pop((publisher, job_id), None)
+            self._job_streak.pop((publisher, job_id), None)
 
     def heard(self, publisher: bytes, job_id: bytes, shards_left: int) -> None:
         """A job announcement: a job that made progress (or is new) may have work again,
@@ -128,22 +146,37 @@ class PublisherBackoff:
         key = (publisher, job_id)
         if self._left.get(key) != shards_left:
             self._left[key] = shards_left
-            self.got_work(publisher)
+            self.got_work(publisher, job_id)
+            if len(self._left) > self.max_jobs:
+                self._left.pop(next(iter(self._left)))
 
     def no_work(self, publisher: bytes, now: float, retry_after_s: float, rng: random.Random,
-                *, exponential: bool = True) -> float:
-        """Record a `no_work` (or an unreachable publisher); returns when to ask again.
+                *, exponential: bool = True, job_id: bytes | None = None) -> float:
+        """Record a refusal (or an unreachable publisher); returns when to ask again.
 
         `exponential`: the reason says there is nothing to do (back off 60 s .. 4 h, with
-        jitter); other reasons (quota, rate limit) wait only `retry_after_s`."""
+        jitter); other reasons (quota, rate limit) wait only `retry_after_s`. `job_id`: the
+        refusal is about that job only."""
+        key: object = publisher if job_id is None else (publisher, job_id)
+        streaks: dict = self._streak if job_id is None else self._job_streak
+        untils: dict = self._until if job_id is None else self._job_until
         delay = max(0.0, retry_after_s)
         if exponential:
-            n = self._streak.get(publisher, 0)
-            self._streak[publisher] = n + 1
+            n = streaks.get(key, 0)
+            streaks[key] = n + 1
             backoff = min(self.max_s, self.base_s * 2**n) * rng.uniform(0.5, 1.0)
             delay = max(delay, backoff)
-        self._until[publisher] = now + delay
+        untils[key] = now + delay
+        if len(self._job_until) > self.max_jobs:
+            self._forget_jobs(now)
         return now + delay
+
+    def _forget_jobs(self, now: float) -> None:
+        """Bound the table: forget the job back-offs that ended, else the oldest one."""
+        ended = [k for k, t in self._job_until.items() if t <= now]
+        for k in ended or [next(iter(self._job_until))]:
+            self._job_until.pop(k, None)
+            self._job_streak.pop(k, None)
 
 
 def eligible_publishers(jobs: Iterable[HeardJob], offer: Offer, *, allow: Sequence[bytes],
@@ -155,7 +188,7 @@ def eligible_publishers(jobs: Iterable[HeardJob], offer: Offer, *, allow: Sequen
     for job in jobs:
         if not serve_anyone and job.publisher not in allowed:
             continue
-        if job.publisher in over_cap or not backoff.ready(job.publisher, now):
+        if job.publisher in over_cap or not backoff.ready(job.publisher, now, job.job_id):
             continue
         if job.shards_left <= 0 or unmet_requirement(job.requirements, offer) is not None:
             continue

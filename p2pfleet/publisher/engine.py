@@ -465,7 +465,9 @@ class Publisher:
             model_digest=bytes.fromhex(meta["model_digest"]), model_size=meta["model_size"],
             requirements=Requirements(m, tuple(p), v, o), credit_rate=meta["credit_rate"],
             quorum=meta["quorum"], shards_total=c["shards"],
-            shards_left=c["shards"] - c["accepted"] - c["failed"], addrs=self._addrs())
+            shards_left=(c["shards"] - c["accepted"] - c["failed"]
+                         if self.sched.jobs[job_id].status == "live" else 0),
+            addrs=self._addrs())
         return seal(body, self.identity, self.network)
 
     async def _announce_loop(self) -> None:
@@ -499,6 +501,17 @@ class Publisher:
                 except MeshError as exc:
                     log.info("announcing job %s: %s", job_id.hex()[:8], exc)
                     wake = min(wake, 1.0)
+            # A job that ended is announced once more with nothing left, so workers holding
+            # its last announcement stop asking for it (best effort: it is a repeat).
+            for job_id in [j for j in announced if j not in live]:
+                if validator is not None and validator.rate.available(me, validator.clock()) < 2.0:
+                    wake = min(wake, 1.0)
+                    break
+                try:
+                    await self.mesh.announce_job(self.announcement(job_id))
+                except MeshError as exc:
+                    log.info("announcing the end of job %s: %s", job_id.hex()[:8], exc)
+                del announced[job_id]
             with trio.move_on_after(max(0.05, wake)):
                 await self._announce_now.wait()
             urgent = self._announce_now.is_set()

@@ -196,3 +196,31 @@ def test_nothing_more_while_a_held_lease_is_already_planned_past_its_deadline():
     pace = W.Pace(compute_s=10, fetch_s=1, deadline_s=600)
     assert W.leases_to_request(holding((100, 50), (40, None)), pace, slots=8) == 0  # 60 > 0.8*40
     assert W.leases_to_request(holding((100, 50)), pace, slots=8) == 1
+
+
+def test_a_refusal_about_one_job_leaves_the_publishers_other_jobs_open():
+    """A finished job the node still held an announcement of must not keep it from the
+    publisher's next job (it did for 60-120 s: a job in a row waited that long)."""
+    done, new = b"d" * 16, b"n" * 16
+    backoff, rng = W.PublisherBackoff(base_s=60), random.Random(0)
+    for j in (done, new):
+        backoff.heard(PUB_A, j, 5)
+    backoff.no_work(PUB_A, 0.0, 60.0, rng, job_id=done)
+    assert not backoff.ready(PUB_A, 1.0, done) and backoff.ready(PUB_A, 1.0, new)
+    picks = {choose([job(job_id=done), job(job_id=new)], backoff=backoff, now=1.0,
+                    rng=random.Random(k)).job_id for k in range(20)}
+    assert picks == {new}
+    assert 30.0 <= backoff.until(PUB_A, done) <= 120.0 and backoff.until(PUB_A, new) is None
+    backoff.heard(PUB_A, done, 0)  # its end announced: news clears the job's back-off ...
+    assert choose([job(job_id=done, left=0)], backoff=backoff, now=1.0) is None  # ... 0 left
+    # a refusal about the node (excluded, unreachable) closes the publisher's every job
+    backoff.no_work(PUB_A, 0.0, 0.0, rng)
+    assert not backoff.ready(PUB_A, 1.0, new) and not backoff.ready(PUB_A, 1.0)
+
+
+def test_job_back_offs_are_bounded():
+    backoff, rng = W.PublisherBackoff(base_s=60, max_jobs=8), random.Random(0)
+    for i in range(100):
+        backoff.no_work(PUB_A, float(i), 0.0, rng, job_id=i.to_bytes(16, "big"))
+        backoff.heard(PUB_A, i.to_bytes(16, "big"), 3)
+    assert len(backoff._job_until) <= 9 and len(backoff._left) <= 9
