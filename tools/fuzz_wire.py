@@ -264,7 +264,7 @@ class EnvelopeMode:
                 signer = self.signers[i % 2]
                 self.add(W.envelope.seal(body, signer, net))
         self.large = []
-        for name in ("lease_batch", "blob_chunk", "result", "evidence"):
+        for name in ("lease_batch", "blob_manifest", "result", "evidence"):
             env = W.envelope.seal(S.large_body(name, NOW_MS, NET), self.signers[0], NET)
             self.add(env, large=True)
 

@@ -15,19 +15,23 @@ class _Bucket:
     at: float
 
 
-class PublisherRateLimit:
-    """Token bucket per publisher key: `per_minute` announcements, bursts of `burst`."""
+class TokenBuckets:
+    """A token bucket per key: `per_minute` actions on average, bursts of `burst`."""
 
-    def __init__(self, per_minute: float = 12.0, burst: int = 6):
+    def __init__(self, per_minute: float, burst: int):
         self.rate = per_minute / 60.0
         self.burst = burst
         self._buckets: dict[bytes, _Bucket] = {}
 
     def available(self, publisher: bytes, now: float) -> float:
-        """Tokens `publisher` has at `now` (changes nothing): a publisher keeping within
-        its own budget checks this before it announces."""
+        """Tokens `publisher` has at `now` (changes nothing): a sender keeping within its
+        own budget (a publisher announcing) checks this before it acts."""
         b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
         return min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.rate)
+
+    def wait_s(self, key: bytes, now: float) -> float:
+        """Seconds until `key` has a token again (0 if it has one now)."""
+        return max(0.0, (1.0 - self.available(key, now)) / self.rate)
 
     def allow(self, publisher: bytes, now: float) -> bool:
         b = self._buckets.get(publisher) or _Bucket(float(self.burst), now)
@@ -40,3 +44,10 @@ class PublisherRateLimit:
             cutoff = now - self.burst / self.rate
             self._buckets = {k: v for k, v in self._buckets.items() if v.at > cutoff}
         return True
+
+
+class PublisherRateLimit(TokenBuckets):
+    """Job announcements per publisher key: 12 a minute, bursts of 6."""
+
+    def __init__(self, per_minute: float = 12.0, burst: int = 6):
+        super().__init__(per_minute, burst)

@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import trust as T
+from .ratelimit import TokenBuckets
 from .verify import (ESTABLISHED, FRESH, TRUSTED, Vote, choose_output, find_quorum, is_valid,
                      largest_agreeing)
 
@@ -103,7 +104,8 @@ class SchedulerSettings:
     grace_min_ms: int = MINUTE_MS
     grace_fraction: float = 0.1
     transfer_bytes_per_s: float = 1e6
-    request_interval_ms: int = 10_000
+    request_interval_ms: int = 10_000  # work requests per identity: one per interval ...
+    request_burst: int = 3             # ... on average, in bursts of this many
     no_work_retry_ms: int = MINUTE_MS
     cross_class_rate: float = 0.1
     recheck_cross_rate: float = 0.5  # share of re-checks that must go to another class
@@ -453,7 +455,9 @@ class Scheduler:
         self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
         self._decided_prefix: dict[bytes, int] = {}  # per job: shards [0, n) are decided
-        self._last_request: dict[bytes, int] = {}
+        self._request_rate = (TokenBuckets(60_000 / self.s.request_interval_ms,
+                                           max(1, self.s.request_burst))
+                              if self.s.request_interval_ms > 0 else None)
         # prefix -> (consecutive failures of its non-established identities, back off until)
         self._prefix_backoff: dict[str, tuple[int, int]] = {}
         self._order = 0
@@ -665,11 +669,11 @@ class Scheduler:
             return [Refuse(ev.worker, "excluded", 24 * 60 * MINUTE_MS)]
         if not ev.audit_only and ev.worker != s.own_key:
             self._requests[ev.worker] = ev
-        last = self._last_request.get(ev.worker)
-        if not ev.audit_only:  # the driver's own audits are not rate limited
-            if last is not None and now - last < s.request_interval_ms:
-                return [Refuse(ev.worker, "backoff", s.request_interval_ms - (now - last))]
-            self._last_request[ev.worker] = now
+        rate = self._request_rate
+        # the driver's own audits are not rate limited; a burst lets a worker that just
+        # heard of a new job ask at once, even if it asked about another a moment ago
+        if rate is not None and not ev.audit_only and not rate.allow(ev.worker, now / 1000):
+            return [Refuse(ev.worker, "backoff", math.ceil(rate.wait_s(ev.worker, now / 1000) * 1000))]
         if t.backoff_until_ms > now:
             return [Refuse(ev.worker, "backoff", t.backoff_until_ms - now)]
         live = [j for j, r in self.jobs.items() if r.status == "live"]

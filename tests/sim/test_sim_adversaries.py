@@ -57,17 +57,24 @@ def test_the_split_covers_every_adversary_kind():
 
 @pytest.mark.parametrize("scn", ZERO, ids=_ids(ZERO))
 def test_no_wrong_result_is_ever_accepted(scn):
-    sim = V.simulate(scn, SHARDS, SEED)
-    rep = assert_complete(sim)
-    assert rep["wrong_accepted_ever"] == 0, rep
-    assert rep["failed"] == 0, rep
-    assert rep["accepted_on_fresh_only"] == 0, rep
-    if scn.adversaries:
-        assert rep["cheater_identities"] > 0, "the cheaters got no work"
     whole = all(a.cheat.output != "rows" and a.cheat.lease == "run" for a in scn.adversaries)
+    # Colluders cheating only together meet in about half of the 300-shard runs: further
+    # stated seeds (each held to every rule) until they have met, so the check is not vacuous
+    together = any(a.cheat.when == "together" for a in scn.adversaries)
+    for seed in (SEED, SEED + 1, SEED + 2, SEED + 3) if together else (SEED,):
+        sim = V.simulate(scn, SHARDS, seed)
+        rep = assert_complete(sim)
+        assert rep["wrong_accepted_ever"] == 0, (seed, rep)
+        assert rep["failed"] == 0, (seed, rep)
+        assert rep["accepted_on_fresh_only"] == 0, (seed, rep)
+        if scn.adversaries:
+            assert rep["cheater_identities"] > 0, "the cheaters got no work"
+        if whole:
+            assert sim.cheated <= sim.excluded, "a whole-shard cheat went unpunished"
+        if sim.cheated:
+            break
     if scn.adversaries and whole:
         assert sim.cheated, "no cheat was ever returned"
-        assert sim.cheated <= sim.excluded, "a whole-shard cheat went unpunished"
     if _waits_to_be_established(scn):
         assert sim.cheat_established, "no cheater cheated while established: vacuous"
 

@@ -137,6 +137,8 @@ BAD_FILE_VALUES = {
     "publishing.announce_interval_s": ("0", ">= 1"),
     "publishing.established_results": ("-1", "an integer >= 0"),
     "publishing.established_age_h": ("-1", ">= 0"),
+    "publishing.stall_wait_s": ("0", ">= 0.1"),
+    "publishing.self_compute": ('"maybe"', "true or false"),
     "publishers.unpaid_time_cap_h": ("-1", "a number >= 0"),
     "records.capacity_lifetime_s": ("60", "an integer >= 300 and <= 3600"),
     "records.republish_s": ("5", "an integer >= 60"),

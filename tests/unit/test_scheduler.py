@@ -360,10 +360,21 @@ def test_cancel_reaches_every_holder():
 
 
 def test_requests_are_rate_limited_per_identity():
+    """One request per 10 s on average, in bursts of 3: a worker that asked about one job
+    may ask about a new one at once, but a flood is refused until its tokens come back."""
     m = S.Scheduler(S.SchedulerSettings(), rng=random.Random(0))
     m.handle(S.JobAdded(0, job(1)))
-    ask(m, "a")
-    assert refused(ask(m, "a", 5_000)) == "backoff"
+
+    def backoff(effects) -> int | None:
+        waits = [e.retry_after_ms for e in effects if isinstance(e, S.Refuse)
+                 and e.reason == "backoff"]
+        return waits[0] if waits else None
+
+    assert [backoff(ask(m, "a", 100 * i)) for i in range(3)] == [None] * 3
+    assert 9_000 <= backoff(ask(m, "a", 300)) <= 10_000
+    assert backoff(ask(m, "a", 5_000)) is not None
+    assert backoff(ask(m, "b", 5_000)) is None  # per identity
+    assert backoff(ask(m, "a", 10_300)) is None  # a token came back
 
 
 def test_requirements_not_met_is_not_eligible():
