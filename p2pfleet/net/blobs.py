@@ -11,8 +11,9 @@ Serving: public blobs (models) to any peer, private ones (inputs, outputs) only 
 `authorize(peer, digest, token)` hook says yes; the request's signer must be the stream's
 remote peer; at most `max_serves_per_peer` streams per peer at once. The blob's encoding
 (chunks, codec, hashes: `BlobCache.encoding`) is built once per blob and kept beside it;
-chunks are read ahead in a worker thread (a few in flight) and each written within
-`write_timeout`, the muxer's window giving back-pressure; the optional `may_send(n)` hook
+chunks are read ahead (a few in flight; from the page cache on the event loop, else in a
+worker thread) and each written within `write_timeout`, the muxer's window giving
+back-pressure; the optional `may_send(n)` hook
 (the node's daily transfer cap) is asked before each chunk with its wire length.
 
 Fetching: sources are tried one after another in the order of `core.fetch.order_sources`
@@ -20,11 +21,13 @@ Fetching: sources are tried one after another in the order of `core.fetch.order_
 may be waited on only for its share of the fetch's budget and only while it keeps ahead of
 the minimum rate (`core.fetch.source_until`, `core.fetch.Pace`). A transfer that breaks
 off, or a source that is abandoned, resumes at the offset reached from the next source (the
-bytes are kept in the cache's partial file, so a restart resumes too). The manifest is
+bytes are kept in memory and, every few MiB, in the cache's partial file, so a restart
+resumes too). The manifest is
 checked against the request and the expected size (`wire.blobcodec.plan`), every chunk
 against the manifest's hash before it is decoded (its raw size bounded before any
 decompression) and written, and the whole blob is hash-checked before it is returned or
-cached. A source that breaks the protocol, trickles, or delivers bytes that do not hash to
+cached (its SHA-256 is computed as the bytes arrive, in the worker thread that writes
+them). A source that breaks the protocol, trickles, or delivers bytes that do not hash to
 the digest is penalised in the mesh's reputation and marked in the node's `SourceScores`,
 so it is not asked first again.
 """
