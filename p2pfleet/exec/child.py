@@ -52,7 +52,8 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
    micro-batches; outside a shard both are ignored, without a reply). Replies:
    {"ok": true, "batches": [{"batch": i, "outputs": [[name, dtype, shape]], "ms",
    "cpu_s"}, ...]}: the micro-batches finished since the last such frame, in order (sent
-   at most every 10 ms, and before waiting for a grant, to spare the parent wake-ups); then
+   at most every 10 ms or 256 KiB of outputs, and before waiting for a grant, to spare the
+   parent wake-ups); then
    {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure (which also ends the
    shard, after the finished micro-batches' frame). The watchdog holds the whole shard to
    timeout_s.
@@ -579,8 +580,11 @@ class Child:
 
 
 #: Replies of finished micro-batches wait up to this long to go in one write: each write
-#: wakes the node, whose work then competes with onnxruntime's threads for the cores.
+#: wakes the node, whose work then competes with onnxruntime's threads for the cores...
 FLUSH_S = 0.010
+#: ... unless their outputs reach this many bytes: then the node has enough to copy and
+#: digest to be worth waking for while the child computes on.
+FLUSH_BYTES = 256 << 10
 
 
 class ParentGone(Exception):
@@ -647,6 +651,7 @@ class ShardRun:
         self.child, self.req, self.fd_in, self.fd_out = child, req, fd_in, fd_out
         self.sock, self.max_frame = sock, max_frame
         self.pending: list[dict] = []  # replies of finished micro-batches not yet sent
+        self.pending_bytes = 0          # their outputs' bytes
         self.last_flush = time.monotonic()
         self.grant = 0
         self.stopped = False
@@ -654,7 +659,7 @@ class ShardRun:
     def flush(self) -> None:
         if self.pending:
             _write_all(self.fd_out, _frame_bytes({"ok": True, "batches": self.pending}))
-            self.pending = []
+            self.pending, self.pending_bytes = [], 0
         self.last_flush = time.monotonic()
 
     def control(self, i: int) -> None:
@@ -784,7 +789,8 @@ class ShardRun:
                 claimed.append([name, dt.name, shape])
             done += 1
             self.pending.append({"batch": i, "outputs": claimed, "ms": ms, "cpu_s": cpu_used()})
-            if time.monotonic() - self.last_flush >= FLUSH_S:
+            self.pending_bytes += sum(v.nbytes for v in results)
+            if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_S:
                 self.flush()
         end = {"ok": True, "end": done, "cpu_s": cpu_used()}
         if hasattr(self, "write_input"):
