@@ -267,7 +267,8 @@ class BlobService:
             self.stats.refused[reason] += 1
             await close_quietly(stream)
             return
-        enc = await trio.to_thread.run_sync(self.cache.encoding, req.digest)
+        enc = (self.cache.encoding_ready(req.digest)
+               or await trio.to_thread.run_sync(self.cache.encoding, req.digest))
         if enc is None:  # dropped as corrupt, or evicted meanwhile
             self.stats.refused["gone"] += 1
             await close_quietly(stream)
@@ -396,6 +397,8 @@ class BlobService:
                 self._fetching.pop(digest, None)
 
     async def _cached(self, digest: bytes, size: int, public: bool, pinned: bool) -> bytes | None:
+        if not self.cache.has(digest):  # the usual case, without a thread hop
+            return None
         data = await trio.to_thread.run_sync(self.cache.get, digest)
         if data is None:
             return None

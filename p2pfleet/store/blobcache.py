@@ -357,6 +357,24 @@ class BlobCache:
             self._encodings[digest] = enc
             return enc
 
+    def encoding_ready(self, digest: bytes) -> blobcodec.Encoding | None:
+        """`encoding` at the cost of a stat and the index (no thread needed): the encoding
+        if this process built or checked it and the blob's file is unchanged since it was
+        hash-checked; else None (then call `encoding`, from a worker thread)."""
+        _check_digest(digest)
+        with self._lock:
+            enc = self._encodings.get(digest)
+            if enc is None or not self.has(digest):
+                return None
+            try:
+                st = self._path(digest).stat()
+            except FileNotFoundError:
+                return None
+            if self._verified.get(digest) != (st.st_ino, st.st_mtime_ns, st.st_size):
+                return None
+            self._touch(digest)
+            return enc
+
     def _load_encoding(self, digest: bytes) -> blobcodec.Encoding | None:
         """The stored encoding if it matches the blob and its wire bytes hash as it says."""
         mpath = self._enc / f"{digest.hex()}.manifest"

@@ -265,3 +265,18 @@ def test_the_holder_reads_chunks_from_an_open_file_into_its_own_buffers(tmp_path
         cache.remove(digest)  # dropped meanwhile: the serve stops
         assert cache.read_wire(digest, enc, 0, 1 * KiB, f) is None
     assert cache.open_wire(digest, enc) is None
+
+
+def test_a_ready_encoding_is_handed_out_without_io_only_while_the_blob_is_unchanged(tmp_path):
+    data = np.random.default_rng(4).bytes(8 * KiB)
+    digest = hashlib.sha256(data).digest()
+    cache = BlobCache(tmp_path, 10**8)
+    cache.put(digest, data, public=True)
+    assert cache.encoding_ready(digest) is None  # not built yet: `encoding` in a thread
+    enc = cache.encoding(digest)
+    assert cache.encoding_ready(digest) == enc
+    path = tmp_path / "blobs" / digest.hex()
+    path.write_bytes(data + b"x")  # changed on disk: re-checked by `encoding`
+    assert cache.encoding_ready(digest) is None
+    assert cache.encoding(digest) is None and not cache.has(digest)  # corrupt: dropped
+    assert cache.encoding_ready(digest) is None
