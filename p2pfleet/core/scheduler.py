@@ -78,6 +78,7 @@ MINUTE_MS = 60_000
 # lets a quorum form without an established or trusted vote (at most one fresh, always).
 RELAX_ORDER = ("reissue", "prefix", "recheck", "audit")
 UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
+MAX_CLASSES_SEEN = 256  # hardware classes remembered for the cross-class wait
 
 
 class CoreUsageError(Exception):
@@ -464,6 +465,7 @@ class Scheduler:
         # worker -> its last work request (not the publisher's own): who could take a
         # stalled shard. In memory only: after a restart stall clocks start again.
         self._requests: dict[bytes, WorkRequested] = {}
+        self._class_seen: dict[str, int] = {}  # hardware class -> its latest work request
         self._own_fallback: set[tuple[bytes, int]] = set()  # open shards the publisher computes
         self._now = 0
         self._dirty: set[tuple[str, object]] = set()
@@ -669,6 +671,12 @@ class Scheduler:
             return [Refuse(ev.worker, "excluded", 24 * 60 * MINUTE_MS)]
         if not ev.audit_only and ev.worker != s.own_key:
             self._requests[ev.worker] = ev
+            self._class_seen[ev.hw_class] = now
+            if len(self._class_seen) > MAX_CLASSES_SEEN:  # class names are the worker's word
+                self._class_seen = {c: at for c, at in self._class_seen.items()
+                                    if now - at <= self._horizon()}
+                while len(self._class_seen) > MAX_CLASSES_SEEN:
+                    del self._class_seen[min(self._class_seen, key=self._class_seen.__getitem__)]
         rate = self._request_rate
         # the driver's own audits are not rate limited; a burst lets a worker that just
         # heard of a new job ask at once, even if it asked about another a moment ago
@@ -784,8 +792,9 @@ class Scheduler:
         if (sh.cross and held and not stall_check
                 and now - sh.last_issue_ms < self.s.cross_class_wait_ms):
             first = min(leases, key=lambda l: (l.issued_ms, l.lease_id)).hw_class
-            if all(l.hw_class == first for l in held) and ev.hw_class == first:
-                return False
+            if (all(l.hw_class == first for l in held) and ev.hw_class == first
+                    and self._other_class_asking(first, now)):
+                return False  # wait a while for a machine of another class
         if (ev.worker not in self.s.trust.trusted and sh.target
                 and self._untrusted_room(sh) <= 0):
             return False  # the open replica is an audit's: the publisher's machines only
@@ -912,6 +921,12 @@ class Scheduler:
         if live:
             effects.append(WakeAt(min(l.expires_ms for l in live)))
         return effects
+
+    def _other_class_asking(self, hw_class: str, now: int) -> bool:
+        """Has a machine of another hardware class asked for work lately? If not, a
+        cross-class replica would wait for nobody: a one-class fleet does not wait."""
+        return any(c != hw_class and now - at <= self._horizon()
+                   for c, at in self._class_seen.items())
 
     # stalled shards ----------------------------------------------------------------------
     def _horizon(self) -> int:

@@ -506,3 +506,30 @@ def test_store_after_sigkill_keeps_every_committed_transaction(tmp_path):
     n_results = store.conn.execute("SELECT count(*) FROM results").fetchone()[0]
     n_receipts = store.conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
     assert n_results >= 200 and n_results == n_receipts  # whole transactions only
+
+
+def test_a_one_class_fleet_does_not_wait_for_another_class():
+    """A shard drawn for a cross-class replica waits (cross_class_wait_ms) only while a
+    machine of another class asks for work; in a one-class fleet it would wait for nobody."""
+    other = b"g" * 32
+
+    def scheduler() -> S.Scheduler:
+        trust = T.TrustSettings(trusted=frozenset(key(w) for w in "abz"))
+        return S.Scheduler(S.SchedulerSettings(cross_class_rate=1.0, recheck_cross_rate=1.0,
+                                               request_interval_ms=0, trust=trust),
+                           rng=random.Random(7))
+
+    def ask_as(m, who: str, hw_class: bytes, at: int) -> list:
+        return m.handle(S.WorkRequested(at, key(who), f"10.0.{ord(who[0])}.0/24", hw_class,
+                                        1000.0, 1, (JOB,)))
+
+    one = scheduler()
+    one.handle(S.JobAdded(0, job(1)))
+    assert grants(ask_as(one, "a", CLASS, 0))
+    assert grants(ask_as(one, "b", CLASS, 100))  # nobody of another class asks: no wait
+    two = scheduler()
+    assert refused(ask_as(two, "z", other, 0)) == "no_work"  # another class is in the fleet
+    two.handle(S.JobAdded(0, job(1)))
+    assert grants(ask_as(two, "a", CLASS, 5))
+    assert not grants(ask_as(two, "b", CLASS, 100))  # the replica waits for z's class
+    assert grants(ask_as(two, "z", other, 200))
