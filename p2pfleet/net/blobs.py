@@ -320,7 +320,7 @@ class BlobService:
             self.stats.refused["gone"] += 1
             return
         biggest = max(enc.sizes[first:end], default=0)
-        ring = [memoryview(bytearray(biggest)) for _ in range(READ_AHEAD + 1)]
+        ring = [memoryview(bytearray(biggest)) for _ in range(min(READ_AHEAD + 1, end - first))]
         with file:
             async with send:
                 for i in range(first, end):
