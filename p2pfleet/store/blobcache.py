@@ -544,8 +544,13 @@ class PartialBlob:
         self._written = 0  # bytes hashed and written to the file
         self._result: bytes | None = None
         if self.path.exists():
+            kept = 0
             with self.path.open("rb", buffering=0) as f:
-                kept = f.readinto(self._view[:total_size])
+                while kept < total_size:  # a read may return less (Linux: < 2 GiB)
+                    got = f.readinto(self._view[kept:total_size])
+                    if not got:
+                        break
+                    kept += got
             self._hash.update(self._view[:kept])
             self._offset = self._written = kept
         self._file = self.path.open("ab", buffering=0)
