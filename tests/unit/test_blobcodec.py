@@ -280,3 +280,19 @@ def test_a_ready_encoding_is_handed_out_without_io_only_while_the_blob_is_unchan
     assert cache.encoding_ready(digest) is None
     assert cache.encoding(digest) is None and not cache.has(digest)  # corrupt: dropped
     assert cache.encoding_ready(digest) is None
+
+
+def test_the_codec_picked_on_a_sample_must_also_shrink_the_whole_blob():
+    # the sampled chunks (of 256: 32, 96, 160, 224) compress, the rest is noise: zstd wins on
+    # the sample but saves too little (4/256 < 1/32) on the whole blob, so it goes out raw
+    rng = np.random.default_rng(2)
+    sample = bc._sample(256)
+    assert sample == [32, 96, 160, 224]
+    data = b"".join(bytes(4 * KiB) if i in sample else rng.bytes(4 * KiB) for i in range(256))
+    enc, wire, m = manifest_for(data, chunk_size=4 * KiB, codecs=("zstd",))
+    assert enc.codec == "none" and wire == data
+    # a blob that compresses throughout keeps the codec its sample chose, and round-trips
+    data = np.repeat(rng.integers(0, 9, 16 * KiB).astype(np.float32), 1).tobytes()
+    enc, wire, m = manifest_for(data, chunk_size=4 * KiB)
+    assert enc.codec == "zstd-shuffle4" and len(wire) < len(data) / 2
+    assert receive(data, m, wire) == data
