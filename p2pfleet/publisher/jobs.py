@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -115,21 +116,34 @@ def check_spec(spec: JobSpec) -> int:
     return lengths.pop()
 
 
-def run_locally(model: bytes, inputs: Mapping[str, np.ndarray], opt_level: str,
-                provider: str = "CPUExecutionProvider") -> dict[str, np.ndarray]:
-    """The publisher's own onnxruntime run (its own model: trusted)."""
+def local_session(model: bytes, opt_level: str, provider: str = "CPUExecutionProvider") -> Any:
+    """An onnxruntime session of the publisher's own model (trusted), one intra-op thread:
+    the settings of every run of the publisher's own (known answers, audits)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[opt_level])
     so.intra_op_num_threads = 1
     try:
-        sess = ort.InferenceSession(bytes(model), so, providers=[provider])
+        return ort.InferenceSession(bytes(model), so, providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises assorted types
+        raise JobSpecError(f"JobSpec.model: onnxruntime cannot load it: {exc}") from None
+
+
+def run_session(sess: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All outputs of `sess` (from `local_session`) on `inputs`."""
+    try:
         names = [o.name for o in sess.get_outputs()]
         outs = sess.run(names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises assorted types
         raise JobSpecError(f"JobSpec.model: onnxruntime cannot run it on the inputs: {exc}") from None
     return {n: np.asarray(o) for n, o in zip(names, outs)}
+
+
+def run_locally(model: bytes, inputs: Mapping[str, np.ndarray], opt_level: str,
+                provider: str = "CPUExecutionProvider") -> dict[str, np.ndarray]:
+    """The publisher's own onnxruntime run (its own model: trusted)."""
+    return run_session(local_session(model, opt_level, provider), inputs)
 
 
 def build_job(spec: JobSpec, rng: random.Random) -> BuiltJob:
@@ -217,4 +231,4 @@ def strip_known_answers(outs: Mapping[str, np.ndarray], ka: list[tuple[int, int]
 
 
 __all__ = ["JobSpec", "JobSpecError", "BuiltJob", "OutputCheck", "check_spec", "build_job",
-           "run_locally", "check_result_outputs", "strip_known_answers"]
+           "run_locally", "local_session", "run_session", "check_result_outputs", "strip_known_answers"]
