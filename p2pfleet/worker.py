@@ -111,6 +111,7 @@ class WorkerStats:
     prefetched: int = 0          # inputs fetched in full while another shard was computing
     waited_for_fetch: int = 0    # shards that could not start at once: their blobs were not in
     dropped: int = 0             # queued leases dropped (cancelled, expired) with their input
+    model_reused: int = 0        # leases that took the model held for the one before (no read)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,8 @@ class Worker:
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
         self._output_owner: dict[bytes, str] = {}  # outputs blob digest -> publisher peer id
+        # the model of the leases held, hash-checked once: (digest, bytes)
+        self._model_kept: tuple[bytes, bytes] | None = None
 
     def poke(self) -> None:
         """A job announcement was heard: look for work now."""
@@ -339,6 +342,7 @@ class Worker:
             r.lease.input_digest == digest for r in self.running.values())
         if not in_use and self.cache is not None and self.cache.has(digest):
             self.cache.remove(digest)
+        self._forget_model()
 
     def _drop_expired(self, now: float) -> None:
         for q in list(self.queue):
@@ -625,13 +629,29 @@ class Worker:
     async def _fetch_model(self, lease: Any, pub_peer: str, give_up: float) -> bytes:
         """The model from the cache, else from its providers and then the publisher, each
         within its share of the lease's fetch time (core.fetch)."""
+        kept = self._model_kept
+        if kept is not None and kept[0] == lease.model_digest:
+            # the bytes checked for an earlier lease of this model, the same object: a
+            # 100 MB model was read and hashed from the cache, then hashed again by the
+            # sandbox (Sandbox.model_digest remembers objects), for every shard
+            self.stats.model_reused += 1
+            return kept[1]
         model = self.cache.get(lease.model_digest)
         if model is None:
             model = await self.blobs.fetch(lease.model_digest, lease.model_size, [pub_peer],
                                            public=True, use_providers=True,
                                            timeout=max(0.0, give_up - trio.current_time()),
                                            budget_s=rules.fetch_time_s(lease))
+        self._model_kept = (lease.model_digest, model)
         return model
+
+    def _forget_model(self) -> None:
+        """Let the kept model go once no held lease uses it."""
+        kept = self._model_kept
+        if kept is not None and not any(
+                q.lease.model_digest == kept[0] for q in self.queue) and not any(
+                r.lease.model_digest == kept[0] for r in self.running.values()):
+            self._model_kept = None
 
     async def _fetch_input(self, lease: Any, pub_peer: str, give_up: float) -> bytes:
         """The input from the publisher, then the lease's seeders, with the lease's token.

@@ -55,6 +55,8 @@ async def test_the_next_input_is_fetched_while_the_current_shard_computes(tmp_pa
                 worker.timeline
             assert worker.stats.prefetched >= 1
             assert worker.stats.shards_done == 4
+            # a prefetched lease of the same model takes the bytes already checked
+            assert worker.stats.model_reused >= 1
 
 
 async def test_a_cancelled_queued_lease_drops_its_input_and_a_halt_hands_queued_leases_back(
