@@ -465,20 +465,23 @@ class Publisher:
             model_digest=bytes.fromhex(meta["model_digest"]), model_size=meta["model_size"],
             requirements=Requirements(m, tuple(p), v, o), credit_rate=meta["credit_rate"],
             quorum=meta["quorum"], shards_total=c["shards"],
-            shards_left=(c["shards"] - c["accepted"] - c["failed"]
-                         if self.sched.jobs[job_id].status == "live" else 0),
-            addrs=self._addrs())
+            shards_left=c["shards"] - c["accepted"] - c["failed"], addrs=self._addrs())
         return seal(body, self.identity, self.network)
 
     async def _announce_loop(self) -> None:
         """Announce each live job every max(interval, 5 s x live jobs), within the jobs
         topic's budget of a publisher (12 a minute, bursts of 6: core/ratelimit.py, the
         same bucket the mesh checks before publishing). A job not announced yet goes first
-        and may take the last token; a repeat leaves one, so a new job is heard at once."""
+        and may take the last token; repeats leave half the burst (3), so a few jobs
+        submitted in a row are each heard at once. An ended job is not announced again: the
+        budget goes to new jobs, and a worker asking for it is refused once and backs off
+        from that job only (core/worker.py)."""
         announced: dict[bytes, float] = {}  # job id -> trio time of its last announcement
         validator = getattr(self.mesh, "job_validator", None)
         me = self.identity.public_key
         urgent = False  # woken by a change (a shard reopened, a job resumed): repeat all now
+        # repeats leave half the burst for jobs not announced yet
+        reserve = validator.rate.burst // 2 if validator is not None else 0
         while True:
             self._announce_now = trio.Event()
             now = trio.current_time()
@@ -491,9 +494,10 @@ class Publisher:
                     wake = min(wake, announced[job_id] + period - now)
                     continue
                 if validator is not None:
+                    need = 1.0 if new else 1.0 + reserve
                     tokens = validator.rate.available(me, validator.clock())
-                    if tokens < (1.0 if new else 2.0):
-                        wake = min(wake, ((1.0 if new else 2.0) - tokens) / validator.rate.rate)
+                    if tokens < need:
+                        wake = min(wake, (need - tokens) / validator.rate.rate)
                         continue
                 try:
                     await self.mesh.announce_job(self.announcement(job_id))
@@ -501,17 +505,8 @@ class Publisher:
                 except MeshError as exc:
                     log.info("announcing job %s: %s", job_id.hex()[:8], exc)
                     wake = min(wake, 1.0)
-            # A job that ended is announced once more with nothing left, so workers holding
-            # its last announcement stop asking for it (best effort: it is a repeat).
             for job_id in [j for j in announced if j not in live]:
-                if validator is not None and validator.rate.available(me, validator.clock()) < 2.0:
-                    wake = min(wake, 1.0)
-                    break
-                try:
-                    await self.mesh.announce_job(self.announcement(job_id))
-                except MeshError as exc:
-                    log.info("announcing the end of job %s: %s", job_id.hex()[:8], exc)
-                del announced[job_id]
+                del announced[job_id]  # ended: its record expires (workers ask once, refused)
             with trio.move_on_after(max(0.05, wake)):
                 await self._announce_now.wait()
             urgent = self._announce_now.is_set()
