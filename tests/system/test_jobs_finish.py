@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from pubkit import pub_args, try_attach
 
 pytestmark = pytest.mark.system
 
@@ -29,24 +29,8 @@ PUBLISHING = {"publishing.request_interval_s": "0.2", "publishing.min_lease_s": 
 JOBS = 3
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "p2pfleet.cli.main", *args]
-
-
 def _pub_args(pub_root, *extra: str) -> list[str]:
-    args = ["--data-dir", str(pub_root), "--network", NETWORK]
-    for k, v in PUBLISHING.items():
-        args += ["-s", f"{k}={v}"]
-    return _cli(*args, *extra)
-
-
-def _try_attach(path):
-    from p2pfleet.sdk import SdkError, attach
-
-    try:
-        return attach(path)
-    except SdkError:
-        return None
+    return pub_args(pub_root, NETWORK, PUBLISHING, *extra)
 
 
 def test_three_nodes_one_excluded_cheater_every_job_finishes(tmp_path):
@@ -76,7 +60,7 @@ def test_three_nodes_one_excluded_cheater_every_job_finishes(tmp_path):
                   *[a for n in honest for a in ("--trust", n.peer_id)]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        client = wait_for(lambda: _try_attach(pub_root / "publisher"), 60,
+        client = wait_for(lambda: try_attach(pub_root / "publisher"), 60,
                           "the publisher to serve")
         # Jobs in a row; half of the shards are drawn for a re-check: each needs three
         # agreeing workers, which two honest nodes cannot give.

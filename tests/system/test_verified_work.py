@@ -15,10 +15,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from pubkit import cli, pub_args, try_attach
 
 pytestmark = pytest.mark.system
 
@@ -27,15 +27,8 @@ PUBLISHING = {"publishing.request_interval_s": "0.2", "publishing.min_lease_s": 
               "publishing.cross_class_wait_s": "1", "publishing.announce_interval_s": "2"}
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "p2pfleet.cli.main", *args]
-
-
 def _pub_args(pub_root, *extra: str) -> list[str]:
-    args = ["--data-dir", str(pub_root), "--network", NETWORK]
-    for k, v in PUBLISHING.items():
-        args += ["-s", f"{k}={v}"]
-    return _cli(*args, *extra)
+    return pub_args(pub_root, NETWORK, PUBLISHING, *extra)
 
 
 def _status(pub_root) -> dict:
@@ -123,7 +116,7 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
         # honest nodes hold receipts in their ledgers; the cheater none
         paid = {}
         for node in fleet.nodes:
-            led = subprocess.run(_cli("--data-dir", str(node.data_dir), "ledger", "--json"),
+            led = subprocess.run(cli("--data-dir", str(node.data_dir), "ledger", "--json"),
                                  capture_output=True, text=True, timeout=60)
             assert led.returncode == 0, led.stderr
             data = json.loads(led.stdout)
@@ -249,7 +242,6 @@ def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
     """`p2pfleet job serve` runs the publisher; a script attaches, submits, waits, exports;
     `job status` and `job cancel` reach the same publisher."""
     from p2pfleet.localfleet import wait_for
-    from p2pfleet.sdk import SdkError, attach
 
     model, inputs, local = digits
     fleet = _fleet(tmp_path, 3)
@@ -261,7 +253,7 @@ def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
                                        "--trust", fleet.nodes[1].peer_id),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        client = wait_for(lambda: _try_attach(pub_root / "publisher", attach, SdkError), 60,
+        client = wait_for(lambda: try_attach(pub_root / "publisher"), 60,
                           "the publisher to serve")
         job_id = client.submit(model, np.load(inputs), shard_size=100, micro_batch=20, quorum=2)
         done = client.wait(job_id, timeout=120)
@@ -283,13 +275,6 @@ def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
         serve.wait(30)
         for node in fleet.nodes:
             node.stop()
-
-
-def _try_attach(path, attach, error):
-    try:
-        return attach(path)
-    except error:
-        return None
 
 
 def test_strategic_cheater_is_caught_once_it_cheats(tmp_path, digits):
