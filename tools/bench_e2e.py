@@ -18,7 +18,8 @@ each quorum (1 and 2), at a fixed shard size per model:
 Verified samples/s ratio = fleet samples/s / plain onnxruntime samples/s. Quorum 1 here is a
 single copy per shard (SchedulerSettings.min_replicas=1, recheck_rate=0); quorum 2 two
 agreeing copies from distinct nodes (recheck_rate=0). Then, on one warm fleet: time from
-submit to first verified result (small jobs, model cached), and effective replication of an
+submit to first verified result (small jobs, model cached, each submitted when
+the publisher's announcement budget has room: the wait is reported), and effective replication of an
 honest fleet after warm-up (non-trusted identities, established_age_ms lowered to 0 for the
 run, default re-check rate) reported beside the wrong results accepted from a cheater node
 (`--cheat fp16`, which is not honest-then-cheating: see the JSON note). A bare libp2p stream
@@ -360,8 +361,16 @@ async def warm_run(workdir: Path, nodes: int, quick: bool) -> dict:
                     f"{row['first_verified_s']} s, rejected {rep.rejected}, wrong {res['shards_wrong']}")
                 lo += per_job
             # first-result latency on the warm fleet: small jobs
-            lat = []
+            lat, budget_waits = [], []
             for _ in range(3):
+                # A publisher announces at most 6 jobs at once and 12 a minute (the jobs
+                # topic's spam rule); after the warm-up jobs the budget may be spent, and a
+                # job submitted then waits for a token before anyone hears of it. Measure
+                # the protocol's latency with room in the budget, and report the wait.
+                t_wait = time.perf_counter()
+                while (wait := client.publisher.announce_wait_s()) > 0:
+                    await trio.sleep(wait + 0.01)
+                budget_waits.append(r(time.perf_counter() - t_wait))
                 X = X_all[lo:lo + shard]
                 ref = {k: v[lo:lo + shard] for k, v in ref_all.items()}
                 res = await timed_job(client, model, name, X, ref, shard=shard, micro=micro,
@@ -376,6 +385,7 @@ async def warm_run(workdir: Path, nodes: int, quick: bool) -> dict:
     out["replication_after_warmup"] = r(sum(j["replicas"] for j in after) /
                                         max(1, sum(j["shards"] for j in after)))
     out["first_verified_s_warm"] = [r(x) for x in lat]
+    out["announce_budget_wait_s"] = budget_waits
     out["wrong_results_accepted"] = wrong_accepted
     out["trust_at_end"] = trust_now
     return out
@@ -503,7 +513,8 @@ def summarize(res: dict) -> list[dict]:
         lat = w["first_verified_s_warm"]
         first = None if (not lat or None in lat) else max(lat)
         rows.append({"name": "submit -> first verified result, warm fleet (worst of 3 one-shard "
-                             f"jobs; null: none within {LATENCY_TIMEOUT_S:g} s)",
+                             "jobs, each submitted with room in the publisher's announcement "
+                             f"budget; null: none within {LATENCY_TIMEOUT_S:g} s)",
                      "target": "<= 2 s", "value": first, "values": lat,
                      "met": first is not None and first <= 2})
         late = [j["first_verified_s"] for j in w["jobs"][len(w["jobs"]) // 2:]]

@@ -468,6 +468,14 @@ class Publisher:
             shards_left=c["shards"] - c["accepted"] - c["failed"], addrs=self._addrs())
         return seal(body, self.identity, self.network)
 
+    def announce_wait_s(self) -> float:
+        """How long a job submitted now would wait for room in this publisher's
+        announcement budget (0: it would be announced at once)."""
+        validator = getattr(self.mesh, "job_validator", None)
+        if validator is None:
+            return 0.0
+        return validator.rate.wait_s(self.identity.public_key, validator.clock())
+
     async def _announce_loop(self) -> None:
         """Announce each live job every max(interval, 5 s x live jobs), within the jobs
         topic's budget of a publisher (12 a minute, bursts of 6: core/ratelimit.py, the
