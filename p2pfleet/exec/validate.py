@@ -64,6 +64,10 @@ shape inference) only run after the caps that keep them tractable:
                         compute their size from constants.
 14. workspace-too-large / total-too-large / peak-too-large / compute-too-large   estimates
                         over the whole graph (see `ModelLimits`)
+15. scalar-tensor       a fed graph input or a graph output of rank 0: a shard is split
+                        into micro-batches and joined along axis 0, so such a model would
+                        load, run, then fail. Checked last so that a model breaking an
+                        earlier rule as well reports that one.
 
 `ModelRefused.rule` is one of `RULES`; `node` and `tensor` name what was refused. Nodes
 without a name are named `OpType#index` (index in their graph); nodes in subgraphs and
@@ -124,6 +128,8 @@ RULES: dict[str, str] = {
     "too-many-outputs": "more graph outputs than the node accepts",
     "input-mismatch": "graph inputs and the lease's input shapes disagree",
     "non-tensor-type": "a sequence, map, optional or sparse value where a tensor is needed",
+    "scalar-tensor": "a graph input or output of rank 0 (shards are split and joined along "
+                     "axis 0, which a scalar does not have)",
     "checker": "onnx.checker refused the model",
     "shape-inference": "strict shape inference failed",
     "declared-shape": "a declared output shape disagrees with the inferred one",
@@ -992,6 +998,7 @@ def validate_model(model_bytes: bytes, input_shapes: Mapping[str, Sequence[int]]
     shaped = _bound_tensors(graph, inferred.graph, shapes, fed, limits)
     outputs = _outputs(graph, shaped)
     est = _estimate_run(inferred.graph, shaped, set(initializer_dims), shapes, limits)
+    _no_scalars(fed, shapes, outputs)
     return ValidatedModel(
         model_bytes=model_bytes,
         digest=hashlib.sha256(model_bytes).digest(),
@@ -1221,6 +1228,21 @@ def _outputs(graph: GraphProto, shaped: Mapping[str, _Shaped]) -> tuple[TensorSp
                                    f"{_fmt_dims(s.dims)}", tensor=vo.name)
         outputs.append(TensorSpec(vo.name, s.elem_type, s.dims, s.nbytes))
     return tuple(outputs)
+
+
+def _no_scalars(fed: Sequence[onnx.ValueInfoProto], shapes: Mapping[str, tuple[int, ...]],
+                outputs: Sequence[TensorSpec]) -> None:
+    """Refuse rank-0 graph inputs (given or declared) and outputs (as inferred)."""
+    for vi in fed:
+        tt = vi.type.tensor_type
+        if not shapes[vi.name] or (tt.HasField("shape") and not tt.shape.dim):
+            raise ModelRefused("scalar-tensor", "graph input has rank 0 (declared "
+                               f"{_describe_dims(vi.type)}, given {list(shapes[vi.name])}): "
+                               "axis 0 must be the samples", tensor=vi.name)
+    for o in outputs:
+        if not o.shape:
+            raise ModelRefused("scalar-tensor", "graph output has rank 0: micro-batch "
+                               "outputs are joined along axis 0", tensor=o.name)
 
 
 @dataclass(frozen=True)
