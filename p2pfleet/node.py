@@ -48,6 +48,7 @@ from .core import eventlog
 from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
+from .net.peer_budget import PeerBudget
 from .net.mesh import Mesh, MeshError, MeshSettings
 from .net.info import InfoFacts, info_handler
 from .store.state import NodeState
@@ -183,6 +184,7 @@ class Node:
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
         self.traffic = traffic.install()
         self.metrics_addr: tuple[str, int] | None = None
+        self.peer_budget = PeerBudget()  # over-budget peers' bytes never count toward the cap
         self._traffic_reported = self.traffic.total
         self._energy_pending_wh = 0.0
         # one JSON line per policy event (core/eventlog.py), replayable
@@ -259,7 +261,8 @@ class Node:
                 task_status.started()
                 delay = self.rng.uniform(0, self.config.node.state_jitter_s)
                 await trio.sleep(delay)
-                mesh = Mesh(self.identity, self.mesh_settings, self.state, clock=self.clock)
+                mesh = Mesh(self.identity, self.mesh_settings, self.state, clock=self.clock,
+                            budget=self.peer_budget)
                 blobs = self._blob_service(mesh)
                 if self.config.node.info_opt_in:  # else the info protocol is not offered
                     mesh.set_handler("info", self._info_handler())
@@ -433,7 +436,7 @@ class Node:
         policy_wake: float | None = None
         while not self._stopping:
             now = self.clock()
-            moved = self.traffic.total - self._traffic_reported
+            moved = self.traffic.total - self.peer_budget.not_counted() - self._traffic_reported
             if moved > 0:  # counts toward the daily transfer cap
                 self._traffic_reported += moved
                 await self._apply(nursery, self._feed(P.BytesTransferred(now, moved)))
@@ -480,6 +483,7 @@ class Node:
             "metrics_addr": "%s:%d" % self.metrics_addr if self.metrics_addr else None,
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
+            "bytes_refused": self.peer_budget.refused,  # from over-budget peers: not capped
             "mesh_joins": self.status.mesh_joins,
             "mesh_leaves": self.status.mesh_leaves,
             "last_error": self.status.last_error,

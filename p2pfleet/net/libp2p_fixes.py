@@ -97,6 +97,33 @@ class _IdleTimeoutStream:
         return getattr(self._stream, name)
 
 
+OVER_BUDGET = "over its inbound byte budget"
+MeterFn = Callable[[Any, int], "str | None"]
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class _MeteredStream:
+    """A stream proxy that reports each read's size to `meter(peer, n)` and fails the read
+    once the meter names a reason (the peer is over its byte budget: net/peer_budget.py)."""
+
+    def __init__(self, stream: Any, meter: MeterFn):
+        self._stream = stream
+        self._meter = meter
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self._stream.read(n)
+        why = self._meter(_peer_of(self._stream), len(data))
+        if why is not None:
+            raise _OverBudget(f"{OVER_BUDGET}: {why}")
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _peer_of(stream: Any) -> Any:
     try:
         return stream.muxed_conn.peer_id
@@ -105,9 +132,11 @@ def _peer_of(stream: Any) -> Any:
 
 
 def guard_handler(handler: Callable[[Any], Awaitable[None]], protocol: str,
-                  on_violation: ViolationFn, idle_timeout: float | None) -> Callable[[Any], Awaitable[None]]:
+                  on_violation: ViolationFn, idle_timeout: float | None,
+                  meter: MeterFn | None = None) -> Callable[[Any], Awaitable[None]]:
     async def guarded(stream: Any) -> None:
-        wrapped = _IdleTimeoutStream(stream, idle_timeout) if idle_timeout else stream
+        inner = _MeteredStream(stream, meter) if meter is not None else stream
+        wrapped = _IdleTimeoutStream(inner, idle_timeout) if idle_timeout else inner
         try:
             await handler(wrapped)
             if isinstance(wrapped, _IdleTimeoutStream) and wrapped.timed_out:
@@ -125,14 +154,16 @@ def guard_handler(handler: Callable[[Any], Awaitable[None]], protocol: str,
 
 
 def guard_stream_handlers(host: Any, on_violation: ViolationFn,
-                          idle_timeouts: dict[str, float] | None = None) -> None:
-    """Wrap every handler registered on `host` from now on (call before starting services)."""
+                          idle_timeouts: dict[str, float] | None = None,
+                          meter: MeterFn | None = None) -> None:
+    """Wrap every handler registered on `host` from now on (call before starting services);
+    with `meter`, every byte read by a handler is reported to it (see _MeteredStream)."""
     original = host.set_stream_handler
     timeouts = dict(idle_timeouts or {})
 
     def set_stream_handler(protocol_id: Any, handler: Callable[[Any], Awaitable[None]]) -> None:
         original(protocol_id, guard_handler(handler, str(protocol_id), on_violation,
-                                            timeouts.get(str(protocol_id))))
+                                            timeouts.get(str(protocol_id)), meter))
 
     host.set_stream_handler = set_stream_handler
 

@@ -44,7 +44,8 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
-from . import dht_lookup, dht_providers, libp2p_fixes
+from . import dht_lookup, dht_providers, libp2p_fixes, state_limits, traffic
+from .peer_budget import BudgetLimits, PeerBudget
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -89,6 +90,9 @@ class MeshSettings:
     max_pending_handshakes_per_ip: int = 4
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
+    max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
+    # unasked inbound bytes one peer may send (net/peer_budget.py)
+    peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class _ConnectionGate(INotifee):
             except Exception:  # noqa: BLE001 - it may already be closing
                 pass
             return
+        traffic.attribute(conn, self.mesh.budget, str(peer))
         self.mesh.first_peer.set()
 
     async def disconnected(self, network: Any, conn: Any) -> None:
@@ -135,7 +140,8 @@ class _ConnectionGate(INotifee):
 
 class Mesh:
     def __init__(self, identity: Identity, settings: MeshSettings, state: NodeState | None = None,
-                 *, clock: Callable[[], float] = time.time, reputation: Reputation | None = None):
+                 *, clock: Callable[[], float] = time.time, reputation: Reputation | None = None,
+                 budget: PeerBudget | None = None):
         libp2p_fixes.check_version()
         self.identity = identity
         self.settings = settings
@@ -143,6 +149,7 @@ class Mesh:
         self.state = state
         self.clock = clock
         self.reputation = reputation or Reputation()
+        self.budget = budget or PeerBudget(settings.peer_budget)  # outlives a mesh: the node's
         self.stats = MeshStats()
         self._rng = random.Random(settings.seed)
         self._accepted: OrderedDict[bytes, Opened] = OrderedDict()
@@ -210,6 +217,12 @@ class Mesh:
 
     def _on_stream_violation(self, peer: Any, protocol: str, reason: str) -> None:
         self.stats.protocol_errors += 1
+        if reason.startswith(libp2p_fixes.OVER_BUDGET):
+            # its bytes no longer count toward the cap (peer_budget); cut it off as well
+            self.penalize(peer, "rate-limit", f"{protocol}: {reason}")
+            if self.host is not None and peer is not None:
+                self._nursery.start_soon(self._close_peer, peer)
+            return
         offence = "stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT else "protocol-error"
         self.penalize(peer, offence, f"{protocol}: {reason}")
 
@@ -263,6 +276,7 @@ class Mesh:
         libp2p_fixes.guard_stream_handlers(
             host, self._on_stream_violation,
             idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},
+            meter=lambda peer, n: None if peer is None else self.budget.unasked(str(peer), n),
         )
 
         def record_offence(key: str, value: bytes) -> str | None:
@@ -305,6 +319,12 @@ class Mesh:
                 self.job_validator,
                 lambda peer: self.penalize(peer, "rate-limit", f"jobs topic: {OVER_RATE}"),
                 self._count_ignored))
+        state_limits.limit_gossip_topics(  # fix 12
+            pubsub, {self.names.topic("jobs"), self.names.topic("evidence")},
+            lambda peer, why: self.penalize(peer, "unknown-topic", why))
+        self.record_quota = state_limits.limit_records_per_sender(  # fix 13
+            host, dht, self.names.protocol("kad"), self.settings.max_records_per_sender,
+            lambda peer, why: self.penalize(peer, "invalid-message", why))
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -10,6 +10,7 @@ framing overhead, without TCP/IP headers). One counter per process: a node runs 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,28 @@ class Traffic:
 
 
 TRAFFIC = Traffic()
+
+
+def attribute(conn: Any, budget: Any, peer: str) -> bool:
+    """From now on, report the bytes `conn` (a swarm connection) receives to
+    `budget.received(peer, n)`. False if its TCP stream was not found."""
+    from libp2p.io.trio import TrioTCPStream
+
+    seen: set[int] = set()
+    todo = [conn.muxed_conn]
+    while todo:  # the TCP stream sits a few wrappers down (secure session, noise, raw conn)
+        obj = todo.pop()
+        if id(obj) in seen or len(seen) > 64:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, TrioTCPStream):
+            obj._p2pfleet_peer = (budget, peer)  # type: ignore[attr-defined]
+            return True
+        for name in ("secured_conn", "conn", "read_writer", "stream", "read_write_closer"):
+            child = getattr(obj, name, None)
+            if child is not None:
+                todo.append(child)
+    return False
 _installed = False
 
 
@@ -38,6 +61,9 @@ def install() -> Traffic:
     async def read(self, n: int | None = None) -> bytes:  # type: ignore[no-untyped-def]
         data = await original_read(self, n)
         TRAFFIC.received += len(data)
+        owner = getattr(self, "_p2pfleet_peer", None)
+        if owner is not None:
+            owner[0].received(owner[1], len(data))
         return data
 
     async def write(self, data: bytes) -> None:  # type: ignore[no-untyped-def]

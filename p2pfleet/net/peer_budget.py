@@ -1,0 +1,105 @@
+"""Per-peer inbound byte budgets: a peer's bytes spend the owner's transfer cap only if the
+peer stays within its budget.
+
+What a peer sends us unasked (gossip, DHT requests, identify, requests to our stream
+handlers) is metered per peer, per minute and per day. Its TCP bytes (net/traffic.py
+attributes them to the peer once the connection is up) are held for the current minute and
+only then counted toward the cap; a peer that overruns either budget has its held and later
+bytes refused (never counted) and is cut off by the mesh. So an attacker's flood costs the
+owner's link what arrived before the cut, but none of the daily cap: leaving the mesh would
+hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
+opened) are not metered, only held for the minute.
+
+py-libp2p 0.8.1's resource manager (libp2p.rcmgr) was judged first: it limits connections,
+streams and an abstract memory figure, but nothing in the swarm or muxers reports bytes to
+it, so it cannot budget bytes per peer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class BudgetLimits:
+    per_minute: int = 8 * MB   # unasked inbound bytes a peer may send in one minute
+    per_day: int = 64 * MB     # ... and in one day (a day: since the first byte, 24 h)
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.per_minute <= 0 or self.per_day < self.per_minute or self.window_s <= 0:
+            raise ValueError(f"peer budget: need 0 < per_minute <= per_day and window_s > 0, "
+                             f"got {self}")
+
+
+@dataclass
+class _Peer:
+    window_start: float
+    day_start: float
+    held: int = 0         # TCP bytes of this window, not yet counted toward the cap
+    unasked: int = 0      # metered bytes in this window
+    unasked_day: int = 0
+
+
+@dataclass
+class PeerBudget:
+    limits: BudgetLimits = field(default_factory=BudgetLimits)
+    clock: Callable[[], float] = time.monotonic
+    refused: int = 0                       # bytes of over-budget peers: never counted
+    over: dict[str, str] = field(default_factory=dict)  # peer -> why, since its overrun
+    _peers: dict[str, _Peer] = field(default_factory=dict)
+
+    @property
+    def held(self) -> int:
+        return sum(p.held for p in self._peers.values())
+
+    def not_counted(self) -> int:
+        """Bytes the traffic counter holds that do not (or not yet) count toward the cap."""
+        self.settle()
+        return self.held + self.refused
+
+    def received(self, peer: str, n: int) -> None:
+        """TCP bytes from `peer` (called by the traffic counter)."""
+        if peer in self.over:
+            self.refused += n
+            return
+        self._peer(peer).held += n
+
+    def unasked(self, peer: str, n: int) -> str | None:
+        """Meter `n` unasked bytes from `peer`; returns why it is over budget, else None."""
+        if peer in self.over:
+            return self.over[peer]
+        p = self._peer(peer)
+        p.unasked += n
+        p.unasked_day += n
+        why = None
+        if p.unasked > self.limits.per_minute:
+            why = f"{p.unasked} unasked bytes within a minute (budget {self.limits.per_minute})"
+        elif p.unasked_day > self.limits.per_day:
+            why = f"{p.unasked_day} unasked bytes within a day (budget {self.limits.per_day})"
+        if why is not None:
+            self.over[peer] = why
+            self.refused += p.held
+            p.held = 0
+        return why
+
+    def settle(self) -> None:
+        """Count the held bytes of windows that ended within budget."""
+        now = self.clock()
+        for peer, p in list(self._peers.items()):
+            if now - p.window_start >= self.limits.window_s:
+                p.held, p.unasked, p.window_start = 0, 0, now
+                if now - p.day_start >= 86_400:
+                    p.unasked_day, p.day_start = 0, now
+                    self.over.pop(peer, None)
+
+    def _peer(self, peer: str) -> _Peer:
+        p = self._peers.get(peer)
+        if p is None:
+            now = self.clock()
+            p = self._peers[peer] = _Peer(window_start=now, day_start=now)
+        return p

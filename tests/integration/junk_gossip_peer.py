@@ -1,0 +1,40 @@
+"""A plain py-libp2p host, run as its own process (so its bytes are not counted by the node
+under test): dials ADDR and sends well-framed junk GossipSub RPCs until the node cuts it
+off or LIMIT bytes are sent. Prints the bytes it sent. Usage: junk_gossip_peer.py ADDR LIMIT"""
+
+import os
+import sys
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.utils.varint import encode_uvarint
+
+
+async def main(addr: str, limit: int) -> None:
+    host = new_host(key_pair=create_new_key_pair(b"junk gossip peer".ljust(32, b"\0")))
+    rpc = rpc_pb2.RPC(publish=[rpc_pb2.Message(topicIDs=["not-a-fleet-topic"],
+                                               data=os.urandom(60_000))])
+    body = rpc.SerializeToString()
+    frame = encode_uvarint(len(body)) + body
+    sent = 0
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        await host.connect(info)
+        try:
+            while sent < limit:
+                stream = await host.new_stream(info.peer_id, [TProtocol("/meshsub/1.1.0")])
+                while sent < limit:
+                    with trio.fail_after(10):
+                        await stream.write(frame)
+                    sent += len(frame)
+        except Exception:  # noqa: BLE001 - cut off: what we want to see
+            pass
+    print(sent, flush=True)
+
+
+trio.run(main, sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,46 @@
+"""Issue 14 item 1: one peer flooding junk gossip must not spend the owner's transfer cap.
+
+The attacker is a separate process (a plain py-libp2p host) so the bytes counted here are
+the victim's and the honest peer's only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import trio
+
+from p2pfleet.net import traffic
+from p2pfleet.net.peer_budget import MB, BudgetLimits, PeerBudget
+from test_mesh import announcement
+
+from fleetkit import fleet, wait_until
+
+FLOOD = 40 * MB
+
+
+async def test_a_junk_gossip_flood_spends_none_of_the_cap_and_the_peer_is_cut_off():
+    counter = traffic.install()
+    budget = PeerBudget(BudgetLimits(per_minute=2 * MB, per_day=8 * MB))
+    async with fleet(2) as (victim, honest):
+        victim.budget = budget
+        start = counter.total - budget.not_counted()
+        script = Path(__file__).with_name("junk_gossip_peer.py")
+        proc = await trio.run_process(
+            [sys.executable, str(script), victim.listen_addrs()[0], str(FLOOD)],
+            capture_stdout=True, check=True)
+        sent = int(proc.stdout.decode().strip())
+        spent = counter.total - budget.not_counted() - start
+        assert budget.over, "the flooder was never judged over its budget"
+        assert sent < FLOOD, "the flooder was never cut off"
+        assert spent < 1 * MB, f"the flood spent {spent} bytes of the cap ({sent} sent)"
+        attacker = next(iter(budget.over))
+        assert victim.reputation.penalty(attacker, victim.clock()) > 0
+        await wait_until(lambda: attacker not in victim.connected_peers())
+        # an honest peer still hears gossip from the victim
+        from p2pfleet.identity import Identity
+        await wait_until(lambda: victim.pubsub.peer_topics.get(victim.names.topic("jobs")))
+        await victim.announce_job(announcement(Identity.from_seed(b"honest publisher"), seq=1))
+        with trio.fail_after(10):
+            heard = await honest.jobs.receive()
+        assert heard is not None
