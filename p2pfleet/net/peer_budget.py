@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MB = 1_000_000
+MAX_PEERS = 4096  # peers remembered; identities are cheap, so the table must not grow
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class PeerBudget:
             why = f"{p.unasked_day} unasked bytes within a day (budget {self.limits.per_day})"
         if why is not None:
             self.over[peer] = why
+            if len(self.over) > MAX_PEERS:  # the oldest overrun is forgotten first
+                del self.over[next(iter(self.over))]
             self.refused += p.held
             p.held = 0
         return why
@@ -101,5 +104,14 @@ class PeerBudget:
         p = self._peers.get(peer)
         if p is None:
             now = self.clock()
+            if len(self._peers) >= MAX_PEERS:
+                self._forget()
             p = self._peers[peer] = _Peer(window_start=now, day_start=now)
         return p
+
+    def _forget(self) -> None:
+        """Bound the table: count what the oldest half of the peers hold (as a window
+        ending would) and forget them."""
+        oldest = sorted(self._peers, key=lambda k: self._peers[k].window_start)
+        for peer in oldest[:len(oldest) // 2]:
+            del self._peers[peer]  # its held bytes count, as after a window within budget
