@@ -245,6 +245,10 @@ class HardwareSettings:
     memory_mb: int = _setting(
         0, "Memory inference may use, in MiB. 0: chosen from the machine's memory.",
         min=0, max=16 * 1024 * 1024)
+    max_run_s: float = _setting(
+        3600.0, "Longest wall-clock time one lease may run in the sandbox, validation and "
+        "loading included, seconds; a longer run ends as a timeout whatever deadline the "
+        "publisher set.", min=1, max=7 * 86400)
 
 
 @dataclass(frozen=True)

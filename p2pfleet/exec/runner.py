@@ -200,8 +200,9 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
 
     `on_progress` is called synchronously after each micro-batch: it must not block (put the
     Progress on a channel with send_nowait, or keep the latest). `time_limit_s` defaults to
-    the lease's deadline. `expected_outputs` (e.g. validate's ValidatedModel.outputs:
-    objects with name, dtype, shape) are checked against every micro-batch's real outputs
+    the lease's deadline; either is capped by the node's `sandbox.config.max_run_s`.
+    `expected_outputs` (e.g. validate's ValidatedModel.outputs: objects with name, dtype,
+    shape) are checked against every micro-batch's real outputs
     (the child already checks them against the model's declared types and shapes).
 
     `validate` (default on): before loading, the model is validated in the child
@@ -214,6 +215,9 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
     caller validated in a child already, or tests of the runtime limits)."""
     t_start = trio.current_time()
     limit = lease.deadline_ms / 1000.0 if time_limit_s is None else float(time_limit_s)
+    cap = sandbox.config.max_run_s
+    capped = cap < limit  # the node bounds a run, not the publisher's deadline alone
+    limit = min(limit, cap)
     deadline = t_start + limit
     digests: list[bytes] = []
     results: list[dict[str, np.ndarray]] = []
@@ -339,7 +343,10 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             if len(digests) < len(plan):
                 return outcome("stopped")
         except SandboxFailure as e:
-            return outcome("failed", e.reason, e.detail)
+            detail = e.detail
+            if e.reason == "timeout" and capped:
+                detail = f"{detail} (the node's max_run_s of {cap:.3g} s)"
+            return outcome("failed", e.reason, detail)
     return outcome("done")
 
 

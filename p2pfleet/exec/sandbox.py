@@ -114,6 +114,8 @@ class SandboxConfig:
     cores: cores of the machine for cpu_share (hardware.cores); 0: those this process may run on.
     max_threads: most onnxruntime intra-op threads per child (policy.max_threads); 0: cores.
     confine_fs: chroot the child into its empty working directory where possible.
+    max_run_s: longest wall-clock time of one shard (`run_shard`), whatever the lease's
+      deadline (hardware.max_run_s): the node, not the publisher, bounds a run.
     """
 
     memory_mb: int = 2048
@@ -133,6 +135,7 @@ class SandboxConfig:
     cores: int = 0
     max_threads: int = 0
     confine_fs: bool = True
+    max_run_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_mb, int) and not isinstance(self.memory_mb, bool) \
@@ -149,6 +152,11 @@ class SandboxConfig:
         share = self.cpu_share
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
             raise ValueError(f"SandboxConfig.cpu_share must be a number in (0, 1], got {share!r}")
+        run_s = self.max_run_s
+        if not isinstance(run_s, (int, float)) or isinstance(run_s, bool) or not run_s > 0 \
+                or not math.isfinite(run_s):
+            raise ValueError(f"SandboxConfig.max_run_s must be a number of seconds > 0, "
+                             f"got {run_s!r}")
         if self.isolation not in ISOLATION:
             raise ValueError(f"SandboxConfig.isolation must be one of {ISOLATION}, got {self.isolation!r}")
         for name in ("memory_mb", "max_frame", "nofile", "nproc", "cpu_hard_s", "max_children"):
@@ -204,10 +212,12 @@ def measured_memory_mb() -> int:
 
 def sandbox_config(config, **overrides) -> SandboxConfig:
     """The SandboxConfig of a node's `p2pfleet.config.Config`: memory from
-    hardware.memory_mb (0: measured), cores from hardware.cores, cpu_share and max_threads
-    from the policy. `overrides` are other SandboxConfig fields."""
+    hardware.memory_mb (0: measured), cores from hardware.cores, the run cap from
+    hardware.max_run_s, cpu_share and max_threads from the policy. `overrides` are other
+    SandboxConfig fields."""
     kw = dict(memory_mb=config.hardware.memory_mb, cores=config.hardware.cores,
-              cpu_share=config.policy.cpu_share, max_threads=config.policy.max_threads)
+              cpu_share=config.policy.cpu_share, max_threads=config.policy.max_threads,
+              max_run_s=config.hardware.max_run_s)
     kw.update(overrides)
     return SandboxConfig(**kw)
 

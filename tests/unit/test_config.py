@@ -126,6 +126,7 @@ BAD_FILE_VALUES = {
     "hardware.bench": ("-1.0", "a number >= 0"),
     "hardware.cores": ("-2", "an integer >= 0 and <= 4096"),
     "hardware.memory_mb": ("1.5", "an integer >= 0"),
+    "hardware.max_run_s": ("0.5", "a number >= 1 and <= 604800"),
     "publishers.allow": ('["not-a-peer"]', "Ed25519 peer ids"),
     "publishers.serve_anyone": ('"false"', "true or false"),
     "publishers.unpaid_cap": ("-5", "an integer >= 0"),
