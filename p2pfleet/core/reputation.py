@@ -18,6 +18,7 @@ PENALTIES = {
     "protocol-error": 20.0,    # a stream handler failed on the peer's input
     "rate-limit": 5.0,         # over a per-peer or per-publisher rate
     "stalled-stream": 5.0,     # an inbound stream went idle mid-request (also a bad link)
+    "unknown-topic": 2.0,      # gossip naming a topic we do not use (dropped)
     "equivocation": 100.0,     # two records with one sequence number
 }
 
