@@ -155,15 +155,18 @@ def guard_handler(handler: Callable[[Any], Awaitable[None]], protocol: str,
 
 def guard_stream_handlers(host: Any, on_violation: ViolationFn,
                           idle_timeouts: dict[str, float] | None = None,
-                          meter: MeterFn | None = None) -> None:
+                          meter: MeterFn | None = None,
+                          unmetered: set[str] | frozenset[str] = frozenset()) -> None:
     """Wrap every handler registered on `host` from now on (call before starting services);
-    with `meter`, every byte read by a handler is reported to it (see _MeteredStream)."""
+    with `meter`, every byte read by a handler is reported to it (see _MeteredStream),
+    except on the `unmetered` protocols."""
     original = host.set_stream_handler
     timeouts = dict(idle_timeouts or {})
 
     def set_stream_handler(protocol_id: Any, handler: Callable[[Any], Awaitable[None]]) -> None:
+        metered = meter if str(protocol_id) not in unmetered else None
         original(protocol_id, guard_handler(handler, str(protocol_id), on_violation,
-                                            timeouts.get(str(protocol_id)), meter))
+                                            timeouts.get(str(protocol_id)), metered))
 
     host.set_stream_handler = set_stream_handler
 

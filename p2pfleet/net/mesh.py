@@ -277,6 +277,9 @@ class Mesh:
             host, self._on_stream_violation,
             idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},
             meter=lambda peer, n: None if peer is None else self.budget.unasked(str(peer), n),
+            # results come on `report` because the publisher issued leases: asked-for bytes
+            # (a busy honest worker sends more than a day's budget of inline outputs)
+            unmetered={self.names.protocol("report")},
         )
 
         def record_offence(key: str, value: bytes) -> str | None:

@@ -44,3 +44,35 @@ async def test_a_junk_gossip_flood_spends_none_of_the_cap_and_the_peer_is_cut_of
         with trio.fail_after(10):
             heard = await honest.jobs.receive()
         assert heard is not None
+
+
+async def test_results_a_publisher_asked_for_are_not_held_against_the_worker(tmp_path):
+    """Results arrive on `report` because the publisher issued the leases: a busy honest
+    worker sends more inline outputs a day than any unasked budget allows, and must not be
+    cut off for it (the budget here is smaller than one result)."""
+    from test_publisher import meshes, pub_settings, spec
+
+    from p2pfleet.net.blobs import BlobService
+    from p2pfleet.publisher import Publisher
+    from p2pfleet.store.blobcache import BlobCache
+    from workerkit import TestWorker
+
+    async with meshes(2) as (pm, wm):
+        pm.budget = PeerBudget(BudgetLimits(per_minute=1000, per_day=1000))
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * MB))
+        blobs.install()
+        worker = TestWorker.start(wm, tmp_path / "w")
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings({wm.identity.public_key}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            pub.submit(spec(quorum=1, recheck_rate=0.0, audit_rate=0.0))
+            pid = pm.identity.peer_id
+            [lease] = (await worker.request(pid)).leases
+            envelope = await worker.compute(pid, lease)
+            assert len(envelope) > 1000
+            await worker.report(pid, envelope)  # raises if the stream was cut
+            assert pub.sched.leases[lease.lease_id].state == "returned"
+            assert wm.identity.peer_id not in pm.budget.over
+            nursery.cancel_scope.cancel()
+        pub.close()
