@@ -7,8 +7,8 @@ follows specs/work-and-leases.md from the worker's side:
   unpaid cap from the ledger, `no_work` back-off), send a signed `work_request` on the
   `lease` protocol, check the `lease_batch` (`core.worker.check_lease_batch`) and persist
   it in the ledger before running anything;
-- fetch the model by digest (any provider, then the publisher; hash-checked; cached and
-  provided to others) and the input from the publisher with the lease's token;
+- fetch the model by digest (any provider, then the publisher; hash-checked; cached, and
+  provided to others once it validated and ran here) and the input from the publisher with the lease's token;
 - pipeline: hold the leases `core.worker.leases_to_request` says (one computing, the next
   ones queued), fetch the next lease's blobs while the current one computes (one lease
   ahead), and ask for more as soon as one starts; a queued lease that is cancelled or
@@ -583,7 +583,9 @@ class Worker:
                                           threads=self.threads, on_progress=progress.update,
                                           stop=running.stop)
                 nursery.cancel_scope.cancel()
-            if outcome.rule is None and outcome.reason != "invalid_model":
+            if outcome.status in ("done", "stopped") and outcome.batch_digests:
+                # validated and ran here: only now offered to others. A timeout, a crash,
+                # running out of memory or refused inputs leave it private.
                 self._keep_model(lease.model_digest, model)
             busy_s = outcome.compute_s or (trio.current_time() - started)
             energy_mwh = self._account_energy(publisher, busy_s)
@@ -639,7 +641,7 @@ class Worker:
         model = self.cache.get(lease.model_digest)
         if model is None:
             model = await self.blobs.fetch(lease.model_digest, lease.model_size, [pub_peer],
-                                           public=True, use_providers=True,
+                                           public=True, use_providers=True, serve=False,
                                            timeout=max(0.0, give_up - trio.current_time()),
                                            budget_s=rules.fetch_time_s(lease))
         self._model_kept = (lease.model_digest, model)
@@ -662,9 +664,10 @@ class Worker:
             budget_s=rules.fetch_time_s(lease))
 
     def _keep_model(self, digest: bytes, model: bytes) -> None:
-        """A model that passed validation is cached and offered to other nodes (models
-        spread car to car, specs/work-and-leases.md, section 5)."""
-        if not self.cache.has(digest):
+        """A model that validated and ran here is cached as public and offered to other
+        nodes (models spread car to car, specs/work-and-leases.md, section 5); until then
+        it is fetched and cached privately."""
+        if not self.cache.publish(digest):
             self.cache.put(digest, model, public=True)
         if self.blobs is not None:
             self._nursery.start_soon(self._provide, digest)

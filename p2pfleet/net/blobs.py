@@ -362,14 +362,17 @@ class BlobService:
     async def fetch(self, digest: bytes, size: int, sources: Sequence[str], *,
                     token: bytes | None = None, public: bool = False,
                     use_providers: bool = False, timeout: float = 60.0,
-                    budget_s: float | None = None, pinned: bool = False) -> bytes:
+                    budget_s: float | None = None, pinned: bool = False,
+                    serve: bool | None = None) -> bytes:
         """The blob `digest` of `size` bytes, from the cache or from `sources` (peer ids or
         /p2p/ multiaddrs, asked in order, the last one last; DHT providers before them with
         `use_providers`, for public blobs only). Hash-checked; cached as `public` (and
         `pinned`). BlobError if no source delivers within `timeout` seconds.
 
         `budget_s`: the whole budget the per-source shares are fractions of (a worker passes
-        its lease's fetch time, and as `timeout` what is left of it); default `timeout`."""
+        its lease's fetch time, and as `timeout` what is left of it); default `timeout`.
+        `serve`: cache it as public, served to any peer (default: `public`); a worker
+        fetching a model it has not run yet passes False (public only after it ran)."""
         if not isinstance(digest, bytes) or len(digest) != 32:
             raise ValueError(f"a blob digest is 32 bytes of SHA-256, got {digest!r:.80}")
         if size < 0:
@@ -379,16 +382,17 @@ class BlobService:
                              "inputs come from the sources a lease names")
         budget_end = trio.current_time() + timeout
         budget_s = timeout if budget_s is None else budget_s
+        serve = public if serve is None else serve
         lock = self._fetching.setdefault(digest, trio.Lock())
         try:
             async with lock:
-                cached = await self._cached(digest, size, public, pinned)
+                cached = await self._cached(digest, size, serve, pinned)
                 if cached is not None:
                     return cached
                 failures: list[str] = []
                 self.stats.last_failures = failures
                 with trio.move_on_at(budget_end):
-                    return await self._fetch(digest, size, sources, token, public, pinned,
+                    return await self._fetch(digest, size, sources, token, serve, pinned,
                                              use_providers, failures, budget_end, budget_s)
                 raise BlobError(digest, "its sources", f"not complete within {timeout:.0f} s"
                                 + (f" ({'; '.join(failures)})" if failures else ""))

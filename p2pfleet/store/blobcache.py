@@ -187,6 +187,14 @@ class BlobCache:
         info = self.info(digest)
         return info is not None and info.public
 
+    def publish(self, digest: bytes) -> bool:
+        """Make a held blob public (served to anyone) without reading or hashing it again;
+        False if it is not held."""
+        _check_digest(digest)
+        with self._lock:
+            cur = self._db.execute("UPDATE blobs SET public = 1 WHERE digest = ?", (digest,))
+        return cur.rowcount > 0
+
     def size_of(self, digest: bytes) -> int | None:
         info = self.info(digest)
         return None if info is None else info.size
