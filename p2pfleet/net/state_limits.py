@@ -32,7 +32,8 @@ UnknownTopicFn = Callable[[Any, str], None]  # (peer_id, what it sent)
 
 def limit_gossip_topics(pubsub: Any, topics: set[str], on_unknown: UnknownTopicFn) -> None:
     """Keep `pubsub` (and its router and scorer) from holding state for any topic outside
-    `topics`: such subscriptions, messages and control entries are dropped and reported."""
+    `topics`: such subscriptions are dropped; messages and control entries naming them are
+    dropped and reported (an honest peer sends those only for topics we subscribe to)."""
     ours = frozenset(topics)
     handle_subscription = pubsub.handle_subscription
     push_msg = pubsub.push_msg
@@ -41,7 +42,9 @@ def limit_gossip_topics(pubsub: Any, topics: set[str], on_unknown: UnknownTopicF
 
     def subscription(origin: Any, sub: Any) -> None:
         if sub.subscribe and sub.topicid not in ours:
-            on_unknown(origin, f"subscribed to a topic we do not use: {sub.topicid[:80]!r}")
+            # dropped, not punished: every peer tells every other of its subscriptions, so a
+            # newer node on a topic this version lacks would pay for it; dropped, it costs
+            # nothing to hold
             return
         handle_subscription(origin, sub)
 
