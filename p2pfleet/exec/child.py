@@ -320,16 +320,23 @@ def harden(libc, parent_pid: int) -> None:
         os._exit(3)  # the parent died before PDEATHSIG was armed
 
 
+def _at_most_hard(which: int, value: int) -> int:
+    """`value`, or the inherited hard limit if lower: a process can never raise it (the
+    parent lowered its settings already; this keeps an older parent's child alive)."""
+    _soft, hard = resource.getrlimit(which)
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
+
+
 def set_limits(settings: dict, dropped_uid: bool) -> None:
-    as_bytes = int(settings["memory_mb"]) << 20
+    as_bytes = _at_most_hard(resource.RLIMIT_AS, int(settings["memory_mb"]) << 20)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    nofile = int(settings["nofile"])
+    nofile = _at_most_hard(resource.RLIMIT_NOFILE, int(settings["nofile"]))
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-    cpu_hard = int(settings["cpu_hard_s"])
+    cpu_hard = _at_most_hard(resource.RLIMIT_CPU, int(settings["cpu_hard_s"]))
     resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_hard, int(cpu_used()) + 60), cpu_hard))
     if dropped_uid:
-        nproc = int(settings["nproc"])
+        nproc = _at_most_hard(resource.RLIMIT_NPROC, int(settings["nproc"]))
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
 

@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -59,7 +60,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -102,6 +103,9 @@ class SandboxConfig:
       (the child keeps the node's uid).
     nofile / nproc: RLIMIT_NOFILE; RLIMIT_NPROC (per uid: with private ids, per child; only
       set after dropping privileges).
+    memory_mb, cpu_hard_s, nofile and nproc are lowered to this process's own hard limits
+      (a lower ulimit, systemd LimitAS/LimitCPU, a container), which a child cannot raise;
+      `clamped` lists what was lowered and the pool logs it once.
     cpu_hard_s: hard RLIMIT_CPU over a child's life; the pool restarts children nearing it.
     nice: niceness of the child (inference yields to the car's own work).
     start_timeout_s: time for a child to start and say hello.
@@ -136,6 +140,8 @@ class SandboxConfig:
     max_threads: int = 0
     confine_fs: bool = True
     max_run_s: float = 3600.0
+    clamped: tuple[str, ...] = field(default=(), init=False, compare=False)
+    """Limits lowered to this process's own hard limits (`clamp_to_own_limits`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_mb, int) and not isinstance(self.memory_mb, bool) \
@@ -166,6 +172,36 @@ class SandboxConfig:
         if self.memory_mb < 256:
             raise ValueError(f"SandboxConfig.memory_mb must be >= 256 (the runtime needs ~300 MiB "
                              f"of address space), got {self.memory_mb}")
+        clamp_to_own_limits(self)
+
+
+_OWN_LIMITS = (("memory_mb", "RLIMIT_AS", 1 << 20), ("cpu_hard_s", "RLIMIT_CPU", 1),
+               ("nofile", "RLIMIT_NOFILE", 1), ("nproc", "RLIMIT_NPROC", 1))
+
+
+def own_hard_limit(name: str) -> int | None:
+    """This process's hard limit `resource.<name>`, None when unlimited or unknown. A child
+    inherits it and can never raise a limit past it (ulimit, systemd LimitAS/LimitCPU, a
+    container runtime may have set it lower than the sandbox wants)."""
+    try:
+        _soft, hard = resource.getrlimit(getattr(resource, name))
+    except (AttributeError, ValueError, OSError):
+        return None
+    return None if hard == resource.RLIM_INFINITY or hard < 0 else int(hard)
+
+
+def clamp_to_own_limits(cfg: SandboxConfig) -> None:
+    """Lower each limit the child sets to what this process may set (its hard limit), instead
+    of a child that fails raising it; `cfg.clamped` says what was lowered (the pool logs it
+    once)."""
+    notes = []
+    for attr, rlimit, unit in _OWN_LIMITS:
+        hard = own_hard_limit(rlimit)
+        want = getattr(cfg, attr)
+        if hard is not None and want * unit > hard:
+            object.__setattr__(cfg, attr, max(1, hard // unit))
+            notes.append(f"{attr} {want} -> {getattr(cfg, attr)} ({rlimit} hard limit)")
+    object.__setattr__(cfg, "clamped", tuple(notes))
 
 
 def _usable_cores() -> int:
@@ -187,7 +223,8 @@ def _read_int(path: str) -> int | None:
 def measured_memory_mb() -> int:
     """A child's memory limit when the owner left hardware.memory_mb at 0: a quarter of
     the machine's memory or of this process's cgroup memory limit, whichever is smaller,
-    and at least 1024 MiB (the runtime alone takes ~300 MiB of address space)."""
+    and at least 1024 MiB (the runtime alone takes ~300 MiB of address space); at most this
+    process's own hard RLIMIT_AS, which the child inherits."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
@@ -207,7 +244,9 @@ def measured_memory_mb() -> int:
             continue
         if limit is not None and 0 < limit < total:
             total = limit
-    return max(1024, total // 4 >> 20)
+    own = own_hard_limit("RLIMIT_AS")  # the child inherits this process's own limit
+    mb = max(1024, total // 4 >> 20)
+    return mb if own is None else min(mb, own >> 20)
 
 
 def sandbox_config(config, **overrides) -> SandboxConfig:
@@ -1321,6 +1360,9 @@ class SandboxPool:
     def __init__(self, config: SandboxConfig, nursery: trio.Nursery):
         self.config = config
         self._nursery = nursery
+        if config.clamped:
+            log.warning("sandbox limits lowered to what this process may set: %s",
+                        "; ".join(config.clamped))
         self._boxes: OrderedDict[bytes, Sandbox] = OrderedDict()
 
     async def get(self, publisher: bytes) -> Sandbox:

@@ -5,7 +5,11 @@ runs a model under lower inherited limits (ulimit -v, ulimit -t, systemd LimitAS
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -41,3 +45,25 @@ def test_the_cap_is_a_node_setting_with_a_default():
     assert sandbox_config(cfg).max_run_s == 90
     with pytest.raises(ValueError, match="max_run_s"):
         SandboxConfig(memory_mb=1024, max_run_s=0)
+
+
+GiB = 1 << 30
+
+
+def _lower_limits() -> None:
+    """In the child process before exec: what `ulimit -v 2097152; ulimit -t 600` does."""
+    resource.setrlimit(resource.RLIMIT_AS, (2 * GiB, 2 * GiB))
+    resource.setrlimit(resource.RLIMIT_CPU, (600, 600))
+
+
+def test_the_sandbox_starts_and_runs_a_model_under_lower_inherited_limits():
+    script = Path(__file__).with_name("sandbox_under_ulimit.py")
+    proc = subprocess.run([sys.executable, str(script)], preexec_fn=_lower_limits,
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["status"] == "done", (got, proc.stderr[-3000:])
+    # the defaults follow the process's own limits, and the node says so once at start
+    assert got["memory_mb"] <= 2048 and got["cpu_hard_s"] <= 600, got
+    assert proc.stderr.count("lowered to what this process may set") == 1, proc.stderr[-3000:]
