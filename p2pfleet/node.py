@@ -110,11 +110,11 @@ def utc_offset_s(at: float) -> int:
 
 
 def memory_mb() -> int:
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return int(pages * size / 2**20 / 4)  # a quarter of the machine by default
-    except (ValueError, OSError):
-        return 1024
+    """What the sandbox gives a child when hardware.memory_mb is 0 (a quarter of RAM or of
+    the cgroup limit, at most this process's own RLIMIT_AS): offered as the node's memory."""
+    from .exec.sandbox import measured_memory_mb
+
+    return measured_memory_mb()
 
 
 def public_addrs(addrs: list[str], allow_private: bool) -> tuple[str, ...]:
