@@ -7,7 +7,6 @@ import hashlib
 import time
 
 import pytest
-import trio
 from libp2p.kad_dht import provider_store as kad_provider_store
 
 from p2pfleet.net import dht_providers, streams

@@ -12,7 +12,6 @@ import hashlib
 from contextlib import asynccontextmanager
 
 import numpy as np
-import pytest
 import trio
 from onnx import TensorProto, helper, numpy_helper
 

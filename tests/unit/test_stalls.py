@@ -4,7 +4,6 @@ publisher when it can, else the replica rules relaxed in RELAX_ORDER, never sile
 
 from __future__ import annotations
 
-import random
 
 from p2pfleet.core import scheduler as S
 from p2pfleet.core import trust as T
