@@ -777,6 +777,7 @@ class Publisher:
         """Check a result's outputs, compare them with the shard's other results, store it
         and hand the outcome to the scheduler, in one transaction."""
         now = self._now()
+        self.stats["results"] += 1
         worker = lease.worker
         meta = self._meta[lease.job_id]
         ka = self._shards[lease.job_id][lease.shard][1]

@@ -355,6 +355,7 @@ async def test_forged_and_replayed_results_are_refused(tmp_path):
             [lease_b] = (await b.request(pid)).leases
             await b.report(pid, await b.compute(pid, lease_b))
             assert pub.status(job).accepted == 1
+            assert pub.stats["results"] == 2 and pub.stats["replays"] == 1  # a's copy not taken
             await wait_until(lambda: len({r.body.lease_id for r in a.receipts}) == 1, timeout=10)
             count = pub.store.conn.execute("SELECT count(*) FROM receipts").fetchone()[0]
             assert count == 2
