@@ -109,12 +109,16 @@ def utc_offset_s(at: float) -> int:
     return int(off or 0)
 
 
-def memory_mb() -> int:
-    """What the sandbox gives a child when hardware.memory_mb is 0 (a quarter of RAM or of
-    the cgroup limit, at most this process's own RLIMIT_AS): offered as the node's memory."""
-    from .exec.sandbox import measured_memory_mb
+def memory_mb(configured: int = 0) -> int:
+    """The memory a sandbox child really gets, offered as the node's: `configured`
+    (hardware.memory_mb) or, when 0, a quarter of RAM or of the cgroup limit; either way at
+    most this process's own hard RLIMIT_AS, which the sandbox clamps its children to."""
+    from .exec.sandbox import measured_memory_mb, own_hard_limit
 
-    return measured_memory_mb()
+    if not configured:
+        return measured_memory_mb()
+    own = own_hard_limit("RLIMIT_AS")
+    return configured if own is None else min(configured, own >> 20)
 
 
 def public_addrs(addrs: list[str], allow_private: bool) -> tuple[str, ...]:
@@ -230,7 +234,7 @@ class Node:
         body = Capacity(
             seq=seq, exp=exp, sw_version=__version__, state=state,
             hw_class=self.hw_class, cores=hw.cores or (os.cpu_count() or 1),
-            memory_mb=hw.memory_mb or memory_mb(),
+            memory_mb=memory_mb(hw.memory_mb),
             bench=float(f"{self.bench:.2g}"),  # coarse: a precise figure fingerprints the car
             providers=(CPU_PROVIDER,),
             ort_version=ORT_VERSION, slots=self.worker.settings.slots if self.worker else 1,
@@ -334,7 +338,7 @@ class Node:
         """The capacity fields a work request states."""
         hw = self.config.hardware
         return {"hw_class": self.hw_class, "ort_version": ORT_VERSION, "bench": float(self.bench),
-                "cores": hw.cores or (os.cpu_count() or 1), "memory_mb": hw.memory_mb or memory_mb(),
+                "cores": hw.cores or (os.cpu_count() or 1), "memory_mb": memory_mb(hw.memory_mb),
                 "providers": (CPU_PROVIDER,)}
 
     def _make_worker(self, pool: Any) -> Worker:

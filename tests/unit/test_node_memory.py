@@ -1,0 +1,26 @@
+"""The memory a node offers is what its sandbox children can really get: under a lower
+inherited address-space limit, an owner's larger hardware.memory_mb is not advertised."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+LIMIT = 3 << 30  # 3 GiB of address space, as `ulimit -v` or systemd LimitAS would set
+
+
+def _offered(configured: int) -> int:
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
+
+    out = subprocess.run(
+        [sys.executable, "-c", f"from p2pfleet.node import memory_mb; print(memory_mb({configured}))"],
+        preexec_fn=lower, capture_output=True, text=True, check=True, timeout=120)
+    return int(out.stdout.strip())
+
+
+def test_an_owners_memory_setting_above_the_process_limit_is_not_offered():
+    assert _offered(64 * 1024) == LIMIT >> 20
+    assert _offered(1024) == 1024
+    assert _offered(0) <= LIMIT >> 20
