@@ -147,10 +147,14 @@ async def publisher(mesh: Mesh, tmp_path, worker_key: bytes):
 
 
 @asynccontextmanager
-async def node_worker(mesh: Mesh, tmp_path, publishers: tuple[bytes, ...]):
-    """The node's own Worker with a real ledger, blob cache and sandbox pool."""
+async def node_worker(mesh: Mesh, tmp_path, publishers: tuple[bytes, ...],
+                      max_run_s: float | None = None):
+    """The node's own Worker with a real ledger, blob cache and sandbox pool (whose runs
+    `max_run_s` caps, if given)."""
     cache = BlobCache(tmp_path / "worker-blobs", 64 * MiB)
-    async with open_sandbox_pool(SandboxConfig(memory_mb=1024)) as pool:
+    cfg = SandboxConfig(memory_mb=1024) if max_run_s is None else SandboxConfig(
+        memory_mb=1024, max_run_s=max_run_s)
+    async with open_sandbox_pool(cfg) as pool:
         # short back-offs: on a loaded machine py-libp2p now and then loses a loopback
         # connection, and the worker then re-dials and re-sends (after 60 s by default)
         ws = WorkerSettings(network=NETWORK, allow=publishers, retry_base_s=1.0,

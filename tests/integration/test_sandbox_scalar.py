@@ -15,15 +15,9 @@ from p2pfleet.exec import ModelRefused, validate_model
 from p2pfleet.exec.runner import run_shard
 from p2pfleet.exec.sandbox import SandboxConfig, open_sandbox_pool
 from p2pfleet.wire.kinds import Lease
+from test_sandbox import _model  # the same few-node model builder
 
 F = TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, inits=()) -> bytes:
-    graph = helper.make_graph(nodes, "t", inputs, outputs, list(inits))
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m.SerializeToString()
 
 
 def sum_to_scalar() -> bytes:

@@ -60,10 +60,7 @@ async def pool():
 
 @pytest.mark.parametrize("name", sorted(SHARDS))
 async def test_outputs_are_bit_identical_to_onnxruntime_for_every_zoo_model(pool, name):
-    try:
-        model, input_name, make = MODELS[name]()
-    except ImportError as e:  # digits needs scikit-learn, magika its wheel (test extras)
-        pytest.skip(f"{name}: {e}")
+    model, input_name, make = MODELS[name]()  # the test extras bring scikit-learn and magika
     samples, mb = SHARDS[name]
     inputs = {input_name: make(samples)}
     box = await pool.get(b"publisher-a")

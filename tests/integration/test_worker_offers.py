@@ -9,21 +9,16 @@ ran is both."""
 from __future__ import annotations
 
 import hashlib
-from contextlib import asynccontextmanager
 
 import numpy as np
-import trio
 from onnx import TensorProto, helper, numpy_helper
 
-from p2pfleet.exec.sandbox import SandboxConfig, open_sandbox_pool
 from p2pfleet.net.blobs import BlobError, BlobService
 from p2pfleet.publisher import JobSpec
 from p2pfleet.store.blobcache import BlobCache
-from p2pfleet.store.ledger import Ledger
-from p2pfleet.worker import Worker, WorkerSettings
 
-from fleetkit import NETWORK, wait_until
-from test_hostile_providers import heard_jobs, meshes, offer, publisher
+from fleetkit import wait_until
+from test_hostile_providers import meshes, node_worker, publisher
 from workerkit import mlp_model
 
 MiB = 1024 * 1024
@@ -54,27 +49,6 @@ def spec(model: bytes, inputs) -> JobSpec:
                    quorum=1, recheck_rate=0.0, audit_rate=0.0, known_answer_rate=0.0)
 
 
-@asynccontextmanager
-async def capped_worker(mesh, tmp_path, publishers, max_run_s: float):
-    """The node's own Worker (as in test_hostile_providers) whose sandbox caps runs."""
-    cache = BlobCache(tmp_path / "worker-blobs", 64 * MiB)
-    async with open_sandbox_pool(SandboxConfig(memory_mb=1024, max_run_s=max_run_s)) as pool:
-        ws = WorkerSettings(network=NETWORK, allow=publishers, retry_base_s=1.0,
-                            backoff_base_s=1.0)
-        worker = Worker(mesh.identity, ws, Ledger(tmp_path / "ledger.sqlite"), cache, pool,
-                        offer=offer)
-        blobs = BlobService(mesh, cache, authorize=worker.authorize_blob,
-                            scores=worker.source_scores)
-        blobs.install()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(worker.run, mesh, blobs, heard_jobs(mesh))
-            worker.allow(1, 1.0)
-            try:
-                yield worker, blobs
-            finally:
-                nursery.cancel_scope.cancel()
-
-
 async def ask_worker(hm, tmp_path, wm, digest: bytes, size: int) -> bytes | None:
     """A third peer asks the worker alone for the model: the bytes, or None if refused."""
     await hm.connect(wm.listen_addrs()[0])
@@ -92,7 +66,7 @@ async def test_a_model_that_timed_out_is_neither_served_nor_provided(tmp_path):
     inputs = {"x": np.random.default_rng(1).standard_normal((N, 512)).astype(np.float32)}
     async with meshes(3) as (pm, wm, hm):
         async with publisher(pm, tmp_path, wm.identity.public_key) as pub, \
-                capped_worker(wm, tmp_path, (pm.identity.public_key,), 1.0) as (worker, blobs):
+                node_worker(wm, tmp_path, (pm.identity.public_key,), 1.0) as (worker, blobs):
             pub.submit(spec(slow, inputs))
             await wait_until(lambda: worker.stats.shards_failed >= 1, timeout=WAIT_S)
             assert worker.stats.shards_done == 0
@@ -108,7 +82,7 @@ async def test_a_model_that_ran_is_served_and_provided(tmp_path):
     inputs = {"x": np.random.default_rng(2).standard_normal((16, 16)).astype(np.float32)}
     async with meshes(3) as (pm, wm, hm):
         async with publisher(pm, tmp_path, wm.identity.public_key) as pub, \
-                capped_worker(wm, tmp_path, (pm.identity.public_key,), 60.0) as (worker, blobs):
+                node_worker(wm, tmp_path, (pm.identity.public_key,), 60.0) as (worker, blobs):
             pub.submit(spec(model, inputs))
             await wait_until(lambda: worker.stats.shards_done >= 1, timeout=WAIT_S)
             await wait_until(lambda: digest in blobs._provided, timeout=WAIT_S)

@@ -632,8 +632,6 @@ def test_other_sklearn_exports_pass_and_match_onnxruntime(digits_model, kind) ->
 def test_light_vgg19_from_the_onnx_wheel() -> None:
     """notes/onnx.md: a 9 KB VGG19 whose weights are ConstantOfShape runs at ~1 GB."""
     path = importlib.resources.files("onnx") / "backend/test/data/light/light_vgg19.onnx"
-    if not path.is_file():
-        pytest.skip("this onnx wheel has no light models")
     data = path.read_bytes()
     assert len(data) < 10_000
     v = validate_model(data, {"data_0": (1, 3, 224, 224)})  # IR 3: 40 initializer inputs

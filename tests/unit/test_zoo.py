@@ -4,18 +4,14 @@ outputs batched as one picture at a time."""
 
 from __future__ import annotations
 
-import importlib.resources
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 from p2pfleet.exec.outputs import compare_outputs
 from p2pfleet.exec.validate import validate_model
 from p2pfleet.zoo import resnet50
 
-LIGHT = importlib.resources.files("onnx") / "backend/test/data/light/light_resnet50.onnx"
-pytestmark = pytest.mark.skipif(not LIGHT.is_file(), reason="this onnx wheel has no light models")
 
 
 def test_resnet50_batch_of_two_matches_two_batches_of_one() -> None:
