@@ -48,11 +48,11 @@ from .core import eventlog
 from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
-from .net.peer_budget import PeerBudget
 from .net.mesh import Mesh, MeshError, MeshSettings
 from .net.info import InfoFacts, info_handler
 from .store.state import NodeState
 from .worker import Worker, WorkerSettings
+from .core.peer_budget import PeerBudget
 from .core.worker import HeardJob, hand_back_reason
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
 from .wire.envelope import seal
@@ -188,7 +188,7 @@ class Node:
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
         self.traffic = traffic.install()
         self.metrics_addr: tuple[str, int] | None = None
-        self.peer_budget = PeerBudget()  # over-budget peers' bytes never count toward the cap
+        self.peer_budget = PeerBudget(time.monotonic)  # over-budget peers' bytes never count toward the cap
         self._traffic_reported = self.traffic.total
         self._energy_pending_wh = 0.0
         # one JSON line per policy event (core/eventlog.py), replayable

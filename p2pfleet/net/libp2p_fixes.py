@@ -108,7 +108,7 @@ class _OverBudget(Exception):
 
 class _MeteredStream:
     """A stream proxy that reports each read's size to `meter(peer, n)` and fails the read
-    once the meter names a reason (the peer is over its byte budget: net/peer_budget.py)."""
+    once the meter names a reason (the peer is over its byte budget: core/peer_budget.py)."""
 
     def __init__(self, stream: Any, meter: MeterFn):
         self._stream = stream

@@ -39,13 +39,13 @@ from libp2p.custom_types import TProtocol
 from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..core.peer_budget import BudgetLimits, PeerBudget
 from ..core.reputation import Reputation
 from ..identity import Identity
 from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
 from . import dht_lookup, dht_providers, libp2p_fixes, state_limits, traffic
-from .peer_budget import BudgetLimits, PeerBudget
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -91,7 +91,7 @@ class MeshSettings:
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
     max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
-    # unasked inbound bytes one peer may send (net/peer_budget.py)
+    # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
 
 
@@ -149,7 +149,7 @@ class Mesh:
         self.state = state
         self.clock = clock
         self.reputation = reputation or Reputation()
-        self.budget = budget or PeerBudget(settings.peer_budget)  # outlives a mesh: the node's
+        self.budget = budget or PeerBudget(time.monotonic, settings.peer_budget)  # outlives a mesh: the node's
         self.stats = MeshStats()
         self._rng = random.Random(settings.seed)
         self._accepted: OrderedDict[bytes, Opened] = OrderedDict()

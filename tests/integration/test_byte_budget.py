@@ -6,12 +6,13 @@ the victim's and the honest peer's only."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import trio
 
 from p2pfleet.net import traffic
-from p2pfleet.net.peer_budget import MB, BudgetLimits, PeerBudget
+from p2pfleet.core.peer_budget import MB, BudgetLimits, PeerBudget
 from test_mesh import announcement
 
 from fleetkit import fleet, wait_until
@@ -21,7 +22,7 @@ FLOOD = 40 * MB
 
 async def test_a_junk_gossip_flood_spends_none_of_the_cap_and_the_peer_is_cut_off():
     counter = traffic.install()
-    budget = PeerBudget(BudgetLimits(per_minute=2 * MB, per_day=8 * MB))
+    budget = PeerBudget(time.monotonic, BudgetLimits(per_minute=2 * MB, per_day=8 * MB))
     async with fleet(2) as (victim, honest):
         victim.budget = budget
         start = counter.total - budget.not_counted()
@@ -58,7 +59,7 @@ async def test_results_a_publisher_asked_for_are_not_held_against_the_worker(tmp
     from workerkit import TestWorker
 
     async with meshes(2) as (pm, wm):
-        pm.budget = PeerBudget(BudgetLimits(per_minute=1000, per_day=1000))
+        pm.budget = PeerBudget(time.monotonic, BudgetLimits(per_minute=1000, per_day=1000))
         blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * MB))
         blobs.install()
         worker = TestWorker.start(wm, tmp_path / "w")

@@ -137,7 +137,7 @@ def test_daily_transfer_cap_takes_the_node_out_of_the_mesh(tmp_path):
         capped.settings["policy.daily_transfer_cap_mb"] = "0.005"  # 5 kB
         capped.start(f.network, [f.nodes[0].addr])
         # received bytes count once their peer's minute ended within its budget
-        # (net/peer_budget.py), so the cap is reached about a minute after the start
+        # (core/peer_budget.py), so the cap is reached about a minute after the start
         status = wait_for(lambda: (s := capped.try_ask("status")) and s["mesh_leaves"] >= 1 and s,
                           150, "the capped node to leave")
         assert not status["in_mesh"]

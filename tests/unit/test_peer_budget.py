@@ -1,9 +1,9 @@
-"""Per-peer inbound byte budgets (net/peer_budget.py): what counts toward the owner's cap,
+"""Per-peer inbound byte budgets (core/peer_budget.py): what counts toward the owner's cap,
 and tables that stay bounded when an attacker rotates identities."""
 
 from __future__ import annotations
 
-from p2pfleet.net import peer_budget as PB
+from p2pfleet.core import peer_budget as PB
 
 
 class Clock:
@@ -16,7 +16,7 @@ class Clock:
 
 def test_bytes_of_a_peer_over_budget_are_refused_and_others_count_after_their_window():
     clock = Clock()
-    b = PB.PeerBudget(PB.BudgetLimits(per_minute=1000, per_day=5000), clock=clock)
+    b = PB.PeerBudget(clock, PB.BudgetLimits(per_minute=1000, per_day=5000))
     b.received("honest", 400)
     assert b.unasked("honest", 400) is None
     b.received("flood", 900)
@@ -30,7 +30,7 @@ def test_bytes_of_a_peer_over_budget_are_refused_and_others_count_after_their_wi
 
 def test_rotating_identities_cannot_grow_the_tables_without_bound():
     clock = Clock()
-    b = PB.PeerBudget(PB.BudgetLimits(per_minute=10, per_day=10), clock=clock)
+    b = PB.PeerBudget(clock, PB.BudgetLimits(per_minute=10, per_day=10))
     for i in range(3 * PB.MAX_PEERS):
         clock.t = i * 1e-3
         b.received(f"p{i}", 5)

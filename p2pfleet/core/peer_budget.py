@@ -1,5 +1,6 @@
 """Per-peer inbound byte budgets: a peer's bytes spend the owner's transfer cap only if the
-peer stays within its budget.
+peer stays within its budget. Pure: the driver (net/mesh.py, node.py) reports the bytes and
+passes its clock.
 
 What a peer sends us unasked (gossip, DHT requests, identify, requests to our stream
 handlers) is metered per peer, per minute and per day. Its TCP bytes (net/traffic.py
@@ -17,7 +18,6 @@ it, so it cannot budget bytes per peer.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,8 +48,8 @@ class _Peer:
 
 @dataclass
 class PeerBudget:
+    clock: Callable[[], float]  # the driver's monotonic clock (the core reads none)
     limits: BudgetLimits = field(default_factory=BudgetLimits)
-    clock: Callable[[], float] = time.monotonic
     refused: int = 0                       # bytes of over-budget peers: never counted
     over: dict[str, str] = field(default_factory=dict)  # peer -> why, since its overrun
     _peers: dict[str, _Peer] = field(default_factory=dict)
