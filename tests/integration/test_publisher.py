@@ -67,6 +67,26 @@ async def keep_working(worker: TestWorker, pub: str, done) -> None:
         except Exception as exc:  # noqa: BLE001 - reset streams while the publisher restarts
             worker.errors.append(repr(exc))
             await trio.sleep(0.05)
+            await redial(worker.mesh, pub)
+
+
+async def redial(mesh: Mesh, peer: str) -> None:
+    """Like a real worker (Worker._dial_announced): a connection lost while the publisher
+    restarted is dialled again at the addresses the peerstore holds."""
+    if peer in mesh.connected_peers():
+        return
+    from libp2p.peer.id import ID
+
+    try:
+        addrs = mesh.host.get_peerstore().addrs(ID.from_base58(peer))
+    except Exception:  # noqa: BLE001 - none known: the next round tries again
+        return
+    for addr in addrs:
+        try:
+            await mesh.connect(f"{addr}/p2p/{peer}", timeout=5.0)
+            return
+        except Exception:  # noqa: BLE001 - try the next address, or the next round
+            continue
 
 
 async def finish(pub: Publisher, job: bytes, workers=(), timeout: float = 30.0):
