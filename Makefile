@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-unit test-property test-sim test-vectors test-system fuzz bench demo vectors schemas clean
+.PHONY: setup test test-unit test-property test-sim test-vectors test-system test-netbed fuzz bench demo vectors schemas clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-vectors: $(STAMP)
 
 test-system: $(STAMP)
 	$(BIN)/python -m pytest -q tests/system
+
+# Network test bed (tools/netbed): Linux network namespaces, so it needs root.
+test-netbed: $(STAMP)
+	$(BIN)/python -m pytest -q tests/netbed
 
 # Long fuzzing run (>= 10^5 inputs per mode) with branch coverage of p2pfleet/wire.
 fuzz: $(STAMP)

@@ -47,6 +47,7 @@ class LocalNode:
     trace_speedup: float | None = None
     args: tuple[str, ...] = ()  # more `node start` options, e.g. ("--cheat", "fp16")
     ip: str = ""  # listen address; default 127.0.<index+1>.1
+    prefix: tuple[str, ...] = ()  # runs the node inside it, e.g. ("ip", "netns", "exec", ns)
     proc: subprocess.Popen | None = None
     peer_id: str = ""
     addr: str = ""
@@ -73,7 +74,7 @@ class LocalNode:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, network: str, bootstrap: list[str]) -> None:
-        cmd = [*P2PFLEET, "--data-dir", str(self.data_dir)]
+        cmd = [*self.prefix, *P2PFLEET, "--data-dir", str(self.data_dir)]
         for key, value in self.settings.items():
             cmd += ["-s", f"{key}={value}"]
         cmd += ["node", "start", "--listen", f"/ip4/{self.ip}/tcp/0"]
