@@ -17,7 +17,7 @@ _NETWORK_RE = re.compile(NETWORK_PATTERN)
 PROTOCOLS: dict[str, str] = {
     "kad": "/p2pfleet/{network}/kad/1.0.0",        # Kademlia DHT (never the default /ipfs one)
     "lease": "/p2pfleet/{network}/lease/1.0.0",    # work_request -> lease_batch | no_work
-    "report": "/p2pfleet/{network}/report/1.0.0",  # progress, hand_back, result, failed -> receipt
+    "report": "/p2pfleet/{network}/report/1.0.0",  # progress, hand_back, result, failed, receipt_request -> receipts
     "notice": "/p2pfleet/{network}/notice/1.0.0",  # publisher -> node: cancel, receipt
     "blob": "/p2pfleet/{network}/blob/2.0.0",      # blob_request -> blob_manifest, chunks
     "info": "/p2pfleet/{network}/info/1.0.0",      # -> node_info (opt-in)

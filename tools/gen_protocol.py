@@ -591,6 +591,13 @@ def receipt(**over: Any) -> K.Receipt:
     return K.Receipt(**f)
 
 
+def receipt_request(**over: Any) -> K.ReceiptRequest:
+    f = dict(req_id=id16("receipt request"), exp=NOW + 60_000,
+             lease_ids=(id16("lease 0"), id16("lease 1")))
+    f.update(over)
+    return K.ReceiptRequest(**f)
+
+
 def cancel(**over: Any) -> K.Cancel:
     f = dict(job_id=id16("job"), exp=NOW + K.HOUR_MS, lease_ids=(id16("lease 1"),),
              reason="shard accepted by quorum")
@@ -723,6 +730,11 @@ def valid_vectors() -> list[dict]:
              WORKER))
     add("receipt", "a receipt paying the largest credit an unsigned 64-bit integer holds",
         seal(receipt(credit=S.U64)))
+    add("receipt_request", "a worker asks its publisher for the receipts of two leases",
+        seal(receipt_request(), WORKER))
+    add("receipt_request-undelivered", "a worker asks for every receipt not yet delivered to it "
+        "(no lease ids)", seal(receipt_request(req_id=id16("receipt request 2"), lease_ids=()),
+                               WORKER))
     add("cancel", "withdraw one lease", seal(cancel()))
     add("cancel-whole-job", "withdraw the whole job (no lease ids)",
         seal(cancel(lease_ids=(), reason="")))

@@ -43,6 +43,7 @@ import trio
 from packaging.version import InvalidVersion, Version
 
 from ..core import scheduler as S
+from ..core.ratelimit import TokenBuckets
 from ..core.records import next_sequence
 from ..exec.outputs import compare_outputs, decode_tensors
 from ..exec.runner import ort_version_allowed
@@ -64,6 +65,7 @@ from ..wire.kinds import (
     NoWork,
     Progress,
     Receipt,
+    ReceiptRequest,
     Requirements,
     Result,
 )
@@ -72,7 +74,7 @@ from .jobs import BuiltJob, JobSpec, JobSpecError, build_job, check_result_outpu
 
 log = logging.getLogger(__name__)
 
-REPORT_KINDS = {"progress", "hand_back", "result", "failed"}
+REPORT_KINDS = {"progress", "hand_back", "result", "failed", "receipt_request"}
 DEDUP_REPORT_KINDS = {"hand_back", "result", "failed"}  # progress changes nothing
 REQUEST_CAP = KINDS["work_request"].max_body + streams.FRAME_OVERHEAD
 REPORT_CAP = KINDS["result"].max_body + streams.FRAME_OVERHEAD
@@ -92,6 +94,10 @@ class PublisherSettings:
     tick_interval_s: float = 1.0
     notice_timeout_s: float = 5.0
     receipt_retry_s: float = 30.0
+    # receipt_request answers per worker: 6 a minute, bursts of 3 (an honest worker asks
+    # about once a minute while receipts are missing)
+    receipt_requests_per_minute: float = 6.0
+    receipt_request_burst: int = 3
     read_timeout_s: float = 30.0
     output_fetch_timeout_s: float = 60.0
     max_output_bytes: int = 64 * 1024 * 1024
@@ -181,6 +187,8 @@ class Publisher:
         self._nursery: trio.Nursery | None = None
         self.stats = {"requests": 0, "leases_sent": 0, "results": 0, "refused": 0, "replays": 0}
         self._reports_in_flight: set[bytes] = set()  # message ids being taken (bounded by streams)
+        self._receipt_asks = TokenBuckets(self.settings.receipt_requests_per_minute,
+                                          self.settings.receipt_request_burst)
         self._prev_authorize = getattr(blobs, "authorize", None) if blobs is not None else None
         if isinstance(getattr(self._prev_authorize, "__self__", None), Publisher):
             self._prev_authorize = None  # an earlier engine of this store, not another service
@@ -678,6 +686,9 @@ class Publisher:
             self.mesh.penalize(peer, "invalid-message", f"{opened.kind} signed by another peer")
             await streams.reset_quietly(stream)
             return
+        if isinstance(opened.body, ReceiptRequest):
+            await self._answer_receipt_request(stream, opened)
+            return
         # Reports that change state are remembered once taken (not before: a report not
         # taken, e.g. its outputs blob unreachable, must be taken when resent). A replay is
         # answered as the first time (a clean close, pending receipts), never run again.
@@ -706,16 +717,35 @@ class Publisher:
             if dedup:
                 self.store.remember(opened.msg_id, _keep_until(opened), self._now())
         pending = self.store.pending_receipts(opened.signer, MAX_RECEIPTS_PER_ANSWER)
+        await self._send_receipts(stream, pending)
+
+    async def _answer_receipt_request(self, stream: Any, opened: Any) -> None:
+        """A worker asks for its receipts (it may never be reachable for a `notice` push):
+        those of the leases it names that pay it, or its undelivered ones; at most 64, and
+        at most `receipt_requests_per_minute` answers per worker (over it: reset, no
+        penalty: a restarted honest worker may ask again at once)."""
+        if not self._receipt_asks.allow(opened.signer, self._now() / 1000):
+            log.info("receipt request from %s refused: over %s a minute",
+                     peer_id_from_key(opened.signer), self.settings.receipt_requests_per_minute)
+            await streams.reset_quietly(stream)
+            return
+        ids = list(opened.body.lease_ids)
+        found = (self.store.receipts_for(opened.signer, ids) if ids else
+                 self.store.pending_receipts(opened.signer, MAX_RECEIPTS_PER_ANSWER))
+        await self._send_receipts(stream, found[:MAX_RECEIPTS_PER_ANSWER])
+
+    async def _send_receipts(self, stream: Any, receipts: list[tuple[bytes, bytes]]) -> None:
+        """Write `receipts` and close; they are delivered once the close went through."""
         try:
-            for _lease_id, env in pending:
+            for _lease_id, env in receipts:
                 await streams.write_envelope(stream, env)
         except (trio.TooSlowError, Exception):  # noqa: BLE001 - worker gone: receipts stay pending
             await streams.reset_quietly(stream)
             return
         await streams.close_quietly(stream)
-        if pending:
+        if receipts:
             with self.store.transaction():
-                self.store.mark_delivered([lid for lid, _ in pending])
+                self.store.mark_delivered([lid for lid, _ in receipts])
 
     async def _report(self, opened: Any, raw: bytes, peer: str) -> None:
         body = opened.body

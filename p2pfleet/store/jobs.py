@@ -274,6 +274,15 @@ class JobStore:
                                  "delivered = 0 ORDER BY rowid LIMIT ?", (worker, limit))
         return [(bytes(a), bytes(b)) for a, b in rows]
 
+    def receipts_for(self, worker: bytes, lease_ids: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The receipts paying `worker` for these leases, delivered or not (a worker asking
+        by lease id did not get them); leases of other workers give nothing."""
+        rows = []
+        for lease_id in dict.fromkeys(lease_ids):
+            rows += self.conn.execute("SELECT lease_id, envelope FROM receipts WHERE worker = ? "
+                                      "AND lease_id = ?", (worker, lease_id)).fetchall()
+        return [(bytes(a), bytes(b)) for a, b in rows]
+
     def workers_with_pending_receipts(self) -> list[bytes]:
         return [bytes(r[0]) for r in self.conn.execute(
             "SELECT DISTINCT worker FROM receipts WHERE delivered = 0")]

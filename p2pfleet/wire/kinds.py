@@ -312,6 +312,21 @@ class Receipt:
     at: int = wire_field(TimeMs, "acceptance time, Unix ms")
 
 
+MAX_RECEIPTS_ASKED = 64  # lease ids in one receipt_request, and receipts in one answer
+
+
+@kind("receipt_request", max_body=2 * KiB, max_lifetime_ms=5 * MINUTE_MS)
+@dataclass(frozen=True)
+class ReceiptRequest:
+    """A worker asks a publisher, on `report`, for its receipts: a worker that cannot be
+    dialled (NAT) never gets the receipts pushed on `notice`."""
+
+    req_id: bytes = wire_field(Id16, "request id, fresh for every request")
+    exp: int = wire_field(TimeMs, "expiry, Unix ms")
+    lease_ids: tuple = wire_field(ListOf(Id16, max=MAX_RECEIPTS_ASKED),
+                                  "leases whose receipts are wanted; empty: every undelivered one")
+
+
 @kind("cancel", max_body=8 * KiB, max_lifetime_ms=DAY_MS)
 @dataclass(frozen=True)
 class Cancel:
@@ -368,7 +383,8 @@ class KeyRotation:
 __all__ = [
     "KINDS", "BY_CLASS", "KindSpec", "MAJOR", "Capacity", "Requirements", "JobAnnouncement",
     "WorkRequest", "Lease", "LeaseBatch", "NoWork", "BlobRequest", "BlobManifest", "Progress",
-    "HandBack", "Result", "FailedResult", "Receipt", "Cancel", "NodeInfo", "Evidence",
+    "HandBack", "Result", "FailedResult", "Receipt", "ReceiptRequest", "MAX_RECEIPTS_ASKED",
+    "Cancel", "NodeInfo", "Evidence",
     "KeyRotation", "NODE_STATES", "OPT_LEVELS", "BLOB_CODECS", "BLOB_MIN_CHUNK",
     "BLOB_MAX_CHUNK", "BLOB_MAX_CHUNKS",
 ]
