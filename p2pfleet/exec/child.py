@@ -29,8 +29,11 @@ Start-up, in this order, before any model is loaded:
    RLIMIT_FSIZE 0 (no file writes), RLIMIT_NPROC when running as a dropped uid,
    RLIMIT_CPU (the soft limit is re-armed before each request to the CPU used so far plus
    that request's budget; SIGXCPU kills the child);
-5. send the hello frame: {"hello": 1, pid, uid, gid, net, fs, ids, user, warnings,
-   ort_version}; ids: "private" (a uid/gid of its own), "shared" (a configured user, or
+5. the seccomp filter (syscalls.py), last, on every thread: no network sockets, no new
+   processes or exec, no kernel interfaces an inference child never needs (libseccomp is
+   loaded before the chroot); where it cannot be installed, a warning says so;
+6. send the hello frame: {"hello": 1, pid, uid, gid, net, fs, ids, user, warnings,
+   seccomp ("filter" or "none"), ort_version}; ids: "private" (a uid/gid of its own), "shared" (a configured user, or
    nobody), "node" (the node's uid: not root).
 
 Requests and replies (every reply has "ok"; failures carry "reason" and "detail"):
@@ -65,7 +68,7 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
 - {"op": "ping"} -> {"ok": true, "pid", "cpu_s"}
 - {"op": "exit"}: exit 0 (so does end of input).
 - {"op": "debug", "what": ...}: only when started with "debug": true (tests): "whoami",
-  "connect" (host, port), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU),
+  "connect" (host, port), "attempt" (call: a syscall the filter refuses), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU),
   "lie" (claim every later shard output `factor` times larger than it is), "write_input"
   (try to write the next shard's input memfd; the result is reported in its "end" reply).
 Failure reasons: out_of_memory, timeout, invalid_model, input_error, internal.
@@ -94,6 +97,7 @@ import traceback
 import msgpack
 import numpy as np
 
+from p2pfleet.exec import syscalls
 from p2pfleet.exec.limits import ModelLimits
 from p2pfleet.exec.validate import ModelRefused, validate_model
 
@@ -339,6 +343,31 @@ def set_limits(settings: dict, dropped_uid: bool) -> None:
         nproc = _at_most_hard(resource.RLIMIT_NPROC, int(settings["nproc"]))
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
+
+
+_SECCOMP_LIB: list = [None]  # for the debug request "attempt"
+
+
+def _seccomp_library(settings: dict, warnings: list[str]):
+    try:
+        _SECCOMP_LIB[0] = syscalls.load()
+        return _SECCOMP_LIB[0]
+    except OSError as e:
+        warnings.append(f"no syscall filter: {syscalls.LIBSECCOMP} cannot be loaded ({e})")
+        return None
+
+
+def filter_syscalls(lib, settings: dict, warnings: list[str]) -> str:
+    """Install the seccomp filter (syscalls.py) last, once nothing more is imported or
+    set up; "filter", or "none" with a warning."""
+    if lib is None:
+        return "none"
+    try:
+        syscalls.install(lib, network=settings.get("isolation", "auto") != "none")
+    except OSError as e:
+        warnings.append(f"no syscall filter: {e}")
+        return "none"
+    return "filter"
 
 
 def cpu_used() -> float:
@@ -805,6 +834,39 @@ class ShardRun:
         return end
 
 
+def _attempt(call: str) -> str:
+    """Try one thing an inference child never needs; "ok" or the errno's name."""
+    try:
+        if call in ("socket_inet", "socket_inet6", "socket_netlink", "socket_unix"):
+            family = {"socket_inet": socket.AF_INET, "socket_inet6": socket.AF_INET6,
+                      "socket_netlink": socket.AF_NETLINK, "socket_unix": socket.AF_UNIX}[call]
+            socket.socket(family, socket.SOCK_DGRAM if family == socket.AF_NETLINK
+                          else socket.SOCK_STREAM).close()
+        elif call == "execve":
+            os.execv("/nonexistent-p2pfleet", ["x"])
+        elif call == "fork":
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        elif call == "thread":
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+        elif call in ("process_vm_readv", "io_uring_setup", "userfaultfd", "bpf", "unshare"):
+            lib = _SECCOMP_LIB[0]
+            if lib is None:
+                return "no libseccomp to resolve the syscall number"
+            libc = _libc()
+            if libc.syscall(syscalls.number(lib, call), 0, 0, 0, 0, 0) != 0:
+                return errno.errorcode.get(ctypes.get_errno(), "?")
+        else:
+            return f"unknown call {call!r}"
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e))
+    return "ok"
+
+
 def debug(req: dict, child: Child | None = None) -> dict:
     what = req.get("what")
     if what == "lie" and child is not None:
@@ -822,7 +884,10 @@ def debug(req: dict, child: Child | None = None) -> dict:
         return {"ok": True, **{n: list(resource.getrlimit(getattr(resource, "RLIMIT_" + n)))
                                for n in names}}
     if what == "connect":
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # EPERM under the filter
+        except OSError as e:
+            return {"ok": True, "result": errno.errorcode.get(e.errno or 0, str(e))}
         try:
             s.settimeout(2.0)
             s.connect((str(req["host"]), int(req["port"])))
@@ -831,6 +896,8 @@ def debug(req: dict, child: Child | None = None) -> dict:
             return {"ok": True, "result": errno.errorcode.get(e.errno or 0, str(e))}
         finally:
             s.close()
+    if what == "attempt":  # a syscall the filter should refuse (tests: syscalls.py)
+        return {"ok": True, "result": _attempt(str(req["call"]))}
     if what == "sleep":
         time.sleep(float(req["s"]))
         return {"ok": True}
@@ -869,6 +936,7 @@ def main() -> int:
     import onnxruntime as ort  # before privileges go: the install may be unreadable after
 
     ort.set_default_logger_severity(3)
+    seccomp_lib = _seccomp_library(settings, warnings)  # before the chroot hides it
     fs, more = confine_filesystem(settings, net, libc)
     warnings += more
     user, ids, more = drop_privileges(settings)
@@ -878,11 +946,12 @@ def main() -> int:
     watchdog = Watchdog()
     watchdog.start()
     set_limits(settings, dropped)
+    seccomp = filter_syscalls(seccomp_lib, settings, warnings)
     max_frame = int(settings["max_frame"])
     sock_fd = settings.get("fd_sock")
     fd_sock = socket.socket(fileno=int(sock_fd)) if isinstance(sock_fd, int) else None
     write_frame(fd_out, {"hello": 1, "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
-                         "net": net, "fs": fs, "ids": ids, "user": user, "warnings": warnings,
+                         "net": net, "fs": fs, "ids": ids, "user": user, "warnings": warnings, "seccomp": seccomp,
                          "ort_version": ort.__version__})
     child = Child(settings, ort, watchdog)
     debug_enabled = bool(settings.get("debug"))

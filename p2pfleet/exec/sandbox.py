@@ -30,6 +30,9 @@ Limits and who enforces them:
 - validation: `Sandbox.validate` runs validate_model in the child, under the same limits;
   onnx's tools cannot be interrupted, so a SIGALRM timer in the child (its default action
   ends the process) is the wall-clock limit (`timeout`).
+- syscalls: a seccomp filter in the child (syscalls.py) refuses network sockets, new
+  processes, exec and kernel interfaces it never needs, and kills it (SIGSYS: a `crash`)
+  for the clearly dangerous ones; the pool logs at start when it cannot be had.
 - anything else that ends the child (a signal, an exit) is a `crash`.
 After any of these the child is gone; the next request starts a new one. The sandbox
 itself never raises anything but `SandboxFailure` for what the child or model did.
@@ -67,6 +70,7 @@ import msgpack
 import numpy as np
 import trio
 
+from . import syscalls
 from .limits import ModelLimits
 from .shm import OutputArena, SharedArrays, send_fds
 from .validate import ModelRefused, ValidatedModel
@@ -1363,6 +1367,9 @@ class SandboxPool:
         if config.clamped:
             log.warning("sandbox limits lowered to what this process may set: %s",
                         "; ".join(config.clamped))
+        no_filter = syscalls.unavailable()
+        if no_filter is not None:
+            log.warning("sandbox children run without a syscall filter: %s", no_filter)
         self._boxes: OrderedDict[bytes, Sandbox] = OrderedDict()
 
     async def get(self, publisher: bytes) -> Sandbox:
