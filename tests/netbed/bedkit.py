@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,12 @@ def probe(host: netbed.Host, *args: str, timeout: float = 120) -> dict:
     return json.loads(lines[-1])
 
 
-def read_json(proc: subprocess.Popen) -> dict:
-    line = proc.stdout.readline()
-    assert line, "the probe server ended without a report"
-    return json.loads(line)
+def read_json(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    """The next report of a probe server; a stuck probe fails the test, never hangs it."""
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert box, f"no report from the probe server within {timeout} s"
+    assert box[0], "the probe server ended without a report"
+    return json.loads(box[0])
