@@ -48,8 +48,8 @@ from .net import streams
 from .net.mesh import Mesh, MeshError
 from .wire import errors as wire_errors
 from .wire.envelope import open_envelope, seal
-from .wire.kinds import (KINDS, Cancel, FailedResult, HandBack, Progress, Receipt, Result,
-                         WorkRequest)
+from .wire.kinds import (KINDS, Cancel, FailedResult, HandBack, Progress, Receipt,
+                         ReceiptRequest, Result, WorkRequest)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ FAILED_LIFETIME_MS = 7 * 24 * 3600 * 1000
 OUTBOX_POLL_S = 2.0
 IDLE_POLL_S = 2.0
 REPORT_TIMEOUT_S = 30.0
+RECEIPT_ASK_MAX_S = 3600.0  # back-off ceiling while a publisher answers no receipt
 FETCH_RETRY_MAX_S = 30.0
 
 
@@ -126,6 +127,9 @@ class WorkerSettings:
     max_model_bytes: int = 256 * 1024 * 1024
     max_input_bytes: int = 256 * 1024 * 1024
     power_w: float = 60.0
+    # ask a publisher for the receipts of results acknowledged this long ago and not paid
+    # (its `notice` push may never reach a node behind NAT); doubled while none comes
+    receipt_ask_s: float = 60.0
     slots: int = 2  # leases asked for at once, run one after another: fewer round trips,
     # but few enough that one node does not hoard a small job's shards
     cheat: str = ""  # demos and tests of verification only: see p2pfleet/cheats.py
@@ -173,6 +177,7 @@ class Worker:
         self.blobs: Any = None
         self.jobs: Callable[[], list[rules.HeardJob]] = lambda: []
         self._output_owner: dict[bytes, str] = {}  # outputs blob digest -> publisher peer id
+        self._receipt_asks: dict[bytes, tuple[float, float]] = {}  # publisher -> (next, gap) s
         # the model of the leases held, hash-checked once: (digest, bytes)
         self._model_kept: tuple[bytes, bytes] | None = None
 
@@ -784,6 +789,7 @@ class Worker:
             # a fresh event before delivering: a result queued meanwhile is sent right after
             self._outbox_wake = trio.Event()
             await self._deliver_due()
+            await self._ask_receipts()
             with trio.move_on_after(OUTBOX_POLL_S):
                 await self._outbox_wake.wait()
 
@@ -803,6 +809,31 @@ class Worker:
                 self.ledger.delivered(item.id, int(self.clock() * 1000))
                 for raw in receipts:
                     self._take_receipt(raw, peer_id_from_key(item.publisher))
+
+    async def _ask_receipts(self) -> None:
+        """Ask each publisher for the receipts of results it acknowledged `receipt_ask_s`
+        ago without paying (a `receipt_request` on `report`); the gap doubles, up to 1 h,
+        while an answer brings nothing new, and is reset when one does."""
+        now = self.clock()
+        base = self.settings.receipt_ask_s
+        waiting = self.ledger.unreceipted(int(now * 1000), int(base * 1000))
+        for publisher, lease_ids in waiting.items():
+            next_at, gap = self._receipt_asks.get(publisher, (0.0, base))
+            if self.mesh is None or now < next_at:
+                continue
+            body = ReceiptRequest(os.urandom(16), int(now * 1000) + REQUEST_LIFETIME_MS,
+                                  tuple(lease_ids))
+            before = self.stats.receipts
+            try:
+                receipts = await self.send_report(
+                    publisher, seal(body, self.identity, self.settings.network))
+            except Exception as exc:  # noqa: BLE001 - unreachable or refused: ask later
+                log.info("asking %s for receipts: %s", peer_id_from_key(publisher), exc)
+                receipts = []
+            for raw in receipts:
+                self._take_receipt(raw, peer_id_from_key(publisher))
+            gap = base if self.stats.receipts > before else min(RECEIPT_ASK_MAX_S, gap * 2)
+            self._receipt_asks[publisher] = (self.clock() + gap, gap)
 
     def _take_receipt(self, raw: bytes, sender: str) -> bool:
         from .store.ledger import ReceiptRejected

@@ -438,6 +438,21 @@ class Ledger:
         """The complete signed receipt envelopes, in the order received."""
         return [r.envelope for r in self.receipt_rows(publisher)]
 
+    def unreceipted(self, now_ms: int, waited_ms: int, limit: int = 64) -> dict[bytes, list[bytes]]:
+        """Per publisher, the leases (at most `limit` each, oldest first) whose result was
+        acknowledged at least `waited_ms` ago, within the unpaid window, without a receipt."""
+        rows = self.conn.execute(
+            "SELECT o.publisher, o.lease_id FROM outbox o WHERE o.kind = 'result' AND "
+            "o.delivered_ms IS NOT NULL AND o.delivered_ms <= ? AND o.delivered_ms > ? AND "
+            "NOT EXISTS (SELECT 1 FROM receipts r WHERE r.lease_id = o.lease_id) "
+            "ORDER BY o.delivered_ms, o.id", (now_ms - waited_ms, now_ms - C.WINDOW_MS))
+        out: dict[bytes, list[bytes]] = {}
+        for publisher, lease_id in rows:
+            held = out.setdefault(bytes(publisher), [])
+            if len(held) < limit:
+                held.append(bytes(lease_id))
+        return out
+
     # the cap -----------------------------------------------------------------------------------
     def _deliveries(self, publisher: bytes, since_ms: int | None) -> list[C.Delivery]:
         sql = ("SELECT o.lease_id, l.credit, o.delivered_ms, o.elapsed_ms FROM outbox o "

@@ -16,10 +16,13 @@ from p2pfleet.net import streams
 from p2pfleet.net.blobs import BlobService
 from p2pfleet.publisher import Publisher
 from p2pfleet.store.blobcache import BlobCache
+from p2pfleet.store.ledger import Ledger
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import ReceiptRequest
+from p2pfleet.worker import Worker, WorkerSettings
 
 from fleetkit import NETWORK, wait_until
+from test_notices import now_ms, offer
 from test_publisher import meshes, pub_settings, spec
 from workerkit import TestWorker, was_reset
 
@@ -81,3 +84,47 @@ async def test_a_worker_that_cannot_be_dialled_gets_its_receipts_by_asking(tmp_p
             assert pub.status(job).state in ("live", "done")
             nursery.cancel_scope.cancel()
         pub.close()
+
+
+async def test_our_worker_asks_for_a_receipt_whose_push_never_came(tmp_path):
+    """The node's own work loop (p2pfleet/worker.py): a result acknowledged without a
+    receipt, the publisher's `notice` push refused (as behind NAT): the node asks."""
+    async with meshes(3) as (pm, nm, wm):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        other = TestWorker.start(wm, tmp_path / "w")
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings({nm.identity.public_key, wm.identity.public_key}))
+        pid = pm.identity.peer_id
+        ledger = Ledger(tmp_path / "ledger.sqlite")
+        cache = BlobCache(tmp_path / "node-blobs", 64 * 1024 * 1024)
+        node = Worker(nm.identity, WorkerSettings(network=NETWORK, receipt_ask_s=0.5), ledger,
+                      cache, None, offer=offer)
+        node_blobs = BlobService(nm, cache, authorize=node.authorize_blob)
+        node_blobs.install()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            await nursery.start(node.run, nm, node_blobs, lambda: [])
+            nm.set_handler("notice", streams.reset_quietly)  # no push gets through
+            pub.submit(spec(shard_size=120, quorum=2))
+            # the node's lease and result, computed by the test kit under the node's key
+            kit = TestWorker(nm, node_blobs)
+            stream = await nm.open_stream(pid, "lease")
+            await streams.write_envelope(stream, kit.work_request(1))
+            await stream.close_write()
+            batch = open_envelope(await streams.read_envelope(stream, 70_000, 30), NETWORK)
+            ledger.add_leases(pm.identity.public_key, batch, now_ms())
+            (lease,) = batch.body.leases
+            result = open_envelope(await kit.compute(pid, lease), NETWORK)
+            ledger.enqueue(pm.identity.public_key, lease.lease_id, "result", result.raw,
+                           result.body.exp, now_ms(), output_digest=result.body.output_digest)
+            await wait_until(lambda: ledger.pending() == 0, timeout=20)  # acknowledged
+            await other.work(pid)  # the second replica: the shard is accepted, receipts issued
+            await wait_until(lambda: pub.store.receipts_for(nm.identity.public_key,
+                                                            [lease.lease_id]), timeout=30)
+            await wait_until(lambda: ledger.receipt_rows(pm.identity.public_key), timeout=30)
+            (row,) = ledger.receipt_rows(pm.identity.public_key)
+            assert node.stats.receipts == 1
+            nursery.cancel_scope.cancel()
+        pub.close()
+        ledger.close()
