@@ -46,6 +46,7 @@ from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
 from . import dht_find_node, dht_lookup, dht_providers, libp2p_fixes, state_limits, traffic
+from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -91,6 +92,7 @@ class MeshSettings:
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
     max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
+    dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
 
@@ -223,7 +225,8 @@ class Mesh:
             if self.host is not None and peer is not None:
                 self._nursery.start_soon(self._close_peer, peer)
             return
-        offence = "stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT else "protocol-error"
+        offence = ("stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT
+                   else "rate-limit" if reason == DHT_FLOOD else "protocol-error")
         self.penalize(peer, offence, f"{protocol}: {reason}")
 
     def _on_equivocation(self, signer: str, key: str, held: bytes, new: bytes) -> None:
@@ -328,6 +331,8 @@ class Mesh:
         self.record_quota = state_limits.limit_records_per_sender(  # fix 13
             host, dht, self.names.protocol("kad"), self.settings.max_records_per_sender,
             lambda peer, why: self.penalize(peer, "invalid-message", why))
+        self.dht_slots = share_dht_slots(  # fix 15 (before fix 14: it wraps this)
+            host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:

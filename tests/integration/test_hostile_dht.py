@@ -1,0 +1,162 @@
+"""Hostile load on the DHT (issue 14, item 2; fix 15 in p2pfleet/net/dht_slots.py).
+
+A victim mesh and an honest peer (another loopback address) run while attackers dial from
+their own 127.0.x.y addresses; the honest peer keeps sending GET_VALUE requests for a
+record only the victim holds, and each test counts how many were answered. Attackers are
+raw py-libp2p hosts (`attacker` and `dial` from test_hostile.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.utils.varint import encode_uvarint
+
+from p2pfleet.identity import Identity
+from p2pfleet.net.mesh import Mesh
+from p2pfleet.wire.envelope import seal
+from test_hostile import attacker, dial, frame
+from test_libp2p_fixes import assert_still_serving
+from test_mesh import capacity, now_ms
+
+from fleetkit import NETWORK, fleet, wait_until
+
+LOOKUPS = 100
+ANSWERED = 99  # >= 99% of the honest lookups
+
+
+async def victim_holds_a_record(victim: Mesh) -> bytes:
+    """A capacity record stored at the victim only (no walk, no copies elsewhere)."""
+    owner = Identity.from_seed(b"record owner")
+    key = victim.names.node_key(owner.peer_id).encode()
+    victim.dht.value_store.put(key, seal(capacity(now_ms()), owner, NETWORK))
+    return key
+
+
+async def honest_lookups(honest: Mesh, victim: Mesh, key: bytes, n: int = LOOKUPS) -> int:
+    """Send `n` GET_VALUE requests to the victim one after another; how many were answered
+    with the record (each one given the walk's per-query timeout)."""
+    answered = 0
+    for _ in range(n):
+        with trio.move_on_after(5.0):
+            try:
+                record, _closer = await honest.dht.value_store._get_from_peer(
+                    victim.host.get_id(), key, return_record=True, return_closer_peers=True)
+            except Exception:  # a refused or reset stream: not answered
+                continue
+            if record is not None and record.value:
+                answered += 1
+    return answered
+
+
+def find_node(target: bytes) -> bytes:
+    return frame(Message(type=Message.MessageType.FIND_NODE, key=target).SerializeToString())
+
+
+async def stall_streams(host, victim: Mesh, n: int, opened: list) -> None:
+    """Open `n` DHT streams to the victim, each sending a length prefix and then nothing."""
+    kad = TProtocol(victim.names.protocol("kad"))
+    for _ in range(n):
+        try:
+            stream = await host.new_stream(victim.host.get_id(), [kad])
+            await stream.write(encode_uvarint(200))
+        except Exception:  # refused, reset or disconnected: that is the defence
+            pass
+        opened.append(1)
+
+
+async def test_stalled_dht_streams_from_fresh_identities_do_not_deny_lookups():
+    """Twelve stalled DHT streams held every inbound DHT slot of py-libp2p (12 in all, held
+    for the whole stream), and an attacker re-stalling from a fresh identity kept honest
+    lookups failing. Three identities at a time from one address, each stalling 12 streams
+    and coming back under a new identity once cut off."""
+    async with fleet(2) as meshes, trio.open_nursery() as nursery:
+        victim, honest = meshes
+        key = await victim_holds_a_record(victim)
+        opened: list = []
+        identities: list = []
+
+        async def restaller(slot: int) -> None:
+            for round_ in range(1000):
+                seed = f"stall-{slot}-{round_}".encode()
+                identities.append(seed)
+                async with attacker(seed) as evil:
+                    try:
+                        await dial(evil, victim, "127.0.4.1")
+                    except Exception:
+                        await trio.sleep(0.1)
+                        continue
+                    await stall_streams(evil, victim, 12, opened)
+                    # held until the victim cuts the identity off (or the test ends)
+                    await wait_until(lambda: not victim.host.get_network().get_connections(
+                        evil.get_id()), timeout=60)
+
+        for slot in range(3):
+            nursery.start_soon(restaller, slot)
+        await wait_until(lambda: len(opened) >= 36, timeout=30)
+        answered = await honest_lookups(honest, victim, key)
+        assert answered >= ANSWERED, f"{answered} of {LOOKUPS} honest lookups answered"
+        # the stallers were scored down for it
+        await wait_until(lambda: any(victim.reputation.penalty(str(p), time.time()) > 0
+                                     for p in _peer_ids(identities)), timeout=30)
+        nursery.cancel_scope.cancel()
+    async with fleet(2) as meshes:  # and a fresh pair still serves as before
+        await assert_still_serving(meshes)
+
+
+def _peer_ids(seeds: list) -> list:
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    return [ID.from_pubkey(create_new_key_pair(s.ljust(32, b"\0")[:32]).public_key)
+            for s in list(seeds)]
+
+
+async def test_find_node_flood_does_not_starve_honest_lookups():
+    """A 32-way FIND_NODE flood from one peer held py-libp2p's 12 DHT slots for as long as it
+    kept asking: 12.5% of honest lookups were answered. Now the flooder's streams over its
+    cap are refused (and cost it), and its requests wait behind its own, not the honest
+    peer's."""
+    async with fleet(2) as meshes, trio.open_nursery() as nursery:
+        victim, honest = meshes
+        key = await victim_holds_a_record(victim)
+        kad = TProtocol(victim.names.protocol("kad"))
+        sent = [0]
+
+        async def flood_stream(evil) -> None:
+            try:
+                stream = await evil.new_stream(victim.host.get_id(), [kad])
+            except Exception:
+                return
+            request = find_node(evil.get_id().to_bytes())
+            try:
+                while True:
+                    await stream.write(request)
+                    sent[0] += 1
+                    await stream.read(65536)  # read the answer (or part of it)
+            except Exception:  # reset by the victim
+                return
+
+        flooders: list = []
+
+        async def flooder() -> None:  # comes back under a fresh identity once cut off
+            for round_ in range(1000):
+                seed = f"find-node flooder {round_}".encode()
+                flooders.append(seed)
+                async with attacker(seed) as evil:
+                    await dial(evil, victim, "127.0.4.2")
+                    async with trio.open_nursery() as streams:
+                        for _ in range(32):
+                            streams.start_soon(flood_stream, evil)
+
+        nursery.start_soon(flooder)
+        await wait_until(lambda: sent[0] >= 100, timeout=30)
+        answered = await honest_lookups(honest, victim, key)
+        assert answered >= ANSWERED, f"{answered} of {LOOKUPS} honest lookups answered"
+        # the flooder was scored down for its streams over the cap
+        assert any(victim.reputation.penalty(str(p), time.time()) > 0
+                   for p in _peer_ids(flooders))
+        nursery.cancel_scope.cancel()
