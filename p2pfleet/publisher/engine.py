@@ -472,7 +472,10 @@ class Publisher:
             seq=self._seq, exp=now + self.settings.announce_lifetime_ms, job_id=job_id,
             model_digest=bytes.fromhex(meta["model_digest"]), model_size=meta["model_size"],
             requirements=Requirements(m, tuple(p), v, o), credit_rate=meta["credit_rate"],
-            quorum=meta["quorum"], shards_total=c["shards"],
+            # the agreeing results a shard needs: untrusted work is replicated even at
+            # quorum 1 (the scheduler's min_replicas); single copies are secret draws
+            quorum=max(meta["quorum"], self.settings.scheduler.min_replicas),
+            shards_total=c["shards"],
             shards_left=c["shards"] - c["accepted"] - c["failed"], addrs=self._addrs())
         return seal(body, self.identity, self.network)
 
