@@ -68,7 +68,7 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
 - {"op": "ping"} -> {"ok": true, "pid", "cpu_s"}
 - {"op": "exit"}: exit 0 (so does end of input).
 - {"op": "debug", "what": ...}: only when started with "debug": true (tests): "whoami",
-  "connect" (host, port), "attempt" (call: a syscall the filter refuses), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU),
+  "connect" (host, port), "attempt" (call: a syscall the filter refuses), "touch" (mb resident), "sleep" (s), "rlimits", "open" (path), "spin" (s of CPU),
   "lie" (claim every later shard output `factor` times larger than it is), "write_input"
   (try to write the next shard's input memfd; the result is reported in its "end" reply).
 Failure reasons: out_of_memory, timeout, invalid_model, input_error, internal.
@@ -898,6 +898,9 @@ def debug(req: dict, child: Child | None = None) -> dict:
             s.close()
     if what == "attempt":  # a syscall the filter should refuse (tests: syscalls.py)
         return {"ok": True, "result": _attempt(str(req["call"]))}
+    if what == "touch" and child is not None:  # hold `mb` MiB of resident memory (tests: cgroup memory.max)
+        child.debug_held = np.ones(int(req["mb"]) << 17, dtype=np.float64)
+        return {"ok": True}
     if what == "sleep":
         time.sleep(float(req["s"]))
         return {"ok": True}

@@ -21,8 +21,11 @@ Limits and who enforces them:
 - CPU share: at most `cpu_share x cores` onnxruntime threads, and, below a share of 1, a
   duty cycle in the parent: a task reads the child's CPU time (/proc/<pid>/stat) every 50 ms and SIGSTOPs it
   for as long as it ran ahead of `cpu_share x cores` CPU-seconds per second (a token
-  bucket with 0.1 s of burst), then SIGCONTs it. Works unprivileged on any Linux; a cgroup's
-  cpu.max would be smoother but needs a delegated cgroup v2 (not done: see execution.md).
+  bucket with 0.1 s of burst), then SIGCONTs it. Works unprivileged on any Linux; where
+  the child has a cgroup v2 of its own (cgroups.py) its cpu.max holds the same share too.
+- cgroup v2, where the node's is writable with memory, cpu and pids (else the pool says
+  why at start): memory.max, memory.swap.max 0, pids.max, cpu.max per child; an OOM kill
+  in it is `out_of_memory`; the cgroup is removed when the child is reaped.
 - who may signal the child: as root, each child gets a uid and gid of its own (`private_id`:
   in no user or group database, held by no process, never given to another live child), so
   only root can stop or kill it, and it can signal nothing else. Not root: the child runs
@@ -70,7 +73,7 @@ import msgpack
 import numpy as np
 import trio
 
-from . import syscalls
+from . import cgroups, syscalls
 from .limits import ModelLimits
 from .shm import OutputArena, SharedArrays, send_fds
 from .validate import ModelRefused, ValidatedModel
@@ -124,6 +127,8 @@ class SandboxConfig:
     confine_fs: chroot the child into its empty working directory where possible.
     max_run_s: longest wall-clock time of one shard (`run_shard`), whatever the lease's
       deadline (hardware.max_run_s): the node, not the publisher, bounds a run.
+    cgroup_memory_mb: memory.max of a child's cgroup v2 (cgroups.py; resident memory plus
+      the page cache and kernel memory it causes), MiB; 0: memory_mb.
     """
 
     memory_mb: int = 2048
@@ -144,6 +149,7 @@ class SandboxConfig:
     max_threads: int = 0
     confine_fs: bool = True
     max_run_s: float = 3600.0
+    cgroup_memory_mb: int = 0
     clamped: tuple[str, ...] = field(default=(), init=False, compare=False)
     """Limits lowered to this process's own hard limits (`clamp_to_own_limits`)."""
 
@@ -169,6 +175,9 @@ class SandboxConfig:
                              f"got {run_s!r}")
         if self.isolation not in ISOLATION:
             raise ValueError(f"SandboxConfig.isolation must be one of {ISOLATION}, got {self.isolation!r}")
+        cg = self.cgroup_memory_mb
+        if not isinstance(cg, int) or isinstance(cg, bool) or cg < 0:
+            raise ValueError(f"SandboxConfig.cgroup_memory_mb must be an integer >= 0, got {cg!r}")
         for name in ("memory_mb", "max_frame", "nofile", "nproc", "cpu_hard_s", "max_children"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -551,6 +560,8 @@ class Sandbox:
         self._loaded: ModelInfo | None = None
         self._cpu_s = 0.0
         self._oom_before: int | None = None
+        self._cgroup: str | None = None     # the current child's cgroup v2 (cgroups.py)
+        self._cgroup_ooms = 0               # OOM kills in it, read when the child was reaped
         self.hello: dict | None = None
         self.starts = 0
         self.closed = False
@@ -606,6 +617,11 @@ class Sandbox:
             raise ValueError(f"cpu_share must be in (0, 1], got {share!r}")
         self.cpu_share = float(share)
         self._share_changed.set()
+        if self._cgroup is not None:
+            try:
+                cgroups.set_cpus(self._cgroup, self.cpu_share * self.config.cores)
+            except OSError as e:
+                log.warning("cpu.max of %s not changed: %s", self._cgroup, e)
 
     async def start(self) -> dict:
         """Start the child if it is not running; returns its hello frame."""
@@ -659,6 +675,8 @@ class Sandbox:
             child_sock.close()
         self._proc = proc
         self._fdsock = parent_sock
+        self._cgroup_ooms = 0
+        self._cgroup = self._join_cgroup(proc.pid)  # before the child can load a model
         self.starts += 1
         for stream in (proc.stdin, proc.stdout):
             _grow_pipe(stream.fileno())
@@ -688,6 +706,32 @@ class Sandbox:
                  self.start_ms, hello.get("net"), hello.get("fs"), hello.get("ids"),
                  hello.get("user"))
         return hello
+
+    def _join_cgroup(self, pid: int) -> str | None:
+        """Move the new child into a cgroup of its own (memory.max, cpu.max, pids.max);
+        None where there is none (the pool said why at start) or this one failed."""
+        home, _why = cgroups.home()
+        if home is None:
+            return None
+        cfg = self.config
+        try:
+            leaf = home.create((cfg.cgroup_memory_mb or cfg.memory_mb) * MiB,
+                               self.cpu_share * cfg.cores, max(cfg.nproc, cfg.max_threads + 16))
+        except OSError as e:
+            log.warning("sandbox child %s gets no cgroup: %s", pid, e)
+            return None
+        try:
+            cgroups.enter(leaf, pid)
+        except OSError as e:
+            cgroups.remove(leaf)
+            log.warning("sandbox child %s gets no cgroup: %s", pid, e)
+            return None
+        return leaf
+
+    @property
+    def cgroup(self) -> str | None:
+        """The current child's cgroup v2 directory (None: rlimits only)."""
+        return self._cgroup
 
     @property
     def confinement(self) -> dict | None:
@@ -813,6 +857,12 @@ class Sandbox:
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
                     await stream.aclose()
+            if self._cgroup is not None:
+                leaf, self._cgroup = self._cgroup, None
+                self._cgroup_ooms = cgroups.oom_kills(leaf)
+                with trio.move_on_after(2):  # empties as the child's threads go
+                    while not cgroups.remove(leaf):
+                        await trio.sleep(0.01)
         self._proc = None
         self._loaded = None
         if self._fdsock is not None:
@@ -925,6 +975,9 @@ class Sandbox:
                 return SandboxFailure("timeout", "child exceeded its CPU time limit (SIGXCPU)")
             if sig == signal.SIGALRM:
                 return SandboxFailure("timeout", "validation passed its wall-clock limit (SIGALRM)")
+            if sig == signal.SIGKILL and self._cgroup_ooms > 0:
+                return SandboxFailure("out_of_memory", "child killed by its cgroup's OOM killer "
+                                      "(memory.max)")
             if sig == signal.SIGKILL:
                 oom_after = _oom_kills()
                 if oom_before is not None and oom_after is not None and oom_after > oom_before:
@@ -1367,6 +1420,9 @@ class SandboxPool:
         if config.clamped:
             log.warning("sandbox limits lowered to what this process may set: %s",
                         "; ".join(config.clamped))
+        _home, no_cgroup = cgroups.home()
+        if no_cgroup is not None:
+            log.warning("sandbox children get no cgroup, only rlimits: %s", no_cgroup)
         no_filter = syscalls.unavailable()
         if no_filter is not None:
             log.warning("sandbox children run without a syscall filter: %s", no_filter)
