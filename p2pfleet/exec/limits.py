@@ -27,9 +27,12 @@ RUNTIME_MB = 512
 thread stacks): measured ~310 MiB of VmPeak after start, ~60 MiB resident
 (tools/bench_exec.py, "child"); the rest of the limit is left for the model."""
 
-MIN_ORT_VERSION = "1.32"
-"""onnxruntime releases before this follow external-data paths out of the model (1.19 read
-`../../etc/passwd` into an output and segfaulted on `_ORT_MEM_ADDR_`; notes/onnx.md)."""
+MIN_ORT_VERSION = "1.19"
+"""The oldest onnxruntime release measured to agree with the others within the verification
+tolerance (1.19.2 against 1.32: 3.0e-6; specs/verification.md, section 2). Not a security
+floor: releases before 1.32 follow external-data paths out of the model (1.19 read
+`../../etc/passwd` into an output and segfaulted on `_ORT_MEM_ADDR_`; notes/onnx.md), which
+validation's `external-data` rule refuses before any runtime loads the model."""
 
 
 @dataclass(frozen=True)

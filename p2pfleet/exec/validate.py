@@ -298,8 +298,8 @@ def check_runtime(limits: ModelLimits, runtime_version: str | None = None) -> No
     if not got[0] or (got[0], got[1]) < (floor[0], True):
         raise ModelRefused(
             "runtime-too-old",
-            f"onnxruntime {have} is older than {limits.min_ort_version}; older releases "
-            "follow external-data paths out of the model",
+            f"onnxruntime {have} is older than {limits.min_ort_version}, the oldest release "
+            "measured to agree with others within the verification tolerance",
         )
 
 

@@ -791,13 +791,24 @@ def test_a_model_is_bytes_never_a_path() -> None:
 
 
 def test_runtime_floor() -> None:
+    # the oldest release measured to agree (1.19.2), and onnxruntime-node's latest (1.31)
     data = ser(relu_model())
-    for ok in ("1.32.0", "1.32", "1.33.1", "2.0.0"):
+    for ok in ("1.19.2", "1.19", "1.31.0", "1.32.0", "1.33.1", "2.0.0"):
         validate_model(data, {"x": (2, 3)}, runtime_version=ok)
-    for old in ("1.19.2", "1.31.9", "1.32.0rc1", "1.32.0.dev20250101", "garbage"):
+    for old in ("1.18.1", "1.19.0rc1", "1.19.0.dev20240101", "garbage"):
         with pytest.raises(ModelRefused) as info:
             validate_model(data, {"x": (2, 3)}, runtime_version=old)
         assert info.value.rule == "runtime-too-old" and info.value.over_limit
+
+
+def test_external_data_is_refused_on_every_runtime_the_floor_lets_in() -> None:
+    # releases before 1.32 follow external-data paths out of the model (1.19 returned
+    # /etc/passwd): validation refuses any external data before a runtime sees the model
+    for version in ("1.19.2", "1.31.0", "1.32.0"):
+        for location in ("../../etc/passwd", "_ORT_MEM_ADDR_"):
+            with pytest.raises(ModelRefused) as info:
+                validate_model(ext_initializer(location), {"x": (3,)}, runtime_version=version)
+            assert info.value.rule == "external-data"
 
 
 def test_limits_reject_nonsense() -> None:
