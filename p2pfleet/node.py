@@ -440,7 +440,8 @@ class Node:
         policy_wake: float | None = None
         while not self._stopping:
             now = self.clock()
-            moved = self.traffic.total - self.peer_budget.not_counted() - self._traffic_reported
+            moved = (self.traffic.total - self.traffic.unattributed - self.peer_budget.not_counted()
+                     - self._traffic_reported)
             if moved > 0:  # counts toward the daily transfer cap
                 self._traffic_reported += moved
                 await self._apply(nursery, self._feed(P.BytesTransferred(now, moved)))
@@ -488,6 +489,7 @@ class Node:
             "bytes_sent": self.traffic.sent,
             "bytes_received": self.traffic.received,
             "bytes_refused": self.peer_budget.refused,  # from over-budget peers: not capped
+            "bytes_capped": self._traffic_reported,  # counted toward the daily transfer cap
             "mesh_joins": self.status.mesh_joins,
             "mesh_leaves": self.status.mesh_leaves,
             "last_error": self.status.last_error,

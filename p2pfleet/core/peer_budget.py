@@ -3,9 +3,9 @@ peer stays within its budget. Pure: the driver (net/mesh.py, node.py) reports th
 passes its clock.
 
 What a peer sends us unasked (gossip, DHT requests, identify, requests to our stream
-handlers) is metered per peer, per minute and per day. Its TCP bytes (net/traffic.py
-attributes them to the peer once the connection is up) are held for the current minute and
-only then counted toward the cap; a peer that overruns either budget has its held and later
+handlers) is metered per peer, per minute and per day. The TCP bytes of its connection, both
+ways (net/traffic.py attributes them to the peer once the connection is up), are held for
+the current minute and only then counted toward the cap; a peer that overruns either budget has its held and later
 bytes refused (never counted) and is cut off by the mesh. So an attacker's flood costs the
 owner's link what arrived before the cut, but none of the daily cap: leaving the mesh would
 hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
@@ -41,7 +41,7 @@ class BudgetLimits:
 class _Peer:
     window_start: float
     day_start: float
-    held: int = 0         # TCP bytes of this window, not yet counted toward the cap
+    held: int = 0         # TCP bytes (both ways) of this window, not yet counted toward the cap
     unasked: int = 0      # metered bytes in this window
     unasked_day: int = 0
 
@@ -63,8 +63,9 @@ class PeerBudget:
         self.settle()
         return self.held + self.refused
 
-    def received(self, peer: str, n: int) -> None:
-        """TCP bytes from `peer` (called by the traffic counter)."""
+    def moved(self, peer: str, n: int) -> None:
+        """TCP bytes from or to `peer` (called by the traffic counter): what we send a peer
+        (identify, gossip, answers to its requests) is spent on its account too."""
         if peer in self.over:
             self.refused += n
             return

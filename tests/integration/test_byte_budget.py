@@ -47,6 +47,32 @@ async def test_a_junk_gossip_flood_spends_none_of_the_cap_and_the_peer_is_cut_of
         assert heard is not None
 
 
+async def test_identities_rotating_through_a_junk_flood_spend_none_of_the_cap():
+    """A cheap attacker takes a fresh identity each time it is cut off. Each one's handshake
+    and first frames arrived before its connection was attributed to it, and what the node
+    sent it was never held: together they counted toward the cap (about 48 kB per identity
+    measured by tools/bench_attacks.py). Only the victim runs in this process, so every byte
+    counted here moved between it and the attacker."""
+    counter = traffic.install()
+    now = [time.monotonic()]
+    budget = PeerBudget(lambda: now[0], BudgetLimits(per_minute=2 * MB, per_day=8 * MB))
+
+    def counted() -> int:
+        return counter.total - counter.unattributed - budget.not_counted()
+
+    async with fleet(1) as (victim,):
+        victim.budget = budget
+        start = counted()
+        script = Path(__file__).with_name("junk_gossip_peer.py")
+        await trio.run_process([sys.executable, str(script), victim.listen_addrs()[0],
+                                str(10 * FLOOD), "6"], capture_stdout=True, check=True)
+        assert len(budget.over) == 6, f"{len(budget.over)} of 6 identities were cut off"
+        await wait_until(lambda: not victim.connected_peers())
+        now[0] += budget.limits.window_s + 1  # every held byte is settled now
+        spent = counted() - start
+        assert spent == 0, f"{spent} bytes of the rotating flood counted toward the cap"
+
+
 async def test_results_a_publisher_asked_for_are_not_held_against_the_worker(tmp_path):
     """Results arrive on `report` because the publisher issued the leases: a busy honest
     worker sends more inline outputs a day than any unasked budget allows, and must not be

@@ -17,12 +17,12 @@ class Clock:
 def test_bytes_of_a_peer_over_budget_are_refused_and_others_count_after_their_window():
     clock = Clock()
     b = PB.PeerBudget(clock, PB.BudgetLimits(per_minute=1000, per_day=5000))
-    b.received("honest", 400)
+    b.moved("honest", 400)
     assert b.unasked("honest", 400) is None
-    b.received("flood", 900)
+    b.moved("flood", 900)
     assert b.unasked("flood", 900) is None
     assert "within a minute" in b.unasked("flood", 200)
-    b.received("flood", 10_000)  # after the overrun: never counted
+    b.moved("flood", 10_000)  # after the overrun: never counted
     assert b.not_counted() == 400 + 900 + 10_000  # honest's bytes held until the window ends
     clock.t = 61.0
     assert b.not_counted() == 900 + 10_000  # honest's window ended within budget: it counts
@@ -33,6 +33,6 @@ def test_rotating_identities_cannot_grow_the_tables_without_bound():
     b = PB.PeerBudget(clock, PB.BudgetLimits(per_minute=10, per_day=10))
     for i in range(3 * PB.MAX_PEERS):
         clock.t = i * 1e-3
-        b.received(f"p{i}", 5)
+        b.moved(f"p{i}", 5)
         b.unasked(f"p{i}", 20)  # every identity overruns at once
     assert len(b._peers) <= PB.MAX_PEERS and len(b.over) <= PB.MAX_PEERS
