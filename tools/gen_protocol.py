@@ -335,6 +335,7 @@ def names_doc() -> dict:
             "body_str_max_bytes": env.BODY_STR_MAX,
             "body_array_max_items": env.BODY_ARRAY_MAX,
             "body_map_max_entries": env.BODY_MAP_MAX,
+            "body_nesting_max_containers": env.BODY_NEST_MAX,
             "replay_keep_until_max_ms": env.KEEP_UNTIL_MAX,
         },
         "rules": {
@@ -969,6 +970,19 @@ def invalid_vectors() -> list[dict]:
     bad_body("duplicate-key-other-encoding", "the key `reason` as a fixstr and again as a str8: "
              "keys are compared as decoded strings", "no_work",
              mp_encode(Pairs([*nw.items(), (Raw(mp_str8("reason")), "shutdown")])), "body")
+    # nesting: msgpack decodes at most 1024 nested containers (the body map counts); the
+    # schema then refuses what no kind declares (no valid body nests more than 4 deep)
+    deep = lambda n: Raw(b"\x91" * n + b"\xc0")  # noqa: E731 - n nested one-item arrays
+    bad_body("body-nested-1024-deep", "`reason` holds 1,023 nested arrays (1,024 containers "
+             "with the body map): decoded, refused by the schema at the field", "hand_back",
+             mp_encode(Pairs([(k, deep(1023) if k == "reason" else v)
+                              for k, v in body_map(hand_back()).items()])),
+             "body.reason")
+    bad_body("body-nested-1025-deep", "`reason` holds 1,024 nested arrays (1,025 containers): "
+             "over the nesting limit, refused while decoding", "hand_back",
+             mp_encode(Pairs([(k, deep(1024) if k == "reason" else v)
+                              for k, v in body_map(hand_back()).items()])),
+             "body")
     lbm_ = body_map(lease_batch())
     bad_body("nested-duplicate-key", "the second lease of a lease_batch has `shard` twice: "
              "refused at `body`, whatever the depth", "lease_batch",
@@ -1365,6 +1379,8 @@ Each code has one action (`action` and `punish` in `names.json`):
 - Limits while decoding the msgpack (a breach fails step 7a at field `body`, whatever the
   nesting): strings and map keys at most {lim['body_str_max_bytes']} bytes, arrays at most
   {lim['body_array_max_items']} items, maps at most {lim['body_map_max_entries']} entries,
+  at most {lim['body_nesting_max_containers']} containers (arrays and maps, the body map
+  included) nested in one another,
   bin at most the kind's `max_body`, no ext types; exactly one value with no trailing bytes;
   strings valid UTF-8.
 - Map keys, in every map at any depth: each key is a msgpack str (not bin, int, nil, ...) and

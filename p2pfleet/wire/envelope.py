@@ -41,6 +41,9 @@ MAX_KIND_LEN = 32
 BODY_MAP_MAX = 32  # no kind has more fields
 BODY_ARRAY_MAX = 256  # the largest list any schema allows
 BODY_STR_MAX = 1024  # bytes: 256 characters of UTF-8
+# containers (arrays, maps, the body map included) nested in a body: msgpack's C decoder
+# stops beyond this (StackError); no valid body nests more than 4 (vectors body-nested-*)
+BODY_NEST_MAX = 1024
 KEEP_UNTIL_MAX = 2**63 - 1  # dedup stores keep times as signed 64-bit integers
 
 

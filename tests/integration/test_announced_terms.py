@@ -43,3 +43,21 @@ async def test_a_quorum_one_job_announces_the_two_agreeing_results_it_needs(tmp_
     assert await announced_quorum(tmp_path, quorum=3, min_replicas=2) == 3
     # a publisher that does not replicate announces the job's own quorum
     assert await announced_quorum(tmp_path, quorum=1, min_replicas=1) == 1
+
+
+async def test_gossip_signing_and_message_ids_are_what_the_specs_say():
+    """reachability-and-discovery.md, section 7: StrictSign, id = from + seqno (an 8-byte
+    big-endian counter), seen 120 s."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from fleetkit import fleet
+
+    async with fleet(1) as (mesh,):
+        pubsub = mesh.pubsub
+        assert pubsub.strict_signing and pubsub.sign_key is not None
+        assert pubsub.seen_messages.ttl == 120
+        msg = rpc_pb2.Message(from_id=b"peer", seqno=(7).to_bytes(8, "big"), data=b"x")
+        assert pubsub._msg_id_constructor(msg) == b"peer" + (7).to_bytes(8, "big")
+        seqno = pubsub._next_seqno()
+        assert len(seqno) == 8 and pubsub._next_seqno() == (int.from_bytes(seqno, "big") + 1
+                                                              ).to_bytes(8, "big")
