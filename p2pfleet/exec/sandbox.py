@@ -702,9 +702,9 @@ class Sandbox:
         for w in hello["warnings"]:
             log.warning("sandbox child %s: %s", proc.pid, w)
         self.start_ms = (trio.current_time() - t0) * 1000
-        log.info("sandbox child %s started in %.0f ms: net=%s fs=%s ids=%s user=%s", proc.pid,
-                 self.start_ms, hello.get("net"), hello.get("fs"), hello.get("ids"),
-                 hello.get("user"))
+        log.info("sandbox child %s started in %.0f ms: net=%s fs=%s ids=%s user=%s seccomp=%s "
+                 "cgroup=%s", proc.pid, self.start_ms, hello.get("net"), hello.get("fs"),
+                 hello.get("ids"), hello.get("user"), hello.get("seccomp"), self._cgroup)
         return hello
 
     def _join_cgroup(self, pid: int) -> str | None:
@@ -738,11 +738,12 @@ class Sandbox:
         """What confines the current child, from its hello (None before it started):
         net ("netns", "userns+netns" or "host"), fs ("chroot" or "host"), ids ("private":
         a uid/gid of its own, only root can signal it; "shared": a configured user, or
-        nobody when no private id was free; "node": the node's own uid, not root) and user."""
+        nobody when no private id was free; "node": the node's own uid, not root), user and
+        seccomp ("filter" or "none")."""
         hello = self.hello
         if hello is None:
             return None
-        return {k: hello.get(k) for k in ("net", "fs", "ids", "user")}
+        return {k: hello.get(k) for k in ("net", "fs", "ids", "user", "seccomp")}
 
     async def _child_ids(self) -> tuple[int, int, str]:
         """The uid, gid and kind of ids ("private", "shared", "node") of the next child:

@@ -33,6 +33,7 @@ async def test_child_refuses_network_sockets_exec_and_fork_but_keeps_threads():
         box = await p.get(b"publisher-a")
         hello = await box.start()
         assert hello["seccomp"] == "filter", hello
+        assert box.confinement["seccomp"] == "filter"
         for call in ("socket_inet", "socket_inet6", "socket_netlink", "execve", "fork",
                      "io_uring_setup", "userfaultfd"):
             got = (await box.debug("attempt", call=call))["result"]
