@@ -5,10 +5,11 @@ passes its clock.
 What a peer sends us unasked (gossip, DHT requests, identify, requests to our stream
 handlers) is metered per peer, per minute and per day. The TCP bytes of its connection, both
 ways (net/traffic.py attributes them to the peer once the connection is up), are held for
-the current minute and only then counted toward the cap; a peer that overruns either budget has its held and later
-bytes refused (never counted) and is cut off by the mesh. So an attacker's flood costs the
-owner's link what arrived before the cut, but none of the daily cap: leaving the mesh would
-hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
+the current minute and only then counted toward the cap; a peer that overruns either budget,
+or that the mesh bans for misbehaviour, has its held and later bytes refused (never counted)
+and is cut off; a peer scored down for an offence below a ban has the bytes of that minute
+refused. So an attacker's flood costs the owner's link what arrived before the cut, but
+none of the daily cap: leaving the mesh would hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
 opened) are not metered, only held for the minute.
 
 py-libp2p 0.8.1's resource manager (libp2p.rcmgr) was judged first: it limits connections,
@@ -44,6 +45,7 @@ class _Peer:
     held: int = 0         # TCP bytes (both ways) of this window, not yet counted toward the cap
     unasked: int = 0      # metered bytes in this window
     unasked_day: int = 0
+    offended: bool = False  # scored down in this window: its held bytes will not count
 
 
 @dataclass
@@ -84,19 +86,38 @@ class PeerBudget:
         elif p.unasked_day > self.limits.per_day:
             why = f"{p.unasked_day} unasked bytes within a day (budget {self.limits.per_day})"
         if why is not None:
-            self.over[peer] = why
-            if len(self.over) > MAX_PEERS:  # the oldest overrun is forgotten first
-                del self.over[next(iter(self.over))]
-            self.refused += p.held
-            p.held = 0
+            self.refuse(peer, why)
         return why
 
+    def refuse(self, peer: str, why: str) -> None:
+        """From now on `peer`'s bytes, and those it holds, never count: it overran its
+        budget, or the mesh banned it (an attacker cut off for misbehaviour spends none of
+        the cap, whatever its rate)."""
+        if peer in self.over:
+            return
+        self.over[peer] = why
+        if len(self.over) > MAX_PEERS:  # the oldest overrun is forgotten first
+            del self.over[next(iter(self.over))]
+        p = self._peers.get(peer)
+        if p is not None:
+            self.refused += p.held
+            p.held = 0
+
+    def offence(self, peer: str) -> None:
+        """`peer` was scored down for misbehaving (below a ban): the bytes of its current
+        window will not count (an attacker cut off by a stream reset, not a ban, would
+        otherwise spend the cap with each fresh identity)."""
+        if peer not in self.over:
+            self._peer(peer).offended = True
+
     def settle(self) -> None:
-        """Count the held bytes of windows that ended within budget."""
+        """Count the held bytes of windows that ended within budget and without offence."""
         now = self.clock()
         for peer, p in list(self._peers.items()):
             if now - p.window_start >= self.limits.window_s:
-                p.held, p.unasked, p.window_start = 0, 0, now
+                if p.offended:
+                    self.refused += p.held
+                p.held, p.unasked, p.window_start, p.offended = 0, 0, now, False
                 if now - p.day_start >= 86_400:
                     p.unasked_day, p.day_start = 0, now
                     self.over.pop(peer, None)

@@ -201,9 +201,11 @@ class Mesh:
     def penalize(self, peer: Any, offence: str, detail: str = "") -> None:
         if peer is None:
             return
+        self.budget.offence(str(peer))
         for ban in self.reputation.penalize(str(peer), offence, self.clock(), detail):
             log.warning("banning peer %s until %s: %s", ban.peer, time.ctime(ban.until), ban.reason)
             self.stats.bans.append(ban.peer)
+            self.budget.refuse(ban.peer, f"banned: {ban.reason}")
             if self.state is not None:
                 self.state.save_ban(ban.peer, ban.until, ban.reason)
             if self.pubsub is not None:

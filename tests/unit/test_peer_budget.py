@@ -36,3 +36,20 @@ def test_rotating_identities_cannot_grow_the_tables_without_bound():
         b.moved(f"p{i}", 5)
         b.unasked(f"p{i}", 20)  # every identity overruns at once
     assert len(b._peers) <= PB.MAX_PEERS and len(b.over) <= PB.MAX_PEERS
+
+
+def test_a_banned_peer_and_an_offending_peer_spend_nothing_of_their_window():
+    clock = Clock()
+    b = PB.PeerBudget(clock, PB.BudgetLimits(per_minute=1000, per_day=5000))
+    b.moved("banned", 300)
+    b.refuse("banned", "banned: protocol-error")
+    b.moved("banned", 50)  # later bytes are refused too
+    b.moved("offender", 200)
+    b.offence("offender")
+    b.moved("offender", 100)  # the rest of its window goes with it
+    b.moved("honest", 70)
+    clock.t = 61.0
+    assert b.not_counted() == 300 + 50 + 200 + 100 and b.refused == 650
+    b.moved("offender", 40)  # a new window without offence counts again
+    clock.t = 122.0
+    assert b.not_counted() == 650
