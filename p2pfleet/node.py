@@ -483,6 +483,9 @@ class Node:
                         for r in self.policy.reasons(now)],
             "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
             "peers": len(self.mesh.connected_peers()) if self.mesh else 0,
+            # AutoNAT's verdict, why, and the DHT mode it set (net/reachability.py)
+            **(self.mesh.reachable.report() if self.mesh and self.mesh.reachable else
+               {"reachability": "unknown", "reachability_why": "not in the mesh", "dht_mode": None}),
             "jobs_heard": len(self.jobs),
             "work": self.work_report(),
             "metrics_addr": "%s:%d" % self.metrics_addr if self.metrics_addr else None,

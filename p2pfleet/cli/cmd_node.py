@@ -240,6 +240,9 @@ def _print_status(app: App, reply: dict) -> None:
             click.echo(f"  {line}")
         if data["listen_addrs"]:
             click.echo(f"  listening on {', '.join(data['listen_addrs'])}")
+        if data.get("dht_mode"):
+            click.echo(f"  reachability: {data['reachability']} ({data['reachability_why']}); "
+                       f"DHT {data['dht_mode']}")
         if data["last_error"]:
             click.echo(f"  last error: {data['last_error']}")
 

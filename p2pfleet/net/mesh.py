@@ -47,6 +47,7 @@ from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
 from . import dht_find_node, dht_lookup, dht_providers, libp2p_fixes, state_limits, traffic
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
+from .reachability import Reachable
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -78,7 +79,7 @@ class MeshSettings:
     network: str
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: tuple[str, ...] = ()
-    dht_mode: str = "auto"  # server | client | auto (auto: server until reachability lands)
+    dht_mode: str = "auto"  # server | client | auto (auto: client once AutoNAT finds us private)
     heartbeat_s: float = 1.0
     gossip_degree: int = 6
     dht_idle_timeout_s: float = 10.0
@@ -160,6 +161,7 @@ class Mesh:
         self.last_put_peers = 0
         self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
         self.host: Any = None
+        self.reachable: Reachable | None = None  # AutoNAT status and DHT mode, once running
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
@@ -336,6 +338,7 @@ class Mesh:
         self.dht_slots = share_dht_slots(  # fix 15 (before fix 14: it wraps this)
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
+        self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -349,6 +352,7 @@ class Mesh:
                     self.host, self.dht, self.pubsub = host, dht, pubsub
                     jobs_sub = await pubsub.subscribe(self.names.topic("jobs"))
                     nursery.start_soon(self._receive_jobs, jobs_sub)
+                    nursery.start_soon(self.reachable.run)  # AutoNAT, then the DHT mode
                     if self.settings.bootstrap:
                         nursery.start_soon(self._bootstrap_loop)
                     nursery.start_soon(self._forget_marks)

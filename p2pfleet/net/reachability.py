@@ -1,0 +1,244 @@
+"""AutoNAT over py-libp2p 0.8.1, and the DHT mode that follows from it.
+
+A node asks a few connected peers to dial it back (AutoNAT v1, `/libp2p/autonat/1.0.0`,
+py-libp2p's service) and feeds their answers to core.reachability. With
+`node.dht_mode = "auto"` a node found private stops serving the DHT (client mode) and
+tells its peers (identify push), which drop it from their routing tables.
+
+Gaps in py-libp2p filled here:
+- Its AutoNAT server "dials back" with `host.connect`, which returns at once when a
+  connection to the peer exists, and the asker is always connected (it sent the request):
+  every node behind NAT was told it is reachable. `FreshDialAutoNAT` dials a new connection
+  (transport dial plus security handshake, which proves the peer id) and closes it.
+- Its KadDHT server adds every peer that opens a DHT stream to its routing table ("it
+  MUST be a server"), but clients open DHT streams too. `keep_clients_out` refuses peers
+  whose identify protocol list lacks the DHT protocol, and `prune_clients` removes those
+  that stopped offering it.
+- `KadDHT.switch_mode` to client empties the routing table (a client still needs one to
+  look anything up) and back to server registers the raw handler (without our fixes):
+  `set_dht_mode` switches without either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message
+from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+from libp2p.kad_dht.kad_dht import DHTMode
+
+from ..core.reachability import Answer, Reach, Reachability, dht_mode
+
+log = logging.getLogger(__name__)
+
+DIAL_BACK_TIMEOUT_S = 10.0
+DIAL_BACK_EVERY_S = 60.0      # per asking peer: one dial-back a minute at most
+DIAL_BACKS_AT_ONCE = 4        # in total
+CHECK_FIRST_S = 2.0           # poll for peers to ask this often until a verdict
+RECHECK_S = 900.0             # then re-check this often (spec: at least every 15 min)
+PEERS_ASKED = 4
+PRUNE_S = 5.0                 # drop routing-table peers that stopped serving the DHT this often
+
+
+class FreshDialAutoNAT(AutoNATService):
+    """py-libp2p's AutoNAT service whose dial-back is a new connection, rate-limited."""
+
+    def __init__(self, host: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(host, serve=True)
+        self._clock = clock
+        self._last_dial: dict[Any, float] = {}
+        self._slots = trio.Semaphore(DIAL_BACKS_AT_ONCE)
+
+    async def _try_dial(self, peer_id: Any, addrs: list[bytes]) -> bytes | None:
+        now = self._clock()
+        if now - self._last_dial.get(peer_id, -DIAL_BACK_EVERY_S) < DIAL_BACK_EVERY_S:
+            # asked again too soon: no answer at all (a "failed" would be a false verdict)
+            raise RuntimeError(f"{peer_id} asked for a dial-back again within "
+                               f"{DIAL_BACK_EVERY_S:.0f} s")
+        self._last_dial[peer_id] = now
+        if len(self._last_dial) > 4096:
+            self._last_dial = {p: t for p, t in self._last_dial.items()
+                               if now - t < DIAL_BACK_EVERY_S}
+        async with self._slots:
+            for raw in addrs[:4]:
+                if await dial_back(self.host, peer_id, multiaddr.Multiaddr(raw)):
+                    return raw
+        return None
+
+
+async def dial_back(host: Any, peer_id: Any, addr: multiaddr.Multiaddr) -> bool:
+    """Whether `peer_id` answers at `addr` on a new connection (never one we hold): a TCP
+    dial and the security handshake, which proves the peer id; then closed."""
+    swarm = host.get_network()
+    transport = swarm.transport_manager.transport_for_dialing(addr)
+    if transport is None:
+        return False
+    raw = None
+    try:
+        with trio.fail_after(DIAL_BACK_TIMEOUT_S):
+            raw = await transport.dial(addr)
+            secured = await swarm.upgrader.upgrade_security(raw, True, peer_id)
+            await secured.close()
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable there"
+        log.debug("dial-back to %s at %s failed: %s", peer_id, addr, exc)
+        if raw is not None:
+            with trio.move_on_after(1):
+                try:
+                    await raw.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        return False
+
+
+def answer_of(status: int) -> Answer:
+    """A DIAL_RESPONSE status as core.reachability's answer. We ask only over direct
+    connections, so a refusal means none of our addresses has the IP the peer sees."""
+    if status == Message.OK:
+        return Answer.DIALED
+    if status == Message.E_DIAL_ERROR:
+        return Answer.FAILED
+    if status == Message.E_DIAL_REFUSED:
+        return Answer.REFUSED
+    return Answer.NO_ANSWER
+
+
+def keep_clients_out(dht: Any, kad_protocol: str) -> None:
+    """Never add a peer to `dht`'s routing table whose identify protocols (once known)
+    lack the DHT protocol, even when it opened a DHT stream (py-libp2p skips the check)."""
+    original = dht.routing_table.add_peer
+
+    async def add_peer(peer: Any, *, skip_server_mode_check: bool = False) -> bool:
+        peer_id = getattr(peer, "peer_id", peer)
+        if not offers(dht.host, peer_id, kad_protocol):
+            return False
+        return await original(peer, skip_server_mode_check=skip_server_mode_check)
+
+    dht.routing_table.add_peer = add_peer
+
+
+def protocols_of(host: Any, peer_id: Any) -> list[str]:
+    """The peer's protocols as identify told us ([] while unknown)."""
+    try:
+        return [str(p) for p in host.get_peerstore().get_protocols(peer_id) or []]
+    except Exception:  # noqa: BLE001 - a peer the peerstore does not know (yet, or any more)
+        return []
+
+
+def offers(host: Any, peer_id: Any, protocol: str) -> bool:
+    """False only when identify told us the peer's protocols and `protocol` is not one."""
+    protocols = protocols_of(host, peer_id)
+    return not protocols or protocol in protocols
+
+
+def prune_clients(dht: Any, kad_protocol: str) -> int:
+    """Remove routing-table peers that no longer offer the DHT protocol; how many."""
+    gone = [p for p in dht.routing_table.get_peer_ids()
+            if not offers(dht.host, p, kad_protocol)]
+    for peer in gone:
+        dht.routing_table.remove_peer(peer)
+    return len(gone)
+
+
+class Reachable:
+    """The AutoNAT client loop of one mesh: status, DHT mode, and why."""
+
+    def __init__(self, host: Any, dht: Any, kad_protocol: str, setting: str,
+                 *, clock: Callable[[], float] = time.time) -> None:
+        self.host, self.dht, self.kad_protocol = host, dht, kad_protocol
+        self.setting = setting
+        self.clock = clock
+        self.verdicts = Reachability()
+        self.service = FreshDialAutoNAT(host)
+        self._kad_handler: Any = None
+        self.dht_mode = "server" if dht.mode == DHTMode.SERVER else "client"
+        keep_clients_out(dht, kad_protocol)
+
+    @property
+    def status(self) -> Reach:
+        return self.verdicts.status
+
+    def report(self) -> dict:
+        return {"reachability": self.status.value, "reachability_why": self.verdicts.why,
+                "dht_mode": self.dht_mode}
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prune)
+            while True:
+                try:
+                    await self.check()
+                except Exception as exc:  # noqa: BLE001 - a failed check must not end the mesh
+                    log.warning("AutoNAT check failed: %s: %s", type(exc).__name__, exc)
+                answered = self.status != Reach.UNKNOWN
+                await trio.sleep(RECHECK_S if answered else CHECK_FIRST_S)
+
+    async def _prune(self) -> None:
+        # a client whose first DHT stream came before identify told us its protocols
+        while True:
+            try:
+                prune_clients(self.dht, self.kad_protocol)
+            except Exception as exc:  # noqa: BLE001 - the table changed under us: next time
+                log.debug("pruning DHT clients failed: %s", exc)
+            await trio.sleep(PRUNE_S)
+
+    async def check(self) -> Reach:
+        """Ask up to PEERS_ASKED connected peers that speak AutoNAT to dial us back."""
+        network = self.host.get_network()
+        peers = [p for p, conns in list(network.connections.items()) if conns
+                 and not _relayed(conns)
+                 and str(AUTONAT_PROTOCOL_ID) in protocols_of(self.host, p)]
+        addrs = [a.to_bytes() for a in self.host.get_addrs()]
+        for peer in peers[:PEERS_ASKED]:
+            try:
+                status, _addr = await self.service.query_server(peer, addrs,
+                                                                timeout=2 * DIAL_BACK_TIMEOUT_S)
+                answer = answer_of(status)
+                text = {Answer.REFUSED: "none of our addresses is the IP it sees us from",
+                        Answer.FAILED: "no answer at our addresses"}.get(answer, "")
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot answer says nothing
+                log.debug("AutoNAT request to %s failed: %s", peer, exc)
+                answer, text = Answer.NO_ANSWER, ""
+            self.verdicts.record(self.clock(), str(peer), answer, text)
+        self.verdicts.update(self.clock(), available=len(peers))
+        await self.apply_mode()
+        return self.status
+
+    async def apply_mode(self) -> None:
+        want = dht_mode(self.setting, self.status)
+        if want != self.dht_mode:
+            await set_dht_mode(self, want)
+
+
+async def set_dht_mode(reach: Reachable, mode: str) -> None:
+    """Serve the DHT or stop serving it, keeping the routing table and our handler."""
+    host, dht, protocol = reach.host, reach.dht, TProtocol(reach.kad_protocol)
+    handlers = host.get_mux().handlers
+    if mode == "client":
+        reach._kad_handler = handlers.get(protocol)
+        host.remove_stream_handler(protocol)
+        dht.mode = DHTMode.CLIENT
+    else:
+        if reach._kad_handler is not None:
+            host.get_mux().add_handler(protocol, reach._kad_handler)  # wrapped by our fixes
+        dht.mode = DHTMode.SERVER
+    reach.dht_mode = mode
+    log.warning("DHT mode is now %s (reachability: %s, %s)", mode, reach.status.value,
+                reach.verdicts.why)
+    try:
+        with trio.move_on_after(10):
+            await push_identify_to_peers(host)  # peers learn we (no longer) serve the DHT
+    except Exception as exc:  # noqa: BLE001 - they learn at the next identify instead
+        log.debug("identify push after the DHT mode change failed: %s", exc)
+
+
+def _relayed(conns: Any) -> bool:
+    return any("/p2p-circuit" in str(a) for c in conns
+               for a in (getattr(c.muxed_conn, "get_transport_addresses", lambda: [])() or []))
