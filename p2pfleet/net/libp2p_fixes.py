@@ -4,7 +4,7 @@ Each fix names the upstream problem it covers (see notes/libp2p.md in the team n
 has a test that fails without it: fixes 1-4 and 6 in tests/integration/test_libp2p_fixes.py,
 fixes 7-10 in tests/integration/test_hostile.py (fix 5 lives in dht_lookup.py, fix 11 in
 dht_providers.py, fixes 12-13 in state_limits.py, tested in test_hostile_state.py, fix 14 in
-dht_find_node.py, fix 15 in dht_slots.py, tested in test_hostile_dht.py). They are small
+dht_find_node.py, fix 15 in dht_slots.py, tested with fix 16 in test_hostile_dht.py). They are small
 enough to send upstream. pyproject.toml pins the exact py-libp2p version they were
 written against; `check_version` refuses to run on another.
 """
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import ipaddress
-from collections import Counter
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
@@ -630,3 +631,198 @@ def add_validation_ignore(pubsub: Any, topic: str, ignore: IgnoreFn) -> None:
         await push_msg(forwarder, msg)
 
     pubsub.push_msg = push_msg_or_ignore
+
+
+# --- Fix 16: a flood of new addresses takes every inbound slot -------------------------------
+# Upstream: the swarm's (max_connections - min_connections) inbound slots go to whoever
+# comes first. Fix 8 bounds what one address holds, not what many hold: forty addresses
+# with 119 connections locked out honest newcomers and the fleet's own peers. We keep
+# `fraction` of the inbound slots for known sources: addresses of peers in our routing
+# table or of peers we dialled (the peer id is not known before the handshake, the address
+# is). Connections from other addresses (handshakes included) may hold the rest. When that
+# share is full, a new one prunes the newest connection of the share that sent nothing
+# useful (its peer neither got into our routing table, as a DHT request puts it, nor was
+# dialled by us) and is at least `grace_s` old, so a newcomer has time to prove useful;
+# with none to prune, the new connection is closed at once. Newest first: connections that
+# have lasted are more likely the fleet's. An address whose connection was pruned gets no
+# unreserved slot for `cooldown_s` while the share is full: flooders re-dialling at once
+# would otherwise keep every connection younger than the grace, and newcomers out.
+
+
+@dataclass(frozen=True)
+class InboundReserve:
+    fraction: float = 0.25   # of the inbound slots, kept for known sources
+    grace_s: float = 10.0    # a new connection is not pruned before this
+    cooldown_s: float = 60.0  # a pruned address waits this long for another unreserved slot
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1 or self.grace_s < 0 or self.cooldown_s < 0:
+            raise ValueError("InboundReserve needs 0 <= fraction < 1, grace_s >= 0 and "
+                             f"cooldown_s >= 0, got fraction={self.fraction}, "
+                             f"grace_s={self.grace_s}, cooldown_s={self.cooldown_s}")
+
+
+@dataclass
+class _Unknown:
+    source: str
+    since: float
+    muxed_conn: Any = None
+    gone: trio.Event = field(default_factory=trio.Event)
+
+
+class InboundReservation:
+    """Counts inbound connections from unknown sources and prunes them (see fix 16)."""
+
+    def __init__(self, swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
+                 is_known: Callable[[Any], bool], source_of: Callable[[str], str]):
+        self.swarm = swarm
+        self.reserve = reserve
+        self._known_peers = known_peers
+        self._is_known = is_known
+        self._source_of = source_of
+        self.dialled: OrderedDict[Any, None] = OrderedDict()  # peers we dialled, newest last
+        self.unknown: list[_Unknown] = []
+        self.cooling: dict[str, float] = {}  # source -> until (trio time)
+        self.pruned = 0
+        self.refused = 0
+
+    @property
+    def cap(self) -> int:
+        total = int(self.swarm._inbound_limiter.total_tokens)
+        return total - math.ceil(total * self.reserve.fraction)
+
+    def remember_dialled(self, peer: Any) -> None:
+        self.dialled[peer] = None
+        self.dialled.move_to_end(peer)
+        while len(self.dialled) > 4096:
+            self.dialled.popitem(last=False)
+
+    def known(self, peer: Any) -> bool:
+        return peer in self.dialled or self._is_known(peer)
+
+    def known_sources(self) -> set[str]:
+        peerstore = self.swarm.peerstore
+        sources: set[str] = set()
+        for peer in [*self._known_peers(), *self.dialled]:
+            try:
+                addrs = peerstore.addrs(peer)
+            except Exception:  # noqa: BLE001 - a peer without addresses
+                continue
+            for addr in addrs:
+                for proto in ("ip4", "ip6"):
+                    try:
+                        sources.add(self._source_of(addr.value_for_protocol(proto)))
+                    except Exception:  # noqa: BLE001 - not this protocol
+                        pass
+        return sources
+
+    def cooling_down(self, source: str, now: float) -> bool:
+        for gone in [s for s, until in self.cooling.items() if until <= now]:
+            del self.cooling[gone]
+        return source in self.cooling
+
+    def prunable(self, now: float) -> _Unknown | None:
+        candidates = [u for u in self.unknown
+                      if u.muxed_conn is not None and now - u.since >= self.reserve.grace_s
+                      and not self.known(getattr(u.muxed_conn, "peer_id", None))]
+        return max(candidates, key=lambda u: u.since, default=None)
+
+    async def close(self, entry: _Unknown) -> None:
+        for conns in list(self.swarm.connections.values()):
+            for conn in list(conns):
+                if getattr(conn, "muxed_conn", None) is entry.muxed_conn:
+                    try:
+                        await conn.close()
+                    except Exception:  # noqa: BLE001 - it may already be closing
+                        pass
+        with trio.move_on_after(5.0):  # its slot comes back when its handler returns (fix 4)
+            await entry.gone.wait()
+
+
+_unknown_entry: ContextVar[_Unknown | None] = ContextVar("p2pfleet_unknown_inbound", default=None)
+
+
+def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
+                          is_known: Callable[[Any], bool],
+                          source_of: Callable[[str], str]) -> InboundReservation:
+    """Install fix 16 on `swarm` (after fixes 4 and 8). `known_peers()` lists the peers
+    whose addresses are known sources (our routing table's), `is_known(peer)` says whether
+    a connected peer is worth keeping, `source_of(ip)` names an address's source (fix 8's
+    rule); peers we dial are remembered here."""
+    from libp2p.abc import IMuxedConn, INotifee
+    from libp2p.rcmgr import Direction
+
+    reservation = InboundReservation(swarm, reserve, known_peers, is_known, source_of)
+    handle_inbound = swarm._handle_inbound_connection
+    upgrade_inbound = swarm.upgrade_inbound_raw_conn
+
+    async def handle(read_write_closer: Any, maddr: Any) -> None:
+        remote = None
+        if not isinstance(read_write_closer, IMuxedConn):
+            try:
+                remote = read_write_closer.get_remote_address()
+            except Exception:  # noqa: BLE001 - no address: not counted
+                remote = None
+        if remote is None or reservation.cap <= 0:
+            await handle_inbound(read_write_closer, maddr)
+            return
+        source = source_of(str(remote[0]))
+        if source in reservation.known_sources():
+            await handle_inbound(read_write_closer, maddr)
+            return
+        if len(reservation.unknown) >= reservation.cap:
+            now = trio.current_time()
+            victim = None if reservation.cooling_down(source, now) else reservation.prunable(now)
+            if victim is None:
+                reservation.refused += 1
+                log.debug("inbound connection from %s refused: the unreserved slots are full",
+                          source)
+                try:
+                    await read_write_closer.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                return
+        else:
+            victim = None
+        entry = _Unknown(source, trio.current_time())
+        reservation.unknown.append(entry)  # before any await: concurrent arrivals count it
+        token = _unknown_entry.set(entry)
+        try:
+            if victim is not None:
+                reservation.unknown.remove(victim)  # the new one takes its place
+                reservation.cooling[victim.source] = now + reserve.cooldown_s
+                reservation.pruned += 1
+                log.debug("pruning the newest idle inbound connection from %s for one from %s",
+                          victim.source, source)
+                await reservation.close(victim)
+            await handle_inbound(read_write_closer, maddr)
+        finally:
+            _unknown_entry.reset(token)
+            if entry in reservation.unknown:
+                reservation.unknown.remove(entry)
+            entry.gone.set()
+
+    async def upgrade(raw_conn: Any, maddr: Any) -> Any:
+        muxed_conn = await upgrade_inbound(raw_conn, maddr)
+        entry = _unknown_entry.get()
+        if entry is not None:
+            entry.muxed_conn = muxed_conn
+        return muxed_conn
+
+    class _Dialled(INotifee):
+        """Remembers the peers of our outbound connections."""
+
+        async def connected(self, network: Any, conn: Any) -> None:
+            if getattr(conn, "direction", None) == Direction.OUTBOUND:
+                reservation.remember_dialled(conn.muxed_conn.peer_id)
+
+        async def opened_stream(self, *_: Any) -> None: ...
+        async def closed_stream(self, *_: Any) -> None: ...
+        async def disconnected(self, *_: Any) -> None: ...
+        async def listen(self, *_: Any) -> None: ...
+        async def listen_close(self, *_: Any) -> None: ...
+
+    swarm._handle_inbound_connection = handle
+    swarm.upgrade_inbound_raw_conn = upgrade
+    swarm.register_notifee(_Dialled())
+    return reservation

@@ -94,6 +94,8 @@ class MeshSettings:
     seed: int | None = None  # back-off jitter; None: from the OS
     max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
     dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
+    # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
+    inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
 
@@ -337,6 +339,9 @@ class Mesh:
             lambda peer, why: self.penalize(peer, "invalid-message", why))
         self.dht_slots = share_dht_slots(  # fix 15 (before fix 14: it wraps this)
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
+        self.inbound_reservation = libp2p_fixes.reserve_inbound_slots(  # fix 16
+            host.get_network(), self.settings.inbound_reserve, dht.routing_table.get_peer_ids,
+            dht.routing_table.peer_in_table, self.inbound_limiter.source)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
         host.get_network().register_notifee(_ConnectionGate(self))

@@ -1,4 +1,4 @@
-"""Hostile load on the DHT (issue 14, item 2; fix 15 in p2pfleet/net/dht_slots.py).
+"""Hostile load on the DHT and on inbound slots (issue 14, items 2 and 4; fixes 15 and 16).
 
 A victim mesh and an honest peer (another loopback address) run while attackers dial from
 their own 127.0.x.y addresses; the honest peer keeps sending GET_VALUE requests for a
@@ -22,7 +22,7 @@ from test_hostile import attacker, dial, frame
 from test_libp2p_fixes import assert_still_serving
 from test_mesh import capacity, now_ms
 
-from fleetkit import NETWORK, fleet, wait_until
+from fleetkit import NETWORK, fleet, settings, wait_until
 
 LOOKUPS = 100
 ANSWERED = 99  # >= 99% of the honest lookups
@@ -160,3 +160,70 @@ async def test_find_node_flood_does_not_starve_honest_lookups():
         assert any(victim.reputation.penalty(str(p), time.time()) > 0
                    for p in _peer_ids(flooders))
         nursery.cancel_scope.cancel()
+
+
+# --- inbound slots: a flood of new addresses does not lock out the fleet --------------------
+
+async def test_flood_from_many_addresses_leaves_room_for_the_fleet_and_newcomers():
+    """Issue 14 item 4: 119 connections from forty addresses held every inbound slot and
+    locked honest peers out. Here 20 inbound slots (max 24, floor 4) and 30 attacker
+    identities on ten addresses that re-dial whenever cut off: a peer from our routing
+    table re-connects at once, and a new honest peer gets in once flooders are pruned."""
+    async with fleet(2, max_connections=24, min_connections=4, **_reserve()) as meshes, \
+            trio.open_nursery() as nursery:
+        victim, member = meshes
+        await member.get_capacity(victim.identity.peer_id)  # a DHT request: into victim's table
+        await wait_until(lambda: victim.dht.routing_table.peer_in_table(member.host.get_id()))
+        swarm = victim.host.get_network()
+        held: set = set()
+
+        async def flooder(i: int) -> None:
+            async with attacker(f"slot flooder {i}".encode()) as evil:
+                while True:
+                    try:
+                        await dial(evil, victim, f"127.0.5.{1 + i % 10}")
+                        held.add(i)
+                    except Exception:
+                        pass
+                    while evil.get_network().get_connections(victim.host.get_id()):
+                        await trio.sleep(0.05)  # held until the victim closes it
+                    held.discard(i)
+                    await trio.sleep(0.1)  # then straight back
+
+        for i in range(30):
+            nursery.start_soon(flooder, i)
+        await wait_until(lambda: len(held) >= 15, timeout=30)
+        # a fleet member drops its connection and comes back while the flood is held
+        await member.host.get_network().close_peer(victim.host.get_id())
+        await wait_until(lambda: not swarm.get_connections(member.host.get_id()))
+        with trio.fail_after(10):
+            await member.connect(victim.listen_addrs()[0])
+        assert swarm.get_connections(member.host.get_id())
+        # a new honest peer gets in (retrying, as a node's bootstrap loop does)
+        newcomer = Mesh(Identity.from_seed(b"newcomer during the flood"), settings(8))
+        await nursery.start(newcomer.run)
+
+        async def joined() -> bool:
+            try:
+                await newcomer.connect(victim.listen_addrs()[0], timeout=3)
+            except Exception:
+                return False
+            return True
+
+        with trio.fail_after(60):
+            while not await joined():
+                await trio.sleep(0.2)
+        reservation = victim.inbound_reservation  # flooders were pruned, never past their share
+        assert reservation.pruned >= 1 and len(reservation.unknown) <= reservation.cap
+        await assert_still_serving([victim, newcomer])
+        await assert_still_serving([victim, member])
+        nursery.cancel_scope.cancel()
+
+
+def _reserve() -> dict:
+    """A short grace for new connections, so the test need not wait out the default."""
+    try:
+        from p2pfleet.net.libp2p_fixes import InboundReserve
+    except ImportError:  # the code before fix 16
+        return {}
+    return {"inbound_reserve": InboundReserve(grace_s=2.0)}

@@ -49,3 +49,10 @@ def test_bad_limits_are_named():
         DhtSlotLimits(max_streams_per_peer=0)
     with pytest.raises(ValueError, match="first_request_s and reply_s must be positive"):
         DhtSlotLimits(first_request_s=0)
+
+
+def test_bad_inbound_reserve_is_named():  # fix 16's settings, checked as fix 15's are
+    from p2pfleet.net.libp2p_fixes import InboundReserve
+
+    with pytest.raises(ValueError, match="0 <= fraction < 1.*fraction=1"):
+        InboundReserve(fraction=1)
