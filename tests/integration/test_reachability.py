@@ -89,6 +89,9 @@ async def test_a_node_found_private_stops_serving_and_its_peers_drop_it():
         car_id = car.host.get_id()
         kad = car.names.protocol("kad")
         await wait_until(lambda: car.reachable.status == Reach.PUBLIC, 30)  # its own check ran
+        for m in others:  # they put it in their tables when it sends them DHT requests
+            await car.dht.add_peer(m.host.get_id())
+        await car.put_capacity(seal(capacity(now_ms()), car.identity, NETWORK))
         await wait_until(lambda: all(car_id in m.dht.routing_table.get_peer_ids() for m in others), 20)
         await verdicts(car.reachable, others, Answer.FAILED)
         assert car.reachable.report()["dht_mode"] == "client"
