@@ -9,9 +9,14 @@ Layout under `root` (normally `DataDir.cache_dir`)::
     enc/<hex>.wire      its chunks' wire bytes, when the codec compresses
     tmp/                files being written; emptied on open
 
-A blob is written to tmp/, fsynced, renamed into blobs/ (and the directory fsynced), and
-only then indexed, so after a crash a blob is either complete and indexed or gone: on open,
-files without a row and rows without a file are dropped. Every `get` re-hashes the file
+A blob is written to tmp/, renamed into blobs/ and only then indexed, so after a crash of
+the process a blob is either complete and indexed or gone: on open, files without a row and
+rows without a file are dropped. Public blobs (models: large, shared, costly to fetch again)
+are fsynced before the rename (and the directory after it), so this holds after a power
+loss too. Private ones (inputs, outputs) are not: fsync was a fifth of a node's CPU on
+ResNet-50 inputs (py-spy, tools/bench_e2e.py --profile), and a private blob that a power
+loss left short or zeroed fails the hash check below and is fetched or computed again; its
+durable copy is the publisher's job store. Every `get` re-hashes the file
 (SHA-256 runs at ~1-2 GB/s; models are read once per run): a corrupt file is refused and
 dropped, never handed to the runner. Serving peers reads ranges (`read_range`), hash-checked
 once per file per process. The wire encoding of a blob (`encoding`, `read_wire`) is built
@@ -270,7 +275,8 @@ class BlobCache:
             with tmp.open("wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if public:
+                    os.fsync(f.fileno())
             self._install(tmp, digest, len(data), public, pinned)
 
     def _merge_existing(self, digest: bytes, public: bool, pinned: bool) -> bool:
@@ -288,7 +294,8 @@ class BlobCache:
     def _install(self, src: Path, digest: bytes, size: int, public: bool, pinned: bool) -> None:
         """Move a file whose bytes were hash-checked on their way in into the cache."""
         os.replace(src, self._path(digest))
-        _fsync_dir(self._blobs)
+        if public:
+            _fsync_dir(self._blobs)
         # checked as written: serving it needs no second hash until the file changes
         st = self._path(digest).stat()
         self._verified[digest] = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -560,7 +567,8 @@ class PartialBlob:
     thread, while more is appended) computes the SHA-256 of what was appended since and
     writes it to the partial file, on large contiguous spans, so the worker releases the GIL
     a few times per batch instead of handing it back and forth per piece. `close` and
-    `finish` write what is left; `finish` checks the whole blob's hash, fsyncs once and
+    `finish` write what is left; `finish` checks the whole blob's hash, fsyncs once if the
+    blob is public (see the module docstring) and
     returns the buffer as `bytes` without copying it (a `BytesIO` over a `bytes` it alone
     holds hands that object out)."""
 
@@ -627,7 +635,7 @@ class PartialBlob:
             done = 0
             while done < len(span):
                 done += os.write(fd, span[done:])
-        if sync:
+        if sync and self.public:
             os.fdatasync(fd)
         self._written = end
 
@@ -643,7 +651,8 @@ class PartialBlob:
             self.discard()
             raise BlobCorrupt(f"blob {self.digest.hex()[:16]}: the {self.total_size} bytes "
                               f"received hash to {self._hash.hexdigest()[:16]}")
-        os.fsync(self._file.fileno())
+        if self.public:
+            os.fsync(self._file.fileno())
         self._close()
         data = self.data
         c = self.cache
