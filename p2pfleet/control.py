@@ -3,7 +3,7 @@
 One request per connection: the client sends {"cmd": "...", ...}\\n and reads one JSON
 reply line: {"ok": true, ...} or {"ok": false, "error": "..."}. Only the owner (file
 permissions on the socket and its 0700 data dir) can talk to it; nothing listens on the
-network. Commands: status, peers, lookup, jobs, announce, pause, resume, stop (with
+network. Commands: status, peers, lookup, reach, jobs, announce, pause, resume, stop (with
 "after_current").
 """
 

@@ -281,7 +281,7 @@ class Node:
                         await nursery.start(self.worker.run, mesh, blobs, self.heard_jobs)
                     await self.publish_capacity("available")  # stored locally at least
                     with trio.move_on_after(self.config.records.republish_s):
-                        await mesh.first_peer.wait()
+                        await mesh.table_ready.wait()  # a first peer, then table filled
                     while True:  # now it reaches the peers closest to our key
                         await self.publish_capacity(self.coarse_state())
                         # jittered, so republishing is no clock others can read a car by

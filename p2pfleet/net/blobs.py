@@ -56,6 +56,7 @@ from ..wire.errors import WireError
 from ..wire.kinds import BY_CLASS, KINDS, BlobManifest, BlobRequest
 from . import dht_providers
 from .mesh import Mesh, MeshError
+from .relay import is_relayed
 from .streams import (
     FRAME_OVERHEAD,
     ChunkReader,
@@ -225,6 +226,11 @@ class BlobService:
     async def _serve(self, stream: Any) -> None:
         peer_id = remote_peer(stream)
         peer = str(peer_id)
+        if is_relayed(stream):  # relays carry signalling only (specs/reachability-and-discovery.md §3)
+            self.stats.refused["relayed connection"] += 1
+            log.info("refused a blob request from %s: it came over a relayed connection", peer)
+            await reset_quietly(stream)
+            return
         if self._serving[peer] >= self.max_serves_per_peer:
             self.stats.refused["busy"] += 1
             await close_quietly(stream)
@@ -574,6 +580,10 @@ class BlobService:
             stream = await self.mesh.open_stream(peer, "blob")
         except MeshError as exc:
             raise _Failed(str(exc).removeprefix(f"{peer}: ")) from None
+        if is_relayed(stream):
+            await reset_quietly(stream)
+            raise _Failed("our only connection to it is relayed, and blobs never cross a relay "
+                          "(fetch from the publisher or a directly connected holder)")
         req = BlobRequest(req_id=os.urandom(16), exp=self._now_ms() + MESSAGE_LIFETIME_MS,
                           digest=part.digest, offset=part.offset,
                           length=min(size - part.offset, MAX_LENGTH), token=token)

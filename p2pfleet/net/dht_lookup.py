@@ -74,8 +74,12 @@ async def query_rounds(key: bytes, shortlist: list[Any], query: Callable[[Any], 
 
 async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                timeout: float = QUERY_TIMEOUT_S,
-               stats: WalkStats | None = None) -> tuple[list[Any], dict[Any, bytes]]:
-    """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value})."""
+               stats: WalkStats | None = None,
+               learn: bool = False) -> tuple[list[Any], dict[Any, bytes]]:
+    """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value}).
+
+    With `learn`, every peer that really answered (we hold a connection to it after the
+    query) enters the routing table: how the table fills (net/dht_refresh.py)."""
     stats = stats if stats is not None else WalkStats()
     host_id = dht.host.get_id()
     shortlist = start_shortlist(dht, key, k)
@@ -98,6 +102,9 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
             # count as responses: a dead put target costs a timeout, a skipped live one
             # would miss the record
             responded.append(peer)
+            if learn and dht.host.get_network().get_connections(peer):
+                # it answered a DHT request, so it serves the DHT: no identify check needed
+                await dht.add_peer(peer, skip_server_mode_check=True)
             if record is not None and getattr(record, "value", None):
                 values[peer] = bytes(record.value)
             for p in closer or []:
@@ -111,8 +118,8 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
 
 
 async def store_at(dht: Any, peers: list[Any], key: bytes, value: bytes,
-                   timeout: float = QUERY_TIMEOUT_S) -> int:
-    """Store `value` at each peer; returns how many accepted it."""
+                   timeout: float = QUERY_TIMEOUT_S, accepted: set[Any] | None = None) -> int:
+    """Store `value` at each peer; returns how many accepted it (added to `accepted`)."""
     stored = 0
 
     async def one(peer: Any) -> None:
@@ -121,6 +128,8 @@ async def store_at(dht: Any, peers: list[Any], key: bytes, value: bytes,
             try:
                 if await dht.value_store._store_at_peer(peer, key, value):
                     stored += 1
+                    if accepted is not None:
+                        accepted.add(peer)
             except Exception as exc:  # noqa: BLE001
                 log.debug("PUT_VALUE to %s failed: %s", peer, exc)
 

@@ -45,7 +45,8 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
-from . import dht_find_node, dht_lookup, dht_providers, libp2p_fixes, state_limits, traffic
+from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fixes,
+               state_limits, traffic)
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
 from .dht_records import (
@@ -68,6 +69,7 @@ from .gossip import (
 log = logging.getLogger(__name__)
 
 MARK_PRUNE_S = 600.0  # forget record marks that protect nothing any more this often
+FIRST_REFRESH_S = 15.0  # refresh again this soon while the table is smaller than k (doubling)
 
 
 class MeshError(Exception):
@@ -93,6 +95,10 @@ class MeshSettings:
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
     max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
+    dht_k: int = dht_lookup.K  # bucket size and replication (small in tests, so lookups route)
+    # routing-table refresh period (net/dht_refresh.py); 0: never fill or refresh the table
+    # (it then holds only peers met otherwise: a test that needs a fixed topology)
+    dht_refresh_s: float = 600.0
     dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
     # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
     inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
@@ -162,6 +168,12 @@ class Mesh:
         self.first_peer = trio.Event()
         self.last_put_peers = 0
         self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
+        # set once the routing table was filled (self-lookup and bucket refresh) after the
+        # first peer: a record put before that reaches only the peers we happen to know
+        self.table_ready = trio.Event()
+        self.last_refresh = dht_refresh.RefreshStats()
+        self._refresh_wanted = trio.Event()
+        self._published: dict[bytes, tuple[bytes, set[Any]]] = {}  # key -> (ours, held at)
         self.host: Any = None
         self.reachable: Reachable | None = None  # AutoNAT status and DHT mode, once running
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
@@ -324,6 +336,10 @@ class Mesh:
         mode = DHTMode.CLIENT if self.settings.dht_mode == "client" else DHTMode.SERVER
         validator = NamespacedValidator({"p2pfleet": self.record_validator}, strict_validation=True)
         dht = KadDHT(host, mode, validator=validator, validator_changed=True, strict_validation=True)
+        if self.settings.dht_k < 1:
+            raise MeshError(f"dht_k must be at least 1, not {self.settings.dht_k}")
+        for bucket in dht.routing_table.buckets:  # split buckets inherit it
+            bucket.bucket_size = self.settings.dht_k
         guard_served_values(dht.value_store, self.record_validator)
         pubsub.set_topic_validator(self.names.topic("jobs"), self._validate_job, False)
         libp2p_fixes.add_validation_ignore(  # fix 10
@@ -361,6 +377,7 @@ class Mesh:
                     if self.settings.bootstrap:
                         nursery.start_soon(self._bootstrap_loop)
                     nursery.start_soon(self._forget_marks)
+                    nursery.start_soon(self._refresh_loop, dht)
                     task_status.started(self)
                     try:
                         await trio.sleep_forever()
@@ -390,6 +407,9 @@ class Mesh:
         low, high = self.settings.bootstrap_backoff_s
         delay = low
         while True:
+            if len(self.connected_peers()) >= self.settings.min_connections:
+                await trio.sleep(60.0)  # in the mesh: the bootstrap peers are not needed now
+                continue
             answered, failures = 0, []
             for addr in self.settings.bootstrap:
                 try:
@@ -399,12 +419,35 @@ class Mesh:
                     failures.append(str(exc))
             if answered:
                 delay = low
+                await self.table_ready.wait()
+                await self._release_bootstrap_peers()
                 await trio.sleep(60.0)  # keep bootstrap links fresh
                 continue
             log.warning("no bootstrap peer answered (%s); running alone, retrying in %.0f s",
                         "; ".join(failures), delay)
             await trio.sleep(delay * (0.5 + self._rng.random()))
             delay = min(high, delay * 2)
+
+    async def _release_bootstrap_peers(self) -> None:
+        """Close our connections to the bootstrap peers once we hold enough others.
+
+        A whole fleet joins through a few bootstrap nodes; each newcomer holding a slot
+        there for good would fill them (issue 15: at 200 hosts the bootstrap nodes sat at
+        their connection limit and 76 hosts found no peer). They stay in our routing table,
+        which needs no live connection: a walk dials them again when they are closest."""
+        bootstrap_ids = set()
+        for addr in self.settings.bootstrap:
+            try:
+                bootstrap_ids.add(info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id)
+            except Exception:  # noqa: BLE001 - a bad address was reported when dialled
+                continue
+        others = [p for p in self.host.get_network().connections
+                  if p not in bootstrap_ids and self.host.get_network().get_connections(p)]
+        if len(others) < self.settings.min_connections:
+            return
+        for peer in bootstrap_ids:
+            if self.host.get_network().get_connections(peer):
+                await self._close_peer(peer)
 
     async def connect(self, addr: str, timeout: float = 10.0) -> str:
         """Dial a /.../p2p/<peer-id> multiaddr, add it to the DHT; returns its peer id."""
@@ -440,9 +483,60 @@ class Mesh:
             raise MeshError(f"our own capacity record is invalid: {exc}") from None
         key_bytes = key.encode()
         self.dht.value_store.put(key_bytes, envelope)
-        closest, _values = await dht_lookup.walk(self.dht, key_bytes)
-        self.last_put_peers = await dht_lookup.store_at(self.dht, closest, key_bytes, envelope)
+        await self._store(self.dht, key_bytes, envelope)
         return key
+
+    async def _store(self, dht: KadDHT, key_bytes: bytes, envelope: bytes) -> None:
+        closest, _values = await dht_lookup.walk(dht, key_bytes, k=self.settings.dht_k, learn=True)
+        held: set[Any] = set()
+        self.last_put_peers = await dht_lookup.store_at(dht, closest, key_bytes, envelope,
+                                                        accepted=held)
+        self._published[key_bytes] = (envelope, held)
+        if len(held) * 2 < len(closest):
+            self.refresh_now()  # few copies (peers busy or gone): refresh, then store again
+
+    async def _refresh_loop(self, dht: KadDHT) -> None:
+        """Fill the routing table once a first peer is connected (then `table_ready`), and
+        refresh it periodically: sooner while it holds fewer than k peers, as a node that
+        joined a young fleet does. After each refresh, republish what moved."""
+        if self.settings.dht_refresh_s <= 0:
+            self.table_ready.set()
+            return
+        await self.first_peer.wait()
+        k = self.settings.dht_k
+        delay = FIRST_REFRESH_S
+        while True:
+            try:
+                self.last_refresh = await dht_refresh.fill(dht, k=k, rng=self._rng)
+            except Exception as exc:  # noqa: BLE001 - a refresh failing must not end the mesh
+                log.warning("routing-table refresh failed: %s: %s", type(exc).__name__, exc)
+            self.table_ready.set()
+            await self._republish_moved(dht)
+            if dht.routing_table.size() < k:
+                wait, delay = delay, min(self.settings.dht_refresh_s, delay * 2)
+            else:
+                wait = self.settings.dht_refresh_s
+            with trio.move_on_after(wait * self._rng.uniform(0.9, 1.1)):
+                await self._refresh_wanted.wait()
+                await trio.sleep(FIRST_REFRESH_S)  # asked for: still not more often than this
+            self._refresh_wanted = trio.Event()
+
+    def refresh_now(self) -> None:
+        """Ask for a routing-table refresh (and republish check) without waiting."""
+        self._refresh_wanted.set()
+
+    async def _republish_moved(self, dht: KadDHT) -> None:
+        """Store our records again where the peers closest to their keys changed much."""
+        for key_bytes, (envelope, held) in list(self._published.items()):
+            closest = dht.routing_table.find_local_closest_peers(key_bytes, self.settings.dht_k)
+            if not dht_refresh.moved(held, closest):
+                continue
+            try:
+                self.record_validator.validate(key_bytes.decode(), envelope)
+            except RecordRejected:  # expired or replaced: the node publishes anew
+                del self._published[key_bytes]
+                continue
+            await self._store(dht, key_bytes, envelope)
 
     async def get_capacity(self, peer_id: str, timeout: float = 10.0) -> Opened | None:
         """Find a peer's capacity record; None if there is none we can believe."""
@@ -453,7 +547,8 @@ class Mesh:
         values: dict[Any, bytes] = {}
         self.last_lookup = dht_lookup.WalkStats()
         with trio.move_on_after(timeout):
-            _closest, values = await dht_lookup.walk(self.dht, key_bytes, stats=self.last_lookup)
+            _closest, values = await dht_lookup.walk(self.dht, key_bytes, k=self.settings.dht_k,
+                                                     stats=self.last_lookup, learn=True)
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])
         newest = self.record_validator.newest(key, candidates)

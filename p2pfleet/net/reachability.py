@@ -158,6 +158,9 @@ class Reachable:
         self.verdicts = Reachability()
         self.service = FreshDialAutoNAT(host)
         self._kad_handler: Any = None
+        self.private = trio.Event()   # set while AutoNAT finds us private
+        self.public = trio.Event()    # set while it does not
+        self.public.set()
         self.dht_mode = "server" if dht.mode == DHTMode.SERVER else "client"
         keep_clients_out(dht, kad_protocol)
 
@@ -212,6 +215,12 @@ class Reachable:
         return self.status
 
     async def apply_mode(self) -> None:
+        if self.status == Reach.PRIVATE and not self.private.is_set():
+            self.private.set()
+            self.public = trio.Event()
+        elif self.status != Reach.PRIVATE and not self.public.is_set():
+            self.public.set()
+            self.private = trio.Event()
         want = dht_mode(self.setting, self.status)
         if want != self.dht_mode:
             await set_dht_mode(self, want)
@@ -242,3 +251,14 @@ async def set_dht_mode(reach: Reachable, mode: str) -> None:
 def _relayed(conns: Any) -> bool:
     return any("/p2p-circuit" in str(a) for c in conns
                for a in (getattr(c.muxed_conn, "get_transport_addresses", lambda: [])() or []))
+
+
+async def warn_while_private(reach: Reachable, role: str) -> None:
+    """Log an error each time AutoNAT finds this node private, for a role that must be
+    reachable (a publisher: workers dial it, and its blobs never cross a relay)."""
+    while True:
+        await reach.private.wait()
+        log.error("this %s is not reachable from the network (%s): workers cannot dial it "
+                  "and blobs never cross a relay; give it a public address or forward its "
+                  "listen port", role, reach.verdicts.why)
+        await reach.public.wait()

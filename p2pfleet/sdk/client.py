@@ -34,6 +34,7 @@ from ..datadir import DataDir
 from ..identity import Identity, key_from_peer_id, load_key, peer_id_from_key, save_key
 from ..net.blobs import BlobService
 from ..net.mesh import Mesh, MeshSettings
+from ..net.reachability import warn_while_private
 from ..publisher import JobSpec, JobStatus, Publisher, PublisherError, PublisherSettings
 from ..store.blobcache import BlobCache
 from ..wire.kinds import Requirements
@@ -458,6 +459,8 @@ async def connect(data_dir: str | Path, *, network: str = "main",
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(mesh.run)
+                # a publisher must be reachable (specs/reachability-and-discovery.md §3)
+                nursery.start_soon(warn_while_private, mesh.reachable, "publisher")
                 await nursery.start(publisher.run)
                 nursery.start_soon(blobs.run)
                 client = Client(identity, mesh, publisher, blobs)
