@@ -39,6 +39,7 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.peer.id import ID
 
 from . import __version__
 from .config import Config
@@ -49,7 +50,8 @@ from .core import policy as P
 from .identity import Identity, key_from_peer_id, peer_id_from_key
 from .net import traffic
 from .net.mesh import Mesh, MeshError, MeshSettings
-from .net.info import InfoFacts, info_handler
+from .net.info import InfoFacts, fetch_node_info, info_handler
+from .net.relay import is_relayed
 from .store.state import NodeState
 from .worker import Worker, WorkerSettings
 from .core.peer_budget import PeerBudget
@@ -231,6 +233,10 @@ class Node:
                                           KINDS["capacity"].max_lifetime_ms)
         addrs = public_addrs(self.mesh.listen_addrs() if self.mesh else [],
                              self.config.node.publish_private_addrs)
+        relayed = self.mesh.relays.addrs() if self.mesh and self.mesh.relays else []
+        if relayed:  # private: only the relay reaches us (specs/reachability-and-discovery.md §3)
+            addrs = tuple(a for a in relayed
+                          if public_addrs([a], self.config.node.publish_private_addrs))
         body = Capacity(
             seq=seq, exp=exp, sw_version=__version__, state=state,
             hw_class=self.hw_class, cores=hw.cores or (os.cpu_count() or 1),
@@ -285,7 +291,9 @@ class Node:
                     while True:  # now it reaches the peers closest to our key
                         await self.publish_capacity(self.coarse_state())
                         # jittered, so republishing is no clock others can read a car by
-                        await trio.sleep(self.config.records.republish_s * self.rng.uniform(0.9, 1.1))
+                        with trio.move_on_after(self.config.records.republish_s
+                                                * self.rng.uniform(0.9, 1.1)):
+                            await mesh.relays.addrs_changed()  # our relayed address, at once
         finally:
             self.mesh = None
             self.status.in_mesh = False
@@ -486,6 +494,7 @@ class Node:
             # AutoNAT's verdict, why, and the DHT mode it set (net/reachability.py)
             **(self.mesh.reachable.report() if self.mesh and self.mesh.reachable else
                {"reachability": "unknown", "reachability_why": "not in the mesh", "dht_mode": None}),
+            **(self.mesh.relays.report() if self.mesh and self.mesh.relays else {}),
             "jobs_heard": len(self.jobs),
             "work": self.work_report(),
             "metrics_addr": "%s:%d" % self.metrics_addr if self.metrics_addr else None,
@@ -518,6 +527,8 @@ class Node:
             return {"ok": True, "jobs": [self._job_view(v) for v in self.jobs.values()]}
         if cmd == "announce":
             return await self._announce(str(request.get("envelope_hex", "")))
+        if cmd == "reach":
+            return await self._reach(str(request.get("peer_id", "")))
         if cmd == "lookup":
             return await self._lookup(str(request.get("peer_id", "")))
         if cmd == "pause":
@@ -553,6 +564,34 @@ class Node:
         except (ValueError, MeshError) as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "sent_at": self.clock()}
+
+    async def _reach(self, peer_id: str) -> dict:
+        """Dial a peer at the addresses of its capacity record (a private one: through its
+        relay) and ask it for its node_info; says which address answered and how."""
+        if self.mesh is None:
+            return {"ok": False, "error": "the node is out of the mesh (see 'node status')"}
+        try:
+            key_from_peer_id(peer_id)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        opened = await self.mesh.get_capacity(peer_id)
+        if opened is None:
+            return {"ok": False, "error": f"no capacity record of {peer_id} found"}
+        errors = []
+        for addr in opened.body.addrs:
+            try:
+                await self.mesh.host.get_network().close_peer(ID.from_base58(peer_id))
+                await self.mesh.connect(f"{addr}/p2p/{peer_id}")
+            except (MeshError, ValueError) as exc:
+                errors.append(str(exc))
+                continue
+            conns = self.mesh.host.get_network().get_connections(ID.from_base58(peer_id))
+            reply = await fetch_node_info(self.mesh, peer_id)
+            return {"ok": True, "peer_id": peer_id, "addr": addr,
+                    "relayed": bool(conns) and all(is_relayed(c) for c in conns),
+                    "info": "ok" if reply.opened is not None else reply.error}
+        return {"ok": False, "error": f"no address of {peer_id} answered: "
+                                      f"{'; '.join(errors) or 'its record lists none'}"}
 
     async def _lookup(self, peer_id: str) -> dict:
         if self.mesh is None:

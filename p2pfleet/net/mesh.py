@@ -49,6 +49,7 @@ from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fix
                state_limits, traffic)
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
+from .relay import Relays
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -95,13 +96,13 @@ class MeshSettings:
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
     max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
+    dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
+    # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
+    inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
     dht_k: int = dht_lookup.K  # bucket size and replication (small in tests, so lookups route)
     # routing-table refresh period (net/dht_refresh.py); 0: never fill or refresh the table
     # (it then holds only peers met otherwise: a test that needs a fixed topology)
     dht_refresh_s: float = 600.0
-    dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
-    # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
-    inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
 
@@ -176,6 +177,7 @@ class Mesh:
         self._published: dict[bytes, tuple[bytes, set[Any]]] = {}  # key -> (ours, held at)
         self.host: Any = None
         self.reachable: Reachable | None = None  # AutoNAT status and DHT mode, once running
+        self.relays: Relays | None = None  # relay service and our reservation, once running
         self._handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
         self.dht: KadDHT | None = None
         self.pubsub: Pubsub | None = None
@@ -360,6 +362,7 @@ class Mesh:
             dht.routing_table.peer_in_table, self.inbound_limiter.source)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
+        self.relays = Relays(host, self.reachable)
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -374,6 +377,7 @@ class Mesh:
                     jobs_sub = await pubsub.subscribe(self.names.topic("jobs"))
                     nursery.start_soon(self._receive_jobs, jobs_sub)
                     nursery.start_soon(self.reachable.run)  # AutoNAT, then the DHT mode
+                    nursery.start_soon(self.relays.run)  # relay for others, or hold a reservation
                     if self.settings.bootstrap:
                         nursery.start_soon(self._bootstrap_loop)
                     nursery.start_soon(self._forget_marks)
@@ -463,7 +467,10 @@ class Mesh:
             return str(info.peer_id)
         try:
             with trio.fail_after(timeout):
-                await self.host.connect(info)
+                if "/p2p-circuit" in addr and self.relays is not None:
+                    await self.relays.dial(addr)  # py-libp2p's swarm dials no relayed addresses
+                else:
+                    await self.host.connect(info)
                 await self.dht.add_peer(info.peer_id)
         except trio.TooSlowError:
             raise MeshError(f"{addr}: no answer within {timeout:.0f} s") from None
