@@ -192,7 +192,9 @@ async def test_flood_from_many_addresses_leaves_room_for_the_fleet_and_newcomers
 
         for i in range(30):
             nursery.start_soon(flooder, i)
-        await wait_until(lambda: len(held) >= 15, timeout=30)
+        # the flood holds what it can (all free slots before; the unreserved share, less
+        # the member's first connection, counted there until it was in the routing table)
+        await wait_until(lambda: len(held) >= 12, timeout=30)
         # a fleet member drops its connection and comes back while the flood is held
         await member.host.get_network().close_peer(victim.host.get_id())
         await wait_until(lambda: not swarm.get_connections(member.host.get_id()))
@@ -204,6 +206,9 @@ async def test_flood_from_many_addresses_leaves_room_for_the_fleet_and_newcomers
         await nursery.start(newcomer.run)
 
         async def joined() -> bool:
+            # py-libp2p refuses to re-dial a peer for 60 s after a failed dial; a node's
+            # bootstrap loop retries later than that, this test does not wait it out
+            newcomer.host.get_network().unblock_peer(victim.host.get_id())
             try:
                 await newcomer.connect(victim.listen_addrs()[0], timeout=3)
             except Exception:
