@@ -7,8 +7,8 @@ handlers) is metered per peer, per minute and per day. The TCP bytes of its conn
 ways (net/traffic.py attributes them to the peer once the connection is up), are held for
 the current minute and only then counted toward the cap; a peer that overruns either budget,
 or that the mesh bans for misbehaviour, has its held and later bytes refused (never counted)
-and is cut off; a peer scored down for an offence below a ban has the bytes of that minute
-refused. So an attacker's flood costs the owner's link what arrived before the cut, but
+and is cut off; a peer scored down for an offence below a ban, or whose connection the mesh
+pruned as useless to make room (fix 16), has the bytes of that minute refused. So an attacker's flood costs the owner's link what arrived before the cut, but
 none of the daily cap: leaving the mesh would hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
 opened) are not metered, only held for the minute.
 
@@ -45,7 +45,7 @@ class _Peer:
     held: int = 0         # TCP bytes (both ways) of this window, not yet counted toward the cap
     unasked: int = 0      # metered bytes in this window
     unasked_day: int = 0
-    offended: bool = False  # scored down in this window: its held bytes will not count
+    forfeit: bool = False  # its held bytes of this window will not count
 
 
 @dataclass
@@ -103,21 +103,22 @@ class PeerBudget:
             self.refused += p.held
             p.held = 0
 
-    def offence(self, peer: str) -> None:
-        """`peer` was scored down for misbehaving (below a ban): the bytes of its current
-        window will not count (an attacker cut off by a stream reset, not a ban, would
-        otherwise spend the cap with each fresh identity)."""
+    def forfeit(self, peer: str) -> None:
+        """The bytes of `peer`'s current window will not count: it was scored down for
+        misbehaving (below a ban), or dropped as useless to make room for others (an
+        attacker cut off by a stream reset or pruned would otherwise spend the cap with
+        each fresh identity)."""
         if peer not in self.over:
-            self._peer(peer).offended = True
+            self._peer(peer).forfeit = True
 
     def settle(self) -> None:
-        """Count the held bytes of windows that ended within budget and without offence."""
+        """Count the held bytes of windows that ended within budget and not forfeit."""
         now = self.clock()
         for peer, p in list(self._peers.items()):
             if now - p.window_start >= self.limits.window_s:
-                if p.offended:
+                if p.forfeit:
                     self.refused += p.held
-                p.held, p.unasked, p.window_start, p.offended = 0, 0, now, False
+                p.held, p.unasked, p.window_start, p.forfeit = 0, 0, now, False
                 if now - p.day_start >= 86_400:
                     p.unasked_day, p.day_start = 0, now
                     self.over.pop(peer, None)

@@ -646,7 +646,9 @@ def add_validation_ignore(pubsub: Any, topic: str, ignore: IgnoreFn) -> None:
 # with none to prune, the new connection is closed at once. Newest first: connections that
 # have lasted are more likely the fleet's. An address whose connection was pruned gets no
 # unreserved slot for `cooldown_s` while the share is full: flooders re-dialling at once
-# would otherwise keep every connection younger than the grace, and newcomers out.
+# would otherwise keep every connection younger than the grace, and newcomers out. A pruned
+# peer is reported (`on_prune`): the bytes of a connection we dropped as useless do not
+# count toward the owner's transfer cap (core/peer_budget.py).
 
 
 @dataclass(frozen=True)
@@ -674,8 +676,10 @@ class InboundReservation:
     """Counts inbound connections from unknown sources and prunes them (see fix 16)."""
 
     def __init__(self, swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
-                 is_known: Callable[[Any], bool], source_of: Callable[[str], str]):
+                 is_known: Callable[[Any], bool], source_of: Callable[[str], str],
+                 on_prune: Callable[[Any], None] | None = None):
         self.swarm = swarm
+        self.on_prune = on_prune
         self.reserve = reserve
         self._known_peers = known_peers
         self._is_known = is_known
@@ -743,8 +747,8 @@ _unknown_entry: ContextVar[_Unknown | None] = ContextVar("p2pfleet_unknown_inbou
 
 
 def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
-                          is_known: Callable[[Any], bool],
-                          source_of: Callable[[str], str]) -> InboundReservation:
+                          is_known: Callable[[Any], bool], source_of: Callable[[str], str],
+                          on_prune: Callable[[Any], None] | None = None) -> InboundReservation:
     """Install fix 16 on `swarm` (after fixes 4 and 8). `known_peers()` lists the peers
     whose addresses are known sources (our routing table's), `is_known(peer)` says whether
     a connected peer is worth keeping, `source_of(ip)` names an address's source (fix 8's
@@ -752,7 +756,7 @@ def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Call
     from libp2p.abc import IMuxedConn, INotifee
     from libp2p.rcmgr import Direction
 
-    reservation = InboundReservation(swarm, reserve, known_peers, is_known, source_of)
+    reservation = InboundReservation(swarm, reserve, known_peers, is_known, source_of, on_prune)
     handle_inbound = swarm._handle_inbound_connection
     upgrade_inbound = swarm.upgrade_inbound_raw_conn
 
@@ -794,6 +798,9 @@ def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Call
                 reservation.pruned += 1
                 log.debug("pruning the newest idle inbound connection from %s for one from %s",
                           victim.source, source)
+                peer = getattr(victim.muxed_conn, "peer_id", None)
+                if peer is not None and reservation.on_prune is not None:
+                    reservation.on_prune(peer)
                 await reservation.close(victim)
             await handle_inbound(read_write_closer, maddr)
         finally:

@@ -219,7 +219,7 @@ class Mesh:
     def penalize(self, peer: Any, offence: str, detail: str = "") -> None:
         if peer is None:
             return
-        self.budget.offence(str(peer))
+        self.budget.forfeit(str(peer))
         for ban in self.reputation.penalize(str(peer), offence, self.clock(), detail):
             log.warning("banning peer %s until %s: %s", ban.peer, time.ctime(ban.until), ban.reason)
             self.stats.bans.append(ban.peer)
@@ -359,7 +359,8 @@ class Mesh:
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
         self.inbound_reservation = libp2p_fixes.reserve_inbound_slots(  # fix 16
             host.get_network(), self.settings.inbound_reserve, dht.routing_table.get_peer_ids,
-            dht.routing_table.peer_in_table, self.inbound_limiter.source)
+            dht.routing_table.peer_in_table, self.inbound_limiter.source,
+            on_prune=lambda peer: self.budget.forfeit(str(peer)))
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
         self.relays = Relays(host, self.reachable)

@@ -15,7 +15,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.utils.varint import encode_uvarint
 
+from p2pfleet.core.peer_budget import PeerBudget
 from p2pfleet.identity import Identity
+from p2pfleet.net import traffic
 from p2pfleet.net.mesh import Mesh
 from p2pfleet.wire.envelope import seal
 from test_hostile import attacker, dial, frame
@@ -172,6 +174,9 @@ async def test_flood_from_many_addresses_leaves_room_for_the_fleet_and_newcomers
     async with fleet(2, max_connections=24, min_connections=4, **_reserve()) as meshes, \
             trio.open_nursery() as nursery:
         victim, member = meshes
+        traffic.install()  # as a node does: bytes count per peer
+        now = [time.monotonic()]  # the byte budget's clock, moved on at the end
+        victim.budget = PeerBudget(lambda: now[0])
         await member.get_capacity(victim.identity.peer_id)  # a DHT request: into victim's table
         await wait_until(lambda: victim.dht.routing_table.peer_in_table(member.host.get_id()))
         swarm = victim.host.get_network()
@@ -220,6 +225,10 @@ async def test_flood_from_many_addresses_leaves_room_for_the_fleet_and_newcomers
                 await trio.sleep(0.2)
         reservation = victim.inbound_reservation  # flooders were pruned, never past their share
         assert reservation.pruned >= 1 and len(reservation.unknown) <= reservation.cap
+        # what the pruned connections moved does not count toward the owner's cap
+        now[0] += victim.budget.limits.window_s + 1
+        victim.budget.settle()
+        assert victim.budget.refused > 0
         await assert_still_serving([victim, newcomer])
         await assert_still_serving([victim, member])
         nursery.cancel_scope.cancel()

@@ -45,7 +45,7 @@ def test_a_banned_peer_and_an_offending_peer_spend_nothing_of_their_window():
     b.refuse("banned", "banned: protocol-error")
     b.moved("banned", 50)  # later bytes are refused too
     b.moved("offender", 200)
-    b.offence("offender")
+    b.forfeit("offender")
     b.moved("offender", 100)  # the rest of its window goes with it
     b.moved("honest", 70)
     clock.t = 61.0
