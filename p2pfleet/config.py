@@ -229,6 +229,13 @@ class NodeSettings:
     blob_cache_mb: int = _setting(
         2048, "Most disk space (MiB) for cached models, inputs and outputs in the data "
         "dir's cache/; the least recently used go first, never those in use.", min=16)
+    peer_budget_mb_per_minute: float = _setting(
+        8.0, "Most bytes (MB, 10^6) one peer may send unasked (gossip, DHT and other requests) "
+        "in a minute. A peer over it is cut off and none of its bytes count toward "
+        "policy.daily_transfer_cap_mb.", min=0.1, max=10_000)
+    peer_budget_mb_per_day: float = _setting(
+        64.0, "Most bytes (MB) one peer may send unasked in a day (at least the per-minute "
+        "budget).", min=0.1, max=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ import trio
 from libp2p.peer.id import ID
 
 from . import __version__
-from .config import Config
+from .config import Config, ConfigError
 from .control import serve_control
 from .metrics import serve_metrics
 from .core import eventlog
@@ -54,7 +54,7 @@ from .net.info import InfoFacts, fetch_node_info, info_handler
 from .net.relay import is_relayed
 from .store.state import NodeState
 from .worker import Worker, WorkerSettings
-from .core.peer_budget import PeerBudget
+from .core.peer_budget import MB, BudgetLimits, PeerBudget
 from .core.worker import HeardJob, hand_back_reason
 from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
 from .wire.envelope import seal
@@ -104,6 +104,18 @@ def policy_config(config: Config) -> P.PolicyConfig:
         daily_transfer_cap_mb=p.daily_transfer_cap_mb or None,
         power_w=p.power_w, leaving_flush_cap_kb=p.leaving_flush_cap_kb,
     )
+
+
+def peer_budget_limits(node: Any) -> BudgetLimits:
+    """The per-peer byte budgets of the [node] settings (core/peer_budget.py)."""
+    per_minute = int(node.peer_budget_mb_per_minute * MB)
+    per_day = int(node.peer_budget_mb_per_day * MB)
+    if per_day < per_minute:
+        raise ConfigError(
+            f"node.peer_budget_mb_per_day = {node.peer_budget_mb_per_day:g} is below "
+            f"node.peer_budget_mb_per_minute = {node.peer_budget_mb_per_minute:g}: a day's "
+            "budget must hold at least a minute's", key="node.peer_budget_mb_per_day")
+    return BudgetLimits(per_minute=per_minute, per_day=per_day)
 
 
 def utc_offset_s(at: float) -> int:
@@ -190,7 +202,8 @@ class Node:
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
         self.traffic = traffic.install()
         self.metrics_addr: tuple[str, int] | None = None
-        self.peer_budget = PeerBudget(time.monotonic)  # over-budget peers' bytes never count toward the cap
+        # over-budget peers' bytes never count toward the cap
+        self.peer_budget = PeerBudget(time.monotonic, peer_budget_limits(config.node))
         self._traffic_reported = self.traffic.total
         self._energy_pending_wh = 0.0
         # one JSON line per policy event (core/eventlog.py), replayable

@@ -147,6 +147,8 @@ BAD_FILE_VALUES = {
     "node.publish_private_addrs": ('"no"', "true or false"),
     "node.state_jitter_s": ("-1", "a number >= 0"),
     "node.blob_cache_mb": ("8", "an integer >= 16"),
+    "node.peer_budget_mb_per_minute": ("0", "a number >= 0.1 and <= 10000"),
+    "node.peer_budget_mb_per_day": ("0.01", "a number >= 0.1"),
     "node.metrics_listen": ('"localhost"', "empty or host:port"),
     "vehicle.provider": ('"obd"', "one of 'static', 'trace'"),
     "vehicle.trace": ("3", "a string"),
