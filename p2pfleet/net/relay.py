@@ -104,16 +104,22 @@ class Relays:
     async def run(self) -> None:
         async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
             while True:
-                status = self.reachable.status
-                await self._set_offering(self.offer and status == Reach.PUBLIC)
-                if status == Reach.PRIVATE:
-                    if self.relay is None or not self._connected(self.relay):
-                        self._set_relay(None, None)
-                        await self._reserve(nursery)
-                elif self.relay is not None:
-                    self._set_relay(None, None)
-                    self.why = "not needed while reachable"
+                try:
+                    await self._step(nursery)
+                except Exception as exc:  # noqa: BLE001 - a failed step must not end the mesh
+                    log.warning("relay step failed: %s: %s", type(exc).__name__, exc)
                 await trio.sleep(KEEP_CHECK_S if self.relay else RESERVE_EVERY_S)
+
+    async def _step(self, nursery: trio.Nursery) -> None:
+        status = self.reachable.status
+        await self._set_offering(self.offer and status == Reach.PUBLIC)
+        if status == Reach.PRIVATE:
+            if self.relay is None or not self._connected(self.relay):
+                self._set_relay(None, None)
+                await self._reserve(nursery)
+        elif self.relay is not None:
+            self._set_relay(None, None)
+            self.why = "not needed while reachable"
 
     async def _set_offering(self, on: bool) -> None:
         if on == self.offering:
@@ -181,7 +187,11 @@ class Relays:
                 remote = None
             if remote:
                 return f"/ip4/{remote[0]}/tcp/{remote[1]}"
-        for addr in self.host.get_peerstore().addrs(peer):
+        try:
+            known = self.host.get_peerstore().addrs(peer)
+        except Exception:  # noqa: BLE001 - a peer the peerstore forgot
+            known = []
+        for addr in known:
             if "/p2p-circuit" not in str(addr):
                 return str(multiaddr.Multiaddr(str(addr).split("/p2p/")[0]))
         return None
