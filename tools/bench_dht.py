@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""Benchmark the DHT at more hosts than k: many real mesh hosts per process, on loopback.
+
+The controller starts P worker processes of H `Mesh` hosts each (default 10 x 20 = 200;
+py-libp2p hosts over TCP, host j of worker w listens on 127.0.<w+1>.<j+1>). The first
+--bootstrap hosts of worker 0 are the bootstrap nodes (the first alone, the others through
+it); every other host joins through them at once, as a fleet starting together. Each host
+publishes its signed capacity record as soon as it joined (its routing table filled:
+`Mesh.table_ready`). Then it measures, from outside the hosts' code paths:
+
+1. joining: time to the first peer and to `table_ready`, copies stored by the put at join,
+   routing-table size, hosts that had no peer after 30 s;
+2. lookups with all hosts up: a seeded random sample of (reader, target) pairs, each a
+   `Mesh.get_capacity` walk: success (the target's record found and verified), rounds
+   (hops), RPCs, latency p50/p99;
+3. the same after killing --kill-share of the non-bootstrap hosts (their meshes cancelled,
+   connections closed, nothing said): survivors look up every host's record, the killed
+   ones' included (they live on replicas).
+
+JSON goes to stdout and tools/bench_dht.last.json (--out to change), with the load average
+at each step (a shared 2-core machine is noisy); progress to stderr.
+
+    tools/bench_dht.py                          # 10 x 20 hosts
+    tools/bench_dht.py --procs 4 --hosts 10 --lookups 200   # a smaller run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tools"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import benchlib as B  # noqa: E402
+
+NETWORK = "benchdht"
+TARGET_ALL_UP = 1.0
+TARGET_KILLED = 0.99
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench_dht {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --- worker: H meshes in one trio process, driven by JSON lines on stdin ---------------------
+async def worker(args: argparse.Namespace) -> None:
+    import trio
+
+    from p2pfleet.identity import Identity
+    from p2pfleet.net.mesh import Mesh, MeshSettings
+    from p2pfleet.wire.envelope import seal
+    from p2pfleet.wire.kinds import Capacity
+
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    w = args.worker_index
+    hosts: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+
+    def record(mesh: Mesh) -> bytes:
+        now = int(time.time() * 1000)
+        body = Capacity(seq=now, exp=now + 3_600_000, sw_version="0.1.0", state="available",
+                        hw_class=b"\x07" * 32, cores=2, memory_mb=1024, bench=50.0,
+                        providers=("CPUExecutionProvider",), ort_version="1.32.0", slots=1,
+                        addrs=())
+        return seal(body, mesh.identity, NETWORK)
+
+    async def host(j: int, bootstrap: tuple[str, ...], task_status: Any) -> None:
+        mesh = Mesh(Identity.from_seed(f"bench-dht-{args.seed}-{w}-{j}".encode()),
+                    MeshSettings(network=NETWORK, listen=(f"/ip4/127.0.{w + 1}.{j + 1}/tcp/0",),
+                                 bootstrap=bootstrap, seed=w * 1000 + j,
+                                 dht_mode="client" if j in args.client_hosts else "server"))
+        entry: dict[str, Any] = {"j": j, "mesh": mesh, "alive": True}
+        hosts.append(entry)
+        with trio.CancelScope() as scope:
+            entry["scope"] = scope
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mesh.run)
+                task_status.started()
+                await mesh.first_peer.wait()
+                entry["first_peer_s"] = time.monotonic() - t0
+                await mesh.table_ready.wait()
+                entry["ready_s"] = time.monotonic() - t0
+                await mesh.put_capacity(record(mesh))
+                entry["put_peers"] = mesh.last_put_peers
+                entry["published_s"] = time.monotonic() - t0
+        entry["alive"] = False
+
+    def status() -> dict:
+        out = []
+        for e in sorted(hosts, key=lambda e: e["j"]):
+            m = e["mesh"]
+            out.append({"j": e["j"], "peer": m.identity.peer_id, "alive": e["alive"],
+                        "addr": (m.listen_addrs() or [None])[0],
+                        "first_peer_s": e.get("first_peer_s"), "ready_s": e.get("ready_s"),
+                        "published_s": e.get("published_s"), "put_peers": e.get("put_peers"),
+                        "table": m.dht.routing_table.size() if m.dht else None,
+                        "connections": len(m.connected_peers())})
+        return {"hosts": out}
+
+    async def lookups(pairs: list[list], parallel: int) -> dict:
+        by_j = {e["j"]: e for e in hosts}
+        results: list[dict] = []
+        limiter = trio.CapacityLimiter(parallel)
+        busy: dict[int, trio.Lock] = {j: trio.Lock() for j in by_j}
+
+        async def one(j: int, target: str) -> None:
+            mesh = by_j[j]["mesh"]
+            async with limiter, busy[j]:  # a mesh keeps one lookup's stats at a time
+                start = time.monotonic()
+                try:
+                    opened = await mesh.get_capacity(target)
+                    ok = opened is not None
+                    err = None
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    ok, err = False, f"{type(exc).__name__}: {exc}"
+                stats = mesh.last_lookup
+                results.append({"reader": f"{w}/{j}", "target": target, "ok": ok,
+                                "ms": round((time.monotonic() - start) * 1000, 1),
+                                "rounds": stats.rounds, "rpcs": stats.rpcs,
+                                "responses": stats.responses, "error": err})
+
+        async with trio.open_nursery() as nursery:
+            for j, target in pairs:
+                nursery.start_soon(one, j, target)
+        return {"results": results}
+
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with trio.open_nursery() as nursery:
+        boot = tuple(a for a in args.boot_addrs.split(",") if a)
+        for j in range(args.hosts):
+            if w == 0 and j < args.boot_count:
+                first = hosts[0]["mesh"].listen_addrs()[:1] if j else []
+                await nursery.start(host, j, tuple(first))
+            else:
+                if w == 0 and not boot:  # worker 0 holds the bootstrap hosts itself
+                    boot = tuple(h["mesh"].listen_addrs()[0] for h in hosts[:args.boot_count])
+                await nursery.start(host, j, boot)
+        print(json.dumps(status()), flush=True)
+        buf = b""
+        while True:
+            chunk = await stdin.receive_some(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                cmd = json.loads(line)
+                if cmd["cmd"] == "status":
+                    reply = status()
+                elif cmd["cmd"] == "lookups":
+                    reply = await lookups(cmd["pairs"], cmd.get("parallel", 4))
+                elif cmd["cmd"] == "kill":
+                    for e in hosts:
+                        if e["j"] in cmd["hosts"]:
+                            e["scope"].cancel()
+                    reply = {"killed": len(cmd["hosts"])}
+                else:
+                    reply = {"quit": True}
+                print(json.dumps(reply), flush=True)
+                if cmd["cmd"] == "quit":
+                    nursery.cancel_scope.cancel()
+                    return
+
+
+# --- controller ---------------------------------------------------------------------------
+class Worker:
+    def __init__(self, index: int, args: argparse.Namespace, bootstrap: list[str], logdir: Path,
+                 clients: list[int]):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-index", str(index),
+               "--hosts", str(args.hosts), "--boot-count", str(args.bootstrap),
+               "--boot-addrs", ",".join(bootstrap), "--seed", str(args.seed),
+               "--client-hosts", ",".join(map(str, clients))]
+        self.index = index
+        self.err = open(logdir / f"worker-{index}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        self.lock = threading.Lock()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.index} ended (see its log)")
+        return json.loads(line)
+
+    def ask(self, cmd: dict) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def stop(self) -> None:
+        try:
+            self.ask({"cmd": "quit"})
+        except Exception:  # noqa: BLE001 - it may be gone already
+            pass
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.err.close()
+
+
+def ask_all(workers: list[Worker], cmds: list[dict]) -> list[dict]:
+    out: list[dict | None] = [None] * len(workers)
+
+    def run(i: int) -> None:
+        out[i] = workers[i].ask(cmds[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out  # type: ignore[return-value]
+
+
+def all_hosts(workers: list[Worker]) -> list[dict]:
+    hosts = []
+    for w, reply in zip(workers, ask_all(workers, [{"cmd": "status"}] * len(workers))):
+        for h in reply["hosts"]:
+            hosts.append({**h, "w": w.index})
+    return hosts
+
+
+def run_lookups(workers: list[Worker], pairs: list[tuple[dict, dict]], parallel: int) -> dict:
+    cmds = [{"cmd": "lookups", "parallel": parallel,
+             "pairs": [[r["j"], t["peer"]] for r, t in pairs if r["w"] == w.index]}
+            for w in workers]
+    started = time.monotonic()
+    results = [r for reply in ask_all(workers, cmds) for r in reply["results"]]
+    ok = [r for r in results if r["ok"]]
+    return {
+        "lookups": len(results), "found": len(ok), "success": B.rate(len(ok), len(results)),
+        "latency_ms": B.summary([r["ms"] for r in results]),
+        "latency_ms_found": B.summary([r["ms"] for r in ok]),
+        "rounds": B.summary([r["rounds"] for r in results]),
+        "rpcs": B.summary([r["rpcs"] for r in results]),
+        "wall_s": round(time.monotonic() - started, 1), "loadavg": load(),
+        "failed_examples": [r for r in results if not r["ok"]][:5],
+    }
+
+
+def join_summary(hosts: list[dict]) -> dict:
+    def vals(name: str) -> list[float]:
+        return [h[name] for h in hosts if h.get(name) is not None]
+    return {
+        "hosts": len(hosts),
+        "published": sum(1 for h in hosts if h.get("published_s") is not None),
+        "no_peer_after_30s": sum(1 for h in hosts
+                                 if h.get("first_peer_s") is None or h["first_peer_s"] > 30),
+        "first_peer_s": B.summary(vals("first_peer_s")),
+        "table_ready_s": B.summary(vals("ready_s")),
+        "published_s": B.summary(vals("published_s")),
+        "copies_stored_at_join": B.summary(vals("put_peers")),
+        "routing_table_size": B.summary(vals("table")),
+        "connections": B.summary(vals("connections")),
+        "loadavg": load(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--procs", type=int, default=10, help="worker processes (default 10)")
+    ap.add_argument("--hosts", type=int, default=20, help="hosts per process (default 20)")
+    ap.add_argument("--bootstrap", type=int, default=3, help="bootstrap hosts (default 3)")
+    ap.add_argument("--lookups", type=int, default=1000, help="lookups per phase (default 1000)")
+    ap.add_argument("--parallel", type=int, default=4, help="lookups at once per process")
+    ap.add_argument("--kill-share", type=float, default=0.3)
+    ap.add_argument("--client-share", type=float, default=0.0,
+                    help="share of the non-bootstrap hosts running the DHT as clients")
+    ap.add_argument("--join-timeout", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht.last.json")
+    # worker mode (internal)
+    ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--boot-count", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--client-hosts", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--boot-addrs", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker_index is not None:
+        import trio
+        args.client_hosts = {int(x) for x in args.client_hosts.split(",") if x}
+        trio.run(worker, args)
+        return 0
+    if args.procs < 1 or args.hosts < 1 or not 1 <= args.bootstrap <= args.hosts:
+        ap.error("need --procs >= 1, --hosts >= 1 and 1 <= --bootstrap <= --hosts")
+    if not 0 <= args.kill_share < 1 or not 0 <= args.client_share < 1:
+        ap.error("--kill-share and --client-share must be in [0, 1)")
+    return controller(args)
+
+
+def controller(args: argparse.Namespace) -> int:
+    from p2pfleet.net import dht_lookup
+    from p2pfleet.net.mesh import MeshSettings
+
+    rng = random.Random(args.seed)
+    logdir = Path(tempfile.mkdtemp(prefix="bench_dht-"))
+    defaults = MeshSettings(network=NETWORK)
+    result: dict[str, Any] = {
+        "tool": "tools/bench_dht.py",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": B.machine_info(),
+        "config": {"procs": args.procs, "hosts_per_proc": args.hosts,
+                   "hosts": args.procs * args.hosts, "bootstrap_hosts": args.bootstrap,
+                   "lookups_per_phase": args.lookups, "parallel_per_proc": args.parallel,
+                   "kill_share": args.kill_share, "client_share": args.client_share,
+                   "seed": args.seed, "k": defaults.dht_k, "alpha": dht_lookup.ALPHA,
+                   "query_timeout_s": dht_lookup.QUERY_TIMEOUT_S,
+                   "max_connections": defaults.max_connections,
+                   "min_connections": defaults.min_connections,
+                   "transport": "TCP on loopback, host j of process w on 127.0.<w+1>.<j+1>"},
+        "method": "every host starts at once and publishes its capacity record once its "
+                  "routing table is filled (Mesh.table_ready: a first peer, then a self-lookup "
+                  "and a walk per bucket); a lookup is Mesh.get_capacity from a random reader "
+                  "for a random other host's record, timed in the reader's process; success "
+                  "means the record was found and verified. Killed hosts' meshes are cancelled "
+                  "(connections closed) without a leaving record.",
+        "errors": [],
+    }
+    workers: list[Worker] = []
+    try:
+        n_clients = int(args.client_share * (args.procs * args.hosts - args.bootstrap))
+        candidates = [(w, j) for w in range(args.procs) for j in range(args.hosts)
+                      if not (w == 0 and j < args.bootstrap)]
+        clients = set(rng.sample(candidates, n_clients))
+        log(f"starting worker 0 ({args.hosts} hosts, {args.bootstrap} bootstrap)")
+        workers.append(Worker(0, args, [], logdir, [j for w, j in clients if w == 0]))
+        first = workers[0].read()["hosts"]
+        boot = [h["addr"] for h in first[:args.bootstrap]]
+        for w in range(1, args.procs):
+            workers.append(Worker(w, args, boot, logdir, [j for v, j in clients if v == w]))
+        for w in workers[1:]:
+            w.read()
+        log(f"{args.procs * args.hosts} hosts started; waiting for every record to be published")
+        deadline = time.monotonic() + args.join_timeout
+        while True:
+            hosts = all_hosts(workers)
+            published = sum(1 for h in hosts if h.get("published_s") is not None)
+            if published == len(hosts) or time.monotonic() > deadline:
+                break
+            log(f"  {published}/{len(hosts)} published")
+            time.sleep(5)
+        result["join"] = join_summary(hosts)
+        log(f"join: {json.dumps(result['join'])}")
+
+        def sample(readers: list[dict], targets: list[dict]) -> list[tuple[dict, dict]]:
+            pairs = []
+            while len(pairs) < args.lookups:
+                r, t = rng.choice(readers), rng.choice(targets)
+                if r["peer"] != t["peer"]:
+                    pairs.append((r, t))
+            return pairs
+
+        published = [h for h in hosts if h.get("published_s") is not None]
+        log("lookups with all hosts up")
+        result["all_up"] = run_lookups(workers, sample(hosts, published), args.parallel)
+        log(f"all up: success {result['all_up']['success']}")
+        if args.kill_share > 0:
+            victims = rng.sample([h for h in hosts if not (h["w"] == 0 and h["j"] < args.bootstrap)],
+                                 int(args.kill_share * len(hosts)))
+            ask_all(workers, [{"cmd": "kill", "hosts": [v["j"] for v in victims if v["w"] == w.index]}
+                              for w in workers])
+            dead = {v["peer"] for v in victims}
+            survivors = [h for h in hosts if h["peer"] not in dead]
+            log(f"killed {len(victims)} hosts; lookups from survivors")
+            phase = run_lookups(workers, sample(survivors, published), args.parallel)
+            phase["killed"] = len(victims)
+            result["after_kill"] = phase
+            log(f"after kill: success {phase['success']}")
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        result["errors"].append(f"{type(exc).__name__}: {exc}")
+    finally:
+        for w in workers:
+            w.stop()
+    result["loadavg_at_end"] = load()
+    result["worker_logs"] = "worker-<i>.log in a temp dir (not kept in the JSON)"
+    result["targets"] = [
+        {"name": "lookups with all hosts up", "target": ">= 1.0",
+         "measured": result.get("all_up", {}).get("success"),
+         "met": (result.get("all_up", {}).get("success") or 0) >= TARGET_ALL_UP},
+        {"name": f"lookups after {args.kill_share:.0%} killed", "target": ">= 0.99",
+         "measured": result.get("after_kill", {}).get("success"),
+         "met": (result.get("after_kill", {}).get("success") or 0) >= TARGET_KILLED},
+    ]
+    text = json.dumps(result, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
