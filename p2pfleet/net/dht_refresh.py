@@ -30,7 +30,7 @@ import trio
 from . import dht_lookup
 
 MAX_REFRESH_CPL = 15   # deeper buckets hold ~n / 2^16 peers: empty below a million nodes
-PARALLEL_WALKS = 3     # bucket walks at once (each sends up to ALPHA queries)
+PARALLEL_WALKS = 1     # walks at once: more trip the per-peer DHT stream caps (fix 15)
 _MAX_GRIND = 1 << 20   # tries to find a key with a given common prefix (2^(cpl+1) expected)
 
 
