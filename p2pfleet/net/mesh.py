@@ -70,6 +70,7 @@ from .gossip import (
 log = logging.getLogger(__name__)
 
 MARK_PRUNE_S = 600.0  # forget record marks that protect nothing any more this often
+MAX_USEFUL = 4096  # peers marked useful (fix 16) remembered at most
 FIRST_REFRESH_S = 15.0  # refresh again this soon while the table is smaller than k (doubling)
 
 
@@ -167,6 +168,9 @@ class Mesh:
         self._accepted: OrderedDict[bytes, Opened] = OrderedDict()
         self._job_send, self.jobs = trio.open_memory_channel[Opened](64)
         self.first_peer = trio.Event()
+        # peers the application found useful (a publisher's leaseholders): kept by fix 16
+        # like peers in our routing table, which cars behind NAT (DHT clients) never enter
+        self._useful: OrderedDict[Any, None] = OrderedDict()
         self.last_put_peers = 0
         self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
         # set once the routing table was filled (self-lookup and bucket refresh) after the
@@ -359,7 +363,8 @@ class Mesh:
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
         self.inbound_reservation = libp2p_fixes.reserve_inbound_slots(  # fix 16
             host.get_network(), self.settings.inbound_reserve, dht.routing_table.get_peer_ids,
-            dht.routing_table.peer_in_table, self.inbound_limiter.source,
+            lambda peer: dht.routing_table.peer_in_table(peer) or peer in self._useful,
+            self.inbound_limiter.source,
             on_prune=lambda peer: self.budget.forfeit(str(peer)))
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
@@ -612,6 +617,15 @@ class Mesh:
         if self.host is None:
             return []
         return [str(a) for a in self.host.get_addrs()]
+
+    def mark_useful(self, peer: Any) -> None:
+        """`peer` earned its connection (e.g. it holds our leases): under an inbound flood,
+        fix 16 never prunes it to make room (bounded: the oldest mark goes first)."""
+        peer = peer if isinstance(peer, ID) else ID.from_base58(str(peer))
+        self._useful[peer] = None
+        self._useful.move_to_end(peer)
+        while len(self._useful) > MAX_USEFUL:
+            self._useful.popitem(last=False)
 
     def connected_peers(self) -> list[str]:
         if self.host is None:

@@ -632,6 +632,7 @@ class Publisher:
         grant = next((e for e in effects if isinstance(e, S.Grant)), None)
         if grant is not None:
             leases = tuple(self._lease(g, opened.signer) for g in grant.leases)
+            self.mesh.mark_useful(peer)  # a leaseholder is never pruned for a flood's room
             answer = seal(LeaseBatch(req.req_id, exp, opened.signer, leases), self.identity, self.network)
             self.stats["leases_sent"] += len(leases)
         else:

@@ -241,3 +241,62 @@ def _reserve() -> dict:
     except ImportError:  # the code before fix 16
         return {}
     return {"inbound_reserve": InboundReserve(grace_s=2.0)}
+
+
+async def test_a_flood_does_not_prune_a_publishers_leaseholders(tmp_path):
+    """Fix 16 keeps peers in the routing table; a car behind NAT runs the DHT as a client and
+    never enters it, so a publisher under a flood from many addresses pruned the very workers
+    holding its leases (the oldest idle-looking connections, while the flooders' re-dials
+    stayed younger than the grace). A leaseholder is marked useful and stays."""
+    from test_publisher import MODEL, pub_settings, spec
+
+    from p2pfleet.net.blobs import BlobService
+    from p2pfleet.publisher import Publisher
+    from p2pfleet.store.blobcache import BlobCache
+    from workerkit import TestWorker
+
+    async with trio.open_nursery() as nursery:
+        pm = Mesh(Identity.from_seed(b"flooded publisher"),
+                  settings(0, max_connections=24, min_connections=4, **_reserve()))
+        wm = Mesh(Identity.from_seed(b"worker behind nat"),
+                  settings(1, listen=("/ip4/127.0.7.1/tcp/0",), dht_mode="client"))
+        for mesh in (pm, wm):
+            await nursery.start(mesh.run)
+        await wm.connect(pm.listen_addrs()[0])
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 2**20))
+        blobs.install()
+        worker = TestWorker.start(wm, tmp_path / "w")
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings({wm.identity.public_key}))
+        await nursery.start(pub.run)
+        pub.submit(spec(quorum=1, recheck_rate=0.0, audit_rate=0.0))
+        pid, wid = pm.identity.peer_id, wm.host.get_id()
+        assert (await worker.request(pid)).leases  # it holds a lease now
+        assert not pm.dht.routing_table.peer_in_table(wid)  # a DHT client: not in the table
+        swarm = pm.host.get_network()
+        dropped = trio.Event()
+
+        async def watch() -> None:
+            while swarm.get_connections(wid):
+                await trio.sleep(0.05)
+            dropped.set()
+
+        async def flooder(i: int) -> None:
+            async with attacker(f"publisher flooder {i}".encode()) as evil:
+                while True:
+                    try:
+                        await dial(evil, pm, f"127.0.6.{1 + i % 10}")
+                    except Exception:
+                        pass
+                    while evil.get_network().get_connections(pm.host.get_id()):
+                        await trio.sleep(0.05)
+                    await trio.sleep(0.1)
+
+        nursery.start_soon(watch)
+        for i in range(30):
+            nursery.start_soon(flooder, i)
+        reservation = pm.inbound_reservation
+        await wait_until(lambda: reservation.pruned >= 10 or dropped.is_set(), timeout=90)
+        assert not dropped.is_set(), "the worker holding a lease was pruned for the flood"
+        nursery.cancel_scope.cancel()
+    pub.close()
