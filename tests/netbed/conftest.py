@@ -23,3 +23,21 @@ def new_bed():
         TOKENS.append(bed.token)
         return bed
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_job(tmp_path_factory):
+    """The digits classifier, 400 inputs, and a local onnxruntime run's outputs by name."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from p2pfleet.zoo import digits
+
+    model, name, inputs = digits()
+    root = tmp_path_factory.mktemp("digits")
+    X = inputs(400)
+    (root / "model.onnx").write_bytes(model)
+    np.save(root / "inputs.npy", X)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return root / "model.onnx", root / "inputs.npy", dict(zip(names, sess.run(names, {name: X})))
