@@ -245,6 +245,14 @@ class Attacker:
                 self.tally.sources.add(SOURCES[i % 40])
                 await trio.sleep(0.02)
 
+    async def churn(self) -> None:
+        """Fresh identities from fresh addresses connecting, exchanging identify and
+        leaving, one after another (each costs the node a handshake and identify)."""
+        while True:
+            async with self.identity() as host:
+                if host is not None:
+                    await trio.sleep(0.5)  # identify and the first gossip hello go both ways
+
     async def half_open(self) -> None:
         """300 TCP connections from 40 addresses that never start the handshake."""
         await self._raw_sockets(300, None)
@@ -309,7 +317,7 @@ class Attacker:
 
 
 ATTACKS = ("junk_gossip", "malformed_gossip", "topic_spam", "record_flood", "dht_stall",
-           "find_node_flood", "inbound_flood", "half_open", "slowloris")
+           "find_node_flood", "inbound_flood", "churn", "half_open", "slowloris")
 
 
 async def main(attack: str, addr: str, network: str, seconds: float) -> None:

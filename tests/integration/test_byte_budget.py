@@ -75,11 +75,12 @@ async def test_identities_rotating_through_a_junk_flood_spend_none_of_the_cap():
         assert spent == 0, f"{spent} bytes of the rotating flood counted toward the cap"
 
 
-@pytest.mark.parametrize("attack", ["topic_spam", "malformed_gossip"])
+@pytest.mark.parametrize("attack", ["topic_spam", "malformed_gossip", "churn"])
 async def test_peers_cut_off_for_misbehaviour_spend_none_of_the_cap(attack):
     """Attackers that misbehave below the byte budget (signed gossip naming 5,000 topics,
-    undecodable frames) are cut off, each identity in turn; what they moved was held for
-    its minute and then counted: 28 MB of the cap in 30 s for topic spam (tools/bench_attacks.py).
+    undecodable frames) are cut off, each identity in turn, and identities that connect and
+    leave having done nothing useful go; what they moved was held for its minute and then
+    counted: 28 MB of the cap in 30 s for topic spam (tools/bench_attacks.py).
     The attacker is the standard one of tools/hostile_peers.py, in its own process."""
     counter = traffic.install()
     now = [time.monotonic()]
