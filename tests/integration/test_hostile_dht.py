@@ -248,7 +248,7 @@ async def test_a_flood_does_not_prune_a_publishers_leaseholders(tmp_path):
     never enters it, so a publisher under a flood from many addresses pruned the very workers
     holding its leases (the oldest idle-looking connections, while the flooders' re-dials
     stayed younger than the grace). A leaseholder is marked useful and stays."""
-    from test_publisher import MODEL, pub_settings, spec
+    from test_publisher import pub_settings, spec
 
     from p2pfleet.net.blobs import BlobService
     from p2pfleet.publisher import Publisher

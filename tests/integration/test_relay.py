@@ -13,7 +13,6 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from p2pfleet.core.reachability import Answer, Reach
-from p2pfleet.net import relay as relay_mod
 from p2pfleet.net.blobs import BlobError
 from p2pfleet.net.relay import is_relayed
 
