@@ -12,6 +12,13 @@ pruned as useless to make room (fix 16), has the bytes of that minute refused. S
 none of the daily cap: leaving the mesh would hurt the owner more than the bytes did. Bytes we asked for (blob downloads on streams we
 opened) are not metered, only held for the minute.
 
+Identities are free, addresses are not: the unasked bytes of all peers from one source
+address (fix 8's notion: an IPv4 address or an IPv6 /64) are metered too, against
+`source_share` times the peer budget (several honest cars may share a carrier-grade NAT
+address). A source over it has its peers' bytes refused as theirs would be, and is refused
+new connections for `source_cooldown_s` after its window: an attacker rotating identities
+behind one address gets one source budget a minute, not one per identity.
+
 py-libp2p 0.8.1's resource manager (libp2p.rcmgr) was judged first: it limits connections,
 streams and an abstract memory figure, but nothing in the swarm or muxers reports bytes to
 it, so it cannot budget bytes per peer.
@@ -31,11 +38,14 @@ class BudgetLimits:
     per_minute: int = 8 * MB   # unasked inbound bytes a peer may send in one minute
     per_day: int = 64 * MB     # ... and in one day (a day: since the first byte, 24 h)
     window_s: float = 60.0
+    source_share: int = 4      # one source address may send this many peers' budgets
+    source_cooldown_s: float = 600.0  # an over-budget source is refused this long after
 
     def __post_init__(self) -> None:
-        if self.per_minute <= 0 or self.per_day < self.per_minute or self.window_s <= 0:
-            raise ValueError(f"peer budget: need 0 < per_minute <= per_day and window_s > 0, "
-                             f"got {self}")
+        if (self.per_minute <= 0 or self.per_day < self.per_minute or self.window_s <= 0
+                or self.source_share < 1 or self.source_cooldown_s < 0):
+            raise ValueError(f"peer budget: need 0 < per_minute <= per_day, window_s > 0, "
+                             f"source_share >= 1 and source_cooldown_s >= 0, got {self}")
 
 
 @dataclass
@@ -54,7 +64,10 @@ class PeerBudget:
     limits: BudgetLimits = field(default_factory=BudgetLimits)
     refused: int = 0                       # bytes of over-budget peers: never counted
     over: dict[str, str] = field(default_factory=dict)  # peer -> why, since its overrun
+    sources_over: dict[str, tuple[str, float]] = field(default_factory=dict)  # -> (why, until)
     _peers: dict[str, _Peer] = field(default_factory=dict)
+    _sources: dict[str, _Peer] = field(default_factory=dict)  # metered like peers
+    _source_of: dict[str, str] = field(default_factory=dict)  # peer -> its source address
 
     @property
     def held(self) -> int:
@@ -73,18 +86,43 @@ class PeerBudget:
             return
         self._peer(peer).held += n
 
+    def bind(self, peer: str, source: str) -> None:
+        """`peer`'s connection comes from `source` (its unasked bytes count there too)."""
+        self._source_of[peer] = source
+        if len(self._source_of) > MAX_PEERS:
+            del self._source_of[next(iter(self._source_of))]
+
+    def source_refused(self, source: str) -> str | None:
+        """Why new connections from `source` are refused now (over its budget), else None."""
+        entry = self.sources_over.get(source)
+        if entry is None:
+            return None
+        if self.clock() >= entry[1]:
+            del self.sources_over[source]
+            return None
+        return entry[0]
+
     def unasked(self, peer: str, n: int) -> str | None:
         """Meter `n` unasked bytes from `peer`; returns why it is over budget, else None."""
         if peer in self.over:
             return self.over[peer]
-        p = self._peer(peer)
-        p.unasked += n
-        p.unasked_day += n
-        why = None
-        if p.unasked > self.limits.per_minute:
-            why = f"{p.unasked} unasked bytes within a minute (budget {self.limits.per_minute})"
-        elif p.unasked_day > self.limits.per_day:
-            why = f"{p.unasked_day} unasked bytes within a day (budget {self.limits.per_day})"
+        why = _meter(self._peer(peer), n, self.limits.per_minute, self.limits.per_day)
+        source = self._source_of.get(peer)
+        if why is None and source is not None:
+            share = self.limits.source_share
+            over = _meter(self._source(source), n, share * self.limits.per_minute,
+                          share * self.limits.per_day)
+            if over is not None:
+                why = f"its address {source}: {over}"
+                if source not in self.sources_over:
+                    s = self._sources[source]
+                    until = (s.window_start + self.limits.window_s
+                             + self.limits.source_cooldown_s)
+                    self.sources_over[source] = (why, until)
+                    while len(self.sources_over) > MAX_PEERS:
+                        del self.sources_over[next(iter(self.sources_over))]
+        elif source is not None and source in self.sources_over:
+            why = self.sources_over[source][0]
         if why is not None:
             self.refuse(peer, why)
         return why
@@ -123,6 +161,19 @@ class PeerBudget:
                     p.unasked_day, p.day_start = 0, now
                     self.over.pop(peer, None)
 
+    def _source(self, source: str) -> _Peer:
+        s = self._sources.get(source)
+        now = self.clock()
+        if s is None:
+            if len(self._sources) >= MAX_PEERS:
+                del self._sources[min(self._sources, key=lambda k: self._sources[k].window_start)]
+            s = self._sources[source] = _Peer(window_start=now, day_start=now)
+        elif now - s.window_start >= self.limits.window_s:
+            s.unasked, s.window_start = 0, now
+            if now - s.day_start >= 86_400:
+                s.unasked_day, s.day_start = 0, now
+        return s
+
     def _peer(self, peer: str) -> _Peer:
         p = self._peers.get(peer)
         if p is None:
@@ -138,3 +189,14 @@ class PeerBudget:
         oldest = sorted(self._peers, key=lambda k: self._peers[k].window_start)
         for peer in oldest[:len(oldest) // 2]:
             del self._peers[peer]  # its held bytes count, as after a window within budget
+
+
+def _meter(p: _Peer, n: int, per_minute: int, per_day: int) -> str | None:
+    """Add `n` unasked bytes to `p`'s window and day; why that is over the limits, else None."""
+    p.unasked += n
+    p.unasked_day += n
+    if p.unasked > per_minute:
+        return f"{p.unasked} unasked bytes within a minute (budget {per_minute})"
+    if p.unasked_day > per_day:
+        return f"{p.unasked_day} unasked bytes within a day (budget {per_day})"
+    return None

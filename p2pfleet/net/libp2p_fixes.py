@@ -494,9 +494,11 @@ class InboundIPLimiter:
 _admission: ContextVar[list[Any] | None] = ContextVar("p2pfleet_inbound_admission", default=None)
 
 
-def limit_inbound_per_ip(swarm: Any, limits: PerIPLimits | None = None) -> InboundIPLimiter:
+def limit_inbound_per_ip(swarm: Any, limits: PerIPLimits | None = None, *,
+                         refuse: Callable[[str], str | None] | None = None) -> InboundIPLimiter:
     """Install per-source limits on `swarm`'s inbound connections; returns the limiter
-    (its `limits` may be changed while the swarm runs)."""
+    (its `limits` may be changed while the swarm runs). `refuse(source)` says why a source
+    gets no connection at all for now (e.g. it overran its byte budget), else None."""
     from libp2p.abc import IMuxedConn
 
     limiter = InboundIPLimiter(limits or PerIPLimits())
@@ -514,6 +516,14 @@ def limit_inbound_per_ip(swarm: Any, limits: PerIPLimits | None = None) -> Inbou
             await handle_inbound(read_write_closer, maddr)
             return
         source = limiter.source(str(remote[0]))
+        if refuse is not None and (why := refuse(source)) is not None:
+            limiter.refused += 1
+            log.debug("inbound connection from %s refused: %s", source, why)
+            try:
+                await read_write_closer.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
         if not limiter.try_admit(source):
             log.debug("inbound connection from %s refused: per-source limit", source)
             try:

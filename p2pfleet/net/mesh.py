@@ -49,7 +49,7 @@ from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fix
                state_limits, traffic)
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
-from .relay import Relays
+from .relay import Relays, is_relayed
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -117,6 +117,18 @@ class MeshStats:
     bans: list[str] = field(default_factory=list)
 
 
+def _direct_source(conn: Any) -> str | None:
+    """The IP a direct connection comes from (None for a relayed one: its address is the
+    relay's, shared by every peer it carries, whose circuits have limits of their own)."""
+    if is_relayed(conn):
+        return None
+    try:
+        remote = conn.muxed_conn.get_remote_address()
+    except Exception:  # noqa: BLE001 - a connection without a socket address
+        return None
+    return str(remote[0]) if remote else None
+
+
 class _ConnectionGate(INotifee):
     """Closes connections of banned peers as soon as they are established."""
 
@@ -139,6 +151,9 @@ class _ConnectionGate(INotifee):
                 pass
             return
         traffic.attribute(conn, self.mesh.budget, str(peer))
+        source, limiter = _direct_source(conn), getattr(self.mesh, "inbound_limiter", None)
+        if source is not None and limiter is not None:  # its unasked bytes count there too
+            self.mesh.budget.bind(str(peer), limiter.source(source))
         self.mesh.first_peer.set()
 
     async def disconnected(self, network: Any, conn: Any) -> None:
@@ -305,7 +320,8 @@ class Mesh:
         self.inbound_limiter = libp2p_fixes.limit_inbound_per_ip(  # fix 8
             host.get_network(), libp2p_fixes.PerIPLimits(
                 max_pending=self.settings.max_pending_handshakes_per_ip,
-                max_open=self.settings.max_connections_per_ip))
+                max_open=self.settings.max_connections_per_ip),
+            refuse=lambda source: self.budget.source_refused(source))
         libp2p_fixes.guard_stream_handlers(
             host, self._on_stream_violation,
             idle_timeouts={self.names.protocol("kad"): self.settings.dht_idle_timeout_s},

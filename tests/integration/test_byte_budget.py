@@ -68,11 +68,33 @@ async def test_identities_rotating_through_a_junk_flood_spend_none_of_the_cap():
         script = Path(__file__).with_name("junk_gossip_peer.py")
         await trio.run_process([sys.executable, str(script), victim.listen_addrs()[0],
                                 str(10 * FLOOD), "6"], capture_stdout=True, check=True)
-        assert len(budget.over) == 6, f"{len(budget.over)} of 6 identities were cut off"
+        # each cut off, or refused at once when their address overran its budget
+        assert len(budget.over) + victim.inbound_limiter.refused >= 6, budget.over
         await wait_until(lambda: not victim.connected_peers())
         now[0] += budget.limits.window_s + 1  # every held byte is settled now
         spent = counted() - start
         assert spent == 0, f"{spent} bytes of the rotating flood counted toward the cap"
+
+
+async def test_identities_rotating_behind_one_address_share_its_budget():
+    """Each fresh identity got a fresh byte budget, so one address rotating identities
+    pushed junk without end (each cut off only after its own 2 MB here). Now the address
+    has a budget too (4 peers' worth): once over, it is refused new connections."""
+    counter = traffic.install()
+    budget = PeerBudget(time.monotonic, BudgetLimits(per_minute=2 * MB, per_day=8 * MB))
+    async with fleet(1) as (victim,):
+        victim.budget = budget
+        start = counter.received
+        script = Path(__file__).with_name("junk_gossip_peer.py")
+        proc = await trio.run_process([sys.executable, str(script), victim.listen_addrs()[0],
+                                       str(10 * FLOOD), "16"], capture_stdout=True, check=True)
+        sent = int(proc.stdout.decode().strip())
+        assert budget.source_refused("127.0.0.1"), "the attacker's address was never refused"
+        assert victim.inbound_limiter.refused > 0
+        taken = counter.received - start
+        # four identities' budgets and what each pushed before its cut, not sixteen
+        assert len(budget.over) <= 8, f"{len(budget.over)} identities got a budget of their own"
+        assert taken < 8 * 8 * MB, f"{taken} bytes taken in from one address ({sent} sent)"
 
 
 @pytest.mark.parametrize("attack", ["topic_spam", "malformed_gossip", "churn"])

@@ -53,3 +53,22 @@ def test_a_banned_peer_and_an_offending_peer_spend_nothing_of_their_window():
     b.moved("offender", 40)  # a new window without offence counts again
     clock.t = 122.0
     assert b.not_counted() == 650
+
+
+def test_identities_rotating_behind_one_address_share_its_budget_and_it_cools_down():
+    clock = Clock()
+    limits = PB.BudgetLimits(per_minute=1000, per_day=5000, source_share=3, source_cooldown_s=600)
+    b = PB.PeerBudget(clock, limits)
+    for i in range(3):  # three identities, each within its own budget, fill the address's
+        b.bind(f"sybil-{i}", "198.51.100.7")
+        assert b.unasked(f"sybil-{i}", 1000) is None
+    b.bind("sybil-3", "198.51.100.7")
+    why = b.unasked("sybil-3", 1)
+    assert why and "198.51.100.7" in why and "sybil-3" in b.over
+    assert b.source_refused("198.51.100.7")
+    b.bind("sybil-4", "198.51.100.7")  # a later identity there is over at its first byte
+    assert b.unasked("sybil-4", 1)
+    b.bind("neighbour", "198.51.100.8")  # another address is not touched
+    assert b.unasked("neighbour", 1000) is None and not b.source_refused("198.51.100.8")
+    clock.t = 60 + 600  # window plus cooldown: the address may come back
+    assert b.source_refused("198.51.100.7") is None
