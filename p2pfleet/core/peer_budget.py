@@ -121,8 +121,8 @@ class PeerBudget:
                     self.sources_over[source] = (why, until)
                     while len(self.sources_over) > MAX_PEERS:
                         del self.sources_over[next(iter(self.sources_over))]
-        elif source is not None and source in self.sources_over:
-            why = self.sources_over[source][0]
+        elif source is not None:
+            why = self.source_refused(source)
         if why is not None:
             self.refuse(peer, why)
         return why
