@@ -212,6 +212,7 @@ class Node:
         self.cheat = cheat
         self.worker: Worker | None = None
         self.blob_cache: Any = None
+        self.blob_service: Any = None  # the mesh's blob service while in the mesh (a worker)
 
     # --- hardware ------------------------------------------------------------------------
     async def measure_hardware(self) -> None:
@@ -286,7 +287,7 @@ class Node:
                 await trio.sleep(delay)
                 mesh = Mesh(self.identity, self.mesh_settings, self.state, clock=self.clock,
                             budget=self.peer_budget)
-                blobs = self._blob_service(mesh)
+                blobs = self.blob_service = self._blob_service(mesh)
                 if self.config.node.info_opt_in:  # else the info protocol is not offered
                     mesh.set_handler("info", self._info_handler())
                 async with trio.open_nursery() as nursery:
@@ -544,6 +545,9 @@ class Node:
             return await self._reach(str(request.get("peer_id", "")))
         if cmd == "lookup":
             return await self._lookup(str(request.get("peer_id", "")))
+        if cmd == "fetch_blob":
+            return await self._fetch_blob(str(request.get("peer_id", "")),
+                                          str(request.get("digest", "")), request.get("size"))
         if cmd == "pause":
             await self._owner(P.PauseRequested, nursery)
             return {"ok": True, **self.status_report()}
@@ -556,7 +560,7 @@ class Node:
             nursery.start_soon(self.stop)
             return {"ok": True, "stopping": True}
         return {"ok": False, "error": f"unknown command {cmd!r}; known: status, peers, lookup, "
-                                      "jobs, announce, pause, resume, stop"}
+                                      "reach, fetch_blob, jobs, announce, pause, resume, stop"}
 
     @staticmethod
     def _job_view(held: dict) -> dict:
@@ -605,6 +609,32 @@ class Node:
                     "info": "ok" if reply.opened is not None else reply.error}
         return {"ok": False, "error": f"no address of {peer_id} answered: "
                                       f"{'; '.join(errors) or 'its record lists none'}"}
+
+    async def _fetch_blob(self, peer_id: str, digest_hex: str, size: Any) -> dict:
+        """Fetch a public blob from one peer only (an operator's check that a direct
+        connection carries bulk data: blobs never cross a relay); says how we were
+        connected to it when the fetch ended."""
+        if self.mesh is None or self.blob_service is None:
+            return {"ok": False, "error": "no blob service: the node is out of the mesh or "
+                                          "does not compute (see 'node status')"}
+        try:
+            key_from_peer_id(peer_id)
+            digest = bytes.fromhex(digest_hex)
+            if len(digest) != 32 or not isinstance(size, int) or size < 0:
+                raise ValueError("digest must be 64 hex digits (SHA-256), size bytes >= 0; "
+                                 f"got {digest_hex!r:.80}, {size!r:.40}")
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        from .net.blobs import BlobError
+
+        try:
+            data = await self.blob_service.fetch(digest, size, [peer_id], public=True,
+                                                 timeout=60.0)
+        except BlobError as exc:
+            return {"ok": False, "error": str(exc)}
+        conns = self.mesh.host.get_network().get_connections(ID.from_base58(peer_id))
+        return {"ok": True, "peer_id": peer_id, "bytes": len(data),
+                "direct": any(not is_relayed(c) for c in conns)}
 
     async def _lookup(self, peer_id: str) -> dict:
         if self.mesh is None:

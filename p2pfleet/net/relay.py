@@ -26,6 +26,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..core.reachability import Reach
+from .holepunch import HolePunch
 from .reachability import Reachable, protocols_of
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Relays:
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(
             roles=RelayRole.STOP | RelayRole.CLIENT, limits=LIMITS))
         host.get_network().transport_manager.add_transport(self.transport)
+        self.punch = HolePunch(host)  # upgrade relayed connections we received to direct ones
         self.offering = False
         self.relay: Any = None          # peer id of our relay while we hold a reservation
         self.relay_addr: str | None = None
@@ -99,10 +101,11 @@ class Relays:
     def report(self) -> dict:
         return {"relay_offered": self.offering, "relay": str(self.relay) if self.relay else None,
                 "relay_addrs": self.addrs(), "relay_why": self.why,
-                "relayed_bytes": self.relayed_bytes}
+                "relayed_bytes": self.relayed_bytes, "hole_punch": self.punch.report()}
 
     async def run(self) -> None:
-        async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
+        async with background_trio_service(self.protocol), \
+                background_trio_service(self.punch), trio.open_nursery() as nursery:
             while True:
                 try:
                     await self._step(nursery)

@@ -67,6 +67,15 @@ def test_public_host_cannot_dial_nated_host(bed, nated):
         a.run(["ip", "route", "del", net])
 
 
+@pytest.mark.parametrize("router", ["rp", "rr"])
+def test_router_drops_unsolicited_syn_without_a_reset(bed, router):
+    """A SYN to a NAT router's own address that no mapping expects is dropped (the dial
+    times out), never refused: a RST would end an early hole-punch SYN's mapping."""
+    a, r = bed.hosts["a"], bed.hosts[router]
+    sent = probe(a, "tcp-send", "--to", f"{r.ip}:4001", "--timeout", "2")
+    assert sent["ok"] is False and "timeout" in sent["error"].lower(), sent
+
+
 @pytest.mark.parametrize("nated, preserved", [("np", True), ("nr", False)])
 def test_nat_mode_decides_whether_the_source_port_survives(bed, nated, preserved):
     """Seen from the public side: port-preserving NAT keeps the host's source port (what

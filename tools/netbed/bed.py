@@ -191,7 +191,8 @@ class Bed:
 
     def nat_router(self, name: str, mode: NatMode = "preserve") -> Host:
         """A NAT router on the switch: hosts behind it reach public hosts, never the other
-        way round (its forward chain drops new connections coming in on wan)."""
+        way round (its forward chain drops new connections coming in on wan, and its input
+        chain drops, never refuses, new TCP and UDP flows to its own wan address)."""
         if mode not in _MASQUERADE:
             raise BedError(f"NAT mode {mode!r}: use one of {', '.join(_MASQUERADE)}")
         router = self._new_host(name, "router")
@@ -214,6 +215,13 @@ table ip netbed_nat {{
     type filter hook forward priority filter; policy drop;
     iifname "lan" accept
     iifname "wan" ct state established,related accept
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    # a SYN (or datagram) to the router's own address that no mapping expects is dropped,
+    # not answered with a RST or ICMP error, as home routers do: a peer's early
+    # hole-punch SYN must not reach a port the router's kernel refuses
+    iifname "wan" ct state new meta l4proto {{ tcp, udp }} drop
   }}
 }}
 """)
