@@ -40,16 +40,24 @@ def start_fleet(hosts: Sequence[Host], root: Path, settings: dict[str, str] | No
     return nodes
 
 
-def submit(pub: Host, pub_root: Path, model: Path, inputs: Path, out: Path,
-           bootstrap: str, *options: str) -> subprocess.Popen:
-    """`p2pfleet job submit --json --out <out>` in the publisher's host (stdout, stderr piped
-    as text); `options` are more `job submit` options (shard size, quorum, --trust ...)."""
+def publisher_argv(pub_root: Path, listen: str, model: Path, inputs: Path, out: Path,
+                   bootstrap: str, *options: str) -> list[str]:
+    """The `p2pfleet job submit --json --out <out>` command line of a test publisher;
+    `options` are more `job submit` options (shard size, quorum, --trust ...)."""
     argv = [sys.executable, "-m", "p2pfleet.cli.main", "--data-dir", str(pub_root),
             "--network", NETWORK]
     for key, value in PUBLISHING.items():
         argv += ["-s", f"{key}={value}"]
-    argv += ["job", "submit", str(model), str(inputs), "--json", "--out", str(out),
-             "--listen", f"/ip4/{pub.ip}/tcp/0", "--bootstrap", bootstrap, *options]
+    return argv + ["job", "submit", str(model), str(inputs), "--json", "--out", str(out),
+                   "--listen", listen, "--bootstrap", bootstrap, *options]
+
+
+def submit(pub: Host, pub_root: Path, model: Path, inputs: Path, out: Path,
+           bootstrap: str, *options: str) -> subprocess.Popen:
+    """`publisher_argv` run in the publisher's host, listening on its bed address (stdout
+    and stderr piped as text)."""
+    argv = publisher_argv(pub_root, f"/ip4/{pub.ip}/tcp/0", model, inputs, out, bootstrap,
+                          *options)
     return pub.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
