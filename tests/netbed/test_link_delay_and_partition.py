@@ -50,3 +50,15 @@ def test_partition_drops_between_sides_and_heals(new_bed):
         with pytest.raises(netbed.BedError, match="both sides"):
             with partition(bed, [a], [a]):
                 pass
+
+
+def test_public_hosts_are_distinct_networks_to_the_publishers_prefix_rule(new_bed):
+    """Publishers give one replica of a shard per /24 (core.scheduler.prefix_of): bed hosts
+    sharing one /24 made every quorum-2 shard wait for the publisher's stall path."""
+    from p2pfleet.core.scheduler import prefix_of
+
+    with new_bed() as bed:
+        hosts = [bed.public(f"h{i}") for i in range(3)] + [bed.nat_router("r")]
+        assert len({prefix_of(h.ip) for h in hosts}) == len(hosts)
+        echo, addr = serve(hosts[1], "tcp-echo", "--listen", f"{hosts[1].ip}:0")
+        assert probe(hosts[0], "tcp-rtt", "--to", f"{addr[0]}:{addr[1]}")["rounds"] >= 1

@@ -3,8 +3,8 @@
 Layout (all names carry a per-run token, so parallel runs never collide):
 
     nb<token>-pub           the "internet": one bridge `br0`, no addresses, no uplink
-    nb<token>-<host>        a public host: eth0 (10.77.0.x/24) on the bridge
-    nb<token>-<router>      a NAT router: wan (10.77.0.x/24) on the bridge, lan bridge
+    nb<token>-<host>        a public host: eth0 (172.16.<n>.2/12) on the bridge
+    nb<token>-<router>      a NAT router: wan (172.16.<n>.2/12) on the bridge, lan bridge
                             (10.77.<k>.1/24), nftables masquerade out of wan
     nb<token>-<host>        a host behind that router: eth0 (10.77.<k>.x/24), default
                             route via the router
@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-PUBLIC_NET = ipaddress.ip_network("10.77.0.0/24")
+# The "internet": one switch, but every public host and router in a /24 of its own (as on
+# the real internet), so rules keyed on network prefixes, such as the publishers' one
+# replica per /24, see them as different networks. The /12 makes them all on-link.
+PUBLIC_NET = ipaddress.ip_network("172.16.0.0/12")
 NatMode = Literal["preserve", "random"]
 
 # Source NAT of the router: "preserve" keeps the source port when it is free (the cone-like
@@ -177,7 +180,7 @@ class Bed:
     def _public_ip(self) -> str:
         if self._next_public > 254:
             raise BedError(f"no more addresses in {PUBLIC_NET}")
-        ip = str(PUBLIC_NET[self._next_public])
+        ip = f"172.16.{self._next_public}.2"
         self._next_public += 1
         return ip
 
@@ -186,7 +189,8 @@ class Bed:
         host = self._new_host(name, "public")
         host.ip = self._public_ip()
         self._wire(host, self.pub, "br0", "eth0")
-        _run(["ip", "-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "eth0"])
+        _run(["ip", "-n", host.ns, "addr", "add", f"{host.ip}/{PUBLIC_NET.prefixlen}",
+              "dev", "eth0"])
         return host
 
     def nat_router(self, name: str, mode: NatMode = "preserve") -> Host:
@@ -198,7 +202,8 @@ class Bed:
         router = self._new_host(name, "router")
         router.ip = self._public_ip()
         self._wire(router, self.pub, "br0", "wan")
-        _run(["ip", "-n", router.ns, "addr", "add", f"{router.ip}/24", "dev", "wan"])
+        _run(["ip", "-n", router.ns, "addr", "add", f"{router.ip}/{PUBLIC_NET.prefixlen}",
+              "dev", "wan"])
         router.lan = ipaddress.ip_network(f"10.77.{self._next_lan}.0/24")
         self._next_lan += 1
         _run(["ip", "-n", router.ns, "link", "add", "name", "lan", "type", "bridge"])
