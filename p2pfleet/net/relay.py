@@ -20,13 +20,13 @@ import trio
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
-from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..core.reachability import Reach
 from .holepunch import HolePunch
+from .relay_limits import LimitedRelay
 from .reachability import Reachable, protocols_of
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Relays:
 
     def __init__(self, host: Any, reachable: Reachable, *, offer: bool = True) -> None:
         self.host, self.reachable, self.offer = host, reachable, offer
-        self.protocol = CircuitV2Protocol(host, limits=LIMITS, allow_hop=False)
+        self.protocol = LimitedRelay(host, limits=LIMITS, allow_hop=False)
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(
             roles=RelayRole.STOP | RelayRole.CLIENT, limits=LIMITS))
         host.get_network().transport_manager.add_transport(self.transport)
@@ -101,7 +101,8 @@ class Relays:
     def report(self) -> dict:
         return {"relay_offered": self.offering, "relay": str(self.relay) if self.relay else None,
                 "relay_addrs": self.addrs(), "relay_why": self.why,
-                "relayed_bytes": self.relayed_bytes, "hole_punch": self.punch.report()}
+                "relayed_bytes": self.relayed_bytes, "relay_refused": dict(self.protocol.refused),
+                "hole_punch": self.punch.report()}
 
     async def run(self) -> None:
         async with background_trio_service(self.protocol), \
