@@ -113,6 +113,8 @@ def _register() -> None:
     cli.add_command(explore_command)
     cli.add_command(ledger_group)
     cli.add_command(job_group)
+    from .cmd_sim import sim_command
+    cli.add_command(sim_command)
 
 
 _register()

@@ -423,6 +423,12 @@ class Sim:
         if at > self.end or at - self.last_progress > self.idle_ms:
             return False
         self.now = max(self.now, at)
+        self.dispatch(kind, data)
+        return True
+
+    def dispatch(self, kind: str, data: tuple) -> None:
+        """Handle one event pushed by `_push` at `self.now` (a driver with its own event
+        loop, as sim/fleet.py, calls this for the publisher's events)."""
         if kind == "tick":
             self._ticks.discard(data[0])
             self.apply(self.m.handle(S.Tick(self.now)))
@@ -441,7 +447,6 @@ class Sim:
                     self.apply(self.m.handle(S.LeaseFailed(self.now, g.lease_id, key, "error")))
                 elif kind == "hand_back":
                     self.apply(self.m.handle(S.HandedBack(self.now, g.lease_id, key)))
-        return True
 
     def run(self) -> "Sim":
         for w in self.workers:

@@ -1,0 +1,115 @@
+"""`p2pfleet sim`: the fleet simulator (p2pfleet.sim.fleet) from the command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .app import App, CliError, console, json_option, pass_app
+
+
+@click.command("sim")
+@click.option("--vehicles", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Vehicles in the fleet.")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True, max=336), default=24.0,
+              show_default=True, help="Simulated hours, from local midnight.")
+@click.option("--cheaters", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              show_default=True, help="Share of vehicles that cheat (the kinds of "
+              "sim/verification.py in turn: random, fp16, copy, rows, strategic, colluder, "
+              "sybil).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of every draw.")
+@click.option("--per-publisher", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Vehicles served by each publisher.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Draw capacity available and used over the day: .png or "
+              ".svg (labelled axes).")
+@click.option("--traces", "trace_dir", type=click.Path(file_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="A directory of vehicle traces to draw the population from "
+              "(default: the shipped traces).")
+@json_option
+@pass_app
+def sim_command(app: App, vehicles: int, hours: float, cheaters: float, seed: int,
+                per_publisher: int, plot_path: Path | None, trace_dir: Path | None) -> None:
+    """Simulate a fleet in virtual time with the real core machines and print a summary."""
+    from ..sim import fleet as F
+    from ..sim import plot
+    from ..sim.traces import SHIPPED, load_traces
+
+    if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
+        raise CliError(f"--plot {plot_path}: the file must end in .png or .svg")
+    traces = load_traces(trace_dir or SHIPPED)
+    cfg = F.FleetConfig(vehicles, hours=hours, cheaters=cheaters, seed=seed,
+                        per_publisher=per_publisher)
+    t0 = time.process_time()
+    fleet = F.Fleet(cfg, traces)
+    fleet.run(_progress() if not app.json else None)
+    summary = fleet.summary()
+    cpu = time.process_time() - t0
+    summary["cpu_s"] = round(cpu, 2)
+    summary["events_per_cpu_s"] = round(summary["events"] / cpu) if cpu else None
+    if plot_path is not None:
+        available, used = fleet.capacity()
+        if plot_path.suffix.lower() == ".png":
+            plot_path.write_bytes(plot.png(available, used, cfg.bin_s))
+        else:
+            plot_path.write_text(plot.svg(available, used, cfg.bin_s,
+                                          f"{vehicles} vehicles, seed {seed}"))
+        summary["plot"] = str(plot_path)
+    app.emit(summary, lambda: _show(summary))
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.fields[at]}"),
+                   TimeRemainingColumn(), console=console(), transient=True)
+    task = None
+
+    def update(now_ms: int, end_ms: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("sim", total=end_ms, at="")
+        bar.update(task, completed=now_ms, at=f"{now_ms / 3_600_000:.1f} h")
+        if now_ms >= end_ms:
+            bar.stop()
+
+    return update
+
+
+def _show(s: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.print(f"[bold]{s['vehicles']} vehicles[/], {s['hours']:g} h, seed {s['seed']}, "
+              f"{s['cheaters']} cheaters, {s['publishers']} publishers "
+              f"({s['cpu_s']} s CPU, {s['events']} events)")
+    rows = [
+        ("verified samples", s["verified_samples"]),
+        ("shards accepted / failed", f"{s['shards_accepted']} / {s['shards_failed']}"),
+        ("wrong results accepted", f"{s['wrong_accepted']} (of {s['wrong_results']} wrong "
+                                   f"results; {s['cheaters_excluded']} cheaters excluded)"),
+        ("effective replication", s["effective_replication"]),
+        ("energy per vehicle", f"{s['energy_wh_per_vehicle']} Wh"),
+        ("credit per honest vehicle", s["credit_per_honest_vehicle"]),
+        ("work lost to unplugging", f"{s['work_lost_to_unplugging_hours']} of "
+                                    f"{s['compute_hours']} compute hours"),
+        ("time to result p50/p90/p99", " / ".join(
+            f"{v:g} s" if v is not None else "-" for v in s["time_to_result_s"].values())),
+        ("publisher uplink", f"{s['publisher_uplink']['gb_sent']} GB, "
+                             f"{s['publisher_uplink']['mean_use']:.1%} of capacity"),
+    ]
+    t = Table(show_header=False)
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+    h = Table("hour", "usable", "computing", "GW at 10^8 cars", title="by hour of day")
+    for r in s["by_hour"]:
+        h.add_row(f"{r['hour']:02d}", f"{r['usable_share']:.1%}", f"{r['used_share']:.1%}",
+                  f"{r['gw_at_1e8']:g}")
+    out.print(h)
+    if "plot" in s:
+        out.print(f"plot: {s['plot']}")

@@ -1,0 +1,499 @@
+"""The fleet simulator: a vehicle population, its publishers and the links between them,
+in virtual time (issue 16, item 1).
+
+Every vehicle runs the real vehicle policy (`p2pfleet.core.policy.Policy`) on its day from
+sim/population.py; every publisher is a `verification.Sim` (the real
+`core.scheduler.Scheduler`, its outputs, cheats and known answers) whose events this loop
+schedules. One heap holds every event, ordered by (virtual ms, sequence number); each
+randomness comes from the seed. Pure: no clock, no I/O (the caller loads the traces).
+
+What the loop adds to verification.Sim:
+- Vehicles ask for work only while their policy computes (`StartComputing` .. the next
+  `StopComputing`), after joining the mesh (`join_ms`). A stop hands back every running
+  lease (`HandedBack`); its compute so far is "work lost to unplugging" (partial
+  micro-batches are not credited in this model).
+- Links (`LINKS`): a request or a result costs a round trip, plus a resend after a
+  timeout for each loss (drawn per message). A lease's input comes from the publisher
+  through its uplink, a FIFO shared by all its vehicles (`uplink_bytes_per_s`), then the
+  vehicle's downlink; its model, the first time, from another vehicle when the vehicle can
+  be dialled (reachable or hole punched) and one already has it, else through the uplink.
+- Energy: `core.energy.estimate_wh` of the compute time, sent to the policy as
+  `EnergyUsed` with the bytes moved (`BytesTransferred`), so budgets and caps bind.
+
+Time: ms after local midnight of day 0; the policy gets Unix seconds `T0 + ms / 1000`
+and the UTC offset of the traces' time zone (+02:00).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+from p2pfleet.core import energy as E
+from p2pfleet.core import policy as P
+from p2pfleet.core import scheduler as S
+from p2pfleet.core import trust as T
+
+from . import verification as V
+from .population import VEHICLE_KEYS, Assumptions, Trace, VehicleSpec, population
+
+T0 = 1_717_365_600          # 2024-06-03T00:00:00+02:00, the commuter trace's first midnight
+UTC_OFFSET_S = 7200
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+RESEND_MS = 1000            # a lost message is sent again after this
+
+
+@dataclass(frozen=True)
+class LinkClass:
+    latency_ms: int          # one way
+    down_bytes_per_s: float
+    up_bytes_per_s: float
+    loss: float              # per message
+
+
+# Typical values (assumptions): home Wi-Fi reaching a garage, wired, LTE.
+LINKS = {
+    "wifi": LinkClass(20, 3e6, 1.5e6, 0.01),
+    "ethernet": LinkClass(5, 12.5e6, 12.5e6, 0.001),
+    "cellular": LinkClass(50, 2e6, 0.7e6, 0.02),
+}
+
+# Cheater kinds of sim/verification.py, in turn; "sybil" shares one /24 per publisher.
+CHEATS: tuple[tuple[str, V.Cheat], ...] = (
+    ("random", V.Cheat("random")),
+    ("fp16", V.Cheat("fp16")),
+    ("copy", V.Cheat("copy")),
+    ("rows", V.Cheat("rows", rows=1)),
+    ("strategic", V.Cheat("fp16", established=True)),
+    ("colluder", V.Cheat("rows", rows=1, group="c", established=True, when="together")),
+    ("sybil", V.Cheat("fp16")),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Each publisher's job: 32-row shards (~10 min on a car computer)."""
+
+    samples: int = 32
+    credit: int = 10
+    quorum: int = 2
+    model_bytes: int = 20_000_000
+    input_bytes: int = 2_000_000
+    result_bytes: int = 64_000
+    recheck_rate: float = 0.07
+    shards_per_vehicle_hour: float = 2.5   # job size: enough that the fleet never runs out
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    vehicles: int
+    hours: float = 24.0
+    cheaters: float = 0.0               # share of vehicles that cheat (kinds in turn)
+    cheat_kinds: tuple[str, ...] = tuple(k for k, _ in CHEATS)
+    seed: int = 1
+    per_publisher: int = 100            # vehicles choosing each publisher
+    # The scheduler's window of open shards a request is ranked over (SchedulerSettings;
+    # 256 by default). A request costs O(window): 32 serves 100 vehicles per publisher.
+    window: int = 32
+    uplink_bytes_per_s: float = 12.5e6  # each publisher's uplink: 100 Mbit/s
+    veterans: float = 0.8               # identities established before the run
+    join_ms: int = 5_000                # joining the mesh before the first request
+    bin_s: int = 900                    # capacity is counted in bins of this length
+    workload: Workload = Workload()
+    assumptions: Assumptions = Assumptions()
+    policy: P.PolicyConfig = P.PolicyConfig(state_max_age_s=None, recheck_s=None)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, want: str) -> None:
+            raise ValueError(f"FleetConfig.{name}: must be {want}, got {getattr(self, name)!r}")
+        if not isinstance(self.vehicles, int) or self.vehicles < 1:
+            bad("vehicles", "an integer >= 1")
+        if not (isinstance(self.hours, (int, float)) and 0 < self.hours <= 24 * 14):
+            bad("hours", "a number of hours above 0 and at most 336")
+        if not (isinstance(self.cheaters, (int, float)) and 0 <= self.cheaters < 1):
+            bad("cheaters", "a share from 0 to below 1")
+        unknown = set(self.cheat_kinds) - {k for k, _ in CHEATS}
+        if unknown or not self.cheat_kinds:
+            bad("cheat_kinds", f"some of {', '.join(k for k, _ in CHEATS)}")
+        if not 0 <= self.veterans <= 1:
+            bad("veterans", "a share from 0 to 1")
+        if self.per_publisher < 1:
+            bad("per_publisher", "an integer >= 1")
+        if self.window < 1:
+            bad("window", "an integer >= 1")
+
+
+@dataclass(eq=False)
+class Car(V.Worker):
+    """A vehicle: verification's worker plus its day, its policy and its counters."""
+
+    idx: int = 0
+    spec: VehicleSpec | None = None
+    policy: P.Policy | None = None
+    pub: "Publisher | None" = None
+    kind: str = "honest"
+    state_i: int = 0
+    computing: bool = False
+    computing_since: int = 0
+    wake_ms: int = -1
+    has_model: bool = False
+    running: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # lease: start, done
+    busy_ms: int = 0
+    lost_ms: int = 0
+    energy_wh: float = 0.0
+    credit: int = 0
+    bytes: int = 0
+
+
+class Publisher(V.Sim):
+    """verification.Sim whose events go to the fleet's heap, with links and stop rules."""
+
+    def __init__(self, fleet: "Fleet", index: int, seed: int, shards: int, cars: list[Car],
+                 job: V.SimJob):
+        self.fleet = fleet
+        self.index = index
+        self.uplink_free = 0             # when the uplink has sent what is queued
+        self.uplink_bytes = 0
+        self.dropped: set[bytes] = set()  # leases handed back by a stopping vehicle
+        super().__init__(seed, shards, list(cars), job=job, trust=V.DEFAULT_TRUST,
+                         settings=S.SchedulerSettings(window=fleet.cfg.window), max_days=10**6)
+        self.handled = 0                 # scheduler events handled (core handle() calls)
+        self.no_work = 0                 # requests refused for want of work
+        self.m.sink = self._handled
+
+    def _handled(self, _ev: object) -> None:
+        self.handled += 1
+
+    def _push(self, at: int, kind: str, *data: object) -> None:
+        if kind == "result":
+            w, g, _key = data
+            at = self.fleet.transfer(self, w, g, at)
+        self.fleet.push(at, "pub", self, kind, data)
+
+    def _ask_at(self, w: Car, at: int) -> None:
+        if w.computing and not w.asking:
+            w.asking = True
+            self.fleet.push(at + self.fleet.message_ms(w), "pub", self, "ask", (w,))
+
+    def apply(self, effects: list) -> None:
+        super().apply(effects)
+        for e in effects:
+            if isinstance(e, S.Pay):
+                self.by_key[e.worker].credit += e.credit
+            elif isinstance(e, S.Refuse) and e.reason == "no_work":
+                self.no_work += 1
+            elif isinstance(e, S.ShardAccepted):
+                first = min(l.issued_ms for l in self.m.shard_leases(V.JOB_ID, e.shard))
+                self.fleet.ttr_ms.append(self.now - first)
+
+
+class Fleet:
+    """One run: `Fleet(config, traces).run()`, then `summary()`."""
+
+    def __init__(self, cfg: FleetConfig, traces: dict[str, Trace]):
+        self.cfg = cfg
+        self.rng = random.Random(f"fleet {cfg.seed}")
+        specs = population(cfg.vehicles, traces, random.Random(f"population {cfg.seed}"),
+                           cfg.assumptions)
+        self.end_ms = int(cfg.hours * HOUR_MS)
+        self.now = 0
+        self._heap: list = []
+        self._seq = 0
+        self.events = 0
+        self.policy_calls = 0
+        self.ttr_ms: list[int] = []
+        self.seeders: set[int] = set()   # publishers whose model a dialable car holds
+        nbins = math.ceil(self.end_ms / (cfg.bin_s * 1000))
+        self.available_s = [0.0] * nbins
+        self.used_s = [0.0] * nbins
+        self.cars = self._cars(specs)
+        self.publishers = self._publishers()
+
+    # --- set-up ----------------------------------------------------------------------
+    def _cars(self, specs: list[VehicleSpec]) -> list[Car]:
+        cfg = self.cfg
+        n_cheat = round(cfg.cheaters * cfg.vehicles)
+        cheat_at = set(self.rng.sample(range(cfg.vehicles), n_cheat))
+        kinds = dict(CHEATS)
+        cars, k = [], 0
+        for i, spec in enumerate(specs):
+            kind, cheat = "honest", None
+            if i in cheat_at:
+                kind = cfg.cheat_kinds[k % len(cfg.cheat_kinds)]
+                cheat, k = kinds[kind], k + 1
+            prefix = f"{10 + i // 65536}.{(i // 256) % 256}.{i % 256}.0/24"
+            if kind == "sybil":
+                prefix = f"172.31.{(i // cfg.per_publisher) % 256}.0/24"
+            cars.append(Car(f"v{i}", prefix, cheat=cheat, hw_class=spec.hw_class.encode(),
+                            bench=spec.bench, slots=1, idx=i, spec=spec,
+                            policy=P.Policy(cfg.policy), kind=kind))
+        return cars
+
+    def _publishers(self) -> list[Publisher]:
+        cfg, wl = self.cfg, self.cfg.workload
+        job = V.SimJob(samples=wl.samples, credit=wl.credit, quorum=wl.quorum,
+                       recheck_rate=wl.recheck_rate)
+        pubs = []
+        for p in range(math.ceil(cfg.vehicles / cfg.per_publisher)):
+            group = self.cars[p * cfg.per_publisher:(p + 1) * cfg.per_publisher]
+            shards = math.ceil(len(group) * cfg.hours * wl.shards_per_vehicle_hour) + 16
+            seed = int.from_bytes(hashlib.sha256(f"{cfg.seed} {p}".encode()).digest()[:6], "big")
+            pub = Publisher(self, p, seed, shards, group, job)
+            for c in group:
+                c.pub = pub
+                if self.rng.random() < cfg.veterans:
+                    # The fleet ran before: a veteran's trust record, as restore() loads it.
+                    pub.m.workers[c.key] = T.WorkerTrust(c.key, accepted=10,
+                                                         first_valid_ms=-2 * DAY_MS)
+            pubs.append(pub)
+        return pubs
+
+    # --- the loop --------------------------------------------------------------------
+    def push(self, at: int, kind: str, *data: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (int(at), self._seq, kind, data))
+
+    def run(self, progress=None) -> "Fleet":
+        """Play the run out; `progress(now_ms, end_ms)` is called every simulated 5 min."""
+        for c in self.cars:
+            self.push(0, "state", c)
+        step, next_report = 5 * 60_000, 0
+        heap, end = self._heap, self.end_ms
+        while heap and heap[0][0] <= end:
+            at, _seq, kind, data = heapq.heappop(heap)
+            self.now = at
+            self.events += 1
+            if progress is not None and at >= next_report:
+                progress(at, end)
+                next_report = at + step
+            if kind == "pub":
+                self._pub_event(at, *data)
+            elif kind == "state":
+                self._state(data[0])
+            elif kind == "wake":
+                c = data[0]
+                if c.wake_ms == at:
+                    c.wake_ms = -1
+                    self._policy(c, P.Tick(T0 + at / 1000, UTC_OFFSET_S))
+        self.now = end
+        for c in self.cars:
+            if c.computing:
+                self._count(self.available_s, c.computing_since, end)
+            for start, done in c.running.values():
+                if start < end:
+                    self._count(self.used_s, start, min(done, end))
+        if progress is not None:
+            progress(end, end)
+        return self
+
+    def _pub_event(self, at: int, pub: Publisher, kind: str, data: tuple) -> None:
+        pub.now = max(pub.now, at)
+        if kind == "ask" and not data[0].computing:
+            data[0].asking = False
+            return
+        if kind == "late" and data[1].lease_id in pub.dropped:
+            return
+        if kind == "result":
+            c, g = data[0], data[1]
+            span = c.running.pop(g.lease_id, None)
+            if span is not None and g.lease_id in c.busy:
+                self._computed(c, span[0], span[1], at, lost=False)
+        pub.dispatch(kind, data)
+
+    def _state(self, c: Car) -> None:
+        states = c.spec.day.states
+        t_day, values = states[c.state_i]
+        vs = dict(zip(VEHICLE_KEYS, values))
+        day0 = (self.now // DAY_MS) * DAY_MS // 1000
+        if vs["departure_at"] is not None:
+            vs["departure_at"] = T0 + day0 + vs["departure_at"]
+        self._policy(c, P.StateObserved(T0 + self.now / 1000, P.VehicleState(**vs),
+                                        UTC_OFFSET_S))
+        c.state_i += 1
+        if c.state_i >= len(states):
+            c.state_i = 0
+            nxt = (self.now // DAY_MS + 1) * DAY_MS
+        else:
+            nxt = (self.now // DAY_MS) * DAY_MS + states[c.state_i][0] * 1000
+        self.push(nxt, "state", c)
+
+    def _policy(self, c: Car, ev: object) -> None:
+        self.policy_calls += 1
+        for e in c.policy.handle(ev):
+            if isinstance(e, P.StartComputing):
+                c.computing, c.computing_since = True, self.now
+                c.pub._ask_at(c, self.now + self.cfg.join_ms)
+            elif isinstance(e, P.StopComputing):
+                if c.computing:
+                    self._count(self.available_s, c.computing_since, self.now)
+                c.computing = False
+                if e.hand_back:
+                    self._hand_back(c)
+            elif isinstance(e, P.WakeAt):
+                ms = max(self.now, math.ceil((e.at - T0) * 1000))
+                if c.wake_ms < 0 or ms < c.wake_ms or c.wake_ms < self.now:
+                    c.wake_ms = ms
+                    self.push(ms, "wake", c)
+
+    def _hand_back(self, c: Car) -> None:
+        pub = c.pub
+        for lid in list(c.busy):
+            del c.busy[lid]
+            span = c.running.pop(lid, None)
+            if span is not None and span[0] < self.now:
+                self._computed(c, span[0], min(span[1], self.now), self.now, lost=True)
+            pub.dropped.add(lid)
+            if pub.m.leases[lid].state == "live":
+                pub.now = max(pub.now, self.now)
+                pub.apply(pub.m.handle(S.HandedBack(self.now, lid, c.key)))
+
+    def _computed(self, c: Car, start: int, done: int, now: int, lost: bool) -> None:
+        busy = max(0, done - start)
+        c.busy_ms += busy
+        if lost:
+            c.lost_ms += busy
+        self._count(self.used_s, start, done)
+        wh = E.estimate_wh(self.cfg.policy.power_w, self.cfg.policy.cpu_share, busy / 1000)
+        c.energy_wh += wh
+        at = T0 + now / 1000
+        if c.policy.state.at is None or at >= c.policy.state.at:
+            self._policy(c, P.EnergyUsed(at, wh))
+            self._policy(c, P.BytesTransferred(at, self._bytes_of(c, lost)))
+
+    def _bytes_of(self, c: Car, lost: bool) -> int:
+        wl = self.cfg.workload
+        return wl.input_bytes + (0 if lost else wl.result_bytes)
+
+    def _count(self, bins: list[float], start: int, end: int) -> None:
+        size = self.cfg.bin_s * 1000
+        start, end = max(0, start), min(end, self.end_ms)
+        while start < end:
+            b = start // size
+            stop = min(end, (b + 1) * size)
+            bins[b] += (stop - start) / 1000
+            start = stop
+
+    # --- links -----------------------------------------------------------------------
+    def _link(self, c: Car) -> LinkClass:
+        net = c.policy.state.vehicle.network if c.policy.state.vehicle else "wifi"
+        return LINKS.get(net, LINKS["cellular"])
+
+    def message_ms(self, c: Car) -> int:
+        """A request and its answer: a round trip, and a resend for each loss."""
+        link = self._link(c)
+        ms = 2 * link.latency_ms
+        while self.rng.random() < link.loss:
+            ms += RESEND_MS
+        return ms
+
+    def transfer(self, pub: Publisher, c: Car, g: S.LeaseGrant, result_at: int) -> int:
+        """When the result of lease `g` reaches `pub`, computed in `result_at - now` ms
+        once the inputs (and the model, the first time) have arrived; records the span."""
+        wl, link, now = self.cfg.workload, self._link(c), pub.now
+        compute = result_at - now
+        send = wl.input_bytes
+        if not c.has_model:
+            c.has_model = True
+            if not (c.spec.direct and pub.index in self.seeders):
+                send += wl.model_bytes
+            if c.spec.reachable or c.spec.direct:
+                self.seeders.add(pub.index)
+        # the uplink is a FIFO shared by all the publisher's vehicles
+        start = max(now, pub.uplink_free)
+        pub.uplink_free = start + int(1000 * send / self.cfg.uplink_bytes_per_s)
+        pub.uplink_bytes += send
+        arrived = max(pub.uplink_free, now + int(1000 * send / link.down_bytes_per_s))
+        arrived += self.message_ms(c)
+        done = arrived + compute
+        c.running[g.lease_id] = (arrived, done)
+        c.bytes += send + wl.result_bytes
+        up = int(1000 * wl.result_bytes / link.up_bytes_per_s)
+        return done + up + self.message_ms(c)
+
+    # --- results ---------------------------------------------------------------------
+    def capacity(self) -> tuple[list[float], list[float]]:
+        """Share of the fleet available (policy computing) and used, per bin."""
+        n = len(self.cars) * self.cfg.bin_s
+        return [a / n for a in self.available_s], [u / n for u in self.used_s]
+
+    def summary(self) -> dict:
+        cfg, pubs, cars = self.cfg, self.publishers, self.cars
+        reps = [p.report() for p in pubs]
+
+        def total(key: str) -> int:
+            return sum(r[key] for r in reps)
+
+        accepted = total("accepted")
+        honest = [c for c in cars if c.cheat is None]
+        hours = cfg.hours
+        by_hour = _by_hour(self.available_s, self.used_s, cfg.bin_s, len(cars),
+                           cfg.policy.power_w * cfg.policy.cpu_share)
+        ttr = sorted(self.ttr_ms)
+        uplink = sum(p.uplink_bytes for p in pubs)
+        return {
+            "vehicles": len(cars), "hours": hours, "seed": cfg.seed,
+            "cheaters": sum(1 for c in cars if c.cheat is not None),
+            "publishers": len(pubs),
+            "shards_accepted": accepted,
+            "verified_samples": accepted * cfg.workload.samples,
+            "shards_failed": total("failed"),
+            "wrong_accepted": total("wrong_accepted"),
+            "wrong_accepted_ever": total("wrong_accepted_ever"),
+            "accepted_on_fresh_only": total("accepted_on_fresh_only"),
+            "cheaters_excluded": total("cheaters_excluded"),
+            "honest_excluded": total("honest_excluded"),
+            "results": total("results"), "wrong_results": total("wrong_results"),
+            "leases": total("leases"),
+            "no_work_refusals": sum(p.no_work for p in pubs),
+            "effective_replication": round(total("results") / accepted, 3) if accepted else None,
+            "energy_wh_per_vehicle": round(sum(c.energy_wh for c in cars) / len(cars), 2),
+            "credit_per_honest_vehicle": round(sum(c.credit for c in honest)
+                                               / max(1, len(honest)), 2),
+            "compute_hours": round(sum(c.busy_ms for c in cars) / HOUR_MS, 1),
+            "work_lost_to_unplugging_hours": round(sum(c.lost_ms for c in cars) / HOUR_MS, 2),
+            "time_to_result_s": {f"p{q}": round(_pct(ttr, q) / 1000, 1) if ttr else None
+                                 for q in (50, 90, 99)},
+            "publisher_uplink": {
+                "gb_sent": round(uplink / 1e9, 2),
+                "mean_use": round(uplink / (len(pubs) * cfg.uplink_bytes_per_s * hours * 3600),
+                                  4)},
+            "by_hour": by_hour,
+            "events": self.events, "policy_calls": self.policy_calls,
+            "scheduler_calls": sum(p.handled for p in pubs),
+        }
+
+
+def _pct(xs: list[int], q: int) -> float:
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def _by_hour(available: list[float], used: list[float], bin_s: int, n: int,
+             watts: float) -> list[dict]:
+    """Hour of day -> usable share of the fleet (mean), share computing, GW-equivalent of
+    the usable share scaled to 10^8 vehicles at `watts` each (the compute they offer)."""
+    per_h = 3600 // bin_s
+    out = []
+    hours = math.ceil(len(available) / per_h)
+    for h in range(min(24, hours)):
+        a = u = 0.0
+        span = 0
+        for b in range(h * per_h, len(available), 24 * per_h):  # every day's hour h
+            for k in range(b, min(b + per_h, len(available))):
+                a, u, span = a + available[k], u + used[k], span + bin_s
+        share = a / (n * span) if span else 0.0
+        out.append({"hour": h, "usable_share": round(share, 4),
+                    "used_share": round(u / (n * span), 4) if span else 0.0,
+                    "gw_at_1e8": round(share * 1e8 * watts / 1e9, 3)})
+    return out
+
+
+def simulate(cfg: FleetConfig, traces: dict[str, Trace], progress=None) -> dict:
+    return Fleet(cfg, traces).run(progress).summary()
+
+
+__all__ = ["Fleet", "FleetConfig", "Workload", "LinkClass", "LINKS", "CHEATS", "Car",
+           "Publisher", "simulate"]
