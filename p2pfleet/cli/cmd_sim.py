@@ -36,15 +36,19 @@ def sim_command(app: App, vehicles: int, hours: float, cheaters: float, seed: in
     """Simulate a fleet in virtual time with the real core machines and print a summary."""
     from ..sim import fleet as F
     from ..sim import plot
+    from ..sim.population import TraceError
     from ..sim.traces import SHIPPED, load_traces
 
     if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
         raise CliError(f"--plot {plot_path}: the file must end in .png or .svg")
-    traces = load_traces(trace_dir or SHIPPED)
-    cfg = F.FleetConfig(vehicles, hours=hours, cheaters=cheaters, seed=seed,
-                        per_publisher=per_publisher)
-    t0 = time.process_time()
-    fleet = F.Fleet(cfg, traces)
+    try:
+        traces = load_traces(trace_dir or SHIPPED)
+        cfg = F.FleetConfig(vehicles, hours=hours, cheaters=cheaters, seed=seed,
+                            per_publisher=per_publisher)
+        t0 = time.process_time()
+        fleet = F.Fleet(cfg, traces)
+    except TraceError as exc:
+        raise CliError(f"--traces: {exc}") from None
     fleet.run(_progress() if not app.json else None)
     summary = fleet.summary()
     cpu = time.process_time() - t0

@@ -9,4 +9,7 @@ they were not seeded for.
 - `verification`: one publisher's scheduler against honest workers and adversaries
   (cheats, colluders, Sybil swarms, lease-expiry games, throwaway identities); counts
   wrong results accepted (specs/verification.md, section 5).
+- `fleet`: a vehicle population (`population`, drawn from the traces `traces` reads) whose
+  cars run the vehicle policy, publishers running `verification.Sim`, a link model and
+  the publishers' uplinks; the `p2pfleet sim` command. `plot` draws its capacity.
 """

@@ -135,3 +135,10 @@ def test_cli_names_a_bad_option(tmp_path):
     assert r.returncode == 2 and "--plot" in r.stderr and ".png or .svg" in r.stderr, r.stderr
     r = _cli("sim", "--cheaters", "1", tmp_path=tmp_path)
     assert r.returncode == 2 and "--cheaters" in r.stderr, r.stderr
+    empty = tmp_path / "traces"
+    empty.mkdir()
+    r = _cli("sim", "--traces", str(empty), tmp_path=tmp_path)
+    assert r.returncode == 2 and "no *.jsonl vehicle traces" in r.stderr, r.stderr
+    (empty / "commuter-day.jsonl").write_text('{"format": "p2pfleet-vehicle-trace"}\n{"t": -1}\n')
+    r = _cli("sim", "--traces", str(empty), tmp_path=tmp_path)
+    assert r.returncode == 2 and "commuter-day.jsonl: line 1: start" in r.stderr, r.stderr
