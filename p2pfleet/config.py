@@ -218,6 +218,10 @@ class NodeSettings:
         False, "Put private and loopback addresses in the public capacity record. Only for "
         "test networks on one machine or LAN: on a real network they tell strangers about "
         "your home network.")
+    relay_only: bool = _setting(
+        False, "Relay-only mode: never publish or hand out this node's own addresses; peers "
+        "reach it only through its relay (no AutoNAT dial-back, no hole punching). Peers it "
+        "dials itself still see the address it dials from.")
     metrics_listen: str = _setting(
         "127.0.0.1:9464", "Serve Prometheus metrics on this host:port (empty: off). Keep it on "
         "localhost unless a firewall guards it: the page shows the node's state.",
@@ -713,6 +717,12 @@ def _override_values(overrides: Mapping[str, Any] | None) -> dict[str, tuple[Any
 
 
 def _cross_check(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    if values["node.relay_only"] and values["node.mdns"]:
+        raise ConfigError(
+            f"node.relay_only = true (from {describe_source(sources['node.relay_only'])}) and "
+            f"node.mdns = true (from {describe_source(sources['node.mdns'])}): mDNS announces "
+            "this node's address on the LAN, which relay-only mode never does; turn one off",
+            key="node.mdns", source=sources["node.mdns"], value=True, allowed="false")
     life, rep = values["records.capacity_lifetime_s"], values["records.republish_s"]
     if rep * 2 > life:
         s = BY_NAME["records.republish_s"]

@@ -191,6 +191,7 @@ class Node:
             bootstrap=tuple(config.node.bootstrap) + tuple(bootstrap),
             dht_mode=config.node.dht_mode,
             mdns=config.node.mdns,
+            relay_only=config.node.relay_only,
         )
         self.status = NodeStatus(started_at=clock())
         self.mesh: Mesh | None = None
@@ -248,7 +249,7 @@ class Node:
         addrs = public_addrs(self.mesh.listen_addrs() if self.mesh else [],
                              self.config.node.publish_private_addrs)
         relayed = self.mesh.relays.addrs() if self.mesh and self.mesh.relays else []
-        if relayed:  # private: only the relay reaches us (specs/reachability-and-discovery.md §3)
+        if relayed or self.config.node.relay_only:  # only the relay reaches us (§3)
             addrs = tuple(a for a in relayed
                           if public_addrs([a], self.config.node.publish_private_addrs))
         body = Capacity(
@@ -604,9 +605,11 @@ class Node:
                 continue
             conns = self.mesh.host.get_network().get_connections(ID.from_base58(peer_id))
             reply = await fetch_node_info(self.mesh, peer_id)
+            known = self.mesh.host.get_peerstore().addrs(ID.from_base58(peer_id))
             return {"ok": True, "peer_id": peer_id, "addr": addr,
                     "relayed": bool(conns) and all(is_relayed(c) for c in conns),
-                    "info": "ok" if reply.opened is not None else reply.error}
+                    "info": "ok" if reply.opened is not None else reply.error,
+                    "known_addrs": sorted(str(a) for a in known)}  # what it told us, too
         return {"ok": False, "error": f"no address of {peer_id} answered: "
                                       f"{'; '.join(errors) or 'its record lists none'}"}
 

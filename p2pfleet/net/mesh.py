@@ -50,6 +50,7 @@ from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fix
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
 from .relay import Relays, is_relayed
+from .relay_only import advertise_only
 from .dht_records import (
     FleetRecordValidator,
     RecordEquivocation,
@@ -89,6 +90,7 @@ class MeshSettings:
     dht_idle_timeout_s: float = 10.0
     bootstrap_backoff_s: tuple[float, float] = (1.0, 60.0)
     mdns: bool = False  # announce and find peers on the LAN (opt-in)
+    relay_only: bool = False  # hand out relayed addresses only (net/relay_only.py)
     max_connections: int = 128
     min_connections: int = 8
     # Cars behind carrier-grade NAT share public IPs: these trade honest cars refused at a
@@ -389,8 +391,14 @@ class Mesh:
             self.inbound_limiter.source,
             on_prune=lambda peer: self.budget.forfeit(str(peer)))
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
-        self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode)
-        self.relays = Relays(host, self.reachable)
+        self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode,
+                                   relay_only=self.settings.relay_only)
+        self.relays = Relays(host, self.reachable, punch=not self.settings.relay_only)
+        if self.settings.relay_only:
+            if self.settings.mdns:
+                raise MeshError("relay_only and mdns exclude each other: mDNS announces "
+                                "this node's address on the LAN")
+            advertise_only(host, self.relays.addrs)
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery

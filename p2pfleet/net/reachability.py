@@ -151,9 +151,10 @@ class Reachable:
     """The AutoNAT client loop of one mesh: status, DHT mode, and why."""
 
     def __init__(self, host: Any, dht: Any, kad_protocol: str, setting: str,
-                 *, clock: Callable[[], float] = time.time) -> None:
+                 *, clock: Callable[[], float] = time.time, relay_only: bool = False) -> None:
         self.host, self.dht, self.kad_protocol = host, dht, kad_protocol
         self.setting = setting
+        self.relay_only = relay_only  # never ask for a dial-back: it hands out our addresses
         self.clock = clock
         self.verdicts = Reachability()
         self.service = FreshDialAutoNAT(host)
@@ -194,6 +195,11 @@ class Reachable:
 
     async def check(self) -> Reach:
         """Ask up to PEERS_ASKED connected peers that speak AutoNAT to dial us back."""
+        if self.relay_only:
+            self.verdicts.status = Reach.PRIVATE
+            self.verdicts.why = "relay-only mode: reached through a relay only, never asked"
+            await self.apply_mode()
+            return self.status
         network = self.host.get_network()
         peers = [p for p, conns in list(network.connections.items()) if conns
                  and not _relayed(conns)

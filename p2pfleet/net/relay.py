@@ -56,13 +56,16 @@ def is_relayed(conn_or_stream: Any) -> bool:
 class Relays:
     """The relay service of one mesh, driven by its AutoNAT status."""
 
-    def __init__(self, host: Any, reachable: Reachable, *, offer: bool = True) -> None:
+    def __init__(self, host: Any, reachable: Reachable, *, offer: bool = True,
+                 punch: bool = True) -> None:
         self.host, self.reachable, self.offer = host, reachable, offer
         self.protocol = LimitedRelay(host, limits=LIMITS, allow_hop=False)
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(
             roles=RelayRole.STOP | RelayRole.CLIENT, limits=LIMITS))
         host.get_network().transport_manager.add_transport(self.transport)
-        self.punch = HolePunch(host)  # upgrade relayed connections we received to direct ones
+        # upgrade relayed connections we received to direct ones (not in relay-only mode,
+        # where CONNECT would hand our addresses to the peer)
+        self.punch = HolePunch(host) if punch else None
         self.offering = False
         self.relay: Any = None          # peer id of our relay while we hold a reservation
         self.relay_addr: str | None = None
@@ -102,17 +105,23 @@ class Relays:
         return {"relay_offered": self.offering, "relay": str(self.relay) if self.relay else None,
                 "relay_addrs": self.addrs(), "relay_why": self.why,
                 "relayed_bytes": self.relayed_bytes, "relay_refused": dict(self.protocol.refused),
-                "hole_punch": self.punch.report()}
+                "hole_punch": self.punch.report() if self.punch else {}}
 
     async def run(self) -> None:
-        async with background_trio_service(self.protocol), \
-                background_trio_service(self.punch), trio.open_nursery() as nursery:
+        async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
+            if self.punch is not None:
+                await nursery.start(self._run_punch)
             while True:
                 try:
                     await self._step(nursery)
                 except Exception as exc:  # noqa: BLE001 - a failed step must not end the mesh
                     log.warning("relay step failed: %s: %s", type(exc).__name__, exc)
                 await trio.sleep(KEEP_CHECK_S if self.relay else RESERVE_EVERY_S)
+
+    async def _run_punch(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with background_trio_service(self.punch):
+            task_status.started()
+            await trio.sleep_forever()
 
     async def _step(self, nursery: trio.Nursery) -> None:
         status = self.reachable.status

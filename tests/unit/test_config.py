@@ -145,6 +145,7 @@ BAD_FILE_VALUES = {
     "records.republish_s": ("5", "an integer >= 60"),
     "records.leaving_lifetime_s": ("30", "an integer >= 300"),
     "node.publish_private_addrs": ('"no"', "true or false"),
+    "node.relay_only": ('"no"', "true or false"),
     "node.state_jitter_s": ("-1", "a number >= 0"),
     "node.blob_cache_mb": ("8", "an integer >= 16"),
     "node.peer_budget_mb_per_minute": ("0", "a number >= 0.1 and <= 10000"),
@@ -308,3 +309,10 @@ def test_rendered_config_with_values(tmp_path):
     assert cfg.node.network == "test" and cfg.publishers.allow == (PEER, PEER2)
     with pytest.raises(ConfigError, match="node.network"):
         C.render_config({"node.network": "Bad!"})
+
+
+def test_relay_only_and_mdns_exclude_each_other():
+    with pytest.raises(ConfigError, match="node.relay_only = true .* node.mdns = true .*mDNS "
+                                          "announces this node's address"):
+        C.build_config(overrides={"node.relay_only": True, "node.mdns": True})
+    assert C.build_config(overrides={"node.relay_only": True}).node.relay_only
