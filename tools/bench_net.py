@@ -18,9 +18,10 @@ digits classifier, --samples inputs, 50-row shards, quorum 2, every node trusted
 Throughput and time to first verified result come from the publisher's own job store: the
 job's creation time, and per shard the time its `target`-th agreeing result was received
 (the moment it could be accepted). Throughput = samples / (last shard's time - creation).
-Then the share of NATed nodes reached directly: nodes behind port-preserving NAT, a public
-relay node, and a public node asking `reach` for each NATed node (direct = the connection
-it used is not relayed).
+Then the share of NATed nodes reached directly: nodes each behind its own NAT router (two
+port-preserving, one symmetric by default) and a public relay node; one more node behind a
+port-preserving NAT reaches each of them through its relayed address; a node counts as
+reached directly when its hole punch (DCUtR, net/holepunch.py) ends "direct" within 60 s.
 
     sudo tools/bench_net.py            # the full run (about 5 minutes on 2 cores)
     sudo tools/bench_net.py --quick    # fewer samples
@@ -163,37 +164,54 @@ def bed_run(work: Path, files, want, samples, n_nodes, profile) -> dict:
         return {"link": link, **res}
 
 
-def nat_direct(work: Path, n_nat: int) -> dict:
-    """NATed nodes (port-preserving NAT) reached by a public node: how many directly."""
+def nat_direct(work: Path, modes: list[str]) -> dict:
+    """NATed nodes, each behind its own router (`modes`: preserve = port-preserving, random =
+    symmetric), each reached through its relay reservation by one more node behind a
+    port-preserving NAT (a typical home peer); the reached node then punches
+    (net/holepunch.py). Direct = its punch outcome becomes "direct" within 60 s."""
     with netbed.Bed() as bed:
         relay = netbed.start_node(bed.public("relay"), work)
-        asker = netbed.start_node(bed.public("asker"), work, bootstrap=[relay.addr])
-        cars = [netbed.start_node(bed.behind(bed.nat_router(f"home{i}", mode="preserve"),
-                                             f"car{i}"), work, bootstrap=[relay.addr])
-                for i in range(n_nat)]
-        reached = []
-        for car in cars:
+        cars = [netbed.start_node(bed.behind(bed.nat_router(f"home{i}", mode=m), f"car{i}"),
+                                  work, bootstrap=[relay.addr]) for i, m in enumerate(modes)]
+        asker = netbed.start_node(bed.behind(bed.nat_router("askhome", mode="preserve"),
+                                             "asker"), work, bootstrap=[relay.addr])
+        for car in (*cars, asker):
             wait_for(lambda c=car: (c.try_ask("status") or {}).get("relay_addrs"), 120,
                      "a NATed node's relay reservation")
-            wait_for(lambda c=car: any("/p2p-circuit" in a for a in (asker.try_ask(
+        reached = []
+        for i, car in enumerate(cars):
+            wait_for(lambda c=car, a=asker: any("/p2p-circuit" in x for x in (a.try_ask(
                 "lookup", peer_id=c.peer_id) or {}).get("record", {}).get("addrs", [])), 120,
                 "the NATed node's record with its relayed address")
             try:
                 reach = asker.ask("reach", peer_id=car.peer_id)
             except ControlError as exc:
                 reach = {"ok": False, "error": str(exc)[:300]}
-            reached.append({**reach, "direct": bool(reach.get("ok") and not reach.get("relayed"))})
+
+            def outcome(c=car) -> str | None:
+                return ((c.try_ask("status") or {}).get("hole_punch") or {}).get(asker.peer_id)
+            try:
+                punch = wait_for(lambda: outcome() == "direct" and "direct", 60, "a punch")
+            except Exception:  # noqa: BLE001 - not direct: the last outcome is reported
+                punch = outcome() or "no outcome"
+            reached.append({"nat_mode": modes[i], "reach_ok": reach.get("ok"),
+                            "punch": punch, "direct": punch == "direct"})
         B.stop_all([relay, asker, *cars])
     direct = sum(r["direct"] for r in reached)
-    return {"nat_mode": "preserve", "nated_nodes": n_nat, "reached_directly": direct,
-            "share_direct": B.rate(direct, n_nat), "reach": reached}
+    per_mode = {m: {"nodes": modes.count(m),
+                    "direct": sum(r["direct"] for r in reached if r["nat_mode"] == m)}
+                for m in dict.fromkeys(modes)}
+    return {"nated_nodes": len(modes), "reached_directly": direct,
+            "share_direct": B.rate(direct, len(modes)), "per_mode": per_mode,
+            "reach": reached}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="400 samples instead of 1200")
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--nat-nodes", type=int, default=2)
+    ap.add_argument("--nat-modes", default="preserve,preserve,random",
+                    help="NAT of each NATed node in the direct-reach part ('' skips it)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     reason = netbed.missing()
@@ -232,9 +250,10 @@ def main() -> int:
             else:
                 result["runs"][label] = bed_run(sub, files, want, samples, args.nodes, profile)
             log(f"{label}: {json.dumps(result['runs'][label])}")
-        if args.nat_nodes:
+        modes = [m for m in args.nat_modes.split(",") if m]
+        if modes:
             log("NATed nodes reached directly")
-            result["nat"] = nat_direct(work / "nat", args.nat_nodes)
+            result["nat"] = nat_direct(work / "nat", modes)
     finally:
         result["elapsed_s"] = round(time.monotonic() - started, 1)
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A 60 s partition splits a fleet mid-job and heals: real `p2pfleet node start` processes
 and a `p2pfleet job submit` publisher in the bed, the cut an nftables drop rule on the
-switch (netbed/partition.py). Side A: the publisher and two nodes; side B: two nodes,
-holding leases when the cut comes. After the heal:
+switch (netbed/partition.py), starting once a few shards are accepted. Side A: the
+publisher and two nodes; side B: two nodes. After the heal:
 
 - the job completes, every shard accepted and every output equal to a local run (no shard
   lost);
