@@ -109,20 +109,18 @@ class PeerBudget:
         why = _meter(self._peer(peer), n, self.limits.per_minute, self.limits.per_day)
         source = self._source_of.get(peer)
         if why is None and source is not None:
+            why = self.source_refused(source)  # its address overran already
+        if why is None and source is not None:
             share = self.limits.source_share
             over = _meter(self._source(source), n, share * self.limits.per_minute,
                           share * self.limits.per_day)
             if over is not None:
                 why = f"its address {source}: {over}"
-                if source not in self.sources_over:
-                    s = self._sources[source]
-                    until = (s.window_start + self.limits.window_s
-                             + self.limits.source_cooldown_s)
-                    self.sources_over[source] = (why, until)
-                    while len(self.sources_over) > MAX_PEERS:
-                        del self.sources_over[next(iter(self.sources_over))]
-        elif source is not None:
-            why = self.source_refused(source)
+                until = (self._sources[source].window_start + self.limits.window_s
+                         + self.limits.source_cooldown_s)
+                self.sources_over[source] = (why, until)
+                while len(self.sources_over) > MAX_PEERS:
+                    del self.sources_over[next(iter(self.sources_over))]
         if why is not None:
             self.refuse(peer, why)
         return why

@@ -70,5 +70,7 @@ def test_identities_rotating_behind_one_address_share_its_budget_and_it_cools_do
     assert b.unasked("sybil-4", 1)
     b.bind("neighbour", "198.51.100.8")  # another address is not touched
     assert b.unasked("neighbour", 1000) is None and not b.source_refused("198.51.100.8")
+    assert "within a minute" in b.unasked("neighbour", 1)  # over its own budget: refused
+    assert "neighbour" in b.over and not b.source_refused("198.51.100.8")
     clock.t = 60 + 600  # window plus cooldown: the address may come back
     assert b.source_refused("198.51.100.7") is None
