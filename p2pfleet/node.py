@@ -583,15 +583,22 @@ class Node:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "sent_at": self.clock()}
 
-    async def _reach(self, peer_id: str) -> dict:
-        """Dial a peer at the addresses of its capacity record (a private one: through its
-        relay) and ask it for its node_info; says which address answered and how."""
+    def _peer_request_error(self, peer_id: str) -> dict | None:
+        """The error reply to a control request about `peer_id`, if it cannot be made."""
         if self.mesh is None:
             return {"ok": False, "error": "the node is out of the mesh (see 'node status')"}
         try:
             key_from_peer_id(peer_id)
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
+        return None
+
+    async def _reach(self, peer_id: str) -> dict:
+        """Dial a peer at the addresses of its capacity record (a private one: through its
+        relay) and ask it for its node_info; says which address answered and how."""
+        refused = self._peer_request_error(peer_id)
+        if refused is not None:
+            return refused
         opened = await self.mesh.get_capacity(peer_id)
         if opened is None:
             return {"ok": False, "error": f"no capacity record of {peer_id} found"}
@@ -640,12 +647,9 @@ class Node:
                 "direct": any(not is_relayed(c) for c in conns)}
 
     async def _lookup(self, peer_id: str) -> dict:
-        if self.mesh is None:
-            return {"ok": False, "error": "the node is out of the mesh (see 'node status')"}
-        try:
-            key_from_peer_id(peer_id)
-        except ValueError as exc:
-            return {"ok": False, "error": str(exc)}
+        refused = self._peer_request_error(peer_id)
+        if refused is not None:
+            return refused
         opened = await self.mesh.get_capacity(peer_id)
         stats = self.mesh.last_lookup
         cost = {"rounds": stats.rounds, "rpcs": stats.rpcs, "responses": stats.responses}
