@@ -45,7 +45,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr  # noqa: E402
 from libp2p.utils.varint import read_varint_prefixed_bytes  # noqa: E402
 
 from p2pfleet.identity import Identity  # noqa: E402
-from p2pfleet.localfleet import LocalFleet, LocalNode  # noqa: E402
+from p2pfleet.live.localfleet import LocalFleet, LocalNode  # noqa: E402
 from p2pfleet.names import Names  # noqa: E402
 from p2pfleet.net.mesh import Mesh, MeshSettings  # noqa: E402
 from p2pfleet.wire.envelope import open_envelope  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the explorer's crawl of a loopback fleet of real node processes.
 
-Starts N `p2pfleet node start` processes (default 20, `p2pfleet.localfleet.LocalFleet`),
+Starts N `p2pfleet node start` processes (default 20, `p2pfleet.live.localfleet.LocalFleet`),
 waits until a crawl finds every node `available`, then measures:
 
 1. cold crawls: each with a fresh `Crawler` (new identity, no connections, nothing
@@ -37,7 +37,7 @@ import benchlib as B  # noqa: E402
 import trio  # noqa: E402
 
 from p2pfleet.explorer.crawler import CrawlSettings, Crawler  # noqa: E402
-from p2pfleet.localfleet import P2PFLEET, LocalFleet  # noqa: E402
+from p2pfleet.live.localfleet import P2PFLEET, LocalFleet  # noqa: E402
 
 NETWORK = "benchcrawl"
 

@@ -57,7 +57,7 @@ import benchlib as B  # noqa: E402
 from p2pfleet.core import trust as T  # noqa: E402
 from p2pfleet.core.scheduler import SchedulerSettings  # noqa: E402
 from p2pfleet.exec.outputs import compare_outputs  # noqa: E402
-from p2pfleet.localfleet import LocalFleet, wait_for  # noqa: E402
+from p2pfleet.live.localfleet import LocalFleet, wait_for  # noqa: E402
 from p2pfleet.publisher import PublisherSettings  # noqa: E402
 from p2pfleet.sdk import connect  # noqa: E402
 from p2pfleet.zoo import MODELS  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the mesh: a fleet of real `p2pfleet node start` processes on loopback.
 
-One run launches N node processes (default 20) with `p2pfleet.localfleet.LocalFleet`
+One run launches N node processes (default 20) with `p2pfleet.live.localfleet.LocalFleet`
 and measures, talking to each node over its control socket:
 
 1. DHT lookups: every node looks up every other node's capacity record (or a random
@@ -49,7 +49,7 @@ for p in (ROOT, ROOT / "tools"):
 
 import benchlib as B  # noqa: E402
 from p2pfleet.identity import Identity  # noqa: E402
-from p2pfleet.localfleet import FleetError, LocalFleet, LocalNode, wait_for  # noqa: E402
+from p2pfleet.live.localfleet import FleetError, LocalFleet, LocalNode, wait_for  # noqa: E402
 from p2pfleet.net import dht_lookup  # noqa: E402
 from p2pfleet.wire.envelope import seal  # noqa: E402
 from p2pfleet.wire.kinds import JobAnnouncement, Requirements  # noqa: E402

@@ -53,8 +53,8 @@ from netbed.jobs import (NETWORK, NODE_SETTINGS, publisher_argv, start_fleet,  #
                          submit)
 from netbed.linkdelay import delay_link  # noqa: E402
 
-from p2pfleet.control import ControlError  # noqa: E402
-from p2pfleet.localfleet import LocalFleet, wait_for  # noqa: E402
+from p2pfleet.live.control import ControlError  # noqa: E402
+from p2pfleet.live.localfleet import LocalFleet, wait_for  # noqa: E402
 from p2pfleet.zoo import digits  # noqa: E402
 
 OUT = Path(__file__).with_suffix(".last.json")

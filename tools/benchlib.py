@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from p2pfleet.control import ControlError, request  # noqa: E402
-from p2pfleet.localfleet import P2PFLEET, FleetError, LocalFleet, LocalNode, socket_inodes  # noqa: E402
+from p2pfleet.live.control import ControlError, request  # noqa: E402
+from p2pfleet.live.localfleet import P2PFLEET, FleetError, LocalFleet, LocalNode, socket_inodes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

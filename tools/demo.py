@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfleet.core.scheduler import SchedulerSettings
-from p2pfleet.control import ControlError
+from p2pfleet.live.control import ControlError
 from p2pfleet.core.trust import TrustSettings
-from p2pfleet.localfleet import FleetError, LocalFleet, wait_for
+from p2pfleet.live.localfleet import FleetError, LocalFleet, wait_for
 from p2pfleet.publisher import PublisherSettings
 from p2pfleet.sdk import connect
 
@@ -167,7 +167,7 @@ async def publish(fleet: LocalFleet, model: bytes, X: np.ndarray, console: Conso
 def node_credit(node) -> dict:
     import subprocess
 
-    from p2pfleet.localfleet import P2PFLEET
+    from p2pfleet.live.localfleet import P2PFLEET
 
     out = subprocess.run([*P2PFLEET, "--data-dir", str(node.data_dir), "ledger", "--json"],
                          capture_output=True, text=True, timeout=60)

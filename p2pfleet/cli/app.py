@@ -20,8 +20,8 @@ from typing import Any
 
 import click
 
-from ..config import Config, ConfigError, Override, load_config
-from ..datadir import DataDir, DataDirError
+from ..live.config import Config, ConfigError, Override, load_config
+from ..live.datadir import DataDir, DataDirError
 from ..identity import KeyFileError
 from ..names import NetworkIdError
 from ..store.db import StoreError

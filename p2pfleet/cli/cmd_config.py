@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import SETTINGS, render_config, toml_value
+from ..live.config import SETTINGS, render_config, toml_value
 from .app import App, console, json_option, pass_app
 
 

@@ -41,7 +41,7 @@ def explore_command(app: App, bootstrap: tuple[str, ...], network: str | None, t
     """Map the network: peers, states, capacity, jobs and proven misbehaviour."""
     import trio
 
-    from ..config import _check_bootstrap
+    from ..live.config import _check_bootstrap
     from ..explorer.crawler import CrawlSettings, Crawler
 
     config = app.config()

@@ -218,7 +218,7 @@ def _live(app: App, publisher_dir: Path | None) -> Path | None:
 @pass_app
 def job_status(app: App, job_id: str | None, publisher_dir: Path | None) -> None:
     """Jobs in the publisher's store: shards accepted, replicas, nodes, evidence."""
-    from ..control import ControlError, request
+    from ..live.control import ControlError, request
     from ..sdk.client import SdkError, job_view, open_offline
 
     jobs: list[dict] | None = None
@@ -306,7 +306,7 @@ def _find(pub: Any, job_id: str) -> bytes:
 @pass_app
 def job_cancel(app: App, job_id: str, publisher_dir: Path | None) -> None:
     """Cancel a job: no more leases; the running publisher tells lease holders to stop."""
-    from ..control import ControlError, request
+    from ..live.control import ControlError, request
     from ..sdk.client import SdkError, open_offline
 
     sock = _live(app, publisher_dir)

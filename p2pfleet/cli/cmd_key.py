@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..datadir import write_atomic
+from ..live.datadir import write_atomic
 from ..identity import SEALED_TAG, Identity, KeyFileError, decode_key, encode_key, load_key
 from ..wire.errors import WireError
 from .app import App, CliError, json_option, pass_app, warn

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from ..datadir import write_atomic
+from ..live.datadir import write_atomic
 from ..identity import key_from_peer_id, peer_id_from_key
 from .app import App, CliError, json_option, pass_app
 from .cmd_key import iso_ms

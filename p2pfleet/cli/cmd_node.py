@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..config import build_config, parse_config_text, render_config, validate_value
-from ..datadir import utc_stamp, write_atomic
+from ..live.config import build_config, parse_config_text, render_config, validate_value
+from ..live.datadir import utc_stamp, write_atomic
 from ..identity import Identity, load_key
 from .app import App, CliError, json_option, pass_app
 
@@ -158,13 +158,13 @@ def node_start(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
     """
     import trio
 
-    from ..config import Override
-    from ..logs import setup_logging
+    from ..live.config import Override
+    from ..live.logs import setup_logging
     from ..net.mesh import MeshError
-    from ..node import Node, NodeError
+    from ..live.node import Node, NodeError
 
     if cheat is not None:
-        from ..cheats import check_cheat
+        from ..live.cheats import check_cheat
 
         try:
             check_cheat(cheat)
@@ -221,7 +221,7 @@ def _first_expected(group: BaseExceptionGroup, types: tuple[type, ...]) -> BaseE
 
 
 def _ask(app: App, cmd: str, **args: Any) -> dict:
-    from ..control import ControlError, request
+    from ..live.control import ControlError, request
 
     try:
         return request(_control_path(app), cmd, **args)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..config import Override
+from ..live.config import Override
 from .app import EXPECTED_ERRORS, App, CliError, describe_error, json_option, pass_app
 
 
@@ -75,7 +75,7 @@ def cli(ctx: click.Context, data_dir: Path | None, config_file: Path | None,
 @pass_app
 def version(app: App) -> None:
     """Show the software, protocol and data-dir format versions."""
-    from ..datadir import FORMAT_VERSION
+    from ..live.datadir import FORMAT_VERSION
     from ..wire.envelope import ENVELOPE_FORMAT
     from ..wire.kinds import MAJOR
 

@@ -1,7 +1,7 @@
 """The worker's rules for pulling work: whom to ask, when to ask again, what to accept.
 
 Pure (no I/O, no clock, no randomness of its own): the node's work loop
-(`p2pfleet/worker.py`) passes in the jobs it heard, the time and a seeded rng. The rules are
+(`p2pfleet/live/worker.py`) passes in the jobs it heard, the time and a seeded rng. The rules are
 specs/work-and-leases.md, sections 2-3:
 
 - ask only publishers the owner works for (allowlist, or anyone), whose announced job the

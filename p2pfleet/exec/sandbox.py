@@ -263,7 +263,7 @@ def measured_memory_mb() -> int:
 
 
 def sandbox_config(config, **overrides) -> SandboxConfig:
-    """The SandboxConfig of a node's `p2pfleet.config.Config`: memory from
+    """The SandboxConfig of a node's `p2pfleet.live.config.Config`: memory from
     hardware.memory_mb (0: measured), cores from hardware.cores, the run cap from
     hardware.max_run_s, cpu_share and max_threads from the policy. `overrides` are other
     SandboxConfig fields."""

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from ..control import serve_control
-from ..datadir import DataDir
+from ..live.control import serve_control
+from ..live.datadir import DataDir
 from ..identity import Identity, key_from_peer_id, load_key, peer_id_from_key, save_key
 from ..net.blobs import BlobService
 from ..net.mesh import Mesh, MeshSettings
@@ -503,7 +503,7 @@ class AttachedClient:
         self.socket = self.data_dir / CONTROL_NAME
 
     def _ask(self, cmd: str, **args: Any) -> dict:
-        from ..control import ControlError, request
+        from ..live.control import ControlError, request
 
         try:
             reply = request(self.socket, cmd, timeout=120.0, **args)

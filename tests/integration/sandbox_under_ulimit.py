@@ -11,7 +11,7 @@ import sys
 
 import trio
 
-from p2pfleet.config import Config
+from p2pfleet.live.config import Config
 from p2pfleet.exec.runner import run_shard
 from p2pfleet.exec.sandbox import open_sandbox_pool, sandbox_config
 from p2pfleet.wire.kinds import Lease

@@ -1,5 +1,5 @@
 """A hostile model provider cannot stall a lease (issue 12): the node's real worker
-(p2pfleet/worker.py) and the real publisher engine on real py-libp2p hosts, with a peer that
+(p2pfleet/live/worker.py) and the real publisher engine on real py-libp2p hosts, with a peer that
 announces itself in the DHT as a provider of the model and then trickles it, or lies.
 
 The worker must still fetch the model from another provider or the publisher, within the
@@ -27,7 +27,7 @@ from p2pfleet.net.mesh import Mesh
 from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
 from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.store.ledger import Ledger
-from p2pfleet.worker import Worker, WorkerSettings
+from p2pfleet.live.worker import Worker, WorkerSettings
 
 import blobkit
 from fleetkit import NETWORK, hosts, wait_until

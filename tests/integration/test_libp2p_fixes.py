@@ -144,7 +144,7 @@ async def test_connection_churn_does_not_lock_out_honest_peers():
 async def test_a_stopped_mesh_holds_no_socket():
     """Fix 6: a cancelled swarm's cleanup awaited conn.close() inside the cancelled scope,
     so listeners and connections stayed open after the host 'stopped'."""
-    from p2pfleet.localfleet import tcp_sockets
+    from p2pfleet.live.localfleet import tcp_sockets
     from p2pfleet.net.mesh import Mesh
 
     from fleetkit import settings

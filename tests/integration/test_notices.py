@@ -1,4 +1,4 @@
-"""The node's work loop (p2pfleet/worker.py) answering `notice` streams on a real mesh.
+"""The node's work loop (p2pfleet/live/worker.py) answering `notice` streams on a real mesh.
 
 Issue 12, class 7: a `cancel` or `receipt` from anyone but the publisher of the leases it
 names is dropped without an acknowledgement, penalised, and leaves no trace in the node's
@@ -26,7 +26,7 @@ from p2pfleet.store.ledger import Ledger
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import Cancel, LeaseBatch, Receipt
 from p2pfleet.wire.samples import sample_body
-from p2pfleet.worker import Worker, WorkerSettings
+from p2pfleet.live.worker import Worker, WorkerSettings
 
 from fleetkit import NETWORK, fleet
 

@@ -19,7 +19,7 @@ from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.store.ledger import Ledger
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import ReceiptRequest
-from p2pfleet.worker import Worker, WorkerSettings
+from p2pfleet.live.worker import Worker, WorkerSettings
 
 from fleetkit import NETWORK, wait_until
 from test_notices import now_ms, offer
@@ -88,7 +88,7 @@ async def test_a_worker_that_cannot_be_dialled_gets_its_receipts_by_asking(tmp_p
 
 
 async def test_our_worker_asks_for_a_receipt_whose_push_never_came(tmp_path):
-    """The node's own work loop (p2pfleet/worker.py): a result acknowledged without a
+    """The node's own work loop (p2pfleet/live/worker.py): a result acknowledged without a
     receipt, the publisher's `notice` push refused (as behind NAT): the node asks."""
     async with meshes(3) as (pm, nm, wm):
         blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))

@@ -15,11 +15,11 @@ import random
 import trio
 from libp2p.custom_types import TProtocol
 
-from p2pfleet.config import load_config
+from p2pfleet.live.config import load_config
 from p2pfleet.explorer.crawler import CrawlSettings, Crawler
 from p2pfleet.identity import Identity
 from p2pfleet.net.mesh import Mesh
-from p2pfleet.node import Node
+from p2pfleet.live.node import Node
 from p2pfleet.store.state import NodeState
 from p2pfleet.wire.envelope import MAX_CLOCK_SKEW_MS, seal
 from test_hostile import attacker, dial, penalty, put_value

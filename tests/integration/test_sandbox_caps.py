@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfleet.config import Config, load_config
+from p2pfleet.live.config import Config, load_config
 from p2pfleet.exec.runner import run_shard
 from p2pfleet.exec.sandbox import SandboxConfig, open_sandbox_pool, sandbox_config
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 from onnx import TensorProto, helper, numpy_helper
 
-from p2pfleet.config import load_config
+from p2pfleet.live.config import load_config
 from p2pfleet.exec.limits import ModelLimits
 from p2pfleet.exec.runner import run_shard
 from p2pfleet.exec.sandbox import SandboxConfig, SandboxFailure, measured_memory_mb, open_sandbox_pool, sandbox_config

@@ -1,6 +1,6 @@
 """A small test worker for publisher tests: a real Mesh speaking the real wire protocol.
 
-Not the node's work loop (p2pfleet/worker.py): a harness that sends signed work_request
+Not the node's work loop (p2pfleet/live/worker.py): a harness that sends signed work_request
 envelopes on `lease`, fetches model and input with the blob protocol (the input with the
 lease's token), computes with onnxruntime directly, reports `result` on `report`, collects
 the receipts of the answer, and answers `notice` with a clean close. A `cheat` makes it

@@ -13,8 +13,8 @@ import os
 import pytest
 
 import netbed
-from p2pfleet.control import ControlError
-from p2pfleet.localfleet import wait_for
+from p2pfleet.live.control import ControlError
+from p2pfleet.live.localfleet import wait_for
 from p2pfleet.store.blobcache import BlobCache
 
 BLOB = 1024 * 1024

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import netbed
-from p2pfleet.localfleet import wait_for
+from p2pfleet.live.localfleet import wait_for
 
 
 @pytest.mark.parametrize("mode", ["preserve", "random"])

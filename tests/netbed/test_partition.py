@@ -24,7 +24,7 @@ import numpy as np
 
 from netbed.jobs import accepted_in_store, start_fleet, submit
 from netbed.partition import partition
-from p2pfleet.localfleet import wait_for
+from p2pfleet.live.localfleet import wait_for
 
 PARTITION_S = 60  # the rule's length: part of the test's design, held by the bed
 

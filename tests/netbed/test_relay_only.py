@@ -7,7 +7,7 @@ does not punch holes (it stays relayed although its NAT keeps ports)."""
 from __future__ import annotations
 
 import netbed
-from p2pfleet.localfleet import wait_for
+from p2pfleet.live.localfleet import wait_for
 
 
 def test_a_relay_only_node_hands_out_its_relayed_address_only(new_bed, tmp_path):

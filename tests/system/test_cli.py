@@ -251,7 +251,7 @@ def test_a_data_dir_in_use_is_refused(tmp_path):
     dd = tmp_path / "node"
     run("node", "init", data_dir=dd)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from p2pfleet.datadir import DataDir; "
+        [sys.executable, "-c", "import sys; from p2pfleet.live.datadir import DataDir; "
          "d = DataDir(sys.argv[1]).open(); print('locked', flush=True); sys.stdin.read()", str(dd)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -50,7 +50,7 @@ def get_text(url: str) -> str:
 @pytest.mark.system
 def test_explorer_maps_the_fleet_and_flags_the_malicious_node(tmp_path):
     from p2pfleet.identity import Identity
-    from p2pfleet.localfleet import P2PFLEET, LocalFleet, wait_for
+    from p2pfleet.live.localfleet import P2PFLEET, LocalFleet, wait_for
     from p2pfleet.wire.envelope import seal
     from p2pfleet.wire.kinds import JobAnnouncement, Requirements
 
@@ -173,7 +173,7 @@ def test_explorer_maps_the_fleet_and_flags_the_malicious_node(tmp_path):
 
 
 def test_explore_names_a_bad_bootstrap_address(tmp_path):
-    from p2pfleet.localfleet import P2PFLEET
+    from p2pfleet.live.localfleet import P2PFLEET
 
     proc = subprocess.run([*P2PFLEET, "--data-dir", str(tmp_path), "explore", "--bootstrap",
                            "/ip4/127.0.0.1/tcp/1"], capture_output=True, text=True, timeout=60)

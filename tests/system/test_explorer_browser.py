@@ -55,7 +55,7 @@ def browser(tmp_path):
 def test_dashboard_lists_peers_and_opens_a_peer(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
-    from p2pfleet.localfleet import P2PFLEET, LocalFleet, wait_for
+    from p2pfleet.live.localfleet import P2PFLEET, LocalFleet, wait_for
 
     with LocalFleet(tmp_path / "fleet", 3, network=NETWORK) as fleet:
         explorer = subprocess.Popen(

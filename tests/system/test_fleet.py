@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from p2pfleet.localfleet import LocalFleet, mesh_sockets, wait_for
+from p2pfleet.live.localfleet import LocalFleet, mesh_sockets, wait_for
 
 pytestmark = pytest.mark.system
 

@@ -37,7 +37,7 @@ def test_three_nodes_one_excluded_cheater_every_job_finishes(tmp_path):
     import onnxruntime as ort
 
     from p2pfleet.identity import key_from_peer_id
-    from p2pfleet.localfleet import LocalFleet, wait_for
+    from p2pfleet.live.localfleet import LocalFleet, wait_for
     from p2pfleet.sdk.client import open_offline
     from p2pfleet.zoo import digits
 

@@ -26,7 +26,7 @@ def quickstart() -> str:
 def test_readme_quickstart_runs_as_written(tmp_path):
     import onnxruntime as ort
 
-    from p2pfleet.localfleet import LocalFleet
+    from p2pfleet.live.localfleet import LocalFleet
     from p2pfleet.zoo import digits
 
     model, name, inputs = digits()

@@ -55,7 +55,7 @@ def digits(tmp_path_factory):
 
 
 def _fleet(root, n, cheaters=()):
-    from p2pfleet.localfleet import LocalFleet
+    from p2pfleet.live.localfleet import LocalFleet
 
     fleet = LocalFleet(root / "fleet", n, network=NETWORK, settings={
         "publishers.serve_anyone": "true", "publishers.retry_base_s": "1",
@@ -66,7 +66,7 @@ def _fleet(root, n, cheaters=()):
 
 
 def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp_path, digits):
-    from p2pfleet.localfleet import wait_for
+    from p2pfleet.live.localfleet import wait_for
 
     model, inputs, local = digits
     fleet = _fleet(tmp_path, 5, cheaters=(4,))
@@ -177,7 +177,7 @@ def test_nodes_killed_or_stopped_mid_shard_lose_no_work(tmp_path):
     hands back its finished micro-batches. The job still completes, every output right."""
     import onnxruntime as ort
 
-    from p2pfleet.localfleet import wait_for
+    from p2pfleet.live.localfleet import wait_for
     from p2pfleet.zoo import mlp784
 
     model, name, inputs = mlp784()
@@ -241,7 +241,7 @@ def _ledger_leases(data_dir) -> dict:
 def test_sdk_attaches_to_a_running_publisher(tmp_path, digits):
     """`p2pfleet job serve` runs the publisher; a script attaches, submits, waits, exports;
     `job status` and `job cancel` reach the same publisher."""
-    from p2pfleet.localfleet import wait_for
+    from p2pfleet.live.localfleet import wait_for
 
     model, inputs, local = digits
     fleet = _fleet(tmp_path, 3)

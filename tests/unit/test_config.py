@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pfleet import config as C
-from p2pfleet.config import Config, ConfigError, Override, load_config, parse_config_text
+from p2pfleet.live import config as C
+from p2pfleet.live.config import Config, ConfigError, Override, load_config, parse_config_text
 from p2pfleet.identity import Identity
 
 PEER = Identity.from_seed(b"publisher").peer_id

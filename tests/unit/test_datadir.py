@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfleet import datadir as D
-from p2pfleet.config import load_config, parse_config_text
-from p2pfleet.datadir import DataDir, DataDirError, default_data_dir, open_data_dir
+from p2pfleet.live import datadir as D
+from p2pfleet.live.config import load_config, parse_config_text
+from p2pfleet.live.datadir import DataDir, DataDirError, default_data_dir, open_data_dir
 from p2pfleet.identity import Identity, load_key, save_key
 
 
@@ -161,7 +161,7 @@ def test_lock_in_process_and_release(data_dir):
 
 HOLDER = """
 import sys
-from p2pfleet.datadir import DataDir
+from p2pfleet.live.datadir import DataDir
 dd = DataDir(sys.argv[1]).open()
 print("locked", flush=True)
 sys.stdin.read()

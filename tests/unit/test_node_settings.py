@@ -18,7 +18,7 @@ def _offered(configured: int) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
     out = subprocess.run(
-        [sys.executable, "-c", f"from p2pfleet.node import memory_mb; print(memory_mb({configured}))"],
+        [sys.executable, "-c", f"from p2pfleet.live.node import memory_mb; print(memory_mb({configured}))"],
         preexec_fn=lower, capture_output=True, text=True, check=True, timeout=120)
     return int(out.stdout.strip())
 
@@ -30,8 +30,8 @@ def test_an_owners_memory_setting_above_the_process_limit_is_not_offered():
 
 
 def test_peer_budgets_come_from_the_node_settings_and_a_day_holds_a_minute():
-    from p2pfleet.config import ConfigError, NodeSettings
-    from p2pfleet.node import peer_budget_limits
+    from p2pfleet.live.config import ConfigError, NodeSettings
+    from p2pfleet.live.node import peer_budget_limits
 
     limits = peer_budget_limits(NodeSettings(peer_budget_mb_per_minute=2, peer_budget_mb_per_day=10))
     assert (limits.per_minute, limits.per_day) == (2_000_000, 10_000_000)

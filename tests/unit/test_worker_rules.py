@@ -112,7 +112,7 @@ def test_leases_the_node_cannot_run_are_handed_back_not_refused():
 
 
 def test_cheat_modes_for_demos_are_checked_and_strategic_waits():
-    from p2pfleet.cheats import check_cheat, cheats_now
+    from p2pfleet.live.cheats import check_cheat, cheats_now
 
     assert check_cheat("strategic:3") == "strategic:3"
     with pytest.raises(ValueError, match="unknown cheat"):

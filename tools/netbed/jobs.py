@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from p2pfleet.localfleet import LocalNode, wait_for
+from p2pfleet.live.localfleet import LocalNode, wait_for
 
 from .bed import Host
 from .nodes import start_node

@@ -1,6 +1,6 @@
 """Real `p2pfleet node start` processes inside test-bed hosts.
 
-A node is a `LocalNode` (p2pfleet/localfleet.py, as the system tests use) whose command runs
+A node is a `LocalNode` (p2pfleet/live/localfleet.py, as the system tests use) whose command runs
 under `ip netns exec`: it listens on its host's address, its control socket is a file in
 its data dir, so the caller (in any namespace) talks to it as to a loopback node.
 """
@@ -11,7 +11,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from p2pfleet.localfleet import FAST_TEST_SETTINGS, P2PFLEET, LocalNode, wait_for
+from p2pfleet.live.localfleet import FAST_TEST_SETTINGS, P2PFLEET, LocalNode, wait_for
 
 from .bed import BedError, Host
 

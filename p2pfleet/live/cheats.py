@@ -34,6 +34,6 @@ def cheats_now(cheat: str, results_sent: int) -> bool:
 def fp16_weights(model: bytes) -> bytes:
     """The model with every float32 constant rounded to float16 and back: deterministic, so
     two colluders with this cheat produce identical (wrong) outputs."""
-    from .zoo import fp16_weights as rounded
+    from ..zoo import fp16_weights as rounded
 
     return rounded(model)

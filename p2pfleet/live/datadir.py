@@ -4,7 +4,7 @@ Layout (the directory itself is 0700)::
 
     <data dir>/
       FORMAT          "p2pfleet-data-dir <version>\\n": the layout version (current: 1)
-      config.toml     the node's configuration (`p2pfleet.config`), fully commented
+      config.toml     the node's configuration (`p2pfleet.live.config`), fully commented
       key             the node's Ed25519 key, 0600 (`p2pfleet.identity.save_key/load_key`)
       state.sqlite    seen messages and record sequences (`p2pfleet.store.state.NodeState`)
       ledger.sqlite   leases, reports, receipts and energy per publisher
@@ -47,10 +47,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .identity import Identity, KeyFileError, decode_key, save_key
+from ..identity import Identity, KeyFileError, decode_key, save_key
 
 if TYPE_CHECKING:
-    from .store.state import NodeState
+    from ..store.state import NodeState
 
 FORMAT_VERSION = 1
 FORMAT_MAGIC = "p2pfleet-data-dir"
@@ -269,7 +269,7 @@ class DataDir:
 
     def _check_not_newer(self, version: int) -> None:
         if version > FORMAT_VERSION:
-            from . import __version__
+            from .. import __version__
 
             raise DataDirError(
                 f"{self.root} has data-dir format {version}, newer than this p2pfleet "
@@ -476,7 +476,7 @@ class DataDir:
     # state -------------------------------------------------------------------------------------
     def open_state(self) -> "NodeState":
         """The node state database (created on first use). Needs the lock."""
-        from .store.state import NodeState
+        from ..store.state import NodeState
 
         self.require_lock()
         return NodeState(self.state_file)

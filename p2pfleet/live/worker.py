@@ -39,16 +39,16 @@ from typing import Any, Callable
 
 import trio
 
-from . import __version__
-from .core import energy as energy_rules
-from .core import fetch as fetch_rules
-from .core import worker as rules
-from .identity import Identity, peer_id_from_key
-from .net import streams
-from .net.mesh import Mesh, MeshError
-from .wire import errors as wire_errors
-from .wire.envelope import open_envelope, seal
-from .wire.kinds import (KINDS, Cancel, FailedResult, HandBack, Progress, Receipt,
+from .. import __version__
+from ..core import energy as energy_rules
+from ..core import fetch as fetch_rules
+from ..core import worker as rules
+from ..identity import Identity, peer_id_from_key
+from ..net import streams
+from ..net.mesh import Mesh, MeshError
+from ..wire import errors as wire_errors
+from ..wire.envelope import open_envelope, seal
+from ..wire.kinds import (KINDS, Cancel, FailedResult, HandBack, Progress, Receipt,
                          ReceiptRequest, Result, WorkRequest)
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class WorkerSettings:
     receipt_ask_s: float = 60.0
     slots: int = 2  # leases asked for at once, run one after another: fewer round trips,
     # but few enough that one node does not hoard a small job's shards
-    cheat: str = ""  # demos and tests of verification only: see p2pfleet/cheats.py
+    cheat: str = ""  # demos and tests of verification only: see p2pfleet/live/cheats.py
 
 
 class Worker:
@@ -385,7 +385,7 @@ class Worker:
                     publisher, lambda: self._fetch_input(lease, pub_peer, give_up), give_up)
                 # Decoded into the sealed memfd the sandbox child maps (exec/shm.py) here,
                 # while the previous shard computes: the copy is off the run's critical path.
-                from .exec.shm import share_blob
+                from ..exec.shm import share_blob
 
                 raw_input = await trio.to_thread.run_sync(share_blob, raw_input)
                 q.model, q.raw_input = model, raw_input
@@ -547,9 +547,9 @@ class Worker:
     async def _run_lease(self, lease: Any, publisher: bytes, model: bytes, raw_input: Any,
                          expires_at: float) -> None:
         """Run one lease whose blobs are in, in the publisher's sandbox; report its end."""
-        from .exec.outputs import EncodingError, decode_tensors
-        from .exec.runner import run_shard
-        from .exec.shm import SharedArrays
+        from ..exec.outputs import EncodingError, decode_tensors
+        from ..exec.runner import run_shard
+        from ..exec.shm import SharedArrays
 
         s = self.settings
         running = RunningLease(lease, publisher, expires_at=expires_at)
@@ -836,7 +836,7 @@ class Worker:
             self._receipt_asks[publisher] = (self.clock() + gap, gap)
 
     def _take_receipt(self, raw: bytes, sender: str) -> bool:
-        from .store.ledger import ReceiptRejected
+        from ..store.ledger import ReceiptRejected
 
         try:
             opened = open_envelope(raw, self.settings.network, now_ms=int(self.clock() * 1000),

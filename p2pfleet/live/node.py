@@ -10,11 +10,11 @@ expires before one it replaces (`NodeState.next_record`): the leaving record liv
 as long as the last "available" one, so a replay of that one cannot bring the car back.
 
 While in the mesh the capacity record is republished every `records.republish_s` and on
-every state change. The owner controls the node through a unix socket (`p2pfleet.control`):
+every state change. The owner controls the node through a unix socket (`p2pfleet.live.control`):
 status, peers, pause, resume, stop (now or after the current shard). SIGINT and SIGTERM stop
 it the same way: publish the leaving record, close the host, exit within a few seconds.
 
-While the policy lets the car compute, the worker (`p2pfleet.worker`) pulls leases from the
+While the policy lets the car compute, the worker (`p2pfleet.live.worker`) pulls leases from the
 publishers the owner chose, runs them in a sandbox child per publisher (`p2pfleet.exec`),
 reports results and keeps receipts in the ledger (`store.ledger`); a stop hands back the
 finished micro-batches before the node leaves the mesh.
@@ -41,24 +41,24 @@ import multiaddr
 import trio
 from libp2p.peer.id import ID
 
-from . import __version__
+from .. import __version__
 from .config import Config, ConfigError
 from .control import serve_control
 from .metrics import serve_metrics
-from .core import eventlog
-from .core import policy as P
-from .identity import Identity, key_from_peer_id, peer_id_from_key
-from .net import traffic
-from .net.mesh import Mesh, MeshError, MeshSettings
-from .net.info import InfoFacts, fetch_node_info, info_handler
-from .net.relay import is_relayed
-from .store.state import NodeState
+from ..core import eventlog
+from ..core import policy as P
+from ..identity import Identity, key_from_peer_id, peer_id_from_key
+from ..net import traffic
+from ..net.mesh import Mesh, MeshError, MeshSettings
+from ..net.info import InfoFacts, fetch_node_info, info_handler
+from ..net.relay import is_relayed
+from ..store.state import NodeState
 from .worker import Worker, WorkerSettings
-from .core.peer_budget import MB, BudgetLimits, PeerBudget
-from .core.worker import HeardJob, hand_back_reason
-from .vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
-from .wire.envelope import seal
-from .wire.kinds import KINDS, Capacity
+from ..core.peer_budget import MB, BudgetLimits, PeerBudget
+from ..core.worker import HeardJob, hand_back_reason
+from ..vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
+from ..wire.envelope import seal
+from ..wire.kinds import KINDS, Capacity
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def memory_mb(configured: int = 0) -> int:
     """The memory a sandbox child really gets, offered as the node's: `configured`
     (hardware.memory_mb) or, when 0, a quarter of RAM or of the cgroup limit; either way at
     most this process's own hard RLIMIT_AS, which the sandbox clamps its children to."""
-    from .exec.sandbox import measured_memory_mb, own_hard_limit
+    from ..exec.sandbox import measured_memory_mb, own_hard_limit
 
     if not configured:
         return measured_memory_mb()
@@ -331,7 +331,7 @@ class Node:
     def _blob_service(self, mesh: Mesh) -> Any:
         if self.blob_cache is None or self.worker is None:
             return None
-        from .net.blobs import BlobService
+        from ..net.blobs import BlobService
 
         service = BlobService(mesh, self.blob_cache, authorize=self.worker.authorize_blob,
                               scores=self.worker.source_scores)
@@ -365,8 +365,8 @@ class Node:
                 "providers": (CPU_PROVIDER,)}
 
     def _make_worker(self, pool: Any) -> Worker:
-        from .store.blobcache import BlobCache
-        from .store.ledger import Ledger
+        from ..store.blobcache import BlobCache
+        from ..store.ledger import Ledger
 
         c = self.config
         self.ledger = Ledger(self.ledger_path)
@@ -635,7 +635,7 @@ class Node:
                                  f"got {digest_hex!r:.80}, {size!r:.40}")
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
-        from .net.blobs import BlobError
+        from ..net.blobs import BlobError
 
         try:
             data = await self.blob_service.fetch(digest, size, [peer_id], public=True,
@@ -688,7 +688,7 @@ class Node:
         if self.ledger_path is None or self.cache_dir is None:
             await self._run(handle_signals, task_status)
             return
-        from .exec.sandbox import open_sandbox_pool, sandbox_config
+        from ..exec.sandbox import open_sandbox_pool, sandbox_config
 
         async with open_sandbox_pool(sandbox_config(self.config)) as pool:
             self.sandbox_pool = pool

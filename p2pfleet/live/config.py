@@ -38,7 +38,7 @@ from typing import Any
 
 import tomli_w
 
-from .names import NetworkIdError, check_network
+from ..names import NetworkIdError, check_network
 
 ENV_PREFIX = "P2PFLEET_"
 DEFAULT = "default"
@@ -108,7 +108,7 @@ def _check_bootstrap(values: tuple[str, ...]) -> None:
 
 
 def _check_peer_ids(values: tuple[str, ...]) -> None:
-    from .identity import key_from_peer_id
+    from ..identity import key_from_peer_id
 
     for i, text in enumerate(values):
         try:
