@@ -20,11 +20,13 @@ simulator replays the same decisions.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the caller hands in its seeded rng: core only names the type
+    import random
 
 WINDOW_MS = 7 * 24 * 3600 * 1000   # the `result` lifetime: unpaid work older than this is forgotten
 DEFAULT_CAP_ELAPSED_MS = 4 * 3600 * 1000

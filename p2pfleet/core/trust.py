@@ -21,8 +21,11 @@ it gets back, and persists it. Nothing here is shared between publishers.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the caller hands in its seeded rng: core only names the type
+    import random
 
 DAY_MS = 24 * 3600 * 1000
 

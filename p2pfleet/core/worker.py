@@ -21,9 +21,11 @@ specs/work-and-leases.md, sections 2-3:
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:  # the caller hands in its seeded rng: core only names the type
+    import random
 
 MAX_BATCHES = 256  # micro-batches per shard (execution.md)
 MAX_LEASES_PER_BATCH = 64
