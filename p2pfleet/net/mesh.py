@@ -39,6 +39,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 
+from ..core.held_records import HeldLimits
 from ..core.peer_budget import BudgetLimits, PeerBudget
 from ..core.reputation import Reputation
 from ..identity import Identity
@@ -98,7 +99,10 @@ class MeshSettings:
     max_pending_handshakes_per_ip: int = 4
     max_connections_per_ip: int = 16
     seed: int | None = None  # back-off jitter; None: from the OS
-    max_records_per_sender: int = 64  # DHT records one peer may have us hold (fix 13)
+    # DHT value and provider records one peer, and one source address, may have us hold,
+    # and the value records held in all (fix 13, core/held_records.py)
+    held_records: HeldLimits = field(default_factory=HeldLimits)
+    max_records: int = 50_000
     dht_slots: DhtSlotLimits = field(default_factory=DhtSlotLimits)  # fair DHT service (fix 15)
     # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
     inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
@@ -264,6 +268,12 @@ class Mesh:
         except Exception:  # noqa: BLE001 - already gone is fine
             pass
 
+    def _stream_source(self, stream: Any) -> str | None:
+        """The source address (fix 8's notion) a stream's connection comes from; None if
+        relayed."""
+        source = _direct_source(stream)
+        return None if source is None else self.inbound_limiter.source(source)
+
     def _on_stream_violation(self, peer: Any, protocol: str, reason: str) -> None:
         self.stats.protocol_errors += 1
         if reason.startswith(libp2p_fixes.OVER_BUDGET):
@@ -380,8 +390,9 @@ class Mesh:
         state_limits.limit_gossip_topics(  # fix 12
             pubsub, {self.names.topic("jobs"), self.names.topic("evidence")},
             lambda peer, why: self.penalize(peer, "unknown-topic", why))
-        self.record_quota = state_limits.limit_records_per_sender(  # fix 13
-            host, dht, self.names.protocol("kad"), self.settings.max_records_per_sender,
+        self.record_quota, self.provider_quota = state_limits.limit_records_per_sender(  # fix 13
+            host, dht, self.names.protocol("kad"), self.settings.held_records,
+            self.settings.max_records, self._stream_source,
             lambda peer, why: self.penalize(peer, "invalid-message", why))
         self.dht_slots = share_dht_slots(  # fix 15 (before fix 14: it wraps this)
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)

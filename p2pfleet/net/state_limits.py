@@ -8,11 +8,11 @@ memory for good. Named and documented like the fixes in libp2p_fixes.py (README 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from ..core.held_records import HeldLimits, HeldRecords
 from .libp2p_fixes import _peer_of
 
 log = logging.getLogger(__name__)
@@ -74,73 +74,93 @@ def limit_gossip_topics(pubsub: Any, topics: set[str], on_unknown: UnknownTopicF
     router.handle_rpc = control_known
 
 
-# --- Fix 13: no per-sender quota on the DHT value store -------------------------------------
-# Upstream: KadDHT stores every valid PUT_VALUE (up to 50,000 records in all) whoever sends
-# it: one peer pushing 10,000 records, each validly signed by an identity of its own
-# making, had them all stored. An honest peer PUTs only its own few records (py-libp2p
-# republishes only records it put itself), so we count, per sending peer, the records it
-# stored that are still held, and refuse a new key over `quota` (the stream is reset and the
-# sender reported). Records we put ourselves are not counted.
+# --- Fix 13: no per-sender quota on the DHT's stores -----------------------------------------
+# Upstream: KadDHT stores every valid PUT_VALUE (up to 50,000 records in all, then it drops
+# the oldest, whoever's it is) whoever sends it: one peer pushing 10,000 records, each
+# validly signed by an identity of its own making, had them all stored, and identities
+# rotated from one address could fill the store and evict honest records. ADD_PROVIDER is
+# rate-limited per peer (10 per 10 s) and capped at 20 providers per key, first come: fresh
+# identities from one address could fill a model's provider slots. An honest peer PUTs only
+# its own few records (py-libp2p republishes only records it put itself) and announces the
+# models it holds, so we count, per sending peer and per source address
+# (core/held_records.py), the records it stored that are still held, and refuse a new one
+# over quota (the sender is reported; a PUT's stream is reset). A full value store drops a
+# record of the source holding the most. A source may hold at most `source_share` of one
+# key's provider slots. Records we put ourselves are not counted.
 
-_put_sender: ContextVar[Any] = ContextVar("p2pfleet_dht_put_sender", default=None)
+_put_sender: ContextVar[tuple[Any, str | None] | None] = ContextVar(
+    "p2pfleet_dht_put_sender", default=None)
 
 
 class RecordQuotaExceeded(Exception):
     pass
 
 
-class RecordQuota:
-    """Which peer stored each held key, and how many keys each peer holds."""
-
-    def __init__(self, store: dict[bytes, Any], quota: int):
-        self.store = store
-        self.quota = quota
-        self.owner: dict[bytes, str] = {}
-        self.count: Counter[str] = Counter()
-        self.refused = 0
-
-    def _recount(self, sender: str) -> None:
-        for key in [k for k, s in self.owner.items() if s == sender and k not in self.store]:
-            del self.owner[key]
-        self.count[sender] = sum(1 for s in self.owner.values() if s == sender)
-
-    def admit(self, sender: str, key: bytes) -> bool:
-        if self.owner.get(key) == sender:
-            return True  # a newer record under a key it holds
-        if self.count[sender] >= self.quota:
-            self._recount(sender)  # some may have expired or been evicted
-            if self.count[sender] >= self.quota:
-                self.refused += 1
-                return False
-        previous = self.owner.get(key)
-        if previous is not None:
-            self.count[previous] -= 1
-        self.owner[key] = sender
-        self.count[sender] += 1
-        return True
+SourceFn = Callable[[Any], "str | None"]  # stream -> its source address (None: relayed)
 
 
-def limit_records_per_sender(host: Any, dht: Any, protocol: str, quota: int,
-                             on_over: Callable[[Any, str], None]) -> RecordQuota:
-    """Cap the records each peer may have stored in `dht`'s value store; returns the
-    counter. Call after creating the DHT (which registers its handler), before it runs."""
+def limit_records_per_sender(host: Any, dht: Any, protocol: str, limits: HeldLimits,
+                             capacity: int, source_of: SourceFn,
+                             on_over: Callable[[Any, str], None]) -> tuple[HeldRecords, HeldRecords]:
+    """Cap the value and provider records each peer and each source address may have stored
+    in `dht`, and evict by source when the value store holds `capacity`; returns the two
+    counters (values, providers). Call after creating the DHT (which registers its
+    handler), before it runs."""
     value_store = dht.value_store
-    counter = RecordQuota(value_store.store, quota)
+    values = HeldRecords(limits)
+    providers = HeldRecords(limits)
     put_record = value_store.put_record
+    add_provider = dht.provider_store.add_provider
     set_stream_handler = host.set_stream_handler
 
     def put_counted(key: bytes, record: Any) -> None:
-        sender = _put_sender.get()
-        if sender is not None and not counter.admit(str(sender), key):
-            why = f"over its quota of {quota} stored DHT records"
-            log.warning("refused a record from %s: %s", sender, why)
-            on_over(sender, why)
-            raise RecordQuotaExceeded(why)
+        sent = _put_sender.get()
+        if sent is not None:
+            peer, source = sent
+            why = values.refusal(key, str(peer), source, value_store.store.__contains__)
+            if why:
+                log.warning("refused a record from %s: %s", peer, why)
+                on_over(peer, why)
+                raise RecordQuotaExceeded(why)
         put_record(key, record)
+
+    def evict_if_full() -> None:
+        store = value_store.store
+        while len(store) >= capacity:
+            values.sweep(store.__contains__)
+            victim = values.to_evict()
+            if victim is None:  # only our own records: the oldest goes, as upstream
+                victim = next(iter(store))
+            store.pop(victim, None)
+            values.forget(victim)
+
+    def provider_held(entry: Any) -> bool:
+        key, peer = entry
+        return peer in dht.provider_store.providers.get(key, {})
+
+    def add_counted(key: bytes, provider: Any) -> None:
+        sent = _put_sender.get()
+        if sent is not None:
+            peer, source = sent
+            group = HeldRecords.source_of(str(peer), source)
+            entry = (key, str(provider.peer_id))
+            same_source = sum(1 for p in dht.provider_store.providers.get(key, {})
+                              if providers.owner.get((key, p), (None, None))[1] == group)
+            if same_source >= limits.source_share and entry not in providers.owner:
+                providers.refused += 1
+                why = f"its source address holds {limits.source_share} provider slots of a key"
+            else:
+                why = providers.refusal(entry, str(peer), source, provider_held)
+            if why:
+                log.warning("refused a provider record from %s: %s", peer, why)
+                on_over(peer, why)
+                return
+        add_provider(key, provider)
 
     def with_sender(handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         async def handle(stream: Any) -> None:
-            token = _put_sender.set(_peer_of(stream))
+            peer = _peer_of(stream)
+            token = _put_sender.set(None if peer is None else (peer, source_of(stream)))
             try:
                 await handler(stream)
             finally:
@@ -152,7 +172,9 @@ def limit_records_per_sender(host: Any, dht: Any, protocol: str, quota: int,
                            else handler)
 
     value_store.put_record = put_counted
+    value_store._evict_if_full = evict_if_full
+    dht.provider_store.add_provider = add_counted
     host.set_stream_handler = set_handler
     if protocol in {str(p) for p in host.get_mux().handlers}:  # a server's KadDHT registered
         set_handler(protocol, dht.handle_stream)                # it in its constructor
-    return counter
+    return values, providers
