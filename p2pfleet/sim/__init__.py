@@ -1,10 +1,10 @@
 """The simulated driver: the pure core machines of `p2pfleet.core` run in virtual time.
 
-design.md: the same state machines the live node drives (`p2pfleet/node/`, `net/`) are driven
+design.md: the same state machines the live node drives (`p2pfleet/live/`, `net/`) are driven
 here by discrete-event loops with a virtual clock and seeded randomness, so rules can be
 tried on fleets far larger than a test can start. Modules here import `p2pfleet.core` and
-the standard library only (never `net`, `exec`, `store`), read no clock and draw no number
-they were not seeded for.
+the standard library only (never `net`, `exec`, `store` or `live`: a contract in
+.importlinter), read no clock and draw no number they were not seeded for.
 
 - `verification`: one publisher's scheduler against honest workers and adversaries
   (cheats, colluders, Sybil swarms, lease-expiry games, throwaway identities); counts
