@@ -54,6 +54,7 @@ An optional `sink` gets every event (event_json gives one JSON line for a replay
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import hashlib
@@ -442,10 +443,31 @@ class KeyedRandom(random.Random):
         self._key, self._counter = state
 
 
+class _Changes(set):
+    """The records touched since `take_changes()`, as ("job" | "shard" | "lease" | "worker",
+    key). Every rule that changes a record marks it here (the store must see it), so each
+    mark also tells `on_touch`: the scheduler's shard index refreshes that shard. `keep`
+    False (a driver that persists nothing, as the simulator): marks are passed on, not kept."""
+
+    def __init__(self, on_touch: Callable[[tuple[str, object]], None], keep: bool = True):
+        super().__init__()
+        self._on_touch, self._keep = on_touch, keep
+
+    def add(self, item: tuple[str, object]) -> None:
+        if self._keep:
+            super().add(item)
+        self._on_touch(item)
+
+    def update(self, *items: Iterable[tuple[str, object]]) -> None:
+        for group in items:
+            for item in group:
+                self.add(item)
+
+
 # --- the machine -----------------------------------------------------------------------
 class Scheduler:
     def __init__(self, settings: SchedulerSettings | None = None, *, rng: random.Random,
-                 sink: Callable[[object], None] | None = None):
+                 sink: Callable[[object], None] | None = None, keep_changes: bool = True):
         self.s = settings or SchedulerSettings()
         self.rng = rng
         self.sink = sink
@@ -455,7 +477,14 @@ class Scheduler:
         self.workers: dict[bytes, T.WorkerTrust] = {}
         self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
-        self._decided_prefix: dict[bytes, int] = {}  # per job: shards [0, n) are decided
+        # The shard index (what `_window` and `_maybe_done` read, instead of scanning every
+        # shard of a job per request): per job, the sorted indices of shards with a replica
+        # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
+        # entries are refreshed before the next read).
+        self._rank_base: dict[bytes, "hmac.HMAC"] = {}
+        self._offered: dict[bytes, list[int]] = {}
+        self._undecided: dict[bytes, set[int]] = {}
+        self._touched: dict[bytes, set[int]] = {}
         self._request_rate = (TokenBuckets(60_000 / self.s.request_interval_ms,
                                            max(1, self.s.request_burst))
                               if self.s.request_interval_ms > 0 else None)
@@ -468,7 +497,7 @@ class Scheduler:
         self._class_seen: dict[str, int] = {}  # hardware class -> its latest work request
         self._own_fallback: set[tuple[bytes, int]] = set()  # open shards the publisher computes
         self._now = 0
-        self._dirty: set[tuple[str, object]] = set()
+        self._dirty: set[tuple[str, object]] = _Changes(self._touch, keep_changes)
 
     # --- queries (read-only) ---------------------------------------------------------
     def trust_of(self, worker: bytes) -> T.WorkerTrust:
@@ -611,6 +640,8 @@ class Scheduler:
                     raise CoreUsageError(f"job {job_id.hex()}: shard {i} missing from the store")
         self._own_fallback = {k for k, sh in self.shards.items()
                               if sh.fallback == "publisher" and sh.status == "open"}
+        for job_id, index in self.shards:
+            self._touched.setdefault(job_id, set()).add(index)
 
     # --- events ----------------------------------------------------------------------
     def handle(self, ev: object) -> list:
@@ -712,7 +743,8 @@ class Scheduler:
             # Rank first, then check eligibility in rank order only until the batch is full:
             # the same picks as ranking the eligible ones, without judging the whole window
             # (a full check per shard per request was the publisher's top cost).
-            candidates = sorted((rank(rec.job.secret, job_id, sh.index, ev.worker), sh.index, sh)
+            ranker = self._ranker(rec.job)
+            candidates = sorted((ranker(sh.index, ev.worker), sh.index, sh)
                                 for sh in self._window(rec))
             for _r, _i, sh in candidates:
                 if len(picks) >= room:
@@ -736,27 +768,80 @@ class Scheduler:
         next_exp = min(l.expires_ms for l in self.live_leases())
         return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
 
+    def _ranker(self, job: JobParams) -> Callable[[int, bytes], bytes]:
+        """`rank` for one job, from an HMAC already keyed and fed the job id (the same
+        digest, without keying HMAC again for each shard of each request)."""
+        base = self._rank_base.get(job.job_id)
+        if base is None:
+            base = self._rank_base[job.job_id] = hmac.new(job.secret, job.job_id, hashlib.sha256)
+
+        def ranked(shard: int, worker: bytes) -> bytes:
+            h = base.copy()
+            h.update(shard.to_bytes(4, "big") + worker)
+            return h.digest()
+        return ranked
+
     def _outstanding_credit(self, job_id: bytes) -> int:
         return sum(l.credit for l in self.leases.values() if l.job_id == job_id and
                    (l.state == "live" or (l.state == "returned" and not l.verdict)))
 
     def _window(self, rec: JobRec) -> list[ShardRec]:
-        job_id, n = rec.job.job_id, len(rec.job.samples)
-        start = self._decided_prefix.get(job_id, 0)
-        while start < n and self.shards[(job_id, start)].status != "open":
-            start += 1  # decided shards stay decided: skip them next time too
-        self._decided_prefix[job_id] = start
-        out = []
-        for i in range(start, n):
+        """The job's window: its `window` lowest-numbered shards with a replica to offer
+        (`_in_window`), read from the shard index: a request costs O(window), not O(shards)."""
+        if rec.status != "live":
+            return []  # no shard of a job that is not live offers a replica
+        job_id = rec.job.job_id
+        self._refresh(job_id)
+        return [self.shards[(job_id, i)] for i in self._offered[job_id][:self.s.window]]
+
+    def _in_window(self, sh: ShardRec) -> bool:
+        # A shard never issued (no target drawn, no fallback) has every replica open:
+        # no need to count its votes.
+        untouched = sh.target == 0 and not sh.fallback and sh.status == "open"
+        return (untouched and self.jobs[sh.job_id].status == "live") or self.open_replicas(sh) > 0
+
+    def _touch(self, item: tuple[str, object]) -> None:
+        """A record was changed (`_Changes`): its shard's index entries are stale."""
+        kind, key = item
+        if kind == "shard":
+            job_id, index = key  # type: ignore[misc]
+        elif kind == "lease":
+            lease = self.leases.get(key)  # type: ignore[arg-type]
+            if lease is None:
+                return
+            job_id, index = lease.job_id, lease.shard
+        else:
+            return  # a job's status is read directly; trust records do not enter the index
+        self._touched.setdefault(job_id, set()).add(index)
+
+    def _refresh(self, job_id: bytes) -> None:
+        """Bring the job's shard index up to date with the shards touched since."""
+        touched = self._touched.pop(job_id, None)
+        if not touched:
+            return
+        offered = self._offered.setdefault(job_id, [])
+        undecided = self._undecided.setdefault(job_id, set())
+        add, drop = [], []
+        for i in touched:
             sh = self.shards[(job_id, i)]
-            # A shard never issued (no target drawn, no fallback) has every replica open:
-            # no need to count its votes, which made each request cost O(shards).
-            untouched = sh.target == 0 and not sh.fallback and sh.status == "open"
-            if (untouched and rec.status == "live") or self.open_replicas(sh) > 0:
-                out.append(sh)
-                if len(out) >= self.s.window:
-                    break
-        return out
+            if sh.status in ("accepted", "failed"):
+                undecided.discard(i)
+            else:
+                undecided.add(i)
+            at = bisect.bisect_left(offered, i)
+            present = at < len(offered) and offered[at] == i
+            if self._in_window(sh):
+                if not present:
+                    add.append(i)
+            elif present:
+                drop.append(i)
+        if len(add) + len(drop) > 64:  # many at once (a new job): rebuild, not shift each
+            offered[:] = sorted(set(offered).difference(drop).union(add))
+            return
+        for i in drop:
+            del offered[bisect.bisect_left(offered, i)]
+        for i in add:
+            bisect.insort(offered, i)
 
     def _eligible(self, sh: ShardRec, ev: WorkRequested, established: bool, now: int,
                   stall_check: bool = False) -> bool:
@@ -932,13 +1017,15 @@ class Scheduler:
     def _horizon(self) -> int:
         return max(self.s.stall_wait_ms, self.s.no_work_retry_ms + self.s.request_interval_ms)
 
-    def _requesters(self, job_id: bytes, now: int, busy: set[bytes]) -> list[WorkRequested]:
+    def _requesters(self, job_id: bytes, now: int, busy: set[bytes],
+                    excluded: bool = False) -> list[WorkRequested]:
         """Workers of this job's fleet: they asked for its work recently enough to ask again
         (a refused worker waits `no_work_retry_ms`) or hold a live lease (they ask when done);
-        not excluded."""
+        not excluded (`excluded`: excluded ones too, for a caller that checks them later)."""
+        horizon = self._horizon()
         return [r for r in self._requests.values()
-                if (now - r.at_ms <= self._horizon() or r.worker in busy) and job_id in r.jobs
-                and not self.trust_of(r.worker).excluded]
+                if (now - r.at_ms <= horizon or r.worker in busy) and job_id in r.jobs
+                and (excluded or not self.trust_of(r.worker).excluded)]
 
     def _able(self, sh: ShardRec, req: WorkRequested, now: int) -> bool:
         """Could this asking worker take a replica of `sh` (caps aside, which free up)?"""
@@ -950,7 +1037,8 @@ class Scheduler:
             return False
         return self._eligible(sh, req, established, now, stall_check=True)
 
-    def stalled(self, sh: ShardRec, now: int, busy: set[bytes] | None = None) -> bool:
+    def stalled(self, sh: ShardRec, now: int, busy: set[bytes] | None = None,
+                asking: list[WorkRequested] | None = None) -> bool:
         """Does `sh` need a replica that no live lease covers and that no worker asking for
         its job may take? Not while nobody asks at all: that is a fleet yet to come."""
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
@@ -962,10 +1050,18 @@ class Scheduler:
             return any(l.worker == self.s.own_key for l in leases)  # without deciding it
         if self.open_replicas(sh) <= 0:
             return False
-        if busy is None:
-            busy = {l.worker for l in self.live_leases()}
-        asking = self._requesters(sh.job_id, now, busy)
-        return bool(asking) and not any(self._able(sh, r, now) for r in asking)
+        if asking is None:
+            if busy is None:
+                busy = {l.worker for l in self.live_leases()}
+            asking = self._requesters(sh.job_id, now, busy)
+        anyone = False
+        for r in asking:
+            if self.trust_of(r.worker).excluded:
+                continue  # `asking` may predate an exclusion (`_check_stalls`)
+            if self._able(sh, r, now):
+                return False
+            anyone = True
+        return anyone
 
     def _check_stalls(self, now: int) -> list:
         busy = {l.worker for l in self.live_leases()}
@@ -978,8 +1074,11 @@ class Scheduler:
             check = self._window(rec)
             check += [self.shards[k] for k in sorted(self._own_fallback)
                       if k[0] == rec.job.job_id and self.shards[k] not in check]
+            # who asks for this job's work does not change during the loop (exclusions,
+            # which may, are checked per shard in stalled())
+            asking = self._requesters(rec.job.job_id, now, busy, excluded=True)
             for sh in check:
-                if not self.stalled(sh, now, busy):
+                if not self.stalled(sh, now, busy, asking):
                     if sh.stalled_ms:
                         sh.stalled_ms = 0
                         self._dirty.add(("shard", (sh.job_id, sh.index)))
@@ -1145,8 +1244,8 @@ class Scheduler:
         rec = self.jobs[job_id]
         if rec.status != "live":
             return []
-        if all(self.shards[(job_id, i)].status in ("accepted", "failed")
-               for i in range(len(rec.job.samples))):
+        self._refresh(job_id)
+        if not self._undecided[job_id]:  # every shard accepted or failed
             rec.status = "done"
             self._dirty.add(("job", job_id))
             return [JobDone(job_id)]
@@ -1194,7 +1293,6 @@ class Scheduler:
                 l.verdict = ""
                 self._dirty.add(("lease", l.lease_id))
         self._dirty.add(("shard", (sh.job_id, sh.index)))
-        self._decided_prefix[sh.job_id] = min(self._decided_prefix.get(sh.job_id, 0), sh.index)
         return [ShardReopened(sh.job_id, sh.index, bad.lease_id,
                               f"accepted with a result of a worker excluded for {claim}")]
 

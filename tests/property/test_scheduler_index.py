@@ -1,0 +1,170 @@
+"""The scheduler's shard index decides exactly as the plain scan of every shard did.
+
+`Scheduler` keeps, per job, the sorted shards with a replica to offer and the undecided ones,
+refreshed from the records each rule marks as changed, and checks stalls against the job's
+requesters gathered once per tick. `Scan` below is the same machine with the straightforward
+rules it replaced (the reference): the window found by walking every shard in order, a job
+done when every shard is decided, the requesters gathered again for every shard. Both are
+driven through one random sequence of work requests, results (agreeing, wrong, failing a
+known answer), failures, hand-backs, expiries (ticks), cancellations and a second job, and
+must return the same effects, hold the same windows and stall marks after every event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from p2pfleet.core import scheduler as S
+from p2pfleet.core import trust as T
+
+OWN = b"P".ljust(32, b".")
+CLASSES = (b"A" * 32, b"B" * 32)
+
+
+class Scan(S.Scheduler):
+    """The reference: the rules without the index (each read scans every shard)."""
+
+    def _window(self, rec: S.JobRec) -> list[S.ShardRec]:
+        job_id, n = rec.job.job_id, len(rec.job.samples)
+        out = []
+        for i in range(n):
+            sh = self.shards[(job_id, i)]
+            untouched = sh.target == 0 and not sh.fallback and sh.status == "open"
+            if (untouched and rec.status == "live") or self.open_replicas(sh) > 0:
+                out.append(sh)
+                if len(out) >= self.s.window:
+                    break
+        return out
+
+    def _maybe_done(self, job_id: bytes) -> list:
+        rec = self.jobs[job_id]
+        if rec.status != "live":
+            return []
+        if all(self.shards[(job_id, i)].status in ("accepted", "failed")
+               for i in range(len(rec.job.samples))):
+            rec.status = "done"
+            self._dirty.add(("job", job_id))
+            return [S.JobDone(job_id)]
+        return []
+
+    def _ranker(self, job: S.JobParams):
+        return lambda shard, worker: S.rank(job.secret, job.job_id, shard, worker)
+
+    def stalled(self, sh, now, busy=None, asking=None) -> bool:
+        if sh.status != "open" or self.jobs[sh.job_id].status != "live":
+            return False
+        leases = self.shard_leases(sh.job_id, sh.index)
+        if any(l.state == "live" for l in leases):
+            return False
+        if sh.fallback == "publisher":
+            return any(l.worker == self.s.own_key for l in leases)
+        if self.open_replicas(sh) <= 0:
+            return False
+        if busy is None:
+            busy = {l.worker for l in self.live_leases()}
+        asking = self._requesters(sh.job_id, now, busy)
+        return bool(asking) and not any(self._able(sh, r, now) for r in asking)
+
+
+def machines(window: int, own: bool, trusted: int, stall_wait_ms: int) -> list[S.Scheduler]:
+    trust = T.TrustSettings(
+        trusted=frozenset({OWN} if own else set()) | {worker(i) for i in range(trusted)},
+        established_accepted=2, established_age_ms=120_000)
+    s = S.SchedulerSettings(window=window, request_interval_ms=0, stall_wait_ms=stall_wait_ms,
+                            own_key=OWN if own else b"", cross_class_wait_ms=30_000,
+                            trust=trust)
+    return [cls(s, rng=S.KeyedRandom(b"k" * 32)) for cls in (S.Scheduler, Scan)]
+
+
+def worker(i: int) -> bytes:
+    return f"w{i}".encode().ljust(32, b".")
+
+
+def job(name: bytes, shards: int, recheck: float, audit: float, quorum: int) -> S.JobParams:
+    return S.JobParams(name.ljust(16, b"."), hashlib.sha256(name).digest(), (8,) * shards,
+                       (3,) * shards, tuple(i % 3 != 2 for i in range(shards)),
+                       (100,) * shards, quorum=quorum, recheck_rate=recheck, audit_rate=audit,
+                       max_error=2)
+
+
+def digest_of(shard: int, wrong: int) -> bytes:
+    return hashlib.sha256(f"{shard} {wrong}".encode()).digest()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), window=st.integers(1, 6), own=st.booleans(), trusted=st.integers(0, 2),
+       shards=st.integers(1, 20), workers=st.integers(2, 9), quorum=st.integers(1, 3),
+       recheck=st.sampled_from([0.0, 0.3]), audit=st.sampled_from([0.0, 0.3]),
+       stall_wait_ms=st.sampled_from([5_000, 30_000]))
+def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shards, workers,
+                                               quorum, recheck, audit, stall_wait_ms):
+    new, ref = machines(window, own, trusted, stall_wait_ms)
+    jobs = [job(b"first", shards, recheck, audit, quorum)]
+    now = 0
+    both = (new, ref)
+    # per worker: its prefix (some share one) and hardware class
+    prefixes = [f"10.0.{i if i % 4 else 0}.0/24" for i in range(workers)]
+
+    def step(ev: object) -> None:
+        outs = []
+        for m in both:
+            try:
+                outs.append(("ok", m.handle(ev)))
+            except (S.PeerViolation, S.CoreUsageError) as exc:
+                outs.append(("error", str(exc)))
+        assert outs[0] == outs[1], f"after {ev}"
+        for rec in ref.jobs.values():
+            assert ([sh.index for sh in new._window(new.jobs[rec.job.job_id])]
+                    == [sh.index for sh in ref._window(rec)])
+        assert [(k, sh.status, sh.stalled_ms, sh.fallback) for k, sh in new.shards.items()] \
+            == [(k, sh.status, sh.stalled_ms, sh.fallback) for k, sh in ref.shards.items()]
+
+    for i in range(0, workers, 2):  # veterans: established before the run, as fleet.py does
+        for m in both:
+            m.workers[worker(i)] = T.WorkerTrust(worker(i), accepted=10, first_valid_ms=-10**9)
+    step(S.JobAdded(0, jobs[0]))
+    for _ in range(data.draw(st.integers(10, 150), label="events")):
+        now += data.draw(st.sampled_from([0, 500, 5_000, 40_000, 400_000]), label="dt")
+        live = [l for l in ref.live_leases()]
+        kind = data.draw(st.sampled_from(
+            ["ask", "ask", "ask", "result", "result", "result", "fail", "hand_back", "tick",
+             "own", "late", "cancel", "job"]), label="kind")
+        if kind == "ask":
+            i = data.draw(st.integers(0, workers - 1), label="worker")
+            step(S.WorkRequested(now, worker(i), prefixes[i], CLASSES[i % 2], 0.05,
+                                 data.draw(st.integers(1, 3), label="slots"),
+                                 tuple(j.job_id for j in jobs)))
+        elif kind == "own" and own:
+            step(S.WorkRequested(now, OWN, "self", CLASSES[0], 0.05, 2,
+                                 tuple(j.job_id for j in jobs), audit_only=True))
+        elif kind in ("result", "late") and (live or kind == "late"):
+            pool = live if kind == "result" else [l for l in ref.leases.values()
+                                                  if l.state == "expired"]
+            if not pool:
+                continue
+            lease = data.draw(st.sampled_from(pool), label="lease")
+            wrong = data.draw(st.sampled_from([0] * 6 + [1, 2]), label="wrong")
+            ka_known = ref.jobs[lease.job_id].job.known_answer[lease.shard]
+            ka = None if not ka_known else data.draw(st.sampled_from([True, True, wrong == 0]))
+            d = digest_of(lease.shard, wrong)
+            agrees = tuple(l.lease_id for l in ref.returned(lease.job_id, lease.shard)
+                           if l.digest == d)
+            step(S.ResultArrived(now, lease.lease_id, lease.worker, d, True, ka, agrees))
+        elif kind in ("fail", "hand_back") and live:
+            lease = data.draw(st.sampled_from(live), label="lease")
+            cls = S.LeaseFailed if kind == "fail" else S.HandedBack
+            step(cls(now, lease.lease_id, lease.worker, "error") if kind == "fail"
+                 else cls(now, lease.lease_id, lease.worker))
+        elif kind == "tick":
+            step(S.Tick(now))
+        elif kind == "cancel" and len(jobs) > 1 and data.draw(st.booleans()):
+            step(S.JobCancelled(now, jobs[-1].job_id))
+        elif kind == "job" and len(jobs) < 2:
+            jobs.append(job(b"second", data.draw(st.integers(1, 12)), recheck, audit, quorum))
+            step(S.JobAdded(now, jobs[-1]))
+        else:
+            step(S.Tick(now))
+    assert new.take_changes() == ref.take_changes()
