@@ -748,12 +748,17 @@ class BlobService:
     async def provide(self, digest: bytes) -> int:
         """Announce this node in the DHT as a provider of the public blob `digest` (a
         model), and keep re-announcing it from `run` while it stays cached. Returns to how
-        many peers the announcement went."""
+        many peers the announcement went: none from a relay-only node, which is reached
+        only through relays, and blobs never cross a relay (specs/reachability-and-discovery.md
+        §3, §5)."""
         if not self.cache.is_public(digest):
             raise ValueError(f"blob {digest.hex()[:16]} is not a public blob in the cache; "
                              "only models are announced")
         if self.mesh.dht is None:
             raise MeshError("the mesh is not running")
+        if self.mesh.settings.relay_only:
+            log.debug("not announcing blob %s: relay-only nodes serve no blobs", digest.hex()[:16])
+            return 0
         self._provided.add(digest)
         return await dht_providers.provide(
             self.mesh.dht, dht_providers.provider_key(self.mesh.names, digest))

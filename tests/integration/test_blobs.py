@@ -7,16 +7,19 @@ import hashlib
 import time
 
 import pytest
+import trio
 from libp2p.kad_dht import provider_store as kad_provider_store
 
+from p2pfleet.identity import Identity
 from p2pfleet.net import dht_providers, streams
 from p2pfleet.net.blobs import BlobError, BlobService
+from p2pfleet.net.mesh import Mesh
 from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.wire.envelope import seal
 from p2pfleet.wire.kinds import BlobManifest
 
 import blobkit
-from fleetkit import NETWORK, fleet, wait_until
+from fleetkit import NETWORK, fleet, settings, wait_until
 
 KiB = 1024
 
@@ -283,3 +286,21 @@ async def test_a_slow_liar_is_abandoned_and_then_proven_wrong_by_the_last_source
         # it is here, demerits but no penalty), and it is not asked first again
         assert penalty(b, h) > 5 and penalty(b, c) == 0
         assert fetcher.scores.rank([peer(h), peer(c)], time.time()) == [peer(c)]
+
+
+async def test_a_relay_only_node_never_announces_itself_as_a_provider(tmp_path):
+    """A relay-only car is reached only through a relay, and blobs never cross a relay: it
+    announced itself as a model's provider (at its relayed address) all the same, so every
+    fetcher that tried it wasted a dial and a refused request. Now it does not announce."""
+    digest, model = make_blob(b"relay-only model", 300 * KiB)
+    async with fleet(1) as (a,), trio.open_nursery() as nursery:
+        car = Mesh(Identity.from_seed(b"relay-only car"), settings(1, relay_only=True))
+        await nursery.start(car.run)
+        await car.connect(addr(a))
+        svc = BlobService(car, BlobCache(tmp_path / "car", 64 * 1024 * KiB))
+        svc.install()
+        svc.cache.put(digest, model, public=True)
+        assert await svc.provide(digest) == 0
+        key = dht_providers.provider_key(a.names, digest)
+        assert a.dht.provider_store.get_providers(key) == []
+        nursery.cancel_scope.cancel()
