@@ -20,7 +20,9 @@ The rules. The car may compute while all of these hold:
   vehicle  (read from the last `VehicleState`; they must have held for `resume_after_s`
            before computing starts, so a flapping plug or sensor starts nothing):
     - a state was observed, not longer ago than `state_max_age_s` (a silent provider stops
-      computing rather than trusting an old "plugged in");
+      computing rather than trusting an old "plugged in"), and the provider has not since
+      said it has none (`StateUnavailable`: a live source failed, timed out or reported
+      impossible values; the last state is forgotten at once);
     - parked, and plugged in;
     - battery at or above the effective floor = min(battery_floor_pct,
       charge_limit_pct - charge_limit_margin_pct): a floor at or above the car's own charge
@@ -312,6 +314,19 @@ class StateObserved:
 
 
 @dataclass(frozen=True)
+class StateUnavailable:
+    """The provider has no trustworthy state now (its source failed, timed out, lied, or
+    the car sleeps and was never read). The last state is forgotten: `no_state` with `why`."""
+
+    at: float
+    why: str
+    utc_offset_s: int = 0
+
+
+MAX_WHY_CHARS = 300
+
+
+@dataclass(frozen=True)
 class Tick:
     at: float
     utc_offset_s: int = 0
@@ -352,7 +367,7 @@ class StopAfterCurrent:
     at: float
 
 
-EVENTS = (StateObserved, Tick, EnergyUsed, BytesTransferred, PauseRequested,
+EVENTS = (StateObserved, StateUnavailable, Tick, EnergyUsed, BytesTransferred, PauseRequested,
           ResumeRequested, StopAfterCurrent)
 
 
@@ -479,6 +494,7 @@ class PolicyState:
     energy_wh: float = 0.0                  # today
     transfer_bytes: int = 0                 # today
     wake_at: float | None = None            # last WakeAt emitted
+    unavailable: str | None = None          # why the provider has no state (StateUnavailable)
 
     @property
     def name(self) -> str:
@@ -489,7 +505,8 @@ class PolicyState:
 def _vehicle_failures(cfg: PolicyConfig, s: PolicyState, at: float) -> list[Reason]:
     v, off = s.vehicle, s.utc_offset_s
     if v is None:
-        return [Reason("no_state", "no vehicle state observed yet")]
+        return [Reason("no_state", "no vehicle state observed yet" if s.unavailable is None
+                       else f"no vehicle state: {s.unavailable}")]
     out: list[Reason] = []
     age = at - s.observed_at
     if cfg.state_max_age_s is not None and age >= cfg.state_max_age_s:
@@ -657,12 +674,16 @@ def _check(s: PolicyState, ev: object) -> None:
         raise _refuse(s, ev, "at must be a finite number of Unix seconds >= 0")
     if s.at is not None and ev.at < s.at:
         raise _refuse(s, ev, f"time went backwards (last event at={s.at!r})")
-    if isinstance(ev, (StateObserved, Tick)):
+    if isinstance(ev, (StateObserved, StateUnavailable, Tick)):
         off = ev.utc_offset_s
         if not isinstance(off, int) or isinstance(off, bool) or abs(off) > MAX_UTC_OFFSET_S:
             raise _refuse(s, ev, f"utc_offset_s must be an integer within +-18 h, got {off!r}")
     if isinstance(ev, StateObserved) and not isinstance(ev.vehicle_state, VehicleState):
         raise _refuse(s, ev, "vehicle_state must be a VehicleState")
+    if isinstance(ev, StateUnavailable) and not (
+            isinstance(ev.why, str) and 0 < len(ev.why) <= MAX_WHY_CHARS):
+        raise _refuse(s, ev, f"why must be a non-empty string of at most {MAX_WHY_CHARS} "
+                             "characters")
     if isinstance(ev, EnergyUsed) and not (_is_number(ev.wh) and ev.wh >= 0):
         raise _refuse(s, ev, f"wh must be a finite number >= 0, got {ev.wh!r}")
     if isinstance(ev, BytesTransferred) and not (
@@ -672,7 +693,9 @@ def _check(s: PolicyState, ev: object) -> None:
 
 def _apply(s: PolicyState, ev: object) -> PolicyState:
     if isinstance(ev, StateObserved):
-        return replace(s, vehicle=ev.vehicle_state, observed_at=ev.at)
+        return replace(s, vehicle=ev.vehicle_state, observed_at=ev.at, unavailable=None)
+    if isinstance(ev, StateUnavailable):
+        return replace(s, vehicle=None, observed_at=None, unavailable=ev.why)
     if isinstance(ev, EnergyUsed):
         return replace(s, energy_wh=s.energy_wh + ev.wh)
     if isinstance(ev, BytesTransferred):
@@ -708,7 +731,8 @@ class Policy:
     def handle(self, ev: object) -> list:
         s = self._s
         _check(s, ev)
-        off = ev.utc_offset_s if isinstance(ev, (StateObserved, Tick)) else s.utc_offset_s
+        off = (ev.utc_offset_s if isinstance(ev, (StateObserved, StateUnavailable, Tick))
+               else s.utc_offset_s)
         s, lapsed = _advance(self.config, s, ev.at, off)
         s = _apply(s, ev)
         s, effects = _decide(self.config, s, ev.at, lapsed)
@@ -763,7 +787,7 @@ __all__ = [
     "Policy", "PolicyConfig", "PolicyState", "PolicyUsageError", "PolicyConfigError",
     "VehicleState", "Window", "Reason", "NETWORKS", "CONDITION_CODES", "VEHICLE_CODES",
     "VEHICLE_FIELD_CHECKS", "REQUIRED_VEHICLE_FIELDS", "vehicle_field_problem",
-    "hand_back_reason", "StateObserved", "Tick", "EnergyUsed", "BytesTransferred",
+    "hand_back_reason", "StateObserved", "StateUnavailable", "Tick", "EnergyUsed", "BytesTransferred",
     "PauseRequested", "ResumeRequested", "StopAfterCurrent", "EVENTS", "StartComputing",
     "StopComputing", "JoinMesh", "LeaveMesh", "WakeAt",
 ]
