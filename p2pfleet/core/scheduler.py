@@ -63,6 +63,7 @@ import ipaddress
 import json
 import math
 import random
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -317,14 +318,14 @@ class WakeAt:
 
 
 # --- state records ---------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class JobRec:
     job: JobParams
     status: str = "live"     # live | cancelled | done
     paid: int = 0
 
 
-@dataclass
+@dataclass(slots=True)  # many: a simulated fleet holds millions
 class ShardRec:
     job_id: bytes
     index: int
@@ -348,7 +349,7 @@ class ShardRec:
         return step in self.fallback.split(",")
 
 
-@dataclass
+@dataclass(slots=True)  # many: a simulated fleet holds millions
 class LeaseRec:
     lease_id: bytes
     job_id: bytes
@@ -443,6 +444,25 @@ class KeyedRandom(random.Random):
         self._key, self._counter = state
 
 
+class _LazyShards(dict):
+    """Shard records by (job id, index), for a machine holding jobs of many shards (the
+    simulator): a shard nobody read or changed yet is made, in its initial state, on first
+    read, so the records of shards never leased take no memory. Iterating lists the shards
+    made so far only."""
+
+    def __init__(self, jobs: dict[bytes, JobRec]):
+        super().__init__()
+        self._jobs = jobs
+
+    def __missing__(self, key: tuple[bytes, int]) -> ShardRec:
+        job_id, index = key
+        rec = self._jobs.get(job_id)
+        if rec is None or not 0 <= index < len(rec.job.samples):
+            raise KeyError(key)
+        sh = self[key] = ShardRec(job_id, index)
+        return sh
+
+
 class _Changes(set):
     """The records touched since `take_changes()`, as ("job" | "shard" | "lease" | "worker",
     key). Every rule that changes a record marks it here (the store must see it), so each
@@ -467,12 +487,17 @@ class _Changes(set):
 # --- the machine -----------------------------------------------------------------------
 class Scheduler:
     def __init__(self, settings: SchedulerSettings | None = None, *, rng: random.Random,
-                 sink: Callable[[object], None] | None = None, keep_changes: bool = True):
+                 sink: Callable[[object], None] | None = None, keep_changes: bool = True,
+                 lazy_shards: bool = False):
+        """`keep_changes` False: `take_changes()` returns nothing (a driver that persists
+        nothing). `lazy_shards`: shard records are made on first use (`_LazyShards`; the
+        simulator), so `shards` lists only those. Neither changes a decision."""
         self.s = settings or SchedulerSettings()
         self.rng = rng
         self.sink = sink
         self.jobs: dict[bytes, JobRec] = {}
-        self.shards: dict[tuple[bytes, int], ShardRec] = {}
+        self.shards: dict[tuple[bytes, int], ShardRec] = (
+            _LazyShards(self.jobs) if lazy_shards else {})
         self.leases: dict[bytes, LeaseRec] = {}
         self.workers: dict[bytes, T.WorkerTrust] = {}
         self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
@@ -482,8 +507,8 @@ class Scheduler:
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
         # entries are refreshed before the next read).
         self._rank_base: dict[bytes, "hmac.HMAC"] = {}
-        self._offered: dict[bytes, list[int]] = {}
-        self._undecided: dict[bytes, set[int]] = {}
+        self._offered: dict[bytes, array] = {}         # sorted shard indices ('q')
+        self._undecided: dict[bytes, list] = {}        # [count, bytearray: 1 if undecided]
         self._touched: dict[bytes, set[int]] = {}
         self._request_rate = (TokenBuckets(60_000 / self.s.request_interval_ms,
                                            max(1, self.s.request_burst))
@@ -580,7 +605,8 @@ class Scheduler:
         return max(0, self._untrusted_room(sh)) + (1 if self._audit_pending(sh) else 0)
 
     def job_counts(self, job_id: bytes) -> dict[str, int]:
-        shards = [self.shards[(job_id, i)] for i in range(len(self.jobs[job_id].job.samples))]
+        shards = [self.shards.get((job_id, i)) or ShardRec(job_id, i)  # not made: initial
+                  for i in range(len(self.jobs[job_id].job.samples))]
         leases = [l for l in self.leases.values() if l.job_id == job_id]
         return {
             "shards": len(shards),
@@ -664,8 +690,10 @@ class Scheduler:
             raise CoreUsageError(f"job {job.job_id.hex()} already exists")
         self.jobs[job.job_id] = JobRec(job)
         self._dirty.add(("job", job.job_id))
+        lazy = isinstance(self.shards, _LazyShards)
         for i in range(len(job.samples)):
-            self.shards[(job.job_id, i)] = ShardRec(job.job_id, i)
+            if not lazy:
+                self.shards[(job.job_id, i)] = ShardRec(job.job_id, i)
             self._dirty.add(("shard", (job.job_id, i)))
         return []
 
@@ -819,15 +847,19 @@ class Scheduler:
         touched = self._touched.pop(job_id, None)
         if not touched:
             return
-        offered = self._offered.setdefault(job_id, [])
-        undecided = self._undecided.setdefault(job_id, set())
+        offered = self._offered.get(job_id)
+        if offered is None:
+            offered = self._offered[job_id] = array("q")
+            self._undecided[job_id] = [0, bytearray(len(self.jobs[job_id].job.samples))]
+        undecided = self._undecided[job_id]
+        flags = undecided[1]
         add, drop = [], []
         for i in touched:
-            sh = self.shards[(job_id, i)]
-            if sh.status in ("accepted", "failed"):
-                undecided.discard(i)
-            else:
-                undecided.add(i)
+            sh = self.shards.get((job_id, i)) or ShardRec(job_id, i)  # not made: initial
+            now_undecided = sh.status not in ("accepted", "failed")
+            if now_undecided != flags[i]:
+                flags[i] = now_undecided
+                undecided[0] += 1 if now_undecided else -1
             at = bisect.bisect_left(offered, i)
             present = at < len(offered) and offered[at] == i
             if self._in_window(sh):
@@ -836,7 +868,7 @@ class Scheduler:
             elif present:
                 drop.append(i)
         if len(add) + len(drop) > 64:  # many at once (a new job): rebuild, not shift each
-            offered[:] = sorted(set(offered).difference(drop).union(add))
+            self._offered[job_id] = array("q", sorted(set(offered).difference(drop).union(add)))
             return
         for i in drop:
             del offered[bisect.bisect_left(offered, i)]
@@ -1245,7 +1277,7 @@ class Scheduler:
         if rec.status != "live":
             return []
         self._refresh(job_id)
-        if not self._undecided[job_id]:  # every shard accepted or failed
+        if not self._undecided[job_id][0]:  # every shard accepted or failed
             rec.status = "done"
             self._dirty.add(("job", job_id))
             return [JobDone(job_id)]

@@ -176,7 +176,8 @@ class Sim:
         if own:
             base = replace(base, own_key=own[0])
         self.m = S.Scheduler(base,
-                             rng=S.KeyedRandom(hashlib.sha256(f"publisher {seed}".encode()).digest()))
+                             rng=S.KeyedRandom(hashlib.sha256(f"publisher {seed}".encode()).digest()),
+                             keep_changes=False, lazy_shards=True)  # persists nothing
         self.spec = job
         ka = tuple(self.rng.random() < job.known_answer_rate for _ in range(shards))
         self.job = S.JobParams(
