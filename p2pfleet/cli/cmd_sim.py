@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 from .app import App, CliError, console, json_option, pass_app
 
 
-@click.command("sim")
+@click.group("sim", invoke_without_command=True)
 @click.option("--vehicles", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Vehicles in the fleet.")
 @click.option("--hours", type=click.FloatRange(min=0, min_open=True, max=336), default=24.0,
@@ -30,10 +31,14 @@ from .app import App, CliError, console, json_option, pass_app
               help="A directory of vehicle traces to draw the population from "
               "(default: the shipped traces).")
 @json_option
-@pass_app
-def sim_command(app: App, vehicles: int, hours: float, cheaters: float, seed: int,
+@click.pass_context
+def sim_command(ctx: click.Context, vehicles: int, hours: float, cheaters: float, seed: int,
                 per_publisher: int, plot_path: Path | None, trace_dir: Path | None) -> None:
-    """Simulate a fleet in virtual time with the real core machines and print a summary."""
+    """Simulate a fleet in virtual time with the real core machines and print a summary
+    (or, with `replay`, replay the event logs of live publishers and nodes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app = ctx.ensure_object(App)
     from ..sim import fleet as F
     from ..sim import plot
     from ..sim.population import TraceError
@@ -117,3 +122,53 @@ def _show(s: dict) -> None:
     out.print(h)
     if "plot" in s:
         out.print(f"plot: {s['plot']}")
+
+
+@sim_command.command("replay")
+@click.argument("logs", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+@pass_app
+def replay_command(app: App, logs: tuple[Path, ...]) -> None:
+    """Replay event logs of live publishers (`job ... --event-log`) and nodes
+    (`node.event_log`) through the same core machines and check every decision.
+
+    Exit status 0 when every decision is the same, 1 at the first divergence (printed with
+    the event and both sides), 2 when a log cannot be read (the line is named)."""
+    from ..sim.replay import LogError, replay
+
+    try:
+        report = replay(logs)
+    except LogError as exc:
+        raise CliError(str(exc)) from None
+    out = report.as_dict()
+    app.emit(out, lambda: _show_replay(out))
+    if report.divergence is not None:
+        raise SystemExit(1)
+
+
+def _show_replay(r: dict) -> None:
+    from rich.markup import escape
+
+    out = console()
+    t = r["totals"]
+    out.print(f"{len(r['logs'])} log(s), {r['segments']} machine start(s), {r['events']} "
+              f"events, {r['decisions']} decisions compared")
+    d = r["divergence"]
+    if d is None:
+        out.print("[bold green]identical[/]: every replayed decision is the logged one")
+    else:
+        out.print(f"[bold red]diverged[/] at {escape(d['log'])} line {d['line']} "
+                  f"(event {d['index']}):")
+        for name in ("event", "logged", "replayed"):  # raw JSON: no rich markup in it
+            out.print(f"  {name + ':':9} {json.dumps(d[name], sort_keys=True)}", markup=False,
+                      highlight=False, soft_wrap=True)
+        out.print(f"  first different effect: {d['first_difference']}")
+        out.print("totals up to there:")
+    keys = ("leases", "refusals", "accepts", "reopened", "shards_failed", "exclusions",
+            "leases_cancelled", "payments", "credit", "jobs_done", "compute_starts",
+            "compute_stops", "mesh_joins", "mesh_leaves")
+    out.print("  " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
+    for job, c in r["jobs"].items():
+        out.print(f"  job {job[:16]}: {c['accepted']}/{c['shards']} accepted, {c['failed']} "
+                  f"failed, {c['leases']} leases, {c['invalid']} rejected, {c['paid']} paid")

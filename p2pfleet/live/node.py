@@ -207,8 +207,10 @@ class Node:
         self.peer_budget = PeerBudget(time.monotonic, peer_budget_limits(config.node))
         self._traffic_reported = self.traffic.total
         self._energy_pending_wh = 0.0
-        # one JSON line per policy event (core/eventlog.py), replayable
+        # one JSON line per policy event and its decisions (specs/event-log.md), replayable
         self.event_log = open(event_log, "a", encoding="utf-8") if event_log else None  # noqa: SIM115
+        if self.event_log is not None:
+            self.event_log.write(eventlog.header("policy", self.policy.config) + "\n")
         self.ledger_path = ledger_path
         self.cheat = cheat
         self.worker: Worker | None = None
@@ -429,10 +431,17 @@ class Node:
     def _feed(self, event: Any) -> list[Any]:
         self._events.append(event)
         del self._events[:-200]
-        if self.event_log is not None:
-            self.event_log.write(eventlog.to_json(event) + "\n")
+        if self.event_log is None:
+            return self.policy.handle(event)
+        try:
+            effects = self.policy.handle(event)
+        except P.PolicyUsageError as exc:
+            self.event_log.write(eventlog.record(event, refused=str(exc)) + "\n")
             self.event_log.flush()
-        return self.policy.handle(event)
+            raise
+        self.event_log.write(eventlog.record(event, effects) + "\n")
+        self.event_log.flush()
+        return effects
 
     async def _apply(self, nursery: trio.Nursery, effects: list[Any]) -> float | None:
         wake = None

@@ -42,6 +42,7 @@ import numpy as np
 import trio
 from packaging.version import InvalidVersion, Version
 
+from ..core import eventlog
 from ..core import scheduler as S
 from ..core.ratelimit import TokenBuckets
 from ..core.records import next_sequence
@@ -101,7 +102,8 @@ class PublisherSettings:
     read_timeout_s: float = 30.0
     output_fetch_timeout_s: float = 60.0
     max_output_bytes: int = 64 * 1024 * 1024
-    event_log: Path | None = None     # one JSON line per scheduler event (for replay)
+    event_log: Path | None = None     # one JSON line per scheduler event and its decisions
+                                      # (specs/event-log.md; `p2pfleet sim replay`)
     self_audit: bool = True           # compute audited shards' reserved replicas itself
 
 
@@ -126,6 +128,24 @@ class JobStatus:
 
 def _now_ms(clock: Callable[[], float]) -> int:  # noqa: D103
     return int(clock() * 1000)
+
+
+def _open_log(path: Path):
+    """Append to an event log readable by its owner only: it holds the job secrets and the
+    scheduler's key (specs/event-log.md)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return open(fd, "a", encoding="utf-8")  # noqa: SIM115
+
+
+def _records_plain(records: tuple) -> dict | None:
+    """The records a scheduler was restored from, for the log's header (None: empty)."""
+    jobs, shards, leases, workers = (list(r) for r in records)
+    if not (jobs or shards or leases or workers):
+        return None
+    return {"jobs": [eventlog.plain(j) for j in jobs],
+            "shards": [eventlog.plain(s) for s in shards],
+            "leases": [eventlog.plain(l) for l in leases],
+            "workers": [eventlog.plain(w) for w in workers]}
 
 
 @dataclass(frozen=True)
@@ -158,19 +178,29 @@ class Publisher:
         self.store = JobStore(store_path)
         self._token_key = self.store.secret("token-key")
         self._job_rng = rng or S.KeyedRandom(self.store.secret("publisher") + os.urandom(16))
-        self._log_file = None
-        if self.settings.event_log is not None:
-            self._log_file = open(self.settings.event_log, "a", encoding="utf-8")  # noqa: SIM115
-        sink = self._log_event if self._log_file else None
         sched_settings = self.settings.scheduler
         if self.settings.self_audit:  # the publisher is one of its own trusted machines
             own = identity.public_key
             sched_settings = replace(sched_settings, own_key=own, trust=replace(
                 sched_settings.trust, trusted=sched_settings.trust.trusted | {own}))
-        self.sched = S.Scheduler(sched_settings,
-                                 rng=rng or S.KeyedRandom(self.store.secret("publisher") + os.urandom(16)),
-                                 sink=sink)
-        self.sched.restore(*self.store.load_records())
+        # The scheduler draws from its own keyed stream, never shared with the job draws
+        # (a shared one would interleave with submits, some in a worker thread, and no
+        # replay could follow it). Its key is fresh per start and derived, so an event log,
+        # which holds it, tells nothing of the store's secret (specs/event-log.md).
+        seed = rng.randbytes(32) if rng is not None else os.urandom(32)
+        key = hmac.new(self.store.secret("publisher"), b"scheduler key" + seed,
+                       hashlib.sha256).digest()
+        self.sched = S.Scheduler(sched_settings, rng=S.KeyedRandom(key))
+        records = self.store.load_records()
+        self.sched.restore(*records)
+        self._log_file = None
+        if self.settings.event_log is not None:
+            self._log_file = _open_log(self.settings.event_log)
+            self._log_file.write(eventlog.header(
+                "scheduler", sched_settings,
+                rng={"key": key.hex(), "counter": self.sched.rng.getstate()[1]},
+                restored=_records_plain(records)) + "\n")
+            self._log_file.flush()
         self._meta: dict[bytes, dict] = {jid: self.store.job_meta(jid) for jid in self.store.job_ids()}
         self._shards: dict[bytes, list[tuple[bytes, list[tuple[int, int]]]]] = {
             jid: self.store.shard_inputs(jid) for jid in self._meta}
@@ -267,7 +297,7 @@ class Publisher:
         now = self._now()
         with self.store.transaction():
             self.store.add_job(params, meta, now, shards)
-            self._apply(self.sched.handle(S.JobAdded(now, params)))
+            self._apply(self._handle(S.JobAdded(now, params)))
         self._meta[job_id] = meta
         self._shards[job_id] = shards
         if self._nursery is not None:
@@ -386,13 +416,17 @@ class Publisher:
     def _done_event(self, job_id: bytes) -> trio.Event:
         return self._done.setdefault(job_id, trio.Event())
 
-    def _log_event(self, ev: object) -> None:
-        self._log_file.write(S.event_json(ev) + "\n")
-        self._log_file.flush()
+    def _handle(self, ev: object) -> list:
+        """The scheduler's decisions for `ev`, logged with it when an event log is on."""
+        effects = self.sched.handle(ev)
+        if self._log_file is not None:
+            self._log_file.write(eventlog.record(ev, effects) + "\n")
+            self._log_file.flush()
+        return effects
 
     def _run_event(self, ev: object) -> list:
         with self.store.transaction():
-            effects = self.sched.handle(ev)
+            effects = self._handle(ev)
             self._apply(effects)
         self._after(effects)
         return effects
@@ -836,7 +870,7 @@ class Publisher:
         ev = S.ResultArrived(now, body.lease_id, worker, body.output_digest, form_ok, ka_ok, agrees)
         with self.store.transaction():
             self.store.save_result(body.lease_id, raw, output if form_ok else body.output, now)
-            effects = self.sched.handle(ev)
+            effects = self._handle(ev)
             self._apply(effects)
         self._after(effects)
         if form_ok:

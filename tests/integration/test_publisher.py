@@ -6,6 +6,7 @@ exchange with lease tokens, real onnxruntime, a real SQLite job store.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from p2pfleet.net.blobs import BlobService
 from p2pfleet.net.mesh import Mesh
 from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
 from p2pfleet.publisher.jobs import run_locally
+from p2pfleet.sim.replay import replay
 from p2pfleet.store.blobcache import BlobCache
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import FailedResult, HandBack, NoWork
@@ -165,9 +167,14 @@ async def test_quorum_two_job_by_three_workers_equals_a_local_run(tmp_path):
                 assert len({l.prefix for l in ls}) == len(ls)
             nursery.cancel_scope.cancel()
         pub.close()
-        events = [S.event_from_json(line) for line in log.read_text().splitlines()]
+        header, *lines = log.read_text().splitlines()
+        assert json.loads(header)["format"] == "p2pfleet-event-log"
+        events = [S.event_from_json(line) for line in lines]
         kinds = {type(e).__name__ for e in events}
         assert {"JobAdded", "WorkRequested", "ResultArrived", "Tick"} <= kinds
+        report = replay([log])  # the simulator's replay takes the same decisions
+        assert report.divergence is None, report.divergence
+        assert report.totals["credit"] == st.credit_paid and report.totals["accepts"] == 4
 
 
 async def test_a_cheating_worker_is_caught_with_evidence_and_nothing_wrong_is_accepted(tmp_path):
@@ -464,7 +471,9 @@ async def test_replayed_reports_are_acknowledged_again_and_processed_once(tmp_pa
             assert pub.store.load_records() == records
             nursery.cancel_scope.cancel()
         pub.close()
-        events = [S.event_from_json(line) for line in log.read_text().splitlines()]
+        header, *lines = log.read_text().splitlines()
+        assert json.loads(header)["format"] == "p2pfleet-event-log"
+        events = [S.event_from_json(line) for line in lines]
         about = [type(e).__name__ for e in events
                  if isinstance(e, (S.ResultArrived, S.LeaseFailed, S.HandedBack))]
         assert sorted(about) == ["HandedBack", "LeaseFailed", "ResultArrived"]
