@@ -339,7 +339,7 @@ class VehicleSettings:
     provider: str = _setting(
         "static", "Where the node learns the car's state: 'static' (the values below) or "
         "'trace' (replay a trace file, specs/vehicle-trace-format.md).",
-        choices=("static", "trace"))
+        choices=("static", "trace", "ocpp"))
     trace: str = _setting(
         "", "Trace file for provider 'trace': a path, or builtin:<name> for a shipped trace "
         "(commuter-day, flappy-plug, metered-network, hot-day).")
@@ -402,6 +402,36 @@ class PolicySettings:
         max=1048576)
 
 
+def _check_cp_ids(values: tuple[str, ...]) -> None:
+    for i, text in enumerate(values):
+        if not 1 <= len(text) <= 48 or "/" in text or " " in text or not text.isprintable():
+            raise ValueError(f"item {i + 1} {text!r} is not a charge point id")
+    if len(set(values)) != len(values):
+        raise ValueError("an id is listed twice")
+
+
+@dataclass(frozen=True)
+class OcppSettings:
+    listen: str = _setting(
+        "127.0.0.1:9000", "Provider 'ocpp': where the node's OCPP 1.6J central system listens "
+        "for your charger, host:port. Loopback by default: give your home network address "
+        "(and a password) so the charger can reach it.",
+        check=_check_hostport, allowed="host:port, e.g. 192.168.1.20:9000")
+    charge_point_ids: tuple[str, ...] = _setting(
+        (), "The charge point ids of your chargers (as set in each charger). Any other id is "
+        "refused at the handshake.", check=_check_cp_ids,
+        allowed="a list of ids of 1-48 printable characters, no '/' or space")
+    password: str = _setting(
+        "", "HTTP Basic auth password the charger must send (OCPP security profile 1, the "
+        "charger's AuthorizationKey). Required unless listen is a loopback address. TLS "
+        "(profiles 2 and 3) is not supported yet.")
+    heartbeat_s: int = _setting(
+        60, "Heartbeat interval the charger is asked for, seconds.", min=10, max=3600)
+    silent_after_s: float = _setting(
+        180.0, "A charger silent this long leaves the car without a state (the node stops "
+        "computing), seconds; above heartbeat_s.", min=20, max=86400)
+
+
 SECTIONS: dict[str, type] = {
     "node": NodeSettings,
     "hardware": HardwareSettings,
@@ -410,6 +440,7 @@ SECTIONS: dict[str, type] = {
     "records": RecordsSettings,
     "vehicle": VehicleSettings,
     "policy": PolicySettings,
+    "ocpp": OcppSettings,
 }
 
 SECTION_COMMENTS: dict[str, str] = {
@@ -420,6 +451,7 @@ SECTION_COMMENTS: dict[str, str] = {
     "records": "Records this node publishes in the DHT.",
     "vehicle": "Where the car's state comes from.",
     "policy": "When the car may compute. The node never drains, heats or burns data.",
+    "ocpp": "Provider 'ocpp': your charger reports the car (specs/vehicle-providers.md).",
 }
 
 
@@ -462,6 +494,7 @@ class Config:
     records: RecordsSettings = field(default_factory=RecordsSettings)
     vehicle: VehicleSettings = field(default_factory=VehicleSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    ocpp: OcppSettings = field(default_factory=OcppSettings)
     # "section.key" -> "default" | "file <path>" | "env <VAR>" | "option <--opt>"
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(
         {name: DEFAULT for name in BY_NAME}), compare=False, repr=False)
@@ -717,6 +750,8 @@ def _override_values(overrides: Mapping[str, Any] | None) -> dict[str, tuple[Any
 
 
 def _cross_check(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    if values["vehicle.provider"] == "ocpp":
+        _check_ocpp(values, sources)
     if values["node.relay_only"] and values["node.mdns"]:
         raise ConfigError(
             f"node.relay_only = true (from {describe_source(sources['node.relay_only'])}) and "
@@ -734,6 +769,27 @@ def _cross_check(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
             f"before it expires; allowed: {s.allowed} and <= capacity_lifetime_s / 2",
             key=s.name, source=sources["records.republish_s"], value=rep,
             allowed=f"<= {life // 2}")
+
+
+def _check_ocpp(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    if not values["ocpp.charge_point_ids"]:
+        raise ConfigError(
+            "vehicle.provider = 'ocpp' but ocpp.charge_point_ids is empty: name your charger's "
+            "charge point id", key="ocpp.charge_point_ids",
+            source=sources["ocpp.charge_point_ids"], value=(), allowed="a list of ids")
+    host = values["ocpp.listen"].rpartition(":")[0].strip("[]")
+    if not values["ocpp.password"] and host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            f"ocpp.listen = {values['ocpp.listen']!r} is not loopback, so ocpp.password must "
+            "be set (the charger's AuthorizationKey, OCPP security profile 1): anyone on that "
+            "network could otherwise pose as your charger", key="ocpp.password",
+            source=sources["ocpp.password"], value="", allowed="a password")
+    if values["ocpp.silent_after_s"] <= values["ocpp.heartbeat_s"]:
+        raise ConfigError(
+            f"ocpp.silent_after_s = {values['ocpp.silent_after_s']:g} must be above "
+            f"ocpp.heartbeat_s = {values['ocpp.heartbeat_s']}", key="ocpp.silent_after_s",
+            source=sources["ocpp.silent_after_s"], value=values["ocpp.silent_after_s"],
+            allowed=f"> {values['ocpp.heartbeat_s']}")
 
 
 def build_config(file_values: Mapping[str, Any] | None = None, *, file: Path | None = None,

@@ -81,6 +81,9 @@ def make_provider(config: Config, *, t0: float | None = None) -> Any:
         path = builtin_trace_path(v.trace[len("builtin:"):]) if v.trace.startswith("builtin:") \
             else Path(v.trace).expanduser()
         return TraceProvider(path, t0=time.time() if t0 is None else t0, speedup=v.trace_speedup)
+    if v.provider == "ocpp":  # the owner's charger (vehicle/ocpp/)
+        from .ocpp_setup import make_ocpp_provider
+        return make_ocpp_provider(config)
     values: dict[str, Any] = {
         "parked": v.parked, "plugged_in": v.plugged_in, "soc_pct": v.soc_pct,
         "charge_limit_pct": v.charge_limit_pct, "network": v.network,
