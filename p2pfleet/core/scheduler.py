@@ -506,10 +506,11 @@ class Scheduler:
         # shard of a job per request): per job, the sorted indices of shards with a replica
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
         # entries are refreshed before the next read).
-        self._rank_base: dict[bytes, "hmac.HMAC"] = {}
+        self._rank_base: dict[bytes, tuple] = {}  # job -> (inner, outer) hash states
         self._offered: dict[bytes, array] = {}         # sorted shard indices ('q')
         self._undecided: dict[bytes, list] = {}        # [count, bytearray: 1 if undecided]
         self._touched: dict[bytes, set[int]] = {}
+        self._room: dict[tuple[bytes, int], int] = {}  # _untrusted_room of unchanged shards
         self._request_rate = (TokenBuckets(60_000 / self.s.request_interval_ms,
                                            max(1, self.s.request_burst))
                               if self.s.request_interval_ms > 0 else None)
@@ -570,6 +571,13 @@ class Scheduler:
         if (sh.status != "open" or self.jobs[sh.job_id].status != "live"
                 or sh.fallback == "publisher"):  # the publisher's own result decides it
             return 0
+        key = (sh.job_id, sh.index)
+        room = self._room.get(key)
+        if room is None:  # kept until the shard or one of its leases changes (`_touch`)
+            room = self._room[key] = self._count_room(sh)
+        return room
+
+    def _count_room(self, sh: ShardRec) -> int:
         job = self.jobs[sh.job_id].job
         target = sh.target or max(job.quorum, self.s.min_replicas)
         leases = self.shard_leases(sh.job_id, sh.index)
@@ -797,16 +805,23 @@ class Scheduler:
         return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
 
     def _ranker(self, job: JobParams) -> Callable[[int, bytes], bytes]:
-        """`rank` for one job, from an HMAC already keyed and fed the job id (the same
-        digest, without keying HMAC again for each shard of each request)."""
-        base = self._rank_base.get(job.job_id)
-        if base is None:
-            base = self._rank_base[job.job_id] = hmac.new(job.secret, job.job_id, hashlib.sha256)
+        """`rank` for one job: the same HMAC-SHA256 (RFC 2104), from hash states already fed
+        the padded key and the job id, so a request does not key HMAC again per shard."""
+        states = self._rank_base.get(job.job_id)
+        if states is None:
+            key = job.secret if len(job.secret) <= 64 else hashlib.sha256(job.secret).digest()
+            key = key.ljust(64, b"\0")
+            inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + job.job_id)
+            outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+            states = self._rank_base[job.job_id] = (inner, outer)
+        inner, outer = states
 
         def ranked(shard: int, worker: bytes) -> bytes:
-            h = base.copy()
+            h = inner.copy()
             h.update(shard.to_bytes(4, "big") + worker)
-            return h.digest()
+            o = outer.copy()
+            o.update(h.digest())
+            return o.digest()
         return ranked
 
     def _outstanding_credit(self, job_id: bytes) -> int:
@@ -841,6 +856,7 @@ class Scheduler:
         else:
             return  # a job's status is read directly; trust records do not enter the index
         self._touched.setdefault(job_id, set()).add(index)
+        self._room.pop((job_id, index), None)
 
     def _refresh(self, job_id: bytes) -> None:
         """Bring the job's shard index up to date with the shards touched since."""

@@ -4,7 +4,8 @@
 refreshed from the records each rule marks as changed, and checks stalls against the job's
 requesters gathered once per tick. `Scan` below is the same machine with the straightforward
 rules it replaced (the reference): the window found by walking every shard in order, a job
-done when every shard is decided, the requesters gathered again for every shard. Both are
+done when every shard is decided, the requesters gathered again for every shard, a shard's
+open replicas counted on every read, ranks keyed afresh. Both are
 driven through one random sequence of work requests, results (agreeing, wrong, failing a
 known answer), failures, hand-backs, expiries (ticks), cancellations and a second job, and
 must return the same effects, hold the same windows and stall marks after every event.
@@ -49,6 +50,12 @@ class Scan(S.Scheduler):
             self._dirty.add(("job", job_id))
             return [S.JobDone(job_id)]
         return []
+
+    def _untrusted_room(self, sh: S.ShardRec) -> int:  # counted every time, never kept
+        if (sh.status != "open" or self.jobs[sh.job_id].status != "live"
+                or sh.fallback == "publisher"):
+            return 0
+        return self._count_room(sh)
 
     def _ranker(self, job: S.JobParams):
         return lambda shard, worker: S.rank(job.secret, job.job_id, shard, worker)
