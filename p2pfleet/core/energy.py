@@ -43,12 +43,23 @@ class EnergySample:
 
 
 def account(busy_s: float, *, power_w: float, cpu_share: float,
-            meter_before: float | None, meter_after: float | None) -> EnergySample:
-    """Energy of one interval: the meter's increase if both readings exist and it did not
-    go down, else the estimate from busy seconds."""
-    if meter_before is not None and meter_after is not None and meter_after >= meter_before:
+            meter_before: float | None, meter_after: float | None,
+            min_share_of_estimate: float = 0.0) -> EnergySample:
+    """Energy of one interval: the meter's increase if both readings exist, it did not go
+    down and it is at least `min_share_of_estimate` times the estimate; else the estimate
+    from busy seconds.
+
+    `min_share_of_estimate` is for a meter on the wall side of the car (a charger's,
+    specs/vehicle-providers.md, OCPP): while the car is full it sees the car's own draw,
+    the computer's among it, but a car may also run its loads from the battery, which that
+    meter never sees. An increase below half the estimate (the estimate's own accuracy)
+    says so, and then the estimate is used; 0 (a meter of the computer itself) trusts any
+    increase."""
+    estimate = estimate_wh(power_w, cpu_share, busy_s)
+    if meter_before is not None and meter_after is not None and meter_after >= meter_before \
+            and meter_after - meter_before >= min_share_of_estimate * estimate:
         return EnergySample(float(meter_after - meter_before), True, meter_after)
-    return EnergySample(estimate_wh(power_w, cpu_share, busy_s), False, meter_after)
+    return EnergySample(estimate, False, meter_after)
 
 
 __all__ = ["estimate_wh", "account", "EnergySample"]

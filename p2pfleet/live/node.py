@@ -391,9 +391,14 @@ class Node:
             self._energy_pending_wh += wh
             self._wake.set()
 
+        def meter() -> float | None:  # the provider's meter of the computer, if any
+            state = self.provider.state_at(self.clock())
+            return None if state is None else state.charger_energy_wh
+
         return Worker(self.identity, settings, self.ledger, self.blob_cache, pool,
                       offer=self.offer, clock=self.clock, rng=random.Random(self.rng.random()),
-                      on_energy=used, note=self._note)
+                      on_energy=used, note=self._note, meter=meter,
+                      meter_min_share=getattr(self.provider, "meter_min_share", 0.0))
 
     async def _hear_jobs(self, mesh: Mesh) -> None:
         """Keep the announcements heard (newest per publisher and job), for choosing work."""

@@ -143,7 +143,9 @@ class Worker:
                  pool: Any, *, offer: Callable[[], dict], clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None,
                  on_energy: Callable[[float], None] | None = None,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None,
+                 meter: Callable[[], float | None] | None = None,
+                 meter_min_share: float = 0.0):
         self.identity = identity
         self.settings = settings
         self.ledger = ledger
@@ -153,6 +155,10 @@ class Worker:
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_energy = on_energy or (lambda wh: None)
+        # the provider's energy meter (VehicleState.charger_energy_wh) and how far to trust
+        # it (core/energy.py account()); None: no meter, energy is estimated
+        self.meter = meter or (lambda: None)
+        self.meter_min_share = meter_min_share
         self.note = note or log.info
         self.stats = WorkerStats()
         self.backoff = rules.PublisherBackoff(base_s=settings.backoff_base_s)
@@ -552,6 +558,8 @@ class Worker:
         from ..exec.shm import SharedArrays
 
         s = self.settings
+        # a meter reading counts only for a shard that runs alone (no shared draw)
+        meter_before = None if self.running else self.meter()
         running = RunningLease(lease, publisher, expires_at=expires_at)
         self.running[lease.lease_id] = running
         self._running_since[lease.lease_id] = trio.current_time()
@@ -593,7 +601,7 @@ class Worker:
                 # running out of memory or refused inputs leave it private.
                 self._keep_model(lease.model_digest, model)
             busy_s = outcome.compute_s or (trio.current_time() - started)
-            energy_mwh = self._account_energy(publisher, busy_s)
+            energy_mwh = self._account_energy(publisher, busy_s, meter_before)
             self._mark(f"computed ({outcome.status})", lease)
             if outcome.status == "done":
                 self._pace.setdefault(lease.job_id, {})["compute_s"] = busy_s
@@ -683,9 +691,13 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - best effort: the model still works
             log.debug("could not announce model %s: %s", digest.hex()[:16], exc)
 
-    def _account_energy(self, publisher: bytes, busy_s: float) -> int:
+    def _account_energy(self, publisher: bytes, busy_s: float,
+                        meter_before: float | None = None) -> int:
+        meter_after = self.meter() if len(self.running) <= 1 else None
         sample = energy_rules.account(busy_s, power_w=self.settings.power_w,
-                                      cpu_share=self.cpu_share, meter_before=None, meter_after=None)
+                                      cpu_share=self.cpu_share, meter_before=meter_before,
+                                      meter_after=meter_after,
+                                      min_share_of_estimate=self.meter_min_share)
         mwh = int(round(sample.wh * 1000))
         self.ledger.add_energy(publisher, int(self.clock() * 1000), mwh, metered=sample.metered)
         self.on_energy(sample.wh)

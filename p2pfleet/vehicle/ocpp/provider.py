@@ -67,6 +67,10 @@ class OcppProvider:
     (network, metered, charge limit), as a StaticProvider-like `state_at(now)`."""
 
     name = "ocpp"
+    # The charger meters the wall side of the car: a full car's draw, which includes the
+    # computer's unless the car runs it from the battery. An increase under half the
+    # estimate says it did, and the worker then estimates (core/energy.py account()).
+    meter_min_share = 0.5
 
     def __init__(self, settings: OcppSettings, base: Any, *,
                  clock: Callable[[], float] = time.time):
