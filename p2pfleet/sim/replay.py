@@ -54,12 +54,14 @@ class Report:
     decisions: int = 0         # effects compared (a refusal counts as one)
     totals: Counter = field(default_factory=Counter)
     jobs: dict[str, dict] = field(default_factory=dict)  # job id -> the replayed counts
+    excluded: set[str] = field(default_factory=set)      # workers excluded (keys, hex)
     divergence: Divergence | None = None
 
     def as_dict(self) -> dict:
         return {"logs": self.logs, "segments": self.segments, "events": self.events,
                 "decisions": self.decisions, "totals": dict(sorted(self.totals.items())),
-                "jobs": self.jobs, "identical": self.divergence is None,
+                "jobs": self.jobs, "excluded": sorted(self.excluded),
+                "identical": self.divergence is None,
                 "divergence": self.divergence.as_dict() if self.divergence else None}
 
 
@@ -152,7 +154,7 @@ class _Scheduler(_Machine):
             raise LogError(f"{where}: rng: {exc}") from None
         r = S.KeyedRandom(key)
         r.setstate((key, counter))
-        self.m = S.Scheduler(settings, rng=r, keep_changes=False)
+        self.m = S.Scheduler(settings, rng=r)  # as the publisher builds it: nothing left out
         restored = header.get("restored")
         if restored:
             if not isinstance(restored, dict):
@@ -198,6 +200,7 @@ class _Scheduler(_Machine):
     def finish(self, report: Report) -> None:
         for job_id in self.m.jobs:
             report.jobs[job_id.hex()] = self.m.job_counts(job_id)
+        report.excluded |= {w.hex() for w, t in self.m.workers.items() if t.excluded}
 
 
 class _Policy(_Machine):
