@@ -238,6 +238,8 @@ def _print_status(app: App, reply: dict) -> None:
         click.echo(f"{data['peer_id']} ({data['network']}): {state}, {mesh}")
         for line in data["why"]:
             click.echo(f"  {line}")
+        if data.get("vehicle"):
+            click.echo(f"  vehicle: {data['vehicle']}")
         if data["listen_addrs"]:
             click.echo(f"  listening on {', '.join(data['listen_addrs'])}")
         if data.get("dht_mode"):

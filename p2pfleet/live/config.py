@@ -337,9 +337,14 @@ def _check_windows(values: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class VehicleSettings:
     provider: str = _setting(
-        "static", "Where the node learns the car's state: 'static' (the values below) or "
-        "'trace' (replay a trace file, specs/vehicle-trace-format.md).",
-        choices=("static", "trace", "ocpp"))
+        "static", "Where the node learns the car's state: 'static' (the values below), "
+        "'trace' (replay a trace file, specs/vehicle-trace-format.md), 'vehicle_api' (the "
+        "car maker's API, [vehicle_api]), 'json_command' or 'json_endpoint' (a program or "
+        "URL printing the state as JSON, [json_source]), 'power_supply' (this machine's "
+        "battery and mains, [power_supply]), 'ocpp' (your charger, [ocpp]); "
+        "specs/vehicle-providers.md.",
+        choices=("static", "trace", "vehicle_api", "json_command", "json_endpoint",
+                 "power_supply", "ocpp"))
     trace: str = _setting(
         "", "Trace file for provider 'trace': a path, or builtin:<name> for a shipped trace "
         "(commuter-day, flappy-plug, metered-network, hot-day).")
@@ -352,14 +357,58 @@ class VehicleSettings:
     charge_limit_pct: float = _setting(
         90.0, "Static provider: the car's own charge limit, %.", min=1, max=100)
     network: str = _setting(
-        "ethernet", "Static provider: the network the node is on.",
+        "ethernet", "The network the node is on (static provider; the live providers too, "
+        "unless their source reports it).",
         choices=("wifi", "ethernet", "cellular", "none"))
     metered: str = _setting(
-        "unknown", "Static provider: is the network metered? 'unknown' counts as metered, so "
-        "the node computes only once you say 'no'.", choices=("yes", "no", "unknown"))
+        "unknown", "Is the network metered? 'unknown' counts as metered, so the node computes "
+        "only once you say 'no' (static and live providers, as for network).",
+        choices=("yes", "no", "unknown"))
     departure_daily: str = _setting(
         "", "Static provider: planned daily departure, local HH:MM (empty: none).",
         check=_check_hhmm, allowed="empty or HH:MM")
+
+
+@dataclass(frozen=True)
+class VehicleApiSettings:
+    base_url: str = _setting(
+        "", "The Tesla Fleet API's regional base URL, e.g. "
+        "https://fleet-api.prd.eu.vn.cloud.tesla.com (Europe) or "
+        "https://fleet-api.prd.na.vn.cloud.tesla.com (North America).")
+    vehicle: str = _setting("", "The car's VIN (or Fleet API vehicle id).")
+    token_file: str = _setting(
+        "", "File holding the Fleet API access token, mode 0600 (refused if others can read "
+        "it). Read before every request, so a refresher may replace it.")
+    poll_s: float = _setting(
+        60.0, "Ask whether the car is online, asleep or offline this often, s (never wakes it).",
+        min=1, max=3600)
+    idle_poll_s: float = _setting(
+        1800.0, "Read an awake car that is neither charging nor driving at most this often, s, "
+        "so it can fall asleep (it needs about 15 min without data requests).", min=60,
+        max=86400)
+    asleep_max_age_s: float = _setting(
+        43200.0, "How long a sleeping car's last reading holds, s (a car cannot be driven or "
+        "unplugged without waking).", min=0, max=7 * 86400)
+    timeout_s: float = _setting(20.0, "Longest time for one read, s.", min=1, max=300)
+
+
+@dataclass(frozen=True)
+class JsonSourceSettings:
+    command: tuple[str, ...] = _setting(
+        (), "Provider 'json_command': the command and its arguments (no shell), printing one "
+        "JSON object of vehicle state fields (specs/vehicle-providers.md).")
+    url: str = _setting(
+        "", "Provider 'json_endpoint': the http:// or https:// URL answering that object.")
+    interval_s: float = _setting(30.0, "Read it this often, s.", min=0.2, max=3600)
+    timeout_s: float = _setting(10.0, "Longest time for one read, s.", min=0.1, max=300)
+    max_kb: int = _setting(64, "Largest answer, KiB.", min=1, max=1024)
+
+
+@dataclass(frozen=True)
+class PowerSupplySettings:
+    root: str = _setting(
+        "/sys/class/power_supply", "The kernel's power_supply class directory.")
+    interval_s: float = _setting(10.0, "Read it this often, s.", min=1, max=3600)
 
 
 @dataclass(frozen=True)
@@ -439,6 +488,9 @@ SECTIONS: dict[str, type] = {
     "publishing": PublishingSettings,
     "records": RecordsSettings,
     "vehicle": VehicleSettings,
+    "vehicle_api": VehicleApiSettings,
+    "json_source": JsonSourceSettings,
+    "power_supply": PowerSupplySettings,
     "policy": PolicySettings,
     "ocpp": OcppSettings,
 }
@@ -450,6 +502,9 @@ SECTION_COMMENTS: dict[str, str] = {
     "publishing": "When you publish jobs ('p2pfleet job ...'): how the publisher schedules.",
     "records": "Records this node publishes in the DHT.",
     "vehicle": "Where the car's state comes from.",
+    "vehicle_api": "Provider 'vehicle_api': the Tesla Fleet API (specs/vehicle-providers.md).",
+    "json_source": "Providers 'json_command' and 'json_endpoint': any source printing JSON.",
+    "power_supply": "Provider 'power_supply': this machine's battery and mains (Linux).",
     "policy": "When the car may compute. The node never drains, heats or burns data.",
     "ocpp": "Provider 'ocpp': your charger reports the car (specs/vehicle-providers.md).",
 }
@@ -493,6 +548,9 @@ class Config:
     publishing: PublishingSettings = field(default_factory=PublishingSettings)
     records: RecordsSettings = field(default_factory=RecordsSettings)
     vehicle: VehicleSettings = field(default_factory=VehicleSettings)
+    vehicle_api: VehicleApiSettings = field(default_factory=VehicleApiSettings)
+    json_source: JsonSourceSettings = field(default_factory=JsonSourceSettings)
+    power_supply: PowerSupplySettings = field(default_factory=PowerSupplySettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     ocpp: OcppSettings = field(default_factory=OcppSettings)
     # "section.key" -> "default" | "file <path>" | "env <VAR>" | "option <--opt>"

@@ -57,6 +57,8 @@ from .worker import Worker, WorkerSettings
 from ..core.peer_budget import MB, BudgetLimits, PeerBudget
 from ..core.worker import HeardJob, hand_back_reason
 from ..vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
+from ..vehicle.live import observation, provider_health
+from .providers import LIVE_PROVIDERS, make_live_provider
 from ..wire.envelope import seal
 from ..wire.kinds import KINDS, Capacity
 
@@ -75,6 +77,8 @@ class NodeError(Exception):
 
 def make_provider(config: Config, *, t0: float | None = None) -> Any:
     v = config.vehicle
+    if v.provider in LIVE_PROVIDERS:
+        return make_live_provider(config)
     if v.provider == "trace":
         if not v.trace:
             raise NodeError("vehicle.provider is 'trace' but vehicle.trace names no file")
@@ -488,8 +492,9 @@ class Node:
             if self._energy_pending_wh > 0:  # counts toward the daily energy budget
                 used, self._energy_pending_wh = self._energy_pending_wh, 0.0
                 await self._apply(nursery, self._feed(P.EnergyUsed(now, used)))
-            vehicle = self.provider.state_at(now)
-            wake = await self._apply(nursery, self._feed(P.StateObserved(now, vehicle, utc_offset_s(now))))
+            # a live provider without a state to trust gives StateUnavailable (vehicle/live.py)
+            wake = await self._apply(nursery, self._feed(observation(self.provider, now,
+                                                                     utc_offset_s(now))))
             if wake is not None:
                 policy_wake = wake if policy_wake is None or policy_wake <= now else min(policy_wake, wake)
             candidates = [now + POLL_S]
@@ -519,6 +524,7 @@ class Node:
             "record_state": self.status.record_state,
             "record_seq": self.status.last_record_seq,
             "why": self.policy.status(now),
+            "vehicle": provider_health(self.provider, now),  # a live provider's health line
             "reasons": [{"code": r.code, "text": r.text, "until": r.until}
                         for r in self.policy.reasons(now)],
             "listen_addrs": self.mesh.listen_addrs() if self.mesh else [],
@@ -731,6 +737,9 @@ class Node:
                 except OSError as exc:
                     raise NodeError(f"node.metrics_listen {self.config.node.metrics_listen}: "
                                     f"{exc.strerror or exc}") from None
+            if callable(getattr(self.provider, "run", None)):  # a live provider polls in the background
+                self.provider.on_update = lambda: self._wake.set()
+                await nursery.start(self.provider.run)
             await self.measure_hardware()
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)
