@@ -102,12 +102,12 @@ class SimCharger:
               soc: float | None = None, connector_id: int = 1) -> Any:
         sampled = []
         if wh is not None:
-            sampled.append({"value": f"{wh:g}", "measurand": "Energy.Active.Import.Register",
+            sampled.append({"value": str(wh), "measurand": "Energy.Active.Import.Register",
                             "unit": "Wh"})
         if w is not None:
-            sampled.append({"value": f"{w:g}", "measurand": "Power.Active.Import", "unit": "W"})
+            sampled.append({"value": str(w), "measurand": "Power.Active.Import", "unit": "W"})
         if soc is not None:
-            sampled.append({"value": f"{soc:g}", "measurand": "SoC", "unit": "Percent"})
+            sampled.append({"value": str(soc), "measurand": "SoC", "unit": "Percent"})
         kw = {"transaction_id": tx} if tx is not None else {}
         return self.send(call.MeterValues(connector_id=connector_id,
                                           meter_value=[{"timestamp": _ts(),
