@@ -12,4 +12,6 @@ the standard library only (never `net`, `exec`, `store` or `live`: a contract in
 - `fleet`: a vehicle population (`population`, drawn from the traces `traces` reads) whose
   cars run the vehicle policy, publishers running `verification.Sim`, a link model and
   the publishers' uplinks; the `p2pfleet sim` command. `plot` draws its capacity.
+- `replay`: event logs written by live publishers and nodes (specs/event-log.md) fed
+  through the same machines, every decision compared; `p2pfleet sim replay`.
 """
