@@ -57,6 +57,7 @@ from .worker import Worker, WorkerSettings
 from ..core.peer_budget import MB, BudgetLimits, PeerBudget
 from ..core.worker import HeardJob, hand_back_reason
 from ..vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
+from ..vehicle.ocpp.charger import OcppServerError
 from ..vehicle.live import observation, provider_health
 from .providers import LIVE_PROVIDERS, make_live_provider
 from ..wire.envelope import seal
@@ -739,7 +740,10 @@ class Node:
                                     f"{exc.strerror or exc}") from None
             if callable(getattr(self.provider, "run", None)):  # a live provider polls in the background
                 self.provider.on_update = lambda: self._wake.set()
-                await nursery.start(self.provider.run)
+                try:
+                    await nursery.start(self.provider.run)
+                except OcppServerError as exc:  # e.g. ocpp.listen is taken
+                    raise NodeError(str(exc)) from None
             await self.measure_hardware()
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)

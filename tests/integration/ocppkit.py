@@ -80,7 +80,8 @@ class SimCharger:
         self._run(self.ws.send(text))
 
     def boot(self) -> Any:
-        return self.send(call.BootNotification(charge_point_model="Sim", charge_point_vendor="p2pfleet"))
+        return self.send(call.BootNotification(charge_point_model="Sim",
+                                               charge_point_vendor="p2pfleet"))
 
     def heartbeat(self) -> Any:
         return self.send(call.Heartbeat())

@@ -6,9 +6,9 @@ server.py    the websocket server, in its own thread and asyncio loop (the `ocpp
 provider.py  OcppProvider: the VehicleProvider the node polls, and the server's lifetime
 """
 
-from .charger import ChargerTracker, ChargerView, ChargerViolation
+from .charger import ChargerTracker, ChargerView, ChargerViolation, OcppServerError
 from .provider import OcppProvider, OcppSettings
-from .server import CentralSystemThread, OcppServerError
 
+# server.py (the `ocpp` package and websockets) loads when the provider runs
 __all__ = ["ChargerTracker", "ChargerView", "ChargerViolation", "OcppProvider",
-           "OcppSettings", "CentralSystemThread", "OcppServerError"]
+           "OcppSettings", "OcppServerError"]

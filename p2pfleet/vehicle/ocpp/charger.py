@@ -50,6 +50,11 @@ class ChargerViolation(ValueError):
     """The charger sent something impossible; the message says what, for the status line."""
 
 
+class OcppServerError(Exception):
+    """The central system cannot start (e.g. the address is taken); names the address.
+    Here, not in server.py, so the node can catch it without loading the `ocpp` package."""
+
+
 @dataclass
 class Connector:
     status: str = "Available"
@@ -270,5 +275,5 @@ def _secs(s: float) -> str:
     return f"{max(0, int(s))} s"
 
 
-__all__ = ["ChargerTracker", "ChargerView", "ChargerViolation", "Connector", "STATUSES",
-           "PLUGGED", "UNPLUGGED", "BROKEN"]
+__all__ = ["ChargerTracker", "ChargerView", "ChargerViolation", "OcppServerError", "Connector",
+           "STATUSES", "PLUGGED", "UNPLUGGED", "BROKEN"]

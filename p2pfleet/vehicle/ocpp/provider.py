@@ -32,7 +32,6 @@ import trio
 
 from ..state import VehicleState
 from .charger import ChargerTracker, ChargerView
-from .server import CentralSystemThread
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,8 @@ class OcppSettings:
         if not self.charge_point_ids:
             raise ValueError("ocpp.charge_point_ids: name at least one charge point id")
         for cp in self.charge_point_ids:
-            if not isinstance(cp, str) or not 1 <= len(cp) <= 48 or "/" in cp or not cp.isprintable():
+            if not isinstance(cp, str) or not 1 <= len(cp) <= 48 or "/" in cp \
+                    or not cp.isprintable():
                 raise ValueError(f"ocpp.charge_point_ids: {cp!r} is not a charge point id "
                                  "(1..48 printable characters, no '/')")
         if len(set(self.charge_point_ids)) != len(self.charge_point_ids):
@@ -94,6 +94,8 @@ class OcppProvider:
                     token.run_sync_soon(self.on_update)
                 except trio.RunFinishedError:
                     pass
+
+        from .server import CentralSystemThread  # loads the `ocpp` package only when used
 
         s = self.settings
         system = CentralSystemThread(self.trackers, self.lock, host=s.host, port=s.port,

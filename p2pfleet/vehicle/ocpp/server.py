@@ -38,7 +38,7 @@ from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
 
-from .charger import ChargerTracker, ChargerViolation
+from .charger import ChargerTracker, ChargerViolation, OcppServerError
 
 log = logging.getLogger(__name__)
 _quiet = logging.getLogger("p2pfleet.vehicle.ocpp.lib")  # the package logs every message
@@ -49,10 +49,6 @@ MAX_FRAME_BYTES = 64 * 1024
 MAX_QUEUE = 4
 RATE_PER_S = 10.0
 RATE_BURST = 50.0
-
-
-class OcppServerError(Exception):
-    """The central system cannot start (e.g. the address is taken); names the address."""
 
 
 def _now_iso() -> str:
@@ -216,7 +212,8 @@ class CentralSystemThread:
         if not self._ready.wait(timeout):
             raise OcppServerError(f"OCPP server on {self.host}:{self.port} did not start")
         if self._error is not None:
-            raise OcppServerError(f"OCPP server cannot listen on {self.host}:{self.port}: "
+            raise OcppServerError(f"OCPP server (ocpp.listen) cannot listen on "
+                                  f"{self.host}:{self.port}: "
                                   f"{getattr(self._error, 'strerror', None) or self._error}")
         assert self.bound is not None
         return self.bound

@@ -1,0 +1,127 @@
+"""A real node (`p2pfleet node start`, its own process) with the OCPP provider, and a
+simulated charge point built with the `ocpp` package's ChargePoint class connecting to it
+over loopback: plug-in, charging, suspended (car full), unplug. The node's policy state
+(`node status` over the control socket) and its capacity record follow; a charger with
+the wrong id or password is refused at the handshake; a charger that lies leaves the node
+out with the reason in its status."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from p2pfleet.live.localfleet import LocalFleet, wait_for
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+from ocppkit import SimCharger  # noqa: E402
+
+pytestmark = pytest.mark.system
+PASSWORD = "correct-horse-battery"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def car(tmp_path):
+    port = free_port()
+    f = LocalFleet(tmp_path / "f", 1, network="systest", settings={
+        "vehicle.provider": "ocpp", "vehicle.charge_limit_pct": "80",
+        "ocpp.listen": f"127.0.0.1:{port}", "ocpp.charge_point_ids": "CP1",
+        "ocpp.password": PASSWORD})
+    f.init()
+    node = f.nodes[0]
+    node.start(f.network, [])  # out of the mesh until the charger says the car is there
+    try:
+        wait_for(lambda: f._check_alive(node) and node.try_ask("status"), 60, "the node")
+        yield node, f"ws://127.0.0.1:{port}/ocpp"
+    finally:
+        f.stop()
+
+
+def status_where(node, pred, what: str, timeout: float = 30):
+    return wait_for(lambda: (s := node.ask("status")) and pred(s) and s, timeout, what)
+
+
+def codes(s: dict) -> list[str]:
+    return [r["code"] for r in s["reasons"]]
+
+
+def test_the_node_follows_a_charging_session(car):
+    node, url = car
+    s = node.ask("status")
+    assert codes(s) == ["no_state"] and "charger CP1 has not connected yet" in s["vehicle"]
+
+    for cp_id, password, code in (("CP2", PASSWORD, 404), ("CP1", "guess", 401)):
+        with pytest.raises(InvalidStatus) as e:
+            SimCharger(url, cp_id, password).connect()
+        assert e.value.response.status_code == code
+
+    c = SimCharger(url, "CP1", PASSWORD)
+    try:
+        c.connect()
+        c.boot()
+        c.status("Available")
+        s = status_where(node, lambda s: "not_parked" in codes(s), "the car to be away")
+        assert codes(s) == ["not_parked", "unplugged"] and not s["in_mesh"]
+        assert s["vehicle"] == "ocpp: ok, no car at CP1"
+
+        c.status("Preparing")  # plugged in; a charger sends no state of charge yet
+        s = status_where(node, lambda s: codes(s) == ["battery_low"], "plugged in, SoC unknown")
+        assert s["vehicle"] == "ocpp: ok, Preparing (SoC unknown)"
+
+        tx = c.start_transaction(10_000)
+        c.status("Charging")
+        c.meter(tx, wh=10_500, w=7400, soc=70)
+        s = status_where(node, lambda s: s["computing"] and s["record_state"] == "available",
+                         "the car to compute while charging above the floor", 60)
+        assert s["in_mesh"] and s["vehicle"] == "ocpp: ok, Charging (SoC 70 %, 7400 W)"
+        joins = s["mesh_joins"]
+
+        c.status("SuspendedEV")  # full at its 80 % limit: stays in
+        c.meter(tx, wh=16_000)
+        c.meter(tx, wh=16_010)
+        s = status_where(node, lambda s: "SuspendedEV" in s["vehicle"], "the car full")
+        assert s["computing"] and s["in_mesh"] and s["mesh_joins"] == joins
+
+        c.stop_transaction(tx, 16_020)
+        c.status("Finishing")
+        c.status("Available")  # unplugged and gone
+        s = status_where(node, lambda s: not s["computing"] and not s["in_mesh"],
+                         "the car to leave the mesh when unplugged")
+        assert codes(s) == ["not_parked", "unplugged"]
+        assert s["record_state"] == "offline" and s["mesh_leaves"] >= 1
+
+        c.status("Preparing")
+        c.meter(None, soc=150)  # a lie: trusted for nothing
+        s = status_where(node, lambda s: codes(s) == ["no_state"], "the lie to be refused")
+        assert "impossible value: SoC 150 %" in s["reasons"][0]["text"]
+        assert "impossible value: SoC 150 %" in s["vehicle"]
+    finally:
+        c.close()
+    s = node.ask("status")  # the lie is held against the charger, connected or not
+    assert codes(s) == ["no_state"] and not s["in_mesh"]
+
+
+def test_a_taken_ocpp_port_stops_the_node_with_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        f = LocalFleet(tmp_path / "f", 1, network="systest", settings={
+            "vehicle.provider": "ocpp", "ocpp.listen": f"127.0.0.1:{port}",
+            "ocpp.charge_point_ids": "CP1"})
+        f.init()
+        node = f.nodes[0]
+        node.start(f.network, [])
+        assert node.proc.wait(60) != 0
+    out = node.output()
+    assert f"OCPP server (ocpp.listen) cannot listen on 127.0.0.1:{port}" in out, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
