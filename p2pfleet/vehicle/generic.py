@@ -141,6 +141,14 @@ class JsonEndpointProvider(PolledProvider):
         return parse_state_json(body, "endpoint answer", defaults=self.defaults)
 
 
+class HttpStatusError(ProviderError):
+    """The server answered with a status the caller does not accept."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 async def get_capped(url: str, max_bytes: int, who: str, headers: Mapping[str, str] | None = None,
                      ok: tuple[int, ...] = (200,)) -> bytes:
     """GET `url`, returning the body; at most `max_bytes` are read. Errors are ProviderError
@@ -151,8 +159,8 @@ async def get_capped(url: str, max_bytes: int, who: str, headers: Mapping[str, s
             async with client.stream("GET", url, headers={"Accept-Encoding": "identity",
                                                           **(headers or {})}) as resp:
                 if resp.status_code not in ok:
-                    raise ProviderError(f"{who}: HTTP {resp.status_code}"
-                                        f"{' ' + resp.reason_phrase if resp.reason_phrase else ''}")
+                    raise HttpStatusError(resp.status_code, f"{who}: HTTP {resp.status_code}"
+                                          f"{' ' + resp.reason_phrase if resp.reason_phrase else ''}")
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                     raise ProviderError(f"{who}: answer of {declared} bytes is over the "
@@ -172,4 +180,5 @@ def finite(x: Any) -> bool:
 
 
 __all__ = ["JsonCommandProvider", "JsonEndpointProvider", "parse_state_json", "get_capped",
+           "HttpStatusError",
            "MAX_JSON_BYTES"]

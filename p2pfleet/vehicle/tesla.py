@@ -48,7 +48,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .generic import MAX_JSON_BYTES, finite, get_capped
+from .generic import MAX_JSON_BYTES, HttpStatusError, finite, get_capped
 from .live import PolledProvider, ProviderError, Unavailable
 from .state import VehicleState, VehicleStateError, state_from_mapping
 
@@ -216,15 +216,14 @@ class FleetApiProvider(PolledProvider):
         try:
             body = await get_capped(url, self.max_bytes, "vehicle-api", headers=headers,
                                     ok=(200,))
-        except ProviderError as exc:
-            text = str(exc)
-            if "HTTP 401" in text or "HTTP 403" in text:
-                raise ProviderError(f"{text}: the access token in {self.token_file} was "
+        except HttpStatusError as exc:
+            if exc.status in (401, 403):
+                raise ProviderError(f"{exc}: the access token in {self.token_file} was "
                                     "refused (expired or revoked); renew it") from None
-            if "HTTP 408" in text:
+            if exc.status == 408:
                 raise Unavailable("vehicle-api: car unavailable (asleep or offline); "
                                   "not waking it") from None
-            if "HTTP 429" in text:
+            if exc.status == 429:
                 self._retry_after = max(self.interval_s * 4, 300.0)
             raise
         try:

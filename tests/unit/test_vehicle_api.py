@@ -192,3 +192,14 @@ def test_bad_settings_are_named():
         FleetApiProvider("ftp://x", VIN, "/nonexistent")
     with pytest.raises(ValueError, match="vehicle must be"):
         FleetApiProvider("https://fleet-api.example", "a/b", "/nonexistent")
+
+
+async def test_car_asleep_between_the_two_requests(token, nursery):
+    server = RecordedServer()
+    server.answer(CAR, "fleet_api/vehicle_online.json")
+    server.answer(DATA, b'{"response": null, "error": "vehicle unavailable"}', status=408)
+    await server.start(nursery)
+    p = provider(server, token)
+    await p.poll_once()
+    assert "car unavailable (asleep or offline); not waking it" in ineligible_because(p)
+    assert p.failures == 0
