@@ -6,8 +6,11 @@ change by itself (a trace's next entry, a daily departure moving on), so the nod
 wake on time instead of polling fast; None when it cannot know (live sources) or never.
 
 Here: `StaticProvider` (values from config) and `TraceProvider` (replays a trace file,
-specs/vehicle-trace-format.md). Live providers (OCPP, vehicle APIs, power_supply) follow
-the same interface.
+specs/vehicle-trace-format.md). Live providers (`live.py`: the vehicle API in `tesla.py`,
+JSON command and endpoint in `generic.py`, `power_supply.py`; OCPP in `ocpp/`) follow the
+same interface, except that `state_at` may return None (no state to trust), with
+`unavailable_why(now)` saying why and `health(now)` a status line; they also have
+`run()`, a task the node starts (specs/vehicle-providers.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ _HHMM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 
 @runtime_checkable
 class VehicleProvider(Protocol):
-    def state_at(self, now: float) -> VehicleState: ...
+    def state_at(self, now: float) -> VehicleState | None: ...
 
     def next_change_after(self, now: float) -> float | None: ...
 
