@@ -250,3 +250,18 @@ async def test_a_taken_port_is_a_clear_error():
         with pytest.raises(OcppServerError, match=f"cannot listen on 127.0.0.1:{port}"):
             await other.run()
         nursery.cancel_scope.cancel()
+
+
+async def test_answers_to_calls_never_made_are_dropped_not_queued():
+    clock = Clock()
+    async with trio.open_nursery() as nursery:
+        p, url = await start(nursery, clock)
+        c = await sim(url)
+        for i in range(20):
+            await do(c.send_raw, f'[3, "nobody-asked-{i}", {{}}]')
+        await do(c.status, "Preparing")  # still served, in order
+        assert p.state_at(clock()).plugged_in
+        assert p.unavailable_why(clock()) == "ocpp: no state"  # and no violation held
+        assert p.system.points["CP1"]._response_queue.qsize() == 0
+        await do(c.close)
+        nursery.cancel_scope.cancel()

@@ -83,6 +83,7 @@ class OcppProvider:
                          for cp in settings.charge_point_ids}
         self.on_update: Callable[[], Any] | None = None  # the node's wake-up (trio side)
         self.bound: tuple[str, int] | None = None
+        self.system: Any = None  # the CentralSystemThread while running
 
     # --- the server's lifetime ------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -101,6 +102,7 @@ class OcppProvider:
         system = CentralSystemThread(self.trackers, self.lock, host=s.host, port=s.port,
                                      password=s.password, heartbeat_s=s.heartbeat_s,
                                      clock=self.clock, on_change=changed)
+        self.system = system
         self.bound = await trio.to_thread.run_sync(system.start)
         try:
             task_status.started(self.bound)

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ocpp.exceptions import OCPPError, PropertyConstraintViolationError
-from ocpp.messages import unpack
+from ocpp.messages import MessageType, unpack
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
@@ -115,10 +115,12 @@ class _ChargePoint(ChargePoint):
         try:
             if not isinstance(raw_msg, str):
                 raise ValueError("a binary frame (OCPP-J frames are text)")
-            unpack(raw_msg)
+            msg = unpack(raw_msg)
         except (OCPPError, ValueError) as exc:
             self._update_quietly(f"garbage frame: {str(exc)[:80]}")
             return
+        if msg.message_type_id != MessageType.Call:
+            return  # the node sends no calls: an answer to none would only queue up unread
         with self.system.lock:
             self.tracker.heard(self.system.clock())
         await super().route_message(raw_msg)
@@ -197,6 +199,7 @@ class CentralSystemThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._current: dict[str, Any] = {}  # id -> its live connection
+        self.points: dict[str, _ChargePoint] = {}  # id -> its handler (for tests' eyes)
         self._thread = threading.Thread(target=self._main, name="ocpp-central-system",
                                         daemon=True)
 
@@ -284,7 +287,7 @@ class CentralSystemThread:
         with self.lock:
             tracker.on_connect(self.clock())
         self.changed()
-        cp = _ChargePoint(cp_id, connection, self)
+        cp = self.points[cp_id] = _ChargePoint(cp_id, connection, self)
         try:
             await cp.start()
         except Exception as exc:  # noqa: BLE001 - closed, reset, too large: all end it
