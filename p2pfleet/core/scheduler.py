@@ -762,14 +762,17 @@ class Scheduler:
             _fails, until = self._prefix_backoff.get(ev.prefix, (0, 0))
             if until > now:
                 return [Refuse(ev.worker, "backoff", until - now)]
-        mine = len(self.live_leases(ev.worker))
-        live = self.live_leases()
-        in_prefix = sum(1 for l in live if l.prefix == ev.prefix)
+        mine = in_prefix = fresh_in_prefix = 0  # one pass over the live leases
+        for lease_id in self._live:
+            l = self.leases[lease_id]
+            mine += l.worker == ev.worker
+            if l.prefix == ev.prefix:
+                in_prefix += 1
+                fresh_in_prefix += l.fresh
         room = min(ev.free_slots, T.lease_cap(t, s.trust, now) - mine,
                    s.prefix_cap - in_prefix, s.max_batch)
         if not established:
-            room = min(room, s.fresh_prefix_cap - sum(1 for l in live if l.prefix == ev.prefix
-                                                      and l.fresh))
+            room = min(room, s.fresh_prefix_cap - fresh_in_prefix)
         if room <= 0:
             return [Refuse(ev.worker, "quota", s.no_work_retry_ms)]
         picks: list[tuple[JobRec, ShardRec]] = []
@@ -801,7 +804,7 @@ class Scheduler:
         for rec, sh in picks:
             grants.append(self._issue(rec, sh, ev, t, now, queued))
             queued += rec.job.samples[sh.index]
-        next_exp = min(l.expires_ms for l in self.live_leases())
+        next_exp = min(self.leases[i].expires_ms for i in self._live)
         return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
 
     def _ranker(self, job: JobParams) -> Callable[[int, bytes], bytes]:
@@ -1042,7 +1045,8 @@ class Scheduler:
 
     def _on_Tick(self, ev: Tick) -> list:
         effects: list = []
-        for lease in sorted(self.live_leases(), key=lambda l: (l.expires_ms, l.lease_id)):
+        due = [l for l in self.live_leases() if l.expires_ms <= ev.at_ms]
+        for lease in sorted(due, key=lambda l: (l.expires_ms, l.lease_id)):
             if lease.expires_ms <= ev.at_ms:
                 self._set_state(lease, "expired")
                 sh = self.shards[(lease.job_id, lease.shard)]
