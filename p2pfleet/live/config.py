@@ -462,7 +462,7 @@ def _check_cp_ids(values: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class OcppSettings:
     listen: str = _setting(
-        "127.0.0.1:9000", "Provider 'ocpp': where the node's OCPP 1.6J central system listens "
+        "127.0.0.1:9000", "Provider 'ocpp': where the node's OCPP central system listens "
         "for your charger, host:port. Loopback by default: give your home network address "
         "(and a password) so the charger can reach it.",
         check=_check_hostport, allowed="host:port, e.g. 192.168.1.20:9000")

@@ -113,3 +113,58 @@ class SimCharger:
         return self.send(call.MeterValues(connector_id=connector_id,
                                           meter_value=[{"timestamp": _ts(),
                                                         "sampled_value": sampled}], **kw))
+
+
+class SimCharger201(SimCharger):
+    """The same over OCPP 2.0.1 (StatusNotification for the plug, TransactionEvent for the
+    rest); one EVSE with one connector."""
+
+    def __init__(self, url: str, cp_id: str, password: str = ""):
+        super().__init__(url, cp_id, password, subprotocol="ocpp2.0.1")
+        self.seq = 0
+
+    async def _connect(self) -> None:
+        from ocpp.v201 import ChargePoint as ChargePoint201
+
+        await super()._connect()
+        self._reader.cancel()
+        self.cp = ChargePoint201(self.cp_id, self.ws)
+        self._reader = asyncio.ensure_future(self._read())
+
+    def boot(self) -> Any:
+        from ocpp.v201 import call as c201
+
+        return self.send(c201.BootNotification(
+            charging_station={"model": "Sim", "vendor_name": "p2pfleet"}, reason="PowerUp"))
+
+    def heartbeat(self) -> Any:
+        from ocpp.v201 import call as c201
+
+        return self.send(c201.Heartbeat())
+
+    def connector(self, status: str, evse_id: int = 1) -> Any:
+        from ocpp.v201 import call as c201
+
+        return self.send(c201.StatusNotification(timestamp=_ts(), connector_status=status,
+                                                 evse_id=evse_id, connector_id=1))
+
+    def event(self, event_type: str, tx: str, state: str | None = None, *,
+              wh: float | None = None, w: float | None = None, soc: float | None = None,
+              evse_id: int = 1) -> Any:
+        from ocpp.v201 import call as c201
+
+        sampled = []
+        if wh is not None:
+            sampled.append({"value": wh, "measurand": "Energy.Active.Import.Register",
+                            "unitOfMeasure": {"unit": "Wh"}})
+        if w is not None:
+            sampled.append({"value": w, "measurand": "Power.Active.Import"})
+        if soc is not None:
+            sampled.append({"value": soc, "measurand": "SoC", "unitOfMeasure": {"unit": "Percent"}})
+        info = {"transaction_id": tx, **({"charging_state": state} if state else {})}
+        self.seq += 1
+        kw = {"meter_value": [{"timestamp": _ts(), "sampled_value": sampled}]} if sampled else {}
+        return self.send(c201.TransactionEvent(
+            event_type=event_type, timestamp=_ts(), trigger_reason="ChargingStateChanged",
+            seq_no=self.seq, transaction_info=info, evse={"id": evse_id, "connector_id": 1},
+            **kw))

@@ -265,3 +265,40 @@ async def test_answers_to_calls_never_made_are_dropped_not_queued():
         assert p.system.points["CP1"]._response_queue.qsize() == 0
         await do(c.close)
         nursery.cancel_scope.cancel()
+
+
+async def test_an_ocpp_201_session_walks_through_the_same_states():
+    from ocppkit import SimCharger201
+
+    clock = Clock()
+    async with trio.open_nursery() as nursery:
+        p, url = await start(nursery, clock, password="pw-0123456789")
+        c = SimCharger201(url, "CP1", "pw-0123456789")
+        await do(c.connect)
+        assert c.ws.subprotocol == "ocpp2.0.1"
+        await do(c.boot)
+        await do(c.connector, "Available")
+        s = p.state_at(clock())
+        assert (s.parked, s.plugged_in) == (False, False)
+        await do(c.connector, "Occupied")
+        s = p.state_at(clock())
+        assert (s.plugged_in, s.soc_pct) == (True, 0.0)
+        await do(c.event, "Started", "tx-1", "Charging", wh=2000, w=11000, soc=40)
+        s = p.state_at(clock())
+        assert (s.soc_pct, s.charger_energy_wh) == (40.0, None)
+        assert "Charging (SoC 40 %, 11000 W)" in p.health(clock())
+        await do(c.event, "Updated", "tx-1", "SuspendedEV", wh=30_000, soc=80)
+        await do(c.event, "Updated", "tx-1", None, wh=30_004.5)
+        s = p.state_at(clock())
+        assert (s.soc_pct, s.charger_energy_wh) == (80.0, 4.5)
+        assert await do(c.event, "Updated", "tx-1", None, wh=10) is None  # went back: refused
+        assert "energy register went back from 30004.5 to 10 Wh" in p.unavailable_why(clock())
+        clock.t += 901
+        await do(c.event, "Ended", "tx-1", None, wh=30_010)
+        assert p.state_at(clock()).plugged_in  # Finishing: still plugged in
+        await do(c.connector, "Available")
+        assert not p.state_at(clock()).plugged_in
+        await do(c.connector, "Faulted")
+        assert "reports Faulted" in p.unavailable_why(clock())
+        await do(c.close)
+        nursery.cancel_scope.cancel()

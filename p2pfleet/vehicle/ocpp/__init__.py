@@ -1,5 +1,5 @@
-"""The OCPP provider: the node as a small local OCPP 1.6J central system for the owner's
-charger(s), turning what they report into the car's state (specs/vehicle-providers.md).
+"""The OCPP provider: the node as a small local OCPP central system (1.6J and 2.0.1) for
+the owner's charger(s), turning what they report into the car's state (specs/vehicle-providers.md).
 
 charger.py   what one charger said (a plain state machine, no I/O, time passed in)
 server.py    the websocket server, in its own thread and asyncio loop (the `ocpp` package)

@@ -1,10 +1,14 @@
-"""What one OCPP 1.6 charge point has told the node, and what that says about the car.
+"""What one OCPP charge point has told the node, and what that says about the car.
 
 A plain state machine, no I/O and no clock of its own: the server (`server.py`) calls one
 method per message it received, with `now` (Unix seconds), under the provider's lock; the
 provider (`provider.py`) asks `view(now)` what the charger says about the car.
 
-Statuses (StatusNotification, per connector; connector 0 is the charge point as a whole):
+Statuses (1.6 StatusNotification, per connector; connector 0 is the charge point as a
+whole; OCPP 2.0.1 is mapped onto them: its StatusNotification says Occupied (a car is
+plugged in: Preparing until a TransactionEvent's chargingState says more), and
+TransactionEvent's chargingState Charging, EVConnected (Preparing), SuspendedEV or
+SuspendedEVSE; an EVSE id stands for the connector id):
 
     Available, Reserved             no car: unplugged
     Preparing, Finishing            a car is plugged in, not drawing
@@ -39,6 +43,12 @@ PLUGGED = frozenset({"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE", "F
 UNPLUGGED = frozenset({"Available", "Reserved"})
 BROKEN = frozenset({"Faulted", "Unavailable"})
 STATUSES = PLUGGED | UNPLUGGED | BROKEN
+# OCPP 2.0.1: StatusNotification's connectorStatus, and TransactionEvent's chargingState as
+# the 1.6 status it means (Idle says nothing about the plug: None, no change)
+CONNECTOR_STATUSES = frozenset({"Available", "Occupied", "Reserved", "Unavailable", "Faulted"})
+CHARGING_STATES = {"Charging": "Charging", "EVConnected": "Preparing",
+                   "SuspendedEV": "SuspendedEV", "SuspendedEVSE": "SuspendedEVSE",
+                   "Idle": None}
 MAX_POWER_W = 1_000_000.0      # no charger delivers a megawatt to a car
 MAX_REGISTER_WH = 1e12         # a terawatt-hour register is a lie
 MAX_CONNECTORS = 8             # more connector ids than this from one charger: refused
@@ -59,7 +69,7 @@ class OcppServerError(Exception):
 class Connector:
     status: str = "Available"
     error_code: str = "NoError"
-    transaction_id: int | None = None
+    transaction_id: int | str | None = None  # 1.6: ours (int); 2.0.1: the charger's
     register_wh: float | None = None        # last energy register reading this transaction
     register_full: bool = False             # that reading was taken in SuspendedEV
     soc_pct: float | None = None            # since plugged in
@@ -152,11 +162,7 @@ class ChargerTracker:
         c = self._connector(now, connector_id)
         if status in UNPLUGGED:  # the car left: forget what it said
             c.soc_pct, c.power_w, c.transaction_id, c.register_wh = None, None, None, None
-        if status != c.status:
-            c.changed_at = now
-        c.status, c.error_code = status, str(error_code)[:40]
-        if status != "SuspendedEV":
-            c.register_full = False
+        self._set_status(c, now, status, str(error_code)[:40])
 
     def start_transaction(self, now: float, connector_id: int, meter_start_wh: object,
                           transaction_id: int) -> None:
@@ -178,41 +184,112 @@ class ChargerTracker:
     def meter_values(self, now: float, connector_id: int, transaction_id: object,
                      samples: list[dict]) -> None:
         """`samples`: the sampled values of every meterValue, each a dict with value,
-        measurand, unit, phase (OCPP names in snake case). Checked whole before applying."""
+        measurand, unit (1.6) or unit_of_measure (2.0.1), phase (OCPP names in snake case).
+        Checked whole before applying."""
         self.heard(now)
         if connector_id == 0:
             return  # the charge point's own main meter: not the car
         c = self._connector(now, connector_id)
+        readings = self._parse_samples(now, samples)
+        self._check_register(now, c, transaction_id, readings[0])
+        self._apply_samples(c, transaction_id, *readings)
+
+    def transaction_event(self, now: float, evse_id: int, event_type: str, transaction_id: str,
+                          charging_state: str | None, samples: list[dict]) -> None:
+        """OCPP 2.0.1 TransactionEvent: a transaction starts, changes state or ends."""
+        self.heard(now)
+        if event_type not in ("Started", "Updated", "Ended"):
+            raise self._refuse(now, f"impossible value: eventType {event_type!r}")
+        if charging_state is not None and charging_state not in CHARGING_STATES:
+            raise self._refuse(now, f"impossible value: chargingState {charging_state!r}")
+        c = self._connector(now, evse_id)
+        readings = self._parse_samples(now, samples)
+        if event_type != "Started":
+            self._check_register(now, c, transaction_id, readings[0])
+        # accepted: apply
+        if event_type == "Started" or c.transaction_id != transaction_id:
+            c.transaction_id, c.register_wh, c.register_full = transaction_id, None, False
+        status = CHARGING_STATES.get(charging_state) if charging_state else None
+        if status is not None:
+            self._set_status(c, now, status, "NoError")
+        self._apply_samples(c, transaction_id, *readings)
+        if event_type == "Ended":
+            c.transaction_id, c.register_wh, c.register_full = None, None, False
+            if c.status in PLUGGED and c.status != "Finishing":
+                self._set_status(c, now, "Finishing", "NoError")
+
+    def connector_status(self, now: float, evse_id: int, connector_status: str) -> None:
+        """OCPP 2.0.1 StatusNotification: Occupied says a car is plugged in, not what it
+        does (TransactionEvent's chargingState says that)."""
+        self.heard(now)
+        if connector_status not in CONNECTOR_STATUSES:
+            raise self._refuse(now, f"impossible value: connectorStatus {connector_status!r}")
+        if evse_id == 0:
+            self.whole = "Available" if connector_status == "Occupied" else connector_status
+            return
+        c = self._connector(now, evse_id)
+        if connector_status == "Occupied":
+            if c.status not in PLUGGED:
+                self._set_status(c, now, "Preparing", "NoError")
+            return
+        if connector_status in UNPLUGGED:
+            c.soc_pct, c.power_w, c.transaction_id, c.register_wh = None, None, None, None
+        self._set_status(c, now, connector_status, "NoError")
+
+    def _set_status(self, c: Connector, now: float, status: str, error_code: str) -> None:
+        if status != c.status:
+            c.changed_at = now
+        c.status, c.error_code = status, error_code
+        if status != "SuspendedEV":
+            c.register_full = False
+
+    def _parse_samples(self, now: float, samples: list[dict]
+                       ) -> tuple[float | None, float | None, float | None]:
+        """(energy register Wh, SoC %, power W) of the phase-less samples; raises on any
+        impossible one."""
         register = soc = power = None
         for s in samples:
+            if not isinstance(s, dict):
+                raise self._refuse(now, "impossible value: a sampled value is not an object")
             if s.get("phase"):
                 continue  # per-phase values: the totals carry what the policy needs
             measurand = s.get("measurand") or "Energy.Active.Import.Register"
-            unit = s.get("unit")
+            uom = s.get("unit_of_measure") if isinstance(s.get("unit_of_measure"), dict) else {}
+            unit = s.get("unit") or uom.get("unit")
+            multiplier = uom.get("multiplier", 0)
+            if not isinstance(multiplier, int) or not -3 <= multiplier <= 3:
+                raise self._refuse(now, f"impossible value: multiplier {multiplier!r}")
             value = s.get("value")
             if measurand == "Energy.Active.Import.Register":
                 scale = ENERGY_UNITS.get(unit or "Wh")
                 if scale is None:
                     raise self._refuse(now, f"impossible value: energy in {unit!r}")
                 register = self._register(now, _checked(self, now, value, "energy register")
-                                          * scale, "energy register Wh")
+                                          * scale * 10.0 ** multiplier, "energy register Wh")
             elif measurand == "Power.Active.Import":
                 scale = POWER_UNITS.get(unit or "W")
                 if scale is None:
                     raise self._refuse(now, f"impossible value: power in {unit!r}")
-                power = _checked(self, now, value, "power W") * scale
+                power = _checked(self, now, value, "power W") * scale * 10.0 ** multiplier
                 if not 0 <= power <= MAX_POWER_W:
                     raise self._refuse(now, f"impossible value: power {power:g} W")
             elif measurand == "SoC":
                 soc = _checked(self, now, value, "SoC %")
                 if not 0 <= soc <= 100:
                     raise self._refuse(now, f"impossible value: SoC {soc:g} %")
+        return register, soc, power
+
+    def _check_register(self, now: float, c: Connector, transaction_id: object,
+                        register: float | None) -> None:
         if register is not None and c.register_wh is not None and (
                 transaction_id is None or transaction_id == c.transaction_id) \
                 and register < c.register_wh:
             raise self._refuse(now, f"impossible value: energy register went back from "
                                     f"{c.register_wh:g} to {register:g} Wh")
-        # accepted: apply
+
+    @staticmethod
+    def _apply_samples(c: Connector, transaction_id: object, register: float | None,
+                       soc: float | None, power: float | None) -> None:
         if register is not None and (transaction_id is None or transaction_id == c.transaction_id):
             full = c.status == "SuspendedEV"
             if full and c.register_full and c.register_wh is not None:

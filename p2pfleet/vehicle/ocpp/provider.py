@@ -1,4 +1,5 @@
-"""`OcppProvider`: the car's state as the owner's charger(s) report it over OCPP 1.6J.
+"""`OcppProvider`: the car's state as the owner's charger(s) report it over OCPP (1.6J or
+2.0.1).
 
 The node starts `run()` in its nursery: it starts the central system (`server.py`) in its
 own thread and keeps it until cancelled. `state_at(now)` answers from the trackers, under

@@ -1,4 +1,5 @@
-"""The node's small OCPP 1.6J central system: a websocket server for the owner's chargers.
+"""The node's small OCPP central system (1.6J and 2.0.1): a websocket server for the
+owner's chargers.
 
 It runs the `ocpp` package (asyncio, `websockets`) in a thread of its own with its own event
 loop (`CentralSystemThread`); the node is trio. The two share only the trackers
@@ -6,9 +7,10 @@ loop (`CentralSystemThread`); the node is trio. The two share only the trackers
 side that something changed with `TrioToken.run_sync_soon` (thread-safe, never blocks).
 
 Who may connect. The charger connects to ws://<host>:<port>/<charge point id> (any path
-prefix; the last segment is the id) with subprotocol `ocpp1.6`. The handshake is refused
-with HTTP 404 for an id not in the config, and with 401 unless the HTTP Basic credentials
-are `<id>:<password>` when a password is configured (OCPP security profile 1). A newer
+prefix; the last segment is the id) with subprotocol `ocpp1.6` or `ocpp2.0.1`. The
+handshake is refused with HTTP 404 for an id not in the config, and with 401 unless the
+HTTP Basic credentials are `<id>:<password>` when a password is configured (OCPP security
+profile 1). A newer
 connection for an id replaces the older one (chargers reconnect over half-open sockets).
 TLS (security profiles 2 and 3) is not supported yet.
 
@@ -35,8 +37,11 @@ from typing import Any
 from ocpp.exceptions import OCPPError, PropertyConstraintViolationError
 from ocpp.messages import MessageType, unpack
 from ocpp.routing import on
-from ocpp.v16 import ChargePoint, call_result
+from ocpp import v16, v201
+from ocpp.v16 import call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
+from ocpp.v201 import call_result as r201
+from ocpp.v201.enums import Action as A201
 
 from .charger import ChargerTracker, ChargerViolation, OcppServerError
 
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 _quiet = logging.getLogger("p2pfleet.vehicle.ocpp.lib")  # the package logs every message
 _quiet.setLevel(logging.CRITICAL)
 
-SUBPROTOCOL = "ocpp1.6"
+SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1")  # in order of preference when a charger offers both
 MAX_FRAME_BYTES = 64 * 1024
 MAX_QUEUE = 4
 RATE_PER_S = 10.0
@@ -71,8 +76,9 @@ class _Bucket:
         return True
 
 
-class _ChargePoint(ChargePoint):
-    """One charger's connection: every handler updates its tracker under the lock."""
+class _Guarded:
+    """What every charger connection shares, whatever its OCPP version: the rate limit,
+    garbage and unasked answers, and tracker updates under the lock."""
 
     def __init__(self, cp_id: str, connection: Any, system: "CentralSystemThread"):
         super().__init__(cp_id, connection, logger=_quiet)
@@ -124,6 +130,11 @@ class _ChargePoint(ChargePoint):
         with self.system.lock:
             self.tracker.heard(self.system.clock())
         await super().route_message(raw_msg)
+
+
+
+class _ChargePoint16(_Guarded, v16.ChargePoint):
+    """OCPP 1.6J: every handler updates the charger's tracker."""
 
     @on(Action.boot_notification)
     def on_boot(self, charge_point_vendor: str, charge_point_model: str, **_: Any):
@@ -179,6 +190,73 @@ class _ChargePoint(ChargePoint):
         return call_result.DiagnosticsStatusNotification()
 
 
+def _samples(meter_value: Any) -> list[dict]:
+    if not isinstance(meter_value, list):
+        return []
+    return [s for mv in meter_value if isinstance(mv, dict)
+            for s in mv.get("sampled_value", [])]
+
+
+class _ChargePoint201(_Guarded, v201.ChargePoint):
+    """OCPP 2.0.1: StatusNotification says whether a car is plugged in, TransactionEvent
+    what it does (chargingState) and its meter values."""
+
+    @on(A201.boot_notification)
+    def on_boot(self, charging_station: dict, reason: str, **_: Any):
+        self._update(self.tracker.boot, str(charging_station.get("vendor_name", "")),
+                     str(charging_station.get("model", "")))
+        return r201.BootNotification(current_time=_now_iso(), interval=self.system.heartbeat_s,
+                                     status="Accepted")
+
+    @on(A201.heartbeat)
+    def on_heartbeat(self, **_: Any):
+        self._update(lambda now: self.tracker.heard(now))
+        return r201.Heartbeat(current_time=_now_iso())
+
+    @on(A201.status_notification)
+    def on_status(self, timestamp: str, connector_status: str, evse_id: int, connector_id: int,
+                  **_: Any):
+        self._update(self.tracker.connector_status, evse_id, connector_status)
+        return r201.StatusNotification()
+
+    @on(A201.authorize)
+    def on_authorize(self, id_token: dict, **_: Any):
+        return r201.Authorize(id_token_info={"status": "Accepted"})
+
+    @on(A201.transaction_event)
+    def on_transaction_event(self, event_type: str, timestamp: str, trigger_reason: str,
+                             seq_no: int, transaction_info: dict, **kw: Any):
+        evse = kw.get("evse") or {}
+        self._update(self.tracker.transaction_event, evse.get("id", 1), event_type,
+                     transaction_info.get("transaction_id"),
+                     transaction_info.get("charging_state"), _samples(kw.get("meter_value")))
+        return r201.TransactionEvent()
+
+    @on(A201.meter_values)
+    def on_meter_values(self, evse_id: int, meter_value: list, **_: Any):
+        self._update(self.tracker.meter_values, evse_id, None, _samples(meter_value))
+        return r201.MeterValues()
+
+    @on(A201.notify_event)
+    def on_notify_event(self, **_: Any):
+        return r201.NotifyEvent()
+
+    @on(A201.security_event_notification)
+    def on_security_event(self, **_: Any):
+        return r201.SecurityEventNotification()
+
+    @on(A201.firmware_status_notification)
+    def on_firmware(self, **_: Any):
+        return r201.FirmwareStatusNotification()
+
+    @on(A201.log_status_notification)
+    def on_log_status(self, **_: Any):
+        return r201.LogStatusNotification()
+
+
+POINTS = {"ocpp1.6": _ChargePoint16, "ocpp2.0.1": _ChargePoint201}
+
+
 class CentralSystemThread:
     """The websocket server in its own thread and asyncio loop. `start()` returns once it
     listens (or raises OcppServerError); `stop()` closes every connection and joins."""
@@ -199,7 +277,7 @@ class CentralSystemThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._current: dict[str, Any] = {}  # id -> its live connection
-        self.points: dict[str, _ChargePoint] = {}  # id -> its handler (for tests' eyes)
+        self.points: dict[str, _Guarded] = {}  # id -> its handler (for tests' eyes)
         self._thread = threading.Thread(target=self._main, name="ocpp-central-system",
                                         daemon=True)
 
@@ -243,7 +321,7 @@ class CentralSystemThread:
 
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with serve(self._handle, self.host, self.port, subprotocols=[SUBPROTOCOL],
+        async with serve(self._handle, self.host, self.port, subprotocols=list(SUBPROTOCOLS),
                          process_request=self._check_request, max_size=MAX_FRAME_BYTES,
                          max_queue=MAX_QUEUE, open_timeout=10, close_timeout=2,
                          ping_interval=None, logger=_quiet) as server:
@@ -276,8 +354,8 @@ class CentralSystemThread:
 
     async def _handle(self, connection: Any) -> None:
         cp_id = connection.request.path.rstrip("/").rsplit("/", 1)[-1]
-        if connection.subprotocol != SUBPROTOCOL:
-            await connection.close(1002, f"subprotocol {SUBPROTOCOL} required")
+        if connection.subprotocol not in POINTS:
+            await connection.close(1002, "subprotocol ocpp1.6 or ocpp2.0.1 required")
             return
         old = self._current.get(cp_id)
         if old is not None:
@@ -287,7 +365,7 @@ class CentralSystemThread:
         with self.lock:
             tracker.on_connect(self.clock())
         self.changed()
-        cp = self.points[cp_id] = _ChargePoint(cp_id, connection, self)
+        cp = self.points[cp_id] = POINTS[connection.subprotocol](cp_id, connection, self)
         try:
             await cp.start()
         except Exception as exc:  # noqa: BLE001 - closed, reset, too large: all end it
@@ -300,5 +378,5 @@ class CentralSystemThread:
                 self.changed()
 
 
-__all__ = ["CentralSystemThread", "OcppServerError", "SUBPROTOCOL", "MAX_FRAME_BYTES",
+__all__ = ["CentralSystemThread", "OcppServerError", "SUBPROTOCOLS", "MAX_FRAME_BYTES",
            "RATE_PER_S", "RATE_BURST"]
