@@ -122,6 +122,8 @@ async def test_full_car_without_soc_counts_at_its_charge_limit():
                               '[{"value": "lots", "measurand": "SoC"}]}]}]'),
      "SoC % 'lots' is not a number"),
     (lambda c, tx: c.send_raw(b"\x00\x01binary"), "garbage frame"),
+    (lambda c, tx: c.send_raw('[2, "m1", "StatusNotification", {"connectorId": 1}]'),
+     "malformed StatusNotification"),
 ])
 async def test_an_impossible_value_leaves_no_state_for_the_hold_time(send, why):
     clock = Clock()
@@ -259,6 +261,7 @@ async def test_answers_to_calls_never_made_are_dropped_not_queued():
         c = await sim(url)
         for i in range(20):
             await do(c.send_raw, f'[3, "nobody-asked-{i}", {{}}]')
+        await do(c.send_raw, '[2, "u1", "NoSuchAction", {}]')  # answered NotImplemented
         await do(c.status, "Preparing")  # still served, in order
         assert p.state_at(clock()).plugged_in
         assert p.unavailable_why(clock()) == "ocpp: no state"  # and no violation held

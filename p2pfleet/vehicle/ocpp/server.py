@@ -34,7 +34,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from ocpp.exceptions import OCPPError, PropertyConstraintViolationError
+from ocpp.exceptions import NotImplementedError as OCPPNotImplemented
+from ocpp.exceptions import NotSupportedError, OCPPError, PropertyConstraintViolationError
 from ocpp.messages import MessageType, unpack
 from ocpp.routing import on
 from ocpp import v16, v201
@@ -127,10 +128,20 @@ class _Guarded:
             return
         if msg.message_type_id != MessageType.Call:
             return  # the node sends no calls: an answer to none would only queue up unread
+        self._action = str(getattr(msg, "action", ""))[:40]
         with self.system.lock:
             self.tracker.heard(self.system.clock())
         await super().route_message(raw_msg)
 
+
+    async def _handle_call(self, msg: Any) -> Any:
+        try:
+            return await super()._handle_call(msg)
+        except (OCPPNotImplemented, NotSupportedError):
+            raise  # an action this node does not handle: answered, not held against it
+        except OCPPError as exc:  # the payload does not match the action's schema
+            self._update_quietly(f"malformed {self._action}: {str(exc)[:80]}")
+            raise
 
 
 class _ChargePoint16(_Guarded, v16.ChargePoint):
