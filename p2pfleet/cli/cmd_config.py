@@ -20,6 +20,8 @@ def config_show(app: App) -> None:
     """Show the effective configuration and where each value comes from."""
     cfg = app.config()
     values = cfg.to_dict()
+    if values["ocpp"]["password"]:  # a credential: shown as set, never printed
+        values["ocpp"]["password"] = "<hidden>"
     data = {
         "config_file": str(app.config_file),
         "config_file_exists": app.config_file.exists(),

@@ -125,3 +125,16 @@ def test_a_taken_ocpp_port_stops_the_node_with_a_clear_error(tmp_path):
     out = node.output()
     assert f"OCPP server (ocpp.listen) cannot listen on 127.0.0.1:{port}" in out, out[-2000:]
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_config_show_hides_the_charger_password(tmp_path):
+    import subprocess
+
+    from p2pfleet.live.localfleet import P2PFLEET
+
+    for fmt in ((), ("--json",)):
+        out = subprocess.run([*P2PFLEET, "--data-dir", str(tmp_path / "d"), *fmt, "-s",
+                              f"ocpp.password={PASSWORD}", "config", "show"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert PASSWORD not in out.stdout and "<hidden>" in out.stdout
