@@ -451,6 +451,11 @@ class PolicySettings:
         max=1048576)
 
 
+def _check_ocpp_password(value: str) -> None:
+    if value and not (16 <= len(value) <= 40 and value.isprintable() and value.isascii()):
+        raise ValueError("not 16 to 40 printable ASCII characters (OCPP security profile 1)")
+
+
 def _check_cp_ids(values: tuple[str, ...]) -> None:
     for i, text in enumerate(values):
         if not 1 <= len(text) <= 48 or "/" in text or " " in text or not text.isprintable():
@@ -473,7 +478,8 @@ class OcppSettings:
     password: str = _setting(
         "", "HTTP Basic auth password the charger must send (OCPP security profile 1, the "
         "charger's AuthorizationKey). Required unless listen is a loopback address. TLS "
-        "(profiles 2 and 3) is not supported yet.")
+        "(profiles 2 and 3) is not supported yet.",
+        check=_check_ocpp_password, allowed="empty, or 16 to 40 printable ASCII characters")
     heartbeat_s: int = _setting(
         60, "Heartbeat interval the charger is asked for, seconds.", min=10, max=3600)
     silent_after_s: float = _setting(

@@ -178,7 +178,7 @@ async def test_unknown_id_and_wrong_password_are_refused_at_the_handshake():
                 await sim(url, "CP1", pw)
             assert e.value.response.status_code == 401
         assert "has not connected yet" in p.unavailable_why(clock())
-        c = await sim(url, "CP1", "s3cret-key-0123")
+        c = await sim(url, "CP1", "s3cret-key-0123")  # 3 refused so far: still let in
         await do(c.status, "Preparing")
         assert p.state_at(clock()).plugged_in
         await do(c.close)
@@ -304,4 +304,20 @@ async def test_an_ocpp_201_session_walks_through_the_same_states():
         await do(c.connector, "Faulted")
         assert "reports Faulted" in p.unavailable_why(clock())
         await do(c.close)
+        nursery.cancel_scope.cancel()
+
+
+async def test_guessing_the_password_is_throttled():
+    clock = Clock()
+    async with trio.open_nursery() as nursery:
+        p, url = await start(nursery, clock, password="s3cret-key-0123")
+        codes = []
+        for i in range(7):
+            with pytest.raises(InvalidStatus) as e:
+                await sim(url, "CP1", f"guess-{i}")
+            codes.append(e.value.response.status_code)
+        assert codes == [401] * 5 + [429] * 2
+        with pytest.raises(InvalidStatus) as e:  # even the right one waits out the window
+            await sim(url, "CP1", "s3cret-key-0123")
+        assert e.value.response.status_code == 429
         nursery.cancel_scope.cancel()

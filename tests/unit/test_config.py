@@ -177,7 +177,7 @@ BAD_FILE_VALUES = {
     "power_supply.interval_s": ("0", "a number >= 1"),
     "ocpp.listen": ('"nowhere"', "host:port"),
     "ocpp.charge_point_ids": ('["a b"]', "a list of ids"),
-    "ocpp.password": ("5", "a string"),
+    "ocpp.password": ('"short"', "16 to 40 printable ASCII"),
     "ocpp.heartbeat_s": ("1", "an integer >= 10"),
     "ocpp.silent_after_s": ("1", "a number >= 20"),
     "policy.battery_floor_pct": ("120", "a number >= 0 and <= 100"),

@@ -10,9 +10,10 @@ Who may connect. The charger connects to ws://<host>:<port>/<charge point id> (a
 prefix; the last segment is the id) with subprotocol `ocpp1.6` or `ocpp2.0.1`. The
 handshake is refused with HTTP 404 for an id not in the config, and with 401 unless the
 HTTP Basic credentials are `<id>:<password>` when a password is configured (OCPP security
-profile 1). A newer
-connection for an id replaces the older one (chargers reconnect over half-open sockets).
-TLS (security profiles 2 and 3) is not supported yet.
+profile 1). An address refused AUTH_FAILURES times within AUTH_WINDOW_S gets HTTP 429 until
+the window passes, so guessing is slow. A newer connection for an id replaces the older one
+(chargers reconnect over half-open sockets). TLS (security profiles 2 and 3) is not
+supported yet.
 
 Bounds per connection: frames of at most MAX_FRAME_BYTES, a small receive queue, at most
 RATE_PER_S messages per second on average (bursts of RATE_BURST): a charger over that is a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import hmac
 import itertools
 import logging
@@ -55,6 +57,8 @@ MAX_FRAME_BYTES = 64 * 1024
 MAX_QUEUE = 4
 RATE_PER_S = 10.0
 RATE_BURST = 50.0
+AUTH_FAILURES = 5     # refused handshakes from one address within AUTH_WINDOW_S: it waits
+AUTH_WINDOW_S = 60.0
 
 
 def _now_iso() -> str:
@@ -288,6 +292,7 @@ class CentralSystemThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._current: dict[str, Any] = {}  # id -> its live connection
+        self._failures: dict[str, collections.deque] = {}  # address -> refused handshakes
         self.points: dict[str, _Guarded] = {}  # id -> its handler (for tests' eyes)
         self._thread = threading.Thread(target=self._main, name="ocpp-central-system",
                                         daemon=True)
@@ -342,16 +347,35 @@ class CentralSystemThread:
             await self._stop.wait()
 
     def _check_request(self, connection: Any, request: Any) -> Any:
+        ip = str((connection.remote_address or ("?",))[0])
+        if self._failed_recently(ip) >= AUTH_FAILURES:
+            return connection.respond(429, "too many failed attempts: wait a minute\n")
         cp_id = request.path.rstrip("/").rsplit("/", 1)[-1]
         if cp_id not in self.trackers:
             log.warning("OCPP: refused unknown charge point id %r", cp_id[:60])
+            self._failed(ip)
             return connection.respond(404, "unknown charge point id\n")
         if self.password and not self._authorized(cp_id, request.headers.get("Authorization")):
             log.warning("OCPP: refused charge point %s: wrong or missing credentials", cp_id)
+            self._failed(ip)
             response = connection.respond(401, "credentials required\n")
             response.headers["WWW-Authenticate"] = 'Basic realm="p2pfleet"'
             return response
         return None
+
+    def _failed_recently(self, ip: str) -> int:
+        times = self._failures.get(ip)
+        now = time.monotonic()
+        while times and now - times[0] > AUTH_WINDOW_S:
+            times.popleft()
+        return len(times) if times else 0
+
+    def _failed(self, ip: str) -> None:
+        """Count a refused handshake; guessing passwords gets slow (bounded memory)."""
+        if ip not in self._failures and len(self._failures) >= 256:
+            del self._failures[next(iter(self._failures))]
+        self._failures.setdefault(ip, collections.deque(maxlen=AUTH_FAILURES)).append(
+            time.monotonic())
 
     def _authorized(self, cp_id: str, header: str | None) -> bool:
         if not header or not header.startswith("Basic "):
