@@ -16,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 
 from p2pfleet.live.localfleet import LocalFleet, wait_for
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))  # ocppkit, workerkit
 from ocppkit import SimCharger  # noqa: E402
 
 pytestmark = pytest.mark.system
@@ -138,3 +138,67 @@ def test_config_show_hides_the_charger_password(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert PASSWORD not in out.stdout and "<hidden>" in out.stdout
+
+
+def test_the_ledger_energy_is_the_chargers_reading_while_the_car_is_full(tmp_path):
+    """A real publisher (`p2pfleet job serve`) and the OCPP node: while the car is full a
+    reading the charger sends during the shard is that shard's energy, marked metered."""
+    import json
+    import signal
+    import subprocess
+
+    import numpy as np
+    from pubkit import pub_args, try_attach
+    from workerkit import mlp_model
+
+    from p2pfleet.live.localfleet import P2PFLEET
+
+    port = free_port()
+    f = LocalFleet(tmp_path / "f", 1, network="ocppjob", settings={
+        "vehicle.provider": "ocpp", "vehicle.charge_limit_pct": "80",
+        "ocpp.listen": f"127.0.0.1:{port}", "ocpp.charge_point_ids": "CP1",
+        "publishers.serve_anyone": "true", "publishers.retry_base_s": "1",
+        "policy.max_threads": "1"})
+    f.init()
+    node = f.nodes[0]
+    node.start(f.network, [])
+    c = SimCharger(f"ws://127.0.0.1:{port}", "CP1")
+    serve = None
+    try:
+        wait_for(lambda: f._check_alive(node) and node.try_ask("status"), 60, "the node")
+        c.connect()
+        tx = c.start_transaction(40_000)
+        c.status("SuspendedEV")
+        c.meter(tx, wh=41_000)  # the first reading while full: the baseline
+        s = status_where(node, lambda s: s["in_mesh"] and s["listen_addrs"], "the mesh", 60)
+        pub_root = tmp_path / "pub"
+        serve = subprocess.Popen(
+            pub_args(pub_root, f.network, {"publishing.request_interval_s": "0.2",
+                                           "publishing.announce_interval_s": "1",
+                                           "publishing.cross_class_wait_s": "1"},
+                     "job", "serve", "--listen", "/ip4/127.0.95.1/tcp/0",
+                     "--bootstrap", s["listen_addrs"][0], "--trust", node.peer_id),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        client = wait_for(lambda: try_attach(pub_root / "publisher"), 60, "the publisher")
+        model = mlp_model(seed=8, n_in=512, hidden=4096, n_out=8)  # ~9 GFLOP a shard
+        x = np.random.default_rng(8).standard_normal((2048, 512)).astype(np.float32)
+        job = client.submit(model, x, shard_size=2048, micro_batch=256, quorum=1,
+                            recheck_rate=0.0, audit_rate=0.0, known_answer_rate=0.0)
+        status_where(node, lambda s: s["work"] and s["work"]["running"], "the shard to run",
+                     120)
+        # the full car drew 12.5 Wh while the shard ran (it computes for seconds: the
+        # reading lands inside it)
+        c.meter(tx, wh=41_012.5)
+        done = client.wait(job, timeout=240)
+        assert done["state"] == "done", done
+        out = subprocess.run([*P2PFLEET, "--data-dir", str(node.data_dir), "--json", "ledger"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        (pub,) = json.loads(out.stdout)["publishers"]
+        assert pub["energy_kwh"] == {"metered": 0.0125, "estimated": 0.0}, pub
+    finally:
+        if serve is not None:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(30)
+        c.close()
+        f.stop()
