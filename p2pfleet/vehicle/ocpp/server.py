@@ -90,6 +90,7 @@ class _Guarded:
         self.system = system
         self.tracker = system.trackers[cp_id]
         self.bucket = _Bucket(system.rate_per_s, system.rate_burst)
+        self._last_logged = ""
 
     def _update(self, fn: Callable[..., Any], *args: Any) -> None:
         """Apply one message to the tracker; an impossible value becomes a CallError."""
@@ -102,8 +103,14 @@ class _Guarded:
                 err = None
         self.system.changed()
         if err is not None:
-            log.warning("%s", err)
+            self._log(f"charger {self.id}: {err}")
             raise PropertyConstraintViolationError(description=str(err)[:200])
+
+    def _log(self, text: str) -> None:
+        """A warning per new kind of trouble, not per message (a lying charger repeats)."""
+        if text != self._last_logged:
+            self._last_logged = text
+            log.warning("%s", text)
 
     async def start(self) -> None:
         while True:
@@ -120,7 +127,7 @@ class _Guarded:
         with self.system.lock:
             self.tracker.violated(self.system.clock(), why)
         self.system.changed()
-        log.warning("charger %s: %s", self.id, why)
+        self._log(f"charger {self.id}: {why}")
 
     async def route_message(self, raw_msg: Any) -> None:
         try:
