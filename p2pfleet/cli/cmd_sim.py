@@ -167,7 +167,7 @@ def _show_replay(r: dict) -> None:
         out.print("totals up to there:")
     keys = ("leases", "refusals", "accepts", "reopened", "shards_failed", "exclusions",
             "leases_cancelled", "payments", "credit", "jobs_done", "compute_starts",
-            "compute_stops", "mesh_joins", "mesh_leaves")
+            "compute_stops", "mesh_joins", "mesh_leaves", "receipts", "credit_received")
     out.print("  " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
     for job, c in r["jobs"].items():
         out.print(f"  job {job[:16]}: {c['accepted']}/{c['shards']} accepted, {c['failed']} "

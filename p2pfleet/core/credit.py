@@ -113,6 +113,50 @@ def check_receipt(receipt: ReceiptLike, signer: bytes, lease: HeldLease | None,
 
 
 @dataclass(frozen=True)
+class ReceiptSeen:
+    """A receipt the worker's ledger was given, as the node's credit log records it
+    (specs/event-log.md): the receipt's fields, its signer, and what the ledger held of its
+    lease when it checked it. `duplicate`: this very receipt (message id) was stored
+    already; `earlier`: receipts of this lease by this signer already stored."""
+
+    at_ms: int                    # when it was checked
+    lease_id: bytes
+    job_id: bytes
+    shard: int
+    worker: bytes
+    output_digest: bytes
+    credit: int
+    at: int                       # the receipt's own date
+    signer: bytes
+    lease: HeldLease | None = None
+    sent_digest: bytes | None = None
+    worker_keys: tuple[bytes, ...] = ()
+    duplicate: bool = False
+    earlier: int = 0
+
+
+@dataclass(frozen=True)
+class Credited:
+    """A receipt stored: "new" for the lease, or a "conflict" kept beside an earlier one
+    (the higher credit counts)."""
+
+    lease_id: bytes
+    publisher: bytes
+    credit: int
+    outcome: str
+
+
+def take_receipt(ev: ReceiptSeen) -> list:
+    """The ledger's decision on a receipt, as a pure rule: nothing for a duplicate,
+    `ReceiptRefused` if a check fails, else what is stored."""
+    if ev.duplicate:
+        return []
+    check_receipt(ev, ev.signer, ev.lease, ev.sent_digest, worker_keys=ev.worker_keys,
+                  now_ms=ev.at_ms)
+    return [Credited(ev.lease_id, ev.signer, ev.credit, "conflict" if ev.earlier else "new")]
+
+
+@dataclass(frozen=True)
 class Delivery:
     """A result the publisher acknowledged: the lease's promised credit and its compute time."""
 
@@ -241,8 +285,9 @@ def local_day(at_ms: int, tz_offset_s: int = 0) -> str:
 
 __all__ = [
     "CHECK_AT", "CHECK_KIND", "CHECK_LEASE", "CHECK_LEASE_FIELDS", "CHECK_NO_RESULT", "CHECK_OUTPUT",
-    "CHECK_SIGNER", "CHECK_WORKER", "DEFAULT_CAP_ELAPSED_MS", "Delivery", "HeldLease",
-    "Payment", "RETRY_BASE_S", "RETRY_MAX_S", "ReceiptRefused", "Unpaid", "WINDOW_MS",
+    "CHECK_SIGNER", "CHECK_WORKER", "Credited", "DEFAULT_CAP_ELAPSED_MS", "Delivery", "HeldLease",
+    "Payment", "RETRY_BASE_S", "RETRY_MAX_S", "ReceiptRefused", "ReceiptSeen", "Unpaid",
+    "WINDOW_MS", "take_receipt",
     "cap_reason", "check_receipt", "in_window", "local_day", "may_request", "paid_per_lease",
     "retry_delay_s", "unpaid", "worker_keys",
 ]

@@ -209,8 +209,9 @@ class NodeSettings:
     log_level: str = _setting(
         "warning", "How much to log.", choices=("error", "warning", "info", "debug"))
     event_log: bool = _setting(
-        False, "Write every event the vehicle policy receives to <data dir>/logs/events.jsonl "
-        "(one JSON line each), for replay in the simulator or a bug report.")
+        False, "Write every event the vehicle policy receives, with its decisions, to <data "
+        "dir>/logs/events.jsonl, and the ledger's receipt decisions to credit-events.jsonl "
+        "beside it (one JSON line each), for `p2pfleet sim replay` or a bug report.")
     info_opt_in: bool = _setting(
         False, "Answer node-info requests from explorers (software version, uptime, "
         "counters). Off: such requests are refused.")

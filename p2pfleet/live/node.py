@@ -219,6 +219,11 @@ class Node:
         self.event_log = open(event_log, "a", encoding="utf-8") if event_log else None  # noqa: SIM115
         if self.event_log is not None:
             self.event_log.write(eventlog.header("policy", self.policy.config) + "\n")
+        # beside it, the ledger's receipt decisions (the credit this node recorded)
+        self.credit_log = (open(Path(event_log).with_name("credit-events.jsonl"), "a",  # noqa: SIM115
+                                encoding="utf-8") if event_log else None)
+        if self.credit_log is not None:
+            self.credit_log.write(eventlog.header("credit", None) + "\n")
         self.ledger_path = ledger_path
         self.cheat = cheat
         self.worker: Worker | None = None
@@ -380,6 +385,8 @@ class Node:
 
         c = self.config
         self.ledger = Ledger(self.ledger_path)
+        if self.credit_log is not None:
+            self.ledger.on_receipt = self._log_credit
         blob_mb = getattr(c.node, "blob_cache_mb", 1024)
         self.blob_cache = BlobCache(self.cache_dir / "blobs", int(blob_mb) * 2**20)
         settings = WorkerSettings(
@@ -455,6 +462,10 @@ class Node:
         self.event_log.write(eventlog.record(event, effects) + "\n")
         self.event_log.flush()
         return effects
+
+    def _log_credit(self, seen: Any, effects: list, refused: str | None) -> None:
+        self.credit_log.write(eventlog.record(seen, effects, refused) + "\n")
+        self.credit_log.flush()
 
     async def _apply(self, nursery: trio.Nursery, effects: list[Any]) -> float | None:
         wake = None

@@ -3,9 +3,9 @@
 A log holds, per start of a machine, a header (its settings, its rng's key and counter, the
 records it was restored from) and then one line per event with the decisions the live
 machine took for it. `replay` rebuilds the same core machine (the scheduler for a
-publisher's log, the vehicle policy for a node's), feeds it every event in virtual time
-(the times the events carry) and compares its decisions with the logged ones, effect by
-effect. It stops at the first divergence, which it reports with the event and both sides.
+publisher's log, the vehicle policy for a node's, the receipt checks of core/credit.py for a
+node's credit log), feeds it every event in virtual time (the times the events carry) and
+compares its decisions with the logged ones, effect by effect. It stops at the first divergence, which it reports with the event and both sides.
 
 A log this module cannot read (not JSON, a truncated line, an unknown event type, a field
 missing, no header) raises `LogError` naming the file and line.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core import credit as C
 from ..core import eventlog
 from ..core import policy as P
 from ..core import scheduler as S
@@ -53,6 +54,7 @@ class Report:
     events: int = 0
     decisions: int = 0         # effects compared (a refusal counts as one)
     totals: Counter = field(default_factory=Counter)
+    per_log: dict[str, Counter] = field(default_factory=dict)  # the totals of each log
     jobs: dict[str, dict] = field(default_factory=dict)  # job id -> the replayed counts
     excluded: set[str] = field(default_factory=set)      # workers excluded (keys, hex)
     divergence: Divergence | None = None
@@ -60,6 +62,7 @@ class Report:
     def as_dict(self) -> dict:
         return {"logs": self.logs, "segments": self.segments, "events": self.events,
                 "decisions": self.decisions, "totals": dict(sorted(self.totals.items())),
+                "per_log": {p: dict(sorted(c.items())) for p, c in self.per_log.items()},
                 "jobs": self.jobs, "excluded": sorted(self.excluded),
                 "identical": self.divergence is None,
                 "divergence": self.divergence.as_dict() if self.divergence else None}
@@ -221,7 +224,26 @@ class _Policy(_Machine):
                 totals[name] += 1
 
 
-_MACHINES = {"scheduler": _Scheduler, "policy": _Policy}
+class _Credit(_Machine):
+    """A node's receipt decisions (its ledger's `add_receipt`): the credit it recorded."""
+
+    types = (C.ReceiptSeen,)
+    refusals = (C.ReceiptRefused,)
+
+    def __init__(self, header: dict, where: str):
+        pass
+
+    def handle(self, ev: object) -> list:
+        return C.take_receipt(ev)
+
+    def count(self, effects: list, totals: Counter) -> None:
+        for e in effects:
+            totals["receipts"] += 1
+            if e.outcome == "new":  # a second receipt for a lease is kept as proof only
+                totals["credit_received"] += e.credit
+
+
+_MACHINES = {"scheduler": _Scheduler, "policy": _Policy, "credit": _Credit}
 
 
 def _first_difference(a: Any, b: Any) -> int:
@@ -270,6 +292,7 @@ def _replay_one(path: Path, report: Report) -> None:
                 logged, replayed, _first_difference(logged, replayed))
             return
         machine.count(effects, report.totals)
+        machine.count(effects, report.per_log.setdefault(str(path), Counter()))
         index += 1
     if machine is None:
         raise LogError(f"{path}: empty: no header, no events")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import msgpack
@@ -212,6 +212,9 @@ class Ledger:
         self.path = Path(path)
         self.worker_keys = tuple(worker_keys)
         self.conn: sqlite3.Connection = open_db(self.path, MIGRATIONS, name="ledger")
+        # Told of every receipt decision: (C.ReceiptSeen, effects, refused) for the node's
+        # credit log (specs/event-log.md); None: not logged.
+        self.on_receipt: Callable[[C.ReceiptSeen, list, str | None], None] | None = None
 
     def close(self) -> None:
         self.conn.close()
@@ -394,9 +397,12 @@ class Ledger:
         if receipt.kind != "receipt" or not isinstance(receipt.body, Receipt):
             raise ReceiptRejected(C.CHECK_KIND, f"a {receipt.kind!r} envelope is not a receipt")
         body: Receipt = receipt.body
+        seen = C.ReceiptSeen(now_ms, body.lease_id, body.job_id, body.shard, body.worker,
+                             body.output_digest, body.credit, body.at, receipt.signer)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM receipts WHERE msg_id = ?",
                           (receipt.msg_id,)).fetchone():
+                self._noted(replace(seen, duplicate=True), [], None)
                 return "duplicate"
             row = db.execute("SELECT lease_id, publisher, worker, job_id, shard, credit "
                              "FROM leases WHERE lease_id = ?", (body.lease_id,)).fetchone()
@@ -407,9 +413,17 @@ class Ledger:
                 C.check_receipt(body, receipt.signer, held, sent[0] if sent else None,
                                 worker_keys=self.worker_keys, now_ms=now_ms)
             except C.ReceiptRefused as exc:
+                if self.on_receipt is not None:
+                    self._noted(replace(seen, lease=held, sent_digest=sent[0] if sent else None,
+                                        worker_keys=self.worker_keys), [], str(exc))
                 raise ReceiptRejected(exc.check, exc.detail) from None
             before = db.execute("SELECT count(*) FROM receipts WHERE lease_id = ? AND "
                                 "publisher = ?", (body.lease_id, receipt.signer)).fetchone()[0]
+            if self.on_receipt is not None:
+                self._noted(replace(seen, lease=held, sent_digest=sent[0] if sent else None,
+                                    worker_keys=self.worker_keys, earlier=before),
+                            [C.Credited(body.lease_id, receipt.signer, body.credit,
+                                        "conflict" if before else "new")], None)
             db.execute(
                 "INSERT INTO receipts (msg_id, publisher, lease_id, job_id, shard, worker, "
                 "output_digest, credit, at_ms, received_ms, network, envelope) "
@@ -422,6 +436,10 @@ class Ledger:
                        "output = NULL WHERE lease_id = ? AND kind = 'result'",
                        (now_ms, body.lease_id))
         return "conflict" if before else "new"
+
+    def _noted(self, seen: C.ReceiptSeen, effects: list, refused: str | None) -> None:
+        if self.on_receipt is not None:
+            self.on_receipt(seen, effects, refused)
 
     _RECEIPT_COLS = ("id, publisher, lease_id, job_id, shard, worker, output_digest, credit, "
                      "at_ms, received_ms, network, envelope")

@@ -228,3 +228,60 @@ def test_the_cli_prints_a_summary_or_the_divergence_and_exits_non_zero(tmp_path)
     pub.write_text("\n".join(lines[:4]) + "\n{\"type\n")
     r = runner.invoke(cli, ["sim", "replay", str(pub)])
     assert r.exit_code == 2 and "pub.jsonl:5" in r.output and "Traceback" not in r.output
+
+
+def credit_log(path: Path, tmp_path: Path) -> None:
+    """A node's credit log written by its real ledger (store/ledger.py `on_receipt`), as
+    live/node.py writes it: a receipt stored, the same again, a conflicting one, refused ones."""
+    import dataclasses
+
+    from p2pfleet.identity import Identity
+    from p2pfleet.store.ledger import Ledger, ReceiptRejected
+    from p2pfleet.wire.envelope import open_envelope, seal
+    from p2pfleet.wire.kinds import LeaseBatch, Receipt
+    from p2pfleet.wire.samples import sample_body
+
+    net, now = "testnet", 1_700_000_000_000
+    pub, me = Identity.from_seed(b"replay publisher"), Identity.from_seed(b"replay worker")
+    base = sample_body("lease_batch").leases[0]
+    leases = tuple(dataclasses.replace(base, lease_id=bytes([i]) * 16, job_id=JOB, shard=i,
+                                       credit=10) for i in (1, 2))
+    held = open_envelope(seal(LeaseBatch(req_id=b"r" * 16, exp=now + 60_000,
+                                         worker=me.public_key, leases=leases), pub, net), net)
+
+    def receipt(i: int, credit: int = 10, **over):
+        fields = dict(lease_id=bytes([i]) * 16, job_id=JOB, shard=i, worker=me.public_key,
+                      output_digest=bytes([i]) * 32, credit=credit, at=now)
+        return open_envelope(seal(Receipt(**{**fields, **over}), pub, net), net)
+
+    with path.open("w") as f, Ledger(tmp_path / "ledger.sqlite") as led:
+        f.write(eventlog.header("credit", None) + "\n")
+        led.on_receipt = lambda seen, effects, refused: f.write(
+            eventlog.record(seen, effects, refused) + "\n")
+        led.add_leases(pub.public_key, held, now)
+        item = led.enqueue(pub.public_key, bytes([1]) * 16, "result", b"env", now + 10**9, now,
+                           output_digest=bytes([1]) * 32, output=None, elapsed_ms=1000)
+        led.delivered(item, now)
+        low = receipt(1, credit=8)
+        assert led.add_receipt(low, now + 1) == "new"
+        assert led.add_receipt(low, now + 2) == "duplicate"
+        assert led.add_receipt(receipt(1, credit=12, at=now + 5), now + 3) == "conflict"
+        for bad in (receipt(2), receipt(1, output_digest=b"x" * 32), receipt(7)):
+            with pytest.raises(ReceiptRejected):
+                led.add_receipt(bad, now + 4)
+
+
+def test_a_node_credit_log_replays_the_receipt_checks(tmp_path):
+    log = tmp_path / "credit-events.jsonl"
+    credit_log(log, tmp_path)
+    report = replay([log])
+    assert report.divergence is None and report.events == 6
+    assert report.totals["receipts"] == 2 and report.totals["credit_received"] == 8
+    lines = log.read_text().splitlines()
+    # a refused receipt logged as stored, or a stored one with more credit: both diverge
+    k = next(i for i, line in enumerate(lines) if '"refused"' in line)
+    report = replay([tampered(log, k, lambda d: (d.pop("refused"), d.update(effects=[])))])
+    assert report.divergence is not None and report.divergence.line == k + 1
+    k = next(i for i, line in enumerate(lines) if '"Credited"' in line)
+    report = replay([tampered(log, k, lambda d: d["effects"][0].update(credit=80))])
+    assert report.divergence is not None and report.divergence.line == k + 1

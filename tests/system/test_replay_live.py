@@ -1,7 +1,8 @@
 """A live run replayed: real `p2pfleet node start` processes (one cheating with fp16 weights)
 and a real `p2pfleet job submit` publisher, killed with SIGKILL mid-job and resumed, all
 with event logs on; `p2pfleet sim replay` on the publisher's log and the nodes' logs takes
-every decision the live machines took (exit 0), and its totals are the publisher's report.
+every decision the live machines took (exit 0), its totals are the publisher's report, and
+each node's replayed receipt decisions sum to the credit in its ledger.
 
 The job keeps the default re-check and audit rates: the draws must replay too (the log holds
 the scheduler's key), so nothing here asserts a count that depends on them, only that the
@@ -88,7 +89,8 @@ def test_a_live_run_with_a_cheater_and_a_publisher_kill_replays_to_the_same_deci
     finally:
         fleet.stop()  # the nodes' logs are complete once they have stopped
 
-    node_logs = [n.data_dir / "logs" / "events.jsonl" for n in fleet.nodes]
+    node_logs = [n.data_dir / "logs" / name for n in fleet.nodes
+                 for name in ("events.jsonl", "credit-events.jsonl")]
     assert all(p.exists() for p in node_logs)
     replay = subprocess.run(cli("sim", "replay", "--json", str(log), *map(str, node_logs)),
                             capture_output=True, text=True, timeout=300)
@@ -104,3 +106,12 @@ def test_a_live_run_with_a_cheater_and_a_publisher_kill_replays_to_the_same_deci
     assert out["excluded"] == [key_from_peer_id(cheater).hex()]
     assert out["totals"]["exclusions"] >= 1 and out["totals"]["leases"] >= report["replicas"]
     assert out["totals"]["compute_starts"] >= len(fleet.nodes)  # the nodes' policy decisions
+    # each node's replayed receipt decisions add up to the credit its ledger holds
+    for node in fleet.nodes:
+        led = subprocess.run(cli("--data-dir", str(node.data_dir), "ledger", "--json"),
+                             capture_output=True, text=True, timeout=60)
+        assert led.returncode == 0, led.stderr
+        paid = sum(p["credit"]["paid"] for p in json.loads(led.stdout)["publishers"])
+        got = out["per_log"].get(str(node.data_dir / "logs" / "credit-events.jsonl"), {})
+        assert got.get("credit_received", 0) == paid, node.index
+        assert paid == 0 or node.index != 4  # the cheater was never paid
