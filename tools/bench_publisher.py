@@ -29,6 +29,8 @@ hardware class (cross_class_rate 0).
     .venv/bin/python tools/bench_publisher.py             # ~1 min: 4000 shards, 2 x 20 workers
     .venv/bin/python tools/bench_publisher.py --quick     # a smoke run (~20 s)
     .venv/bin/python tools/bench_publisher.py --profile   # plus the publisher's cProfile top
+    .venv/bin/python tools/bench_publisher.py --event-log # twice: without, then with the
+                                                          # event log (specs/event-log.md)
 JSON on stdout and in tools/bench_publisher.last.json (--out FILE); progress on stderr.
 """
 
@@ -236,7 +238,8 @@ async def run_bench(args: argparse.Namespace, workdir: Path) -> dict:
         prefix_cap=10**6, max_batch=max(64, args.slots),
         trust=T.TrustSettings(established_accepted=0, established_age_ms=0,
                               established_cap=max(16, args.slots)))
-    settings = PublisherSettings(scheduler=sched, announce_interval_s=5.0, tick_interval_s=1.0)
+    settings = PublisherSettings(scheduler=sched, announce_interval_s=5.0, tick_interval_s=1.0,
+                                 event_log=workdir / "events.jsonl" if args.logging else None)
     report: dict = {}
     async with trio.open_nursery() as nursery:
         identity = Identity.from_seed(b"benchpub-publisher")
@@ -372,8 +375,12 @@ def main() -> int:
                     help="cProfile the publisher (CPU time; slows it about 3x)")
     ap.add_argument("--py-spy", default=None, metavar="PATH",
                     help="sample the publisher with this py-spy (little overhead)")
+    ap.add_argument("--event-log", action="store_true",
+                    help="run twice, without and then with the publisher's event log, and "
+                         "report the ratio of results per publisher CPU second")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    args.logging = False
     if args.quick:
         args.shards, args.hosts = min(args.shards, 600), min(args.hosts, 10)
     from benchlib import machine_info  # tools/benchlib.py
@@ -384,6 +391,17 @@ def main() -> int:
                     "method": __doc__.split("\n\n")[1].replace("\n", " ")}
     with tempfile.TemporaryDirectory(prefix="bench-publisher-") as d:
         result.update(trio.run(run_bench, args, Path(d)))
+    if args.event_log:  # the baseline above, then the same run with the log on
+        with tempfile.TemporaryDirectory(prefix="bench-publisher-") as d:
+            args.logging = True
+            logged = trio.run(run_bench, args, Path(d))
+            events = Path(d) / "events.jsonl"
+            off, on = result["results_per_cpu_s"], logged["results_per_cpu_s"]
+            result["event_log"] = {
+                "results_per_cpu_s_without": off, "results_per_cpu_s_with": on,
+                "ratio_with_to_without": round(on / off, 3) if off else None,
+                "completed": logged["completed"], "lines": sum(1 for _ in events.open()),
+                "bytes": events.stat().st_size}
     result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=1, default=str)
     print(text)
