@@ -141,8 +141,8 @@ def _control_path(app: App):
               help="A peer to contact first, /.../p2p/<peer id> (repeatable; added to "
                    "node.bootstrap).")
 @click.option("--vehicle-trace", "trace", default=None, metavar="FILE",
-              help="Replay this vehicle trace (or builtin:<name>) instead of the configured "
-                   "provider.")
+              help="Replay this vehicle trace (or builtin:<name>, or survey:<car> 0-199) "
+                   "instead of the configured provider.")
 @click.option("--trace-speedup", type=float, default=None,
               help="Replay speed of the trace (60: an hour per minute).")
 @click.option("--cheat", default=None, hidden=True, metavar="fp16|strategic:N",

@@ -347,8 +347,9 @@ class VehicleSettings:
         choices=("static", "trace", "vehicle_api", "json_command", "json_endpoint",
                  "power_supply", "ocpp"))
     trace: str = _setting(
-        "", "Trace file for provider 'trace': a path, or builtin:<name> for a shipped trace "
-        "(commuter-day, flappy-plug, metered-network, hot-day).")
+        "", "Trace file for provider 'trace': a path, builtin:<name> for a shipped trace "
+        "(commuter-day, flappy-plug, metered-network, hot-day), or survey:<car> for one of "
+        "the 200 shipped survey car-weeks (0-199, docs/traces.md).")
     trace_speedup: float = _setting(
         1.0, "Replay speed of the trace (60: an hour per minute; for tests and demos).",
         min=0.001, max=1e6)

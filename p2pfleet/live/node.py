@@ -56,7 +56,8 @@ from ..store.state import NodeState
 from .worker import Worker, WorkerSettings
 from ..core.peer_budget import MB, BudgetLimits, PeerBudget
 from ..core.worker import HeardJob, hand_back_reason
-from ..vehicle.providers import StaticProvider, TraceProvider, builtin_trace_path
+from ..vehicle.providers import StaticProvider, TraceProvider
+from ..vehicle.survey import resolve_trace
 from ..vehicle.ocpp.charger import OcppServerError
 from ..vehicle.live import observation, provider_health
 from .providers import LIVE_PROVIDERS, make_live_provider
@@ -83,9 +84,8 @@ def make_provider(config: Config, *, t0: float | None = None) -> Any:
     if v.provider == "trace":
         if not v.trace:
             raise NodeError("vehicle.provider is 'trace' but vehicle.trace names no file")
-        path = builtin_trace_path(v.trace[len("builtin:"):]) if v.trace.startswith("builtin:") \
-            else Path(v.trace).expanduser()
-        return TraceProvider(path, t0=time.time() if t0 is None else t0, speedup=v.trace_speedup)
+        return TraceProvider(resolve_trace(v.trace), t0=time.time() if t0 is None else t0,
+                             speedup=v.trace_speedup)
     if v.provider == "ocpp":  # the owner's charger (vehicle/ocpp/)
         from .ocpp_setup import make_ocpp_provider
         return make_ocpp_provider(config)
