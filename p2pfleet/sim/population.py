@@ -17,8 +17,11 @@ sun from 08:00) and metered-network.jsonl (a workplace Wi-Fi that changes from 0
 Networks: home Wi-Fi reaches the garage for `home_wifi` of home chargers (else cellular,
 metered); a workplace Wi-Fi for `work_wifi` of workplace chargers (else cellular).
 
-These shares are assumptions, not survey data (the survey-based traces of the real-cars
-issue will replace them); `Assumptions` holds them and the CLI prints them with --json.
+  survey  one of the survey car-days (sim/traces.py `load_survey_days`: each day of the
+        200 car-weeks of docs/traces.md, every state as drawn), for a share of `habits`
+        given e.g. as (("survey", 1.0),); not in the default mix.
+The other habits' shares are assumptions, not survey data; `Assumptions` holds them and the
+CLI prints them with --json.
 """
 
 from __future__ import annotations
@@ -229,12 +232,24 @@ def population(n: int, traces: dict[str, Trace], rng: random.Random,
     if missing:
         raise TraceError(f"the population needs the traces {sorted(missing)}")
     habits = Habits(traces)
+    survey = sorted(name for name in traces if name.startswith("survey:"))
+    if not survey and any(h == "survey" and share > 0 for h, share in a.habits):
+        raise TraceError("habit 'survey' needs the survey car-days (sim.traces.load_survey_days)")
+    days: dict[str, Day] = {}
     out = []
     for _ in range(n):
         habit = _pick(rng, a.habits)[0]
         hw, _share, bench = _pick(rng, a.hardware)
         reachable = rng.random() < a.reachable
         direct = reachable or rng.random() < a.hole_punch
-        out.append(VehicleSpec(habit, vehicle_day(habits, rng, a, habit), hw,
-                               bench * rng.uniform(0.8, 1.2), reachable, direct))
+        if habit == "survey":  # a survey car-day as it is (docs/traces.md)
+            name = rng.choice(survey)
+            if name not in days:
+                days[name] = Day(tuple((t, tuple(st.get(k) for k in VEHICLE_KEYS))
+                                       for t, st in traces[name].records))
+            day = days[name]
+        else:
+            day = vehicle_day(habits, rng, a, habit)
+        out.append(VehicleSpec(habit, day, hw, bench * rng.uniform(0.8, 1.2), reachable,
+                               direct))
     return out
