@@ -151,7 +151,7 @@ def mobility_week(rng, st: Stats, profile: str) -> list[tuple[float, float, str,
                 allowed = [home]
             else:
                 allowed = [i for i in range(len(PURPOSES)) if i not in (home, loc)]
-            hi = end_h
+            hi = end_h if last else end_h - 1.0  # an outing leaves time to get home
             if loc == work and work_h:
                 lo, hi = lo + work_h[0], min(lo + work_h[1] + 0.5, end_h)
             pick = _sample_departure(rng, table, lo, hi, allowed) if lo < hi else None
@@ -163,7 +163,7 @@ def mobility_week(rng, st: Stats, profile: str) -> list[tuple[float, float, str,
             trips.append((base + dep, base + arr, PURPOSES[dest], km))
             loc, lo = dest, arr + 0.25
         if loc != home:  # the survey's rule: the last trip of a day goes home
-            dep = max(min(lo, end_h + 0.5), trips[-1][1] - base + 0.1)
+            dep = max(min(lo, end_h), trips[-1][1] - base + 0.1)
             km, minutes = _trip_km_min(rng, st)
             trips.append((base + dep, base + dep + minutes / 60, "home", km))
         earliest = (trips[-1][1] + 0.25) if trips else earliest
