@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from p2pfleet.core import eventlog
@@ -35,3 +37,28 @@ def test_logged_policy_events_replay_to_the_same_effects():
 def test_unknown_event_types_are_refused_by_name():
     with pytest.raises(ValueError, match="unknown event type 'Bogus'"):
         eventlog.from_json('{"type": "Bogus"}', P.EVENTS)
+
+
+def test_settings_and_records_round_trip_for_a_log_header():
+    from p2pfleet.core import scheduler as S
+    from p2pfleet.core import trust as T
+
+    settings = S.SchedulerSettings(own_key=b"o" * 32, trust=T.TrustSettings(
+        trusted=frozenset({b"o" * 32, b"a" * 32})))
+    config = P.PolicyConfig(quiet_hours=("22:00-06:00",))
+    header = json.loads(eventlog.header("scheduler", settings, rng={"key": "00", "counter": 3}))
+    assert (header["format"], header["version"]) == (eventlog.FORMAT, eventlog.VERSION)
+    assert eventlog.build(S.SchedulerSettings, header["settings"]) == settings
+    back = eventlog.build(P.PolicyConfig, json.loads(eventlog.header("policy", config))["settings"])
+    assert back == config and back.quiet_windows == config.quiet_windows  # derived again
+    lease = S.LeaseRec(b"l" * 16, b"j" * 16, 3, b"w" * 32, "10.0.0.0/24", b"c" * 32, 1, 2, 3, 4,
+                       True, digest=None, agrees=(b"m" * 16,))
+    assert eventlog.build(S.LeaseRec, eventlog.plain(lease)) == lease
+
+
+def test_a_record_holds_the_event_its_effects_or_its_refusal():
+    ev = events()[0]
+    line = json.loads(eventlog.record(ev, [P.JoinMesh()]))
+    assert line["type"] == "StateObserved" and line["effects"] == [{"type": "JoinMesh"}]
+    assert eventlog.from_json(json.dumps(line), P.EVENTS) == ev  # extra keys are ignored
+    assert json.loads(eventlog.record(ev, refused="no"))["refused"] == "no"
