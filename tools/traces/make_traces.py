@@ -128,6 +128,44 @@ def _sample_departure(rng, table: np.ndarray, lo_h: float, hi_h: float,
     return t, allowed[d]
 
 
+def _day_by_rejection(rng, st: Stats, table: np.ndarray, n: int, lo: float, end_h: float,
+                      work_h: tuple[float, float] | None, tries: int = 200):
+    """A day's n trips as emobpy draws them: n departures drawn independently from the
+    day's departure-time distribution, sorted, destinations drawn at each departure, and
+    the whole day drawn again until it keeps the rules (stays of at least 15 min, the work
+    hours, the last trip home before `end_h`). None if `tries` draws all break a rule."""
+    home, work = PURPOSES.index("home"), PURPOSES.index("workplace")
+    slots = np.arange(48) * 0.5
+    p = table.sum(axis=1) * ((slots + 0.5 > lo) & (slots < end_h))
+    if p.sum() <= 0:
+        return None
+    p = p / p.sum()
+    for _ in range(tries):
+        deps = np.sort(slots[rng.choice(48, size=n, p=p)] + rng.uniform(0, 0.5, size=n))
+        trips, loc, prev_arr = [], home, lo - 0.25
+        for k, dep in enumerate(deps):
+            dep = float(dep)
+            if dep < prev_arr + 0.25 or dep >= end_h or (
+                    loc == work and work_h and not
+                    work_h[0] <= dep - prev_arr <= work_h[1] + 0.5):
+                break
+            if k == n - 1:
+                dest = home
+            elif k == 0 and work_h:
+                dest = work
+            else:
+                allowed = [i for i in range(len(PURPOSES)) if i not in (home, loc)]
+                w = table[int(dep * 2), allowed]
+                dest = allowed[int(rng.choice(len(allowed), p=w / w.sum()))] if w.sum() > 0 \
+                    else allowed[int(rng.integers(len(allowed)))]
+            km, minutes = _trip_km_min(rng, st)
+            trips.append((dep, dep + minutes / 60, PURPOSES[dest], km))
+            loc, prev_arr = dest, dep + minutes / 60
+        else:
+            return trips
+    return None
+
+
 def mobility_week(rng, st: Stats, profile: str) -> list[tuple[float, float, str, float]]:
     """Trips of one week: (departure h, arrival h, destination, km), hours from Monday 0:00."""
     who = "Free" if profile == "freetime" else "Worker"
@@ -143,6 +181,14 @@ def mobility_week(rng, st: Stats, profile: str) -> list[tuple[float, float, str,
         lo = max(earliest - base, 0.0)
         end_h = 20.0 if day == 6 else 23.75  # the week loops: Sunday ends at home
         loc = home
+        day_trips = _day_by_rejection(rng, st, table, n, lo, end_h,
+                                      work_h if day < 5 else None) if n else []
+        if day_trips is not None:
+            trips += [(base + d, base + a, dest, km) for d, a, dest, km in day_trips]
+            earliest = (trips[-1][1] + 0.25) if trips else earliest
+            continue
+        # no draw kept the rules: build the day trip by trip, each departure drawn after
+        # the last arrival (this pushes late trips later than the survey's distribution)
         for k in range(n):
             last = k == n - 1
             if k == 0 and work_h and day < 5:
