@@ -1,14 +1,16 @@
 """The scheduler's shard index decides exactly as the plain scan of every shard did.
 
 `Scheduler` keeps, per job, the sorted shards with a replica to offer and the undecided ones,
-refreshed from the records each rule marks as changed, and checks stalls against the job's
-requesters gathered once per tick. `Scan` below is the same machine with the straightforward
-rules it replaced (the reference): the window found by walking every shard in order, a job
-done when every shard is decided, the requesters gathered again for every shard, a shard's
-open replicas counted on every read, ranks keyed afresh. Both are
-driven through one random sequence of work requests, results (agreeing, wrong, failing a
-known answer), failures, hand-backs, expiries (ticks), cancellations and a second job, and
-must return the same effects, hold the same windows and stall marks after every event.
+refreshed from the records each rule marks as changed, keeps a shard's open-replica count
+until it changes, and checks stalls against the job's requesters gathered once per tick.
+`Scan` below is the same machine with the straightforward rules it replaced (the reference):
+the window found by walking the shards in order from the first undecided one, a job done
+when every shard is decided, the requesters gathered again for every shard, a shard's open
+replicas counted on every read, ranks keyed afresh. Both are driven through one random
+sequence of work requests, results (agreeing, wrong, failing a known answer), failures,
+hand-backs, expiries (ticks), cancellations and a second job, and must return the same
+effects, hold the same windows and shard records after every event. tools/bench_sim.py
+uses `Scan` as its baseline.
 """
 
 from __future__ import annotations
@@ -30,8 +32,14 @@ class Scan(S.Scheduler):
 
     def _window(self, rec: S.JobRec) -> list[S.ShardRec]:
         job_id, n = rec.job.job_id, len(rec.job.samples)
+        if not hasattr(self, "decided_prefix"):
+            self.decided_prefix: dict[bytes, int] = {}  # per job: shards [0, n) are decided
+        start = self.decided_prefix.get(job_id, 0)
+        while start < n and self.shards[(job_id, start)].status != "open":
+            start += 1
+        self.decided_prefix[job_id] = start
         out = []
-        for i in range(n):
+        for i in range(start, n):
             sh = self.shards[(job_id, i)]
             untouched = sh.target == 0 and not sh.fallback and sh.status == "open"
             if (untouched and rec.status == "live") or self.open_replicas(sh) > 0:
@@ -39,6 +47,12 @@ class Scan(S.Scheduler):
                 if len(out) >= self.s.window:
                     break
         return out
+
+    def _reopen(self, sh: S.ShardRec, bad: S.LeaseRec, claim: str) -> list:
+        effects = super()._reopen(sh, bad, claim)
+        if hasattr(self, "decided_prefix"):
+            self.decided_prefix[sh.job_id] = min(self.decided_prefix.get(sh.job_id, 0), sh.index)
+        return effects
 
     def _maybe_done(self, job_id: bytes) -> list:
         rec = self.jobs[job_id]
