@@ -1,6 +1,7 @@
-"""A live run replayed: real `p2pfleet node start` processes (one cheating with fp16 weights)
-and a real `p2pfleet job submit` publisher, killed with SIGKILL mid-job and resumed, all
-with event logs on; `p2pfleet sim replay` on the publisher's log and the nodes' logs takes
+"""A live run replayed: real `p2pfleet node start` processes (one cheating with fp16 weights,
+one stopped by its owner mid-job: the policy's stop, as when unplugged) and a real
+`p2pfleet job submit` publisher, killed with SIGKILL mid-job and resumed, all with event
+logs on; `p2pfleet sim replay` on the publisher's log and the nodes' logs takes
 every decision the live machines took (exit 0), its totals are the publisher's report, and
 each node's replayed receipt decisions sum to the credit in its ledger.
 
@@ -75,6 +76,9 @@ def test_a_live_run_with_a_cheater_and_a_publisher_kill_replays_to_the_same_deci
                  "the publisher to accept a few shards", interval=0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        # the owner of node 3 stops it (the policy's stop, the path of unplugging): a lease it
+        # holds is handed back to the restarted publisher, which restored it from its store
+        fleet.nodes[3].ask("pause")
         status = subprocess.run(pub_args(pub_root, NETWORK, PUBLISHING, "job", "status",
                                          "--json"), capture_output=True, text=True, timeout=60)
         job_id = json.loads(status.stdout)["jobs"][0]["job_id"]
@@ -106,6 +110,8 @@ def test_a_live_run_with_a_cheater_and_a_publisher_kill_replays_to_the_same_deci
     assert out["excluded"] == [key_from_peer_id(cheater).hex()]
     assert out["totals"]["exclusions"] >= 1 and out["totals"]["leases"] >= report["replicas"]
     assert out["totals"]["compute_starts"] >= len(fleet.nodes)  # the nodes' policy decisions
+    node3 = out["per_log"][str(fleet.nodes[3].data_dir / "logs" / "events.jsonl")]
+    assert node3["compute_stops"] >= 1 and node3["mesh_leaves"] >= 1
     # each node's replayed receipt decisions add up to the credit its ledger holds
     for node in fleet.nodes:
         led = subprocess.run(cli("--data-dir", str(node.data_dir), "ledger", "--json"),
