@@ -163,7 +163,14 @@ def _show_replay(r: dict) -> None:
         for name in ("event", "logged", "replayed"):  # raw JSON: no rich markup in it
             out.print(f"  {name + ':':9} {json.dumps(d[name], sort_keys=True)}", markup=False,
                       highlight=False, soft_wrap=True)
-        out.print(f"  first different effect: {d['first_difference']}")
+        k = d["first_difference"]
+        out.print(f"  first different effect: {k}")
+        for name in ("logged", "replayed"):
+            side = d[name]
+            if isinstance(side, list):
+                shown = json.dumps(side[k], sort_keys=True) if k < len(side) else "(none)"
+                out.print(f"    {name + ':':9} {shown}", markup=False, highlight=False,
+                          soft_wrap=True)
         out.print("totals up to there:")
     keys = ("leases", "refusals", "accepts", "reopened", "shards_failed", "exclusions",
             "leases_cancelled", "payments", "credit", "jobs_done", "compute_starts",
