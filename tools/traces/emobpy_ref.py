@@ -1,9 +1,9 @@
 """emobpy's own mobility model (`Mobility.run()`), for the calibration of the shipped traces.
 
 Runs a few profiles in the tools environment (about 25 s each) and writes their location
-state every 15 minutes and trip distances as JSON, which tools/plot_traces.py
+state every 15 minutes (as runs), trips and km as JSON, which tools/plot_traces.py
 (--emobpy-ref) compares with the shipped traces. A profile that emobpy fails to build is
-recorded with its error (its "parttime" rules fail on some seeds: README.md).
+recorded with its error (its "parttime" rules fail on some seeds: docs/traces.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ from emobpy import Mobility
 KINDS = (("fulltime", "DepartureDestinationTrip_Worker.csv"),
          ("freetime", "DepartureDestinationTrip_Free.csv"),
          ("parttime", "DepartureDestinationTrip_Worker.csv"))
+
+
+def compact(head: dict, states: list[str], distance: list[float]) -> dict:
+    """A profile as runs of its 15-minute location states ("driving", "home", ...), its
+    trips (runs of driving) and km."""
+    runs: list[list] = []
+    for s in states:
+        if runs and runs[-1][0] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1])
+    return dict(head, step_h=0.25, runs=runs, km=round(sum(distance), 1),
+                trips=sum(1 for s, _n in runs if s == "driving"))
 
 
 def main() -> None:
@@ -50,10 +63,9 @@ def main() -> None:
         except Exception as e:  # emobpy's own failures are data here, not ours to fix
             out.append({"i": i, "kind": kind, "seed": args.seed + i, "error": repr(e)[:300]})
             continue
-        ts = m.timeseries
-        out.append({"i": i, "kind": kind, "seed": args.seed + i,
-                    "state": [str(s) for s in ts.state],
-                    "distance": [float(x) for x in ts.distance]})
+        out.append(compact({"i": i, "kind": kind, "seed": args.seed + i},
+                           [str(s) for s in m.timeseries.state],
+                           [float(x) for x in m.timeseries.distance]))
         out_path.write_text(json.dumps(out) + "\n")
     out_path.write_text(json.dumps(out) + "\n")
 

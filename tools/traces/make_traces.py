@@ -11,7 +11,7 @@ draws car-weeks from them:
   DistanceDurationTrip.csv      joint share of (distance, duration) of a trip
 
 The trip sampler is ours, not emobpy's `Mobility.run()` (which takes about 25 s a profile
-here, and fails for some seeds of its "parttime" rules: README.md beside this file);
+here, and fails for some seeds of its "parttime" rules: docs/traces.md);
 it follows the same tables and the same rules (a worker's weekday starts with a trip to
 work; time at work 7-8 h full-time, 3.5-4 h part-time; the last trip of a day goes home).
 What the survey lacks (batteries, chargers, plug-in habits, charge limits, networks,
@@ -99,6 +99,37 @@ class Stats:
                 for p in sorted(self.folder.glob("*.csv"))}
 
 
+def survey_figures(folder: Path, profiles: dict[str, float]) -> dict:
+    """What emobpy's MiD tables imply: trips on weekdays and weekend days, km a trip, and
+    the share of trips departing in each hour (workers' and free-time drivers' tables
+    weighted by the traces' profile mix, days by their number and trips)."""
+    rows = list(csv.DictReader((folder / "TripsPerDay.csv").open()))
+    res = {}
+    for col in ("weekday", "weekend"):
+        p = [float(r[col]) for r in rows]
+        res[f"trips_per_car_{col}"] = round(sum(int(r["trip"]) * x for r, x in zip(rows, p))
+                                            / sum(p), 2)
+    hours = [0.0] * 24
+    for who, share in (("Worker", 1 - profiles["freetime"]), ("Free", profiles["freetime"])):
+        by_day: dict[str, list[float]] = {}
+        for r in csv.DictReader((folder / f"DepartureDestinationTrip_{who}.csv").open()):
+            by_day.setdefault(r["days"], []).append(
+                sum(float(v) for k, v in r.items() if k not in ("days", "time")))
+        for day, weight in (("weekdays", 5 * res["trips_per_car_weekday"]),
+                            ("saturday", res["trips_per_car_weekend"]),
+                            ("sunday", res["trips_per_car_weekend"])):
+            col = by_day[day]
+            for half, x in enumerate(col):
+                hours[half // 2] += share * weight * x / sum(col)
+    res["departures_by_hour"] = [round(x / sum(hours), 4) for x in hours]
+    grid = list(csv.reader((folder / "DistanceDurationTrip.csv").open()))
+    km = [float(r[0]) for r in grid[1:]]
+    mass = [sum(float(x) for x in r[1:]) for r in grid[1:]]
+    mids = [(lo + hi) / 2 for lo, hi in zip([0.5] + km[:-1], km)]
+    res["km_per_trip"] = round(sum(m * w for m, w in zip(mids, mass)) / sum(mass), 1)
+    return res
+
+
 def _day_kind(day: int) -> tuple[str, str]:
     """(trips table column, departure table rows) of day 0 = Monday .. 6 = Sunday."""
     return ("weekday", "weekdays") if day < 5 else (
@@ -129,19 +160,27 @@ def _sample_departure(rng, table: np.ndarray, lo_h: float, hi_h: float,
 
 
 def _day_by_rejection(rng, st: Stats, table: np.ndarray, n: int, lo: float, end_h: float,
-                      work_h: tuple[float, float] | None, tries: int = 200):
-    """A day's n trips as emobpy draws them: n departures drawn independently from the
-    day's departure-time distribution, sorted, destinations drawn at each departure, and
-    the whole day drawn again until it keeps the rules (stays of at least 15 min, the work
-    hours, the last trip home before `end_h`). None if `tries` draws all break a rule."""
+                      work_h: tuple[float, float] | None, min_home_h: float,
+                      tries: int = 200):
+    """A day's n trips as emobpy draws them: the first departure from the distribution of
+    trips to its destination (work for a worker's weekday, anywhere but home otherwise),
+    the others from the day's departure-time distribution, sorted, a destination drawn at
+    each, and the whole day drawn again until it keeps emobpy's rules (stays of at least
+    15 min, the work hours, the last trip home before `end_h`, at least `min_home_h` at
+    home). None if `tries` draws all break a rule."""
     home, work = PURPOSES.index("home"), PURPOSES.index("workplace")
     slots = np.arange(48) * 0.5
-    p = table.sum(axis=1) * ((slots + 0.5 > lo) & (slots < end_h))
-    if p.sum() <= 0:
+    window = (slots + 0.5 > lo) & (slots < end_h)
+    first_to = [work] if work_h else [i for i in range(len(PURPOSES)) if i != home]
+    p1 = table[:, first_to].sum(axis=1) * window  # the first trip leaves home for these
+    p = table.sum(axis=1) * window
+    if p.sum() <= 0 or p1.sum() <= 0:
         return None
-    p = p / p.sum()
+    p, p1 = p / p.sum(), p1 / p1.sum()
     for _ in range(tries):
-        deps = np.sort(slots[rng.choice(48, size=n, p=p)] + rng.uniform(0, 0.5, size=n))
+        first = slots[rng.choice(48, p=p1)] + rng.uniform(0, 0.5)
+        rest = slots[rng.choice(48, size=n - 1, p=p)] + rng.uniform(0, 0.5, size=n - 1)
+        deps = [first, *np.sort(rest)]
         trips, loc, prev_arr = [], home, lo - 0.25
         for k, dep in enumerate(deps):
             dep = float(dep)
@@ -162,7 +201,8 @@ def _day_by_rejection(rng, st: Stats, table: np.ndarray, n: int, lo: float, end_
             trips.append((dep, dep + minutes / 60, PURPOSES[dest], km))
             loc, prev_arr = dest, dep + minutes / 60
         else:
-            return trips
+            if first + 24.0 - trips[-1][1] >= min_home_h:
+                return trips
     return None
 
 
@@ -182,7 +222,8 @@ def mobility_week(rng, st: Stats, profile: str) -> list[tuple[float, float, str,
         end_h = 20.0 if day == 6 else 23.75  # the week loops: Sunday ends at home
         loc = home
         day_trips = _day_by_rejection(rng, st, table, n, lo, end_h,
-                                      work_h if day < 5 else None) if n else []
+                                      work_h if day < 5 else None,
+                                      9.0 if day < 5 else 6.0) if n else []
         if day_trips is not None:
             trips += [(base + d, base + a, dest, km) for d, a, dest, km in day_trips]
             earliest = (trips[-1][1] + 0.25) if trips else earliest
@@ -382,6 +423,7 @@ def main() -> None:
                   "data/eg2/config_files",
         "emobpy_version": metadata.version("emobpy"), "numpy_version": np.__version__,
         "tables_sha256": st.hashes(), "assumptions": ASSUMPTIONS,
+        "survey_figures": survey_figures(folder, ASSUMPTIONS["profiles"]),
     }
     (args.out / "survey-meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
