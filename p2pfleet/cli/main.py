@@ -103,6 +103,7 @@ def _register() -> None:
     from .cmd_key import key_group
     from .cmd_ledger import ledger_group
     from .cmd_node import node_group, peers_command, record_command
+    from . import cmd_dashboard  # noqa: F401  (adds 'node dashboard')
 
     cli.add_command(node_group)
     cli.add_command(peers_command)

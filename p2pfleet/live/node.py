@@ -61,6 +61,7 @@ from ..vehicle.survey import resolve_trace
 from ..vehicle.ocpp.charger import OcppServerError
 from ..vehicle.live import observation, provider_health
 from .providers import LIVE_PROVIDERS, make_live_provider
+from .timeline import VehicleTimeline
 from ..wire.envelope import seal
 from ..wire.kinds import KINDS, Capacity
 
@@ -202,6 +203,7 @@ class Node:
             relay_only=config.node.relay_only,
         )
         self.status = NodeStatus(started_at=clock())
+        self.timeline = VehicleTimeline()  # for the owner's dashboard
         self.mesh: Mesh | None = None
         self._mesh_scope: trio.CancelScope | None = None
         self._mesh_done: trio.Event | None = None
@@ -505,8 +507,11 @@ class Node:
                 used, self._energy_pending_wh = self._energy_pending_wh, 0.0
                 await self._apply(nursery, self._feed(P.EnergyUsed(now, used)))
             # a live provider without a state to trust gives StateUnavailable (vehicle/live.py)
-            wake = await self._apply(nursery, self._feed(observation(self.provider, now,
-                                                                     utc_offset_s(now))))
+            seen = observation(self.provider, now, utc_offset_s(now))
+            if isinstance(seen, P.StateObserved):
+                v = seen.vehicle_state
+                self.timeline.note(now, v.soc_pct, v.plugged_in, v.parked)
+            wake = await self._apply(nursery, self._feed(seen))
             if wake is not None:
                 policy_wake = wake if policy_wake is None or policy_wake <= now else min(policy_wake, wake)
             candidates = [now + POLL_S]
@@ -556,6 +561,25 @@ class Node:
             "mesh_leaves": self.status.mesh_leaves,
             "last_error": self.status.last_error,
             "history": [[t, what] for t, what in self.status.history[-10:]],
+            **self.dashboard_report(now),
+        }
+
+    def dashboard_report(self, now: float) -> dict:
+        """What the owner's dashboard draws beyond the status lines (p2pfleet/dashboard/)."""
+        s, cfg = self.policy.state, self.policy.config
+        v = s.vehicle
+        return {
+            "now": now,
+            "vehicle_now": None if v is None else {
+                "soc_pct": v.soc_pct, "charge_limit_pct": v.charge_limit_pct,
+                "plugged_in": v.plugged_in, "parked": v.parked, "network": v.network,
+                "metered": v.metered, "departure_at": v.departure_at},
+            "timeline": list(self.timeline.points),
+            "today": {"energy_wh": s.energy_wh, "energy_budget_wh": cfg.daily_energy_budget_wh,
+                      "transfer_bytes": s.transfer_bytes,
+                      "transfer_cap_bytes": cfg.transfer_cap_bytes},
+            "quiet_hours": list(cfg.quiet_hours),
+            "next_wake_at": s.wake_at,
         }
 
     def work_report(self) -> dict | None:

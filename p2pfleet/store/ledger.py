@@ -452,6 +452,14 @@ class Ledger:
                                      "publisher = ? ORDER BY id", (publisher,))
         return [ReceiptRow(*r) for r in rows.fetchall()]
 
+    def hand_back_rows(self, limit: int = 20) -> list[tuple[bytes, bytes, bytes, int, int, bytes]]:
+        """The latest hand-backs, newest first: (publisher, lease id, job id, shard, created
+        ms, the signed hand_back envelope, which says why)."""
+        return self.conn.execute(
+            "SELECT o.publisher, o.lease_id, l.job_id, l.shard, o.created_ms, o.envelope "
+            "FROM outbox o JOIN leases l ON l.lease_id = o.lease_id WHERE o.kind = 'hand_back' "
+            "ORDER BY o.created_ms DESC, o.id DESC LIMIT ?", (limit,)).fetchall()
+
     def receipts(self, publisher: bytes | None = None) -> list[bytes]:
         """The complete signed receipt envelopes, in the order received."""
         return [r.envelope for r in self.receipt_rows(publisher)]
