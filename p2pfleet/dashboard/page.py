@@ -28,7 +28,8 @@ body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#222}
 header{background:#1f2d3d;color:#fff;padding:12px 16px}
 header h1{font-size:18px;margin:0}
 header .peer{font-size:12px;opacity:.8;word-break:break-all}
-main{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px;padding:12px}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(340px,100%),1fr));gap:12px;padding:12px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(260px,100%),1fr));gap:8px}
 section{background:#fff;border-radius:8px;padding:12px 14px;box-shadow:0 1px 2px #0002;min-width:0}
 section.wide{grid-column:1/-1}
 h2{font-size:15px;margin:0 0 8px}
@@ -134,7 +135,7 @@ def _changes(doc: Doc) -> str:
 
 def _ticks(t0: float, t1: float, off: int) -> list[tuple[float, str]]:
     span = t1 - t0
-    step = next((s for s in (600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400)
+    step = next((s for s in (60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400)
                  if span / s <= 6), 86400)
     first = (int(t0 + off) // step + 1) * step - off
     return [(t, time.strftime("%H:%M", time.gmtime(t + off)))
@@ -159,7 +160,7 @@ def _vehicle(doc: Doc) -> str:
     chart = ""
     if points:
         t1 = float(st.get("now", doc["now"]))
-        t0 = min(float(points[0][0]), t1 - 600)
+        t0 = min(float(points[0][0]), t1 - 60)
         chart = timeline_chart("battery-chart", points, t0, t1, _ticks(t0, t1, off))
     else:
         chart = '<p class="muted">no timeline yet (the node draws it while it runs)</p>'
@@ -211,8 +212,8 @@ def _publisher(p: Doc, i: int) -> str:
         f'{e(p["hand_backs"])}, compute {_hms(p["compute_ms"])}, energy '
         f'<span class="kwh-metered">{k["metered"]:.4f}</span> kWh metered + '
         f'<span class="kwh-estimated">{k["estimated"]:.4f}</span> kWh estimated</p>'
-        f'<main class="charts">{"".join(f"<div>{c_}</div>" for c_ in (credit, results, kwh))}'
-        f'</main><div class="scroll"><table><tr><th>day</th><th>results</th><th>credit paid'
+        f'<div class="charts">{"".join(f"<div>{c_}</div>" for c_ in (credit, results, kwh))}'
+        f'</div><div class="scroll"><table><tr><th>day</th><th>results</th><th>credit paid'
         f'</th><th>compute</th><th>kWh metered</th><th>kWh estimated</th></tr>{rows}</table>'
         '</div></section>')
 

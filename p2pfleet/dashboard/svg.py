@@ -75,12 +75,10 @@ def timeline_chart(chart_id: str, points: Sequence[Sequence], t0: float, t1: flo
     parts = [f'<svg id="{_e(chart_id)}" class="chart" viewBox="0 0 {W} {H}" width="100%" '
              'role="img" aria-label="battery and plug timeline"><title>battery and plug '
              'timeline</title>']
-    for i, p in enumerate(points):  # shade plugged-in stretches (until the next point)
-        if p[2]:
-            end = points[i + 1][0] if i + 1 < len(points) else t1
-            parts.append(f'<rect class="plugged" x="{x(p[0]):.1f}" y="{PAD_T}" '
-                         f'width="{max(0.5, x(end) - x(p[0])):.1f}" height="{plot_h}" '
-                         'fill="#cde8c4"/>')
+    for start, end in plugged_spans(points, t1):
+        parts.append(f'<rect class="plugged" x="{x(start):.1f}" y="{PAD_T}" '
+                     f'width="{max(0.5, x(end) - x(start)):.1f}" height="{plot_h}" '
+                     'fill="#cde8c4"/>')
     for soc in (0, 50, 100):
         parts.append(f'<line x1="{PAD_L}" y1="{y(soc):.1f}" x2="{W - 6}" y2="{y(soc):.1f}" '
                      f'stroke="#ddd"/><text x="{PAD_L - 4}" y="{y(soc) + 4:.1f}" '
@@ -98,6 +96,22 @@ def timeline_chart(chart_id: str, points: Sequence[Sequence], t0: float, t1: flo
     return "".join(parts) + ('<div class="legend"><span class="key"><i style="background:'
                              '#1f5fa8"></i>battery charge</span> <span class="key"><i '
                              'style="background:#cde8c4"></i>plugged in</span></div>')
+
+
+def plugged_spans(points: Sequence[Sequence], t1: float) -> list[tuple[float, float]]:
+    """(start, end) of each plugged-in stretch: from a point saying plugged in to the next
+    saying not (or `t1`)."""
+    spans: list[tuple[float, float]] = []
+    start = None
+    for p in points:
+        if p[2] and start is None:
+            start = p[0]
+        elif not p[2] and start is not None:
+            spans.append((start, p[0]))
+            start = None
+    if start is not None:
+        spans.append((start, t1))
+    return spans
 
 
 def meter(meter_id: str, used: float, cap: float | None, label: str) -> str:

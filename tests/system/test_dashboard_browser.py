@@ -2,7 +2,7 @@
 node replaying a vehicle trace and computing a real job for a real `job serve` publisher.
 
 Screenshots at desktop and phone width go to the test's tmp dir (and to the directory
-P2PFLEET_SCREENSHOTS names, if set: that is how docs/dashboard.png is made).
+SCREENSHOTS_DIR names, if set: that is how docs/dashboard.png is made).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ TRACE = [{"format": "p2pfleet-vehicle-trace", "version": 1, "start": 0, "loop": 
 
 def _shots(browser, tmp_path: Path, name: str) -> None:  # noqa: F811
     out = [tmp_path]
-    if os.environ.get("P2PFLEET_SCREENSHOTS"):
-        out.append(Path(os.environ["P2PFLEET_SCREENSHOTS"]))
-    for width, height, suffix in ((1280, 1000, ""), (390, 844, "-phone")):
+    if os.environ.get("SCREENSHOTS_DIR"):
+        out.append(Path(os.environ["SCREENSHOTS_DIR"]))
+    for width, height, suffix in ((1280, 1700, ""), (390, 844, "-phone")):
         browser.set_window_size(width, height)
         browser.refresh()
         if suffix:  # the page fits a phone: nothing wider than the window
             scroll = browser.execute_script("return document.documentElement.scrollWidth")
-            inner = browser.execute_script("return window.innerWidth")
+            inner = browser.execute_script("return document.documentElement.clientWidth")
             assert scroll <= inner + 1, (scroll, inner)
         for d in out:
             d.mkdir(parents=True, exist_ok=True)

@@ -153,3 +153,11 @@ def test_timeline_keeps_changes_and_drops_repeats():
     assert [p[0] for p in tl.points] == [10, 20, 400]
     tl.note(100, 10, False, False)     # time going backwards is ignored
     assert tl.points[-1][0] == 400
+
+
+def test_plugged_spans_merge_points():
+    from p2pfleet.dashboard.svg import plugged_spans
+
+    pts = [[0, 50, True, True], [10, 51, True, True], [20, 52, False, True],
+           [30, 52, True, True]]
+    assert plugged_spans(pts, 40) == [(0, 20), (30, 40)]
