@@ -131,10 +131,32 @@ def _json(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode()
 
 
-def _ago(t: float | None) -> str:
+def _span(s: float) -> str:
+    s = int(abs(s))
+    if s < 90:
+        return f"{s} s"
+    if s < 5400:
+        return f"{round(s / 60)} min"
+    if s < 48 * 3600:
+        return f"{s // 3600} h {s // 60 % 60} min"
+    return f"{s // 86400} days"
+
+
+def human_time(t: float | None, now: float | None = None) -> str:
+    """Local clock time (with the date unless today), how long ago or ahead, and ISO 8601
+    in UTC: '14:05:09 (3 min ago; 2026-06-01T12:05:09Z)'."""
     if t is None:
         return "-"
-    return f"{max(0, int(time.time() - t))} s ago"
+    now = time.time() if now is None else now
+    local = time.localtime(t)
+    shown = time.strftime("%H:%M:%S" if local[:3] == time.localtime(now)[:3]
+                          else "%Y-%m-%d %H:%M:%S", local)
+    rel = f"{_span(now - t)} ago" if t <= now else f"in {_span(t - now)}"
+    return f"{shown} ({rel}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t))})"
+
+
+def _ago(t: float | None) -> str:
+    return human_time(t)
 
 
 def peers_html(doc: Doc) -> str:
@@ -159,7 +181,8 @@ def peers_html(doc: Doc) -> str:
             f"{doc['discovered']} found in the DHT, crawl {doc['duration_s']:.1f} s "
             f"(crawl {doc['crawls']}).</p>{note}"
             f'<table id="peers"><tr><th>peer</th><th>state</th><th>version</th><th>hw class</th>'
-            f"<th>bench (samples/s)</th><th>RTT</th><th>last seen</th></tr>{''.join(rows)}</table>"
+            f"<th>bench (samples/s of the reference MLP)</th><th>RTT</th><th>last seen</th></tr>"
+            f"{''.join(rows)}</table>"
             f"<h2>Capacity</h2><p>Available: <b>{cap['available_samples_per_s']:g}</b> samples/s, "
             f"~{cap['available_est_kw']:g} kW (estimated at {cap['estimate_w_per_node']:g} W per "
             f"computing node); used: {cap['used_samples_per_s']:g} samples/s.</p>"
@@ -172,10 +195,11 @@ def peer_html(p: dict, doc: Doc) -> str:
     fields = [("peer id", p["peer_id"]), ("state", p["state"]), ("why offline", p["why_offline"]),
               ("software version", p["sw_version"]), ("onnxruntime", p["ort_version"]),
               ("hardware class", p["hw_class"]), ("cores", p["cores"]),
-              ("memory (MiB)", p["memory_mb"]), ("benchmark (samples/s)", p["bench"]),
+              ("memory (MiB)", p["memory_mb"]), ("benchmark (samples/s of the reference 784-256-10 MLP, batch 64)", p["bench"]),
               ("slots", p["slots"]), ("providers", ", ".join(p["providers"])),
               ("addresses", ", ".join(p["addrs"])), ("record seq", p["record_seq"]),
-              ("record expires (Unix ms)", p["record_exp_ms"]),
+              ("record expires", None if p["record_exp_ms"] is None else
+               f"{human_time(p['record_exp_ms'] / 1000)}, Unix ms {p['record_exp_ms']}"),
               ("record copies in the DHT", p["copies"]),
               ("RTT", f"{p['rtt_ms']} ms by {p['rtt_by']}" if p["rtt_ms"] is not None else None),
               ("last seen", _ago(p["last_seen"]))]
@@ -245,8 +269,9 @@ def chart_svg(history: list[dict], width: int = 640, height: int = 200) -> str:
             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
             f'<text x="2" y="{pad}" font-size="10">{top:g}</text>'
+            f'<text x="2" y="{pad - 12}" font-size="10">samples/s</text>'
             f'<text x="2" y="{height - pad}" font-size="10">0</text>'
-            f'<text x="{pad}" y="{height - 8}" font-size="10">{_e(time.strftime("%H:%M:%S", time.localtime(t0)))}</text>'
+            f'<text x="{pad}" y="{height - 8}" font-size="10">{_e(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)))}</text>'
             f'<text x="{width - pad - 40}" y="{height - 8}" font-size="10">{_e(time.strftime("%H:%M:%S", time.localtime(t1)))}</text>'
             f'<text x="{width - 200}" y="14" font-size="11" fill="#080">available samples/s</text>'
             f'<text x="{width - 90}" y="14" font-size="11" fill="#d70">used</text>'
