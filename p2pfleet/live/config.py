@@ -478,10 +478,19 @@ class OcppSettings:
         "refused at the handshake.", check=_check_cp_ids,
         allowed="a list of ids of 1-48 printable characters, no '/' or space")
     password: str = _setting(
-        "", "HTTP Basic auth password the charger must send (OCPP security profile 1, the "
-        "charger's AuthorizationKey). Required unless listen is a loopback address. TLS "
-        "(profiles 2 and 3) is not supported yet.",
+        "", "HTTP Basic auth password the charger must send (OCPP security profiles 1 and "
+        "2, the charger's AuthorizationKey). Required with profile 2, and with profile 1 "
+        "unless listen is a loopback address; unused with profile 3.",
         check=_check_ocpp_password, allowed="empty, or 16 to 40 printable ASCII characters")
+    security_profile: int = _setting(
+        1, "OCPP security profile: 1 ws:// and the password (in clear: warned about beyond "
+        "loopback), 2 wss:// (TLS) and the password, 3 wss:// and a client certificate "
+        "whose CN is the charge point id.", min=1, max=3)
+    tls_cert_file: str = _setting(
+        "", "Profiles 2 and 3: the node's TLS certificate, PEM (the chargers must trust it).")
+    tls_key_file: str = _setting("", "Profiles 2 and 3: its private key, PEM, mode 0600.")
+    client_ca_file: str = _setting(
+        "", "Profile 3: the CA certificate(s), PEM, that sign your chargers' certificates.")
     heartbeat_s: int = _setting(
         60, "Heartbeat interval the charger is asked for, seconds.", min=10, max=3600)
     silent_after_s: float = _setting(
@@ -844,18 +853,45 @@ def _check_ocpp(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
             "charge point id", key="ocpp.charge_point_ids",
             source=sources["ocpp.charge_point_ids"], value=(), allowed="a list of ids")
     host = values["ocpp.listen"].rpartition(":")[0].strip("[]")
-    if not values["ocpp.password"] and host not in ("127.0.0.1", "::1", "localhost"):
+    if values["ocpp.security_profile"] == 1 and not values["ocpp.password"] \
+            and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError(
             f"ocpp.listen = {values['ocpp.listen']!r} is not loopback, so ocpp.password must "
             "be set (the charger's AuthorizationKey, OCPP security profile 1): anyone on that "
             "network could otherwise pose as your charger", key="ocpp.password",
             source=sources["ocpp.password"], value="", allowed="a password")
+    _check_ocpp_tls(values, sources)
     if values["ocpp.silent_after_s"] <= values["ocpp.heartbeat_s"]:
         raise ConfigError(
             f"ocpp.silent_after_s = {values['ocpp.silent_after_s']:g} must be above "
             f"ocpp.heartbeat_s = {values['ocpp.heartbeat_s']}", key="ocpp.silent_after_s",
             source=sources["ocpp.silent_after_s"], value=values["ocpp.silent_after_s"],
             allowed=f"> {values['ocpp.heartbeat_s']}")
+
+
+def _check_ocpp_tls(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    profile = values["ocpp.security_profile"]
+    rules = (  # (wrong, key, why, allowed)
+        (profile >= 2 and not values["ocpp.tls_cert_file"], "ocpp.tls_cert_file",
+         "names no file: TLS needs the node's certificate", "a PEM file"),
+        (profile >= 2 and not values["ocpp.tls_key_file"], "ocpp.tls_key_file",
+         "names no file: TLS needs the certificate's private key", "a PEM file, mode 0600"),
+        (profile == 3 and not values["ocpp.client_ca_file"], "ocpp.client_ca_file",
+         "names no file: profile 3 checks chargers' certificates against it", "a PEM file"),
+        (profile == 2 and not values["ocpp.password"], "ocpp.password",
+         "must be set: profile 2 is TLS plus the charger's password", "a password"),
+        (profile == 3 and bool(values["ocpp.password"]), "ocpp.password",
+         "is not used with profile 3 (the client certificate authenticates the charger): "
+         "leave it empty", "empty"),
+        (profile == 1 and any(values[k] for k in ("ocpp.tls_cert_file", "ocpp.tls_key_file",
+                                                  "ocpp.client_ca_file")),
+         "ocpp.security_profile", "is 1 (no TLS) but TLS files are set: set 2 or 3, or remove "
+         "them", "2 or 3"),
+    )
+    for wrong, key, why, allowed in rules:
+        if wrong:
+            raise ConfigError(f"ocpp.security_profile = {profile}: {key} {why}", key=key,
+                              source=sources[key], value=values[key], allowed=allowed)
 
 
 def build_config(file_values: Mapping[str, Any] | None = None, *, file: Path | None = None,

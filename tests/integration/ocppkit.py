@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -21,8 +22,12 @@ def _ts() -> str:
 
 
 class SimCharger:
-    def __init__(self, url: str, cp_id: str, password: str = "", subprotocol: str = "ocpp1.6"):
+    def __init__(self, url: str, cp_id: str, password: str = "", subprotocol: str = "ocpp1.6",
+                 ssl_context: ssl.SSLContext | None = None):
+        """`ssl_context` for a wss:// url: the CA the charger trusts and, for security
+        profile 3, its client certificate."""
         self.url, self.cp_id, self.password, self.subprotocol = url, cp_id, password, subprotocol
+        self.ssl_context = ssl_context
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -46,7 +51,8 @@ class SimCharger:
             token = base64.b64encode(f"{self.cp_id}:{self.password}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
         self.ws = await connect(f"{self.url}/{self.cp_id}", subprotocols=[self.subprotocol],
-                                additional_headers=headers, open_timeout=TIMEOUT_S)
+                                additional_headers=headers, open_timeout=TIMEOUT_S,
+                                **({"ssl": self.ssl_context} if self.ssl_context else {}))
         self.cp = ChargePoint(self.cp_id, self.ws)
         self._reader = asyncio.ensure_future(self._read())
 
@@ -119,8 +125,9 @@ class SimCharger201(SimCharger):
     """The same over OCPP 2.0.1 (StatusNotification for the plug, TransactionEvent for the
     rest); one EVSE with one connector."""
 
-    def __init__(self, url: str, cp_id: str, password: str = ""):
-        super().__init__(url, cp_id, password, subprotocol="ocpp2.0.1")
+    def __init__(self, url: str, cp_id: str, password: str = "",
+                 ssl_context: ssl.SSLContext | None = None):
+        super().__init__(url, cp_id, password, subprotocol="ocpp2.0.1", ssl_context=ssl_context)
         self.seq = 0
 
     async def _connect(self) -> None:

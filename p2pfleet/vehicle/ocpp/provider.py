@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -42,7 +43,11 @@ class OcppSettings:
     charge_point_ids: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 9000
-    password: str = ""              # HTTP Basic auth (security profile 1); "" = none (0)
+    password: str = ""              # HTTP Basic auth (security profiles 1, 2); "" = none
+    security_profile: int = 1       # 1 ws + Basic auth, 2 wss + Basic auth, 3 wss + client cert
+    tls_cert_file: str = ""         # profiles 2, 3: the node's certificate (PEM)
+    tls_key_file: str = ""          # and its private key (PEM, 0600)
+    client_ca_file: str = ""        # profile 3: the CA that signs the chargers' certificates
     heartbeat_s: int = 60           # asked of the charger in BootNotification
     silent_after_s: float = 180.0   # no message this long: no state
     violation_hold_s: float = 900.0  # an impossible value: no state this long
@@ -57,6 +62,20 @@ class OcppSettings:
                                  "(1..48 printable characters, no '/')")
         if len(set(self.charge_point_ids)) != len(self.charge_point_ids):
             raise ValueError("ocpp.charge_point_ids: an id is listed twice")
+        if self.security_profile not in (1, 2, 3):
+            raise ValueError(f"ocpp.security_profile = {self.security_profile!r}: 1, 2 or 3")
+        if self.security_profile >= 2 and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError(f"ocpp.security_profile = {self.security_profile} (TLS) needs "
+                             "ocpp.tls_cert_file and ocpp.tls_key_file")
+        if self.security_profile == 3 and not self.client_ca_file:
+            raise ValueError("ocpp.security_profile = 3 needs ocpp.client_ca_file (the CA "
+                             "that signs your chargers' certificates)")
+        if self.security_profile == 2 and not self.password:
+            raise ValueError("ocpp.security_profile = 2 is TLS plus the charger's password: "
+                             "set ocpp.password")
+        if self.security_profile == 3 and self.password:
+            raise ValueError("ocpp.security_profile = 3: the client certificate authenticates "
+                             "the charger; ocpp.password is not used, leave it empty")
         if self.silent_after_s <= self.heartbeat_s:
             raise ValueError(f"ocpp.silent_after_s = {self.silent_after_s:g} must be above "
                              f"ocpp.heartbeat_s = {self.heartbeat_s} (a charger speaks at "
@@ -85,6 +104,14 @@ class OcppProvider:
         self.on_update: Callable[[], Any] | None = None  # the node's wake-up (trio side)
         self.bound: tuple[str, int] | None = None
         self.system: Any = None  # the CentralSystemThread while running
+        self.ssl_context = None
+        if settings.security_profile >= 2:  # read now: a bad file stops the node at start
+            from .tls import server_context
+            self.ssl_context = server_context(
+                Path(settings.tls_cert_file).expanduser(),
+                Path(settings.tls_key_file).expanduser(),
+                Path(settings.client_ca_file).expanduser()
+                if settings.security_profile == 3 else None)
 
     # --- the server's lifetime ------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,7 +129,9 @@ class OcppProvider:
         s = self.settings
         system = CentralSystemThread(self.trackers, self.lock, host=s.host, port=s.port,
                                      password=s.password, heartbeat_s=s.heartbeat_s,
-                                     clock=self.clock, on_change=changed)
+                                     clock=self.clock, on_change=changed,
+                                     ssl_context=self.ssl_context,
+                                     client_certs=s.security_profile == 3)
         self.system = system
         self.bound = await trio.to_thread.run_sync(system.start)
         try:

@@ -10,10 +10,12 @@ Who may connect. The charger connects to ws://<host>:<port>/<charge point id> (a
 prefix; the last segment is the id) with subprotocol `ocpp1.6` or `ocpp2.0.1`. The
 handshake is refused with HTTP 404 for an id not in the config, and with 401 unless the
 HTTP Basic credentials are `<id>:<password>` when a password is configured (OCPP security
-profile 1). An address refused AUTH_FAILURES times within AUTH_WINDOW_S gets HTTP 429 until
-the window passes, so guessing is slow. A newer connection for an id replaces the older one
-(chargers reconnect over half-open sockets). TLS (security profiles 2 and 3) is not
-supported yet.
+profile 1). With an `ssl_context` the server speaks only TLS (wss://): profile 2 is TLS
+plus that password; profile 3 (`client_certs`) needs a client certificate signed by the
+owner's CA (checked in the TLS handshake) whose subject CN or a SAN DNS name is the charge
+point id of the URL, else HTTP 403 (tls.py). An address refused AUTH_FAILURES times within
+AUTH_WINDOW_S gets HTTP 429 until the window passes, so guessing is slow. A newer
+connection for an id replaces the older one (chargers reconnect over half-open sockets).
 
 Bounds per connection: frames of at most MAX_FRAME_BYTES, a small receive queue, at most
 RATE_PER_S messages per second on average (bursts of RATE_BURST): a charger over that is a
@@ -30,6 +32,7 @@ import collections
 import hmac
 import itertools
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +50,7 @@ from ocpp.v201 import call_result as r201
 from ocpp.v201.enums import Action as A201
 
 from .charger import ChargerTracker, ChargerViolation, OcppServerError
+from .tls import certificate_names
 
 log = logging.getLogger(__name__)
 _quiet = logging.getLogger("p2pfleet.vehicle.ocpp.lib")  # the package logs every message
@@ -287,9 +291,13 @@ class CentralSystemThread:
                  host: str, port: int, password: str = "", heartbeat_s: int = 60,
                  clock: Callable[[], float] = time.time,
                  on_change: Callable[[], None] = lambda: None,
-                 rate_per_s: float = RATE_PER_S, rate_burst: float = RATE_BURST):
+                 rate_per_s: float = RATE_PER_S, rate_burst: float = RATE_BURST,
+                 ssl_context: ssl.SSLContext | None = None, client_certs: bool = False):
+        if client_certs and ssl_context is None:
+            raise ValueError("client certificates (security profile 3) need an ssl_context")
         self.trackers, self.lock = dict(trackers), lock
         self.host, self.port, self.password = host, port, password
+        self.ssl_context, self.client_certs = ssl_context, client_certs
         self.heartbeat_s, self.clock, self.on_change = heartbeat_s, clock, on_change
         self.rate_per_s, self.rate_burst = rate_per_s, rate_burst
         self.tx_ids = itertools.count(int(time.time()) % 1_000_000 * 1000 + 1)
@@ -347,7 +355,7 @@ class CentralSystemThread:
         async with serve(self._handle, self.host, self.port, subprotocols=list(SUBPROTOCOLS),
                          process_request=self._check_request, max_size=MAX_FRAME_BYTES,
                          max_queue=MAX_QUEUE, open_timeout=10, close_timeout=2,
-                         ping_interval=None, logger=_quiet) as server:
+                         ping_interval=None, logger=_quiet, ssl=self.ssl_context) as server:
             sock = next(iter(server.sockets))
             self.bound = sock.getsockname()[:2]
             self._ready.set()
@@ -362,6 +370,11 @@ class CentralSystemThread:
             log.warning("OCPP: refused unknown charge point id %r", cp_id[:60])
             self._failed(ip)
             return connection.respond(404, "unknown charge point id\n")
+        if self.client_certs and not self._cert_is_for(connection, cp_id):
+            log.warning("OCPP: refused charge point %s: its client certificate is for "
+                        "another id", cp_id)
+            self._failed(ip)
+            return connection.respond(403, "client certificate is not for this id\n")
         if self.password and not self._authorized(cp_id, request.headers.get("Authorization")):
             log.warning("OCPP: refused charge point %s: wrong or missing credentials", cp_id)
             self._failed(ip)
@@ -369,6 +382,12 @@ class CentralSystemThread:
             response.headers["WWW-Authenticate"] = 'Basic realm="p2pfleet"'
             return response
         return None
+
+    @staticmethod
+    def _cert_is_for(connection: Any, cp_id: str) -> bool:
+        """Profile 3: the verified client certificate names this charge point id."""
+        tls = connection.transport.get_extra_info("ssl_object")
+        return tls is not None and cp_id in certificate_names(tls.getpeercert())
 
     def _failed_recently(self, ip: str) -> int:
         times = self._failures.get(ip)
