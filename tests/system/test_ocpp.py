@@ -3,7 +3,8 @@ simulated charge point built with the `ocpp` package's ChargePoint class connect
 over loopback: plug-in, charging, suspended (car full), unplug. The node's policy state
 (`node status` over the control socket) and its capacity record follow; a charger with
 the wrong id or password is refused at the handshake; a charger that lies leaves the node
-out with the reason in its status."""
+out with the reason in its status. With security profile 2 the charger connects over TLS
+only."""
 
 from __future__ import annotations
 
@@ -202,3 +203,57 @@ def test_the_ledger_energy_is_the_chargers_reading_while_the_car_is_full(tmp_pat
             serve.wait(30)
         c.close()
         f.stop()
+
+
+def test_a_node_with_security_profile_2_takes_its_charger_over_tls_only(tmp_path):
+    """Profile 2: the charger connects over wss:// with the node's certificate (made by the
+    test, signed by a CA the charger trusts) and the password; a wrong password and plain
+    ws:// are refused. A key file others can read stops the node, naming the file."""
+    from certkit import make_pki
+    from websockets.exceptions import InvalidMessage
+
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    tls = {"vehicle.provider": "ocpp", "ocpp.listen": f"127.0.0.1:{port}",
+           "ocpp.charge_point_ids": "CP1", "ocpp.password": PASSWORD,
+           "ocpp.security_profile": "2", "ocpp.tls_cert_file": str(pki.server.cert),
+           "ocpp.tls_key_file": str(pki.server.key)}
+    f = LocalFleet(tmp_path / "f", 1, network="systest", settings=tls)
+    f.init()
+    node = f.nodes[0]
+    node.start(f.network, [])
+    url = f"wss://127.0.0.1:{port}/ocpp"
+    c = SimCharger(url, "CP1", PASSWORD, ssl_context=pki.charger_context())
+    try:
+        wait_for(lambda: f._check_alive(node) and node.try_ask("status"), 60, "the node")
+        for charger, refusal in (
+                (SimCharger(url, "CP1", "wrong-password-123",
+                            ssl_context=pki.charger_context()), InvalidStatus),
+                (SimCharger(url.replace("wss:", "ws:"), "CP1", PASSWORD), InvalidMessage)):
+            try:
+                with pytest.raises(refusal):
+                    charger.connect()
+            finally:
+                charger.close()
+        assert "charger CP1 has not connected yet" in node.ask("status")["vehicle"]
+        c.connect()
+        c.boot()
+        c.status("Available")
+        status_where(node, lambda s: s["vehicle"] == "ocpp: ok, no car at CP1",
+                     "the charger over TLS")
+    finally:
+        c.close()
+        f.stop()
+
+    pki.server.key.chmod(0o644)
+    f = LocalFleet(tmp_path / "g", 1, network="systest", settings=tls)
+    f.init()
+    node = f.nodes[0]
+    node.start(f.network, [])
+    try:
+        assert node.proc.wait(60) != 0
+    finally:
+        f.stop()
+    out = node.output()
+    assert f"ocpp.tls_key_file: {pki.server.key} has mode 0644" in out, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
