@@ -46,7 +46,8 @@ from ..wire import errors as E
 from ..wire.envelope import MAX_CLOCK_SKEW_MS, Opened, open_envelope
 from ..wire.kinds import KINDS
 from .evidence import EvidenceRefused, Finding, check_copies, equivocation_between, open_publisher_evidence
-from .model import ONLINE_STATES, History, JobView, PeerView, Snapshot, capacity_now
+from .model import (ONLINE_STATES, History, JobView, PeerView, Snapshot, capacity_by_class,
+                    capacity_now, job_heard)
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +121,12 @@ class Crawler:
             held = self.jobs.get(key)
             if held is not None and held.seq >= body.seq:
                 continue
-            self.jobs[key] = JobView(
+            self.jobs[key] = job_heard(held, JobView(
                 publisher=key[0], job_id=key[1], seq=body.seq, exp_ms=body.exp,
                 shards_total=body.shards_total, shards_left=body.shards_left,
                 quorum=body.quorum, credit_rate=body.credit_rate,
                 model_digest=body.model_digest.hex(), model_size=body.model_size,
-                heard_at=self.clock())
+                heard_at=self.clock()))
 
     def _evidence_ok(self, forwarder: Any, msg: Any) -> bool:
         try:
@@ -183,7 +184,7 @@ class Crawler:
         for pid, view in self.peers.items():
             view.flagged = pid in flagged
         peers = list(self.peers.values())
-        self.history.add(now, *capacity_now(peers))
+        self.history.add(now, *capacity_now(peers), capacity_by_class(peers))
         self.crawls += 1
         self.last = Snapshot(
             network=self.names.network, crawled_at=now,
@@ -323,6 +324,38 @@ class Crawler:
     async def _probe(self, pid: str) -> None:
         view = self.peers[pid]
         timeout = self.settings.probe_timeout_s
+        reached = False
+        try:
+            reached = await self._probe_once(view, pid, timeout)
+        finally:
+            view.dht_role = self._dht_role(pid)
+            view.reach = self._reach(pid, view) if reached else "not reached"
+
+    def _dht_role(self, pid: str) -> str | None:
+        """server or client as the peer's identify protocol list says (None: not told)."""
+        try:
+            protocols = [str(p) for p in self.mesh.host.get_peerstore().get_protocols(
+                ID.from_base58(pid))]
+        except Exception:  # noqa: BLE001 - never identified
+            return None
+        if not protocols:
+            return None
+        return "server" if self.names.protocol("kad") in protocols else "client"
+
+    def _reach(self, pid: str, view: PeerView) -> str:
+        """relayed when the probe went through a relay (or the record offers only relay
+        addresses), else direct."""
+        try:
+            conns = self.mesh.host.get_network().get_connections(ID.from_base58(pid))
+            addrs = [str(c.muxed_conn.secured_conn.get_remote_address()) for c in conns]
+        except Exception:  # noqa: BLE001 - no connection object to ask
+            addrs = []
+        if any("p2p-circuit" in a for a in addrs) or (
+                view.addrs and all("p2p-circuit" in a for a in view.addrs)):
+            return "relayed"
+        return "direct"
+
+    async def _probe_once(self, view: PeerView, pid: str, timeout: float) -> bool:
         reply = None
         if self._may_offer_info(pid):
             reply = await fetch_node_info(self.mesh, pid, timeout=timeout, clock=self.clock)
@@ -333,11 +366,13 @@ class Crawler:
                          "results_accepted": info.results_accepted, "seq": info.seq}
             view.rtt_ms, view.rtt_by = round(reply.rtt_s * 1000, 2), "info"
             view.last_seen = self.clock()
-            return
+            return True
         rtt = await self._ping(pid, timeout)
         if rtt is not None:
             view.rtt_ms, view.rtt_by = round(rtt * 1000, 2), "ping"
             view.last_seen = self.clock()
+            return True
+        return False
 
     def _may_offer_info(self, pid: str) -> bool:
         """False when identify told us the peer's protocols and `info` is not among them

@@ -42,6 +42,8 @@ class PeerView:
     info: dict[str, Any] | None = None  # verified node_info, if the owner opted in
     copies: int = 0                  # record copies the DHT returned
     flagged: bool = False
+    dht_role: str | None = None      # server | client (from identify), None: not told
+    reach: str | None = None         # direct | relayed | not reached (this crawl's probe)
 
     @property
     def hw_short(self) -> str:
@@ -57,6 +59,7 @@ class PeerView:
             "record_seq": self.record_seq, "record_exp_ms": self.record_exp_ms,
             "rtt_ms": self.rtt_ms, "rtt_by": self.rtt_by, "last_seen": self.last_seen,
             "info": self.info, "copies": self.copies, "flagged": self.flagged,
+            "dht_role": self.dht_role, "reach": self.reach,
         }
 
 
@@ -73,6 +76,9 @@ class JobView:
     model_digest: str
     model_size: int
     heard_at: float
+    first_heard_at: float | None = None
+    # (heard at, shards left) per newer announcement heard, oldest first
+    heard: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -88,7 +94,20 @@ class JobView:
                 "shards_left": self.shards_left, "shards_done": self.done,
                 "progress": round(self.progress, 4), "quorum": self.quorum,
                 "credit_rate": self.credit_rate, "model_digest": self.model_digest,
-                "model_size": self.model_size, "heard_at": self.heard_at}
+                "model_size": self.model_size, "heard_at": self.heard_at,
+                "first_heard_at": self.first_heard_at,
+                "heard": [{"t": t, "shards_left": left} for t, left in self.heard]}
+
+
+MAX_JOB_POINTS = 500
+
+
+def job_heard(held: JobView | None, new: JobView) -> JobView:
+    """`new` (a newer announcement) carrying on `held`'s progress history."""
+    new.first_heard_at = held.first_heard_at if held else new.heard_at
+    new.heard = (held.heard if held else []) + [(new.heard_at, new.shards_left)]
+    del new.heard[:-MAX_JOB_POINTS]
+    return new
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,20 @@ def totals(peers: list[PeerView]) -> list[TotalsRow]:
             for (s, h), a in sorted(rows.items())]
 
 
+def capacity_by_class(peers: list[PeerView]) -> dict[str, tuple[float, float, int, int]]:
+    """{short hardware class: (available, used samples/s, available, used nodes)}, split as
+    `capacity_now` splits the totals."""
+    out: dict[str, list[float]] = {}
+    for p in peers:
+        if p.state == "available" or p.state in USED_STATES:
+            acc = out.setdefault(p.hw_short, [0.0, 0.0, 0, 0])
+            i = 0 if p.state == "available" else 1
+            acc[i] += p.bench or 0.0
+            acc[i + 2] += 1
+    return {k: (round(a, 3), round(u, 3), int(an), int(un))
+            for k, (a, u, an, un) in sorted(out.items())}
+
+
 def capacity_now(peers: list[PeerView]) -> tuple[float, float]:
     """(available, used) samples/s: available counts `available` nodes, used `busy` ones."""
     available = sum(p.bench or 0.0 for p in peers if p.state == "available")
@@ -123,18 +156,25 @@ def capacity_now(peers: list[PeerView]) -> tuple[float, float]:
 
 @dataclass
 class History:
-    """The last `size` capacity samples (t, available, used), for the dashboard's chart."""
+    """The last `size` capacity samples (t, available, used, by class), for the chart;
+    by class is what `capacity_by_class` returns."""
 
     size: int = 720
     points: deque = field(default_factory=deque)
 
-    def add(self, t: float, available: float, used: float) -> None:
-        self.points.append((t, available, used))
+    def add(self, t: float, available: float, used: float,
+            by_class: dict[str, tuple[float, float, int, int]] | None = None) -> None:
+        self.points.append((t, available, used, dict(by_class or {})))
         while len(self.points) > self.size:
             self.points.popleft()
 
     def to_json(self) -> list[dict[str, float]]:
-        return [{"t": t, "available": a, "used": u} for t, a, u in self.points]
+        return [{"t": t, "available": a, "used": u} for t, a, u, _c in self.points]
+
+    def by_class_json(self) -> list[dict[str, dict[str, float]]]:
+        """Per point of `to_json()` (same order), the capacity by short hardware class."""
+        return [{k: {"available": ca, "used": cu, "available_nodes": an, "used_nodes": un}
+                 for k, (ca, cu, an, un) in c.items()} for _t, _a, _u, c in self.points]
 
 
 @dataclass
@@ -183,6 +223,7 @@ class Snapshot:
             "evidence": [finding_json(f) for f in self.findings],
             "rejected_reports": self.rejected_reports[-20:],
             "history": self.history.to_json() if self.history else [],
+            "history_by_class": self.history.by_class_json() if self.history else [],
         }
 
 

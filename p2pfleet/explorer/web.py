@@ -1,7 +1,10 @@
 """The explorer's web dashboard: a small hand-written ASGI app served by hypercorn on trio.
 
-Pages (HTML, no JavaScript, no external assets: the chart is inline SVG): `/` peers,
-totals and the capacity chart; `/peers/<peer id>` one peer; `/jobs`; `/evidence`. The JSON
+Pages (HTML and server-drawn inline SVG, no external assets; readable with JavaScript off):
+`/` peers, totals and the capacity chart; `/peers/<peer id>` one peer; `/jobs` (jobs_page);
+`/mesh` the mesh picture (mesh_page); `/evidence` and `/evidence/<id>` one item with its
+signed messages (evidence_page). `/static/explorer.js`, hand-written and vendored, only
+enhances the chart (charts: values on hover, hardware classes toggled). The JSON
 API behind them is under `/api/...` and described by the OpenAPI document at
 `/openapi.json`; `/metrics` is Prometheus text. Every page is built from one snapshot
 document (`Snapshot.to_json()`), the same the terminal prints. Only GET and HEAD.
@@ -13,13 +16,20 @@ import html
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import metrics
+from .charts import capacity_chart
+from .evidence_page import evidence_id, evidence_item_html
+from .jobs_page import jobs_html as _jobs_page
+from .mesh_page import mesh_html
 
 Doc = dict[str, Any]
+# hand-written, vendored: enhances the server-drawn chart (hover values, class toggles)
+SCRIPT = (Path(__file__).parent / "static" / "explorer.js").read_bytes()
 JSON_TYPE = b"application/json"
 
 
@@ -46,7 +56,7 @@ class WebApp:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
                                 (b"cache-control", b"no-store"),
-                                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self'")]})
+                                (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; script-src 'self'")]})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     # --- routing (pure: method and path in, response out) ------------------------------------
@@ -55,6 +65,8 @@ class WebApp:
             return 405, JSON_TYPE, _json({"error": f"method {method} not allowed; use GET"})
         if path == "/openapi.json":
             return 200, JSON_TYPE, _json(OPENAPI)
+        if path == "/static/explorer.js":
+            return 200, b"text/javascript; charset=utf-8", SCRIPT
         doc = self.source()
         parts = [p for p in path.split("/") if p]
         if parts[:1] == ["api"]:
@@ -77,8 +89,17 @@ class WebApp:
                 f"peer {peer['peer_id'][:12]}…", peer_html(peer, doc))
         if path == "/jobs":
             return 200, b"text/html; charset=utf-8", self._page("jobs", jobs_html(doc))
+        if path == "/mesh":
+            return 200, b"text/html; charset=utf-8", self._page("mesh", mesh_html(doc))
         if path == "/evidence":
             return 200, b"text/html; charset=utf-8", self._page("evidence", evidence_html(doc))
+        if len(parts) == 2 and parts[0] == "evidence":
+            item = next((e for e in doc["evidence"] if evidence_id(e) == parts[1]), None)
+            if item is None:
+                return 404, b"text/html; charset=utf-8", self._page(
+                    "unknown evidence", f"<p>No evidence {_e(parts[1][:80])} is known.</p>")
+            return 200, b"text/html; charset=utf-8", self._page(
+                f"evidence {parts[1]}", evidence_item_html(item, doc["network"]))
         return 404, b"text/html; charset=utf-8", self._page("not found",
                                                             f"<p>Nothing at {_e(path)}.</p>")
 
@@ -108,10 +129,12 @@ class WebApp:
 
     def _page(self, title: str, content: str) -> bytes:
         nav = " · ".join(f'<a href="{h}">{n}</a>' for h, n in (
-            ("/", "peers"), ("/jobs", "jobs"), ("/evidence", "evidence"),
+            ("/", "peers"), ("/jobs", "jobs"), ("/mesh", "mesh"), ("/evidence", "evidence"),
             ("/openapi.json", "API"), ("/metrics", "metrics")))
         return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
-                f"<title>{_e(title)} · {_e(self.title)}</title><style>{CSS}</style></head>"
+                f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f"<title>{_e(title)} · {_e(self.title)}</title><style>{CSS}</style>"
+                f'<script src="/static/explorer.js" defer></script></head>'
                 f"<body><header><b>{_e(self.title)}</b> <nav>{nav}</nav></header>"
                 f"<main><h1>{_e(title)}</h1>{content}</main></body></html>").encode()
 
@@ -120,7 +143,11 @@ CSS = ("body{font-family:sans-serif;margin:1em 2em;color:#222}table{border-colla
        "margin:.5em 0 1.5em}td,th{border-bottom:1px solid #ddd;padding:.25em .6em;text-align:left;"
        "font-size:.9em}code{font-size:.85em}.available{color:#080}.offline{color:#b00}"
        ".busy{color:#a60}.flag{color:#fff;background:#b00;padding:0 .3em}header{margin-bottom:1em}"
-       "nav a{margin:0 .2em}")
+       "nav a{margin:0 .2em}.wide{max-width:100%;overflow-x:auto}svg{max-width:100%;height:auto}"
+       "td code,th code{word-break:break-all}.job{border-top:1px solid #ccc;margin-top:1em}"
+       ".legend .key{white-space:nowrap;margin-right:.6em}details{margin:.6em 0}"
+       "pre{white-space:pre-wrap;word-break:break-all;font-size:.8em}"
+       "@media (max-width:600px){body{margin:.5em}td,th{font-size:.8em;padding:.2em .3em}}")
 
 
 def _e(value: Any) -> str:
@@ -188,7 +215,15 @@ def peers_html(doc: Doc) -> str:
             f"computing node); used: {cap['used_samples_per_s']:g} samples/s.</p>"
             f"<table><tr><th>state</th><th>hw class</th><th>nodes</th><th>samples/s</th>"
             f"<th>est. kW</th></tr>{totals}</table>"
-            f"<h2>Available and used capacity over time</h2>{chart_svg(doc['history'])}")
+            f"<h2>Available and used capacity over time</h2>"
+            f"{capacity_chart(with_classes(doc))}")
+
+
+def with_classes(doc: Doc) -> list[dict]:
+    """The history points with their `by_class` split (kept apart in the JSON API)."""
+    split = doc.get("history_by_class") or []
+    return [{**h, "by_class": split[i] if i < len(split) else {}}
+            for i, h in enumerate(doc["history"])]
 
 
 def peer_html(p: dict, doc: Doc) -> str:
@@ -215,67 +250,26 @@ def peer_html(p: dict, doc: Doc) -> str:
 
 
 def jobs_html(doc: Doc) -> str:
-    if not doc["jobs"]:
-        return "<p>No job announcements heard yet (publishers announce every few minutes).</p>"
-    rows = "".join(
-        f"<tr><td><code>{_e(j['publisher'])}</code></td><td><code>{_e(j['job_id'])}</code></td>"
-        f"<td><progress max='{j['shards_total']}' value='{j['shards_done']}'></progress> "
-        f"{j['shards_done']}/{j['shards_total']}</td><td>{j['quorum']}</td>"
-        f"<td>{j['credit_rate']}</td></tr>" for j in doc["jobs"])
-    return (f'<table id="jobs"><tr><th>publisher</th><th>job</th><th>progress (shards done)</th>'
-            f"<th>quorum</th><th>credit rate</th></tr>{rows}</table>")
+    return _jobs_page(doc, human_time)
 
 
 def evidence_table(items: list[dict]) -> str:
     rows = "".join(
-        f"<tr><td><code>{_e(e['accused'])}</code></td><td>{_e(e['kind'])}</td>"
+        f"<tr><td><code>{_e(e['accused'])}</code></td>"
+        f'<td><a class="evidence-link" href="/evidence/{evidence_id(e)}">{_e(e["kind"])}</a></td>'
         f"<td>{'verified by this explorer' if e['verified_by_explorer'] else 'claim signed by publisher <code>' + _e(e['verified_by']) + '</code>'}</td>"
         f"<td>{_e(e['detail'])}</td><td>{len(e['proofs'])}</td></tr>" for e in items)
-    return (f'<table class="evidence"><tr><th>accused</th><th>what</th><th>who says so</th>'
-            f"<th>detail</th><th>proofs</th></tr>{rows}</table>")
+    return (f'<div class="wide"><table class="evidence"><tr><th>accused</th><th>what</th><th>who says so</th>'
+            f"<th>detail</th><th>proofs</th></tr>{rows}</table></div>")
 
 
 def evidence_html(doc: Doc) -> str:
     if not doc["evidence"]:
         return "<p>No evidence of misbehaviour.</p>"
-    return ("<p>Findings verified by this explorer are proven by the signed envelopes listed "
-            "in the JSON API; publishers' reports are their signed claims.</p>"
+    return ("<p>Findings verified by this explorer are proven by signed envelopes; publishers' "
+            "reports are their signed claims. Click what was found for its signed messages "
+            "and why they prove it.</p>"
             + evidence_table(doc["evidence"]))
-
-
-def chart_svg(history: list[dict], width: int = 640, height: int = 200) -> str:
-    """Inline SVG line chart of available (green) and used (orange) samples/s over time."""
-    if len(history) < 1:
-        return "<p>No samples yet.</p>"
-    pad = 36
-    t0, t1 = history[0]["t"], history[-1]["t"]
-    top = max(max(h["available"], h["used"]) for h in history) or 1.0
-    span = (t1 - t0) or 1.0
-
-    def xy(h: dict, key: str) -> str:
-        x = pad + (h["t"] - t0) / span * (width - 2 * pad)
-        y = height - pad - h[key] / top * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
-
-    lines = "".join(
-        f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(xy(h, key) for h in history)}"/>'
-        for key, color in (("available", "#080"), ("used", "#d70")))
-    dots = "" if len(history) > 1 else "".join(
-        f'<circle r="3" fill="{c}" cx="{xy(history[0], k).split(",")[0]}" cy="{xy(history[0], k).split(",")[1]}"/>'
-        for k, c in (("available", "#080"), ("used", "#d70")))
-    return (f'<svg id="capacity-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{height}" role="img" aria-label="capacity over time">'
-            f'<rect width="{width}" height="{height}" fill="#fafafa"/>'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>'
-            f'<text x="2" y="{pad}" font-size="10">{top:g}</text>'
-            f'<text x="2" y="{pad - 12}" font-size="10">samples/s</text>'
-            f'<text x="2" y="{height - pad}" font-size="10">0</text>'
-            f'<text x="{pad}" y="{height - 8}" font-size="10">{_e(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)))}</text>'
-            f'<text x="{width - pad - 40}" y="{height - 8}" font-size="10">{_e(time.strftime("%H:%M:%S", time.localtime(t1)))}</text>'
-            f'<text x="{width - 200}" y="14" font-size="11" fill="#080">available samples/s</text>'
-            f'<text x="{width - 90}" y="14" font-size="11" fill="#d70">used</text>'
-            f"{lines}{dots}</svg>")
 
 
 def _schema_ref(name: str) -> dict:

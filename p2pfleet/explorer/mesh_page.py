@@ -1,0 +1,102 @@
+"""The explorer's mesh picture: peers on rings by DHT role, in arcs by software version,
+coloured by state and outlined by reachability (pure: server-side SVG layout).
+
+No edges are drawn: the explorer does not learn who is connected to whom, and lines
+between 100+ peers would hide the facts the picture is for. Grouping keeps it readable at
+any size: each ring is split into one arc per version, and dots shrink as rings fill.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+RINGS = (("server", "DHT servers (answer lookups, hold records)"),
+         ("client", "DHT clients (look up only)"),
+         (None, "role not told (not reached, or never identified)"))
+STATE_FILL = {"available": "#2a2", "busy": "#e90", "paused": "#39c", "offline": "#bbb",
+              "unknown": "#ddd"}
+REACH_STROKE = {"direct": ("#222", ""), "relayed": ("#639", "2,1.5"),
+                "not reached": ("#bbb", "1,1.5")}
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def mesh_svg(peers: list[dict], size: int = 520) -> str:
+    """Concentric rings (servers inside), each split into arcs by software version."""
+    c = size / 2
+    radii = (size * 0.17, size * 0.31, size * 0.44)
+    parts = [f'<circle cx="{c}" cy="{c}" r="7" fill="#444"><title>this explorer '
+             f'(a DHT client with no listener)</title></circle>']
+    for (role, label), r in zip(RINGS, radii):
+        ring = sorted((p for p in peers if p.get("dht_role") == role),
+                      key=lambda p: (str(p.get("sw_version") or ""), p["peer_id"]))
+        parts.append(f'<circle cx="{c}" cy="{c}" r="{r:.1f}" fill="none" stroke="#e4e4e4" '
+                     f'stroke-width="14"><title>{_e(label)}: {len(ring)}</title></circle>')
+        if not ring:
+            continue
+        versions: list[str] = []
+        for p in ring:
+            v = str(p.get("sw_version") or "?")
+            if not versions or versions[-1] != v:
+                versions.append(v)
+        gap = 0.12 if len(versions) > 1 else 0.0  # radians between version arcs
+        slot = (2 * math.pi - gap * len(versions)) / len(ring)
+        dot = max(2.0, min(7.0, r * slot * 0.42))
+        angle = -math.pi / 2
+        current = None
+        for p in ring:
+            v = str(p.get("sw_version") or "?")
+            if v != current:
+                if current is not None:
+                    angle += gap
+                current = v
+                lx, ly = c + (r + 16) * math.cos(angle), c + (r + 16) * math.sin(angle)
+                parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="9" fill="#555" '
+                             f'class="version-label">v{_e(v[:16])}</text>')
+            a = angle + slot / 2
+            x, y = c + r * math.cos(a), c + r * math.sin(a)
+            stroke, dash = REACH_STROKE.get(p.get("reach") or "not reached",
+                                            REACH_STROKE["not reached"])
+            fill = STATE_FILL.get(p["state"], "#ddd")
+            flag = ' stroke-width="2.5" stroke="#d00"' if p.get("flagged") else \
+                f' stroke-width="1.2" stroke="{stroke}"' + (f' stroke-dasharray="{dash}"' if dash else "")
+            title = (f"{p['peer_id']} · {p['state']} · DHT {p.get('dht_role') or 'role not told'} · "
+                     f"{p.get('reach') or 'not reached'} · version {v}"
+                     + (" · FLAGGED" if p.get("flagged") else ""))
+            parts.append(f'<a href="/peers/{_e(p["peer_id"])}" class="mesh-peer">'
+                         f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{dot:.1f}" fill="{fill}"{flag}>'
+                         f"<title>{_e(title)}</title></circle></a>")
+            angle += slot
+    return (f'<svg id="mesh" viewBox="0 0 {size} {size}" width="{size}" height="{size}" '
+            f'role="img" aria-label="the mesh: peers by DHT role, version, state and '
+            f'reachability">{"".join(parts)}</svg>')
+
+
+def mesh_html(doc: dict) -> str:
+    """The /mesh page body: the picture, its legend, and the counts behind it."""
+    peers = doc["peers"]
+    counts: dict[tuple[str, str, str], int] = {}
+    for p in peers:
+        k = (p.get("dht_role") or "not told", p.get("reach") or "not reached",
+             str(p.get("sw_version") or "?"))
+        counts[k] = counts.get(k, 0) + 1
+    rows = "".join(f"<tr><td>{_e(r)}</td><td>{_e(h)}</td><td>{_e(v)}</td><td>{n}</td></tr>"
+                   for (r, h, v), n in sorted(counts.items()))
+    fills = " ".join(f'<span class="key"><svg width="10" height="10"><circle cx="5" cy="5" '
+                     f'r="4.5" fill="{f}"/></svg> {s}</span>' for s, f in STATE_FILL.items())
+    return (f"<p>{len(peers)} peers. Rings: DHT servers inside, DHT clients in the middle, "
+            "peers whose role the explorer was not told outside; each ring is split into "
+            "arcs by software version. Click a dot for the peer.</p>"
+            f'<div class="wide">{mesh_svg(peers)}</div>'
+            f'<p class="legend">Fill, state: {fills}.<br>Outline, reachability this crawl: '
+            "solid black direct, dashed purple through a relay, dotted grey not reached; "
+            "thick red: evidence of misbehaviour.</p>"
+            "<p>No lines: the explorer does not learn who is connected to whom. The DHT role "
+            "is what each peer's identify reply lists (a server offers the DHT protocol); "
+            "reachability is how the explorer's own probe got through.</p>"
+            f'<div class="wide"><table id="mesh-counts"><tr><th>DHT role</th>'
+            f"<th>reachability</th><th>version</th><th>peers</th></tr>{rows}</table></div>")
