@@ -83,6 +83,17 @@ async def test_profile_2_takes_the_password_over_tls_only(pki):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
         finally:
             await trio.to_thread.run_sync(c.close)
+        # a TLS 1.2 charger gets one of the OCPP whitepaper's ECDHE-ECDSA AES-GCM suites
+        ctx12 = pki.charger_context()
+        ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+        c = await connect(SimCharger(url, "CP2", PASSWORD, ssl_context=ctx12))
+        try:
+            tls = c.ws.transport.get_extra_info("ssl_object")
+            assert tls.version() == "TLSv1.2"
+            assert tls.cipher()[0] in ("ECDHE-ECDSA-AES128-GCM-SHA256",
+                                       "ECDHE-ECDSA-AES256-GCM-SHA384"), tls.cipher()
+        finally:
+            await trio.to_thread.run_sync(c.close)
         nursery.cancel_scope.cancel()
 
 
