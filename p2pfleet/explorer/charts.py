@@ -24,6 +24,15 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def amount(v: float) -> str:
+    """A samples/s figure short enough for an axis: 950, 12.5 k, 2.4 M."""
+    if v >= 1e6:
+        return f"{v / 1e6:.3g} M"
+    if v >= 1e3:
+        return f"{v / 1e3:.3g} k"
+    return f"{v:.3g}"
+
+
 def classes(history: list[dict]) -> list[str]:
     seen: set[str] = set()
     for h in history:
@@ -44,14 +53,16 @@ def capacity_chart(history: list[dict], width: int = 640, height: int = 240) -> 
     def xy(t: float, v: float) -> str:
         return f"{pad_l + (t - t0) / span * plot_w:.1f},{pad_t + plot_h - v / top * plot_h:.1f}"
 
-    def line(key: str, values: list[tuple[float, float]], color: str, w: float, dash: str) -> str:
+    def line(key: str, values: list[tuple[float, float]], color: str, w: float, dash: str,
+             opacity: float = 1.0) -> str:
         pts = " ".join(xy(t, v) for t, v in values)
         one = "" if len(values) > 1 else (
             f'<circle r="3" fill="{color}" cx="{pts.split(",")[0]}" cy="{pts.split(",")[1]}"/>')
         return (f'<g data-series="{_e(key)}"><polyline fill="none" stroke="{color}" '
-                f'stroke-width="{w}"{dash} points="{pts}"/>{one}</g>')
+                f'stroke-width="{w}" stroke-opacity="{opacity}"{dash} points="{pts}"/>{one}</g>')
 
-    series = [line(k, [(h["t"], h[k]) for h in history], c, 2.5, "")
+    # totals wide and pale underneath, so a class line that equals its total shows on it
+    series = [line(k, [(h["t"], h[k]) for h in history], c, 5, "", 0.45)
               for k, c in TOTAL_COLORS.items()]
     legend = [f'<label class="series-key" data-series="{k}"><span style="color:{c}">━</span> '
               f"{k} (all classes)</label>" for k, c in TOTAL_COLORS.items()]
@@ -67,7 +78,7 @@ def capacity_chart(history: list[dict], width: int = 640, height: int = 240) -> 
         f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{pad_t + plot_h * (1 - f):.1f}" '
         f'y2="{pad_t + plot_h * (1 - f):.1f}" stroke="#e6e6e6"/>'
         f'<text x="{pad_l - 4}" y="{pad_t + plot_h * (1 - f) + 3:.1f}" font-size="10" '
-        f'text-anchor="end">{top * f:.4g}</text>' for f in (0.0, 0.5, 1.0))
+        f'text-anchor="end">{amount(top * f)}</text>' for f in (0.0, 0.5, 1.0))
     points = json.dumps([{"t": h["t"], "available": h["available"], "used": h["used"],
                           "by_class": h.get("by_class") or {}} for h in history],
                         separators=(",", ":"))

@@ -20,7 +20,9 @@ WHAT_PUBLIC_MESSAGES_TELL = (
     "accepted. Public messages cannot tell which nodes computed which shard, how many extra "
     "replicas secret re-checks and audits added (they are secret so that workers cannot "
     "tell them apart), the results themselves, or anything about a job after its "
-    "publisher stops announcing it.</p></details>")
+    "publisher stops announcing it: a publisher does not announce an ended job again, so "
+    "a job that finished shows its last announcement heard until that expires.</p>"
+    "</details>")
 
 
 def _e(value: Any) -> str:

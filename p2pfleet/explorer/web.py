@@ -207,14 +207,14 @@ def peers_html(doc: Doc) -> str:
     return (f"<p>Network <b>{_e(doc['network'])}</b>: {len(doc['peers'])} peers, "
             f"{doc['discovered']} found in the DHT, crawl {doc['duration_s']:.1f} s "
             f"(crawl {doc['crawls']}).</p>{note}"
-            f'<table id="peers"><tr><th>peer</th><th>state</th><th>version</th><th>hw class</th>'
+            f'<div class="wide"><table id="peers"><tr><th>peer</th><th>state</th><th>version</th><th>hw class</th>'
             f"<th>bench (samples/s of the reference MLP)</th><th>RTT</th><th>last seen</th></tr>"
-            f"{''.join(rows)}</table>"
+            f"{''.join(rows)}</table></div>"
             f"<h2>Capacity</h2><p>Available: <b>{cap['available_samples_per_s']:g}</b> samples/s, "
             f"~{cap['available_est_kw']:g} kW (estimated at {cap['estimate_w_per_node']:g} W per "
             f"computing node); used: {cap['used_samples_per_s']:g} samples/s.</p>"
-            f"<table><tr><th>state</th><th>hw class</th><th>nodes</th><th>samples/s</th>"
-            f"<th>est. kW</th></tr>{totals}</table>"
+            f'<div class="wide"><table><tr><th>state</th><th>hw class</th><th>nodes</th>'
+            f"<th>samples/s</th><th>est. kW</th></tr>{totals}</table></div>"
             f"<h2>Available and used capacity over time</h2>"
             f"{capacity_chart(with_classes(doc))}")
 
@@ -245,7 +245,7 @@ def peer_html(p: dict, doc: Doc) -> str:
         f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info.items()) + "</table>"
         if info else "<p>The owner has not opted in to node_info.</p>")
     evidence = [e for e in doc["evidence"] if e["accused"] == p["peer_id"]]
-    return (f'<table id="peer-detail">{rows}</table>{info_html}'
+    return (f'<div class="wide"><table id="peer-detail">{rows}</table></div>{info_html}'
             + (f"<h2>Evidence</h2>{evidence_table(evidence)}" if evidence else ""))
 
 
@@ -327,12 +327,19 @@ OPENAPI: dict[str, Any] = {
             "record_seq": {"type": ["integer", "null"]}, "record_exp_ms": {"type": ["integer", "null"]},
             "rtt_ms": {"type": ["number", "null"]}, "rtt_by": {"type": ["string", "null"]},
             "last_seen": {"type": ["number", "null"]}, "info": {"type": ["object", "null"]},
-            "copies": {"type": "integer"}, "flagged": {"type": "boolean"}}},
+            "copies": {"type": "integer"}, "flagged": {"type": "boolean"},
+            "dht_role": {"type": ["string", "null"], "enum": ["server", "client", None]},
+            "reach": {"type": ["string", "null"],
+                      "enum": ["direct", "relayed", "not reached", None]}}},
         "Job": {"type": "object", "properties": {
             "publisher": {"type": "string"}, "job_id": {"type": "string"},
             "shards_total": {"type": "integer"}, "shards_left": {"type": "integer"},
             "shards_done": {"type": "integer"}, "progress": {"type": "number"},
-            "quorum": {"type": "integer"}, "credit_rate": {"type": "integer"}}},
+            "quorum": {"type": "integer"}, "credit_rate": {"type": "integer"},
+            "first_heard_at": {"type": ["number", "null"]},
+            "heard": {"type": "array", "description": "announcements heard, oldest first",
+                      "items": {"type": "object", "properties": {
+                          "t": {"type": "number"}, "shards_left": {"type": "integer"}}}}}},
         "Evidence": {"type": "object", "properties": {
             "kind": {"type": "string"}, "accused": {"type": "string"},
             "verified_by": {"type": "string"}, "verified_by_explorer": {"type": "boolean"},
@@ -346,7 +353,10 @@ OPENAPI: dict[str, Any] = {
             "jobs": {"type": "array", "items": _schema_ref("Job")},
             "evidence": {"type": "array", "items": _schema_ref("Evidence")},
             "totals": {"type": "array"}, "capacity": {"type": "object"},
-            "history": {"type": "array"}}},
+            "history": {"type": "array"},
+            "history_by_class": {"type": "array", "description": "per history point: short "
+                                 "hardware class -> available, used (samples/s), "
+                                 "available_nodes, used_nodes"}}},
     }},
 }
 
