@@ -843,3 +843,34 @@ def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Call
     swarm.upgrade_inbound_raw_conn = upgrade
     swarm.register_notifee(_Dialled())
     return reservation
+
+
+# --- Fix 17: the auto-dialler aims far above the connections a car wants -------------------
+# Upstream: the swarm's AutoConnector dials, every 30 s and after each disconnect, towards the
+# midpoint of the low and high watermarks (56 connections with ours, 16 and 96), taking any
+# peer the peerstore holds an address for: peers a DHT walk met once, bootstrap peers we
+# just released. Each connection costs ~32 ms of CPU on both ends (Noise, identify,
+# GossipSub streams) and bytes of a car's metered link; a 50-host formation in one process
+# took 260 CPU-s with it and 204 without (one run each, busy machine). We let it dial only
+# while we hold fewer than `target`
+# connections (the low watermark), and only as many peers as bring us back to it.
+
+def limit_auto_dial(swarm: Any, target: int) -> None:
+    connector = getattr(swarm, "auto_connector", None)
+    if connector is None:
+        return
+    maybe_connect = connector.maybe_connect
+    candidate_peers = connector._get_candidate_peers
+
+    def room() -> int:
+        return target - swarm.get_total_connections() - len(connector._in_flight_dials)
+
+    async def maybe_connect_below_target() -> None:
+        if room() > 0:
+            await maybe_connect()
+
+    async def candidates_within_room() -> list[Any]:
+        return (await candidate_peers())[:max(0, room())]
+
+    connector.maybe_connect = maybe_connect_below_target
+    connector._get_candidate_peers = candidates_within_room

@@ -326,6 +326,8 @@ class Mesh:
                 log.warning("mDNS needs a fixed TCP listen port (not 0): LAN peers will not "
                             "find this node")
         libp2p_fixes.fix_inbound_slot_leak(host.get_network())
+        libp2p_fixes.limit_auto_dial(  # fix 17
+            host.get_network(), self._connection_config().low_watermark)
         if len(listen) == 1 and "ip4" in [p.name for p in listen[0].protocols()]:
             # a node of a loopback fleet (127.x.y.z) dials from its own address (no-op else)
             libp2p_fixes.dial_loopback_from(host, listen[0].value_for_protocol("ip4"))

@@ -160,3 +160,29 @@ async def test_a_stopped_mesh_holds_no_socket():
         await wait_until(lambda: not meshes[0].connected_peers())
         assert tcp_sockets(os.getpid()) == before + 1  # the remaining node's listener
     assert tcp_sockets(os.getpid()) == before
+
+
+async def test_the_auto_dialler_stops_at_the_low_watermark():
+    """Fix 17: py-libp2p's auto-dialler dialled every peer with a known address, towards the
+    midpoint of the watermarks (50 connections here), although a car wants few; it now
+    dials only up to the low watermark (2 x min_connections = 4 here)."""
+    async with fleet(1, min_connections=2) as (mesh,), trio.open_nursery() as nursery:
+        known = []
+        for i in range(12):
+            host = new_host(key_pair=create_new_key_pair(f"known-{i}".encode().ljust(32, b"\0")))
+            await nursery.start(_run_host, host)
+            known.append(host)
+        peerstore = mesh.host.get_peerstore()
+        for host in known:
+            peerstore.add_addrs(host.get_id(), host.get_addrs(), 600)
+        swarm = mesh.host.get_network()
+        await swarm.auto_connector.maybe_connect()  # what its 30 s timer and disconnects call
+        connected = {p for p in swarm.connections if p in {h.get_id() for h in known}}
+        assert 0 < len(connected) <= 4
+        nursery.cancel_scope.cancel()
+
+
+async def _run_host(host, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        task_status.started()
+        await trio.sleep_forever()
