@@ -59,18 +59,37 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def proof_html(i: int, hexed: str, network: str) -> str:
-    """One proof envelope, opened again: kind, signer, body fields; or why it does not open."""
+def _fields(hexed: str, network: str) -> list[tuple[str, str]] | None:
+    try:
+        body = open_envelope(bytes.fromhex(hexed), network).body
+    except (ValueError, E.WireError):
+        return None
+    return ([(f.name, _value(getattr(body, f.name))) for f in dataclasses.fields(body)]
+            if dataclasses.is_dataclass(body) else [("body", _value(body))])
+
+
+def differing(proofs: list[str], network: str) -> set[str]:
+    """Body fields whose values differ between the proofs that open (what conflicts)."""
+    seen: dict[str, set[str]] = {}
+    for hexed in proofs:
+        for k, v in _fields(hexed, network) or []:
+            seen.setdefault(k, set()).add(v)
+    return {k for k, vs in seen.items() if len(vs) > 1} if len(proofs) > 1 else set()
+
+
+def proof_html(i: int, hexed: str, network: str, differs: set[str] = frozenset()) -> str:
+    """One proof envelope, opened again: kind, signer, body fields (those that differ from
+    the other proofs marked); or why it does not open."""
     try:
         raw = bytes.fromhex(hexed)
         opened = open_envelope(raw, network)
     except (ValueError, E.WireError) as exc:
         return (f'<section class="proof"><h3>proof {i + 1}: does not open</h3>'
                 f"<p>{_e(exc)}</p></section>")
-    body = opened.body
-    fields = ([(f.name, _value(getattr(body, f.name))) for f in dataclasses.fields(body)]
-              if dataclasses.is_dataclass(body) else [("body", _value(body))])
-    rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in fields)
+    fields = _fields(hexed, network) or []
+    rows = "".join(
+        f'<tr{" class=differs" if k in differs else ""}><th>{_e(k)}</th><td><code>{_e(v)}</code>'
+        f'{" ← differs" if k in differs else ""}</td></tr>' for k, v in fields)
     return (f'<section class="proof"><h3>proof {i + 1}: a signed <code>{_e(opened.kind)}</code> '
             f"v{int(opened.version)}</h3><p>Signed by <code>{_e(peer_id_from_key(opened.signer))}"
             f"</code>; signature verified on this page.</p>"
@@ -92,7 +111,8 @@ def evidence_item_html(item: dict, network: str) -> str:
             ("who says so", who), ("detail", _e(item["detail"])), ("served by", served),
             ("signed messages", str(len(item["proofs"])))]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    proofs = "".join(proof_html(i, p, network) for i, p in enumerate(item["proofs"]))
+    differs = differing(item["proofs"], network)
+    proofs = "".join(proof_html(i, p, network, differs) for i, p in enumerate(item["proofs"]))
     return (f'<div class="wide"><table id="evidence-item">{table}</table></div>'
             f'<h2>Why this proves it</h2><p id="why">{_e(why)}</p>'
             f"<h2>The signed messages</h2>{proofs or '<p>None attached.</p>'}"

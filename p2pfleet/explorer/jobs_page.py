@@ -91,8 +91,9 @@ def jobs_html(doc: dict, human_time: Any) -> str:
         rate = throughput(heard)
         rate_s = f"{rate:.2f} shards/min" if rate is not None else "- (one announcement heard)"
         left = j["shards_left"]
-        eta = (f"; at this rate about {left / rate:.0f} min left" if rate and rate > 0 and left
-               else "")
+        eta = ("" if not (rate and rate > 0 and left) else
+               "; at this rate under a minute left" if left / rate < 1 else
+               f"; at this rate about {left / rate:.0f} min left")
         rows = [
             ("publisher", f'<code>{_e(j["publisher"])}</code>'),
             ("progress", f"<progress max='{int(j['shards_total'])}' value='{int(j['shards_done'])}'>"

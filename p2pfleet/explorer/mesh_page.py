@@ -25,10 +25,24 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def mesh_svg(peers: list[dict], size: int = 520) -> str:
+def _dot(p: dict, version: str, x: float, y: float, radius: float) -> str:
+    """One peer: filled by state, outlined by reachability (red when flagged), a link."""
+    stroke, dash = REACH_STROKE.get(p.get("reach") or "not reached", REACH_STROKE["not reached"])
+    fill = STATE_FILL.get(p["state"], "#ddd")
+    outline = (' stroke-width="2.5" stroke="#d00"' if p.get("flagged") else
+               f' stroke-width="1.2" stroke="{stroke}"' + (f' stroke-dasharray="{dash}"' if dash else ""))
+    title = (f"{p['peer_id']} · {p['state']} · DHT {p.get('dht_role') or 'role not told'} · "
+             f"{p.get('reach') or 'not reached'} · version {version}"
+             + (" · FLAGGED" if p.get("flagged") else ""))
+    return (f'<a href="/peers/{_e(p["peer_id"])}" class="mesh-peer"><circle cx="{x:.1f}" '
+            f'cy="{y:.1f}" r="{radius:.1f}" fill="{fill}"{outline}><title>{_e(title)}</title>'
+            f"</circle></a>")
+
+
+def mesh_svg(peers: list[dict], size: int = 560) -> str:
     """Concentric rings (servers inside), each split into arcs by software version."""
     c = size / 2
-    radii = (size * 0.17, size * 0.31, size * 0.44)
+    radii = (size * 0.16, size * 0.28, size * 0.40)
     parts = [f'<circle cx="{c}" cy="{c}" r="7" fill="#444"><title>this explorer '
              f'(a DHT client with no listener)</title></circle>']
     for (role, label), r in zip(RINGS, radii):
@@ -38,39 +52,28 @@ def mesh_svg(peers: list[dict], size: int = 520) -> str:
                      f'stroke-width="14"><title>{_e(label)}: {len(ring)}</title></circle>')
         if not ring:
             continue
-        versions: list[str] = []
+        groups: list[tuple[str, list[dict]]] = []
         for p in ring:
             v = str(p.get("sw_version") or "?")
-            if not versions or versions[-1] != v:
-                versions.append(v)
-        gap = 0.12 if len(versions) > 1 else 0.0  # radians between version arcs
-        slot = (2 * math.pi - gap * len(versions)) / len(ring)
+            if not groups or groups[-1][0] != v:
+                groups.append((v, []))
+            groups[-1][1].append(p)
+        gap = 0.12 if len(groups) > 1 else 0.0  # radians between version arcs
+        slot = (2 * math.pi - gap * len(groups)) / len(ring)
         dot = max(2.0, min(7.0, r * slot * 0.42))
         angle = -math.pi / 2
-        current = None
-        for p in ring:
-            v = str(p.get("sw_version") or "?")
-            if v != current:
-                if current is not None:
-                    angle += gap
-                current = v
-                lx, ly = c + (r + 16) * math.cos(angle), c + (r + 16) * math.sin(angle)
-                parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="9" fill="#555" '
-                             f'class="version-label">v{_e(v[:16])}</text>')
-            a = angle + slot / 2
-            x, y = c + r * math.cos(a), c + r * math.sin(a)
-            stroke, dash = REACH_STROKE.get(p.get("reach") or "not reached",
-                                            REACH_STROKE["not reached"])
-            fill = STATE_FILL.get(p["state"], "#ddd")
-            flag = ' stroke-width="2.5" stroke="#d00"' if p.get("flagged") else \
-                f' stroke-width="1.2" stroke="{stroke}"' + (f' stroke-dasharray="{dash}"' if dash else "")
-            title = (f"{p['peer_id']} · {p['state']} · DHT {p.get('dht_role') or 'role not told'} · "
-                     f"{p.get('reach') or 'not reached'} · version {v}"
-                     + (" · FLAGGED" if p.get("flagged") else ""))
-            parts.append(f'<a href="/peers/{_e(p["peer_id"])}" class="mesh-peer">'
-                         f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{dot:.1f}" fill="{fill}"{flag}>'
-                         f"<title>{_e(title)}</title></circle></a>")
-            angle += slot
+        for v, members in groups:
+            mid = angle + slot * len(members) / 2  # the label sits outside its arc's middle
+            lx, ly = c + (r + 13) * math.cos(mid), c + (r + 13) * math.sin(mid) + 3
+            anchor = "start" if math.cos(mid) > 0.3 else "end" if math.cos(mid) < -0.3 else "middle"
+            parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="9" fill="#555" '
+                         f'text-anchor="{anchor}" class="version-label">v{_e(v[:16])}</text>')
+            for p in members:
+                a = angle + slot / 2
+                x, y = c + r * math.cos(a), c + r * math.sin(a)
+                parts.append(_dot(p, v, x, y, dot))
+                angle += slot
+            angle += gap
     return (f'<svg id="mesh" viewBox="0 0 {size} {size}" width="{size}" height="{size}" '
             f'role="img" aria-label="the mesh: peers by DHT role, version, state and '
             f'reachability">{"".join(parts)}</svg>')

@@ -146,7 +146,7 @@ CSS = ("body{font-family:sans-serif;margin:1em 2em;color:#222}table{border-colla
        "nav a{margin:0 .2em}.wide{max-width:100%;overflow-x:auto}svg{max-width:100%;height:auto}"
        "td code,th code{word-break:break-all}.job{border-top:1px solid #ccc;margin-top:1em}"
        ".legend .key{white-space:nowrap;margin-right:.6em}details{margin:.6em 0}"
-       "pre{white-space:pre-wrap;word-break:break-all;font-size:.8em}"
+       "pre{white-space:pre-wrap;word-break:break-all;font-size:.8em}tr.differs{background:#fe9}"
        "@media (max-width:600px){body{margin:.5em}td,th{font-size:.8em;padding:.2em .3em}}")
 
 

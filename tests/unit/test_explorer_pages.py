@@ -23,8 +23,8 @@ EVIL = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>"
 PUB = "12D3KooWPUB" + EVIL
 
 
-def _capacity(seq: int, bench: float, signer: Identity, version: str = "0.1.0") -> bytes:
-    return seal(Capacity(seq=seq, exp=int(time.time() * 1000) + 900_000, sw_version=version,
+def _capacity(seq: int, bench: float, signer: Identity, exp: int) -> bytes:
+    return seal(Capacity(seq=seq, exp=exp, sw_version="0.1.0",
                          state="available", hw_class=b"\x66" * 32, cores=4, memory_mb=2048,
                          bench=bench, providers=("CPUExecutionProvider",), ort_version="1.32.0",
                          slots=1, addrs=()), signer, NET)
@@ -52,7 +52,8 @@ def _doc(n_peers: int = 3) -> dict:
         job = job_heard(held, JobView(PUB, "ab" * 16 + EVIL, k + 1, int((now + 600) * 1000),
                                       10, left, 2, 3, "ee" * 32, 4096, t))
         held = job
-    a, b = _capacity(5, 100.0, liar), _capacity(5, 999.0, liar)
+    exp = int(now * 1000) + 900_000
+    a, b = _capacity(5, 100.0, liar, exp), _capacity(5, 999.0, liar, exp)
     equivocation = check_copies(NET, liar.peer_id, {"s1": a, "s2": b}, int(now * 1000)).findings
     assert equivocation and equivocation[0].kind == "equivocation"
     findings = [*equivocation,
@@ -122,6 +123,7 @@ def test_evidence_is_one_click_away_with_its_signed_messages():
     assert page.count("signature verified on this page") == 2
     assert "same sequence number with different bodies" in page
     assert own["accused"] in page and "999.0" in page and "100.0" in page
+    assert page.count("← differs") == 2  # the bench: 100.0 in one, 999.0 in the other
     claim = next(e for e in doc["evidence"] if not e["verified_by_explorer"])
     page = app.handle("GET", f"/evidence/{evidence_id(claim)}")[2].decode()
     assert "signed claim, not the explorer" in page and "does not open" in page
