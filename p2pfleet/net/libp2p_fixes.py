@@ -682,6 +682,9 @@ class _Unknown:
     gone: trio.Event = field(default_factory=trio.Event)
 
 
+SOURCES_TTL_S = 1.0  # known sources are rebuilt at most this often
+
+
 class InboundReservation:
     """Counts inbound connections from unknown sources and prunes them (see fix 16)."""
 
@@ -699,6 +702,7 @@ class InboundReservation:
         self.cooling: dict[str, float] = {}  # source -> until (trio time)
         self.pruned = 0
         self.refused = 0
+        self._sources: tuple[float, set[str]] = (-math.inf, set())
 
     @property
     def cap(self) -> int:
@@ -715,6 +719,18 @@ class InboundReservation:
         return peer in self.dialled or self._is_known(peer)
 
     def known_sources(self) -> set[str]:
+        """The source addresses of our routing table's and dialled peers, rebuilt at most
+        once per `SOURCES_TTL_S`: rebuilding walks every such peer's addresses (2-12 ms at a
+        busy bootstrap node), and a bare TCP connect from anyone asks for it."""
+        now = trio.current_time()
+        built_at, sources = self._sources
+        if now - built_at < SOURCES_TTL_S:
+            return sources
+        sources = self._build_known_sources()
+        self._sources = (now, sources)
+        return sources
+
+    def _build_known_sources(self) -> set[str]:
         peerstore = self.swarm.peerstore
         sources: set[str] = set()
         for peer in [*self._known_peers(), *self.dialled]:

@@ -300,3 +300,24 @@ async def test_a_flood_does_not_prune_a_publishers_leaseholders(tmp_path):
         assert not dropped.is_set(), "the worker holding a lease was pruned for the flood"
         nursery.cancel_scope.cancel()
     pub.close()
+
+
+async def test_bare_connects_do_not_rebuild_the_known_sources_each_time():
+    """Fix 16 looks up an inbound connection's address among the addresses of our routing
+    table's and dialled peers. It rebuilt that set from the peerstore on every inbound TCP
+    connection (2-12 ms at a busy bootstrap node), work anyone triggers with bare connects;
+    it is now rebuilt at most once a second."""
+    async with fleet(2, **_reserve()) as meshes:
+        victim, member = meshes
+        await member.get_capacity(victim.identity.peer_id)
+        await wait_until(lambda: victim.dht.routing_table.peer_in_table(member.host.get_id()))
+        reservation = victim.inbound_reservation
+        builds = []
+        build = reservation._build_known_sources
+        reservation._build_known_sources = lambda: builds.append(1) or build()
+        _, _, host, _, port = victim.listen_addrs()[0].split("/")[:5]
+        for i in range(40):
+            stream = await trio.open_tcp_stream(host, int(port), local_address=f"127.0.6.{1 + i % 8}")
+            await stream.aclose()
+        await wait_until(lambda: builds)
+        assert len(builds) <= 3
