@@ -6,7 +6,8 @@ values, class toggles), the mesh picture, and evidence one click away with its s
 messages; every page fits a phone-width window.
 
 Screenshots at desktop and phone width go to the test's tmp dir (and to the directory
-SCREENSHOTS_DIR names, if set: that is how docs/explorer-*.png are made).
+SCREENSHOTS_DIR names, if set: docs/explorer-*.png are the desktop ones at half size, cropped
+to the content).
 """
 
 from __future__ import annotations
