@@ -173,6 +173,10 @@ class Crawler:
         with trio.move_on_at(deadline):
             await self._for_each(live, lambda pid: self._probe(pid))
         phases["probe_s"] = trio.current_time() - mark
+        probed = set(live)
+        for pid, view in self.peers.items():
+            if pid not in probed:  # not probed this crawl: an old verdict would mislead
+                view.reach = "not reached"
         for pid, view in self.peers.items():
             if pid not in ids and not sampled and view.state in ONLINE_STATES:
                 view.state, view.why_offline = "offline", "gone from the DHT"

@@ -67,7 +67,8 @@ def mesh_svg(peers: list[dict], size: int = 560) -> str:
             lx, ly = c + (r + 13) * math.cos(mid), c + (r + 13) * math.sin(mid) + 3
             anchor = "start" if math.cos(mid) > 0.3 else "end" if math.cos(mid) < -0.3 else "middle"
             parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="9" fill="#555" '
-                         f'text-anchor="{anchor}" class="version-label">v{_e(v[:16])}</text>')
+                         f'text-anchor="{anchor}" class="version-label">'
+                         f'{"version unknown" if v == "?" else "v" + _e(v[:16])}</text>')
             for p in members:
                 a = angle + slot / 2
                 x, y = c + r * math.cos(a), c + r * math.sin(a)

@@ -237,7 +237,9 @@ def peer_html(p: dict, doc: Doc) -> str:
                f"{human_time(p['record_exp_ms'] / 1000)}, Unix ms {p['record_exp_ms']}"),
               ("record copies in the DHT", p["copies"]),
               ("RTT", f"{p['rtt_ms']} ms by {p['rtt_by']}" if p["rtt_ms"] is not None else None),
-              ("last seen", _ago(p["last_seen"]))]
+              ("last seen", _ago(p["last_seen"])),
+              ("DHT role (as identify told)", p.get("dht_role") or "not told"),
+              ("reachability (this crawl)", p.get("reach") or "not reached")]
     info = p["info"]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v if v not in (None, '') else '-')}</td></tr>"
                    for k, v in fields)
