@@ -17,6 +17,7 @@ import time
 from html import escape
 from typing import Any
 
+from ..humantime import span
 from .svg import bar_chart, meter, timeline_chart
 
 Doc = dict[str, Any]
@@ -57,17 +58,6 @@ def e(x: object) -> str:
     return escape(str(x), quote=True)
 
 
-def _dur(s: float) -> str:
-    s = int(abs(s))
-    if s < 90:
-        return f"{s} s"
-    if s < 5400:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        return f"{s // 3600} h {s // 60 % 60} min"
-    return f"{s // 86400} days"
-
-
 def when(t: float | None, now: float, off: int) -> str:
     """A local time with how far from now, as <time> with its ISO form (UTC)."""
     if t is None:
@@ -75,7 +65,7 @@ def when(t: float | None, now: float, off: int) -> str:
     local = time.gmtime(t + off)
     same_day = time.gmtime(now + off)[:3] == local[:3]
     shown = time.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M", local)
-    rel = f"in {_dur(t - now)}" if t >= now else f"{_dur(now - t)} ago"
+    rel = f"in {span(t - now)}" if t >= now else f"{span(now - t)} ago"
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
     return f'<time datetime="{iso}" title="{iso}">{e(shown)} ({e(rel)})</time>'
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from ..humantime import span
 from . import metrics
 from .charts import capacity_chart
 from .evidence_page import evidence_id, evidence_item_html
@@ -158,17 +159,6 @@ def _json(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode()
 
 
-def _span(s: float) -> str:
-    s = int(abs(s))
-    if s < 90:
-        return f"{s} s"
-    if s < 5400:
-        return f"{round(s / 60)} min"
-    if s < 48 * 3600:
-        return f"{s // 3600} h {s // 60 % 60} min"
-    return f"{s // 86400} days"
-
-
 def human_time(t: float | None, now: float | None = None) -> str:
     """Local clock time (with the date unless today), how long ago or ahead, and ISO 8601
     in UTC: '14:05:09 (3 min ago; 2026-06-01T12:05:09Z)'."""
@@ -178,7 +168,7 @@ def human_time(t: float | None, now: float | None = None) -> str:
     local = time.localtime(t)
     shown = time.strftime("%H:%M:%S" if local[:3] == time.localtime(now)[:3]
                           else "%Y-%m-%d %H:%M:%S", local)
-    rel = f"{_span(now - t)} ago" if t <= now else f"in {_span(t - now)}"
+    rel = f"{span(now - t)} ago" if t <= now else f"in {span(t - now)}"
     return f"{shown} ({rel}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(t))})"
 
 
