@@ -762,6 +762,13 @@ class Node:
             self._root = nursery
             if handle_signals:
                 nursery.start_soon(self._signals)
+            # the provider first: once `status` answers, a charger can connect (its port is bound)
+            if callable(getattr(self.provider, "run", None)):  # a live provider polls in the background
+                self.provider.on_update = lambda: self._wake.set()
+                try:
+                    await nursery.start(self.provider.run)
+                except OcppServerError as exc:  # e.g. ocpp.listen is taken
+                    raise NodeError(str(exc)) from None
             if self.control_path is not None:
                 await nursery.start(serve_control, self.control_path,
                                     lambda req: self._control(req, nursery))
@@ -773,12 +780,6 @@ class Node:
                 except OSError as exc:
                     raise NodeError(f"node.metrics_listen {self.config.node.metrics_listen}: "
                                     f"{exc.strerror or exc}") from None
-            if callable(getattr(self.provider, "run", None)):  # a live provider polls in the background
-                self.provider.on_update = lambda: self._wake.set()
-                try:
-                    await nursery.start(self.provider.run)
-                except OcppServerError as exc:  # e.g. ocpp.listen is taken
-                    raise NodeError(str(exc)) from None
             await self.measure_hardware()
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)
