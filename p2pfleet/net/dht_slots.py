@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from .libp2p_fixes import IDLE_TIMEOUT, _peer_of
+from .libp2p_fixes import IDLE_TIMEOUT, _peer_of, source_address
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +215,10 @@ class _FairStream:
 def _source_of(stream: Any, prefix: int = 64) -> str | None:
     try:
         host = str(stream.get_remote_address()[0])
-        ip = ipaddress.ip_address(host.split("%")[0])
+        ipaddress.ip_address(host.split("%")[0])
     except Exception:  # noqa: BLE001 - no address (e.g. a relayed stream): not counted
         return None
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
-    return str(ip)
+    return source_address(host, prefix)
 
 
 class DhtSlots:

@@ -447,6 +447,20 @@ class PerIPLimits:
     ipv6_prefix: int = 64
 
 
+def source_address(host: str, ipv6_prefix: int = 64) -> str:
+    """What counts as one source: an IPv4 address (an IPv4-mapped IPv6 one too) or an IPv6
+    prefix; anything that is not an IP address is its own source."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix}", strict=False))
+    return str(ip)
+
+
 class InboundIPLimiter:
     def __init__(self, limits: PerIPLimits):
         self.limits = limits
@@ -455,15 +469,7 @@ class InboundIPLimiter:
         self.refused = 0
 
     def source(self, host: str) -> str:
-        try:
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return host
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                return str(ip.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{ip}/{self.limits.ipv6_prefix}", strict=False))
-        return str(ip)
+        return source_address(host, self.limits.ipv6_prefix)
 
     def try_admit(self, source: str) -> bool:
         if (self.pending[source] >= self.limits.max_pending
