@@ -19,6 +19,11 @@ What the loop adds to verification.Sim:
   be dialled (reachable or hole punched) and one already has it, else through the uplink.
 - Energy: `core.energy.estimate_wh` of the compute time, sent to the policy as
   `EnergyUsed` with the bytes moved (`BytesTransferred`), so budgets and caps bind.
+- Scenario knobs (tools/scenarios/), all off by default and drawing from their own seeded
+  generators, so a run without them is the run it was: `churn` (a share of cars unplug at
+  a random moment of a lease, stay away a while and plug in again: the policy sees
+  `plugged_in` false and stops), `partition` (for a window, a share of cars cannot reach
+  their publisher: their messages arrive when it heals) and `uplink_bytes_per_s`.
 
 Time: ms after local midnight of day 0; the policy gets Unix seconds `T0 + ms / 1000`
 and the UTC offset of the traces' time zone (+02:00).
@@ -100,6 +105,11 @@ class FleetConfig:
     # 256 by default). A request costs O(window): 32 serves 100 vehicles per publisher.
     window: int = 32
     uplink_bytes_per_s: float = 12.5e6  # each publisher's uplink: 100 Mbit/s
+    churn: float = 0.0                  # share of cars that unplug at random moments
+    churn_per_lease: float = 0.5        # chance a churning car unplugs during a lease
+    churn_away_s: tuple[int, int] = (300, 3600)  # how long it stays unplugged (uniform)
+    # (start hour, seconds, share of cars cut off from their publisher), or None
+    partition: tuple[float, float, float] | None = None
     veterans: float = 0.8               # identities established before the run
     join_ms: int = 5_000                # joining the mesh before the first request
     bin_s: int = 900                    # capacity is counted in bins of this length
@@ -125,6 +135,25 @@ class FleetConfig:
             bad("per_publisher", "an integer >= 1")
         if self.window < 1:
             bad("window", "an integer >= 1")
+        if not (isinstance(self.uplink_bytes_per_s, (int, float))
+                and self.uplink_bytes_per_s > 0):
+            bad("uplink_bytes_per_s", "a number of bytes per second above 0")
+        if not (isinstance(self.churn, (int, float)) and 0 <= self.churn <= 1):
+            bad("churn", "a share from 0 to 1")
+        if not (isinstance(self.churn_per_lease, (int, float))
+                and 0 < self.churn_per_lease <= 1):
+            bad("churn_per_lease", "a probability above 0 and at most 1")
+        lo_hi = self.churn_away_s
+        if not (len(lo_hi) == 2 and 1 <= lo_hi[0] <= lo_hi[1]):
+            bad("churn_away_s", "(min, max) seconds with 1 <= min <= max")
+        if self.partition is not None:
+            try:
+                start_h, secs, share = self.partition
+            except (TypeError, ValueError):
+                start_h = secs = share = -1
+            if not (0 <= start_h < self.hours and secs > 0 and 0 < share <= 1):
+                bad("partition", f"(start hour in [0, {self.hours:g}), seconds > 0, "
+                                 "share of cars in (0, 1])")
 
 
 @dataclass(eq=False)
@@ -147,6 +176,9 @@ class Car(V.Worker):
     energy_wh: float = 0.0
     credit: int = 0
     bytes: int = 0
+    churns: bool = False          # unplugs at random moments (FleetConfig.churn)
+    cut_off: bool = False         # on the far side of the partition
+    away_until: int = -1          # unplugged by churn until then
 
 
 class Publisher(V.Sim):
@@ -177,7 +209,10 @@ class Publisher(V.Sim):
     def _ask_at(self, w: Car, at: int) -> None:
         if w.computing and not w.asking:
             w.asking = True
-            self.fleet.push(at + self.fleet.message_ms(w), "pub", self, "ask", (w,))
+            arrives = at + self.fleet.message_ms(w)
+            if w.cut_off:
+                arrives = self.fleet.reach(w, arrives)
+            self.fleet.push(arrives, "pub", self, "ask", (w,))
 
     def apply(self, effects: list) -> None:
         super().apply(effects)
@@ -212,6 +247,19 @@ class Fleet:
         self.used_s = [0.0] * nbins
         self.cars = self._cars(specs)
         self.publishers = self._publishers()
+        # The scenario knobs draw from generators of their own: the default run's draws
+        # stay the same.
+        self.churn_rng = random.Random(f"churn {cfg.seed}")
+        self.unplugs = 0
+        for c in self.cars:
+            c.churns = cfg.churn > 0 and self.churn_rng.random() < cfg.churn
+        self.cut_window = (0, 0)
+        if cfg.partition is not None:
+            start_h, secs, share = cfg.partition
+            self.cut_window = (int(start_h * HOUR_MS), int(start_h * HOUR_MS + secs * 1000))
+            cut = random.Random(f"partition {cfg.seed}")
+            for c in self.cars:
+                c.cut_off = cut.random() < share
 
     # --- set-up ----------------------------------------------------------------------
     def _cars(self, specs: list[VehicleSpec]) -> list[Car]:
@@ -279,6 +327,13 @@ class Fleet:
                 if c.wake_ms == at:
                     c.wake_ms = -1
                     self._policy(c, P.Tick(T0 + at / 1000, UTC_OFFSET_S))
+            elif kind == "unplug":
+                self._unplug(data[0])
+            elif kind == "replug":
+                c = data[0]
+                if c.away_until == at:
+                    c.away_until = -1
+                    self._observe(c, c.spec.day.states[c.state_i - 1][1])
         self.now = end
         for c in self.cars:
             if c.computing:
@@ -307,12 +362,7 @@ class Fleet:
     def _state(self, c: Car) -> None:
         states = c.spec.day.states
         t_day, values = states[c.state_i]
-        vs = dict(zip(VEHICLE_KEYS, values))
-        day0 = (self.now // DAY_MS) * DAY_MS // 1000
-        if vs["departure_at"] is not None:
-            vs["departure_at"] = T0 + day0 + vs["departure_at"]
-        self._policy(c, P.StateObserved(T0 + self.now / 1000, P.VehicleState(**vs),
-                                        UTC_OFFSET_S))
+        self._observe(c, values)
         c.state_i += 1
         if c.state_i >= len(states):
             c.state_i = 0
@@ -320,6 +370,27 @@ class Fleet:
         else:
             nxt = (self.now // DAY_MS) * DAY_MS + states[c.state_i][0] * 1000
         self.push(nxt, "state", c)
+
+    def _observe(self, c: Car, values: tuple) -> None:
+        """The policy observes the state `values` of the car's day, now."""
+        vs = dict(zip(VEHICLE_KEYS, values))
+        day0 = (self.now // DAY_MS) * DAY_MS // 1000
+        if vs["departure_at"] is not None:
+            vs["departure_at"] = T0 + day0 + vs["departure_at"]
+        if c.away_until > self.now:  # unplugged by churn: the day's plug-ins wait
+            vs["plugged_in"] = False
+        self._policy(c, P.StateObserved(T0 + self.now / 1000, P.VehicleState(**vs),
+                                        UTC_OFFSET_S))
+
+    def _unplug(self, c: Car) -> None:
+        """Churn: the cable comes out mid-lease; it goes back in after a drawn pause."""
+        if not c.computing or c.away_until > self.now:
+            return
+        self.unplugs += 1
+        lo, hi = self.cfg.churn_away_s
+        c.away_until = self.now + 1000 * self.churn_rng.randint(lo, hi)
+        self._observe(c, c.spec.day.states[c.state_i - 1][1])
+        self.push(c.away_until, "replug", c)
 
     def _policy(self, c: Car, ev: object) -> None:
         self.policy_calls += 1
@@ -408,11 +479,24 @@ class Fleet:
         pub.uplink_bytes += send
         arrived = max(pub.uplink_free, now + int(1000 * send / link.down_bytes_per_s))
         arrived += self.message_ms(c)
+        if c.cut_off:
+            arrived = self.reach(c, arrived)
         done = arrived + compute
         c.running[g.lease_id] = (arrived, done)
         c.bytes += send + wl.result_bytes
         up = int(1000 * wl.result_bytes / link.up_bytes_per_s)
-        return done + up + self.message_ms(c)
+        if c.churns and self.churn_rng.random() < self.cfg.churn_per_lease:
+            self.push(self.churn_rng.randint(arrived, max(arrived, done - 1)), "unplug", c)
+        back = done + up + self.message_ms(c)
+        return self.reach(c, back) if c.cut_off else back
+
+    def reach(self, c: Car, at: int) -> int:
+        """When a message of car `c` that would arrive at `at` arrives: a cut-off car's
+        message during the partition goes through once it heals (a resend)."""
+        start, end = self.cut_window
+        if c.cut_off and start <= at < end:
+            return end + 2 * self._link(c).latency_ms
+        return at
 
     # --- results ---------------------------------------------------------------------
     def capacity(self) -> tuple[list[float], list[float]]:
