@@ -30,10 +30,15 @@ from .app import App, CliError, console, json_option, pass_app
               path_type=Path), default=None,
               help="A directory of vehicle traces to draw the population from "
               "(default: the shipped traces).")
+@click.option("--population", type=click.Choice(["assumed", "survey"]), default="assumed",
+              show_default=True, help="assumed: the habit mix of sim/population.py "
+              "(home, work, fast charging; guesses); survey: every car a day drawn from "
+              "the 200 survey car-weeks (docs/traces.md).")
 @json_option
 @click.pass_context
 def sim_command(ctx: click.Context, vehicles: int, hours: float, cheaters: float, seed: int,
-                per_publisher: int, plot_path: Path | None, trace_dir: Path | None) -> None:
+                per_publisher: int, plot_path: Path | None, trace_dir: Path | None,
+                population: str) -> None:
     """Simulate a fleet in virtual time with the real core machines and print a summary
     (or, with `replay`, replay the event logs of live publishers and nodes)."""
     if ctx.invoked_subcommand is not None:
@@ -41,15 +46,19 @@ def sim_command(ctx: click.Context, vehicles: int, hours: float, cheaters: float
     app = ctx.ensure_object(App)
     from ..sim import fleet as F
     from ..sim import plot
-    from ..sim.population import TraceError
-    from ..sim.traces import SHIPPED, load_traces
+    from ..sim.population import Assumptions, TraceError
+    from ..sim.traces import SHIPPED, load_survey_days, load_traces
 
     if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
         raise CliError(f"--plot {plot_path}: the file must end in .png or .svg")
     try:
         traces = load_traces(trace_dir or SHIPPED)
+        extra = {}
+        if population == "survey":
+            traces = {**traces, **load_survey_days()}
+            extra["assumptions"] = Assumptions(habits=(("survey", 1.0),))
         cfg = F.FleetConfig(vehicles, hours=hours, cheaters=cheaters, seed=seed,
-                            per_publisher=per_publisher)
+                            per_publisher=per_publisher, **extra)
         t0 = time.process_time()
         fleet = F.Fleet(cfg, traces)
     except TraceError as exc:
@@ -59,6 +68,8 @@ def sim_command(ctx: click.Context, vehicles: int, hours: float, cheaters: float
     cpu = time.process_time() - t0
     summary["cpu_s"] = round(cpu, 2)
     summary["events_per_cpu_s"] = round(summary["events"] / cpu) if cpu else None
+    if population != "assumed":
+        summary["population"] = population
     if plot_path is not None:
         available, used = fleet.capacity()
         if plot_path.suffix.lower() == ".png":
@@ -93,7 +104,8 @@ def _show(s: dict) -> None:
     from rich.table import Table
 
     out = console()
-    out.print(f"[bold]{s['vehicles']} vehicles[/], {s['hours']:g} h, seed {s['seed']}, "
+    who = f" ({s['population']} population)" if "population" in s else ""
+    out.print(f"[bold]{s['vehicles']} vehicles[/]{who}, {s['hours']:g} h, seed {s['seed']}, "
               f"{s['cheaters']} cheaters, {s['publishers']} publishers "
               f"({s['cpu_s']} s CPU, {s['events']} events)")
     rows = [

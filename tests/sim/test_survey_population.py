@@ -1,9 +1,14 @@
 """The simulator draws vehicles from the survey car-days (sim/traces.py load_survey_days,
-docs/traces.md) when its habits ask for them, and drives the real policy over them."""
+docs/traces.md) when its habits ask for them (`p2pfleet sim --population survey`), and drives
+the real policy over them."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +48,23 @@ def test_a_survey_fleet_is_usable_at_night_more_than_by_day():
     night = sum(r["usable_share"] for r in s["by_hour"] if 1 <= r["hour"] <= 4) / 4
     midday = sum(r["usable_share"] for r in s["by_hour"] if 11 <= r["hour"] <= 14) / 4
     assert night > 0.1 and night > 1.5 * midday, (night, midday)
+
+
+def test_the_cli_draws_the_population_from_the_survey(tmp_path):
+    env = dict(os.environ, P2PFLEET_DATA_DIR=str(tmp_path / "data"))
+
+    def sim(*extra: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "p2pfleet.cli.main", "sim", "--vehicles",
+                            "120", "--hours", "4", "--seed", "2", "--json", *extra],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    survey, assumed = sim("--population", "survey"), sim()
+    assert survey["population"] == "survey" and "population" not in assumed
+    assert survey["by_hour"] != assumed["by_hour"]
+    # the same fleet as the Python API builds from the survey days
+    api = Fleet(FleetConfig(120, hours=4, seed=2, assumptions=ONLY_SURVEY),
+                {**TRACES, **SURVEY}).run().summary()
+    assert survey["by_hour"] == api["by_hour"]
+    assert survey["shards_accepted"] == api["shards_accepted"]
