@@ -51,6 +51,7 @@ from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fix
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
 from .relay import Relays, is_relayed
+from .relay_limits import RelayShares
 from .relay_only import advertise_only
 from .dht_records import (
     FleetRecordValidator,
@@ -112,6 +113,8 @@ class MeshSettings:
     dht_refresh_s: float = 600.0
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
+    # what one address, one peer and everyone may hold at our relay (net/relay_limits.py)
+    relay_shares: RelayShares = field(default_factory=RelayShares)
 
 
 @dataclass
@@ -406,7 +409,8 @@ class Mesh:
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode,
                                    relay_only=self.settings.relay_only)
-        self.relays = Relays(host, self.reachable, punch=not self.settings.relay_only)
+        self.relays = Relays(host, self.reachable, punch=not self.settings.relay_only,
+                             shares=self.settings.relay_shares)
         if self.settings.relay_only:
             if self.settings.mdns:
                 raise MeshError("relay_only and mdns exclude each other: mDNS announces "

@@ -26,7 +26,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..core.reachability import Reach
 from .holepunch import HolePunch
-from .relay_limits import LimitedRelay
+from .relay_limits import LimitedRelay, RelayShares
 from .reachability import Reachable, protocols_of
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ class Relays:
     """The relay service of one mesh, driven by its AutoNAT status."""
 
     def __init__(self, host: Any, reachable: Reachable, *, offer: bool = True,
-                 punch: bool = True) -> None:
+                 punch: bool = True, shares: RelayShares | None = None) -> None:
         self.host, self.reachable, self.offer = host, reachable, offer
-        self.protocol = LimitedRelay(host, limits=LIMITS, allow_hop=False)
+        self.protocol = LimitedRelay(host, limits=LIMITS, allow_hop=False, shares=shares)
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(
             roles=RelayRole.STOP | RelayRole.CLIENT, limits=LIMITS))
         host.get_network().transport_manager.add_transport(self.transport)
@@ -199,7 +199,8 @@ class Relays:
             except Exception:  # noqa: BLE001
                 remote = None
             if remote:
-                return f"/ip4/{remote[0]}/tcp/{remote[1]}"
+                family = "ip6" if ":" in remote[0] else "ip4"
+                return f"/{family}/{remote[0]}/tcp/{remote[1]}"
         try:
             known = self.host.get_peerstore().addrs(peer)
         except Exception:  # noqa: BLE001 - a peer the peerstore forgot

@@ -18,7 +18,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from p2pfleet.core.reachability import Reach
 from p2pfleet.net.relay import is_relayed
-from p2pfleet.net.relay_limits import CIRCUITS_PER_PEER, RESERVATIONS_PER_IP
+from p2pfleet.net.relay_limits import CIRCUITS_PER_PEER, RESERVATIONS_PER_IP, RelayShares
 
 from fleetkit import fleet, wait_until
 from test_relay import found_private
@@ -134,3 +134,28 @@ async def test_one_peer_cannot_take_every_circuit_to_a_car():
         assert granted == CIRCUITS_PER_PEER, granted
         assert error is None, f"the honest peer could not reach the car: {error}"
         assert conns and all(is_relayed(c) for c in conns)
+
+
+async def test_circuits_in_total_are_capped():
+    """Before: py-libp2p capped circuits per destination only (16 per reservation, 32
+    reservations), so peers from many addresses could make a relay carry hundreds. Now the
+    relay carries at most `circuits_total`; here 3, taken by two hogs from two addresses."""
+    shares = RelayShares(circuits_total=3)
+    async with fleet(2, relay_shares=shares) as (relay, car):
+        await relay_ready(relay, car)
+        await found_private(car, [relay])
+        await wait_until(lambda: car.relays.relay_addr, 30)
+        car_id = car.host.get_id()
+        async with AsyncExitStack() as stack:
+            hogs = [*await attackers(stack, relay, 1, b"hog1", ATTACKER_IP),
+                    *await attackers(stack, relay, 1, b"hog2", "127.0.0.10")]
+            granted, held = 0, []
+            for i in range(8):
+                msg = HopMessage(type=HopMessage.CONNECT)
+                msg.peer.id = car_id.to_bytes()
+                status, stream = await hop(hogs[i % 2], relay, msg)
+                granted += status == OK
+                held.append(stream)  # kept open: the circuits stay up
+            refused = relay.relays.report()["relay_refused"]
+        assert granted == shares.circuits_total, granted
+        assert refused.get("circuits in total") == 8 - shares.circuits_total, refused
