@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 DAY_S = 86_400
 MB = 1_000_000
@@ -502,6 +502,16 @@ class PolicyState:
         return name + (f"/{self.paused}" if self.paused else "")
 
 
+def _with(s: PolicyState, **changes: object) -> PolicyState:
+    """`dataclasses.replace(s, **changes)` without running `__init__` again: the same
+    record (PolicyState has no checks of its own), a fifth of the cost, and the simulator
+    copies the state a few times per event for every car."""
+    new = object.__new__(PolicyState)
+    new.__dict__.update(s.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 def _vehicle_failures(cfg: PolicyConfig, s: PolicyState, at: float) -> list[Reason]:
     v, off = s.vehicle, s.utc_offset_s
     if v is None:
@@ -575,19 +585,21 @@ def _failures(cfg: PolicyConfig, s: PolicyState, at: float) -> list[Reason]:
 def _advance(cfg: PolicyConfig, s: PolicyState, at: float, off: int):
     """Move the held state to time `at`: new local day, and vehicle conditions that lapsed
     by time alone (departure margin, stale state) since the last event."""
+    held_day = s.day
     if s.day is not None and s.at is not None and off != s.utc_offset_s:
         # A new offset (time zone learnt, or DST): today's counters belong to the local
         # day of the last event as seen with the new offset.
-        s = replace(s, day=_local_day(s.at, off))
+        held_day = _local_day(s.at, off)
     day = _local_day(at, off)
-    if s.day is None or day > s.day:
-        s = replace(s, day=day, energy_wh=0.0, transfer_bytes=0)
-    s = replace(s, at=at, utc_offset_s=off)
+    if held_day is None or day > held_day:
+        s = _with(s, day=day, energy_wh=0.0, transfer_bytes=0, at=at, utc_offset_s=off)
+    else:
+        s = _with(s, day=held_day, at=at, utc_offset_s=off)
     lapsed: list[Reason] = []
     if s.holding_since is not None:
         lapsed = _vehicle_failures(cfg, s, at)
         if lapsed:
-            s = replace(s, holding_since=None)
+            s = _with(s, holding_since=None)
     return s, lapsed
 
 
@@ -639,25 +651,26 @@ def _next_wake(cfg: PolicyConfig, s: PolicyState, at: float, fails: list[Reason]
 def _decide(cfg: PolicyConfig, s: PolicyState, at: float, lapsed: list[Reason]):
     fails = _failures(cfg, s, at)
     since, held = _holding(cfg, s, fails, at)
-    s = replace(s, holding_since=since)
+    if since != s.holding_since:
+        s = _with(s, holding_since=since)
     effects: list = []
     if s.computing and (fails or not held):
         why = fails or lapsed or [Reason("policy", "conditions lapsed")]
         hand_back = not (len(why) == 1 and why[0].code == "stop_after_current")
         effects += [_stop(why, hand_back), LeaveMesh(_flush_cap(cfg, s, at))]
-        s = replace(s, computing=False, finishing=not hand_back)
+        s = _with(s, computing=False, finishing=not hand_back)
     elif not s.computing:
         urgent = [r for r in fails if r.code != "stop_after_current"] or lapsed
         if s.finishing and urgent:
             effects.append(_stop(urgent, True))
-            s = replace(s, finishing=False)
+            s = _with(s, finishing=False)
         elif not fails and held:
             effects += [JoinMesh(), StartComputing(cfg.max_threads, cfg.cpu_share)]
-            s = replace(s, computing=True, finishing=False)
+            s = _with(s, computing=True, finishing=False)
     wake = _next_wake(cfg, s, at, fails)
     if wake is not None and (s.wake_at is None or s.wake_at <= at or wake < s.wake_at):
         effects.append(WakeAt(wake))
-        s = replace(s, wake_at=wake)
+        s = _with(s, wake_at=wake)
     return s, effects
 
 
@@ -693,19 +706,19 @@ def _check(s: PolicyState, ev: object) -> None:
 
 def _apply(s: PolicyState, ev: object) -> PolicyState:
     if isinstance(ev, StateObserved):
-        return replace(s, vehicle=ev.vehicle_state, observed_at=ev.at, unavailable=None)
+        return _with(s, vehicle=ev.vehicle_state, observed_at=ev.at, unavailable=None)
     if isinstance(ev, StateUnavailable):
-        return replace(s, vehicle=None, observed_at=None, unavailable=ev.why)
+        return _with(s, vehicle=None, observed_at=None, unavailable=ev.why)
     if isinstance(ev, EnergyUsed):
-        return replace(s, energy_wh=s.energy_wh + ev.wh)
+        return _with(s, energy_wh=s.energy_wh + ev.wh)
     if isinstance(ev, BytesTransferred):
-        return replace(s, transfer_bytes=s.transfer_bytes + ev.n)
+        return _with(s, transfer_bytes=s.transfer_bytes + ev.n)
     if isinstance(ev, PauseRequested):
-        return replace(s, paused="paused")
+        return _with(s, paused="paused")
     if isinstance(ev, StopAfterCurrent):
-        return s if s.paused == "paused" else replace(s, paused="stop_after_current")
+        return s if s.paused == "paused" else _with(s, paused="stop_after_current")
     if isinstance(ev, ResumeRequested):
-        return replace(s, paused=None)
+        return _with(s, paused=None)
     return s  # Tick
 
 
