@@ -502,6 +502,10 @@ class Scheduler:
         self.workers: dict[bytes, T.WorkerTrust] = {}
         self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
+        # Live leases per worker, and per prefix [all, non-established]: the caps a work
+        # request checks, kept as leases go live and end (not counted per request).
+        self._live_of_worker: dict[bytes, int] = {}
+        self._live_in_prefix: dict[str, list[int]] = {}
         # The shard index (what `_window` and `_maybe_done` read, instead of scanning every
         # shard of a job per request): per job, the sorted indices of shards with a replica
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
@@ -542,9 +546,33 @@ class Scheduler:
     def _set_state(self, lease: LeaseRec, state: str) -> None:
         lease.state = state
         if state == "live":
-            self._live[lease.lease_id] = None
-        else:
-            self._live.pop(lease.lease_id, None)
+            self._live_add(lease)
+        elif lease.lease_id in self._live:
+            del self._live[lease.lease_id]
+            n = self._live_of_worker[lease.worker] - 1
+            if n:
+                self._live_of_worker[lease.worker] = n
+            else:
+                del self._live_of_worker[lease.worker]
+            counts = self._live_in_prefix[lease.prefix]
+            counts[0] -= 1
+            counts[1] -= lease.fresh
+            if not counts[0]:
+                del self._live_in_prefix[lease.prefix]
+
+    def _live_add(self, lease: LeaseRec) -> None:
+        if lease.lease_id in self._live:
+            return
+        self._live[lease.lease_id] = None
+        self._live_of_worker[lease.worker] = self._live_of_worker.get(lease.worker, 0) + 1
+        counts = self._live_in_prefix.setdefault(lease.prefix, [0, 0])
+        counts[0] += 1
+        counts[1] += lease.fresh
+
+    def _live_counts(self, worker: bytes, prefix: str) -> tuple[int, int, int]:
+        """Live leases of `worker`, of `prefix`, and of its non-established identities."""
+        in_prefix, fresh_in_prefix = self._live_in_prefix.get(prefix, (0, 0))
+        return self._live_of_worker.get(worker, 0), in_prefix, fresh_in_prefix
 
     def _vote(self, l: LeaseRec) -> Vote:
         standing = (TRUSTED if l.worker in self.s.trust.trusted else
@@ -658,7 +686,7 @@ class Scheduler:
         for l in sorted(leases, key=lambda l: (l.issued_ms, l.lease_id)):
             self.leases[l.lease_id] = copy.copy(l)
             if l.state == "live":
-                self._live[l.lease_id] = None
+                self._live_add(l)
             self._by_shard.setdefault((l.job_id, l.shard), []).append(l.lease_id)
             self._order = max(self._order, l.order)
         for w in workers:
@@ -762,13 +790,7 @@ class Scheduler:
             _fails, until = self._prefix_backoff.get(ev.prefix, (0, 0))
             if until > now:
                 return [Refuse(ev.worker, "backoff", until - now)]
-        mine = in_prefix = fresh_in_prefix = 0  # one pass over the live leases
-        for lease_id in self._live:
-            l = self.leases[lease_id]
-            mine += l.worker == ev.worker
-            if l.prefix == ev.prefix:
-                in_prefix += 1
-                fresh_in_prefix += l.fresh
+        mine, in_prefix, fresh_in_prefix = self._live_counts(ev.worker, ev.prefix)
         room = min(ev.free_slots, T.lease_cap(t, s.trust, now) - mine,
                    s.prefix_cap - in_prefix, s.max_batch)
         if not established:
@@ -967,7 +989,7 @@ class Scheduler:
                     self._set_state(old, "cancelled")
                     self._dirty.add(("lease", old.lease_id))
         self.leases[lease.lease_id] = lease
-        self._live[lease.lease_id] = None
+        self._live_add(lease)
         self._by_shard.setdefault((job.job_id, sh.index), []).append(lease.lease_id)
         sh.issued += 1
         sh.last_issue_ms = now

@@ -6,11 +6,11 @@ until it changes, and checks stalls against the job's requesters gathered once p
 `Scan` below is the same machine with the straightforward rules it replaced (the reference):
 the window found by walking the shards in order from the first undecided one, a job done
 when every shard is decided, the requesters gathered again for every shard, a shard's open
-replicas counted on every read, ranks keyed afresh. Both are driven through one random
-sequence of work requests, results (agreeing, wrong, failing a known answer), failures,
-hand-backs, expiries (ticks), cancellations and a second job, and must return the same
-effects, hold the same windows and shard records after every event. tools/bench_sim.py
-uses `Scan` as its baseline.
+replicas counted on every read, ranks keyed afresh, the live leases counted per request.
+Both are driven through one random sequence of work requests, results (agreeing, wrong,
+failing a known answer), failures, hand-backs, expiries (ticks), cancellations and a second
+job, and must return the same effects, hold the same windows and shard records after every
+event. tools/bench_sim.py uses `Scan` as its baseline.
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ class Scan(S.Scheduler):
 
     def _ranker(self, job: S.JobParams):
         return lambda shard, worker: S.rank(job.secret, job.job_id, shard, worker)
+
+    def _live_counts(self, worker: bytes, prefix: str) -> tuple[int, int, int]:
+        mine = in_prefix = fresh_in_prefix = 0  # a pass over the live leases, every time
+        for l in self.live_leases():
+            mine += l.worker == worker
+            if l.prefix == prefix:
+                in_prefix += 1
+                fresh_in_prefix += l.fresh
+        return mine, in_prefix, fresh_in_prefix
 
     def stalled(self, sh, now, busy=None, asking=None) -> bool:
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
@@ -144,6 +153,9 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
             assert ([sh.index for sh in new._window(new.jobs[rec.job.job_id])]
                     == [sh.index for sh in ref._window(rec)])
         assert [(k, new.shards[k]) for k in ref.shards] == list(ref.shards.items())
+        for i in range(workers):  # the kept live-lease caps, against a count of them
+            assert (new._live_counts(worker(i), prefixes[i])
+                    == ref._live_counts(worker(i), prefixes[i]))
 
     for i in range(0, workers, 2):  # veterans: established before the run, as fleet.py does
         for m in both:
