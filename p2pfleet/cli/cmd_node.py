@@ -243,8 +243,9 @@ def _print_status(app: App, reply: dict) -> None:
         if data["listen_addrs"]:
             click.echo(f"  listening on {', '.join(data['listen_addrs'])}")
         if data.get("dht_mode"):
+            stable = f" ({data['stable_why']})" if data.get("stable_why") else ""
             click.echo(f"  reachability: {data['reachability']} ({data['reachability_why']}); "
-                       f"DHT {data['dht_mode']}")
+                       f"DHT {data['dht_mode']}{stable}")
         if data["last_error"]:
             click.echo(f"  last error: {data['last_error']}")
 

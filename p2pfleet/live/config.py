@@ -203,9 +203,17 @@ class NodeSettings:
     mdns: bool = _setting(
         False, "Find peers on the local network with mDNS (announces this node on the LAN).")
     dht_mode: str = _setting(
-        "auto", "DHT mode: 'auto' serves the DHT once AutoNAT finds this node reachable, "
-        "'server' always, 'client' never (behind NAT or on a metered link).",
+        "auto", "DHT mode: 'auto' serves the DHT (and relays for others) once this node is "
+        "stable, 'server' always, 'client' never (behind NAT or on a metered link).",
         choices=("auto", "server", "client"))
+    dht_server_after_s: float = _setting(
+        600.0, "Stable means reachable (AutoNAT) for this long without a flip, seconds; each "
+        "drop to unreachable in the last hour doubles it (up to 8 times). 0 together with "
+        "dht_server_uptime_s = 0: serve unless found unreachable (a LAN or test fleet).",
+        min=0, max=86400)
+    dht_server_uptime_s: float = _setting(
+        1800.0, "Stable also means in the mesh this long without interruption, seconds.",
+        min=0, max=86400)
     log_level: str = _setting(
         "warning", "How much to log.", choices=("error", "warning", "info", "debug"))
     event_log: bool = _setting(

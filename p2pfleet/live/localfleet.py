@@ -31,6 +31,9 @@ FAST_TEST_SETTINGS = {
     "node.publish_private_addrs": "true",
     "node.log_level": "info",
     "node.metrics_listen": "127.0.0.1:0",
+    # a local fleet serves its DHT from the first second, not after 30 min of uptime
+    "node.dht_server_after_s": "0",
+    "node.dht_server_uptime_s": "0",
 }
 
 

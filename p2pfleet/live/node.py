@@ -47,6 +47,7 @@ from .control import serve_control
 from .metrics import serve_metrics
 from ..core import eventlog
 from ..core import policy as P
+from ..core.reachability import StableRule
 from ..identity import Identity, key_from_peer_id, peer_id_from_key
 from ..net import traffic
 from ..net.mesh import Mesh, MeshError, MeshSettings
@@ -199,6 +200,8 @@ class Node:
             listen=listen or config.node.listen,
             bootstrap=tuple(config.node.bootstrap) + tuple(bootstrap),
             dht_mode=config.node.dht_mode,
+            stable=StableRule(public_s=config.node.dht_server_after_s,
+                              uptime_s=config.node.dht_server_uptime_s),
             mdns=config.node.mdns,
             relay_only=config.node.relay_only,
         )

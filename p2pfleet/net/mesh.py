@@ -41,6 +41,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..core.held_records import HeldLimits
 from ..core.peer_budget import BudgetLimits, PeerBudget
+from ..core.reachability import NO_STABILITY, StableRule
 from ..core.reputation import Reputation
 from ..identity import Identity
 from ..names import Names
@@ -86,7 +87,10 @@ class MeshSettings:
     network: str
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: tuple[str, ...] = ()
-    dht_mode: str = "auto"  # server | client | auto (auto: client once AutoNAT finds us private)
+    dht_mode: str = "auto"  # server | client | auto (auto: server once stable)
+    # when a public node is stable (core/reachability.py); off here (serve unless private),
+    # the live node's config sets the 10 min / 30 min default
+    stable: StableRule = field(default_factory=lambda: NO_STABILITY)
     heartbeat_s: float = 1.0
     gossip_degree: int = 6
     dht_idle_timeout_s: float = 10.0
@@ -408,7 +412,8 @@ class Mesh:
             on_prune=lambda peer: self.budget.forfeit(str(peer)))
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode,
-                                   relay_only=self.settings.relay_only)
+                                   relay_only=self.settings.relay_only, clock=self.clock,
+                                   stable=self.settings.stable)
         self.relays = Relays(host, self.reachable, punch=not self.settings.relay_only,
                              shares=self.settings.relay_shares)
         if self.settings.relay_only:

@@ -1,8 +1,9 @@
 """AutoNAT over py-libp2p 0.8.1, and the DHT mode that follows from it.
 
 A node asks a few connected peers to dial it back (AutoNAT v1, `/libp2p/autonat/1.0.0`,
-py-libp2p's service) and feeds their answers to core.reachability. With
-`node.dht_mode = "auto"` a node found private stops serving the DHT (client mode) and
+py-libp2p's service) and feeds their answers to core.reachability, and, every second, the
+status to core.reachability's stability rule. With `node.dht_mode = "auto"` a node serves
+the DHT only once stable; a node found private stops serving (client mode) at once and
 tells its peers (identify push), which drop it from their routing tables.
 
 Gaps in py-libp2p filled here:
@@ -34,7 +35,7 @@ from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.identity.identify_push.identify_push import push_identify_to_peers
 from libp2p.kad_dht.kad_dht import DHTMode
 
-from ..core.reachability import Answer, Reach, Reachability, dht_mode
+from ..core.reachability import Answer, Reach, Reachability, Stability, StableRule, dht_mode
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ CHECK_FIRST_S = 2.0           # poll for peers to ask this often until a verdict
 RECHECK_S = 900.0             # then re-check this often (spec: at least every 15 min)
 PEERS_ASKED = 4
 PRUNE_S = 5.0                 # drop routing-table peers that stopped serving the DHT this often
+FOLLOW_S = 1.0                # re-apply the stability rule this often (it is pure and cheap)
 
 
 class FreshDialAutoNAT(AutoNATService):
@@ -151,12 +153,14 @@ class Reachable:
     """The AutoNAT client loop of one mesh: status, DHT mode, and why."""
 
     def __init__(self, host: Any, dht: Any, kad_protocol: str, setting: str,
-                 *, clock: Callable[[], float] = time.time, relay_only: bool = False) -> None:
+                 *, clock: Callable[[], float] = time.time, relay_only: bool = False,
+                 stable: StableRule | None = None) -> None:
         self.host, self.dht, self.kad_protocol = host, dht, kad_protocol
         self.setting = setting
         self.relay_only = relay_only  # never ask for a dial-back: it hands out our addresses
         self.clock = clock
         self.verdicts = Reachability()
+        self.stability = Stability(started=clock(), rule=stable or StableRule())
         self.service = FreshDialAutoNAT(host)
         self._kad_handler: Any = None
         self.private = trio.Event()   # set while AutoNAT finds us private
@@ -169,13 +173,21 @@ class Reachable:
     def status(self) -> Reach:
         return self.verdicts.status
 
+    @property
+    def may_relay(self) -> bool:
+        """Whether to serve as a relay: public, and stable (or a fixed DHT server: its
+        operator vouches for it)."""
+        return self.status == Reach.PUBLIC and (self.stability.stable or self.setting == "server")
+
     def report(self) -> dict:
         return {"reachability": self.status.value, "reachability_why": self.verdicts.why,
-                "dht_mode": self.dht_mode}
+                "dht_mode": self.dht_mode, "stable": self.stability.stable,
+                "stable_why": self.stability.why}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prune)
+            nursery.start_soon(self._follow)
             while True:
                 try:
                     await self.check()
@@ -183,6 +195,15 @@ class Reachable:
                     log.warning("AutoNAT check failed: %s: %s", type(exc).__name__, exc)
                 answered = self.status != Reach.UNKNOWN
                 await trio.sleep(RECHECK_S if answered else CHECK_FIRST_S)
+
+    async def _follow(self) -> None:
+        # the stable time passes between AutoNAT checks (15 min apart once answered)
+        while True:
+            try:
+                await self.apply_mode()
+            except Exception as exc:  # noqa: BLE001 - a failed switch is retried next time
+                log.warning("applying the DHT mode failed: %s: %s", type(exc).__name__, exc)
+            await trio.sleep(FOLLOW_S)
 
     async def _prune(self) -> None:
         # a client whose first DHT stream came before identify told us its protocols
@@ -227,7 +248,8 @@ class Reachable:
         elif self.status != Reach.PRIVATE and not self.public.is_set():
             self.public.set()
             self.private = trio.Event()
-        want = dht_mode(self.setting, self.status)
+        stable = self.stability.observe(self.clock(), self.status)
+        want = dht_mode(self.setting, stable)
         if want != self.dht_mode:
             await set_dht_mode(self, want)
 
@@ -245,8 +267,8 @@ async def set_dht_mode(reach: Reachable, mode: str) -> None:
             host.get_mux().add_handler(protocol, reach._kad_handler)  # wrapped by our fixes
         dht.mode = DHTMode.SERVER
     reach.dht_mode = mode
-    log.warning("DHT mode is now %s (reachability: %s, %s)", mode, reach.status.value,
-                reach.verdicts.why)
+    log.warning("DHT mode is now %s (reachability: %s, %s; %s)", mode, reach.status.value,
+                reach.verdicts.why, reach.stability.why)
     try:
         with trio.move_on_after(10):
             await push_identify_to_peers(host)  # peers learn we (no longer) serve the DHT

@@ -2,8 +2,9 @@
 
 Every node runs py-libp2p's relay protocol (the `stop` side: it accepts connections relayed
 to it) and can dial `/p2p-circuit` addresses (the circuit transport is added to the swarm).
-A node AutoNAT finds public also serves `hop` (it relays for others) with our limits, not
-py-libp2p's (1 GiB and 1 h per circuit): relays carry signalling and small messages only.
+A node AutoNAT finds public and stable (core/reachability.py) also serves `hop` (it relays
+for others) with our limits, not py-libp2p's (1 GiB and 1 h per circuit): relays carry
+signalling and small messages only.
 A node found private reserves a slot at a connected peer that offers `hop` and publishes
 `<relay address>/p2p/<relay id>/p2p-circuit` in its capacity record.
 
@@ -125,7 +126,7 @@ class Relays:
 
     async def _step(self, nursery: trio.Nursery) -> None:
         status = self.reachable.status
-        await self._set_offering(self.offer and status == Reach.PUBLIC)
+        await self._set_offering(self.offer and self.reachable.may_relay)
         if status == Reach.PRIVATE:
             if self.relay is None or not self._connected(self.relay):
                 self._set_relay(None, None)

@@ -10,14 +10,14 @@ import time
 import multiaddr
 import trio
 
-from p2pfleet.core.reachability import Answer, Reach
+from p2pfleet.core.reachability import Answer, Reach, StableRule
 from p2pfleet.identity import Identity
 from p2pfleet.net import reachability
 from p2pfleet.net.mesh import Mesh
 from p2pfleet.wire.envelope import seal
 from test_mesh import capacity, now_ms
 
-from fleetkit import NETWORK, fleet, settings, wait_until
+from fleetkit import NETWORK, ShiftedClock, fleet, settings, wait_until
 
 
 def closed_port(ip: str) -> int:
@@ -33,7 +33,28 @@ async def test_nodes_on_one_network_find_each_other_public_and_serve_the_dht():
             await wait_until(lambda m=mesh: m.reachable.status == Reach.PUBLIC, 30)
             assert mesh.reachable.report() == {
                 "reachability": "public", "reachability_why": "1 peer(s) dialled us back",
-                "dht_mode": "server"}
+                "dht_mode": "server", "stable": True,
+                "stable_why": "no stability condition (stable rule off)"}
+
+
+async def test_the_dht_and_relay_serve_only_after_the_stable_time():
+    """A public node stays a DHT client and offers no relay until it has been public for
+    the rule's time (read through the mesh's clock, moved forward here, never slept)."""
+    clock = ShiftedClock()
+    async with fleet(2, clock=clock, stable=StableRule(public_s=600, uptime_s=0)) as meshes:
+        for mesh in meshes:
+            await wait_until(lambda m=mesh: m.reachable.status == Reach.PUBLIC, 30)
+            await wait_until(lambda m=mesh: "server after 10 min" in
+                             m.reachable.report()["stable_why"], 10)
+            report = mesh.reachable.report()
+            assert report["dht_mode"] == "client" and not report["stable"], report
+            assert report["stable_why"].startswith("public for "), report
+            assert not mesh.relays.offering
+        clock.offset += 600
+        for mesh in meshes:
+            await wait_until(lambda m=mesh: m.reachable.dht_mode == "server", 10)
+            await wait_until(lambda m=mesh: m.relays.offering, 15)
+            assert mesh.reachable.report()["stable"]
 
 
 async def test_a_dial_back_is_a_new_connection_not_the_one_the_request_came_on():

@@ -147,6 +147,8 @@ BAD_FILE_VALUES = {
     "node.publish_private_addrs": ('"no"', "true or false"),
     "node.relay_only": ('"no"', "true or false"),
     "node.state_jitter_s": ("-1", "a number >= 0"),
+    "node.dht_server_after_s": ("-5", "a number >= 0"),
+    "node.dht_server_uptime_s": ("86401", "<= 86400"),
     "node.blob_cache_mb": ("8", "an integer >= 16"),
     "node.peer_budget_mb_per_minute": ("0", "a number >= 0.1 and <= 10000"),
     "node.peer_budget_mb_per_day": ("0.01", "a number >= 0.1"),

@@ -35,11 +35,10 @@ def test_a_node_with_one_peer_trusts_it_and_old_answers_expire():
     assert r.update(501, available=1) == Reach.PUBLIC
 
 
-def test_dht_mode_auto_is_a_client_only_once_private():
-    assert dht_mode("auto", Reach.UNKNOWN) == "server"
-    assert dht_mode("auto", Reach.PUBLIC) == "server"
-    assert dht_mode("auto", Reach.PRIVATE) == "client"
-    assert dht_mode("server", Reach.PRIVATE) == "server"
-    assert dht_mode("client", Reach.PUBLIC) == "client"
+def test_dht_mode_auto_serves_only_while_stable():
+    assert dht_mode("auto", True) == "server"
+    assert dht_mode("auto", False) == "client"
+    assert dht_mode("server", False) == "server"
+    assert dht_mode("client", True) == "client"
     with pytest.raises(ValueError, match="dht_mode 'sometimes'"):
-        dht_mode("sometimes", Reach.PUBLIC)
+        dht_mode("sometimes", True)
