@@ -186,3 +186,31 @@ async def _run_host(host, task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         task_status.started()
         await trio.sleep_forever()
+
+
+async def test_fix18_an_ipv6_connection_has_a_remote_address():
+    """Before: py-libp2p's TCP stream gave no remote address for IPv6 (getpeername's
+    4-tuple was refused), so every per-address limit let IPv6 peers through or lumped them
+    together. Two plain hosts on ::1; the listener sees the dialler's address."""
+    import socket
+
+    import pytest
+
+    from p2pfleet.net import libp2p_fixes
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    libp2p_fixes.fix_ipv6_socket_addresses()
+    a = new_host(key_pair=create_new_key_pair(b"fix18-a".ljust(32, b"\0")))
+    b = new_host(key_pair=create_new_key_pair(b"fix18-b".ljust(32, b"\0")))
+    listen = [multiaddr.Multiaddr("/ip6/::1/tcp/0")]
+    async with a.run(listen), b.run(listen):
+        await b.connect(info_from_p2p_addr(a.get_addrs()[0]))
+        await wait_until(lambda: a.get_network().get_connections(b.get_id()), 10)
+        [conn] = a.get_network().get_connections(b.get_id())
+        remote = conn.muxed_conn.secured_conn.get_remote_address()
+    assert remote is not None and remote[0] == "::1", remote
+    assert libp2p_fixes.source_address(remote[0]) == "::/64"
