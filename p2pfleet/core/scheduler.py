@@ -81,6 +81,7 @@ MINUTE_MS = 60_000
 RELAX_ORDER = ("reissue", "prefix", "recheck", "audit")
 UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
 MAX_CLASSES_SEEN = 256  # hardware classes remembered for the cross-class wait
+MAX_RANKS_KEPT = 256  # per offered shard: ranks of the workers that asked, kept for the next ask
 
 
 class CoreUsageError(Exception):
@@ -511,6 +512,10 @@ class Scheduler:
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
         # entries are refreshed before the next read).
         self._rank_base: dict[bytes, tuple] = {}  # job -> (inner, outer) hash states
+        # job -> shard -> worker -> rank, for shards in the index: a worker asking again
+        # while a shard is still offered is ranked once (dropped when the shard leaves it)
+        self._ranks: dict[bytes, dict[int, dict[bytes, bytes]]] = {}
+        self._window_of: dict[bytes, list[ShardRec]] = {}  # job -> its window, until it moves
         self._offered: dict[bytes, array] = {}         # sorted shard indices ('q')
         self._undecided: dict[bytes, list] = {}        # [count, bytearray: 1 if undecided]
         self._touched: dict[bytes, set[int]] = {}
@@ -740,6 +745,7 @@ class Scheduler:
         if rec.status != "live":
             return []
         rec.status = "cancelled"
+        self._forget_window(ev.job_id)
         self._dirty.add(("job", ev.job_id))
         for i in range(len(rec.job.samples)):
             sh = self.shards[(ev.job_id, i)]
@@ -840,13 +846,22 @@ class Scheduler:
             outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
             states = self._rank_base[job.job_id] = (inner, outer)
         inner, outer = states
+        known = self._ranks.setdefault(job.job_id, {})
 
         def ranked(shard: int, worker: bytes) -> bytes:
+            of_shard = known.get(shard)
+            if of_shard is None:
+                of_shard = known[shard] = {}
+            elif worker in of_shard:
+                return of_shard[worker]
+            elif len(of_shard) >= MAX_RANKS_KEPT:  # a vast fleet: bound what is kept
+                of_shard.clear()
             h = inner.copy()
             h.update(shard.to_bytes(4, "big") + worker)
             o = outer.copy()
             o.update(h.digest())
-            return o.digest()
+            r = of_shard[worker] = o.digest()
+            return r
         return ranked
 
     def _outstanding_credit(self, job_id: bytes) -> int:
@@ -860,7 +875,16 @@ class Scheduler:
             return []  # no shard of a job that is not live offers a replica
         job_id = rec.job.job_id
         self._refresh(job_id)
-        return [self.shards[(job_id, i)] for i in self._offered[job_id][:self.s.window]]
+        window = self._window_of.get(job_id)
+        if window is None:
+            window = self._window_of[job_id] = [self.shards[(job_id, i)]
+                                                for i in self._offered[job_id][:self.s.window]]
+        return list(window)
+
+    def _forget_window(self, job_id: bytes) -> None:
+        """A job no longer live offers nothing: its kept window and ranks go."""
+        self._window_of.pop(job_id, None)
+        self._ranks.pop(job_id, None)
 
     def _in_window(self, sh: ShardRec) -> bool:
         # A shard never issued (no target drawn, no fallback) has every replica open:
@@ -908,6 +932,12 @@ class Scheduler:
                     add.append(i)
             elif present:
                 drop.append(i)
+        if add or drop:
+            self._window_of.pop(job_id, None)
+        ranks = self._ranks.get(job_id)
+        if ranks:
+            for i in drop:
+                ranks.pop(i, None)
         if len(add) + len(drop) > 64:  # many at once (a new job): rebuild, not shift each
             self._offered[job_id] = array("q", sorted(set(offered).difference(drop).union(add)))
             return
@@ -1321,6 +1351,7 @@ class Scheduler:
         self._refresh(job_id)
         if not self._undecided[job_id][0]:  # every shard accepted or failed
             rec.status = "done"
+            self._forget_window(job_id)
             self._dirty.add(("job", job_id))
             return [JobDone(job_id)]
         return []
