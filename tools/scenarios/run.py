@@ -8,6 +8,7 @@ wrong results accepted beside the f^k bound). Exit status 1 when a check fails.
     tools/scenarios/run.py --part named --json                 # the named ones (~2 min)
     tools/scenarios/run.py --only churn                        # names containing "churn"
     tools/scenarios/run.py --only sweep-colluder --vehicles 200
+    tools/scenarios/run.py --table tools/scenarios/last.json   # its table as Markdown
 
 Seeded: one seed gives the same numbers on every machine (the CPU times aside).
 """
@@ -71,6 +72,26 @@ def table_row(scn: C.Scenario, run: dict) -> dict:
             "cheaters_excluded": s["cheaters_excluded"], "cheaters": s["cheaters"]}
 
 
+def markdown(doc: dict) -> str:
+    """The cheater table of a run's JSON as Markdown (docs/measured.md): per kind and share,
+    per quorum wrong results accepted / shards accepted, and the f^k bound."""
+    rows = {(r["kind"], r["share"], r["quorum"]): r for r in doc["table"]}
+    quorums = sorted({q for _k, _s, q in rows})
+    head = "| cheaters | share |" + "".join(
+        f" quorum {q}: wrong accepted / shards | f^{q} bound |" for q in quorums)
+    out = [head, "|---|---|" + "---|---|" * len(quorums)]
+    for kind in dict.fromkeys(k for k, _s, _q in rows):
+        for share in sorted({s for k, s, _q in rows if k == kind}):
+            cells = []
+            for q in quorums:
+                r = rows.get((kind, share, q))
+                cells += (["-", "-"] if r is None else [
+                    f"{r['wrong_accepted']} / {r['shards_accepted']:,}",
+                    f"{r['f_k_bound']:,.0f}"])
+            out.append(f"| {kind} | {share:g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("named", "sweep"),
@@ -80,7 +101,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="override every scenario's seed")
     parser.add_argument("--json", action="store_true", help="print the JSON document")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--table", type=Path, metavar="JSON",
+                        help="print the cheater table of a saved run as Markdown, run nothing")
     args = parser.parse_args()
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     pool = {"named": C.NAMED, "sweep": C.sweep(), None: C.all_scenarios()}[args.part]
     chosen = [s for s in pool if not args.only or args.only in s.name]
     if not chosen:
