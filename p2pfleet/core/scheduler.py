@@ -501,7 +501,7 @@ class Scheduler:
             _LazyShards(self.jobs) if lazy_shards else {})
         self.leases: dict[bytes, LeaseRec] = {}
         self.workers: dict[bytes, T.WorkerTrust] = {}
-        self._by_shard: dict[tuple[bytes, int], list[bytes]] = {}
+        self._by_shard: dict[tuple[bytes, int], list[LeaseRec]] = {}  # in issue order
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
         # Live leases per worker, and per prefix [all, non-established]: the caps a work
         # request checks, kept as leases go live and end (not counted per request).
@@ -539,7 +539,7 @@ class Scheduler:
         return self.workers.get(worker) or T.WorkerTrust(worker)
 
     def shard_leases(self, job_id: bytes, shard: int) -> list[LeaseRec]:
-        return [self.leases[i] for i in self._by_shard.get((job_id, shard), [])]
+        return list(self._by_shard.get((job_id, shard), ()))
 
     def returned(self, job_id: bytes, shard: int) -> list[LeaseRec]:
         return [l for l in self.shard_leases(job_id, shard) if l.state == "returned"]
@@ -688,11 +688,11 @@ class Scheduler:
             self.jobs[j.job.job_id] = copy.copy(j)
         for sh in shards:
             self.shards[(sh.job_id, sh.index)] = copy.copy(sh)
-        for l in sorted(leases, key=lambda l: (l.issued_ms, l.lease_id)):
-            self.leases[l.lease_id] = copy.copy(l)
+        for held in sorted(leases, key=lambda l: (l.issued_ms, l.lease_id)):
+            l = self.leases[held.lease_id] = copy.copy(held)
             if l.state == "live":
                 self._live_add(l)
-            self._by_shard.setdefault((l.job_id, l.shard), []).append(l.lease_id)
+            self._by_shard.setdefault((l.job_id, l.shard), []).append(l)
             self._order = max(self._order, l.order)
         for w in workers:
             self.workers[w.worker] = w
@@ -1020,7 +1020,7 @@ class Scheduler:
                     self._dirty.add(("lease", old.lease_id))
         self.leases[lease.lease_id] = lease
         self._live_add(lease)
-        self._by_shard.setdefault((job.job_id, sh.index), []).append(lease.lease_id)
+        self._by_shard.setdefault((job.job_id, sh.index), []).append(lease)
         sh.issued += 1
         sh.last_issue_ms = now
         self._dirty.update({("lease", lease.lease_id), ("shard", (job.job_id, sh.index))})
