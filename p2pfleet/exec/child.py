@@ -655,8 +655,12 @@ def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
     if size == 0:
         return None
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    # The output arena is written whole, and the node reuses it shard after shard: mapping
+    # its pages in one go costs ~0.4 of a write fault per 4 KiB page (the inputs are read,
+    # and read faults already map pages in batches).
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if writable else 0)
     try:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        return mmap.mmap(fd, size, flags, prot)
     except (MemoryError, OSError) as e:
         if isinstance(e, MemoryError) or e.errno == errno.ENOMEM:
             raise Refused("out_of_memory", f"mapping {size >> 20} MiB of shard data exceeds "

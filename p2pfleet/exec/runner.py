@@ -51,7 +51,7 @@ import numpy as np
 import trio
 
 from .limits import ModelLimits
-from .outputs import EncodingError, concat_batches, encode_tensors, tensors_digest
+from .outputs import EncodingError, LayoutDigester, concat_batches, encode_tensors, tensors_digest
 from ..core.worker import ort_allowed
 from .sandbox import DTYPES, ModelInfo, Sandbox, SandboxFailure
 from .shm import SharedArrays, share_arrays
@@ -303,16 +303,24 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             if stop is not None and stop.is_set():
                 return outcome("stopped")
             problem_at: list[str] = []
+            layout = _shared_layout(expected_outputs, min(lease.micro_batch, lease.samples))
+            # On the shared path run_shared has already held every micro-batch's outputs to
+            # `layout` (names, dtypes, shapes: validation's expected outputs), so neither the
+            # check nor the digest's headers need deriving again per micro-batch.
+            digester = LayoutDigester(layout) if layout is not None else None
 
-            def on_result(_i: int, outs: dict[str, np.ndarray], ms: float) -> bool:
+            def on_result(i: int, outs: dict[str, np.ndarray], ms: float) -> bool:
                 nonlocal compute_s
                 if problem_at:
                     return False  # a micro-batch that was in flight after a failure
                 compute_s += ms / 1000.0
-                bad = _check_outputs(expected_outputs, outs) if expected_outputs is not None else None
+                bad = None
+                if digester is None and expected_outputs is not None:
+                    bad = _check_outputs(expected_outputs, outs)
                 if bad is None:
                     try:
-                        digests.append(tensors_digest(outs))
+                        digests.append(tensors_digest(outs) if digester is None else
+                                       digester.digest(outs, plan[i][2] - plan[i][1]))
                     except EncodingError as e:
                         bad = str(e)
                 if bad is not None:
@@ -324,7 +332,6 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                                               total, tuple(digests)))
                 return not (stop is not None and stop.is_set())
 
-            layout = _shared_layout(expected_outputs, min(lease.micro_batch, lease.samples))
             if layout is not None:
                 shared = inputs if isinstance(inputs, SharedArrays) else \
                     await trio.to_thread.run_sync(share_arrays, inputs)

@@ -139,3 +139,27 @@ async def test_no_fds_leak_over_many_shards(pool):
     bad = {input_name: inputs[input_name].astype(np.float64)}
     assert (await run_shard(box, lease_for(model, 50, 8), model, bad)).reason == "input_error"
     assert (_fds(), _fds(box.pid)) == (ours, theirs)
+
+
+async def test_a_reused_output_arena_never_shows_an_earlier_shards_outputs(pool):
+    """The node keeps a shard's output arena for the next shard of the same layout: every
+    shard's outputs are still its own, whatever ran before (other inputs, a stop, a
+    different row count, a child killed for lying)."""
+    model, input_name, make = MODELS["mlp784"]()
+    a, b = make(128), make(128) * 0.5
+    box = await pool.get(b"publisher-a")
+    for x in (a, b, a):
+        out = await run_shard(box, lease_for(model, 128, 32), model, {input_name: x})
+        assert out.status == "done" and out.outputs == direct_blob(model, {input_name: x}, 32)
+    stop = trio.Event()
+    stopped = await run_shard(box, lease_for(model, 128, 32), model, {input_name: b}, stop=stop,
+                              on_progress=lambda p: p.done == 1 and stop.set())
+    assert stopped.status == "stopped" and stopped.done < 4
+    out = await run_shard(box, lease_for(model, 128, 32), model, {input_name: a})
+    assert out.outputs == direct_blob(model, {input_name: a}, 32)
+    out = await run_shard(box, lease_for(model, 96, 32), model, {input_name: b[:96]})
+    assert out.outputs == direct_blob(model, {input_name: b[:96]}, 32)
+    await box.debug("lie", factor=1000)
+    assert (await run_shard(box, lease_for(model, 96, 32), model, {input_name: b[:96]})).reason == "crash"
+    out = await run_shard(box, lease_for(model, 96, 32), model, {input_name: a[:96]})
+    assert out.outputs == direct_blob(model, {input_name: a[:96]}, 32)

@@ -20,6 +20,7 @@ from p2pfleet.exec.outputs import (
     TOLERANCE,
     Agreement,
     EncodingError,
+    LayoutDigester,
     batch_digests,
     compare_outputs,
     concat_batches,
@@ -180,6 +181,21 @@ def _outputs(seed=0):
     rng = np.random.default_rng(seed)
     return {"logits": rng.standard_normal((64, 10)).astype(np.float32),
             "label": rng.integers(0, 10, 64)}
+
+
+def test_layout_digester_is_tensors_digest():
+    """The shared-memory path's per-batch digest is the protocol's batch digest, for any
+    row count, and anything off the layout (or a bool) falls back to tensors_digest."""
+    rng = np.random.default_rng(3)
+    layout = [("probabilities", np.float32, (10,)), ("label", np.int64, ()), ("z", np.float16, (2, 3))]
+    digester = LayoutDigester(layout)
+    for rows in (0, 1, 7, 64, 7):
+        outs = {n: (rng.standard_normal((rows, *t)) * 100).astype(dt) for n, dt, t in layout}
+        assert digester.digest(outs, rows) == tensors_digest(outs)
+    outs["label"] = outs["label"].astype(np.int32)  # off the layout
+    assert digester.digest(outs, 7) == tensors_digest(outs)
+    flags = {"ok": np.array([[3], [0]], np.uint8).view(bool)}
+    assert LayoutDigester([("ok", np.bool_, (1,))]).digest(flags, 2) == tensors_digest(flags)
 
 
 def test_honest_noise_agrees_and_fp16_cheat_does_not():
