@@ -168,6 +168,11 @@ class Reachable:
         self.public.set()
         self.dht_mode = "server" if dht.mode == DHTMode.SERVER else "client"
         keep_clients_out(dht, kad_protocol)
+        # start in the mode the rule gives: a node serving for its first second would enter
+        # the routing tables of the first peers it meets
+        want = dht_mode(setting, self.stability.observe(clock(), self.status))
+        if want != self.dht_mode:
+            switch_locally(self, want)
 
     @property
     def status(self) -> Reach:
@@ -254,7 +259,7 @@ class Reachable:
             await set_dht_mode(self, want)
 
 
-async def set_dht_mode(reach: Reachable, mode: str) -> None:
+def switch_locally(reach: Reachable, mode: str) -> None:
     """Serve the DHT or stop serving it, keeping the routing table and our handler."""
     host, dht, protocol = reach.host, reach.dht, TProtocol(reach.kad_protocol)
     handlers = host.get_mux().handlers
@@ -267,6 +272,12 @@ async def set_dht_mode(reach: Reachable, mode: str) -> None:
             host.get_mux().add_handler(protocol, reach._kad_handler)  # wrapped by our fixes
         dht.mode = DHTMode.SERVER
     reach.dht_mode = mode
+
+
+async def set_dht_mode(reach: Reachable, mode: str) -> None:
+    """Switch the DHT mode and tell connected peers."""
+    host = reach.host
+    switch_locally(reach, mode)
     log.warning("DHT mode is now %s (reachability: %s, %s; %s)", mode, reach.status.value,
                 reach.verdicts.why, reach.stability.why)
     try:
