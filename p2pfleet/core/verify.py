@@ -63,19 +63,22 @@ def _quorums(votes: list[Vote], need: int, trusted: bool = False, shared_prefix:
     """Every set of `need` ok votes that may stand together, each in arrival order; with
     `trusted`, only sets holding a vote of the publisher's trusted machines."""
     pool = sorted((v for v in votes if v.ok), key=lambda v: v.order)
+    return _extend(pool, need, trusted, shared_prefix, 0, ())
 
-    def extend(start: int, group: tuple[Vote, ...]):
-        if len(group) == need:
-            if not trusted or any(g.standing == TRUSTED for g in group):
-                yield group
+
+def _extend(pool: list[Vote], need: int, trusted: bool, shared_prefix: bool, start: int,
+            group: tuple[Vote, ...]):
+    # A module function, not a closure calling itself: that closure was a reference cycle
+    # per search, left for the garbage collector (the simulator makes millions).
+    if len(group) == need:
+        if not trusted or any(g.standing == TRUSTED for g in group):
+            yield group
+        return
+    for i in range(start, len(pool)):
+        if len(pool) - i < need - len(group):
             return
-        for i in range(start, len(pool)):
-            if len(pool) - i < need - len(group):
-                return
-            if may_join(group, pool[i], shared_prefix):
-                yield from extend(i + 1, group + (pool[i],))
-
-    return extend(0, ())
+        if may_join(group, pool[i], shared_prefix):
+            yield from _extend(pool, need, trusted, shared_prefix, i + 1, group + (pool[i],))
 
 
 def find_quorum(votes: list[Vote], need: int, *, trusted: bool = False,
