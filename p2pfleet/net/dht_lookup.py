@@ -17,13 +17,14 @@ older than the winner are corrected on the peers that held them, as Kademlia doe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance, xor_distance
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ QUERY_TIMEOUT_S = 5.0
 
 @dataclass
 class WalkStats:
-    """What one lookup cost: rounds of parallel queries (hops) and GET_VALUE RPCs sent."""
+    """What one lookup cost: rounds of parallel queries (hops), GET_VALUE RPCs sent and the
+    answers they got (summed over the walks that share it)."""
 
     rounds: int = 0
     rpcs: int = 0
@@ -75,11 +77,15 @@ async def query_rounds(key: bytes, shortlist: list[Any], query: Callable[[Any], 
 async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                timeout: float = QUERY_TIMEOUT_S,
                stats: WalkStats | None = None,
-               learn: bool = False) -> tuple[list[Any], dict[Any, bytes]]:
+               learn: bool = False,
+               until_no_closer: bool = False) -> tuple[list[Any], dict[Any, bytes]]:
     """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value}).
 
     With `learn`, every peer that really answered (we hold a connection to it after the
-    query) enters the routing table: how the table fills (net/dht_refresh.py)."""
+    query) enters the routing table: how the table fills (net/dht_refresh.py). With
+    `until_no_closer`, the walk ends at the first round that named no peer closer to the key
+    than the closest known before it (Kademlia's original termination) instead of querying
+    all k closest: enough for a walk that only explores (fix 18), not for a put or get."""
     stats = stats if stats is not None else WalkStats()
     host_id = dht.host.get_id()
     shortlist = start_shortlist(dht, key, k)
@@ -111,8 +117,21 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                 if p != host_id and p not in shortlist:
                     shortlist.append(p)
 
-    await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=stats)
-    stats.responses = len(responded)
+    best: list[int] = []  # the closest distance known before the last round
+
+    def no_closer() -> bool:
+        if not shortlist:
+            return True
+        nearest = min(xor_distance(target, hashlib.sha256(p.to_bytes()).digest())
+                      for p in shortlist)
+        stop = bool(best) and nearest >= best[0]
+        best[:] = [min([nearest, *best])]
+        return stop
+
+    target = hashlib.sha256(key).digest()
+    await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=stats,
+                       enough=no_closer if until_no_closer else None)
+    stats.responses += len(responded)
     closest = sort_peer_ids_by_distance(key, responded)[:k]
     return closest, values
 

@@ -16,6 +16,20 @@ The refresh repeats periodically (sooner while the table is smaller than k) and 
 republishes its records when the peers closest to a record's key changed much since the
 put (net/mesh.py). The table keeps peers without a live connection: the walk dials them
 when it needs them.
+
+Fix 18 (`lean`, MeshSettings.dht_lean_refresh): these walks were nearly all of what an
+idle host and a joining host cost in CPU (20 hosts in one process: 0.4-0.5 of a core idle
+with the walks, 0.04 without; every DHT request ~5 ms of CPU on each end). go-libp2p-kad-dht
+and the Kademlia paper do less, and so do we now:
+- a bucket walk only explores, so it ends at the first round that names no peer closer to
+  its key (`dht_lookup.walk(until_no_closer=True)`), not once all k closest answered;
+- a periodic refresh walks only stale buckets: a bucket (prefix length) that no walk of ours
+  (record gets and puts included) visited within the refresh period is refreshed, the rest
+  is not (Kademlia's rule, with the period as its hour);
+- "refresh sooner while the table is smaller than k" holds only while refreshes still grow
+  the table (a fleet of fewer than k + 1 hosts never fills it), and a refresh asked for
+  because a put reached few peers backs off, doubling, while walks get answers from fewer
+  than half the peers asked (busy or departed peers: more walks would only add load).
 """
 
 from __future__ import annotations
@@ -40,9 +54,58 @@ class RefreshStats:
 
     walks: int = 0
     rpcs: int = 0
+    responses: int = 0
     table_before: int = 0
     table_after: int = 0
-    cpls: list[int] = field(default_factory=list)
+    cpls: list[int] = field(default_factory=list)  # buckets walked
+    fresh: list[int] = field(default_factory=list)  # buckets skipped: walked recently (fix 18)
+
+    @property
+    def answered(self) -> float:
+        """Share of the requests sent that got an answer (1.0 when none was sent)."""
+        return self.responses / self.rpcs if self.rpcs else 1.0
+
+
+class WalkedBuckets:
+    """When a walk of ours last visited each bucket (prefix length with our own key)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, float] = {}
+
+    def note(self, dht: Any, key: bytes, now: float) -> None:
+        """A walk for `key` (as py-libp2p hashes it) visited its bucket at `now`."""
+        cpl = common_prefix_len(hashlib.sha256(key).digest(), own_position(dht))
+        if cpl <= MAX_REFRESH_CPL:
+            self.at[cpl] = now
+
+    def stale(self, cpls: list[int], now: float, period: float) -> list[int]:
+        return [c for c in cpls if now - self.at.get(c, -float("inf")) >= period]
+
+
+def next_wait(stats: RefreshStats, *, k: int, table: int, delay: float, period: float,
+              lean: bool) -> tuple[float, float]:
+    """(wait before the next refresh, the next "sooner" delay) after a refresh.
+
+    Old rule: while the table holds fewer than k peers, wait `delay` and double it. Lean
+    (fix 18): only while the last refresh grew the table."""
+    growing = stats.table_after > stats.table_before
+    if table < k and (growing or not lean):
+        return delay, min(period, delay * 2)
+    return period, delay
+
+
+def asked_wait(stats: RefreshStats, *, backoff: float, first: float, period: float,
+               lean: bool) -> tuple[float, float]:
+    """(wait before a refresh someone asked for, the next back-off) after a refresh.
+
+    Old rule: `first` always. Lean (fix 18): while fewer than half of the last refresh's
+    requests were answered, the wait doubles up to `period`; it drops back to `first` once
+    they are."""
+    if not lean:
+        return first, first
+    if stats.answered < 0.5:
+        return backoff, min(period, backoff * 2)
+    return first, first
 
 
 def common_prefix_len(a: bytes, b: bytes) -> int:
@@ -75,26 +138,36 @@ def deepest_cpl(dht: Any) -> int:
     return max(cpls, default=-1)
 
 
-async def fill(dht: Any, *, k: int, rng: random.Random) -> RefreshStats:
-    """Self-lookup, then one walk per bucket up to the deepest one held + 1."""
+async def fill(dht: Any, *, k: int, rng: random.Random, lean: bool = False,
+               walked: WalkedBuckets | None = None, now: float = 0.0,
+               period: float = 0.0) -> RefreshStats:
+    """Self-lookup, then one walk per bucket up to the deepest one held + 1.
+
+    With `lean` (fix 18), only the buckets `walked` did not visit within `period` before
+    `now`, each walk ending when a round finds nothing closer."""
     stats = RefreshStats(table_before=dht.routing_table.size())
     walk_stats = dht_lookup.WalkStats()
     await dht_lookup.walk(dht, dht.host.get_id().to_bytes(), k=k, stats=walk_stats, learn=True)
     stats.walks += 1
     own = own_position(dht)
-    stats.cpls = list(range(0, min(MAX_REFRESH_CPL, deepest_cpl(dht) + 1) + 1))
+    cpls = list(range(0, min(MAX_REFRESH_CPL, deepest_cpl(dht) + 1) + 1))
+    stats.cpls = walked.stale(cpls, now, period) if lean and walked is not None else cpls
+    stats.fresh = [c for c in cpls if c not in stats.cpls]
     limiter = trio.CapacityLimiter(PARALLEL_WALKS)
 
     async def bucket(cpl: int) -> None:
         async with limiter:
-            await dht_lookup.walk(dht, key_at_cpl(own, cpl, rng), k=k, stats=walk_stats,
-                                  learn=True)
+            key = key_at_cpl(own, cpl, rng)
+            await dht_lookup.walk(dht, key, k=k, stats=walk_stats, learn=True,
+                                  until_no_closer=lean)
+            if walked is not None:
+                walked.note(dht, key, now)
 
     async with trio.open_nursery() as nursery:
         for cpl in stats.cpls:
             nursery.start_soon(bucket, cpl)
     stats.walks += len(stats.cpls)
-    stats.rpcs = walk_stats.rpcs
+    stats.rpcs, stats.responses = walk_stats.rpcs, walk_stats.responses
     stats.table_after = dht.routing_table.size()
     return stats
 

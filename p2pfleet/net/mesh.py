@@ -115,6 +115,9 @@ class MeshSettings:
     # routing-table refresh period (net/dht_refresh.py); 0: never fill or refresh the table
     # (it then holds only peers met otherwise: a test that needs a fixed topology)
     dht_refresh_s: float = 600.0
+    # fix 18 (net/dht_refresh.py): walk only stale buckets, end bucket walks when nothing
+    # closer turns up, back off refreshes while walks go unanswered; False: as before
+    dht_lean_refresh: bool = True
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
     # what one address, one peer and everyone may hold at our relay (net/relay_limits.py)
@@ -211,7 +214,9 @@ class Mesh:
         # first peer: a record put before that reaches only the peers we happen to know
         self.table_ready = trio.Event()
         self.last_refresh = dht_refresh.RefreshStats()
+        self.refreshes = 0  # fills and refreshes run so far
         self._refresh_wanted = trio.Event()
+        self._walked = dht_refresh.WalkedBuckets()  # stale-bucket rule (fix 18)
         self._published: dict[bytes, tuple[bytes, set[Any]]] = {}  # key -> (ours, held at)
         self.host: Any = None
         self.reachable: Reachable | None = None  # AutoNAT status and DHT mode, once running
@@ -553,6 +558,7 @@ class Mesh:
 
     async def _store(self, dht: KadDHT, key_bytes: bytes, envelope: bytes) -> None:
         closest, _values = await dht_lookup.walk(dht, key_bytes, k=self.settings.dht_k, learn=True)
+        self._walked.note(dht, key_bytes, trio.current_time())
         held: set[Any] = set()
         self.last_put_peers = await dht_lookup.store_at(dht, closest, key_bytes, envelope,
                                                         accepted=held)
@@ -568,22 +574,27 @@ class Mesh:
             self.table_ready.set()
             return
         await self.first_peer.wait()
-        k = self.settings.dht_k
-        delay = FIRST_REFRESH_S
+        k, period = self.settings.dht_k, self.settings.dht_refresh_s
+        lean = self.settings.dht_lean_refresh
+        delay = backoff = FIRST_REFRESH_S
         while True:
             try:
-                self.last_refresh = await dht_refresh.fill(dht, k=k, rng=self._rng)
+                self.last_refresh = await dht_refresh.fill(
+                    dht, k=k, rng=self._rng, lean=lean, walked=self._walked,
+                    now=trio.current_time(), period=period)
             except Exception as exc:  # noqa: BLE001 - a refresh failing must not end the mesh
                 log.warning("routing-table refresh failed: %s: %s", type(exc).__name__, exc)
+            self.refreshes += 1
             self.table_ready.set()
             await self._republish_moved(dht)
-            if dht.routing_table.size() < k:
-                wait, delay = delay, min(self.settings.dht_refresh_s, delay * 2)
-            else:
-                wait = self.settings.dht_refresh_s
+            wait, delay = dht_refresh.next_wait(self.last_refresh, k=k, lean=lean, delay=delay,
+                                                table=dht.routing_table.size(), period=period)
+            asked, backoff = dht_refresh.asked_wait(self.last_refresh, backoff=backoff,
+                                                    first=FIRST_REFRESH_S, period=period,
+                                                    lean=lean)
             with trio.move_on_after(wait * self._rng.uniform(0.9, 1.1)):
                 await self._refresh_wanted.wait()
-                await trio.sleep(FIRST_REFRESH_S)  # asked for: still not more often than this
+                await trio.sleep(asked)  # asked for: still not more often than this
             self._refresh_wanted = trio.Event()
 
     def refresh_now(self) -> None:
@@ -614,6 +625,7 @@ class Mesh:
         with trio.move_on_after(timeout):
             _closest, values = await dht_lookup.walk(self.dht, key_bytes, k=self.settings.dht_k,
                                                      stats=self.last_lookup, learn=True)
+            self._walked.note(self.dht, key_bytes, trio.current_time())
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])
         newest = self.record_validator.newest(key, candidates)

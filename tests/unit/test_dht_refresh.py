@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from p2pfleet.net.dht_refresh import MAX_REFRESH_CPL, common_prefix_len, key_at_cpl, moved
+from p2pfleet.net.dht_refresh import (MAX_REFRESH_CPL, RefreshStats, WalkedBuckets, asked_wait,
+                                      common_prefix_len, key_at_cpl, moved, next_wait)
 
 
 def test_common_prefix_len_counts_leading_equal_bits():
@@ -32,3 +33,31 @@ def test_moved_when_fewer_than_half_of_the_closest_hold_our_copy():
     assert not moved({"a", "b"}, ["a", "b", "c", "d"])
     assert moved({"a"}, ["a", "b", "c", "d"])
     assert not moved(set(), [])
+
+
+def test_sooner_refresh_only_while_the_table_grows():
+    grew = RefreshStats(table_before=3, table_after=9)
+    same = RefreshStats(table_before=9, table_after=9)
+    # a table smaller than k that grew: sooner, doubling (both rules)
+    assert next_wait(grew, k=20, table=9, delay=15, period=600, lean=True) == (15, 30)
+    # a fleet of 10 hosts never fills a table of k = 20: fix 18 stops hurrying
+    assert next_wait(same, k=20, table=9, delay=30, period=600, lean=True) == (600, 30)
+    assert next_wait(same, k=20, table=9, delay=30, period=600, lean=False) == (30, 60)
+    assert next_wait(same, k=20, table=25, delay=30, period=600, lean=False) == (600, 30)
+
+
+def test_asked_refresh_backs_off_while_requests_go_unanswered():
+    unanswered = RefreshStats(rpcs=10, responses=2)
+    answered = RefreshStats(rpcs=10, responses=8)
+    assert asked_wait(unanswered, backoff=15, first=15, period=600, lean=True) == (15, 30)
+    assert asked_wait(unanswered, backoff=480, first=15, period=600, lean=True) == (480, 600)
+    assert asked_wait(answered, backoff=480, first=15, period=600, lean=True) == (15, 15)
+    assert asked_wait(unanswered, backoff=480, first=15, period=600, lean=False) == (15, 15)
+    assert RefreshStats().answered == 1.0
+
+
+def test_a_bucket_is_stale_when_no_walk_visited_it_within_the_period():
+    walked = WalkedBuckets()
+    walked.at = {0: 100.0, 2: 650.0}
+    assert walked.stale([0, 1, 2, 3], now=700.0, period=600.0) == [0, 1, 3]
+    assert walked.stale([0, 1, 2, 3], now=1250.0, period=600.0) == [0, 1, 2, 3]

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""What a DHT host costs in CPU: seconds per join and idle share of a core per host.
+
+For each variant, a fresh worker process starts H real `Mesh` hosts (py-libp2p over TCP,
+host j on 127.0.<variant+1>.<j+1>), the first alone and every other one through it at once,
+as a fleet starting together. The worker reads its own CPU time (user + system, rusage)
+around two phases:
+
+1. joining: from the first host's start until every host's routing table was filled
+   (`Mesh.table_ready`); CPU seconds / H is the CPU per join (both ends of every request,
+   the identify, GossipSub and Noise handshakes included, as they all run in this process);
+2. idle: the next --idle seconds, nothing asked of the hosts; CPU seconds / seconds / H is
+   the share of a core one idle host costs (routing-table refreshes, GossipSub heartbeats,
+   pings).
+
+The variants: `lean` (the mesh as it is, fix 18 in net/dht_refresh.py) and `old`
+(`MeshSettings.dht_lean_refresh=False`: every bucket walked to its k closest at every
+refresh, "sooner" refreshes for as long as the table is smaller than k, a put reaching few
+peers re-triggering a full refresh every 15 s). They run one after the other in the same
+invocation, so the ratio old / lean is measured on the same machine state. JSON to stdout
+and tools/bench_dht_cpu.last.json (--out to change); progress to stderr.
+
+    tools/bench_dht_cpu.py                       # 20 hosts, 60 s idle, both variants
+    tools/bench_dht_cpu.py --hosts 40 --idle 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tools"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import benchlib as B  # noqa: E402
+
+NETWORK = "benchdhtcpu"
+VARIANTS = ("lean", "old")
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench_dht_cpu {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_s() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
+
+    import trio
+
+    from p2pfleet.identity import Identity
+    from p2pfleet.net.mesh import Mesh, MeshSettings
+
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    index = VARIANTS.index(args.variant)
+    meshes: list[Mesh] = []
+    out: dict[str, Any] = {"variant": args.variant}
+    async with trio.open_nursery() as nursery:
+        t0, c0 = time.monotonic(), cpu_s()
+        bootstrap: tuple[str, ...] = ()
+        for j in range(args.hosts):
+            mesh = Mesh(Identity.from_seed(f"bench-dht-cpu-{args.seed}-{j}".encode()),
+                        MeshSettings(network=NETWORK, seed=j, bootstrap=bootstrap,
+                                     listen=(f"/ip4/127.0.{index + 1}.{j + 1}/tcp/0",),
+                                     dht_mode="server", dht_k=args.k,
+                                     dht_lean_refresh=args.variant == "lean"))
+            await nursery.start(mesh.run)
+            meshes.append(mesh)
+            if j == 0:
+                bootstrap = tuple(mesh.listen_addrs()[:1])
+        with trio.move_on_after(args.join_timeout) as scope:
+            for mesh in meshes[1:]:
+                await mesh.table_ready.wait()
+        c1, t1 = cpu_s(), time.monotonic()
+        out["join"] = {"all_ready": not scope.cancelled_caught, "wall_s": round(t1 - t0, 1),
+                       "cpu_s": round(c1 - c0, 2),
+                       "cpu_s_per_join": round((c1 - c0) / args.hosts, 3),
+                       "table": B.summary([m.dht.routing_table.size() for m in meshes], 1)}
+        refreshes = sum(m.refreshes for m in meshes)
+        await trio.sleep(args.idle)
+        c2, t2 = cpu_s(), time.monotonic()
+        out["idle"] = {"wall_s": round(t2 - t1, 1), "cpu_s": round(c2 - c1, 2),
+                       "core_share_per_host": round((c2 - c1) / (t2 - t1) / args.hosts, 4),
+                       "refreshes": sum(m.refreshes for m in meshes) - refreshes,
+                       "table": B.summary([m.dht.routing_table.size() for m in meshes], 1),
+                       "connections": B.summary([len(m.connected_peers()) for m in meshes], 1)}
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hosts", type=int, default=20, help="hosts in the process (default 20)")
+    ap.add_argument("--idle", type=float, default=60.0, help="idle seconds measured (default 60)")
+    ap.add_argument("--k", type=int, default=20, help="DHT bucket size and replication")
+    ap.add_argument("--join-timeout", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated, run in this order (default lean,old)")
+    ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht_cpu.last.json")
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # worker mode
+    args = ap.parse_args(argv)
+    if args.variant is not None:
+        import trio
+        print(json.dumps(trio.run(worker, args)))
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--variants takes some of {','.join(VARIANTS)}, got {args.variants!r}")
+    if not 2 <= args.hosts <= 250 or args.idle <= 0 or args.k < 1:
+        ap.error("need 2 <= --hosts <= 250, --idle > 0 and --k >= 1")
+    result: dict[str, Any] = {
+        "tool": "tools/bench_dht_cpu.py",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": B.machine_info(),
+        "config": {"hosts": args.hosts, "idle_s": args.idle, "k": args.k, "seed": args.seed,
+                   "variants": variants, "transport": "TCP on loopback, one process"},
+        "method": "per variant a fresh process of H meshes joining at once through the first; "
+                  "its rusage CPU from the first start until every table_ready (per join: "
+                  "/ H), then over the idle window (per host: / seconds / H)",
+        "errors": [], "runs": {},
+    }
+    for variant in variants:
+        log(f"{variant}: {args.hosts} hosts, load {os.getloadavg()[0]:.2f}")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
+               "--hosts", str(args.hosts), "--idle", str(args.idle), "--k", str(args.k),
+               "--seed", str(args.seed), "--join-timeout", str(args.join_timeout)]
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            result["errors"].append(f"{variant}: exit {proc.returncode}: {proc.stderr[-500:]}")
+            continue
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        run["loadavg_before"] = load_before
+        result["runs"][variant] = run
+        log(f"{variant}: {json.dumps(run)}")
+    runs = result["runs"]
+    if "lean" in runs and "old" in runs:
+        def ratio(a: float, b: float) -> float | None:
+            return round(a / b, 2) if b else None
+        result["old_over_lean"] = {
+            "cpu_per_join": ratio(runs["old"]["join"]["cpu_s_per_join"],
+                                  runs["lean"]["join"]["cpu_s_per_join"]),
+            "idle_per_host": ratio(runs["old"]["idle"]["core_share_per_host"],
+                                   runs["lean"]["idle"]["core_share_per_host"]),
+        }
+    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
