@@ -117,7 +117,12 @@ class Relays:
                     await self._step(nursery)
                 except Exception as exc:  # noqa: BLE001 - a failed step must not end the mesh
                     log.warning("relay step failed: %s: %s", type(exc).__name__, exc)
-                await trio.sleep(KEEP_CHECK_S if self.relay else RESERVE_EVERY_S)
+                with trio.move_on_after(KEEP_CHECK_S if self.relay else RESERVE_EVERY_S):
+                    private = self.reachable.private
+                    if self.offering and not private.is_set():  # stop at once when private
+                        await private.wait()
+                    else:
+                        await trio.sleep_forever()
 
     async def _run_punch(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.punch):

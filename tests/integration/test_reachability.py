@@ -114,8 +114,10 @@ async def test_a_node_found_private_stops_serving_and_its_peers_drop_it():
             await car.dht.add_peer(m.host.get_id())
         await car.put_capacity(seal(capacity(now_ms()), car.identity, NETWORK))
         await wait_until(lambda: all(car_id in m.dht.routing_table.get_peer_ids() for m in others), 20)
+        await wait_until(lambda: car.relays.offering, 15)
         await verdicts(car.reachable, others, Answer.FAILED)
         assert car.reachable.report()["dht_mode"] == "client"
+        await wait_until(lambda: not car.relays.offering, 10)  # nor relays for others
         assert "2 peer(s) could not dial us back" in car.reachable.report()["reachability_why"]
         assert kad not in {str(p) for p in car.host.get_mux().handlers}
         await wait_until(lambda: all(car_id not in m.dht.routing_table.get_peer_ids()
