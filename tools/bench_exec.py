@@ -10,7 +10,10 @@ optimisation level (`ratio`), and against that session plus the digests and outp
 node must make anyway (`ratio_vs_plain_with_digests`), alternated run by run; the same with
 the inputs already in a sealed memfd (`ratio_shared_inputs*`: a worker that prepares them
 while the previous shard runs), and the node's CPU time per shard (`parent_cpu_ms_per_shard`); validation time in this
-process and in the child; the child's memory after loading the model. Also: child start
+process and in the child; the child's memory after loading the model; what bounds the ratio
+whatever the sandbox does (`_bounds`: the sealed input copy and the outputs blob's SHA-256
+that must follow the last micro-batch, timed here, and `bound`, `bound_shared_inputs`: the
+best ratios they leave). Also: child start
 time and memory, the CPU-share duty cycle (share 0.5 of one core), the hardware profile.
 JSON on stdout (and in --json FILE).
 
@@ -40,7 +43,7 @@ import trio  # noqa: E402
 
 from p2pfleet.zoo import MODELS  # noqa: E402
 from p2pfleet.exec.hwclass import measure  # noqa: E402
-from p2pfleet.exec.outputs import concat_batches, encode_tensors, tensors_digest  # noqa: E402
+from p2pfleet.exec.outputs import concat_batches, decode_tensors, encode_tensors, tensors_digest  # noqa: E402
 from p2pfleet.exec.runner import plan_batches, run_shard  # noqa: E402
 from p2pfleet.exec.sandbox import SandboxConfig, _proc_cpu_s, open_sandbox_pool  # noqa: E402
 from p2pfleet.exec.shm import share_arrays  # noqa: E402
@@ -117,7 +120,10 @@ async def bench_model(pool, key: str, threads: int, repeat: int) -> dict:
         blob = encode_tensors(concat_batches(batches))
         digest = hashlib.sha256(blob).digest()
         assert len(digests) == len(plan)
+        last_blob[:] = [blob]
         return elapsed, time.perf_counter() - t, digest
+
+    last_blob: list[bytes] = []
 
     le = lease(model, samples, mb)
     cold = await run_shard(box, le, model, inputs, threads=threads)
@@ -142,6 +148,7 @@ async def bench_model(pool, key: str, threads: int, repeat: int) -> dict:
         t_shared.append(trio.current_time() - t0)
         assert r.status == "done" and r.output_digest == cold.output_digest, (r.status, r.reason, r.detail, r.done)
     shared.close()
+    res.update(_bounds(inputs, last_blob[0], statistics.median(t_plain)))
     res["shared_memory_path"] = box.last_shard_end is not None
     res["plain_samples_per_s"] = round(samples / statistics.median(t_plain))
     res["sandbox_samples_per_s"] = round(samples / statistics.median(t_box))
@@ -156,6 +163,31 @@ async def bench_model(pool, key: str, threads: int, repeat: int) -> dict:
     res["digest_matches_plain"] = digest == cold.output_digest
     await pool.close(key.encode())
     return res
+
+
+def _bounds(inputs: dict, blob: bytes, t_plain: float) -> dict:
+    """What no sandbox can avoid, measured here: the sealed copy of the inputs (`share_arrays`,
+    unless a worker made it while the previous shard ran) and the part of the outputs
+    blob's SHA-256 that can only start after the last micro-batch (the canonical encoding
+    is tensor by tensor, so every tensor after the first in name order; SHA-256 is
+    sequential). `bound*`: plain / (plain + those), the best ratio even if everything
+    else overlapped the computation perfectly."""
+    outs = decode_tensors(blob)
+    first = min(outs, key=lambda n: n.encode())
+    suffix = memoryview(blob)[len(encode_tensors({first: outs[first]})):]
+    copy_s, tail_s = [], []
+    for _ in range(5):
+        t = time.perf_counter()
+        share_arrays(inputs).close()
+        copy_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hashlib.sha256(suffix).digest()
+        tail_s.append(time.perf_counter() - t)
+    copy, tail = statistics.median(copy_s), statistics.median(tail_s)
+    return {"input_copy_ms": round(copy * 1000, 2), "tail_digest_ms": round(tail * 1000, 2),
+            "tail_digest_bytes": len(suffix),
+            "bound_shared_inputs": round(t_plain / (t_plain + tail), 3),
+            "bound": round(t_plain / (t_plain + copy + tail), 3)}
 
 
 async def bench_duty_cycle(threads_model: str = "mlp784", seconds: float = 3.0, nice: int = 0) -> dict:
