@@ -58,6 +58,7 @@ import bisect
 import copy
 import dataclasses
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
@@ -507,6 +508,9 @@ class Scheduler:
         # request checks, kept as leases go live and end (not counted per request).
         self._live_of_worker: dict[bytes, int] = {}
         self._live_in_prefix: dict[str, list[int]] = {}
+        # (expiry, lease id) of every lease put live, a heap: the earliest live one is its
+        # top once the ended ones above it are dropped (a lease never goes live again)
+        self._expiry: list[tuple[int, bytes]] = []
         # The shard index (what `_window` and `_maybe_done` read, instead of scanning every
         # shard of a job per request): per job, the sorted indices of shards with a replica
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
@@ -569,10 +573,27 @@ class Scheduler:
         if lease.lease_id in self._live:
             return
         self._live[lease.lease_id] = None
+        heapq.heappush(self._expiry, (lease.expires_ms, lease.lease_id))
         self._live_of_worker[lease.worker] = self._live_of_worker.get(lease.worker, 0) + 1
         counts = self._live_in_prefix.setdefault(lease.prefix, [0, 0])
         counts[0] += 1
         counts[1] += lease.fresh
+
+    def _next_expiry(self) -> int | None:
+        """When the earliest live lease expires (None: no lease is live)."""
+        heap = self._expiry
+        while heap and heap[0][1] not in self._live:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _due(self, at_ms: int) -> list[LeaseRec]:
+        """The live leases expired by `at_ms`, by (expiry, lease id), taken off the heap."""
+        heap, due = self._expiry, []
+        while heap and heap[0][0] <= at_ms:
+            _exp, lease_id = heapq.heappop(heap)
+            if lease_id in self._live:
+                due.append(self.leases[lease_id])
+        return due
 
     def _live_counts(self, worker: bytes, prefix: str) -> tuple[int, int, int]:
         """Live leases of `worker`, of `prefix`, and of its non-established identities."""
@@ -646,11 +667,12 @@ class Scheduler:
         return max(0, self._untrusted_room(sh)) + (1 if self._audit_pending(sh) else 0)
 
     def job_counts(self, job_id: bytes) -> dict[str, int]:
-        shards = [self.shards.get((job_id, i)) or ShardRec(job_id, i)  # not made: initial
-                  for i in range(len(self.jobs[job_id].job.samples))]
+        n = len(self.jobs[job_id].job.samples)
+        # a shard record not made yet (lazy_shards) is in its initial state: counted in none
+        shards = [sh for i in range(n) if (sh := self.shards.get((job_id, i))) is not None]
         leases = [l for l in self.leases.values() if l.job_id == job_id]
         return {
-            "shards": len(shards),
+            "shards": n,
             "accepted": sum(1 for s in shards if s.status == "accepted"),
             "failed": sum(1 for s in shards if s.status == "failed"),
             "leases": len(leases),
@@ -832,8 +854,7 @@ class Scheduler:
         for rec, sh in picks:
             grants.append(self._issue(rec, sh, ev, t, now, queued))
             queued += rec.job.samples[sh.index]
-        next_exp = min(self.leases[i].expires_ms for i in self._live)
-        return [Grant(ev.worker, tuple(grants)), WakeAt(next_exp)]
+        return [Grant(ev.worker, tuple(grants)), WakeAt(self._next_expiry())]
 
     def _ranker(self, job: JobParams) -> Callable[[int, bytes], bytes]:
         """`rank` for one job: the same HMAC-SHA256 (RFC 2104), from hash states already fed
@@ -1097,8 +1118,7 @@ class Scheduler:
 
     def _on_Tick(self, ev: Tick) -> list:
         effects: list = []
-        due = [l for l in self.live_leases() if l.expires_ms <= ev.at_ms]
-        for lease in sorted(due, key=lambda l: (l.expires_ms, l.lease_id)):
+        for lease in self._due(ev.at_ms):
             if lease.expires_ms <= ev.at_ms:
                 self._set_state(lease, "expired")
                 sh = self.shards[(lease.job_id, lease.shard)]
@@ -1106,9 +1126,9 @@ class Scheduler:
                 self._on_failure(lease, ev.at_ms)
                 effects += self._evaluate(sh, ev.at_ms)
         effects += self._check_stalls(ev.at_ms)
-        live = self.live_leases()
-        if live:
-            effects.append(WakeAt(min(l.expires_ms for l in live)))
+        next_exp = self._next_expiry()
+        if next_exp is not None:
+            effects.append(WakeAt(next_exp))
         return effects
 
     def _other_class_asking(self, hw_class: str, now: int) -> bool:
