@@ -412,6 +412,7 @@ class KeyedRandom(random.Random):
 
     def __init__(self, key: bytes):
         self._key = bytes(key)
+        self._pads = _hmac_pads(self._key)
         self._counter = 0
         super().__init__(0)
 
@@ -420,7 +421,10 @@ class KeyedRandom(random.Random):
 
     def _block(self) -> bytes:
         self._counter += 1
-        return hmac.new(self._key, self._counter.to_bytes(8, "big"), hashlib.sha256).digest()
+        inner, outer = self._pads[0].copy(), self._pads[1].copy()
+        inner.update(self._counter.to_bytes(8, "big"))
+        outer.update(inner.digest())
+        return outer.digest()  # HMAC-SHA256(key, u64be(counter))
 
     def getrandbits(self, k: int) -> int:
         if k < 0:
@@ -444,6 +448,18 @@ class KeyedRandom(random.Random):
 
     def setstate(self, state) -> None:
         self._key, self._counter = state
+        self._pads = _hmac_pads(self._key)
+
+
+def _hmac_pads(key: bytes, inner_prefix: bytes = b"") -> tuple:
+    """SHA-256 states fed HMAC's padded key (RFC 2104), the inner one also `inner_prefix`:
+    HMAC-SHA256(key, inner_prefix + m) is outer.copy() fed inner.copy() fed m, so a
+    caller hashing many messages under one key does not key HMAC again for each."""
+    key = key if len(key) <= 64 else hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + inner_prefix)
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner, outer
 
 
 class _LazyShards(dict):
@@ -861,11 +877,7 @@ class Scheduler:
         the padded key and the job id, so a request does not key HMAC again per shard."""
         states = self._rank_base.get(job.job_id)
         if states is None:
-            key = job.secret if len(job.secret) <= 64 else hashlib.sha256(job.secret).digest()
-            key = key.ljust(64, b"\0")
-            inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + job.job_id)
-            outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
-            states = self._rank_base[job.job_id] = (inner, outer)
+            states = self._rank_base[job.job_id] = _hmac_pads(job.secret, job.job_id)
         inner, outer = states
         known = self._ranks.setdefault(job.job_id, {})
 
@@ -1176,7 +1188,7 @@ class Scheduler:
             return False
         if asking is None:
             if busy is None:
-                busy = {l.worker for l in self.live_leases()}
+                busy = set(self._live_of_worker)  # workers holding a live lease
             asking = self._requesters(sh.job_id, now, busy)
         anyone = False
         for r in asking:
@@ -1188,7 +1200,7 @@ class Scheduler:
         return anyone
 
     def _check_stalls(self, now: int) -> list:
-        busy = {l.worker for l in self.live_leases()}
+        busy = set(self._live_of_worker)  # workers holding a live lease
         for w in [w for w, r in self._requests.items()
                   if now - r.at_ms > self._horizon() and w not in busy]:
             del self._requests[w]
