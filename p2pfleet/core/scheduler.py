@@ -82,7 +82,6 @@ MINUTE_MS = 60_000
 RELAX_ORDER = ("reissue", "prefix", "recheck", "audit")
 UNKNOWN_PREFIX = "unknown"  # relayed or unknown address: all such workers share one prefix
 MAX_CLASSES_SEEN = 256  # hardware classes remembered for the cross-class wait
-MAX_RANKS_KEPT = 256  # per offered shard: ranks of the workers that asked, kept for the next ask
 
 
 class CoreUsageError(Exception):
@@ -532,9 +531,6 @@ class Scheduler:
         # to offer (`_in_window`), the undecided shards, and the shards touched since (whose
         # entries are refreshed before the next read).
         self._rank_base: dict[bytes, tuple] = {}  # job -> (inner, outer) hash states
-        # job -> shard -> worker -> rank, for shards in the index: a worker asking again
-        # while a shard is still offered is ranked once (dropped when the shard leaves it)
-        self._ranks: dict[bytes, dict[int, dict[bytes, bytes]]] = {}
         self._window_of: dict[bytes, list[ShardRec]] = {}  # job -> its window, until it moves
         self._offered: dict[bytes, array] = {}         # sorted shard indices ('q')
         self._undecided: dict[bytes, list] = {}        # [count, bytearray: 1 if undecided]
@@ -879,22 +875,13 @@ class Scheduler:
         if states is None:
             states = self._rank_base[job.job_id] = _hmac_pads(job.secret, job.job_id)
         inner, outer = states
-        known = self._ranks.setdefault(job.job_id, {})
 
         def ranked(shard: int, worker: bytes) -> bytes:
-            of_shard = known.get(shard)
-            if of_shard is None:
-                of_shard = known[shard] = {}
-            elif worker in of_shard:
-                return of_shard[worker]
-            elif len(of_shard) >= MAX_RANKS_KEPT:  # a vast fleet: bound what is kept
-                of_shard.clear()
             h = inner.copy()
             h.update(shard.to_bytes(4, "big") + worker)
             o = outer.copy()
             o.update(h.digest())
-            r = of_shard[worker] = o.digest()
-            return r
+            return o.digest()
         return ranked
 
     def _outstanding_credit(self, job_id: bytes) -> int:
@@ -915,9 +902,8 @@ class Scheduler:
         return list(window)
 
     def _forget_window(self, job_id: bytes) -> None:
-        """A job no longer live offers nothing: its kept window and ranks go."""
+        """A job no longer live offers nothing: its kept window goes."""
         self._window_of.pop(job_id, None)
-        self._ranks.pop(job_id, None)
 
     def _in_window(self, sh: ShardRec) -> bool:
         # A shard never issued (no target drawn, no fallback) has every replica open:
@@ -967,10 +953,6 @@ class Scheduler:
                 drop.append(i)
         if add or drop:
             self._window_of.pop(job_id, None)
-        ranks = self._ranks.get(job_id)
-        if ranks:
-            for i in drop:
-                ranks.pop(i, None)
         if len(add) + len(drop) > 64:  # many at once (a new job): rebuild, not shift each
             self._offered[job_id] = array("q", sorted(set(offered).difference(drop).union(add)))
             return
