@@ -72,7 +72,7 @@ KINDS = tuple(k for k, _ in CHEATS)
 SHARES = (0.1, 0.2, 0.3)
 QUORUMS = (2, 3)
 # vehicles per quorum: at least 10^4 shards accepted in 24 h (quorum 3 needs more results)
-SWEEP_VEHICLES = {2: 600, 3: 1200}
+SWEEP_VEHICLES = {2: 700, 3: 1200}
 
 
 def sweep() -> tuple[Scenario, ...]:
