@@ -517,7 +517,8 @@ class Scheduler:
             _LazyShards(self.jobs) if lazy_shards else {})
         self.leases: dict[bytes, LeaseRec] = {}
         self.workers: dict[bytes, T.WorkerTrust] = {}
-        self._by_shard: dict[tuple[bytes, int], list[LeaseRec]] = {}  # in issue order
+        # a shard's leases in issue order; a tuple: 8 bytes a lease, a list kept 88 a shard
+        self._by_shard: dict[tuple[bytes, int], tuple[LeaseRec, ...]] = {}
         self._live: dict[bytes, None] = {}  # live lease ids, in issue order
         # Live leases per worker, and per prefix [all, non-established]: the caps a work
         # request checks, kept as leases go live and end (not counted per request).
@@ -726,7 +727,8 @@ class Scheduler:
             l = self.leases[held.lease_id] = copy.copy(held)
             if l.state == "live":
                 self._live_add(l)
-            self._by_shard.setdefault((l.job_id, l.shard), []).append(l)
+            key = (l.job_id, l.shard)
+            self._by_shard[key] = self._by_shard.get(key, ()) + (l,)
             self._order = max(self._order, l.order)
         for w in workers:
             self.workers[w.worker] = w
@@ -1035,7 +1037,8 @@ class Scheduler:
                     self._dirty.add(("lease", old.lease_id))
         self.leases[lease.lease_id] = lease
         self._live_add(lease)
-        self._by_shard.setdefault((job.job_id, sh.index), []).append(lease)
+        key = (job.job_id, sh.index)
+        self._by_shard[key] = self._by_shard.get(key, ()) + (lease,)
         sh.issued += 1
         sh.last_issue_ms = now
         self._dirty.update({("lease", lease.lease_id), ("shard", (job.job_id, sh.index))})

@@ -36,6 +36,7 @@ import hashlib
 import heapq
 import math
 import random
+from array import array
 from dataclasses import dataclass, field
 
 from p2pfleet.core import energy as E
@@ -241,7 +242,7 @@ class Fleet:
         self._seq = 0
         self.events = 0
         self.policy_calls = 0
-        self.ttr_ms: list[int] = []
+        self.ttr_ms = array("q")         # time to result per accepted shard (8 B each)
         self.seeders: set[int] = set()   # publishers whose model a dialable car holds
         nbins = math.ceil(self.end_ms / (cfg.bin_s * 1000))
         self.available_s = [0.0] * nbins
