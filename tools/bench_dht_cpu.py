@@ -11,16 +11,19 @@ around two phases:
    the identify, GossipSub and Noise handshakes included, as they all run in this process);
 2. idle: the next --idle seconds, nothing asked of the hosts; CPU seconds / seconds / H is
    the share of a core one idle host costs (routing-table refreshes, GossipSub heartbeats,
-   pings).
+   pings), also for the second half alone (after the first refreshes);
+3. requests: --requests GET_VALUE requests, one after the other, from host 1 to host 0 (for
+   keys nobody holds); CPU per request, both ends together.
 
-The variants: `lean` (the mesh as it is, fix 18 in net/dht_refresh.py) and `old`
-(`MeshSettings.dht_lean_refresh=False`: every bucket walked to its k closest at every
-refresh, "sooner" refreshes for as long as the table is smaller than k, a put reaching few
-peers re-triggering a full refresh every 15 s). They run one after the other in the same
+The variants: `lean` (the mesh as it is: fix 18 in net/dht_refresh.py, fix 19 in
+net/dht_streams.py), `refresh` (fix 18 only) and `old` (`MeshSettings.dht_lean_refresh=False`
+and `dht_reuse_streams=False`: every bucket walked to its k closest at every refresh,
+"sooner" refreshes for as long as the table is smaller than k, a put reaching few peers
+re-triggering a full refresh every 15 s, a new stream for every DHT request). They run one after the other in the same
 invocation, so the ratio old / lean is measured on the same machine state. JSON to stdout
 and tools/bench_dht_cpu.last.json (--out to change); progress to stderr.
 
-    tools/bench_dht_cpu.py                       # 20 hosts, 60 s idle, both variants
+    tools/bench_dht_cpu.py                       # 20 hosts, 60 s idle, every variant
     tools/bench_dht_cpu.py --hosts 40 --idle 120
 """
 
@@ -44,7 +47,7 @@ for p in (ROOT, ROOT / "tools"):
 import benchlib as B  # noqa: E402
 
 NETWORK = "benchdhtcpu"
-VARIANTS = ("lean", "old")
+VARIANTS = ("lean", "refresh", "old")
 _T0 = time.monotonic()
 
 
@@ -79,7 +82,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                         MeshSettings(network=NETWORK, seed=j, bootstrap=bootstrap,
                                      listen=(f"/ip4/127.0.{index + 1}.{j + 1}/tcp/0",),
                                      dht_mode="server", dht_k=args.k,
-                                     dht_lean_refresh=args.variant == "lean"))
+                                     dht_lean_refresh=args.variant != "old",
+                                     dht_reuse_streams=args.variant == "lean"))
             await nursery.start(mesh.run)
             meshes.append(mesh)
             if j == 0:
@@ -93,13 +97,28 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                        "cpu_s_per_join": round((c1 - c0) / args.hosts, 3),
                        "table": B.summary([m.dht.routing_table.size() for m in meshes], 1)}
         refreshes = sum(m.refreshes for m in meshes)
-        await trio.sleep(args.idle)
+        await trio.sleep(args.idle / 2)
+        c_half, t_half = cpu_s(), time.monotonic()
+        await trio.sleep(args.idle / 2)
         c2, t2 = cpu_s(), time.monotonic()
         out["idle"] = {"wall_s": round(t2 - t1, 1), "cpu_s": round(c2 - c1, 2),
                        "core_share_per_host": round((c2 - c1) / (t2 - t1) / args.hosts, 4),
+                       "second_half_core_share_per_host":
+                           round((c2 - c_half) / (t2 - t_half) / args.hosts, 4),
                        "refreshes": sum(m.refreshes for m in meshes) - refreshes,
                        "table": B.summary([m.dht.routing_table.size() for m in meshes], 1),
                        "connections": B.summary([len(m.connected_peers()) for m in meshes], 1)}
+        # 3. back-to-back GET_VALUE requests from one host to another (both ends here)
+        asker, answerer = meshes[1], meshes[0].host.get_id()
+        c3, t3 = cpu_s(), time.monotonic()
+        for i in range(args.requests):
+            await asker.dht.value_store._get_from_peer(
+                answerer, f"/p2pfleet/{NETWORK}/node/1/absent-{i}".encode(),
+                return_record=True, return_closer_peers=True)
+        c4, t4 = cpu_s(), time.monotonic()
+        out["requests"] = {"n": args.requests,
+                           "cpu_ms_per_request": round((c4 - c3) / max(1, args.requests) * 1000, 2),
+                           "wall_ms_per_request": round((t4 - t3) / max(1, args.requests) * 1000, 2)}
         nursery.cancel_scope.cancel()
     return out
 
@@ -109,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=20, help="hosts in the process (default 20)")
     ap.add_argument("--idle", type=float, default=60.0, help="idle seconds measured (default 60)")
     ap.add_argument("--k", type=int, default=20, help="DHT bucket size and replication")
+    ap.add_argument("--requests", type=int, default=300, help="back-to-back DHT requests")
     ap.add_argument("--join-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated, run in this order (default lean,old)")
+                    help="comma-separated, run in this order (default lean,refresh,old)")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht_cpu.last.json")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # worker mode
     args = ap.parse_args(argv)
@@ -124,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         ap.error(f"--variants takes some of {','.join(VARIANTS)}, got {args.variants!r}")
-    if not 2 <= args.hosts <= 250 or args.idle <= 0 or args.k < 1:
-        ap.error("need 2 <= --hosts <= 250, --idle > 0 and --k >= 1")
+    if not 2 <= args.hosts <= 250 or args.idle <= 0 or args.k < 1 or args.requests < 0:
+        ap.error("need 2 <= --hosts <= 250, --idle > 0, --k >= 1 and --requests >= 0")
     result: dict[str, Any] = {
         "tool": "tools/bench_dht_cpu.py",
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -134,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                    "variants": variants, "transport": "TCP on loopback, one process"},
         "method": "per variant a fresh process of H meshes joining at once through the first; "
                   "its rusage CPU from the first start until every table_ready (per join: "
-                  "/ H), then over the idle window (per host: / seconds / H)",
+                  "/ H), then over the idle window (per host: / seconds / H), then over "
+                  "back-to-back GET_VALUE requests host 1 -> host 0 (per request)",
         "errors": [], "runs": {},
     }
     for variant in variants:
         log(f"{variant}: {args.hosts} hosts, load {os.getloadavg()[0]:.2f}")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
                "--hosts", str(args.hosts), "--idle", str(args.idle), "--k", str(args.k),
-               "--seed", str(args.seed), "--join-timeout", str(args.join_timeout)]
+               "--seed", str(args.seed), "--join-timeout", str(args.join_timeout),
+               "--requests", str(args.requests)]
         load_before = [round(x, 2) for x in os.getloadavg()]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -160,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                                   runs["lean"]["join"]["cpu_s_per_join"]),
             "idle_per_host": ratio(runs["old"]["idle"]["core_share_per_host"],
                                    runs["lean"]["idle"]["core_share_per_host"]),
+            "cpu_per_request": ratio(runs["old"]["requests"]["cpu_ms_per_request"],
+                                     runs["lean"]["requests"]["cpu_ms_per_request"]),
+            "join_plus_idle_cpu": ratio(
+                runs["old"]["join"]["cpu_s"] + runs["old"]["idle"]["cpu_s"],
+                runs["lean"]["join"]["cpu_s"] + runs["lean"]["idle"]["cpu_s"]),
         }
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)

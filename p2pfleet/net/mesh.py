@@ -47,8 +47,8 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
-from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, libp2p_fixes,
-               state_limits, traffic)
+from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, dht_streams,
+               libp2p_fixes, state_limits, traffic)
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
 from .relay import Relays, is_relayed
@@ -118,6 +118,9 @@ class MeshSettings:
     # fix 18 (net/dht_refresh.py): walk only stale buckets, end bucket walks when nothing
     # closer turns up, back off refreshes while walks go unanswered; False: as before
     dht_lean_refresh: bool = True
+    # fix 19 (net/dht_streams.py): send DHT requests on open streams to the peer, reused
+    # within a quarter of dht_idle_timeout_s; False: a new stream per request, as upstream
+    dht_reuse_streams: bool = True
     # unasked inbound bytes one peer may send (core/peer_budget.py)
     peer_budget: BudgetLimits = field(default_factory=BudgetLimits)
     # what one address, one peer and everyone may hold at our relay (net/relay_limits.py)
@@ -415,7 +418,11 @@ class Mesh:
             lambda peer: dht.routing_table.peer_in_table(peer) or peer in self._useful,
             self.inbound_limiter.source,
             on_prune=lambda peer: self.budget.forfeit(str(peer)))
+        dht_streams.learn_peer_per_request(dht)  # fix 19, server half (before fix 14)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
+        self.dht_streams = (dht_streams.reuse_dht_streams(  # fix 19
+            host, self.names.protocol("kad"), self.settings.dht_idle_timeout_s / 4)
+            if self.settings.dht_reuse_streams else None)
         self.reachable = Reachable(host, dht, self.names.protocol("kad"), self.settings.dht_mode,
                                    relay_only=self.settings.relay_only, clock=self.clock,
                                    stable=self.settings.stable)
@@ -445,6 +452,8 @@ class Mesh:
                         nursery.start_soon(self._bootstrap_loop)
                     nursery.start_soon(self._forget_marks)
                     nursery.start_soon(self._refresh_loop, dht)
+                    if self.dht_streams is not None:
+                        nursery.start_soon(self.dht_streams.run)
                     task_status.started(self)
                     try:
                         await trio.sleep_forever()
