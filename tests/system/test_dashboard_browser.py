@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from pubkit import pub_args, try_attach
-from test_explorer_browser import browser  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.system
 
@@ -31,7 +30,7 @@ TRACE = [{"format": "p2pfleet-vehicle-trace", "version": 1, "start": 0, "loop": 
          *({"t": 600 * k, "soc_pct": 60 + 2 * k} for k in range(1, 13))]
 
 
-def _shots(browser, tmp_path: Path, name: str) -> None:  # noqa: F811
+def _shots(browser, tmp_path: Path, name: str) -> None:
     out = [tmp_path]
     if os.environ.get("SCREENSHOTS_DIR"):
         out.append(Path(os.environ["SCREENSHOTS_DIR"]))
@@ -48,7 +47,7 @@ def _shots(browser, tmp_path: Path, name: str) -> None:  # noqa: F811
         assert (tmp_path / f"{name}{suffix}.png").stat().st_size > 1000
 
 
-def test_dashboard_shows_a_computing_car_and_its_ledger(tmp_path, browser):  # noqa: F811
+def test_dashboard_shows_a_computing_car_and_its_ledger(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
     from p2pfleet.live.localfleet import P2PFLEET, LocalFleet, wait_for

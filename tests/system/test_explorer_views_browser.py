@@ -1,9 +1,9 @@
 """The explorer's views (issue 18 item 2) in headless Chromium, driven by a real fleet: three
 `p2pfleet node start` workers computing a real job for a `p2pfleet job serve` publisher, and
 the malicious node of test_explorer.py equivocating in the DHT (evidence the explorer proves
-itself). Checked: the jobs view with progress over time, the capacity chart's script (hover
-values, class toggles), the mesh picture, and evidence one click away with its signed
-messages; every page fits a phone-width window.
+itself). Checked: the jobs view with progress over time, the peers list and a peer's page,
+the capacity chart's script (hover values, class toggles), the mesh picture, and evidence one
+click away with its signed messages; every page fits a phone-width window.
 
 Screenshots at desktop and phone width go to the test's tmp dir (and to the directory
 SCREENSHOTS_DIR names, if set: docs/explorer-*.png are the desktop ones at half size, cropped
@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from pubkit import pub_args, try_attach
 from test_dashboard_browser import _shots
-from test_explorer_browser import browser  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.system
 
@@ -44,7 +43,7 @@ def _get(url: str) -> list:
         raise
 
 
-def test_explorer_views_of_a_fleet_at_work(tmp_path, browser):  # noqa: F811
+def test_explorer_views_of_a_fleet_at_work(tmp_path, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -127,7 +126,19 @@ def test_explorer_views_of_a_fleet_at_work(tmp_path, browser):  # noqa: F811
         toggles[2].click()
         assert shown()
         assert "60 W per computing node" in browser.find_element(By.TAG_NAME, "body").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "table#peers tr.peer")
+        text = browser.find_element(By.TAG_NAME, "body").text
+        assert len(rows) >= 3 and all(n.peer_id in text for n in fleet.nodes)
         _shots(browser, tmp_path, "explorer-peers")
+
+        # a peer one click from the list
+        target = fleet.nodes[2].peer_id
+        browser.find_element(By.CSS_SELECTOR, f'a.peer-link[href="/peers/{target}"]').click()
+        wait_for(lambda: browser.find_elements(By.ID, "peer-detail"), 15, "the detail page")
+        detail = browser.find_element(By.ID, "peer-detail").text
+        assert target in detail and "available" in detail and "benchmark" in detail
+        assert browser.current_url.endswith(f"/peers/{target}")
+        _shots(browser, tmp_path, "explorer-peer")
 
         # the mesh: every node on a ring, DHT roles as identify told the explorer
         def mapped() -> bool:

@@ -6,7 +6,8 @@ publisher, TCP on loopback, fixed seeds.
   signed evidence report and none of its results is accepted;
 - the publisher is killed with SIGKILL mid-job and resumed: nothing accepted is lost, no
   shard is accepted twice, and the outputs are still right;
-- nodes hold receipts for their accepted results in their ledgers (`p2pfleet ledger`).
+- nodes hold receipts for their accepted results in their ledgers (`p2pfleet ledger`);
+- the same run, logged, replays to the same decisions (`p2pfleet sim replay`; issue 16).
 """
 
 from __future__ import annotations
@@ -54,30 +55,42 @@ def digits(tmp_path_factory):
     return root / "model.onnx", root / "inputs.npy", local
 
 
-def _fleet(root, n, cheaters=()):
+def _fleet(root, n, cheaters=(), settings=None):
     from p2pfleet.live.localfleet import LocalFleet
 
     fleet = LocalFleet(root / "fleet", n, network=NETWORK, settings={
         "publishers.serve_anyone": "true", "publishers.retry_base_s": "1",
-        "policy.max_threads": "1"})
+        "policy.max_threads": "1", **(settings or {})})
     for i in cheaters:
         fleet.nodes[i].args = ("--cheat", "fp16")
     return fleet
 
 
-def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp_path, digits):
+def test_quorum_job_is_right_cheater_excluded_publisher_survives_sigkill_and_replays(
+        tmp_path, digits):
+    """One run, event logs on: node 4 cheats with fp16 weights, the publisher is SIGKILLed
+    mid-job and resumed, and the owner of node 3 stops it meanwhile (the policy's stop, the
+    path of unplugging: a lease it holds is handed back to the resumed publisher, which
+    restored it from its store). Then `p2pfleet sim replay` of the publisher's and nodes'
+    logs takes every decision the live machines took (specs/event-log.md).
+
+    The job keeps the default re-check and audit rates: their draws must replay too (the log
+    holds the scheduler's key), so nothing here asserts a count that depends on them, only
+    that outputs are right and that the replay and the live publisher agree."""
+    from p2pfleet.identity import key_from_peer_id
     from p2pfleet.live.localfleet import wait_for
 
     model, inputs, local = digits
-    fleet = _fleet(tmp_path, 5, cheaters=(4,))
+    fleet = _fleet(tmp_path, 5, cheaters=(4,), settings={"node.event_log": "true"})
     fleet.start()
-    pub_root, out = tmp_path / "pub", tmp_path / "out"
+    pub_root, out, log = tmp_path / "pub", tmp_path / "out", tmp_path / "publisher-events.jsonl"
     listen = f"/ip4/127.0.99.1/tcp/{_free_port('127.0.99.1')}"  # the same after the restart
+    net = ["--listen", listen, "--bootstrap", fleet.nodes[0].addr, "--event-log", str(log),
+           *_trust(fleet.nodes[:3])]
+    cheater = fleet.nodes[4].peer_id
     try:
         submit = _pub_args(pub_root, "job", "submit", str(model), str(inputs), "--json",
-                           "--shard-size", "50", "--micro-batch", "10", "--quorum", "2",
-                           "--listen", listen, "--bootstrap", fleet.nodes[0].addr,
-                           *_trust(fleet.nodes[:3]))
+                           "--shard-size", "50", "--micro-batch", "10", "--quorum", "2", *net)
         proc = subprocess.Popen(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # kill the publisher once some, not all, shards are accepted (read from its store:
@@ -89,12 +102,10 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
         (before,) = _status(pub_root)["jobs"]
         job_id = before["job_id"]
         assert 3 <= before["accepted"] < before["shards"] and before["state"] == "live"
+        fleet.nodes[3].ask("pause")
 
         resume = subprocess.run(_pub_args(pub_root, "job", "resume", job_id, "--json", "--out",
-                                          str(out), "--timeout", "150",
-                                          "--listen", listen,
-                                          "--bootstrap", fleet.nodes[0].addr,
-                                          *_trust(fleet.nodes[:3])),
+                                          str(out), "--timeout", "150", *net),
                                 capture_output=True, text=True, timeout=200)
         assert resume.returncode == 0, resume.stderr[-3000:]
         report = json.loads(resume.stdout)["report"]
@@ -109,22 +120,44 @@ def test_quorum_job_is_right_cheater_excluded_and_publisher_survives_sigkill(tmp
         assert [json.loads(x)["index"] for x in lines] == list(range(1800))
 
         # the cheater is excluded with signed evidence, and was never part of an acceptance
-        cheater = fleet.nodes[4].peer_id
         assert [e["accused"] for e in report["evidence"]] == [cheater]
         _assert_store(pub_root, job_id, cheater)
-
-        # honest nodes hold receipts in their ledgers; the cheater none
-        paid = {}
-        for node in fleet.nodes:
-            led = subprocess.run(cli("--data-dir", str(node.data_dir), "ledger", "--json"),
-                                 capture_output=True, text=True, timeout=60)
-            assert led.returncode == 0, led.stderr
-            data = json.loads(led.stdout)
-            paid[node.index] = sum(p["credit"]["paid"] for p in data["publishers"])
-        assert paid[4] == 0 and all(paid[i] > 0 for i in (0, 1))
     finally:
-        for node in fleet.nodes:
-            node.stop()
+        fleet.stop()  # the nodes' logs are complete once they have stopped
+
+    # the replay takes every decision the live machines took
+    node_logs = [n.data_dir / "logs" / name for n in fleet.nodes
+                 for name in ("events.jsonl", "credit-events.jsonl")]
+    assert all(p.exists() for p in node_logs)
+    replay = subprocess.run(cli("sim", "replay", "--json", str(log), *map(str, node_logs)),
+                            capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, (replay.stdout[-3000:], replay.stderr[-3000:])
+    replayed = json.loads(replay.stdout)
+    assert replayed["identical"] and replayed["divergence"] is None
+    # two publisher starts (the second restored from the store) and every node's start
+    assert replayed["segments"] >= 2 + len(fleet.nodes)
+    counts = replayed["jobs"][job_id]
+    assert (counts["accepted"], counts["failed"], counts["leases"], counts["invalid"],
+            counts["paid"]) == (report["accepted"], report["failed"], report["replicas"],
+                                report["rejected"], report["credit_paid"])
+    assert replayed["excluded"] == [key_from_peer_id(cheater).hex()]
+    assert replayed["totals"]["exclusions"] >= 1
+    assert replayed["totals"]["leases"] >= report["replicas"]
+    assert replayed["totals"]["compute_starts"] >= len(fleet.nodes)  # the policy's decisions
+    node3 = replayed["per_log"][str(fleet.nodes[3].data_dir / "logs" / "events.jsonl")]
+    assert node3["compute_stops"] >= 1 and node3["mesh_leaves"] >= 1
+
+    # honest nodes hold receipts in their ledgers, the cheater none, and each node's replayed
+    # receipt decisions add up to the credit its ledger holds
+    paid = {}
+    for node in fleet.nodes:
+        led = subprocess.run(cli("--data-dir", str(node.data_dir), "ledger", "--json"),
+                             capture_output=True, text=True, timeout=60)
+        assert led.returncode == 0, led.stderr
+        paid[node.index] = sum(p["credit"]["paid"] for p in json.loads(led.stdout)["publishers"])
+        got = replayed["per_log"].get(str(node.data_dir / "logs" / "credit-events.jsonl"), {})
+        assert got.get("credit_received", 0) == paid[node.index], node.index
+    assert paid[4] == 0 and all(paid[i] > 0 for i in (0, 1))
 
 
 def _trust(nodes) -> list[str]:
