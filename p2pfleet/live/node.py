@@ -424,6 +424,8 @@ class Node:
             key = (opened.signer, body.job_id)
             held = self.jobs.get(key)
             if held is None or held["seq"] < body.seq:
+                if held is None:
+                    log.info("heard job %s of %s", body.job_id.hex()[:8], opened.signer.hex()[:8])
                 self.jobs[key] = {"seq": body.seq, "heard_at": self.clock(), "opened": opened}
                 if self.worker is not None:
                     self.worker.poke()

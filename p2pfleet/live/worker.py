@@ -8,7 +8,8 @@ follows specs/work-and-leases.md from the worker's side:
   `lease` protocol, check the `lease_batch` (`core.worker.check_lease_batch`) and persist
   it in the ledger before running anything;
 - fetch the model by digest (any provider, then the publisher; hash-checked; cached, and
-  provided to others once it validated and ran here) and the input from the publisher with the lease's token;
+  provided to others once it validated and ran here) and, at the same time, the input from
+  the publisher with the lease's token; start the publisher's sandbox child meanwhile;
 - pipeline: hold the leases `core.worker.leases_to_request` says (one computing, the next
   ones queued), fetch the next lease's blobs while the current one computes (one lease
   ahead), and ask for more as soon as one starts; a queued lease that is cancelled or
@@ -186,6 +187,8 @@ class Worker:
         self._receipt_asks: dict[bytes, tuple[float, float]] = {}  # publisher -> (next, gap) s
         # the model of the leases held, hash-checked once: (digest, bytes)
         self._model_kept: tuple[bytes, bytes] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._warming: set[bytes] = set()  # publishers whose sandbox child is being started
 
     def poke(self) -> None:
         """A job announcement was heard: look for work now."""
@@ -232,6 +235,7 @@ class Worker:
                 task_status.started()
         finally:
             self.mesh = self.blobs = None
+            self._nursery = None
 
     def authorize_blob(self, peer_id: str, digest: bytes, token: bytes | None) -> bool:
         """Outputs blobs go only to the publisher of their lease (work-and-leases.md, 5)."""
@@ -270,7 +274,9 @@ class Worker:
     def _mark(self, what: str, lease: Any) -> None:
         """A timestamped step of a lease (the overlap and the waits show here)."""
         self.timeline.append((trio.current_time(), what, lease.lease_id))
-        log.debug("lease %s: %s", lease.lease_id.hex()[:16], what)
+        # info, not debug: a node at log_level=info shows where a shard's time went (the
+        # default level, warning, skips it; debug would also turn on libp2p's own logs)
+        log.info("lease %s shard %d: %s", lease.lease_id.hex()[:16], lease.shard, what)
 
     async def _work_loop(self) -> None:
         """Asks for leases whenever the lease-count rule wants more (the runner and the
@@ -328,7 +334,30 @@ class Worker:
         self._pace.setdefault(lease.job_id, {})["deadline_s"] = lease.deadline_ms / 1000
         self.queue.append(QueuedLease(lease, publisher, expires_at))
         self._mark("queued", lease)
+        self._warm_sandbox(publisher)
         self._touch()
+
+    def _warm_sandbox(self, publisher: bytes) -> None:
+        """Start the publisher's sandbox child now, while the lease's blobs are fetched:
+        a child takes 0.2-3 s to start (its interpreter and onnxruntime), which a fresh
+        node otherwise paid after the fetch, before its first shard. Only the child
+        starts: the model is still validated for the input's shapes, then loaded, when
+        the shard runs (exec/runner.py)."""
+        if self._nursery is None or publisher in self._warming:
+            return
+        self._warming.add(publisher)
+        self._nursery.start_soon(self._warm, publisher)
+
+    async def _warm(self, publisher: bytes) -> None:
+        try:
+            box = await self.pool.get(publisher)
+            if not (box.alive and box.hello is not None):
+                async with box.lock:  # what run_shard holds while it starts a child
+                    await box.start()
+        except Exception as exc:  # noqa: BLE001 - the shard starts it again and reports
+            log.info("sandbox for %s not started ahead: %s", publisher.hex()[:8], exc)
+        finally:
+            self._warming.discard(publisher)
 
     def _drop(self, q: QueuedLease, status: str | None) -> None:
         """Take a queued lease out: stop its fetch, forget its blobs and free the cache space
@@ -384,11 +413,8 @@ class Worker:
         with q.scope:
             give_up = started + rules.fetch_time_s(lease)
             try:
-                model = await self._with_retries(
-                    publisher, lambda: self._fetch_model(lease, pub_peer, give_up), give_up)
                 t_input = trio.current_time()
-                raw_input = await self._with_retries(
-                    publisher, lambda: self._fetch_input(lease, pub_peer, give_up), give_up)
+                model, raw_input = await self._fetch_both(lease, publisher, pub_peer, give_up)
                 # Decoded into the sealed memfd the sandbox child maps (exec/shm.py) here,
                 # while the previous shard computes: the copy is off the run's critical path.
                 from ..exec.shm import share_blob
@@ -411,6 +437,32 @@ class Worker:
         self._mark("fetched while computing" if while_computing else "fetched", lease)
         q.fetched.set()
         self._touch()
+
+    async def _fetch_both(self, lease: Any, publisher: bytes, pub_peer: str,
+                          give_up: float) -> tuple[bytes, bytes]:
+        """The lease's model and input, fetched at the same time (each with its retries):
+        one after the other, a fresh node waited for the model's round trips and bytes
+        before asking for the input. The first failure cancels the other and is raised."""
+        got: dict[str, Any] = {}
+        failed: list[Exception] = []
+
+        async def one(what: str, fetch: Callable[[], Any], scope: trio.CancelScope) -> None:
+            try:
+                got[what] = await self._with_retries(publisher, fetch, give_up)
+            except Exception as exc:  # noqa: BLE001 - BlobError, MeshError, timeouts
+                failed.append(exc)
+                scope.cancel()
+                return
+            self._mark(f"{what} in", lease)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "model", lambda: self._fetch_model(lease, pub_peer, give_up),
+                               nursery.cancel_scope)
+            nursery.start_soon(one, "input", lambda: self._fetch_input(lease, pub_peer, give_up),
+                               nursery.cancel_scope)
+        if failed:
+            raise failed[0]
+        return got["model"], got["input"]
 
     async def _run_loop(self) -> None:
         """Runs the queued leases one after another, each as soon as its blobs are in."""
@@ -601,6 +653,9 @@ class Worker:
                 # running out of memory or refused inputs leave it private.
                 self._keep_model(lease.model_digest, model)
             busy_s = outcome.compute_s or (trio.current_time() - started)
+            log.info("lease %s shard %d: run %d ms (validate %.0f ms, load %.0f ms, compute "
+                     "%.0f ms)", lease.lease_id.hex()[:16], lease.shard, outcome.elapsed_ms,
+                     outcome.validate_ms, outcome.load_ms, outcome.compute_s * 1000)
             energy_mwh = self._account_energy(publisher, busy_s, meter_before)
             self._mark(f"computed ({outcome.status})", lease)
             if outcome.status == "done":
