@@ -57,6 +57,9 @@ async def test_the_next_input_is_fetched_while_the_current_shard_computes(tmp_pa
             assert worker.stats.shards_done == 4
             # a prefetched lease of the same model takes the bytes already checked
             assert worker.stats.model_reused >= 1
+            # the publisher's sandbox child, started ahead while the first blobs were
+            # fetched, is the one every shard ran in (never a second start beside it)
+            assert (await worker.pool.get(pm.identity.public_key)).starts == 1
 
 
 async def test_a_cancelled_queued_lease_drops_its_input_and_a_halt_hands_queued_leases_back(
