@@ -12,8 +12,9 @@ around two phases:
 2. idle: the next --idle seconds, nothing asked of the hosts; CPU seconds / seconds / H is
    the share of a core one idle host costs (routing-table refreshes, GossipSub heartbeats,
    pings), also for the second half alone (after the first refreshes);
-3. requests: --requests GET_VALUE requests, one after the other, from host 1 to host 0 (for
-   keys nobody holds); CPU per request, both ends together.
+3. requests, in a second process of 2 hosts only (so no other host's refreshes are counted):
+   --requests GET_VALUE requests, one after the other, from host 1 to host 0 (for keys
+   nobody holds); CPU per request, both ends together.
 
 The variants: `lean` (the mesh as it is: fix 18 in net/dht_refresh.py, fix 19 in
 net/dht_streams.py), `refresh` (fix 18 only) and `old` (`MeshSettings.dht_lean_refresh=False`
@@ -97,6 +98,12 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                        "cpu_s_per_join": round((c1 - c0) / args.hosts, 3),
                        "table": B.summary([m.dht.routing_table.size() for m in meshes], 1)}
         refreshes = sum(m.refreshes for m in meshes)
+        if args.requests_only:
+            out.pop("join")
+            await trio.sleep(2.0)  # the first refresh's answers written
+            await requests(meshes, args, out)
+            nursery.cancel_scope.cancel()
+            return out
         await trio.sleep(args.idle / 2)
         c_half, t_half = cpu_s(), time.monotonic()
         await trio.sleep(args.idle / 2)
@@ -108,19 +115,23 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
                        "refreshes": sum(m.refreshes for m in meshes) - refreshes,
                        "table": B.summary([m.dht.routing_table.size() for m in meshes], 1),
                        "connections": B.summary([len(m.connected_peers()) for m in meshes], 1)}
-        # 3. back-to-back GET_VALUE requests from one host to another (both ends here)
-        asker, answerer = meshes[1], meshes[0].host.get_id()
-        c3, t3 = cpu_s(), time.monotonic()
-        for i in range(args.requests):
-            await asker.dht.value_store._get_from_peer(
-                answerer, f"/p2pfleet/{NETWORK}/node/1/absent-{i}".encode(),
-                return_record=True, return_closer_peers=True)
-        c4, t4 = cpu_s(), time.monotonic()
-        out["requests"] = {"n": args.requests,
-                           "cpu_ms_per_request": round((c4 - c3) / max(1, args.requests) * 1000, 2),
-                           "wall_ms_per_request": round((t4 - t3) / max(1, args.requests) * 1000, 2)}
         nursery.cancel_scope.cancel()
     return out
+
+
+async def requests(meshes: list[Any], args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Back-to-back GET_VALUE requests from host 1 to host 0 (both ends in this process)."""
+    asker, answerer = meshes[1], meshes[0].host.get_id()
+    c0, t0 = cpu_s(), time.monotonic()
+    for i in range(args.requests):
+        await asker.dht.value_store._get_from_peer(
+            answerer, f"/p2pfleet/{NETWORK}/node/1/absent-{i}".encode(),
+            return_record=True, return_closer_peers=True)
+    c1, t1 = cpu_s(), time.monotonic()
+    n = max(1, args.requests)
+    out["requests"] = {"n": args.requests,
+                       "cpu_ms_per_request": round((c1 - c0) / n * 1000, 2),
+                       "wall_ms_per_request": round((t1 - t0) / n * 1000, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, run in this order (default lean,refresh,old)")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht_cpu.last.json")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # worker mode
+    ap.add_argument("--requests-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.variant is not None:
         import trio
@@ -161,15 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         log(f"{variant}: {args.hosts} hosts, load {os.getloadavg()[0]:.2f}")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
-               "--hosts", str(args.hosts), "--idle", str(args.idle), "--k", str(args.k),
-               "--seed", str(args.seed), "--join-timeout", str(args.join_timeout),
-               "--requests", str(args.requests)]
+               "--idle", str(args.idle), "--k", str(args.k), "--seed", str(args.seed),
+               "--join-timeout", str(args.join_timeout), "--requests", str(args.requests)]
         load_before = [round(x, 2) for x in os.getloadavg()]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            result["errors"].append(f"{variant}: exit {proc.returncode}: {proc.stderr[-500:]}")
+        main_run = subprocess.run(cmd + ["--hosts", str(args.hosts)], capture_output=True,
+                                  text=True)
+        pair = subprocess.run(cmd + ["--hosts", "2", "--requests-only"], capture_output=True,
+                              text=True)
+        failed = [p for p in (main_run, pair) if p.returncode != 0]
+        if failed:
+            result["errors"].append(f"{variant}: exit {failed[0].returncode}: "
+                                    f"{failed[0].stderr[-500:]}")
             continue
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        run = json.loads(main_run.stdout.strip().splitlines()[-1])
+        run["requests"] = json.loads(pair.stdout.strip().splitlines()[-1])["requests"]
         run["loadavg_before"] = load_before
         result["runs"][variant] = run
         log(f"{variant}: {json.dumps(run)}")
