@@ -4,7 +4,7 @@ Each fix names the upstream problem it covers (see notes/libp2p.md in the team n
 has a test that fails without it: fixes 1-4 and 6 in tests/integration/test_libp2p_fixes.py,
 fixes 7-10 in tests/integration/test_hostile.py (fix 5 lives in dht_lookup.py, fix 11 in
 dht_providers.py, fixes 12-13 in state_limits.py, tested in test_hostile_state.py, fix 14 in
-dht_find_node.py, fix 15 in dht_slots.py, tested with fix 16 in test_hostile_dht.py; fix 19 in
+dht_find_node.py, fix 15 in dht_slots.py, tested with fix 16 in test_hostile_dht.py; fix 20 in
 test_libp2p_fixes.py and, against a relay, tests/netbed/test_relay_ipv6.py). They are small
 enough to send upstream. pyproject.toml pins the exact py-libp2p version they were
 written against; `check_version` refuses to run on another.
@@ -899,10 +899,11 @@ def limit_auto_dial(swarm: Any, target: int) -> None:
     connector._get_candidate_peers = candidates_within_room
 
 
-# --- Fix 19: an IPv6 connection has no remote address ----------------------------------------
+# --- Fix 20: an IPv6 connection has no remote address ----------------------------------------
 # Upstream: TrioTCPStream.get_remote_address accepts only a 2-tuple from getpeername, but an
-# IPv6 socket gives (host, port, flowinfo, scope_id): every IPv6 connection reports None. Fix 8, fix 15, fix 16 and the relay's per-address limits treat
-# "no address" as "not limited" (or lump every IPv6 peer into one source), so an IPv6 attacker
+# IPv6 socket gives (host, port, flowinfo, scope_id): every IPv6 connection reports None.
+# Fix 8, fix 15, fix 16 and the relay's per-address limits treat "no address" as "not
+# limited" (or lump every IPv6 peer into one source), so an IPv6 attacker
 # escaped all of them. We return (host, port) for both families. Process-wide and harmless to
 # repeat: applied when this module is imported, so no limit can run without it.
 
@@ -920,7 +921,7 @@ def _peer_address(stream: Any) -> tuple[str, int] | None:
 def fix_ipv6_socket_addresses() -> None:
     from libp2p.io.trio import TrioTCPStream
 
-    if getattr(TrioTCPStream, "_p2pfleet_fix_19", False):
+    if getattr(TrioTCPStream, "_p2pfleet_fix_20", False):
         return
     upstream = TrioTCPStream.get_remote_address
 
@@ -928,7 +929,7 @@ def fix_ipv6_socket_addresses() -> None:
         return upstream(self) or _peer_address(self)
 
     TrioTCPStream.get_remote_address = get_remote_address
-    TrioTCPStream._p2pfleet_fix_19 = True
+    TrioTCPStream._p2pfleet_fix_20 = True
 
 
 fix_ipv6_socket_addresses()

@@ -204,8 +204,8 @@ async def test_fix19_an_ipv6_connection_has_a_remote_address():
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
     libp2p_fixes.fix_ipv6_socket_addresses()
-    a = new_host(key_pair=create_new_key_pair(b"fix19-a".ljust(32, b"\0")))
-    b = new_host(key_pair=create_new_key_pair(b"fix19-b".ljust(32, b"\0")))
+    a = new_host(key_pair=create_new_key_pair(b"fix20-a".ljust(32, b"\0")))
+    b = new_host(key_pair=create_new_key_pair(b"fix20-b".ljust(32, b"\0")))
     listen = [multiaddr.Multiaddr("/ip6/::1/tcp/0")]
     async with a.run(listen), b.run(listen):
         await b.connect(info_from_p2p_addr(a.get_addrs()[0]))

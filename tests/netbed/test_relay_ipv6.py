@@ -1,5 +1,5 @@
 """A relay's per-address limits count an IPv6 /64 as one address (net/relay_limits.py, and
-libp2p_fixes fix 19): Sybil identities, each on its own address of one /64, ask a relay for
+libp2p_fixes fix 20): Sybil identities, each on its own address of one /64, ask a relay for
 reservations. In a bed namespace: the root namespace has only ::1."""
 
 from __future__ import annotations
