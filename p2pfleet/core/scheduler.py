@@ -88,6 +88,17 @@ class CoreUsageError(Exception):
     """The caller (our code) used the machine wrongly: unknown job, time going back."""
 
 
+class Forgotten(Exception):
+    """A result, failure or hand-back for a lease of a job that ended and was forgotten
+    (`JobForgotten`): refused, nothing changes and nothing is paid. Not the peer's fault
+    (a late result may well be honest): no penalty."""
+
+    def __init__(self, worker: bytes, job_id: bytes, lease_id: bytes, what: str):
+        super().__init__(f"{what} for lease {lease_id.hex()} of job {job_id.hex()}, which "
+                         f"ended and was forgotten: refused, nothing is paid")
+        self.worker, self.job_id, self.lease_id = worker, job_id, lease_id
+
+
 class PeerViolation(Exception):
     """A peer broke the protocol; `penalty` names the reputation offence."""
 
@@ -189,6 +200,7 @@ class ResultArrived:
     form_ok: bool = True
     known_answer_ok: bool | None = None   # None: the shard holds no known answers
     agrees: tuple[bytes, ...] = ()         # lease ids of the shard's results it agrees with
+    job_id: bytes = b""                    # the message's job (b"": not given)
 
 
 @dataclass(frozen=True)
@@ -197,6 +209,7 @@ class LeaseFailed:
     lease_id: bytes
     worker: bytes
     reason: str
+    job_id: bytes = b""                    # the message's job (b"": not given)
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,7 @@ class HandedBack:
     at_ms: int
     lease_id: bytes
     worker: bytes
+    job_id: bytes = b""                    # the message's job (b"": not given)
 
 
 @dataclass(frozen=True)
@@ -217,7 +231,17 @@ class JobCancelled:
     job_id: bytes
 
 
-EVENTS = (JobAdded, WorkRequested, ResultArrived, LeaseFailed, HandedBack, Tick, JobCancelled)
+@dataclass(frozen=True)
+class JobForgotten:
+    """The driver lets an ended (done or cancelled) job go: its job, shard and lease records
+    leave the machine (the store keeps them). Late messages about it are refused
+    (`Forgotten`); trust records and exclusions of its workers stay."""
+    at_ms: int
+    job_id: bytes
+
+
+EVENTS = (JobAdded, WorkRequested, ResultArrived, LeaseFailed, HandedBack, Tick, JobCancelled,
+          JobForgotten)
 
 
 # --- effects ---------------------------------------------------------------------------
@@ -548,6 +572,7 @@ class Scheduler:
         self._requests: dict[bytes, WorkRequested] = {}
         self._class_seen: dict[str, int] = {}  # hardware class -> its latest work request
         self._own_fallback: set[tuple[bytes, int]] = set()  # open shards the publisher computes
+        self.forgotten: set[bytes] = set()  # ended jobs let go (JobForgotten): ids only
         self._now = 0
         self._dirty: set[tuple[str, object]] = _Changes(self._touch, keep_changes)
 
@@ -763,7 +788,7 @@ class Scheduler:
 
     def _on_JobAdded(self, ev: JobAdded) -> list:
         job = ev.job
-        if job.job_id in self.jobs:
+        if job.job_id in self.jobs or job.job_id in self.forgotten:
             raise CoreUsageError(f"job {job.job_id.hex()} already exists")
         self.jobs[job.job_id] = JobRec(job)
         self._dirty.add(("job", job.job_id))
@@ -790,6 +815,46 @@ class Scheduler:
                 self._dirty.add(("shard", (ev.job_id, i)))
         return self._cancel([l for l in self.live_leases() if l.job_id == ev.job_id],
                             "job cancelled")
+
+    def _on_JobForgotten(self, ev: JobForgotten) -> list:
+        """Drop an ended job's records. Nothing of it can change a decision any more: it
+        offers no replica, holds no live lease (its end cancelled them), and an exclusion
+        reopens shards of live jobs only. What is lost: a late valid result of one of its
+        expired leases is no longer paid, and a second, different result for one of its
+        leases no longer proves anything (specs/work-and-leases.md, section 8)."""
+        job_id = ev.job_id
+        rec = self.jobs.get(job_id)
+        if rec is None:
+            raise CoreUsageError(f"no job {job_id.hex()}")
+        if rec.status == "live":
+            raise CoreUsageError(f"job {job_id.hex()} is live: only an ended job is forgotten")
+        if any(self._of_job(item) == job_id for item in self._dirty):
+            raise CoreUsageError(f"job {job_id.hex()}: take_changes() first, its records "
+                                 f"must reach the store before they are forgotten")
+        for i in range(len(rec.job.samples)):
+            key = (job_id, i)
+            self.shards.pop(key, None)
+            for l in self._by_shard.pop(key, ()):
+                del self.leases[l.lease_id]
+            self._room.pop(key, None)
+            self._own_fallback.discard(key)
+        for kept in (self._rank_base, self._window_of, self._offered, self._undecided,
+                     self._touched):
+            kept.pop(job_id, None)
+        del self.jobs[job_id]
+        self.forgotten.add(job_id)
+        return []
+
+    def _of_job(self, item: tuple[str, object]) -> bytes | None:
+        """The job a change mark (`_Changes`) belongs to (None: a trust record)."""
+        kind, key = item
+        if kind == "job":
+            return key  # type: ignore[return-value]
+        if kind == "shard":
+            return key[0]  # type: ignore[index]
+        if kind == "lease":
+            return self.leases[key].job_id  # type: ignore[index]
+        return None
 
     def _cancel(self, leases: list[LeaseRec], reason: str) -> list:
         by: dict[tuple[bytes, bytes], list[bytes]] = {}
@@ -1045,10 +1110,14 @@ class Scheduler:
         return LeaseGrant(lease.lease_id, job.job_id, sh.index, deadline, credit, 0)
 
     # results -----------------------------------------------------------------------------
-    def lease_of(self, lease_id: bytes, worker: bytes, what: str) -> LeaseRec:
-        """The lease `worker` reports `what` about; PeerViolation if it is not its lease."""
+    def lease_of(self, lease_id: bytes, worker: bytes, what: str,
+                 job_id: bytes = b"") -> LeaseRec:
+        """The lease `worker` reports `what` about; PeerViolation if it is not its lease,
+        `Forgotten` if it is none we hold and `job_id` (the message's) was forgotten."""
         lease = self.leases.get(lease_id)
         if lease is None:
+            if job_id and job_id in self.forgotten:
+                raise Forgotten(worker, job_id, lease_id, what)
             raise PeerViolation(worker, f"{what} for lease {lease_id.hex()}, which this "
                                         f"publisher never issued")
         if lease.worker != worker:
@@ -1057,7 +1126,7 @@ class Scheduler:
         return lease
 
     def _on_ResultArrived(self, ev: ResultArrived) -> list:
-        lease = self.lease_of(ev.lease_id, ev.worker, "result")
+        lease = self.lease_of(ev.lease_id, ev.worker, "result", ev.job_id)
         if lease.state == "returned":
             if lease.digest == ev.digest:
                 return []  # a retry of the result we hold
@@ -1094,11 +1163,12 @@ class Scheduler:
         return effects + self._evaluate(sh, ev.at_ms)
 
     def _on_LeaseFailed(self, ev: LeaseFailed) -> list:
-        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "failed"), "failed", ev.at_ms)
+        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "failed", ev.job_id),
+                             "failed", ev.at_ms)
 
     def _on_HandedBack(self, ev: HandedBack) -> list:
-        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "hand_back"), "handed_back",
-                             ev.at_ms)
+        return self._give_up(self.lease_of(ev.lease_id, ev.worker, "hand_back", ev.job_id),
+                             "handed_back", ev.at_ms)
 
     def _give_up(self, lease: LeaseRec, state: str, now: int) -> list:
         if lease.state not in ("live", "expired"):
@@ -1466,7 +1536,7 @@ def event_from_json(line: str) -> object:
 __all__ = [
     "Scheduler", "SchedulerSettings", "JobParams", "CoreUsageError", "PeerViolation",
     "JobAdded", "WorkRequested", "ResultArrived", "LeaseFailed", "HandedBack", "Tick",
-    "JobCancelled", "LeaseGrant", "Grant", "Refuse", "Pay", "CancelLeases", "Excluded",
+    "JobCancelled", "JobForgotten", "Forgotten", "LeaseGrant", "Grant", "Refuse", "Pay", "CancelLeases", "Excluded",
     "ShardAccepted", "ShardReopened", "ShardStalled", "ShardFailed", "RELAX_ORDER", "JobDone", "WakeAt", "JobRec", "ShardRec", "LeaseRec",
     "prefix_of", "rank", "lease_deadline_ms", "grace_ms", "KeyedRandom", "event_json",
     "event_from_json", "UNKNOWN_PREFIX",
