@@ -235,12 +235,33 @@ class Publisher:
     async def submit_async(self, spec: JobSpec) -> bytes:
         """`submit` that leaves the event loop free to serve other jobs' leases and blobs:
         the known answers, sharding, encoding and hashing run in a worker thread, and the
-        store and cache take the shard blobs one at a time (SQLite stays on this thread)."""
+        store and cache take the shard blobs one at a time (SQLite stays on this thread).
+        The cache's copy of a blob (a file write and a hash check) is made in another worker
+        thread while the store takes the next blob: one after the other, the two copies were
+        most of a submit's time before the job could be announced (the cache is thread-safe)."""
         prepared = await trio.to_thread.run_sync(self._prepare, spec)
-        for one in _one_blob_each(prepared):
-            self._store_blobs(one)
-            self._provide_blobs(one)
-            await trio.sleep(0)  # let other streams run between two blobs
+        failed: list[BaseException] = []
+        send, receive = trio.open_memory_channel[_Prepared](2)
+
+        async def provide_all() -> None:
+            async with receive:
+                async for one in receive:
+                    if not failed:  # after a failure, drain: the job is not added
+                        try:
+                            await trio.to_thread.run_sync(self._provide_blobs, one)
+                        except Exception as exc:  # noqa: BLE001 - raised below, unwrapped
+                            failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(provide_all)
+            async with send:
+                for one in _one_blob_each(prepared):
+                    if failed:
+                        break
+                    self._store_blobs(one)
+                    await send.send(one)  # also lets other streams run between two blobs
+        if failed:
+            raise failed[0]
         return self._add_prepared(prepared)
 
     def _prepare(self, spec: JobSpec) -> _Prepared:

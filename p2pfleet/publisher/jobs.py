@@ -167,11 +167,16 @@ def build_job(spec: JobSpec, rng: random.Random) -> BuiltJob:
         positions = sorted(rng.sample(range(rows), k))
         picks = [rng.randrange(len(pool_idx)) for _ in range(k)]
         shard_inputs = {}
+        real_at = np.ones(rows, dtype=bool)
+        real_at[positions] = False
         for name, arr in spec.inputs.items():
-            part = list(arr[first:stop])
-            for pos, p in zip(positions, picks):
-                part.insert(pos, pool[name][p])
-            shard_inputs[name] = np.stack(part).astype(arr.dtype, copy=False)
+            # the job's rows in order, the known-answer rows at `positions` (one copy; a
+            # list of rows and np.stack took 4x as long on 12.8 MB shards)
+            part = np.empty((rows, *arr.shape[1:]), dtype=arr.dtype)
+            part[real_at] = arr[first:stop]
+            if k:
+                part[positions] = pool[name][picks]
+            shard_inputs[name] = part
         blobs.append(encode_tensors(shard_inputs))
         kas.append(list(zip(positions, picks)))
         samples.append(rows)

@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import trio
 
 from p2pfleet.core import scheduler as S
@@ -21,7 +22,7 @@ from p2pfleet.net.mesh import Mesh
 from p2pfleet.publisher import JobSpec, Publisher, PublisherSettings
 from p2pfleet.publisher.jobs import run_locally
 from p2pfleet.sim.replay import replay
-from p2pfleet.store.blobcache import BlobCache
+from p2pfleet.store.blobcache import BlobCache, CacheFull
 from p2pfleet.wire.envelope import open_envelope, seal
 from p2pfleet.wire.kinds import FailedResult, HandBack, NoWork
 
@@ -478,3 +479,27 @@ async def test_replayed_reports_are_acknowledged_again_and_processed_once(tmp_pa
                  if isinstance(e, (S.ResultArrived, S.LeaseFailed, S.HandedBack))]
         assert sorted(about) == ["HandedBack", "LeaseFailed", "ResultArrived"]
         assert pm.reputation.penalty(wm.identity.peer_id, pm.clock()) == 0
+
+
+async def test_submit_async_stores_every_blob_before_the_job_is_added(tmp_path):
+    """submit_async copies blobs into the cache in a worker thread while the store takes the
+    next one: the job is added only once every input is in both, and a cache that cannot
+    take an input fails the submit with the cache's own error, adding no job."""
+    inputs = {"x": np.random.default_rng(8).standard_normal((4 * 4096, 16)).astype(np.float32)}
+    async with meshes(1) as (pm,):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=pub_settings())
+        job = await pub.submit_async(spec(inputs=inputs, shard_size=4096, micro_batch=64))
+        digests = [d for d, _ka in pub.store.shard_inputs(job)]
+        assert len(digests) == 4
+        assert all(blobs.cache.has(d) and pub.store.get_blob(d) is not None for d in digests)
+        pub.close()
+
+        small = BlobService(pm, BlobCache(tmp_path / "small-blobs", 200 * 1024))  # < 1 input
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs2.sqlite", small,
+                        settings=pub_settings())
+        with pytest.raises(CacheFull):
+            await pub.submit_async(spec(inputs=inputs, shard_size=4096, micro_batch=64))
+        assert pub.store.job_ids() == []
+        pub.close()
