@@ -28,6 +28,8 @@ stream MB/s / input bytes per sample.
 
     tools/bench_e2e.py              # the full run (about 6 minutes on 2 cores)
     tools/bench_e2e.py --quick      # a smoke run (about a minute)
+    tools/bench_e2e.py --quick --models mlp784 --quorums 1 --no-warm --timeline
+                                    # where a fresh fleet's first seconds go, per node
 """
 
 from __future__ import annotations
@@ -164,8 +166,12 @@ def check_outputs(got: dict, ref: dict, lo: int, hi: int) -> tuple[bool, bool]:
 
 
 # --- the fleet ------------------------------------------------------------------------------
-def make_fleet(root: Path, n: int, cheaters: tuple[int, ...] = ()) -> LocalFleet:
-    fleet = LocalFleet(root, n, network=NETWORK, settings=dict(NODE_SETTINGS))
+def make_fleet(root: Path, n: int, cheaters: tuple[int, ...] = (),
+               log_level: str | None = None) -> LocalFleet:
+    settings = dict(NODE_SETTINGS)
+    if log_level:
+        settings["node.log_level"] = log_level
+    fleet = LocalFleet(root, n, network=NETWORK, settings=settings)
     for i in cheaters:
         fleet.nodes[i].args = ("--cheat", "fp16")
     t0 = time.monotonic()
@@ -227,12 +233,34 @@ async def timed_job(client, model: bytes, name: str, X: np.ndarray, ref: dict, *
             "timed_out": timed_out}
 
 
+# What --timeline keeps of a node's log (info level): its lease steps (live/worker.py
+# `_mark`, and each run's validate / load / compute split), jobs heard, sandbox starts.
+TIMELINE_WORDS = ("lease ", "heard job", "sandbox child ")
+
+
+def node_timeline(fleet: LocalFleet, t0: float) -> list[list]:
+    """[seconds after submit, node, what] from the nodes' logs, in time order."""
+    rows = []
+    for node in fleet.nodes:
+        for path in sorted((node.data_dir / "logs").glob("node.log*")):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e.get("logger", "").startswith("p2pfleet") and \
+                        any(w in e.get("msg", "") for w in TIMELINE_WORDS):
+                    rows.append([round(e["t"] - t0, 3), f"node{node.index}", e["msg"][:160]])
+    return sorted(rows)
+
+
 async def throughput_run(model_name: str, X: np.ndarray, ref: dict, quorum: int, nodes: int,
-                         workdir: Path, baseline: float, py_spy: str | None = None) -> dict:
+                         workdir: Path, baseline: float, py_spy: str | None = None,
+                         timeline: bool = False) -> dict:
     cfg = CONFIG[model_name]
     model, name, _ = MODELS[model_name]()
     root = workdir / f"{model_name}-q{quorum}"
-    fleet = make_fleet(root / "fleet", nodes)
+    fleet = make_fleet(root / "fleet", nodes, log_level="info" if timeline else None)
     try:
         log(f"{model_name} q{quorum}: fleet of {nodes} up in {fleet.start_s:.1f} s")
         async with connect(root / "pub", network=NETWORK, listen=["/ip4/127.0.0.50/tcp/0"],
@@ -247,6 +275,7 @@ async def throughput_run(model_name: str, X: np.ndarray, ref: dict, quorum: int,
                 for who, pid in (("publisher", os.getpid()), ("node0", fleet.nodes[0].proc.pid)):
                     path = root / f"{who}.spy"
                     spies.append((who, path, B.py_spy_record(py_spy, pid, 600, path)))
+            t_submit = time.time()
             res = await timed_job(client, model, name, X, ref, shard=cfg["shard"],
                                   micro=cfg["micro"], quorum=quorum)
             cpu1 = B.cpu_seconds([os.getpid()])
@@ -261,6 +290,12 @@ async def throughput_run(model_name: str, X: np.ndarray, ref: dict, quorum: int,
             nodes_cpu1 = [B.cpu_seconds(B.process_tree(n.proc.pid)) for n in fleet.nodes]
             rep = res["report"]
             stats = work_stats(fleet)
+            if timeline:
+                steps = [[r(res["submit_s"]), "publisher", "submit returned (stored; the job "
+                          "is announced next)"]]
+                steps += [[r(t), "publisher", f"verified shard #{i + 1}"]
+                          for i, t in enumerate(res["shard_times"]) if i in (0, len(res["shard_times"]) - 1)]
+                profile["timeline"] = sorted(steps + node_timeline(fleet, t_submit))
     finally:
         B.stop_all(fleet.nodes)
         if not KEEP:
@@ -425,6 +460,9 @@ def main() -> int:
     ap.add_argument("--profile", default="", metavar="MODEL:QUORUM",
                     help="py-spy the publisher and node 0 during this run, e.g. mlp784:1")
     ap.add_argument("--py-spy", default=None, help="path of py-spy (default: on PATH)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="nodes log at info; each run's JSON gets profile.timeline: seconds "
+                         "after submit of each lease step, job heard, sandbox start")
     ap.add_argument("--keep", action="store_true", help="keep the fleets' data dirs and logs")
     args = ap.parse_args()
     global KEEP
@@ -477,7 +515,8 @@ def main() -> int:
                 f"{entry['stream_bound_ratio']}")
             for q in quorums:
                 spy = py_spy if (m, q) == (args.profile_model, args.profile_quorum) else None
-                run = trio.run(throughput_run, m, X, ref, q, args.threads, workdir, base, spy)
+                run = trio.run(throughput_run, m, X, ref, q, args.threads, workdir, base, spy,
+                               args.timeline)
                 tgt = TARGETS.get((m, q))
                 if tgt is not None:
                     run["target"] = tgt
