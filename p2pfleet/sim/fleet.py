@@ -83,7 +83,11 @@ CHEATS: tuple[tuple[str, V.Cheat], ...] = (
 
 @dataclass(frozen=True)
 class Workload:
-    """Each publisher's job: 32-row shards (~10 min on a car computer)."""
+    """Each publisher's work: 32-row shards (~10 min on a car computer), submitted as a
+    stream of jobs of `job_shards` shards (the last takes the rest), `jobs_live` of them
+    live at a time: when one is done the publisher forgets it and submits the next, so its
+    scheduler holds only the jobs in flight (docs/manual.md, Simulator). `job_shards`
+    None: the whole day's work is one job, held all day."""
 
     samples: int = 32
     credit: int = 10
@@ -92,7 +96,18 @@ class Workload:
     input_bytes: int = 2_000_000
     result_bytes: int = 64_000
     recheck_rate: float = 0.07
-    shards_per_vehicle_hour: float = 2.5   # job size: enough that the fleet never runs out
+    shards_per_vehicle_hour: float = 2.5   # work size: enough that the fleet never runs out
+    job_shards: int | None = 250           # about an hour of 100 cars' work at night
+    jobs_live: int = 2                      # the next job is there before one ends
+
+    def __post_init__(self) -> None:
+        if self.job_shards is not None and (not isinstance(self.job_shards, int)
+                                            or self.job_shards < 1):
+            raise ValueError(f"Workload.job_shards: must be an integer >= 1 or None, got "
+                             f"{self.job_shards!r}")
+        if not isinstance(self.jobs_live, int) or self.jobs_live < 1:
+            raise ValueError(f"Workload.jobs_live: must be an integer >= 1, got "
+                             f"{self.jobs_live!r}")
 
 
 @dataclass(frozen=True)
@@ -193,8 +208,10 @@ class Publisher(V.Sim):
         self.uplink_free = 0             # when the uplink has sent what is queued
         self.uplink_bytes = 0
         self.dropped: set[bytes] = set()  # leases handed back by a stopping vehicle
+        wl = fleet.cfg.workload
         super().__init__(seed, shards, list(cars), job=job, trust=V.DEFAULT_TRUST,
-                         settings=S.SchedulerSettings(window=fleet.cfg.window), max_days=10**6)
+                         settings=S.SchedulerSettings(window=fleet.cfg.window), max_days=10**6,
+                         job_shards=wl.job_shards, jobs_live=wl.jobs_live)
         self.handled = 0                 # scheduler events handled (core handle() calls)
         self.no_work = 0                 # requests refused for want of work
         self.m.sink = self._handled
@@ -224,7 +241,7 @@ class Publisher(V.Sim):
             elif isinstance(e, S.Refuse) and e.reason == "no_work":
                 self.no_work += 1
             elif isinstance(e, S.ShardAccepted):
-                first = min(l.issued_ms for l in self.m.shard_leases(V.JOB_ID, e.shard))
+                first = min(l.issued_ms for l in self.m.shard_leases(e.job_id, e.shard))
                 self.fleet.ttr_ms.append(self.now - first)
 
 
@@ -547,6 +564,7 @@ class Fleet:
             "honest_excluded": total("honest_excluded"),
             "results": total("results"), "wrong_results": total("wrong_results"),
             "leases": total("leases"),
+            "late_results_refused": total("late_refused"),
             "no_work_refusals": sum(p.no_work for p in pubs),
             "effective_replication": round(total("results") / accepted, 3) if accepted else None,
             "energy_wh_per_vehicle": round(sum(c.energy_wh for c in cars) / len(cars), 2),

@@ -30,6 +30,14 @@ samples / bench seconds (x0.7-1.5), return a result, fail, hand back or vanish; 
 effects become `Tick`s. The run ends when the job is done, after `max_days`, or when nothing
 was issued or decided for `idle_ms` (what is left waits for an eligible worker). On every
 grant the driver checks the replica rules the scheduler promises (`InvariantBroken`).
+
+A stream of jobs (`job_shards`, the fleet simulator's workload): the `shards` are cut into
+jobs of `job_shards` (the last takes the rest), numbered globally (job k holds shards
+k * job_shards ..), and the publisher keeps `jobs_live` of them live: when one is done it
+is forgotten (`JobForgotten`, so the scheduler holds only the jobs in flight) and the next
+is submitted. Late results for a forgotten job are refused (`late_refused`); what the
+checks need of a forgotten job (its decisions, the backers of its wrong acceptances, its
+shards given twice to one peer) is counted before it goes.
 """
 
 from __future__ import annotations
@@ -165,7 +173,8 @@ class Sim:
     def __init__(self, seed: int, shards: int, workers: list[Worker], *,
                  job: SimJob = SimJob(), trust: T.TrustSettings = DEFAULT_TRUST,
                  settings: S.SchedulerSettings | None = None, max_days: float = 30.0,
-                 idle_ms: int = 6 * HOUR_MS):
+                 idle_ms: int = 6 * HOUR_MS, job_shards: int | None = None,
+                 jobs_live: int = 1):
         self.seed = seed
         self.rng = random.Random(seed)
         self.workers = workers
@@ -179,12 +188,26 @@ class Sim:
                              rng=S.KeyedRandom(hashlib.sha256(f"publisher {seed}".encode()).digest()),
                              keep_changes=False, lazy_shards=True)  # persists nothing
         self.spec = job
-        ka = tuple(self.rng.random() < job.known_answer_rate for _ in range(shards))
-        self.job = S.JobParams(
-            JOB_ID, hashlib.sha256(f"secret {seed}".encode()).digest(), (job.samples,) * shards,
-            (job.credit,) * shards, ka, (1000,) * shards, quorum=job.quorum,
-            max_error=job.max_error, recheck_rate=job.recheck_rate, audit_rate=job.audit_rate)
-        self.n = shards
+        if job_shards is not None and job_shards < 1:
+            raise ValueError(f"job_shards must be >= 1, got {job_shards}")
+        if jobs_live < 1:
+            raise ValueError(f"jobs_live must be >= 1, got {jobs_live}")
+        self.ka = tuple(self.rng.random() < job.known_answer_rate for _ in range(shards))
+        self.secret = hashlib.sha256(f"secret {seed}".encode()).digest()
+        self.n = shards                            # over all jobs
+        self.per_job = job_shards or shards
+        self.n_jobs = -(-shards // self.per_job)
+        self.jobs_live = jobs_live
+        self.stream = job_shards is not None       # ended jobs are forgotten
+        self.job = self._params(0)                 # the first job
+        self.number: dict[bytes, int] = {}         # job id -> its number, submitted ones
+        self.live: dict[bytes, None] = {}          # live jobs, in submission order
+        self.jobs_ended = 0
+        self.late_refused = 0                      # late results of forgotten jobs
+        self.leased: set[bytes] = set()            # identities given a lease
+        self._decided_gone = 0                     # accepted shards of forgotten jobs
+        self._backers_gone: dict[int, list[S.LeaseRec]] = {}  # wrong shards forgotten
+        self._twice_gone: list[int] = []
         self.by_key: dict[bytes, Worker] = {w.key: w for w in workers}
         self.content: dict[bytes, tuple] = {}      # digest -> content key
         self.accepted: dict[int, bytes] = {}
@@ -207,7 +230,46 @@ class Sim:
         self._seq = 0
         self._ticks: set[int] = set()
         self._random_outputs = 0
-        self.apply(self.m.handle(S.JobAdded(0, self.job)))
+        self._submit()
+
+    # --- jobs ------------------------------------------------------------------------
+    def job_id(self, k: int) -> bytes:
+        return JOB_ID if k == 0 else JOB_ID[:12] + k.to_bytes(4, "big")
+
+    def _params(self, k: int) -> S.JobParams:
+        start = k * self.per_job
+        n, job = min(self.per_job, self.n - start), self.spec
+        return S.JobParams(
+            self.job_id(k), self.secret, (job.samples,) * n, (job.credit,) * n,
+            self.ka[start:start + n], (1000,) * n, quorum=job.quorum, max_error=job.max_error,
+            recheck_rate=job.recheck_rate, audit_rate=job.audit_rate)
+
+    def _loc(self, shard: int) -> tuple[bytes, int]:
+        """(job id, index in the job) of a global shard number."""
+        return self.job_id(shard // self.per_job), shard % self.per_job
+
+    def _glob(self, job_id: bytes, index: int) -> int:
+        return self.number[job_id] * self.per_job + index
+
+    def _submit(self) -> None:
+        """Submit jobs until `jobs_live` are live (or none is left)."""
+        while len(self.live) < self.jobs_live and len(self.number) < self.n_jobs:
+            k = len(self.number)
+            params = self.job if k == 0 else self._params(k)
+            self.number[params.job_id] = k
+            self.live[params.job_id] = None
+            self.apply(self.m.handle(S.JobAdded(self.now, params)))
+
+    def _forget(self, job_id: bytes) -> None:
+        """Count what the checks need of an ended job, then let it go and submit the next."""
+        k, n = self.number[job_id], len(self.m.jobs[job_id].job.samples)
+        for g in range(k * self.per_job, k * self.per_job + n):
+            if g in self.wrong:
+                self._backers_gone[g] = self.backers(g)
+            self._decided_gone += self.accepted.pop(g, None) is not None
+        self._twice_gone += self.two_replicas_to_one_peer(job_id)
+        self.apply(self.m.handle(S.JobForgotten(self.now, job_id)))
+        self._submit()
 
     # --- outputs ---------------------------------------------------------------------
     def digest(self, content: tuple, hw_class: bytes) -> bytes:
@@ -226,7 +288,7 @@ class Sim:
             return False
         if c.when == "together":  # a fellow who will cheat too, or did, holds a replica
             wrong = self.wrong_output(w, shard)
-            for l in self.m.shard_leases(JOB_ID, shard):
+            for l in self.m.shard_leases(*self._loc(shard)):
                 if l.worker == key or self._group_of(l.worker) != c.group:
                     continue
                 if l.state == "live" and T.established(self.m.trust_of(l.worker),
@@ -254,7 +316,7 @@ class Sim:
         return ("rows", c.group or w.name, shard)
 
     def known_answer_ok(self, w: Worker, shard: int, content: tuple) -> bool | None:
-        if not self.job.known_answer[shard]:
+        if not self.ka[shard]:
             return None
         if content == honest_output(shard):
             return True
@@ -279,27 +341,30 @@ class Sim:
     def apply(self, effects: list) -> None:
         for e in effects:
             if isinstance(e, S.ShardAccepted):
-                if e.shard in self.accepted or e.shard in self.failed:
-                    raise InvariantBroken(f"shard {e.shard} decided twice")
-                self.accepted[e.shard] = e.digest
+                g = self._glob(e.job_id, e.shard)
+                if g in self.accepted or g in self.failed:
+                    raise InvariantBroken(f"shard {g} decided twice")
+                self.accepted[g] = e.digest
                 self.last_progress = self.now
-                if not self.is_honest(e.shard, e.digest):
-                    self.wrong.add(e.shard)
+                if not self.is_honest(g, e.digest):
+                    self.wrong.add(g)
                     self.wrong_ever += 1
-                self._check_quorum(e.shard)
+                self._check_quorum(g)
             elif isinstance(e, S.ShardReopened):
                 # an excluded worker's result had helped accept it: decided again later
-                if self.accepted.pop(e.shard, None) is None:
-                    raise InvariantBroken(f"shard {e.shard} reopened but not accepted")
-                self.wrong.discard(e.shard)
+                g = self._glob(e.job_id, e.shard)
+                if self.accepted.pop(g, None) is None:
+                    raise InvariantBroken(f"shard {g} reopened but not accepted")
+                self.wrong.discard(g)
                 self.reopened += 1
                 self.done = False
             elif isinstance(e, S.ShardFailed):
-                if e.shard in self.accepted or e.shard in self.failed:
-                    raise InvariantBroken(f"shard {e.shard} decided twice")
+                g = self._glob(e.job_id, e.shard)
+                if g in self.accepted or g in self.failed:
+                    raise InvariantBroken(f"shard {g} decided twice")
                 if not e.reason:
-                    raise InvariantBroken(f"shard {e.shard} failed without a reason")
-                self.failed[e.shard] = e.reason
+                    raise InvariantBroken(f"shard {g} failed without a reason")
+                self.failed[g] = e.reason
                 self.last_progress = self.now
             elif isinstance(e, S.Excluded):
                 self.excluded.add(e.worker)
@@ -315,14 +380,18 @@ class Sim:
                     self._ticks.add(e.at_ms)
                     self._push(max(e.at_ms, self.now), "tick", e.at_ms)
             elif isinstance(e, S.JobDone):
-                self.done = True
+                self.jobs_ended += 1
+                del self.live[e.job_id]
+                self.done = self.jobs_ended == self.n_jobs
+                if self.stream:  # let it go once this event's effects are all applied
+                    self._push(self.now, "forget", e.job_id)
 
     def _check_grant(self, shard: int, lease_id: bytes) -> None:
-        leases = self.m.shard_leases(JOB_ID, shard)
+        leases = self.m.shard_leases(*self._loc(shard))
         new = next(l for l in leases if l.lease_id == lease_id)
         others = [l for l in leases if l.lease_id != lease_id]
         held = [l for l in others if l.state in ("live", "returned")]
-        sh = self.m.shards[(JOB_ID, shard)]  # a stalled shard's relaxations (RELAX_ORDER)
+        sh = self.m.shards[self._loc(shard)]  # a stalled shard's relaxations (RELAX_ORDER)
         again = not new.fresh and sh.relaxed("reissue")
         if any(l.worker == new.worker for l in (held if again else others)):
             raise InvariantBroken(f"shard {shard}: a second replica to one peer (seed {self.seed})")
@@ -348,7 +417,7 @@ class Sim:
         if free <= 0:
             return  # asks again when a lease ends
         eff = self.m.handle(S.WorkRequested(self.now, w.key, w.prefix, w.hw_class, w.bench,
-                                            free, (JOB_ID,), audit_only=w.audit_only))
+                                            free, tuple(self.live), audit_only=w.audit_only))
         self.apply(eff)
         for e in eff:
             if isinstance(e, S.Grant):
@@ -368,18 +437,20 @@ class Sim:
         key = w.key
         w.busy[g.lease_id] = key
         self.grants += 1
+        self.leased.add(key)
         self.last_progress = self.now
-        self._check_grant(g.shard, g.lease_id)
+        shard = self._glob(g.job_id, g.shard)
+        self._check_grant(shard, g.lease_id)
         expires = self.now + g.deadline_ms + S.grace_ms(g.deadline_ms, self.m.s)
         game = w.cheat.lease if w.cheat is not None else "run"
-        if game != "run" and self.cheats_now(w, key, g.shard):
+        if game != "run" and self.cheats_now(w, key, shard):
             if game == "fail":
                 self._push(self.now + self.rng.randint(1, 2) * MINUTE_MS, "fail", w, g, key)
             else:
                 self._push(expires, "free", w, g, key)
                 self._push(expires + w.cheat.late_ms, "late", w, g, key)
             return
-        compute = int(1000 * self.job.samples[g.shard] / w.bench * self.rng.uniform(0.7, 1.5))
+        compute = int(1000 * self.spec.samples / w.bench * self.rng.uniform(0.7, 1.5))
         draw = self.rng.random()
         if draw < w.flaky:
             self._push(expires, "free", w, g, key)  # vanished: the lease expires
@@ -399,22 +470,26 @@ class Sim:
         return True
 
     def _result(self, w: Worker, g: S.LeaseGrant, key: bytes) -> None:
-        cheat = self.cheats_now(w, key, g.shard)
-        content = self.wrong_output(w, g.shard) if cheat else honest_output(g.shard)
+        if g.job_id in self.m.forgotten:  # a late result: the job ended and was let go
+            self.late_refused += 1
+            return
+        shard = self._glob(g.job_id, g.shard)
+        cheat = self.cheats_now(w, key, shard)
+        content = self.wrong_output(w, shard) if cheat else honest_output(shard)
         if cheat:
             w.cheated += 1
             self.cheated.add(key)
             if T.established(self.m.trust_of(key), self.m.s.trust, self.now):
                 self.cheat_established.add(key)
         digest = self.digest(content, w.hw_class)
-        ka = self.known_answer_ok(w, g.shard, content)
+        ka = self.known_answer_ok(w, shard, content)
         agrees: tuple[bytes, ...] = ()
         if ka is not False:
-            agrees = tuple(l.lease_id for l in self.m.returned(JOB_ID, g.shard)
+            agrees = tuple(l.lease_id for l in self.m.returned(g.job_id, g.shard)
                            if self.content.get(l.digest) == content)
         w.results += 1
         self.apply(self.m.handle(S.ResultArrived(self.now, g.lease_id, key, digest, True, ka,
-                                                 agrees)))
+                                                 agrees, g.job_id)))
 
     def step(self) -> bool:
         """Handle the next event; False when the run is over."""
@@ -435,6 +510,8 @@ class Sim:
             self.apply(self.m.handle(S.Tick(self.now)))
         elif kind == "ask":
             self._ask(data[0])
+        elif kind == "forget":
+            self._forget(data[0])
         else:
             w, g, key = data
             if kind == "late":
@@ -457,54 +534,65 @@ class Sim:
         return self
 
     # --- results ---------------------------------------------------------------------
+    def _held(self) -> list[int]:
+        """Global numbers of the shards of the jobs the scheduler holds (submitted, not
+        forgotten)."""
+        return [self._glob(j, i) for j, rec in self.m.jobs.items()
+                for i in range(len(rec.job.samples))]
+
     def lost(self) -> list[int]:
-        """Shards neither decided nor still offered to the next eligible worker."""
+        """Shards neither decided nor still offered to the next eligible worker (of the jobs
+        held: a forgotten one had every shard decided)."""
         out = []
-        for i in range(self.n):
+        for i in self._held():
             if i in self.accepted or i in self.failed:
                 continue
-            if self.m.open_replicas(self.m.shards[(JOB_ID, i)]) <= 0 and not any(
-                    l.state == "live" for l in self.m.shard_leases(JOB_ID, i)):
+            if self.m.open_replicas(self.m.shards[self._loc(i)]) <= 0 and not any(
+                    l.state == "live" for l in self.m.shard_leases(*self._loc(i))):
                 out.append(i)
         return out
 
     def backers(self, shard: int) -> list[S.LeaseRec]:
-        """The ok results of an accepted shard that agree with its accepted output."""
+        """The ok results of an accepted shard that agree with its accepted output (a wrong
+        shard of a forgotten job: as they were when it was forgotten)."""
+        if shard in self._backers_gone:
+            return list(self._backers_gone[shard])
         won = self.content.get(self.accepted[shard])
-        return [l for l in self.m.returned(JOB_ID, shard)
+        return [l for l in self.m.returned(*self._loc(shard))
                 if l.ok and self.content.get(l.digest) == won]
 
-    def two_replicas_to_one_peer(self) -> list[int]:
+    def two_replicas_to_one_peer(self, job_id: bytes | None = None) -> list[int]:
         """Shards where a peer got two replicas (after the `reissue` relaxation of a stalled
-        shard: two held at once, or two results)."""
-        out = []
-        for i in range(self.n):
-            leases = self.m.shard_leases(JOB_ID, i)
-            if self.m.shards[(JOB_ID, i)].relaxed("reissue"):
+        shard: two held at once, or two results): of one job, or of every job."""
+        out = [] if job_id is not None else list(self._twice_gone)
+        shards = (self._held() if job_id is None else
+                  [self._glob(job_id, i) for i in range(len(self.m.jobs[job_id].job.samples))])
+        for i in shards:
+            leases = self.m.shard_leases(*self._loc(i))
+            if self.m.shards[self._loc(i)].relaxed("reissue"):
                 leases = [l for l in leases if l.state in ("live", "returned")]
             if len({l.worker for l in leases}) != len(leases):
                 out.append(i)
         return out
 
     def report(self) -> dict:
-        counts = self.m.job_counts(JOB_ID)
         cheat_keys = {k for w in self.workers if w.cheat is not None for k in w.keys}
-        leased = {l.worker for l in self.m.leases.values()}
+        leased = self.leased
         reasons: dict[str, int] = {}
         for r in self.failed.values():
             kind = "errors > max_error" if "max_error" in r else r
             reasons[kind] = reasons.get(kind, 0) + 1
         return {
             "shards": self.n,
-            "accepted": len(self.accepted),
+            "accepted": len(self.accepted) + self._decided_gone,
             "failed": len(self.failed),
-            "undecided": self.n - len(self.accepted) - len(self.failed),
+            "undecided": self.n - len(self.accepted) - self._decided_gone - len(self.failed),
             "job_done": self.done,
             "wrong_accepted": len(self.wrong),
             "wrong_accepted_ever": self.wrong_ever,
             "reopened": self.reopened,
             "accepted_on_fresh_only": len(self.unbacked),
-            "leases": counts["leases"],
+            "leases": self.grants,
             "results": sum(w.results for w in self.workers),
             "wrong_results": sum(w.cheated for w in self.workers),
             "cheater_identities": len(cheat_keys & leased),
@@ -513,6 +601,7 @@ class Sim:
             "honest_excluded": len(self.excluded - cheat_keys),
             "virtual_hours": round(self.now / HOUR_MS, 1),
             "fail_reasons": dict(sorted(reasons.items())),
+            "late_refused": self.late_refused,
         }
 
 
