@@ -10,7 +10,9 @@ replicas counted on every read, ranks keyed afresh, the live leases counted per 
 Both are driven through one random sequence of work requests, results (agreeing, wrong,
 failing a known answer), failures, hand-backs, expiries (ticks), cancellations and a second
 job, and must return the same effects, hold the same windows and shard records after every
-event. tools/bench_sim.py uses `Scan` as its baseline.
+event. Ended jobs are forgotten now and then (`JobForgotten`) by both, and a third machine
+that never forgets must keep deciding as they do (forgetting an ended job changes no other
+decision). tools/bench_sim.py uses `Scan` as its baseline.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def digest_of(shard: int, wrong: int) -> bytes:
 def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shards, workers,
                                                quorum, recheck, audit, stall_wait_ms, lazy):
     new, ref = machines(window, own, trusted, stall_wait_ms, lazy)
+    keeper = machines(window, own, trusted, stall_wait_ms, lazy)[0]  # never forgets
     jobs = [job(b"first", shards, recheck, audit, quorum)]
     now = 0
     both = (new, ref)
@@ -143,12 +146,15 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
 
     def step(ev: object) -> None:
         outs = []
-        for m in both:
+        for m in (*both, keeper):
+            if m is keeper and isinstance(ev, S.JobForgotten):
+                continue
             try:
                 outs.append(("ok", m.handle(ev)))
             except (S.PeerViolation, S.CoreUsageError) as exc:
                 outs.append(("error", str(exc)))
         assert outs[0] == outs[1], f"after {ev}"
+        assert isinstance(ev, S.JobForgotten) or outs[0] == outs[2], f"forgetting, after {ev}"
         for rec in ref.jobs.values():
             assert ([sh.index for sh in new._window(new.jobs[rec.job.job_id])]
                     == [sh.index for sh in ref._window(rec)])
@@ -158,7 +164,7 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
                     == ref._live_counts(worker(i), prefixes[i]))
 
     for i in range(0, workers, 2):  # veterans: established before the run, as fleet.py does
-        for m in both:
+        for m in (*both, keeper):
             m.workers[worker(i)] = T.WorkerTrust(worker(i), accepted=10, first_valid_ms=-10**9)
     step(S.JobAdded(0, jobs[0]))
     for _ in range(data.draw(st.integers(10, 150), label="events")):
@@ -166,7 +172,7 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
         live = [l for l in ref.live_leases()]
         kind = data.draw(st.sampled_from(
             ["ask", "ask", "ask", "result", "result", "result", "fail", "hand_back", "tick",
-             "own", "late", "cancel", "job"]), label="kind")
+             "own", "late", "cancel", "job", "forget"]), label="kind")
         if kind == "ask":
             i = data.draw(st.integers(0, workers - 1), label="worker")
             step(S.WorkRequested(now, worker(i), prefixes[i], CLASSES[i % 2], 0.05,
@@ -195,14 +201,25 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
                  else cls(now, lease.lease_id, lease.worker))
         elif kind == "tick":
             step(S.Tick(now))
-        elif kind == "cancel" and len(jobs) > 1 and data.draw(st.booleans()):
+        elif (kind == "cancel" and len(jobs) > 1 and jobs[-1].job_id not in ref.forgotten
+              and data.draw(st.booleans())):
             step(S.JobCancelled(now, jobs[-1].job_id))
         elif kind == "job" and len(jobs) < 2:
             jobs.append(job(b"second", data.draw(st.integers(1, 12)), recheck, audit, quorum))
             step(S.JobAdded(now, jobs[-1]))
+        elif kind == "forget" and any(j.job_id in ref.jobs and ref.jobs[j.job_id].status != "live"
+                                      for j in jobs):
+            ended = next(j.job_id for j in jobs
+                         if j.job_id in ref.jobs and ref.jobs[j.job_id].status != "live")
+            taken = ref.take_changes()  # its changes reach the store first
+            if not lazy:
+                assert new.take_changes() == taken
+            step(S.JobForgotten(now, ended))
+            assert ended not in new.jobs and not any(k[0] == ended for k in new.shards)
         else:
             step(S.Tick(now))
     for j in jobs:
-        assert new.job_counts(j.job_id) == ref.job_counts(j.job_id)
+        if j.job_id not in ref.forgotten:
+            assert new.job_counts(j.job_id) == ref.job_counts(j.job_id)
     if not lazy:
         assert new.take_changes() == ref.take_changes()
