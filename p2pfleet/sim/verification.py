@@ -268,6 +268,14 @@ class Sim:
                 self._backers_gone[g] = self.backers(g)
             self._decided_gone += self.accepted.pop(g, None) is not None
         self._twice_gone += self.two_replicas_to_one_peer(job_id)
+        # Its results' content keys go too, but for the first shard's: a copy cheat of the
+        # shard before (another job, maybe live) computes that one.
+        start, end = k * self.per_job, k * self.per_job + n
+        for i in range(n):
+            for l in self.m.shard_leases(job_id, i):
+                c = self.content.get(l.digest) if l.digest else None
+                if c is not None and (c[0] == "random" or start < c[-1] < end):
+                    del self.content[l.digest]
         self.apply(self.m.handle(S.JobForgotten(self.now, job_id)))
         self._submit()
 
