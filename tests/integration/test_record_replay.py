@@ -31,6 +31,9 @@ NODE_SETTINGS = {
     "node.network": NETWORK, "vehicle.metered": "no", "policy.resume_after_s": "0",
     "node.state_jitter_s": "0", "node.publish_private_addrs": "true",
     "records.capacity_lifetime_s": "900", "records.leaving_lifetime_s": "300",
+    # a DHT server from the start (the fleet's meshes are too): the explorer finds the car
+    # through routing tables, which hold servers only (stable rule, reachability spec §3)
+    "node.dht_server_after_s": "0", "node.dht_server_uptime_s": "0",
 }
 
 
