@@ -16,6 +16,7 @@ import hashlib
 import math
 import random
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +151,12 @@ def build_job(spec: JobSpec, rng: random.Random) -> BuiltJob:
     n = check_spec(spec)
     pool_idx = sorted(rng.sample(range(n), min(spec.known_answer_pool, n)))
     pool = {k: v[pool_idx] for k, v in spec.inputs.items()}
-    expected = run_locally(spec.model, pool, spec.opt_level, spec.provider)
+    # The known answers (a session and a run of the pool: ~3 s for ResNet-50 on a busy
+    # core) are computed on one thread while this one shards: onnxruntime releases the GIL
+    with ThreadPoolExecutor(1, thread_name_prefix="known-answers") as ex:
+        answers = ex.submit(run_locally, spec.model, pool, spec.opt_level, spec.provider)
+        shards = _shards(spec, n, pool, len(pool_idx), rng)
+        expected = answers.result()  # its JobSpecError (a model that does not run) raised here
     for name, arr in expected.items():
         if arr.ndim < 1 or arr.shape[0] != len(pool_idx):
             raise _fail("model", f"output {name!r} has shape {list(arr.shape)}: axis 0 of every "
@@ -159,13 +165,22 @@ def build_job(spec: JobSpec, rng: random.Random) -> BuiltJob:
         ka_expected = encode_tensors(expected)
     except EncodingError as exc:
         raise _fail("model", f"its outputs cannot be encoded: {exc}") from None
+    samples, credit, has_ka, blobs, kas, real = shards
+    return BuiltJob(tuple(samples), tuple(credit), tuple(has_ka), tuple(blobs), tuple(kas),
+                    tuple(real), ka_expected, tuple(sorted(expected)))
+
+
+def _shards(spec: JobSpec, n: int, pool: Mapping[str, np.ndarray], pool_size: int,
+            rng: random.Random) -> tuple[list, ...]:
+    """(samples, credit, has known answers, input blob, known-answer rows, real rows) of
+    each shard, drawing from `rng` in shard order."""
     samples, credit, has_ka, blobs, kas, real = [], [], [], [], [], []
     for first in range(0, n, spec.shard_size):
         stop = min(n, first + spec.shard_size)
         k = spec.known_answer_rows if rng.random() < spec.known_answer_rate else 0
         rows = stop - first + k
         positions = sorted(rng.sample(range(rows), k))
-        picks = [rng.randrange(len(pool_idx)) for _ in range(k)]
+        picks = [rng.randrange(pool_size) for _ in range(k)]
         shard_inputs = {}
         real_at = np.ones(rows, dtype=bool)
         real_at[positions] = False
@@ -183,8 +198,7 @@ def build_job(spec: JobSpec, rng: random.Random) -> BuiltJob:
         credit.append(rows * spec.credit_rate)
         has_ka.append(k > 0)
         real.append((first, stop))
-    return BuiltJob(tuple(samples), tuple(credit), tuple(has_ka), tuple(blobs), tuple(kas),
-                    tuple(real), ka_expected, tuple(sorted(expected)))
+    return samples, credit, has_ka, blobs, kas, real
 
 
 @dataclass(frozen=True)
