@@ -22,6 +22,7 @@ at each step (a shared 2-core machine is noisy); progress to stderr.
 
     tools/bench_dht.py                          # 10 x 20 hosts
     tools/bench_dht.py --procs 4 --hosts 10 --lookups 200   # a smaller run
+    tools/bench_dht.py --fixes old              # without fixes 18 and 19, as a baseline
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ async def worker(args: argparse.Namespace) -> None:
         mesh = Mesh(Identity.from_seed(f"bench-dht-{args.seed}-{w}-{j}".encode()),
                     MeshSettings(network=NETWORK, listen=(f"/ip4/127.0.{w + 1}.{j + 1}/tcp/0",),
                                  bootstrap=bootstrap, seed=w * 1000 + j,
-                                 dht_mode="client" if j in args.client_hosts else "server"))
+                                 dht_mode="client" if j in args.client_hosts else "server",
+                                 dht_lean_refresh=args.fixes != "old",
+                                 dht_reuse_streams=args.fixes == "all"))
         entry: dict[str, Any] = {"j": j, "mesh": mesh, "alive": True}
         hosts.append(entry)
         with trio.CancelScope() as scope:
@@ -189,7 +192,7 @@ class Worker:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-index", str(index),
                "--hosts", str(args.hosts), "--boot-count", str(args.bootstrap),
                "--boot-addrs", ",".join(bootstrap), "--seed", str(args.seed),
-               "--client-hosts", ",".join(map(str, clients))]
+               "--client-hosts", ",".join(map(str, clients)), "--fixes", args.fixes]
         self.index = index
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -288,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of the non-bootstrap hosts running the DHT as clients")
     ap.add_argument("--join-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fixes", choices=("all", "refresh", "old"), default="all",
+                    help="the DHT's CPU fixes: all (the mesh as it is), refresh (fix 18 only), "
+                         "old (neither fix 18's lean refresh nor fix 19's stream reuse)")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht.last.json")
     # worker mode (internal)
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -322,6 +328,7 @@ def controller(args: argparse.Namespace) -> int:
                    "hosts": args.procs * args.hosts, "bootstrap_hosts": args.bootstrap,
                    "lookups_per_phase": args.lookups, "parallel_per_proc": args.parallel,
                    "kill_share": args.kill_share, "client_share": args.client_share,
+                   "fixes": args.fixes,
                    "seed": args.seed, "k": defaults.dht_k, "alpha": dht_lookup.ALPHA,
                    "query_timeout_s": dht_lookup.QUERY_TIMEOUT_S,
                    "max_connections": defaults.max_connections,
