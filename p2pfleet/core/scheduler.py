@@ -46,6 +46,11 @@ silently (`ShardStalled`, `ShardRec.fallback`): the publisher computes it when i
 is trusted (`own_key`; its result decides, see `_evaluate`), else one relaxation of
 RELAX_ORDER per wait, then it waits marked "exhausted".
 
+Ended jobs (work-and-leases.md, section 8). `JobForgotten` drops a done or cancelled job's
+records (a long-running driver then holds the jobs in flight only); a later result, failure
+or hand-back naming it is refused with `Forgotten` (no penalty, nothing paid). Trust
+records, and so exclusions, are per worker and stay.
+
 State is kept in plain records (`JobRec`, `ShardRec`, `LeaseRec`, trust.WorkerTrust);
 `take_changes()` returns those touched since the last call so the driver persists them in
 the same transaction as the event's input, and `restore()` rebuilds the machine from them.
