@@ -313,6 +313,8 @@ class Worker:
                 with trio.move_on_after(wake):
                     await self._news.wait()
                 continue
+            # the child this publisher's leases will run in starts during the request too
+            self._warm_sandbox(job.publisher)
             for lease, publisher in await self._request(job, offer, want):
                 await self._take(lease, publisher, trio.current_time() + lease.deadline_ms / 1000)
 
@@ -338,11 +340,13 @@ class Worker:
         self._touch()
 
     def _warm_sandbox(self, publisher: bytes) -> None:
-        """Start the publisher's sandbox child now, while the lease's blobs are fetched:
+        """Start the publisher's sandbox child now (when asking it for work, and when a
+        lease of it is queued), while the lease is requested and its blobs are fetched:
         a child takes 0.2-3 s to start (its interpreter and onnxruntime), which a fresh
         node otherwise paid after the fetch, before its first shard. Only the child
         starts: the model is still validated for the input's shapes, then loaded, when
-        the shard runs (exec/runner.py)."""
+        the shard runs (exec/runner.py). A child started for a publisher that then had
+        no work stays in the pool like one that ran (the pool bounds them)."""
         if self._nursery is None or publisher in self._warming:
             return
         self._warming.add(publisher)
