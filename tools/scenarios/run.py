@@ -8,7 +8,7 @@ wrong results accepted beside the f^k bound). Exit status 1 when a check fails.
     tools/scenarios/run.py --part named --json                 # the named ones (~2 min)
     tools/scenarios/run.py --only churn                        # names containing "churn"
     tools/scenarios/run.py --only sweep-colluder --vehicles 200
-    tools/scenarios/run.py --table tools/scenarios/last.json   # its table as Markdown
+    tools/scenarios/run.py --table tools/scenarios/last.json   # its tables as Markdown
 
 Seeded: one seed gives the same numbers on every machine (the CPU times aside).
 """
@@ -72,6 +72,29 @@ def table_row(scn: C.Scenario, run: dict) -> dict:
             "cheaters_excluded": s["cheaters_excluded"], "cheaters": s["cheaters"]}
 
 
+def named_markdown(doc: dict) -> str:
+    """The named scenarios of a run's JSON as a Markdown table (docs/measured.md)."""
+    out = ["| scenario | what | shards accepted of submitted | wrong accepted | work lost to "
+           "unplugging | time to result p50 / p90 / p99 | uplink use | checks |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run in doc["runs"]:
+        if run["scenario"].startswith("sweep-"):
+            continue
+        s, j = run["summary"], run["jobs"]
+        accepted = f"{j['accepted']:,} of {j['shards']:,}"
+        extra = [f"{n:,} {what}" for n, what in ((j["unplugs"], "unplugs"),
+                                                 (j["reopened"], "withdrawn"),
+                                                 (j["failed"], "failed")) if n]
+        t = s["time_to_result_s"]
+        out.append(
+            f"| {run['scenario']} | {run['what']} | {', '.join([accepted, *extra])} | "
+            f"{s['wrong_accepted']} of {s['wrong_results']} wrong results | "
+            f"{s['work_lost_to_unplugging_hours']:,} of {s['compute_hours']:,} h | "
+            f"{t['p50']:,} / {t['p90']:,} / {t['p99']:,} s | "
+            f"{s['publisher_uplink']['mean_use']:.1%} | {', '.join(run['checks'])} |")
+    return "\n".join(out)
+
+
 def markdown(doc: dict) -> str:
     """The cheater table of a run's JSON as Markdown (docs/measured.md): per kind and share,
     per quorum wrong results accepted / shards accepted, and the f^k bound."""
@@ -102,10 +125,12 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON document")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--table", type=Path, metavar="JSON",
-                        help="print the cheater table of a saved run as Markdown, run nothing")
+                        help="print the tables of a saved run (named scenarios, cheaters) as "
+                             "Markdown, run nothing")
     args = parser.parse_args()
     if args.table is not None:
-        print(markdown(json.loads(args.table.read_text())))
+        doc = json.loads(args.table.read_text())
+        print(named_markdown(doc) + "\n\n" + markdown(doc))
         return 0
     pool = {"named": C.NAMED, "sweep": C.sweep(), None: C.all_scenarios()}[args.part]
     chosen = [s for s in pool if not args.only or args.only in s.name]
