@@ -221,6 +221,13 @@ def test_nodes_killed_or_stopped_mid_shard_lose_no_work(tmp_path):
     want = sess.run(None, {name: X})[0]
 
     fleet = _fleet(tmp_path, 4)
+    killed, stopped = fleet.nodes[2], fleet.nodes[3]
+    # A shard of this MLP computes in milliseconds: the two nodes to be caught mid-shard
+    # run at 2 % of the CPU (the sandbox's duty cycle stops the child while it is ahead), so
+    # each of their shards runs for seconds. (The test used to rely on the child's start
+    # inside the first run, which now happens while the lease's blobs are fetched.)
+    for node in (killed, stopped):
+        node.settings["policy.cpu_share"] = "0.02"
     fleet.start()
     pub_root, out = tmp_path / "pub", tmp_path / "out"
     trusted = _trust(fleet.nodes)
@@ -232,18 +239,17 @@ def test_nodes_killed_or_stopped_mid_shard_lose_no_work(tmp_path):
                                           "--listen", "/ip4/127.0.98.1/tcp/0",
                                           "--bootstrap", fleet.nodes[0].addr, *trusted),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        killed, stopped = fleet.nodes[2], fleet.nodes[3]
 
         def running(node):
             status = node.try_ask("status")
             return status and status["work"] and status["work"]["running"]
 
-        wait_for(lambda: running(killed), 120, "node 2 to compute a shard")
+        wait_for(lambda: running(killed), 120, "node 2 to compute a shard", interval=0.05)
         killed.proc.send_signal(signal.SIGKILL)
         killed.proc.wait(10)
         killed.start(NETWORK, [fleet.nodes[0].addr])  # same data dir: its ledger holds the lease
 
-        wait_for(lambda: running(stopped), 120, "node 3 to compute a shard")
+        wait_for(lambda: running(stopped), 120, "node 3 to compute a shard", interval=0.05)
         stopped.ask("pause")
         wait_for(lambda: (stopped.try_ask("status") or {}).get("work", {}).get("hand_backs"),
                  30, "node 3 to hand its shard back")
