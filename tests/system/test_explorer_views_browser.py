@@ -82,7 +82,7 @@ def test_explorer_views_of_a_fleet_at_work(tmp_path, browser):
         client = wait_for(lambda: try_attach(pub_root / "publisher"), 60, "the publisher")
         model, _name, inputs = digits()
         # long enough for several announcements (one per 5 s at most per live job)
-        job = client.submit(model, inputs(1200), shard_size=25, micro_batch=5, quorum=2,
+        job = client.submit(model, inputs(4800), shard_size=25, micro_batch=5, quorum=2,
                             recheck_rate=0.0, audit_rate=0.0, known_answer_rate=0.0)
 
         # the explorer hears the job's announcements as shards are accepted
