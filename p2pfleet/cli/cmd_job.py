@@ -49,7 +49,8 @@ def _net(app: App, listen: tuple[str, ...], bootstrap: tuple[str, ...],
             "bootstrap": list(bootstrap) + list(cfg.node.bootstrap),
             "settings": PublisherSettings(scheduler=sched, event_log=event_log,
                                           announce_interval_s=p.announce_interval_s,
-                                          self_audit=p.self_compute)}
+                                          self_audit=p.self_compute,
+                                          forget_ended_after_s=p.forget_ended_after_s)}
 
 
 publisher_dir_option = click.option(

@@ -745,11 +745,17 @@ class Scheduler:
         return jobs, shards, leases, workers
 
     def restore(self, jobs: Iterable[JobRec], shards: Iterable[ShardRec],
-                leases: Iterable[LeaseRec], workers: Iterable[T.WorkerTrust]) -> None:
-        """Rebuild from persisted records (on an empty machine)."""
+                leases: Iterable[LeaseRec], workers: Iterable[T.WorkerTrust],
+                forgotten: Iterable[bytes] = ()) -> None:
+        """Rebuild from persisted records (on an empty machine). `forgotten`: ids of ended
+        jobs whose records were left out (`JobForgotten`): a late message naming one is
+        refused as `Forgotten`."""
         if self.jobs or self.leases:
             raise CoreUsageError("restore() needs a fresh scheduler")
+        self.forgotten = set(forgotten)
         for j in jobs:
+            if j.job.job_id in self.forgotten:
+                raise CoreUsageError(f"job {j.job.job_id.hex()} is both restored and forgotten")
             self.jobs[j.job.job_id] = copy.copy(j)
         for sh in shards:
             self.shards[(sh.job_id, sh.index)] = copy.copy(sh)

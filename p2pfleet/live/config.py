@@ -317,6 +317,10 @@ class PublishingSettings:
     self_compute: bool = _setting(
         True, "compute audit replicas and stalled shards on this machine (never paid); "
         "off: stalled shards are decided under relaxed replica rules instead.")
+    forget_ended_after_s: float = _setting(
+        600.0, "let an ended job's records go from the publisher's memory this long after "
+        "it ended, s (its status and outputs are then read from the job store; late results "
+        "for it are acknowledged and paid nothing).", min=0, max=30 * 86400)
 
 
 @dataclass(frozen=True)

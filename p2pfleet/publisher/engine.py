@@ -105,6 +105,9 @@ class PublisherSettings:
     event_log: Path | None = None     # one JSON line per scheduler event and its decisions
                                       # (specs/event-log.md; `p2pfleet sim replay`)
     self_audit: bool = True           # compute audited shards' reserved replicas itself
+    forget_ended_after_s: float | None = 600.0  # let an ended job's records go from memory
+                                      # (JobForgotten) this long after it ended; None: never.
+                                      # A restart forgets every ended job at once.
 
 
 @dataclass(frozen=True)
@@ -137,15 +140,28 @@ def _open_log(path: Path):
     return open(fd, "a", encoding="utf-8")  # noqa: SIM115
 
 
-def _records_plain(records: tuple) -> dict | None:
+def _records_plain(records: tuple, forgotten: list[bytes]) -> dict | None:
     """The records a scheduler was restored from, for the log's header (None: empty)."""
     jobs, shards, leases, workers = (list(r) for r in records)
-    if not (jobs or shards or leases or workers):
+    if not (jobs or shards or leases or workers or forgotten):
         return None
     return {"jobs": [eventlog.plain(j) for j in jobs],
             "shards": [eventlog.plain(s) for s in shards],
             "leases": [eventlog.plain(l) for l in leases],
-            "workers": [eventlog.plain(w) for w in workers]}
+            "workers": [eventlog.plain(w) for w in workers],
+            "forgotten": [j.hex() for j in forgotten]}
+
+
+class _ByJob(dict):
+    """Per-job data of the jobs the scheduler holds; a forgotten job's is read from the
+    store on each use and not kept (its reads are rare: status, outputs)."""
+
+    def __init__(self, load: Callable[[bytes], Any], items: dict):
+        super().__init__(items)
+        self._load = load
+
+    def __missing__(self, job_id: bytes) -> Any:
+        return self._load(job_id)
 
 
 @dataclass(frozen=True)
@@ -191,19 +207,26 @@ class Publisher:
         key = hmac.new(self.store.secret("publisher"), b"scheduler key" + seed,
                        hashlib.sha256).digest()
         self.sched = S.Scheduler(sched_settings, rng=S.KeyedRandom(key))
-        records = self.store.load_records()
-        self.sched.restore(*records)
+        # Ended jobs stay in the store only (work-and-leases.md, section 8): their status and
+        # outputs are read from it, and late messages about them are refused as Forgotten.
+        records = self.store.load_records(ended=False)
+        forgotten = self.store.ended_job_ids()
+        self.sched.restore(*records, forgotten=forgotten)
         self._log_file = None
         if self.settings.event_log is not None:
             self._log_file = _open_log(self.settings.event_log)
             self._log_file.write(eventlog.header(
                 "scheduler", sched_settings,
                 rng={"key": key.hex(), "counter": self.sched.rng.getstate()[1]},
-                restored=_records_plain(records)) + "\n")
+                restored=_records_plain(records, forgotten)) + "\n")
             self._log_file.flush()
-        self._meta: dict[bytes, dict] = {jid: self.store.job_meta(jid) for jid in self.store.job_ids()}
-        self._shards: dict[bytes, list[tuple[bytes, list[tuple[int, int]]]]] = {
-            jid: self.store.shard_inputs(jid) for jid in self._meta}
+        held = list(self.sched.jobs)
+        self._meta: dict[bytes, dict] = _ByJob(
+            self.store.job_meta, {jid: self.store.job_meta(jid) for jid in held})
+        self._shards: dict[bytes, list[tuple[bytes, list[tuple[int, int]]]]] = _ByJob(
+            self.store.shard_inputs, {jid: self.store.shard_inputs(jid) for jid in held})
+        self._ended_ms: dict[bytes, int] = {}  # held jobs that ended: when (JobForgotten)
+        self._views: OrderedDict[bytes, S.Scheduler] = OrderedDict()  # forgotten jobs' records
         self._done: dict[bytes, trio.Event] = {}
         self._changed: dict[bytes, trio.Event] = {}
         self._decoded: OrderedDict[bytes, dict] = OrderedDict()
@@ -328,27 +351,31 @@ class Publisher:
 
     def resume(self, job_id: bytes) -> None:
         """Make sure a stored job is served (jobs in the store are resumed by `run` anyway)."""
-        if job_id not in self._meta:
+        if not self._known(job_id):
             raise PublisherError(f"no job {job_id.hex()} in {self.store.path}")
         self._provide(job_id)
         self._announce_now.set()
 
     def cancel(self, job_id: bytes) -> None:
+        """Cancel a live job (an ended one stays as it ended)."""
         self._require(job_id)
-        self._run_event(S.JobCancelled(self._now(), job_id))
+        if job_id in self.sched.jobs:  # (a forgotten job has ended)
+            self._run_event(S.JobCancelled(self._now(), job_id))
+            self._ended_ms.setdefault(job_id, self._now())
         self._done_event(job_id).set()
 
     def status(self, job_id: bytes) -> JobStatus:
         self._require(job_id)
-        rec = self.sched.jobs[job_id]
-        c = self.sched.job_counts(job_id)
+        sched = self._holder(job_id)
+        rec = sched.jobs[job_id]
+        c = sched.job_counts(job_id)
         waiting = ""
         if rec.status == "live" and c["exhausted"]:
             waiting = (f"{c['exhausted']} shard(s) wait for an established or trusted worker "
                        f"(the publisher does not compute; nothing left to relax)")
         elif rec.status == "live" and c["stalled"]:
             waiting = (f"{c['stalled']} shard(s) no asking worker may take: resolved after "
-                       f"{self.sched.s.stall_wait_ms / 1000:g} s")
+                       f"{sched.s.stall_wait_ms / 1000:g} s")
         elif rec.status == "live" and c["live"] == 0 and c["accepted"] + c["failed"] < c["shards"]:
             if rec.job.budget is not None and rec.paid >= rec.job.budget:
                 waiting = "credit budget spent"
@@ -358,11 +385,18 @@ class Publisher:
                          c["live"], c["invalid"], c["workers"], len(self.store.evidence(job_id)),
                          rec.paid, rec.job.budget, waiting, c["self_computed"], c["relaxed"])
 
+    def shard_records(self, job_id: bytes) -> list[S.ShardRec]:
+        """The job's shard records, in order (read only: the scheduler's own, or the
+        store's for a forgotten job)."""
+        self._require(job_id)
+        sched = self._holder(job_id)
+        return [sched.shards[(job_id, i)] for i in range(len(sched.jobs[job_id].job.samples))]
+
     def shard_outputs(self, job_id: bytes):
         """Yield (shard, outputs) of accepted shards, known-answer rows removed, in order."""
-        self._require(job_id)
+        records = self.shard_records(job_id)
         for i, (_digest, ka) in enumerate(self._shards[job_id]):
-            sh = self.sched.shards[(job_id, i)]
+            sh = records[i]
             if sh.status != "accepted":
                 continue
             stored = self.store.result(sh.accepted_lease)
@@ -381,7 +415,7 @@ class Publisher:
 
     async def wait_done(self, job_id: bytes) -> JobStatus:
         self._require(job_id)
-        if self.sched.jobs[job_id].status == "live":
+        if job_id in self.sched.jobs and self.sched.jobs[job_id].status == "live":
             await self._done_event(job_id).wait()
         return self.status(job_id)
 
@@ -430,9 +464,46 @@ class Publisher:
         self._last_ms = max(self._last_ms, _now_ms(self.clock))
         return self._last_ms
 
+    def _known(self, job_id: bytes) -> bool:
+        return job_id in self.sched.jobs or job_id in self.sched.forgotten
+
     def _require(self, job_id: bytes) -> None:
-        if job_id not in self.sched.jobs:
+        if not self._known(job_id):
             raise PublisherError(f"no job {job_id.hex()}")
+
+    def _holder(self, job_id: bytes) -> S.Scheduler:
+        """The scheduler holding the job's records: ours, or for a forgotten job one
+        restored from the store with that job alone (kept for the last few asked)."""
+        if job_id in self.sched.jobs:
+            return self.sched
+        view = self._views.pop(job_id, None)
+        if view is None:
+            view = S.Scheduler(self.sched.s, rng=S.KeyedRandom(bytes(32)))
+            view.restore(*self.store.load_records(job_id=job_id))
+        self._views[job_id] = view
+        while len(self._views) > 4:
+            self._views.popitem(last=False)
+        return view
+
+    def _forget_ended(self) -> None:
+        """Let jobs that ended `forget_ended_after_s` ago go from memory (JobForgotten):
+        their records stay in the store, whatever was decided stands."""
+        after = self.settings.forget_ended_after_s
+        if after is None:
+            return
+        now = self._now()
+        for job_id, ended in list(self._ended_ms.items()):
+            if now - ended < after * 1000:
+                continue
+            del self._ended_ms[job_id]
+            self._run_event(S.JobForgotten(now, job_id))
+            for kept in (self._meta, self._shards, self._ka_cache, self._done):
+                kept.pop(job_id, None)
+            waiter = self._changed.pop(job_id, None)
+            if waiter is not None:
+                waiter.set()
+            log.info("job %s ended and is forgotten: its records stay in %s",
+                     job_id.hex()[:8], self.store.path)
 
     def _done_event(self, job_id: bytes) -> trio.Event:
         return self._done.setdefault(job_id, trio.Event())
@@ -482,6 +553,7 @@ class Publisher:
             elif isinstance(e, S.Excluded) and self._nursery is not None:
                 self._nursery.start_soon(self._publish_evidence, e.worker, e.job_id)
             elif isinstance(e, S.JobDone):
+                self._ended_ms.setdefault(e.job_id, self._now())
                 self._done_event(e.job_id).set()
             elif isinstance(e, S.ShardStalled):
                 log.warning("job %s shard %d stalled: %s", e.job_id.hex()[:8], e.shard, e.note)
@@ -508,6 +580,7 @@ class Publisher:
             await trio.sleep(self.settings.tick_interval_s)
             self._run_event(S.Tick(self._now()))
             self.store.forget_seen(self._now())
+            self._forget_ended()
 
     # --- announcements -----------------------------------------------------------------
     def _addrs(self) -> tuple[str, ...]:
@@ -767,6 +840,8 @@ class Publisher:
                 self.mesh.penalize(peer, exc.penalty, f"{opened.kind}: {exc.why}")
                 await streams.reset_quietly(stream)
                 return
+            except S.Forgotten as exc:  # late, maybe honest: acknowledged, nothing paid
+                log.info("%s from %s: %s", opened.kind, peer, exc)
             except _Unavailable as exc:  # not the worker's fault: it retries later
                 log.info("report from %s not taken: %s", peer, exc)
                 await streams.reset_quietly(stream)
@@ -810,17 +885,18 @@ class Publisher:
         body = opened.body
         now = self._now()
         worker = opened.signer
-        if isinstance(body, Progress):
-            self.sched.lease_of(body.lease_id, worker, "progress")  # raises for a stranger's lease
+        job_id = self._job_of(body.lease_id, worker)
+        if isinstance(body, Progress):  # raises for a stranger's lease
+            self.sched.lease_of(body.lease_id, worker, "progress", job_id)
             return
         if isinstance(body, HandBack):
-            self._run_event(S.HandedBack(now, body.lease_id, worker))
+            self._run_event(S.HandedBack(now, body.lease_id, worker, job_id))
             return
         if isinstance(body, FailedResult):
-            self._run_event(S.LeaseFailed(now, body.lease_id, worker, body.reason))
+            self._run_event(S.LeaseFailed(now, body.lease_id, worker, body.reason, job_id))
             return
         assert isinstance(body, Result)
-        lease = self.sched.lease_of(body.lease_id, worker, "result")
+        lease = self.sched.lease_of(body.lease_id, worker, "result", job_id)
         stored = self.store.result(body.lease_id)
         if stored is not None and stored[0] == raw:
             return  # the same envelope again: acknowledge again
@@ -843,6 +919,15 @@ class Publisher:
         if not why and output is None:
             output = await self._fetch_output(body, peer, worker)
         self._take_result(lease, body, raw, output, why, peer)
+
+    def _job_of(self, lease_id: bytes, worker: bytes) -> bytes:
+        """The job of a lease `worker` holds: from memory, or for a forgotten job's lease
+        from the store (b"": no lease of that worker), so a late message about it is
+        refused as Forgotten and not taken for a lease never issued."""
+        lease = self.sched.leases.get(lease_id)
+        if lease is not None:
+            return lease.job_id
+        return self.store.lease_job(lease_id, worker) or b""
 
     def take_own_result(self, g: S.LeaseGrant, blob: bytes, batch_digests: tuple[bytes, ...]
                         ) -> None:

@@ -172,27 +172,27 @@ class Job:
         given: dict[int, bytes | None] = {}  # shard -> the accepted lease it was given from
         rows = self._rows()
         next_shard = 0
-        sched = self._pub.sched
         while True:
             done_before = self.finished()
-            accepted = {i: outs for i, outs in self._pub.shard_outputs(self.job_id)
-                        if given.get(i, b"") != sched.shards[(self.job_id, i)].accepted_lease}
-            failed = self._failed_shards()
+            accepted = dict(self._pub.shard_outputs(self.job_id))
+            recs = self._pub.shard_records(self.job_id)
+            accepted = {i: outs for i, outs in accepted.items()
+                        if given.get(i, b"") != recs[i].accepted_lease}
+            failed = {i for i, sh in enumerate(recs) if sh.status == "failed"}
             for i in sorted(set(accepted) & set(given)):  # verified again after an exclusion
-                given[i] = sched.shards[(self.job_id, i)].accepted_lease
+                given[i] = recs[i].accepted_lease
                 yield ShardResult(i, rows[i][0], accepted.pop(i), revised=True,
-                                  fallback=sched.shards[(self.job_id, i)].fallback)
+                                  fallback=recs[i].fallback)
             if order == "completed":
                 for i in sorted(accepted):
-                    given[i] = sched.shards[(self.job_id, i)].accepted_lease
-                    yield ShardResult(i, rows[i][0], accepted[i],
-                                      fallback=sched.shards[(self.job_id, i)].fallback)
+                    given[i] = recs[i].accepted_lease
+                    yield ShardResult(i, rows[i][0], accepted[i], fallback=recs[i].fallback)
             else:
                 while next_shard < len(rows):
                     if next_shard in accepted:
-                        given[next_shard] = sched.shards[(self.job_id, next_shard)].accepted_lease
+                        given[next_shard] = recs[next_shard].accepted_lease
                         yield ShardResult(next_shard, rows[next_shard][0], accepted[next_shard],
-                                          fallback=sched.shards[(self.job_id, next_shard)].fallback)
+                                          fallback=recs[next_shard].fallback)
                     elif next_shard not in failed:
                         break
                     next_shard += 1
@@ -200,11 +200,6 @@ class Job:
                 return
             with trio.move_on_after(POLL_S):  # a shard's change wakes it at once
                 await self._pub.changed(self.job_id).wait()
-
-    def _failed_shards(self) -> set[int]:
-        sched = self._pub.sched
-        return {i for i in range(len(self._rows()))
-                if sched.shards[(self.job_id, i)].status == "failed"}
 
     def outputs(self) -> dict[str, np.ndarray]:
         """All outputs in sample order (every shard must be accepted)."""
@@ -260,8 +255,8 @@ class Job:
 
     def _accepted_now(self) -> list[ShardResult]:
         rows = self._rows()
-        sched = self._pub.sched
-        return [ShardResult(i, rows[i][0], outs, fallback=sched.shards[(self.job_id, i)].fallback)
+        recs = self._pub.shard_records(self.job_id)
+        return [ShardResult(i, rows[i][0], outs, fallback=recs[i].fallback)
                 for i, outs in self._pub.shard_outputs(self.job_id)]
 
     def export(self, out_dir: str | Path) -> list[Path]:

@@ -143,7 +143,7 @@ class _Machine:
 
 class _Scheduler(_Machine):
     types = S.EVENTS
-    refusals = (S.CoreUsageError, S.PeerViolation)
+    refusals = (S.CoreUsageError, S.PeerViolation, S.Forgotten)
 
     def __init__(self, header: dict, where: str):
         settings = _build(S.SchedulerSettings, header.get("settings"), where, "settings")
@@ -170,8 +170,13 @@ class _Scheduler(_Machine):
                     raise LogError(f"{where}: restored {name} is not a list")
                 parts.append([_build(cls, d, where, f"restored {name}[{i}]")
                               for i, d in enumerate(items)])
+            forgotten = restored.get("forgotten", [])
             try:
-                self.m.restore(*parts)
+                forgotten = [bytes.fromhex(j) for j in forgotten]
+            except (TypeError, ValueError) as exc:
+                raise LogError(f"{where}: restored forgotten: {exc}") from None
+            try:
+                self.m.restore(*parts, forgotten=forgotten)
             except S.CoreUsageError as exc:
                 raise LogError(f"{where}: the restored records do not fit: {exc}") from None
 

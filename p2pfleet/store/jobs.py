@@ -216,26 +216,50 @@ class JobStore:
         for w in workers:
             c.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (w.worker, _trust_json(w)))
 
-    def load_records(self) -> tuple[list[JobRec], list[ShardRec], list[LeaseRec], list[WorkerTrust]]:
+    def load_records(self, *, ended: bool = True, job_id: bytes | None = None
+                     ) -> tuple[list[JobRec], list[ShardRec], list[LeaseRec], list[WorkerTrust]]:
+        """The scheduler's records: every job's (`ended=False`: live jobs' only, with every
+        trust record), or one job's (`job_id`: its job, shard and lease records, no trust
+        records), in the order `Scheduler.restore` takes them."""
         c = self.conn
+        if job_id is not None:
+            where, args = "WHERE job_id = ?", (job_id,)
+        elif not ended:
+            where, args = "WHERE job_id IN (SELECT job_id FROM jobs WHERE status = 'live')", ()
+        else:
+            where, args = "", ()
         jobs = [JobRec(_params_from(p), status, paid) for p, status, paid in
-                c.execute("SELECT params, status, paid FROM jobs ORDER BY created_ms")]
+                c.execute(f"SELECT params, status, paid FROM jobs {where} ORDER BY created_ms",
+                          args)]
         shards = [ShardRec(bytes(r[0]), r[1], r[2], r[3], bool(r[4]), bool(r[5]), bool(r[6]),
                            bool(r[12]), r[7], r[8], bytes(r[9]) if r[9] is not None else None,
                            r[10], r[11], r[13], r[14])
                   for r in c.execute("SELECT job_id, idx, status, target, single, recheck, "
                                      "cross_class, errors, issued, accepted_lease, reason, "
-                                     "last_issue_ms, audit, fallback, stalled_ms FROM shards")]
+                                     f"last_issue_ms, audit, fallback, stalled_ms FROM shards "
+                                     f"{where}", args)]
         leases = []
-        for r in c.execute("SELECT * FROM leases"):
+        for r in c.execute(f"SELECT * FROM leases {where}", args):
             agrees = bytes(r[14])
             leases.append(LeaseRec(
                 bytes(r[0]), bytes(r[1]), r[2], bytes(r[3]), r[4], bytes(r[5]), r[6], r[7], r[8],
                 r[9], bool(r[10]), r[11], bytes(r[12]) if r[12] is not None else None, bool(r[13]),
                 tuple(agrees[i:i + 16] for i in range(0, len(agrees), 16)), r[15], r[16], bool(r[17])))
-        workers = [WorkerTrust(bytes(w), **json.loads(rec))
-                   for w, rec in c.execute("SELECT worker, record FROM workers")]
+        workers = [] if job_id is not None else [
+            WorkerTrust(bytes(w), **json.loads(rec))
+            for w, rec in c.execute("SELECT worker, record FROM workers")]
         return jobs, shards, leases, workers
+
+    def ended_job_ids(self) -> list[bytes]:
+        """Jobs that are done or cancelled, oldest first."""
+        return [bytes(r[0]) for r in self.conn.execute(
+            "SELECT job_id FROM jobs WHERE status != 'live' ORDER BY created_ms")]
+
+    def lease_job(self, lease_id: bytes, worker: bytes) -> bytes | None:
+        """The job of a stored lease issued to `worker` (None: no such lease of that worker)."""
+        row = self.conn.execute("SELECT job_id FROM leases WHERE lease_id = ? AND worker = ?",
+                                (lease_id, worker)).fetchone()
+        return bytes(row[0]) if row else None
 
     # --- replay store (specs/identity-and-wire.md, section 10) --------------------------
     def remember(self, msg_id: bytes, keep_until_ms: int | None, now_ms: int) -> bool:

@@ -503,3 +503,51 @@ async def test_submit_async_stores_every_blob_before_the_job_is_added(tmp_path):
             await pub.submit_async(spec(inputs=inputs, shard_size=4096, micro_batch=64))
         assert pub.store.job_ids() == []
         pub.close()
+
+
+async def test_an_ended_job_is_forgotten_and_read_from_the_store(tmp_path):
+    """A long-running publisher lets an ended job go from memory (work-and-leases.md,
+    section 8): its status and outputs are then read from the store, unchanged, also after
+    a restart (which loads no ended job); a late result for one of its leases is
+    acknowledged without penalty and paid nothing."""
+    async with meshes(3) as (pm, wa, wb):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        a = TestWorker.start(wa, tmp_path / "a")
+        b = TestWorker.start(wb, tmp_path / "b")
+        trusted = {wa.identity.public_key, wb.identity.public_key}
+        store = tmp_path / "jobs.sqlite"
+        settings = replace(pub_settings(trusted), forget_ended_after_s=0.3)
+        pub = Publisher(pm.identity, pm, store, blobs, settings=settings)
+        pid = pm.identity.peer_id
+        one_shard = dict(shard_size=120, recheck_rate=0.0, audit_rate=0.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            done = pub.submit(spec(**one_shard))
+            for w in (a, b):
+                [lease] = (await w.request(pid)).leases
+                await w.report(pid, await w.compute(pid, lease))
+            st_done = await finish(pub, done)
+            assert (st_done.state, st_done.accepted) == ("done", 1)
+            cancelled = pub.submit(spec(**one_shard))
+            [late] = (await b.request(pid)).leases
+            late_result = await b.compute(pid, late)
+            pub.cancel(cancelled)
+            st_cancelled = pub.status(cancelled)
+            await wait_until(lambda: not ({done, cancelled} & set(pub.sched.jobs)), timeout=10)
+            assert not any(l.job_id in (done, cancelled) for l in pub.sched.leases.values())
+            assert not any(j in (done, cancelled) for j, _i in pub.sched.shards)
+            assert pub.status(done) == st_done and pub.status(cancelled) == st_cancelled
+            assert_matches_local(pub.outputs(done))
+            # the late result: acknowledged (no stream error), no penalty, no receipt
+            await b.report(pid, late_result)
+            assert pm.reputation.penalty(wb.identity.peer_id, pm.clock()) == 0
+            assert pub.store.receipts_for(wb.identity.public_key, [late.lease_id]) == []
+            assert pub.status(cancelled) == st_cancelled
+            nursery.cancel_scope.cancel()
+        pub.close()
+        pub2 = Publisher(pm.identity, pm, store, blobs, settings=settings)
+        assert pub2.sched.jobs == {} and pub2.sched.leases == {}
+        assert pub2.status(done) == st_done and pub2.status(cancelled) == st_cancelled
+        assert_matches_local(pub2.outputs(done))
+        pub2.close()

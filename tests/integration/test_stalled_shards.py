@@ -51,7 +51,7 @@ async def test_two_workers_a_job_needing_three_finishes_with_the_publisher_compu
                           settings=replace(settings, self_audit=True))
         try:
             assert again.status(job).self_computed == 4
-            assert all(again.sched.shards[(job, i)].fallback == "publisher" for i in range(4))
+            assert all(sh.fallback == "publisher" for sh in again.shard_records(job))
         finally:
             again.close()
 

@@ -140,6 +140,7 @@ BAD_FILE_VALUES = {
     "publishing.established_age_h": ("-1", ">= 0"),
     "publishing.stall_wait_s": ("0", ">= 0.1"),
     "publishing.self_compute": ('"maybe"', "true or false"),
+    "publishing.forget_ended_after_s": ("-1", ">= 0"),
     "publishers.unpaid_time_cap_h": ("-1", "a number >= 0"),
     "records.capacity_lifetime_s": ("60", "an integer >= 300 and <= 3600"),
     "records.republish_s": ("5", "an integer >= 60"),

@@ -139,3 +139,27 @@ def test_a_stream_of_forgotten_jobs_holds_only_the_jobs_in_flight():
         m.handle(S.JobForgotten(at, jid))
     assert len(m.jobs) == len(m.leases) == len(m.shards) == 0
     assert 0 < peak <= 3 * 3 and len(m.forgotten) == 30
+
+
+def test_a_restart_restores_live_jobs_and_knows_the_forgotten_ones():
+    """A publisher restarts from its store's live jobs only (`restore(forgotten=...)`):
+    a late message about an ended job is Forgotten, as before the restart."""
+    m = machine(keep_changes=True)
+    j1, j2 = b"1" * 16, b"2" * 16
+    m.handle(S.JobAdded(0, job(j1)))
+    m.handle(S.JobAdded(0, job(j2)))
+    [g1] = ask(m, "a", 1, (j1,))
+    m.handle(S.JobCancelled(2, j1))
+    jobs, shards, leases, workers = m.take_changes()
+    live = ([j for j in jobs if j.job.job_id == j2], [s for s in shards if s.job_id == j2],
+            [l for l in leases if l.job_id == j2], workers)
+    again = machine()
+    again.restore(*live, forgotten=[j1])
+    assert set(again.jobs) == {j2} and j1 in again.forgotten
+    with pytest.raises(S.Forgotten):
+        again.handle(S.ResultArrived(3, g1.lease_id, key("a"), b"good".ljust(32, b"."),
+                                     job_id=j1))
+    with pytest.raises(S.CoreUsageError, match="already exists"):
+        again.handle(S.JobAdded(3, job(j1)))
+    with pytest.raises(S.CoreUsageError, match="both restored and forgotten"):
+        machine().restore(*live, forgotten=[j2])
