@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,8 @@ async def worker(args: argparse.Namespace) -> None:
                 results.append({"reader": f"{w}/{j}", "target": target, "ok": ok,
                                 "ms": round((time.monotonic() - start) * 1000, 1),
                                 "rounds": stats.rounds, "rpcs": stats.rpcs,
-                                "responses": stats.responses, "error": err})
+                                "responses": stats.responses, "timeouts": stats.timeouts,
+                                "rpc_errors": dict(stats.errors), "error": err})
 
         async with trio.open_nursery() as nursery:
             for j, target in pairs:
@@ -257,6 +259,15 @@ def run_lookups(workers: list[Worker], pairs: list[tuple[dict, dict]], parallel:
         "rounds": B.summary([r["rounds"] for r in results]),
         "rpcs": B.summary([r["rpcs"] for r in results]),
         "wall_s": round(time.monotonic() - started, 1), "loadavg": load(),
+        "rpcs_total": sum(r["rpcs"] for r in results),
+        "responses_total": sum(r["responses"] for r in results),
+        "timeouts_total": sum(r.get("timeouts", 0) for r in results),
+        "rpc_errors_total": dict(sum((Counter(r.get("rpc_errors", {})) for r in results),
+                                     Counter())),
+        "success_by_reader_process": {
+            str(w): B.rate(sum(1 for r in ok if r["reader"].split("/")[0] == str(w)),
+                           sum(1 for r in results if r["reader"].split("/")[0] == str(w)))
+            for w in sorted({int(r["reader"].split("/")[0]) for r in results})},
         "failed_examples": [r for r in results if not r["ok"]][:5],
     }
 

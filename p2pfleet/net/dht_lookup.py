@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,11 +36,14 @@ QUERY_TIMEOUT_S = 5.0
 @dataclass
 class WalkStats:
     """What one lookup cost: rounds of parallel queries (hops), GET_VALUE RPCs sent and the
-    answers they got (summed over the walks that share it)."""
+    answers they got (summed over the walks that share it), and why the others failed:
+    no answer within the query timeout, or an error (by exception name)."""
 
     rounds: int = 0
     rpcs: int = 0
     responses: int = 0
+    timeouts: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 def start_shortlist(dht: Any, key: bytes, k: int) -> list[Any]:
@@ -93,12 +96,14 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
     values: dict[Any, bytes] = {}
 
     async def query(peer: Any) -> None:
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout) as waited:
             try:
                 result = await dht.value_store._get_from_peer(
                     peer, key, return_record=True, return_closer_peers=True)
             except Exception as exc:  # noqa: BLE001 - a failing peer is just not counted
                 log.debug("GET_VALUE to %s failed: %s", peer, exc)
+                name = type(exc).__name__
+                stats.errors[name] = stats.errors.get(name, 0) + 1
                 return
             if not isinstance(result, tuple):
                 return
@@ -116,6 +121,8 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
             for p in closer or []:
                 if p != host_id and p not in shortlist:
                     shortlist.append(p)
+        if waited.cancelled_caught:
+            stats.timeouts += 1
 
     best: list[int] = []  # the closest distance known before the last round
 

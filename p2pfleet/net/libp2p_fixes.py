@@ -666,6 +666,15 @@ def add_validation_ignore(pubsub: Any, topic: str, ignore: IgnoreFn) -> None:
 # would otherwise keep every connection younger than the grace, and newcomers out. A pruned
 # peer is reported (`on_prune`): the bytes of a connection we dropped as useless do not
 # count toward the owner's transfer cap (core/peer_budget.py).
+# With no idle one to prune, the oldest connection of the share that has had `settle_s` to
+# learn from us goes instead, unless it carries work (a stream other than GossipSub's, the
+# DHT's or identify push's) or is one of our GossipSub mesh peers: a node a fleet joins
+# through serves each newcomer for a while and lets it go, rather than serving the first
+# ones for good and refusing the rest (issue 15: at 200 hosts a bootstrap node's share held
+# the first joiners, each useful since its first DHT request, and 62 hosts found no peer
+# for 30 s). The one let go stays in our routing table, so its address is a known source
+# and it comes back through the reserved slots. A flood of useful-looking connections can
+# thus push settled honest ones out of the share, never out of the reserve.
 
 
 @dataclass(frozen=True)
@@ -673,12 +682,15 @@ class InboundReserve:
     fraction: float = 0.25   # of the inbound slots, kept for known sources
     grace_s: float = 10.0    # a new connection is not pruned before this
     cooldown_s: float = 60.0  # a pruned address waits this long for another unreserved slot
+    settle_s: float = 60.0   # a useful connection may go for a newcomer after this
 
     def __post_init__(self) -> None:
-        if not 0 <= self.fraction < 1 or self.grace_s < 0 or self.cooldown_s < 0:
-            raise ValueError("InboundReserve needs 0 <= fraction < 1, grace_s >= 0 and "
-                             f"cooldown_s >= 0, got fraction={self.fraction}, "
-                             f"grace_s={self.grace_s}, cooldown_s={self.cooldown_s}")
+        if (not 0 <= self.fraction < 1 or self.grace_s < 0 or self.cooldown_s < 0
+                or self.settle_s < self.grace_s):
+            raise ValueError("InboundReserve needs 0 <= fraction < 1, grace_s >= 0, "
+                             f"cooldown_s >= 0 and settle_s >= grace_s, got "
+                             f"fraction={self.fraction}, grace_s={self.grace_s}, "
+                             f"cooldown_s={self.cooldown_s}, settle_s={self.settle_s}")
 
 
 @dataclass
@@ -697,9 +709,13 @@ class InboundReservation:
 
     def __init__(self, swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
                  is_known: Callable[[Any], bool], source_of: Callable[[str], str],
-                 on_prune: Callable[[Any], None] | None = None):
+                 on_prune: Callable[[Any], None] | None = None,
+                 busy: Callable[[Any], bool] = lambda conn: False,
+                 keep: Callable[[Any], bool] = lambda peer: False):
         self.swarm = swarm
         self.on_prune = on_prune
+        self._busy = busy
+        self._keep = keep
         self.reserve = reserve
         self._known_peers = known_peers
         self._is_known = is_known
@@ -759,19 +775,29 @@ class InboundReservation:
         return source in self.cooling
 
     def prunable(self, now: float) -> _Unknown | None:
+        """The newest idle newcomer past its grace; else the oldest settled connection that
+        carries no work and is not kept (see fix 16)."""
         candidates = [u for u in self.unknown
                       if u.muxed_conn is not None and now - u.since >= self.reserve.grace_s
                       and not self.known(getattr(u.muxed_conn, "peer_id", None))]
-        return max(candidates, key=lambda u: u.since, default=None)
+        if candidates:
+            return max(candidates, key=lambda u: u.since)
+        settled = [u for u in self.unknown
+                   if u.muxed_conn is not None and now - u.since >= self.reserve.settle_s
+                   and not self._keep(getattr(u.muxed_conn, "peer_id", None))
+                   and not any(self._busy(conn) for conn in self._conns_of(u))]
+        return min(settled, key=lambda u: u.since, default=None)
+
+    def _conns_of(self, entry: _Unknown) -> list[Any]:
+        return [conn for conns in list(self.swarm.connections.values()) for conn in conns
+                if getattr(conn, "muxed_conn", None) is entry.muxed_conn]
 
     async def close(self, entry: _Unknown) -> None:
-        for conns in list(self.swarm.connections.values()):
-            for conn in list(conns):
-                if getattr(conn, "muxed_conn", None) is entry.muxed_conn:
-                    try:
-                        await conn.close()
-                    except Exception:  # noqa: BLE001 - it may already be closing
-                        pass
+        for conn in self._conns_of(entry):
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001 - it may already be closing
+                pass
         with trio.move_on_after(5.0):  # its slot comes back when its handler returns (fix 4)
             await entry.gone.wait()
 
@@ -781,15 +807,20 @@ _unknown_entry: ContextVar[_Unknown | None] = ContextVar("p2pfleet_unknown_inbou
 
 def reserve_inbound_slots(swarm: Any, reserve: InboundReserve, known_peers: Callable[[], Any],
                           is_known: Callable[[Any], bool], source_of: Callable[[str], str],
-                          on_prune: Callable[[Any], None] | None = None) -> InboundReservation:
+                          on_prune: Callable[[Any], None] | None = None,
+                          busy: Callable[[Any], bool] = lambda conn: False,
+                          keep: Callable[[Any], bool] = lambda peer: False,
+                          ) -> InboundReservation:
     """Install fix 16 on `swarm` (after fixes 4 and 8). `known_peers()` lists the peers
     whose addresses are known sources (our routing table's), `is_known(peer)` says whether
     a connected peer is worth keeping, `source_of(ip)` names an address's source (fix 8's
-    rule); peers we dial are remembered here."""
+    rule); `busy(conn)`: the connection carries work; `keep(peer)`: never let it go for a
+    newcomer; peers we dial are remembered here."""
     from libp2p.abc import IMuxedConn, INotifee
     from libp2p.rcmgr import Direction
 
-    reservation = InboundReservation(swarm, reserve, known_peers, is_known, source_of, on_prune)
+    reservation = InboundReservation(swarm, reserve, known_peers, is_known, source_of, on_prune,
+                                     busy, keep)
     handle_inbound = swarm._handle_inbound_connection
     upgrade_inbound = swarm.upgrade_inbound_raw_conn
 

@@ -47,7 +47,7 @@ from ..identity import Identity
 from ..names import Names
 from ..store.state import MemoryMarks, NodeState
 from ..wire.envelope import Opened
-from . import (dht_find_node, dht_lookup, dht_providers, dht_refresh, dht_streams,
+from . import (conn_trim, dht_find_node, dht_lookup, dht_providers, dht_refresh, dht_streams,
                libp2p_fixes, state_limits, traffic)
 from .dht_slots import DHT_FLOOD, DhtSlotLimits, share_dht_slots
 from .reachability import Reachable
@@ -74,6 +74,7 @@ from .gossip import (
 log = logging.getLogger(__name__)
 
 MARK_PRUNE_S = 600.0  # forget record marks that protect nothing any more this often
+TRIM_INTERVAL_S = 5.0  # trim connections above the high watermark at least this often (fix 21)
 MAX_USEFUL = 4096  # peers marked useful (fix 16) remembered at most
 FIRST_REFRESH_S = 15.0  # refresh again this soon while the table is smaller than k (doubling)
 
@@ -99,6 +100,7 @@ class MeshSettings:
     relay_only: bool = False  # hand out relayed addresses only (net/relay_only.py)
     max_connections: int = 128
     min_connections: int = 8
+    trim_grace_s: float = 20.0  # a new connection is not trimmed before this (fix 21)
     # Cars behind carrier-grade NAT share public IPs: these trade honest cars refused at a
     # popular node against slots one attacker address can hold.
     max_pending_handshakes_per_ip: int = 4
@@ -413,11 +415,18 @@ class Mesh:
             lambda peer, why: self.penalize(peer, "invalid-message", why))
         self.dht_slots = share_dht_slots(  # fix 15 (before fix 14: it wraps this)
             host, dht, self.names.protocol("kad"), self.settings.dht_slots, self._on_stream_violation)
+        long_lived = frozenset([*GOSSIP_PROTOCOLS, self.names.protocol("kad"),
+                                libp2p_fixes.IDENTIFY_PUSH])
+
+        def in_gossip_mesh(peer: Any) -> bool:
+            return any(peer in peers for peers in gossipsub.mesh.values())
+
         self.inbound_reservation = libp2p_fixes.reserve_inbound_slots(  # fix 16
             host.get_network(), self.settings.inbound_reserve, dht.routing_table.get_peer_ids,
             lambda peer: dht.routing_table.peer_in_table(peer) or peer in self._useful,
             self.inbound_limiter.source,
-            on_prune=lambda peer: self.budget.forfeit(str(peer)))
+            on_prune=lambda peer: self.budget.forfeit(str(peer)),
+            busy=lambda conn: conn_trim.busy(conn, long_lived), keep=in_gossip_mesh)
         dht_streams.learn_peer_per_request(dht)  # fix 19, server half (before fix 14)
         dht_find_node.answer_find_node_for_any_key(host, dht, self.names.protocol("kad"))  # fix 14
         self.dht_streams = (dht_streams.reuse_dht_streams(  # fix 19
@@ -433,6 +442,7 @@ class Mesh:
                 raise MeshError("relay_only and mdns exclude each other: mDNS announces "
                                 "this node's address on the LAN")
             advertise_only(host, self.relays.addrs)
+        conn_trim.trim_connections(host.get_network(), long_lived, keep=in_gossip_mesh)  # fix 21
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -451,6 +461,7 @@ class Mesh:
                     if self.settings.bootstrap:
                         nursery.start_soon(self._bootstrap_loop)
                     nursery.start_soon(self._forget_marks)
+                    nursery.start_soon(self._trim_loop)
                     nursery.start_soon(self._refresh_loop, dht)
                     if self.dht_streams is not None:
                         nursery.start_soon(self.dht_streams.run)
@@ -467,6 +478,14 @@ class Mesh:
             self.marks.forget_marks(int(self.clock() * 1000))
             await trio.sleep(MARK_PRUNE_S)
 
+    async def _trim_loop(self) -> None:
+        """Trim also without new connections (fix 21): a host full up to max_connections
+        refuses newcomers before they could trigger a trim."""
+        while True:
+            await trio.sleep(TRIM_INTERVAL_S)
+            if self.host is not None:
+                await self.host.get_network().connection_pruner.maybe_prune_connections()
+
     def _connection_config(self) -> ConnectionConfig:
         # py-libp2p's defaults keep >= 50 connections and dial up to 200 known peers every
         # 30 s; a car on a shared link wants few, long-lived connections.
@@ -475,6 +494,7 @@ class Mesh:
             max_connections=s.max_connections, min_connections=s.min_connections,
             low_watermark=s.min_connections * 2, high_watermark=int(s.max_connections * 0.75),
             max_connections_per_peer=2, inbound_upgrade_timeout=5.0,
+            grace_period=s.trim_grace_s,
             outbound_upgrade_timeout=10.0, dial_timeout=10.0,
         )
 

@@ -17,6 +17,7 @@ decision). tools/bench_sim.py uses `Scan` as its baseline.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 from hypothesis import HealthCheck, given, settings
@@ -129,6 +130,19 @@ def digest_of(shard: int, wrong: int) -> bytes:
     return hashlib.sha256(f"{shard} {wrong}".encode()).digest()
 
 
+def by_id(lease: S.LeaseRec) -> bytes:
+    return lease.lease_id
+
+
+def unordered(effects: object) -> object:
+    """Effects with the cancelled leases of one event as a set (after a restart)."""
+    if not isinstance(effects, list):
+        return effects
+    cancels = {(e.worker, e.job_id, e.reason, l) for e in effects
+               if isinstance(e, S.CancelLeases) for l in e.lease_ids}
+    return [e for e in effects if not isinstance(e, S.CancelLeases)], cancels
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), window=st.integers(1, 6), own=st.booleans(), trusted=st.integers(0, 2),
        shards=st.integers(1, 20), workers=st.integers(2, 9), quorum=st.integers(1, 3),
@@ -144,17 +158,25 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
     # per worker: its prefix (some share one) and hardware class
     prefixes = [f"10.0.{i if i % 4 else 0}.0/24" for i in range(workers)]
 
-    def step(ev: object) -> None:
+    store: dict[tuple[str, object], object] = {}  # what a driver persisted (not lazy)
+    restarted = False
+
+    def step(ev: object, keep: bool = True) -> None:
+        """`keep` False: the machine that never forgets does not see `ev` (a late message
+        about a job the others forgot: it would take it)."""
         outs = []
         for m in (*both, keeper):
-            if m is keeper and isinstance(ev, S.JobForgotten):
+            if m is keeper and (isinstance(ev, S.JobForgotten) or not keep):
                 continue
             try:
                 outs.append(("ok", m.handle(ev)))
-            except (S.PeerViolation, S.CoreUsageError) as exc:
+            except (S.PeerViolation, S.CoreUsageError, S.Forgotten) as exc:
                 outs.append(("error", str(exc)))
+        if restarted:
+            outs = [(o, unordered(effects)) for o, effects in outs]
         assert outs[0] == outs[1], f"after {ev}"
-        assert isinstance(ev, S.JobForgotten) or outs[0] == outs[2], f"forgetting, after {ev}"
+        assert (isinstance(ev, S.JobForgotten) or not keep
+                or outs[0] == outs[2]), f"forgetting, after {ev}"
         for rec in ref.jobs.values():
             assert ([sh.index for sh in new._window(new.jobs[rec.job.job_id])]
                     == [sh.index for sh in ref._window(rec)])
@@ -162,17 +184,27 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
         for i in range(workers):  # the kept live-lease caps, against a count of them
             assert (new._live_counts(worker(i), prefixes[i])
                     == ref._live_counts(worker(i), prefixes[i]))
+        if not lazy:  # each event's changes, persisted as a driver does
+            taken = new.take_changes()
+            assert taken == ref.take_changes()
+            for kind, recs in zip(("job", "shard", "lease", "worker"), taken):
+                for r in recs:
+                    store[(kind, r.job.job_id if kind == "job" else (r.job_id, r.index)
+                           if kind == "shard" else r.lease_id if kind == "lease"
+                           else r.worker)] = r
 
     for i in range(0, workers, 2):  # veterans: established before the run, as fleet.py does
         for m in (*both, keeper):
             m.workers[worker(i)] = T.WorkerTrust(worker(i), accepted=10, first_valid_ms=-10**9)
+        store[("worker", worker(i))] = new.workers[worker(i)]
+    gone: list[S.LeaseRec] = []  # leases of forgotten jobs, as they were
     step(S.JobAdded(0, jobs[0]))
     for _ in range(data.draw(st.integers(10, 150), label="events")):
         now += data.draw(st.sampled_from([0, 500, 5_000, 40_000, 400_000]), label="dt")
         live = [l for l in ref.live_leases()]
         kind = data.draw(st.sampled_from(
             ["ask", "ask", "ask", "result", "result", "result", "fail", "hand_back", "tick",
-             "own", "late", "cancel", "job", "forget"]), label="kind")
+             "own", "late", "cancel", "job", "forget", "stale", "restart"]), label="kind")
         if kind == "ask":
             i = data.draw(st.integers(0, workers - 1), label="worker")
             step(S.WorkRequested(now, worker(i), prefixes[i], CLASSES[i % 2], 0.05,
@@ -199,6 +231,64 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
             cls = S.LeaseFailed if kind == "fail" else S.HandedBack
             step(cls(now, lease.lease_id, lease.worker, "error") if kind == "fail"
                  else cls(now, lease.lease_id, lease.worker))
+        elif kind == "stale":
+            # what a worker may still send: a second, different result for a lease it
+            # returned; a failure or hand-back after its lease expired; any of these for a
+            # lease of a job forgotten since (refused as Forgotten by the forgetting ones)
+            pool = [l for l in ref.leases.values() if l.state in ("returned", "expired")]
+            pool += [l for l in gone if l.job_id not in ref.jobs]
+            if not pool:
+                continue
+            lease = data.draw(st.sampled_from(pool), label="lease")
+            msg = data.draw(st.sampled_from(["result", "fail", "hand_back"]), label="msg")
+            if msg == "result":
+                ev = S.ResultArrived(now, lease.lease_id, lease.worker,
+                                     digest_of(lease.shard, 3), True, None, (), lease.job_id)
+            elif msg == "fail":
+                ev = S.LeaseFailed(now, lease.lease_id, lease.worker, "late", lease.job_id)
+            else:
+                ev = S.HandedBack(now, lease.lease_id, lease.worker, lease.job_id)
+            step(ev, keep=lease.job_id in ref.jobs)
+        elif kind == "restart" and not lazy:
+            # a driver's restart (publisher/engine.py): ended jobs are forgotten, the live
+            # ones restored from the store; what the scheduler keeps in memory only (who
+            # asked lately, hardware classes seen, prefix back-offs, the clock) is carried
+            # over so decisions can be compared. restore() must rebuild every index the
+            # handlers keep.
+            for j in jobs:
+                if j.job_id in ref.jobs and ref.jobs[j.job_id].status != "live":
+                    gone.extend(copy.copy(l) for l in ref.leases.values()
+                                if l.job_id == j.job_id)
+                    step(S.JobForgotten(now, j.job_id))
+            held = set(ref.jobs)
+            records = {k: [r for (kind_, _), r in store.items() if kind_ == k and
+                           (k == "worker" or (r.job.job_id if k == "job" else r.job_id) in held)]
+                       for k in ("job", "shard", "lease", "worker")}
+            back = S.Scheduler(new.s, rng=S.KeyedRandom(b"k" * 32))
+            back.rng.setstate(new.rng.getstate())
+            back.restore(records["job"], records["shard"], records["lease"], records["worker"],
+                         forgotten=new.forgotten)
+            assert back.jobs == new.jobs and back.leases == new.leases
+            assert dict(back.shards) == dict(new.shards) and back.workers == new.workers
+            # The same records; the store keeps no issue order within a millisecond (a
+            # grant's leases), so a restored machine lists them by (issue time, id): verify.py
+            # orders votes by arrival, and only the order of cancelled ids in CancelLeases
+            # can differ (`unordered`).
+            assert ({k: sorted(v, key=by_id) for k, v in back._by_shard.items()}
+                    == {k: sorted(v, key=by_id) for k, v in new._by_shard.items()})
+            assert sorted(back._live) == sorted(new._live)
+            assert back._live_of_worker == new._live_of_worker
+            assert back._live_in_prefix == new._live_in_prefix
+            assert back._next_expiry() == new._next_expiry()
+            assert back._own_fallback == new._own_fallback
+            # arrival order only ranks the results of one shard: restored from the held
+            # leases, it may be below the forgotten jobs' (carried over to compare records)
+            assert back._order == max((l.order for l in back.leases.values()), default=0)
+            back._requests, back._class_seen = dict(new._requests), dict(new._class_seen)
+            back._prefix_backoff, back._now = dict(new._prefix_backoff), new._now
+            back._order = new._order
+            new, restarted = back, True
+            both = (new, ref)
         elif kind == "tick":
             step(S.Tick(now))
         elif (kind == "cancel" and len(jobs) > 1 and jobs[-1].job_id not in ref.forgotten
@@ -214,6 +304,7 @@ def test_indexed_scheduler_decides_as_the_scan(data, window, own, trusted, shard
             taken = ref.take_changes()  # its changes reach the store first
             if not lazy:
                 assert new.take_changes() == taken
+            gone.extend(copy.copy(l) for l in ref.leases.values() if l.job_id == ended)
             step(S.JobForgotten(now, ended))
             assert ended not in new.jobs and not any(k[0] == ended for k in new.shards)
         else:
