@@ -1491,6 +1491,8 @@ class Scheduler:
         self._dirty.add(("lease", bad.lease_id))
         sh.status, sh.accepted_lease, sh.reason = "open", None, ""
         sh.audit = sh.audit or bool(self.s.trust.trusted)  # the quorum must hold a trusted vote
+        if sh.fallback == "publisher":  # open again: the stall check must see it (as restore())
+            self._own_fallback.add((sh.job_id, sh.index))
         for l in self.shard_leases(sh.job_id, sh.index):
             if l.state == "returned" and l.ok and l.verdict in ("valid", "invalid"):
                 l.verdict = ""
