@@ -665,7 +665,8 @@ class Publisher:
         meta = self._meta[job_id]
         model_digest = bytes.fromhex(meta["model_digest"])
         self.blobs.cache.put(model_digest, self.store.get_blob(model_digest), public=True, pinned=True)
-        if self.sched.jobs[job_id].status != "live":
+        rec = self.sched.jobs.get(job_id)  # None: forgotten, so ended
+        if rec is None or rec.status != "live":
             return
         for digest, _ka in self._shards[job_id]:
             if not self.blobs.cache.has(digest):
