@@ -12,8 +12,9 @@ rust's) reads requests in a loop until the stream ends.
 Here `host.new_stream` for the DHT protocol hands out a `_PooledStream`. When upstream's
 request code closes it after reading one complete answer, the stream goes back to a per-peer
 pool instead of closing; the next request to that peer within `idle_s` takes it (never one
-the peer has closed or reset, and never one with a request or an answer half-way, e.g. a
-query cancelled by its deadline: that one is closed as before). Streams idle longer are
+the peer has closed or reset, never one with a request or an answer half-way, e.g. a
+query cancelled by its deadline, nor one holding unread bytes past the answer: those are
+closed as before). Streams idle longer are
 closed, below every server's idle timeout (ours: `MeshSettings.dht_idle_timeout_s`, fix 3),
 so a server does not close a stream as we send on it. The length prefix is sent with the
 message in one frame. Servers need nothing new to answer: fix 15 serves each request on its own,
@@ -37,12 +38,17 @@ MAX_POOLED_PER_PEER = 2  # idle streams kept per peer (walks send 1 request per 
 
 
 def _alive(stream: Any) -> bool:
+    """Open both ways, and holding no unread bytes: between requests, bytes beyond the
+    answer read (a peer that answered twice) would be read as the next request's answer."""
     muxed = getattr(stream, "muxed_stream", None)
     if muxed is None:
         return False
     if any(getattr(muxed, flag, False)
            for flag in ("closed", "send_closed", "recv_closed", "reset_received")):
         return False
+    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+    if buffers is None or buffers.get(getattr(muxed, "stream_id", None)):
+        return False  # unread bytes (or a muxer whose buffer we cannot see: not reused)
     conn = getattr(stream, "muxed_conn", None)
     return not getattr(conn, "is_closed", False)
 

@@ -75,3 +75,46 @@ async def test_requests_to_one_peer_share_a_stream_and_get_right_answers():
         # opens a stream for each
         assert inbound.count - before <= 2, inbound.count - before
         nursery.cancel_scope.cancel()
+
+
+class _AnswersTwice:
+    """A server's side of a DHT stream that sends each answer twice (a buggy or hostile
+    peer): the copy stays unread in the client's stream buffer."""
+
+    def __init__(self, stream) -> None:
+        self._stream, self._prefix = stream, None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+        if self._prefix is None:  # upstream writes the length prefix, then the message
+            self._prefix = bytes(data)
+        else:
+            await self._stream.write(self._prefix + bytes(data))
+            self._prefix = None
+
+
+async def test_a_stream_with_an_unread_answer_is_not_reused():
+    """An answer beyond the one read must not be taken as the next request's answer: a
+    stream holding unread bytes goes, it is not pooled."""
+    async with trio.open_nursery() as nursery:
+        over = dict(dht_refresh_s=0, dht_idle_timeout_s=40.0)
+        server = Mesh(Identity.from_seed(b"dht-streams-server2"),
+                      settings(0, listen=("/ip4/127.0.9.3/tcp/0",), **over))
+        await nursery.start(server.run)
+        inner = server.dht.handle_stream
+        server.host.set_stream_handler(server.names.protocol("kad"),
+                                       lambda stream: inner(_AnswersTwice(stream)))
+        client = Mesh(Identity.from_seed(b"dht-streams-client2"),
+                      settings(1, listen=("/ip4/127.0.9.4/tcp/0",), **over))
+        await nursery.start(client.run)
+        await client.connect(server.listen_addrs()[0])
+        await client.put_capacity(seal(capacity(), client.identity, NETWORK))
+        assert client.last_put_peers == 1
+        for _ in range(2):
+            client.dht.value_store.store.clear()  # found only if the server answers it
+            opened = await client.get_capacity(client.identity.peer_id)
+            assert opened is not None and opened.signer == client.identity.public_key
+        nursery.cancel_scope.cancel()
