@@ -919,6 +919,8 @@ class Publisher:
         output = body.output
         if not why and output is None:
             output = await self._fetch_output(body, peer, worker)
+            # its job may have been forgotten meanwhile: Forgotten then (acknowledged, unpaid)
+            lease = self.sched.lease_of(body.lease_id, worker, "result", lease.job_id)
         self._take_result(lease, body, raw, output, why, peer)
 
     def _job_of(self, lease_id: bytes, worker: bytes) -> bytes:

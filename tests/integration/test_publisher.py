@@ -552,3 +552,48 @@ async def test_an_ended_job_is_forgotten_and_read_from_the_store(tmp_path):
         assert pub2.status(done) == st_done and pub2.status(cancelled) == st_cancelled
         assert_matches_local(pub2.outputs(done))
         pub2.close()
+
+
+async def test_a_result_in_flight_when_its_job_is_forgotten_is_acknowledged(tmp_path):
+    """A result whose outputs the publisher fetches from the worker (not inline) may still
+    be in flight when its job is forgotten (work-and-leases.md, section 8): it is then
+    acknowledged as a late result of a forgotten job, unpaid and unpunished, not dropped
+    with an error on the publisher's side (which the worker sees as a reset stream)."""
+    async with meshes(2) as (pm, wb):
+        blobs = BlobService(pm, BlobCache(tmp_path / "pub-blobs", 64 * 1024 * 1024))
+        blobs.install()
+        b = TestWorker.start(wb, tmp_path / "b")
+        pub = Publisher(pm.identity, pm, tmp_path / "jobs.sqlite", blobs,
+                        settings=replace(pub_settings({wb.identity.public_key}),
+                                         forget_ended_after_s=None))
+        pid = pm.identity.peer_id
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pub.run)
+            job = pub.submit(spec(shard_size=120, recheck_rate=0.0, audit_rate=0.0))
+            [lease] = (await b.request(pid)).leases
+            body = open_envelope(await b.compute(pid, lease), NETWORK, kinds={"result"}).body
+            b.blobs.cache.put(body.output_digest, body.output, public=True)
+            by_blob = seal(replace(body, output=None), wb.identity, NETWORK)
+            asked, served = trio.Event(), trio.Event()
+
+            async def slow_blobs(stream) -> None:  # outputs served once the job is forgotten
+                asked.set()
+                await served.wait()
+                await b.blobs._serve(stream)
+            wb.set_handler("blob", slow_blobs)
+            pub.cancel(job)
+            acknowledged = []
+
+            async def report() -> None:
+                acknowledged.append(await b.report(pid, by_blob))
+            nursery.start_soon(report)
+            await asked.wait()  # the publisher is fetching the outputs: the job goes now
+            pub.settings = replace(pub.settings, forget_ended_after_s=0.0)
+            await wait_until(lambda: job not in pub.sched.jobs, timeout=10)
+            served.set()
+            await wait_until(lambda: acknowledged, timeout=30)
+            assert acknowledged == [[]]  # no receipt
+            assert pm.reputation.penalty(wb.identity.peer_id, pm.clock()) == 0
+            assert pub.status(job).state == "cancelled"
+            nursery.cancel_scope.cancel()
+        pub.close()
