@@ -74,6 +74,7 @@ async def worker(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    logging.getLogger("p2pfleet").setLevel(logging.WARNING)  # bans, into the worker's log
     w = args.worker_index
     hosts: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -106,6 +107,9 @@ async def worker(args: argparse.Namespace) -> None:
                 entry["ready_s"] = time.monotonic() - t0
                 await mesh.put_capacity(record(mesh))
                 entry["put_peers"] = mesh.last_put_peers
+                put = mesh.last_put
+                entry["put_stats"] = {"rpcs": put.rpcs, "accepted": put.responses,
+                                      "timeouts": put.timeouts, "errors": dict(put.errors)}
                 entry["published_s"] = time.monotonic() - t0
         entry["alive"] = False
 
@@ -117,8 +121,12 @@ async def worker(args: argparse.Namespace) -> None:
                         "addr": (m.listen_addrs() or [None])[0],
                         "first_peer_s": e.get("first_peer_s"), "ready_s": e.get("ready_s"),
                         "published_s": e.get("published_s"), "put_peers": e.get("put_peers"),
+                        "put_stats": e.get("put_stats"),
+                        "last_put_peers": m.last_put_peers if e.get("put_stats") else None,
+                        "puts": m.puts,
                         "table": m.dht.routing_table.size() if m.dht else None,
-                        "connections": len(m.connected_peers())})
+                        "connections": len(m.connected_peers()),
+                        "bans": len(m.stats.bans), "violations": dict(m.stats.violations)})
         return {"hosts": out}
 
     async def lookups(pairs: list[list], parallel: int) -> dict:
@@ -284,8 +292,19 @@ def join_summary(hosts: list[dict]) -> dict:
         "table_ready_s": B.summary(vals("ready_s")),
         "published_s": B.summary(vals("published_s")),
         "copies_stored_at_join": B.summary(vals("put_peers")),
+        "copies_stored_at_last_put": B.summary(vals("last_put_peers")),  # republished since
+        "puts_per_host": B.summary(vals("puts")),
+        "put_requests_at_join": {  # PUT_VALUE requests of the join's puts, and their fate
+            name: sum((h.get("put_stats") or {}).get(name, 0) for h in hosts)
+            for name in ("rpcs", "accepted", "timeouts")},
+        "put_errors_at_join": dict(sum((Counter((h.get("put_stats") or {}).get("errors", {}))
+                                        for h in hosts), Counter())),
         "routing_table_size": B.summary(vals("table")),
         "connections": B.summary(vals("connections")),
+        # peers banned and stream violations seen (honest hosts only here: any is a false alarm)
+        "bans_total": sum(vals("bans")),
+        "violations_total": dict(sum((Counter(h.get("violations") or {}) for h in hosts),
+                                     Counter())),
         "loadavg": load(),
     }
 
@@ -300,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-share", type=float, default=0.3)
     ap.add_argument("--client-share", type=float, default=0.0,
                     help="share of the non-bootstrap hosts running the DHT as clients")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="seconds to wait after every host published, before the lookups "
+                         "(default 60; 0: none)")
     ap.add_argument("--join-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--fixes", choices=("all", "refresh", "old"), default="all",
@@ -337,7 +359,7 @@ def controller(args: argparse.Namespace) -> int:
         "machine": B.machine_info(),
         "config": {"procs": args.procs, "hosts_per_proc": args.hosts,
                    "hosts": args.procs * args.hosts, "bootstrap_hosts": args.bootstrap,
-                   "lookups_per_phase": args.lookups, "parallel_per_proc": args.parallel,
+                   "lookups_per_phase": args.lookups, "settle_s": args.settle, "parallel_per_proc": args.parallel,
                    "kill_share": args.kill_share, "client_share": args.client_share,
                    "fixes": args.fixes,
                    "seed": args.seed, "k": defaults.dht_k, "alpha": dht_lookup.ALPHA,
@@ -347,7 +369,8 @@ def controller(args: argparse.Namespace) -> int:
                    "transport": "TCP on loopback, host j of process w on 127.0.<w+1>.<j+1>"},
         "method": "every host starts at once and publishes its capacity record once its "
                   "routing table is filled (Mesh.table_ready: a first peer, then a self-lookup "
-                  "and a walk per bucket); a lookup is Mesh.get_capacity from a random reader "
+                  "and a walk per bucket); once all have published, --settle seconds pass "
+                  "(tables, connections and republishing go on) before the lookups; a lookup is Mesh.get_capacity from a random reader "
                   "for a random other host's record, timed in the reader's process; success "
                   "means the record was found and verified. Killed hosts' meshes are cancelled "
                   "(connections closed) without a leaving record.",
@@ -378,6 +401,11 @@ def controller(args: argparse.Namespace) -> int:
             time.sleep(5)
         result["join"] = join_summary(hosts)
         log(f"join: {json.dumps(result['join'])}")
+        if args.settle > 0:  # a fleet that joined all at once keeps refreshing a while
+            time.sleep(args.settle)
+            hosts = all_hosts(workers)
+            result["settled"] = join_summary(hosts)
+            log(f"after {args.settle:g} s more: {json.dumps(result['settled'])}")
 
         def sample(readers: list[dict], targets: list[dict]) -> list[tuple[dict, dict]]:
             pairs = []

@@ -113,6 +113,7 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
             # count as responses: a dead put target costs a timeout, a skipped live one
             # would miss the record
             responded.append(peer)
+            stats.responses += 1  # counted now: the caller's deadline may end the walk
             if learn and dht.host.get_network().get_connections(peer):
                 # it answered a DHT request, so it serves the DHT: no identify check needed
                 await dht.add_peer(peer, skip_server_mode_check=True)
@@ -138,26 +139,34 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
     target = hashlib.sha256(key).digest()
     await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=stats,
                        enough=no_closer if until_no_closer else None)
-    stats.responses += len(responded)
     closest = sort_peer_ids_by_distance(key, responded)[:k]
     return closest, values
 
 
 async def store_at(dht: Any, peers: list[Any], key: bytes, value: bytes,
-                   timeout: float = QUERY_TIMEOUT_S, accepted: set[Any] | None = None) -> int:
-    """Store `value` at each peer; returns how many accepted it (added to `accepted`)."""
+                   timeout: float = QUERY_TIMEOUT_S, accepted: set[Any] | None = None,
+                   stats: WalkStats | None = None) -> int:
+    """Store `value` at each peer; returns how many accepted it (added to `accepted`).
+    `stats` counts the PUT_VALUE requests, those accepted (`responses`), timeouts and errors."""
     stored = 0
+    stats = stats if stats is not None else WalkStats()
 
     async def one(peer: Any) -> None:
         nonlocal stored
-        with trio.move_on_after(timeout):
+        stats.rpcs += 1
+        with trio.move_on_after(timeout) as waited:
             try:
                 if await dht.value_store._store_at_peer(peer, key, value):
                     stored += 1
+                    stats.responses += 1
                     if accepted is not None:
                         accepted.add(peer)
             except Exception as exc:  # noqa: BLE001
                 log.debug("PUT_VALUE to %s failed: %s", peer, exc)
+                name = type(exc).__name__
+                stats.errors[name] = stats.errors.get(name, 0) + 1
+        if waited.cancelled_caught:
+            stats.timeouts += 1
 
     async with trio.open_nursery() as nursery:
         for peer in peers:

@@ -27,7 +27,8 @@ and the Kademlia paper do less, and so do we now:
   (record gets and puts included) visited within the refresh period is refreshed, the rest
   is not (Kademlia's rule, with the period as its hour);
 - "refresh sooner while the table is smaller than k" holds only while refreshes still grow
-  the table (a fleet of fewer than k + 1 hosts never fills it), and a refresh asked for
+  the table or go mostly unanswered (a fleet of fewer than k + 1 hosts never fills it, and
+  answers), and a refresh asked for
   because a put reached few peers backs off, doubling, while walks get answers from fewer
   than half the peers asked (busy or departed peers: more walks would only add load).
 """
@@ -87,9 +88,12 @@ def next_wait(stats: RefreshStats, *, k: int, table: int, delay: float, period: 
     """(wait before the next refresh, the next "sooner" delay) after a refresh.
 
     Old rule: while the table holds fewer than k peers, wait `delay` and double it. Lean
-    (fix 18): only while the last refresh grew the table."""
+    (fix 18): only while the last refresh grew the table or fewer than half of its requests
+    were answered: an unanswered refresh (a fleet joining all at once keeps every peer busy)
+    says nothing of the fleet's size, so it is tried again, backing off; a well answered one
+    that found nobody new means a fleet of fewer than k + 1 hosts."""
     growing = stats.table_after > stats.table_before
-    if table < k and (growing or not lean):
+    if table < k and (growing or not lean or stats.answered < 0.5):
         return delay, min(period, delay * 2)
     return period, delay
 

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +134,7 @@ class MeshStats:
     rejected_messages: int = 0
     ignored_messages: int = 0
     protocol_errors: int = 0
+    violations: Counter[str] = field(default_factory=Counter)  # stream violations by offence
     gated_connections: int = 0
     bans: list[str] = field(default_factory=list)
 
@@ -214,6 +215,8 @@ class Mesh:
         # like peers in our routing table, which cars behind NAT (DHT clients) never enter
         self._useful: OrderedDict[Any, None] = OrderedDict()
         self.last_put_peers = 0
+        self.last_put = dht_lookup.WalkStats()  # the last put's PUT_VALUE requests
+        self.puts = 0  # record puts so far, republishing included
         self.last_lookup = dht_lookup.WalkStats()  # set when the first (unbanned) peer connects
         # set once the routing table was filled (self-lookup and bucket refresh) after the
         # first peer: a record put before that reaches only the peers we happen to know
@@ -294,6 +297,7 @@ class Mesh:
     def _on_stream_violation(self, peer: Any, protocol: str, reason: str) -> None:
         self.stats.protocol_errors += 1
         if reason.startswith(libp2p_fixes.OVER_BUDGET):
+            self.stats.violations["over-budget"] += 1
             # its bytes no longer count toward the cap (peer_budget); cut it off as well
             self.penalize(peer, "rate-limit", f"{protocol}: {reason}")
             if self.host is not None and peer is not None:
@@ -301,6 +305,7 @@ class Mesh:
             return
         offence = ("stalled-stream" if reason == libp2p_fixes.IDLE_TIMEOUT
                    else "rate-limit" if reason == DHT_FLOOD else "protocol-error")
+        self.stats.violations[offence] += 1
         self.penalize(peer, offence, f"{protocol}: {reason}")
 
     def _on_equivocation(self, signer: str, key: str, held: bytes, new: bytes) -> None:
@@ -589,8 +594,10 @@ class Mesh:
         closest, _values = await dht_lookup.walk(dht, key_bytes, k=self.settings.dht_k, learn=True)
         self._walked.note(dht, key_bytes, trio.current_time())
         held: set[Any] = set()
+        self.puts += 1
+        self.last_put = dht_lookup.WalkStats()
         self.last_put_peers = await dht_lookup.store_at(dht, closest, key_bytes, envelope,
-                                                        accepted=held)
+                                                        accepted=held, stats=self.last_put)
         self._published[key_bytes] = (envelope, held)
         if len(held) * 2 < len(closest):
             self.refresh_now()  # few copies (peers busy or gone): refresh, then store again

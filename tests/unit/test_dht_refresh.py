@@ -44,6 +44,11 @@ def test_sooner_refresh_only_while_the_table_grows():
     assert next_wait(same, k=20, table=9, delay=30, period=600, lean=True) == (600, 30)
     assert next_wait(same, k=20, table=9, delay=30, period=600, lean=False) == (30, 60)
     assert next_wait(same, k=20, table=25, delay=30, period=600, lean=False) == (600, 30)
+    # a refresh that went mostly unanswered (a whole fleet joining at once) tells nothing of
+    # the fleet's size: sooner again, doubling (issue 15: tables stayed at the bootstrap peers)
+    busy = RefreshStats(table_before=3, table_after=3, rpcs=12, responses=5)
+    assert next_wait(busy, k=20, table=3, delay=30, period=600, lean=True) == (30, 60)
+    assert next_wait(busy, k=20, table=20, delay=30, period=600, lean=True) == (600, 30)
 
 
 def test_asked_refresh_backs_off_while_requests_go_unanswered():
