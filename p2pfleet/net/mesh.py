@@ -658,9 +658,9 @@ class Mesh:
         key_bytes = key.encode()
         values: dict[Any, bytes] = {}
         self.last_lookup = dht_lookup.WalkStats()
-        with trio.move_on_after(timeout):
-            _closest, values = await dht_lookup.walk(self.dht, key_bytes, k=self.settings.dht_k,
-                                                     stats=self.last_lookup, learn=True)
+        with trio.move_on_after(timeout):  # what the walk found by then counts (`found`)
+            await dht_lookup.walk(self.dht, key_bytes, k=self.settings.dht_k,
+                                  stats=self.last_lookup, learn=True, found=values)
             self._walked.note(self.dht, key_bytes, trio.current_time())
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])
