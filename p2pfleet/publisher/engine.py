@@ -359,10 +359,10 @@ class Publisher:
     def cancel(self, job_id: bytes) -> None:
         """Cancel a live job (an ended one stays as it ended)."""
         self._require(job_id)
-        if job_id in self.sched.jobs:  # (a forgotten job has ended)
+        if job_id in self.sched.jobs:  # (a forgotten job has ended: nothing to do)
             self._run_event(S.JobCancelled(self._now(), job_id))
             self._ended_ms.setdefault(job_id, self._now())
-        self._done_event(job_id).set()
+            self._done_event(job_id).set()
 
     def status(self, job_id: bytes) -> JobStatus:
         self._require(job_id)
@@ -535,7 +535,12 @@ class Publisher:
         self.store.save_records(*self.sched.take_changes())
 
     def changed(self, job_id: bytes) -> trio.Event:
-        """Set at the next change of the job's shards (accepted, failed, reopened, done)."""
+        """Set at the next change of the job's shards (accepted, failed, reopened, done);
+        already set for a forgotten job (it changes no more, and is not kept waiting for)."""
+        if job_id not in self.sched.jobs:
+            ended = trio.Event()
+            ended.set()
+            return ended
         return self._changed.setdefault(job_id, trio.Event())
 
     def _after(self, effects: list) -> None:
