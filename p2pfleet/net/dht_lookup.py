@@ -46,6 +46,11 @@ class WalkStats:
     timeouts: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
+    def failed(self, exc: Exception) -> None:
+        """Count a request that raised `exc`."""
+        name = type(exc).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+
 
 def start_shortlist(dht: Any, key: bytes, k: int) -> list[Any]:
     """Where a walk starts: the routing table's closest peers and the connected ones,
@@ -144,8 +149,7 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                     peer, key, return_record=True, return_closer_peers=True)
             except Exception as exc:  # noqa: BLE001 - a failing peer is just not counted
                 log.debug("GET_VALUE to %s failed: %s", peer, exc)
-                name = type(exc).__name__
-                stats.errors[name] = stats.errors.get(name, 0) + 1
+                stats.failed(exc)
                 return
             if not isinstance(result, tuple):
                 return
@@ -205,8 +209,7 @@ async def store_at(dht: Any, peers: list[Any], key: bytes, value: bytes,
                         accepted.add(peer)
             except Exception as exc:  # noqa: BLE001
                 log.debug("PUT_VALUE to %s failed: %s", peer, exc)
-                name = type(exc).__name__
-                stats.errors[name] = stats.errors.get(name, 0) + 1
+                stats.failed(exc)
         if waited.cancelled_caught:
             stats.timeouts += 1
 
