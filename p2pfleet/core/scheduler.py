@@ -376,7 +376,7 @@ class ShardRec:
     stalled_ms: int = 0      # since when no asking worker may take it (0: not stalled)
 
     def relaxed(self, step: str) -> bool:
-        return step in self.fallback.split(",")
+        return bool(self.fallback) and step in self.fallback.split(",")
 
 
 @dataclass(slots=True)  # many: a simulated fleet holds millions
@@ -566,6 +566,9 @@ class Scheduler:
         self._undecided: dict[bytes, list] = {}        # [count, bytearray: 1 if undecided]
         self._touched: dict[bytes, set[int]] = {}
         self._room: dict[tuple[bytes, int], int] = {}  # _untrusted_room of unchanged shards
+        # job -> shard -> the asking worker the stall check last found able to take it: asked
+        # first next time (it usually still is), so a tick does not walk every requester
+        self._able_hint: dict[bytes, dict[int, bytes]] = {}
         self._request_rate = (TokenBuckets(60_000 / self.s.request_interval_ms,
                                            max(1, self.s.request_burst))
                               if self.s.request_interval_ms > 0 else None)
@@ -585,8 +588,8 @@ class Scheduler:
     def trust_of(self, worker: bytes) -> T.WorkerTrust:
         return self.workers.get(worker) or T.WorkerTrust(worker)
 
-    def shard_leases(self, job_id: bytes, shard: int) -> list[LeaseRec]:
-        return list(self._by_shard.get((job_id, shard), ()))
+    def shard_leases(self, job_id: bytes, shard: int) -> tuple[LeaseRec, ...]:
+        return self._by_shard.get((job_id, shard), ())
 
     def returned(self, job_id: bytes, shard: int) -> list[LeaseRec]:
         return [l for l in self.shard_leases(job_id, shard) if l.state == "returned"]
@@ -850,7 +853,7 @@ class Scheduler:
             self._room.pop(key, None)
             self._own_fallback.discard(key)
         for kept in (self._rank_base, self._window_of, self._offered, self._undecided,
-                     self._touched):
+                     self._touched, self._able_hint):
             kept.pop(job_id, None)
         del self.jobs[job_id]
         self.forgotten.add(job_id)
@@ -1226,8 +1229,12 @@ class Scheduler:
         not excluded (`excluded`: excluded ones too, for a caller that checks them later)."""
         horizon = self._horizon()
         return [r for r in self._requests.values()
-                if (now - r.at_ms <= horizon or r.worker in busy) and job_id in r.jobs
+                if self._asks(r, job_id, now, horizon, busy)
                 and (excluded or not self.trust_of(r.worker).excluded)]
+
+    @staticmethod
+    def _asks(r: WorkRequested, job_id: bytes, now: int, horizon: int, busy: set[bytes]) -> bool:
+        return (now - r.at_ms <= horizon or r.worker in busy) and job_id in r.jobs
 
     def _able(self, sh: ShardRec, req: WorkRequested, now: int) -> bool:
         """Could this asking worker take a replica of `sh` (caps aside, which free up)?"""
@@ -1252,15 +1259,21 @@ class Scheduler:
             return any(l.worker == self.s.own_key for l in leases)  # without deciding it
         if self.open_replicas(sh) <= 0:
             return False
+        if busy is None:
+            busy = set(self._live_of_worker)  # workers holding a live lease
+        hints = self._able_hint.setdefault(sh.job_id, {})
+        hint = self._requests.get(hints.get(sh.index, b""))
+        if (hint is not None and self._asks(hint, sh.job_id, now, self._horizon(), busy)
+                and not self.trust_of(hint.worker).excluded and self._able(sh, hint, now)):
+            return False  # the same answer as the walk below, which would find it too
         if asking is None:
-            if busy is None:
-                busy = set(self._live_of_worker)  # workers holding a live lease
             asking = self._requesters(sh.job_id, now, busy)
         anyone = False
         for r in asking:
             if self.trust_of(r.worker).excluded:
                 continue  # `asking` may predate an exclusion (`_check_stalls`)
             if self._able(sh, r, now):
+                hints[sh.index] = r.worker
                 return False
             anyone = True
         return anyone
