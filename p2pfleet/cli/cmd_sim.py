@@ -84,17 +84,17 @@ def sim_command(ctx: click.Context, vehicles: int, hours: float, cheaters: float
 def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.fields[at]}"),
+    bar = Progress(TextColumn("simulating"), BarColumn(), TextColumn("{task.percentage:>3.0f} %"),
                    TimeRemainingColumn(), console=console(), transient=True)
     task = None
 
-    def update(now_ms: int, end_ms: int) -> None:
+    def update(done: int, total: int) -> None:  # vehicle-ms simulated (Fleet.run)
         nonlocal task
         if task is None:
             bar.start()
-            task = bar.add_task("sim", total=end_ms, at="")
-        bar.update(task, completed=now_ms, at=f"{now_ms / 3_600_000:.1f} h")
-        if now_ms >= end_ms:
+            task = bar.add_task("sim", total=total)
+        bar.update(task, completed=done)
+        if done >= total:
             bar.stop()
 
     return update

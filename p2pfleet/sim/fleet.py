@@ -208,6 +208,10 @@ class Publisher(V.Sim):
         self.uplink_free = 0             # when the uplink has sent what is queued
         self.uplink_bytes = 0
         self.dropped: set[bytes] = set()  # leases handed back by a stopping vehicle
+        # Draws made while playing: the publisher's own, so that groups played one after
+        # another (Fleet.run) draw what they would on a shared heap.
+        self.link_rng = random.Random(f"links {fleet.cfg.seed} {index}")
+        self.churn_rng = random.Random(f"churn {fleet.cfg.seed} {index}")
         wl = fleet.cfg.workload
         super().__init__(seed, shards, list(cars), job=job, trust=V.DEFAULT_TRUST,
                          settings=S.SchedulerSettings(window=fleet.cfg.window), max_days=10**6,
@@ -262,16 +266,17 @@ class Fleet:
         self.ttr_ms = array("q")         # time to result per accepted shard (8 B each)
         self.seeders: set[int] = set()   # publishers whose model a dialable car holds
         nbins = math.ceil(self.end_ms / (cfg.bin_s * 1000))
-        self.available_s = [0.0] * nbins
-        self.used_s = [0.0] * nbins
+        # ms per bin, integers: the sums do not depend on the order the groups are played in
+        self.available_ms = [0] * nbins
+        self.used_ms = [0] * nbins
         self.cars = self._cars(specs)
         self.publishers = self._publishers()
         # The scenario knobs draw from generators of their own: the default run's draws
         # stay the same.
-        self.churn_rng = random.Random(f"churn {cfg.seed}")
+        churn_rng = random.Random(f"churn {cfg.seed}")
         self.unplugs = 0
         for c in self.cars:
-            c.churns = cfg.churn > 0 and self.churn_rng.random() < cfg.churn
+            c.churns = cfg.churn > 0 and churn_rng.random() < cfg.churn
         self.cut_window = (0, 0)
         if cfg.partition is not None:
             start_h, secs, share = cfg.partition
@@ -324,8 +329,15 @@ class Fleet:
         self._seq += 1
         heapq.heappush(self._heap, (int(at), self._seq, kind, data))
 
-    def run(self, progress=None) -> "Fleet":
-        """Play the run out; `progress(now_ms, end_ms)` is called every simulated 5 min.
+    def run(self, progress=None, together: bool = False) -> "Fleet":
+        """Play the run out; `progress(done, total)` is called as it goes (in vehicle-ms
+        simulated).
+
+        A publisher and its vehicles never meet another group: each group is played alone,
+        one after another, on a heap of its own (`together`: all on one heap, in one pass;
+        the same events in the same order per group, so the same summary, and the test of
+        that). A heap of one group's events is small, and its records stay in the cache:
+        at 100,000 vehicles this took a third off the time per vehicle.
 
         The cyclic garbage collector is paused meanwhile (and restored): the run makes no
         reference cycles (tests/sim/test_fleet_gc.py checks it), and with millions of
@@ -333,13 +345,23 @@ class Fleet:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._run(progress)
+            groups = [self.publishers] if together else [[p] for p in self.publishers]
+            done, total = 0, len(self.cars) * self.end_ms
+            for group in groups:
+                cars = [c for p in group for c in p.workers]
+                self._play(cars, progress, done, total)
+                done += len(cars) * self.end_ms
+            if progress is not None:
+                progress(total, total)
+            return self
         finally:
             if collecting:
                 gc.enable()
 
-    def _run(self, progress) -> "Fleet":
-        for c in self.cars:
+    def _play(self, cars: list[Car], progress, done: int, total: int) -> None:
+        """Play the days of `cars` (whole groups: their publishers' events come with them)."""
+        self._heap, self.now = [], 0
+        for c in cars:
             self.push(0, "state", c)
         step, next_report = 5 * 60_000, 0
         heap, end = self._heap, self.end_ms
@@ -348,7 +370,7 @@ class Fleet:
             self.now = at
             self.events += 1
             if progress is not None and at >= next_report:
-                progress(at, end)
+                progress(done + at * len(cars), total)
                 next_report = at + step
             if kind == "pub":
                 self._pub_event(at, *data)
@@ -367,15 +389,13 @@ class Fleet:
                     c.away_until = -1
                     self._observe(c, c.spec.day.states[c.state_i - 1][1])
         self.now = end
-        for c in self.cars:
+        for c in cars:
             if c.computing:
-                self._count(self.available_s, c.computing_since, end)
-            for start, done in c.running.values():
+                self._count(self.available_ms, c.computing_since, end)
+            for start, stop in c.running.values():
                 if start < end:
-                    self._count(self.used_s, start, min(done, end))
-        if progress is not None:
-            progress(end, end)
-        return self
+                    self._count(self.used_ms, start, min(stop, end))
+        self._heap = []
 
     def _pub_event(self, at: int, pub: Publisher, kind: str, data: tuple) -> None:
         pub.now = max(pub.now, at)
@@ -420,7 +440,7 @@ class Fleet:
             return
         self.unplugs += 1
         lo, hi = self.cfg.churn_away_s
-        c.away_until = self.now + 1000 * self.churn_rng.randint(lo, hi)
+        c.away_until = self.now + 1000 * c.pub.churn_rng.randint(lo, hi)
         self._observe(c, c.spec.day.states[c.state_i - 1][1])
         self.push(c.away_until, "replug", c)
 
@@ -432,7 +452,7 @@ class Fleet:
                 c.pub._ask_at(c, self.now + self.cfg.join_ms)
             elif isinstance(e, P.StopComputing):
                 if c.computing:
-                    self._count(self.available_s, c.computing_since, self.now)
+                    self._count(self.available_ms, c.computing_since, self.now)
                 c.computing = False
                 if e.hand_back:
                     self._hand_back(c)
@@ -459,7 +479,7 @@ class Fleet:
         c.busy_ms += busy
         if lost:
             c.lost_ms += busy
-        self._count(self.used_s, start, done)
+        self._count(self.used_ms, start, done)
         wh = E.estimate_wh(self.cfg.policy.power_w, self.cfg.policy.cpu_share, busy / 1000)
         c.energy_wh += wh
         at = T0 + now / 1000
@@ -471,13 +491,13 @@ class Fleet:
         wl = self.cfg.workload
         return wl.input_bytes + (0 if lost else wl.result_bytes)
 
-    def _count(self, bins: list[float], start: int, end: int) -> None:
+    def _count(self, bins: list[int], start: int, end: int) -> None:
         size = self.cfg.bin_s * 1000
         start, end = max(0, start), min(end, self.end_ms)
         while start < end:
             b = start // size
             stop = min(end, (b + 1) * size)
-            bins[b] += (stop - start) / 1000
+            bins[b] += stop - start
             start = stop
 
     # --- links -----------------------------------------------------------------------
@@ -489,7 +509,7 @@ class Fleet:
         """A request and its answer: a round trip, and a resend for each loss."""
         link = self._link(c)
         ms = 2 * link.latency_ms
-        while self.rng.random() < link.loss:
+        while c.pub.link_rng.random() < link.loss:
             ms += RESEND_MS
         return ms
 
@@ -517,8 +537,8 @@ class Fleet:
         c.running[g.lease_id] = (arrived, done)
         c.bytes += send + wl.result_bytes
         up = int(1000 * wl.result_bytes / link.up_bytes_per_s)
-        if c.churns and self.churn_rng.random() < self.cfg.churn_per_lease:
-            self.push(self.churn_rng.randint(arrived, max(arrived, done - 1)), "unplug", c)
+        if c.churns and pub.churn_rng.random() < self.cfg.churn_per_lease:
+            self.push(pub.churn_rng.randint(arrived, max(arrived, done - 1)), "unplug", c)
         back = done + up + self.message_ms(c)
         return self.reach(c, back) if c.cut_off else back
 
@@ -533,8 +553,8 @@ class Fleet:
     # --- results ---------------------------------------------------------------------
     def capacity(self) -> tuple[list[float], list[float]]:
         """Share of the fleet available (policy computing) and used, per bin."""
-        n = len(self.cars) * self.cfg.bin_s
-        return [a / n for a in self.available_s], [u / n for u in self.used_s]
+        n = len(self.cars) * self.cfg.bin_s * 1000
+        return [a / n for a in self.available_ms], [u / n for u in self.used_ms]
 
     def summary(self) -> dict:
         cfg, pubs, cars = self.cfg, self.publishers, self.cars
@@ -546,7 +566,8 @@ class Fleet:
         accepted = total("accepted")
         honest = [c for c in cars if c.cheat is None]
         hours = cfg.hours
-        by_hour = _by_hour(self.available_s, self.used_s, cfg.bin_s, len(cars),
+        by_hour = _by_hour([a / 1000 for a in self.available_ms],
+                           [u / 1000 for u in self.used_ms], cfg.bin_s, len(cars),
                            cfg.policy.power_w * cfg.policy.cpu_share)
         ttr = sorted(self.ttr_ms)
         uplink = sum(p.uplink_bytes for p in pubs)

@@ -38,6 +38,17 @@ def test_the_same_seed_gives_the_same_summary():
     assert other != a
 
 
+def test_groups_played_one_after_another_give_what_one_shared_heap_gives():
+    # Fleet.run plays each publisher's group alone; on one heap together (churn and a
+    # partition too, whose draws are the publishers' own) the summary is the very same.
+    cfg = FleetConfig(300, hours=6, cheaters=0.2, seed=4, churn=0.3, partition=(2, 600, 0.3))
+    apart = Fleet(cfg, TRACES).run()
+    together = Fleet(cfg, TRACES).run(together=True)
+    assert apart.summary() == together.summary()
+    assert apart.capacity() == together.capacity()
+    assert apart.unplugs > 0 and apart.summary()["publishers"] == 3
+
+
 def _scenario(kinds: tuple[str, ...]) -> V.Scenario:
     cheats = dict(CHEATS)
     return V.Scenario("fleet", adversaries=tuple(V.Adversaries(1, cheats[k]) for k in kinds))
