@@ -34,10 +34,23 @@ FAILED_WHY = ("no direct connection after dialling {addrs} from our listen port:
 
 
 def _relayed(conn: Any) -> bool:
+    """Whether the connection runs over a relay; remembered on the connection once its
+    addresses are known (they do not change): the drive loop asks every second for every
+    connection, and `Multiaddr.__str__` was most of an idle host's hole-punch cost."""
+    known = getattr(conn, "_p2pfleet_relayed", None)
+    if known is not None:
+        return known
     try:
-        return any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses() or [])
+        addrs = conn.get_transport_addresses() or []
     except Exception:  # noqa: BLE001 - no addresses known: not marked relayed
         return False
+    relayed = any("/p2p-circuit" in str(a) for a in addrs)
+    if addrs:
+        try:
+            conn._p2pfleet_relayed = relayed
+        except AttributeError:  # a connection type without a __dict__: asked again next time
+            pass
+    return relayed
 
 
 def _inbound(conn: Any) -> bool:
@@ -92,6 +105,8 @@ class HolePunch(DCUtRProtocol):
                     or self._hole_punch_attempts.get(peer, 0) >= MAX_HOLE_PUNCH_ATTEMPTS
                     or now < self._next_try.get(peer, 0.0)):
                 continue
+            if not any(_inbound(c) for c in conns):
+                continue  # we dialled it: the other side punches (cheap test first)
             if any(not _relayed(c) for c in conns):
                 continue  # already direct
             if any(_relayed(c) and _inbound(c) for c in conns):
