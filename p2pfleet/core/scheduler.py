@@ -539,6 +539,8 @@ class Scheduler:
         nothing). `lazy_shards`: shard records are made on first use (`_LazyShards`; the
         simulator), so `shards` lists only those. Neither changes a decision."""
         self.s = settings or SchedulerSettings()
+        self._horizon_ms = max(self.s.stall_wait_ms,  # `_horizon`
+                               self.s.no_work_retry_ms + self.s.request_interval_ms)
         self.rng = rng
         self.sink = sink
         self.jobs: dict[bytes, JobRec] = {}
@@ -1053,13 +1055,18 @@ class Scheduler:
             return False  # the publisher computes it: nobody else
         job = self.jobs[sh.job_id].job
         leases = self.shard_leases(sh.job_id, sh.index)
-        held = [l for l in leases if l.state in ("live", "returned")]
+        held = [l for l in leases if l.state == "live" or l.state == "returned"]
+        # (plain loops: this runs per shard per request and per tick, and a generator per
+        # test cost more than the test)
+        worker, prefix = ev.worker, ev.prefix
         again = established and sh.relaxed("reissue")  # only a vote of its own counts once
-        if any(l.worker == ev.worker for l in (held if again else leases)):
-            return False  # one replica per peer, ever
-        if (not (established and sh.relaxed("prefix"))
-                and any(l.prefix == ev.prefix for l in held)):
-            return False  # one replica per network prefix
+        for l in (held if again else leases):
+            if l.worker == worker:
+                return False  # one replica per peer, ever
+        if not (established and sh.relaxed("prefix")):
+            for l in held:
+                if l.prefix == prefix:
+                    return False  # one replica per network prefix
         if not established:
             if any(l.fresh and l.prefix == ev.prefix for l in leases):
                 return False  # one fresh identity per prefix per shard, ever
@@ -1220,7 +1227,7 @@ class Scheduler:
 
     # stalled shards ----------------------------------------------------------------------
     def _horizon(self) -> int:
-        return max(self.s.stall_wait_ms, self.s.no_work_retry_ms + self.s.request_interval_ms)
+        return self._horizon_ms
 
     def _requesters(self, job_id: bytes, now: int, busy: set[bytes],
                     excluded: bool = False) -> list[WorkRequested]:
@@ -1253,8 +1260,9 @@ class Scheduler:
         if sh.status != "open" or self.jobs[sh.job_id].status != "live":
             return False
         leases = self.shard_leases(sh.job_id, sh.index)
-        if any(l.state == "live" for l in leases):
-            return False
+        for l in leases:
+            if l.state == "live":
+                return False
         if sh.fallback == "publisher":  # stalled again only if its own computation ended
             return any(l.worker == self.s.own_key for l in leases)  # without deciding it
         if self.open_replicas(sh) <= 0:
@@ -1285,6 +1293,7 @@ class Scheduler:
             del self._requests[w]
         self._own_fallback = {k for k in self._own_fallback if self.shards[k].status == "open"}
         effects: list = []
+        wake: int | None = None  # when a stalled shard's wait ends
         for rec in [r for r in self.jobs.values() if r.status == "live"]:
             check = self._window(rec)
             check += [self.shards[k] for k in sorted(self._own_fallback)
@@ -1301,10 +1310,17 @@ class Scheduler:
                 if not sh.stalled_ms:
                     sh.stalled_ms = now
                     self._dirty.add(("shard", (sh.job_id, sh.index)))
+                    due = now + self.s.stall_wait_ms
                 elif now - sh.stalled_ms >= self.s.stall_wait_ms:
                     effects += self._resolve_stall(sh, now)
+                    due = now  # still stalled after this step? the next check says
+                else:
+                    due = sh.stalled_ms + self.s.stall_wait_ms
+                wake = due if wake is None else min(wake, due)
                 if rec.status != "live":
                     break
+        if wake is not None:  # a driver that ticks only when asked (the simulator)
+            effects.append(WakeAt(wake))
         return effects
 
     def _resolve_stall(self, sh: ShardRec, now: int) -> list:

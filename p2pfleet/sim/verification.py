@@ -384,7 +384,10 @@ class Sim:
                     if w.busy.pop(lid, None) is not None:
                         self._ask_at(w, self.now)
             elif isinstance(e, S.WakeAt):
-                if e.at_ms not in self._ticks:
+                # A tick already due no later does: it answers with the next WakeAt
+                # (every Tick does), so a tick per lease that ended before its expiry would
+                # only repeat the stall check.
+                if not self._ticks or e.at_ms < min(self._ticks):
                     self._ticks.add(e.at_ms)
                     self._push(max(e.at_ms, self.now), "tick", e.at_ms)
             elif isinstance(e, S.JobDone):
