@@ -9,13 +9,22 @@ later newcomer (issue 15: at 200 hosts, 62 hosts had no peer after 30 s, and rou
 held little more than the bootstrap peers, so 98 % of lookups failed).
 
 go-libp2p's connection manager trims whatever the streams, protecting by value. We do the
-same, keeping upstream's trigger (a new connection, debounced), grace period, batch of at
-most 20 and "down towards the low watermark", with our own choice of what may go:
+same, keeping upstream's trigger (a new connection, debounced), grace period and batch of at
+most 20, with our own choice of how far and of what may go:
+- down to the midpoint of the watermarks, not to the low watermark: the auto-dialler (fix
+  17) fills up to the low watermark and our DHT walks dial whom they need, so a host
+  trimmed to the low watermark climbed back over the high one and trimmed again, and the
+  peers it dropped fell under their own low watermarks and dialled again (issue 15: 40
+  hosts in a process held to 0.3 of a core, watermarks 8 and 24, still trimmed and
+  auto-dialled ~70 connections a minute each two minutes after joining, each a Noise,
+  identify and GossipSub handshake on both ends);
 - never a connection within the grace period, nor one carrying live work: a stream of any
   protocol other than the long-lived ones (GossipSub, the DHT, identify push), e.g. a lease
   request, a report or a blob transfer;
 - never a peer in our GossipSub mesh (what propagates announcements) nor a protected one;
-- of the rest, inbound before outbound (we chose those we dialled), oldest first.
+- of the rest, peers outside our routing table first (a routing-table peer is what our
+  next walk dials right back), then inbound before outbound (we chose those we dialled),
+  oldest first.
 A trimmed peer stays in the routing table, which needs no live connection: a walk dials it
 again when it is among the closest.
 """
@@ -45,8 +54,14 @@ def busy(conn: Any, long_lived: frozenset[str]) -> bool:
     return False
 
 
+def trim_floor(low_watermark: int, high_watermark: int) -> int:
+    """How far a trim goes down: the midpoint of the watermarks (see the module docstring)."""
+    return max(low_watermark, (low_watermark + high_watermark) // 2)
+
+
 def trim_order(conns: Iterable[Any], *, now: float, grace_s: float, long_lived: frozenset[str],
-               keep: Callable[[Any], bool]) -> list[Any]:
+               keep: Callable[[Any], bool],
+               in_table: Callable[[Any], bool] = lambda peer: False) -> list[Any]:
     """The connections that may be trimmed, first to go first."""
     from libp2p.rcmgr import Direction
 
@@ -59,14 +74,16 @@ def trim_order(conns: Iterable[Any], *, now: float, grace_s: float, long_lived: 
         if peer is None or keep(peer) or busy(conn, long_lived):
             continue
         outbound = getattr(conn, "direction", None) == Direction.OUTBOUND
-        candidates.append((outbound, created, conn))
-    candidates.sort(key=lambda c: (c[0], c[1]))
-    return [c[2] for c in candidates]
+        candidates.append((in_table(peer), outbound, created, conn))
+    candidates.sort(key=lambda c: c[:3])
+    return [c[3] for c in candidates]
 
 
-def trim_connections(swarm: Any, long_lived: Iterable[str], keep: Callable[[Any], bool]) -> None:
+def trim_connections(swarm: Any, long_lived: Iterable[str], keep: Callable[[Any], bool],
+                     in_table: Callable[[Any], bool] = lambda peer: False) -> None:
     """Fix 21: replace the swarm's pruning decision (see the module docstring). `keep(peer)`:
-    a peer whose connections must stay (our GossipSub mesh peers, protected peers)."""
+    a peer whose connections must stay (our GossipSub mesh peers, protected peers);
+    `in_table(peer)`: in our routing table (trimmed last)."""
     pruner = swarm.connection_pruner
     lived = frozenset(long_lived)
 
@@ -81,8 +98,9 @@ def trim_connections(swarm: Any, long_lived: Iterable[str], keep: Callable[[Any]
             return keep(peer) or (tags is not None and tags.is_protected(peer))
 
         order = trim_order(conns, now=time.time(), grace_s=config.grace_period,
-                           long_lived=lived, keep=kept)
-        batch = order[:min(MAX_BATCH, len(conns) - config.low_watermark)]
+                           long_lived=lived, keep=kept, in_table=in_table)
+        floor = trim_floor(config.low_watermark, config.high_watermark)
+        batch = order[:max(0, min(MAX_BATCH, len(conns) - floor))]
         if batch:
             log.info("trimming %d of %d connections (high watermark %d)", len(batch),
                      len(conns), config.high_watermark)

@@ -447,7 +447,8 @@ class Mesh:
                 raise MeshError("relay_only and mdns exclude each other: mDNS announces "
                                 "this node's address on the LAN")
             advertise_only(host, self.relays.addrs)
-        conn_trim.trim_connections(host.get_network(), long_lived, keep=in_gossip_mesh)  # fix 21
+        conn_trim.trim_connections(host.get_network(), long_lived, keep=in_gossip_mesh,  # fix 21
+                                   in_table=dht.routing_table.peer_in_table)
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery

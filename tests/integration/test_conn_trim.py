@@ -58,3 +58,37 @@ async def test_a_full_bootstrap_node_trims_and_every_newcomer_gets_in():
 def _only_mesh_left(hub: Mesh) -> bool:
     mesh_peers = {str(p) for peers in hub.pubsub.router.mesh.values() for p in peers}
     return set(hub.connected_peers()) <= mesh_peers
+
+
+async def test_trimming_stops_at_the_watermarks_midpoint_and_spares_routing_table_peers():
+    """A trim went down to the low watermark and took the oldest inbound peers first, the
+    routing table's included: the host's next walk dialled those right back, it climbed
+    over the high watermark and trimmed again (issue 15: connections churning at rest).
+    Now it stops at the midpoint of the watermarks and closes non-table peers first."""
+    from libp2p.peer.id import ID
+
+    spokes_n, in_table_n = 10, 4
+    async with trio.open_nursery() as nursery:
+        # hard limit 12: low watermark 4, high 9, midpoint 6; no reserve (fix 16 stays out)
+        hub = Mesh(Identity.from_seed(b"trim-mid-hub"), settings(
+            0, max_connections=12, min_connections=2, trim_grace_s=0.5, gossip_degree=1,
+            dht_refresh_s=0, inbound_reserve=InboundReserve(fraction=0.0)))
+        await nursery.start(hub.run)
+        hub_addr = hub.listen_addrs()[0]
+        pruner = hub.host.get_network().connection_pruner
+        spokes = []
+        for i in range(1, spokes_n + 1):  # the first ones connect first: the oldest
+            spoke = Mesh(Identity.from_seed(f"trim-mid-spoke-{i}".encode()), settings(
+                i, dht_refresh_s=0, min_connections=1))
+            await nursery.start(spoke.run)
+            await spoke.connect(hub_addr)
+            spokes.append(spoke)
+        table = [ID.from_base58(s.identity.peer_id) for s in spokes[:in_table_n]]
+        for peer in table:  # the oldest connections: the old order trimmed these first
+            await wait_until(lambda peer=peer: hub.host.get_peerstore().get_protocols(peer))
+            assert await hub.dht.routing_table.add_peer(peer)
+        await wait_until(lambda: pruner._last_trim_time is not None, timeout=30)
+        connected = set(hub.connected_peers())
+        assert len(connected) >= 6, f"trimmed below the midpoint: {len(connected)} left"
+        assert {str(p) for p in table} <= connected, "a routing-table peer was trimmed"
+        nursery.cancel_scope.cancel()
