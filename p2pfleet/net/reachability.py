@@ -162,6 +162,7 @@ class Reachable:
         self.verdicts = Reachability()
         self.stability = Stability(started=clock(), rule=stable or StableRule())
         self.service = FreshDialAutoNAT(host)
+        self._asked: dict[Any, float] = {}  # peer -> when we last asked it (trio time)
         self._kad_handler: Any = None
         self.private = trio.Event()   # set while AutoNAT finds us private
         self.public = trio.Event()    # set while it does not
@@ -220,7 +221,8 @@ class Reachable:
             await trio.sleep(PRUNE_S)
 
     async def check(self) -> Reach:
-        """Ask up to PEERS_ASKED connected peers that speak AutoNAT to dial us back."""
+        """Ask up to PEERS_ASKED connected peers that speak AutoNAT, and that we did not ask
+        in the last DIAL_BACK_EVERY_S, to dial us back."""
         if self.relay_only:
             self.verdicts.status = Reach.PRIVATE
             self.verdicts.why = "relay-only mode: reached through a relay only, never asked"
@@ -231,7 +233,14 @@ class Reachable:
                  and not _relayed(conns)
                  and str(AUTONAT_PROTOCOL_ID) in protocols_of(self.host, p)]
         addrs = [a.to_bytes() for a in self.host.get_addrs()]
-        for peer in peers[:PEERS_ASKED]:
+        # Never a peer asked within its dial-back rate limit: it would refuse, and a refusal
+        # (no answer) drops its earlier answer, so a node whose first round found too few
+        # witnesses asked the same four every 2 s and stayed unknown for good (issue 15).
+        now = trio.current_time()
+        self._asked = {p: t for p, t in self._asked.items() if now - t < DIAL_BACK_EVERY_S}
+        fresh = [p for p in peers if p not in self._asked]
+        for peer in fresh[:PEERS_ASKED]:
+            self._asked[peer] = now
             try:
                 status, _addr = await self.service.query_server(peer, addrs,
                                                                 timeout=2 * DIAL_BACK_TIMEOUT_S)

@@ -133,3 +133,31 @@ async def test_a_node_found_private_stops_serving_and_its_peers_drop_it():
                                          meshes[0].host.get_peerstore().get_protocols(car_id)], 20)
         await car.put_capacity(seal(capacity(now_ms()), car.identity, NETWORK))
         assert await meshes[0].get_capacity(car.identity.peer_id) is not None
+
+
+async def test_a_node_whose_first_witnesses_do_not_answer_asks_others():
+    """Two of the first four peers asked never answer: the two that dialled us back are
+    not enough (three must agree). Before, the node asked the same four every 2 s; the
+    two refused a second dial-back within their one-a-minute limit, which erased their
+    answers, and it stayed unknown for good. Now it asks peers it has not asked lately."""
+    from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID
+
+    async def never_answers(stream) -> None:
+        await stream.reset()
+
+    async with trio.open_nursery() as nursery:
+        peers = []
+        for i in range(1, 6):
+            peer = Mesh(Identity.from_seed(f"autonat-witness-{i}".encode()),
+                        settings(i, dht_refresh_s=0))
+            await nursery.start(peer.run)
+            peers.append(peer)
+        for mute in peers[:2]:  # they speak AutoNAT (identify says so) but never answer
+            mute.host.set_stream_handler(AUTONAT_PROTOCOL_ID, never_answers)
+        node = Mesh(Identity.from_seed(b"autonat-asker"), settings(0, dht_refresh_s=0))
+        await nursery.start(node.run)
+        for peer in peers:  # in this order: the mute ones come first in its connections
+            await node.connect(peer.listen_addrs()[0])
+        await wait_until(lambda: node.reachable.status == Reach.PUBLIC, 30)
+        assert node.reachable.verdicts.why == "3 peer(s) dialled us back"
+        nursery.cancel_scope.cancel()
