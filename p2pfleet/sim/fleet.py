@@ -4,8 +4,10 @@ in virtual time (issue 16, item 1).
 Every vehicle runs the real vehicle policy (`p2pfleet.core.policy.Policy`) on its day from
 sim/population.py; every publisher is a `verification.Sim` (the real
 `core.scheduler.Scheduler`, its outputs, cheats and known answers) whose events this loop
-schedules. One heap holds every event, ordered by (virtual ms, sequence number); each
-randomness comes from the seed. Pure: no clock, no I/O (the caller loads the traces).
+schedules. A publisher's group (it and the vehicles that chose it) never meets another, so
+the groups are played one after another, each on a heap of its events ordered by (virtual
+ms, sequence number); each randomness comes from the seed, and what is drawn while playing
+from the group's own generators. Pure: no clock, no I/O (the caller loads the traces).
 
 What the loop adds to verification.Sim:
 - Vehicles ask for work only while their policy computes (`StartComputing` .. the next
@@ -336,8 +338,9 @@ class Fleet:
         A publisher and its vehicles never meet another group: each group is played alone,
         one after another, on a heap of its own (`together`: all on one heap, in one pass;
         the same events in the same order per group, so the same summary, and the test of
-        that). A heap of one group's events is small, and its records stay in the cache:
-        at 100,000 vehicles this took a third off the time per vehicle.
+        that). A heap of one group's events is small and its records stay in the cache, so
+        the time per vehicle stays flat with the fleet's size (8,000 vehicles x 24 h: 57.7
+        against 72.4 s of CPU on one heap).
 
         The cyclic garbage collector is paused meanwhile (and restored): the run makes no
         reference cycles (tests/sim/test_fleet_gc.py checks it), and with millions of

@@ -74,8 +74,8 @@ class Scan(S.Scheduler):
             return 0
         return self._count_room(sh)
 
-    def _ranker(self, job: S.JobParams):
-        return lambda shard, worker: S.rank(job.secret, job.job_id, shard, worker)
+    def _ranker(self, job: S.JobParams, worker: bytes):
+        return lambda shard: S.rank(job.secret, job.job_id, shard, worker)
 
     def _live_counts(self, worker: bytes, prefix: str) -> tuple[int, int, int]:
         mine = in_prefix = fresh_in_prefix = 0  # a pass over the live leases, every time

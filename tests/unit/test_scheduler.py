@@ -253,7 +253,7 @@ def test_the_publisher_audits_itself_when_it_has_no_other_trusted_machine():
     [gown] = grants(m.handle(S.WorkRequested(1, own, "self", CLASS, 1000.0, 4, (JOB,),
                                              audit_only=True)))
     assert gown.shard == ga.shard and not m.audits_waiting()
-    [gb] = [g for g in grants(ask(m, "b", 2)) if g.shard == ga.shard]
+    [gb] = [g for g in grants(ask(m, "b", 2, slots=2)) if g.shard == ga.shard]
     eff = result(m, ga, "a", known_answer_ok=True) + result(m, gb, "b", at=3, known_answer_ok=True)
     eff += m.handle(S.ResultArrived(4, gown.lease_id, own, b"good".ljust(32, b"."),
                                     known_answer_ok=True))
@@ -386,6 +386,10 @@ def test_requirements_not_met_is_not_eligible():
 def test_ranking_is_keyed_and_stable():
     r1 = S.rank(SECRET, JOB, 3, key("a"))
     assert r1 == S.rank(SECRET, JOB, 3, key("a")) != S.rank(b"t" * 32, JOB, 3, key("a"))
+    # one HMAC block holds 8 shards' ranks: neighbours in it, and the next block, differ
+    ranks = [S.rank(SECRET, JOB, i, key("a")) for i in range(24)]
+    assert len(set(ranks)) == 24 and all(len(r) == 4 for r in ranks)
+    assert ranks != [S.rank(SECRET, JOB, i, key("b")) for i in range(24)]
     assert S.prefix_of("192.168.7.9") == "192.168.7.0/24"
     assert S.prefix_of("2001:db8:1:2::5") == "2001:db8:1::/48"
     assert S.prefix_of(None) == S.prefix_of("not an ip") == S.UNKNOWN_PREFIX
@@ -394,7 +398,7 @@ def test_ranking_is_keyed_and_stable():
 
 def test_restore_rebuilds_the_same_machine():
     m = machine(trusted=["a"])
-    m.handle(S.JobAdded(0, job(2)))
+    m.handle(S.JobAdded(0, job(1)))  # one shard: a and b hold replicas of it
     [ga] = grants(ask(m, "a"))
     [gb] = grants(ask(m, "b"))
     result(m, ga, "a")
@@ -459,8 +463,8 @@ def test_store_round_trips_the_machine(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     m = machine(trusted=["a"])
     with store.transaction():
-        m.handle(S.JobAdded(0, job(2)))
-        store.add_job(job(2), {"note": "x"}, 0, [(b"d" * 32, [(3, 0)]), (b"e" * 32, [])])
+        m.handle(S.JobAdded(0, job(1)))  # one shard: a and b hold replicas of it
+        store.add_job(job(1), {"note": "x"}, 0, [(b"d" * 32, [(3, 0)])])
         store.save_records(*m.take_changes())
     with store.transaction():
         [ga] = grants(ask(m, "a"))

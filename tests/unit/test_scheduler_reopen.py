@@ -23,7 +23,7 @@ def machine() -> S.Scheduler:
     s = S.SchedulerSettings(request_interval_ms=0, stall_wait_ms=5_000, own_key=OWN,
                             cross_class_rate=0.0, recheck_cross_rate=0.0, trust=trust)
     m = S.Scheduler(s, rng=S.KeyedRandom(b"k" * 32))
-    for w in ("a", "b"):  # established before the job
+    for w in ("a", "e"):  # established before the job
         m.workers[key(w)] = T.WorkerTrust(key(w), accepted=10, first_valid_ms=-10**9)
     m.handle(S.JobAdded(0, S.JobParams(JOB, b"s" * 32, (8, 8), (3, 3), (True, True),
                                        (100, 100), quorum=2, recheck_rate=0.0,
@@ -45,19 +45,19 @@ def result(m: S.Scheduler, g: S.LeaseGrant, who: str, at: int, digest: bytes = G
 
 def test_a_reopened_shard_the_publisher_was_to_compute_is_resolved():
     m = machine()
-    [ga], [gb] = ask(m, "a", 0), ask(m, "b", 0)
-    assert ga.shard == gb.shard == 1  # shard 0 stays open: the job stays live
+    [ga], [gb] = ask(m, "a", 0), ask(m, "e", 0)
+    assert ga.shard == gb.shard == 1  # both rank shard 1 first: shard 0 stays open, the job live
     result(m, ga, "a", 1_000)
-    m.handle(S.Tick(700_000))  # b's lease expires; a and b may not take shard 1 again
-    ask(m, "a", 700_000), ask(m, "b", 700_000)
+    m.handle(S.Tick(700_000))  # e's lease expires; a and e may not take shard 1 again
+    ask(m, "a", 700_000), ask(m, "e", 700_000)
     m.handle(S.Tick(701_000))
     stalled = m.handle(S.Tick(707_000))
     assert S.ShardStalled(JOB, 1, "publisher", "no eligible worker for 6 s: the publisher "
                                                "computes it") in stalled
     [own] = ask(m, "own", 708_000, audit_only=True)
     assert own.shard == 1
-    # b's late result makes a quorum before the publisher's: accepted, its own lease cancelled
-    assert any(isinstance(e, S.ShardAccepted) for e in result(m, gb, "b", 709_000))
+    # e's late result makes a quorum before the publisher's: accepted, its own lease cancelled
+    assert any(isinstance(e, S.ShardAccepted) for e in result(m, gb, "e", 709_000))
     m.handle(S.Tick(710_000))
     # a sends a second, different result for its lease: excluded, the acceptance withdrawn
     effects = result(m, ga, "a", 711_000, BAD)
