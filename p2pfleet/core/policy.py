@@ -704,6 +704,18 @@ def _check(s: PolicyState, ev: object) -> None:
         raise _refuse(s, ev, f"n must be an integer >= 0, got {ev.n!r}")
 
 
+_COUNTERS = (EnergyUsed, BytesTransferred)
+
+
+def _below_limit(cfg: PolicyConfig, s: PolicyState, ev: object) -> bool:
+    """Does the count `ev` adds stay below its daily limit (or is there none)?"""
+    if isinstance(ev, EnergyUsed):
+        budget = cfg.daily_energy_budget_wh
+        return budget is None or s.energy_wh + ev.wh < budget
+    cap = cfg.transfer_cap_bytes
+    return cap is None or s.transfer_bytes + ev.n < cap
+
+
 def _apply(s: PolicyState, ev: object) -> PolicyState:
     if isinstance(ev, StateObserved):
         return _with(s, vehicle=ev.vehicle_state, observed_at=ev.at, unavailable=None)
@@ -744,6 +756,15 @@ class Policy:
     def handle(self, ev: object) -> list:
         s = self._s
         _check(s, ev)
+        if type(ev) in _COUNTERS and ev.at == s.at and _below_limit(self.config, s, ev):
+            # At the instant of the last event, with the count still below its limit,
+            # nothing the decision reads has changed: the same decision, so no effect (a
+            # node reports energy and bytes together; the simulator does so per lease).
+            self._s = _apply(s, ev)
+            return []
+        return self._decide(s, ev)
+
+    def _decide(self, s: PolicyState, ev: object) -> list:
         off = (ev.utc_offset_s if isinstance(ev, (StateObserved, StateUnavailable, Tick))
                else s.utc_offset_s)
         s, lapsed = _advance(self.config, s, ev.at, off)
