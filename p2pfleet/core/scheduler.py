@@ -987,7 +987,8 @@ class Scheduler:
 
     def _window(self, rec: JobRec) -> list[ShardRec]:
         """The job's window: its `window` lowest-numbered shards with a replica to offer
-        (`_in_window`), read from the shard index: a request costs O(window), not O(shards)."""
+        (`_in_window`), read from the shard index: a request costs O(window), not O(shards).
+        The list is kept until the window moves: read it, do not change it."""
         if rec.status != "live":
             return []  # no shard of a job that is not live offers a replica
         job_id = rec.job.job_id
@@ -996,7 +997,7 @@ class Scheduler:
         if window is None:
             window = self._window_of[job_id] = [self.shards[(job_id, i)]
                                                 for i in self._offered[job_id][:self.s.window]]
-        return list(window)
+        return window
 
     def _forget_window(self, job_id: bytes) -> None:
         """A job no longer live offers nothing: its kept window goes."""
@@ -1309,9 +1310,9 @@ class Scheduler:
         effects: list = []
         wake: int | None = None  # when a stalled shard's wait ends
         for rec in [r for r in self.jobs.values() if r.status == "live"]:
-            check = self._window(rec)
-            check += [self.shards[k] for k in sorted(self._own_fallback)
-                      if k[0] == rec.job.job_id and self.shards[k] not in check]
+            window = self._window(rec)
+            check = window + [self.shards[k] for k in sorted(self._own_fallback)
+                              if k[0] == rec.job.job_id and self.shards[k] not in window]
             # who asks for this job's work does not change during the loop (exclusions,
             # which may, are checked per shard in stalled())
             asking = self._requesters(rec.job.job_id, now, busy, excluded=True)
