@@ -7,7 +7,7 @@ end has its own interpreter and CPU clock; same bytes, same two py-libp2p hosts:
 
 1. blob: `BlobService.fetch` of an N MiB public blob (default 64, incompressible) from the
    child that holds it (one signed manifest, raw 256 KiB chunks each BLAKE3-checked, the
-   whole blob SHA-256-checked and written into the fetcher's cache, fsynced);
+   whole blob SHA-256-checked and written into the fetcher's cache, not fsynced);
 2. libp2p: the same bytes written in 256 KiB pieces on a bare stream of the same two hosts
    (TCP + Noise + Yamux), read to EOF, no framing or checks.
 

@@ -147,7 +147,7 @@ class _Pacer:
 
 
 class _Flusher:
-    """Hashes (SHA-256), writes and syncs a download's new bytes in a worker thread,
+    """Hashes (SHA-256) and writes a download's new bytes in a worker thread,
     WRITE_BATCH bytes or more at a time and one batch at a time, while more arrive."""
 
     def __init__(self, part: Any, nursery: trio.Nursery):
@@ -162,7 +162,7 @@ class _Flusher:
 
     async def _run(self) -> None:
         try:
-            await trio.to_thread.run_sync(self.part.write_pending, True)
+            await trio.to_thread.run_sync(self.part.write_pending)
         finally:
             self.busy = False
 

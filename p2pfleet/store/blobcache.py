@@ -11,12 +11,13 @@ Layout under `root` (normally `DataDir.cache_dir`)::
 
 A blob is written to tmp/, renamed into blobs/ and only then indexed, so after a crash of
 the process a blob is either complete and indexed or gone: on open, files without a row and
-rows without a file are dropped. Public blobs (models: large, shared, costly to fetch again)
-are fsynced before the rename (and the directory after it), so this holds after a power
-loss too. Private ones (inputs, outputs) are not: fsync was a fifth of a node's CPU on
-ResNet-50 inputs (py-spy, tools/bench_e2e.py --profile), and a private blob that a power
-loss left short or zeroed fails the hash check below and is fetched or computed again; its
-durable copy is the publisher's job store. Every `get` re-hashes the file
+rows without a file are dropped. Nothing is fsynced: the cache never holds the only copy of
+a blob (a model or an input's durable copy is the publisher's job store; a worker fetches or
+computes its blobs again), and fsync cost a fifth of a node's CPU on ResNet-50 inputs
+(py-spy, tools/bench_e2e.py --profile) and a tenth of a 64 MiB model download's
+(tools/bench_blob.py). A blob that a power loss left short or zeroed is never used: a
+process hashes every blob file before it first uses it (below), so it is refused, dropped
+and fetched again. Every `get` re-hashes the file
 (SHA-256 runs at ~1-2 GB/s; models are read once per run): a corrupt file is refused and
 dropped, never handed to the runner. Serving peers reads ranges (`read_range`), hash-checked
 once per file per process. The wire encoding of a blob (`encoding`, `read_wire`) is built
@@ -107,14 +108,6 @@ def _pread(fd: int, start: int, length: int, into: memoryview | None,
             raise BlockingIOError("not all in the page cache")
         return None
     return buf
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobCache:
@@ -272,11 +265,7 @@ class BlobCache:
                 return
             self._make_room(len(data), digest)
             tmp = self._tmp / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                if public:
-                    os.fsync(f.fileno())
+            tmp.write_bytes(data)
             self._install(tmp, digest, len(data), public, pinned)
 
     def _merge_existing(self, digest: bytes, public: bool, pinned: bool) -> bool:
@@ -294,8 +283,6 @@ class BlobCache:
     def _install(self, src: Path, digest: bytes, size: int, public: bool, pinned: bool) -> None:
         """Move a file whose bytes were hash-checked on their way in into the cache."""
         os.replace(src, self._path(digest))
-        if public:
-            _fsync_dir(self._blobs)
         # checked as written: serving it needs no second hash until the file changes
         st = self._path(digest).stat()
         self._verified[digest] = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -567,9 +554,8 @@ class PartialBlob:
     thread, while more is appended) computes the SHA-256 of what was appended since and
     writes it to the partial file, on large contiguous spans, so the worker releases the GIL
     a few times per batch instead of handing it back and forth per piece. `close` and
-    `finish` write what is left; `finish` checks the whole blob's hash, fsyncs once if the
-    blob is public (see the module docstring) and
-    returns the buffer as `bytes` without copying it (a `BytesIO` over a `bytes` it alone
+    `finish` write what is left; `finish` checks the whole blob's hash (nothing is fsynced:
+    see the module docstring) and returns the buffer as `bytes` without copying it (a `BytesIO` over a `bytes` it alone
     holds hands that object out)."""
 
     def __init__(self, cache: BlobCache, digest: bytes, total_size: int, public: bool,
@@ -620,10 +606,8 @@ class PartialBlob:
         self._view[self._offset:end] = data
         self._offset = end
 
-    def write_pending(self, sync: bool = False) -> None:
-        """Hash and write the bytes appended since the last call (and with `sync` wait until
-        they are on disk, so the fsync in `finish` has little left to wait for). May run in
-        a worker thread while `append` adds bytes after them; one call at a time."""
+    def write_pending(self) -> None:
+        """Hash and write the bytes appended since the last call. May run in a worker thread while `append` adds bytes after them; one call at a time."""
         if self._closed:
             raise RuntimeError("this download is closed")
         start, end = self._written, self._offset
@@ -635,8 +619,6 @@ class PartialBlob:
             done = 0
             while done < len(span):
                 done += os.write(fd, span[done:])
-        if sync and self.public:
-            os.fdatasync(fd)
         self._written = end
 
     def finish(self) -> bytes:
@@ -651,8 +633,6 @@ class PartialBlob:
             self.discard()
             raise BlobCorrupt(f"blob {self.digest.hex()[:16]}: the {self.total_size} bytes "
                               f"received hash to {self._hash.hexdigest()[:16]}")
-        if self.public:
-            os.fsync(self._file.fileno())
         self._close()
         data = self.data
         c = self.cache
