@@ -48,6 +48,7 @@ from typing import BinaryIO
 import msgpack
 
 from ..wire import blobcodec
+from . import bigbuf
 from .db import open_db
 
 DIGEST_LEN = 32
@@ -567,7 +568,7 @@ class PartialBlob:
         self.pinned = pinned
         self.path = cache._partial / f"{digest.hex()}-{total_size}"
         self._hash = hashlib.sha256()
-        self._bio = io.BytesIO(bytes(total_size))  # zeroed pages, mapped when first written
+        self._bio = bigbuf.zeroed(total_size)  # pages mapped when first written
         self._view = self._bio.getbuffer()
         self._offset = 0  # bytes appended
         self._written = 0  # bytes hashed and written to the file
