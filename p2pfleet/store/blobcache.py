@@ -17,7 +17,8 @@ computes its blobs again), and fsync cost a fifth of a node's CPU on ResNet-50 i
 (py-spy, tools/bench_e2e.py --profile) and a tenth of a 64 MiB model download's
 (tools/bench_blob.py). A blob that a power loss left short or zeroed is never used: a
 process hashes every blob file before it first uses it (below), so it is refused, dropped
-and fetched again. Every `get` re-hashes the file
+and fetched again, and `put` of a blob held (a publisher restoring its jobs) replaces a
+file this process has not checked. Every `get` re-hashes the file
 (SHA-256 runs at ~1-2 GB/s; models are read once per run): a corrupt file is refused and
 dropped, never handed to the runner. Serving peers reads ranges (`read_range`), hash-checked
 once per file per process. The wire encoding of a blob (`encoding`, `read_wire`) is built
@@ -256,18 +257,43 @@ class BlobCache:
     # --- writing ---------------------------------------------------------------------------
     def put(self, digest: bytes, data: bytes, *, public: bool, pinned: bool = False) -> None:
         """Store `data` under `digest` (ValueError if it does not hash to it). Storing a
-        blob already held keeps it; `public` only ever widens, `pinned` adds a pin."""
+        blob already held keeps it (its file is replaced by `data` unless this process
+        hash-checked it: a power loss may have damaged it); `public` only ever widens,
+        `pinned` adds a pin."""
         _check_digest(digest)
         if hashlib.sha256(data).digest() != digest:
             raise BlobCorrupt(f"blob {digest.hex()[:16]}: data hashes to "
                               f"{hashlib.sha256(data).hexdigest()[:16]}, not to its digest")
         with self._lock:
             if self._merge_existing(digest, public, pinned):
+                if not self._checked(digest):
+                    self._write_file(digest, data)
                 return
             self._make_room(len(data), digest)
-            tmp = self._tmp / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
-            tmp.write_bytes(data)
-            self._install(tmp, digest, len(data), public, pinned)
+            self._install(self._write_tmp(digest, data), digest, len(data), public, pinned)
+
+    def _write_tmp(self, digest: bytes, data: bytes) -> Path:
+        tmp = self._tmp / f"{digest.hex()}.{os.getpid()}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        return tmp
+
+    def _checked(self, digest: bytes) -> bool:
+        """This process hash-checked the blob's file, unchanged since."""
+        try:
+            st = self._path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return self._verified.get(digest) == (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _write_file(self, digest: bytes, data: bytes) -> None:
+        """Replace a held blob's file by `data` (hash-checked), keeping its index row."""
+        self._move_in(self._write_tmp(digest, data), digest)
+
+    def _move_in(self, src: Path, digest: bytes) -> None:
+        os.replace(src, self._path(digest))
+        # checked as written: serving it needs no second hash until the file changes
+        st = self._path(digest).stat()
+        self._verified[digest] = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _merge_existing(self, digest: bytes, public: bool, pinned: bool) -> bool:
         info = self.info(digest)
@@ -283,10 +309,7 @@ class BlobCache:
 
     def _install(self, src: Path, digest: bytes, size: int, public: bool, pinned: bool) -> None:
         """Move a file whose bytes were hash-checked on their way in into the cache."""
-        os.replace(src, self._path(digest))
-        # checked as written: serving it needs no second hash until the file changes
-        st = self._path(digest).stat()
-        self._verified[digest] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self._move_in(src, digest)
         self._db.execute(
             "INSERT OR REPLACE INTO blobs(digest, size, public, pins, used) VALUES "
             "(?, ?, ?, ?, (SELECT COALESCE(MAX(used), 0) + 1 FROM blobs))",
