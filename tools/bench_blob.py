@@ -14,7 +14,8 @@ end has its own interpreter and CPU clock; same bytes, same two py-libp2p hosts:
 Each is run `--repeat` times, interleaved, after one warm-up (the warm-up also lets the
 holder build its stored encoding once); MB/s = 10^6 bytes per second of wall clock, from
 the request to the last byte; CPU seconds per MB on each end = that process's CPU time
-(all threads) over the run / MB moved. Then, without a network, the zoo models' input
+(all threads) over the run / MB moved (deleting the fetcher's copy from the run before
+is not part of the run). Then, without a network, the zoo models' input
 blobs (`exec.outputs.encode_tensors` of 256 samples, as the publisher shards them) are
 encoded as a holder would (`wire.blobcodec.encode_blob`): raw and wire bytes per sample and
 the codec chosen. JSON goes to stdout (and --out FILE); progress to stderr.
@@ -147,7 +148,6 @@ async def bench(mib: int, repeat: int, workdir: Path) -> dict:
             fetch = BlobService(client, BlobCache(workdir / "client", 2 * size))
 
             async def run_blob() -> float:
-                fetch.cache.remove(digest)
                 t0 = time.perf_counter()
                 got = await fetch.fetch(digest, size, [server_peer], public=True, timeout=600)
                 dt = time.perf_counter() - t0
@@ -172,10 +172,14 @@ async def bench(mib: int, repeat: int, workdir: Path) -> dict:
                 return dt
 
             runs = {"blob": run_blob, "libp2p": run_libp2p}
-            for fn in runs.values():
+            # before each run, not timed: the fetcher's copy from the run before goes
+            setup = {"blob": lambda: fetch.cache.remove(digest), "libp2p": lambda: None}
+            for name, fn in runs.items():
+                setup[name]()
                 await fn()  # warm-up
             for r in range(repeat):
                 for name, fn in runs.items():  # interleaved, so drift hits all alike
+                    setup[name]()
                     s0, c0 = await child.cpu(), time.process_time()
                     dt = await fn()
                     c1, s1 = time.process_time(), await child.cpu()
