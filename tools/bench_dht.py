@@ -93,7 +93,8 @@ async def worker(args: argparse.Namespace) -> None:
                                  bootstrap=bootstrap, seed=w * 1000 + j,
                                  dht_mode="client" if j in args.client_hosts else "server",
                                  dht_lean_refresh=args.fixes != "old",
-                                 dht_reuse_streams=args.fixes == "all"))
+                                 dht_reuse_streams=args.fixes == "all",
+                                 **_connection_limits(args)))
         entry: dict[str, Any] = {"j": j, "mesh": mesh, "alive": True}
         hosts.append(entry)
         with trio.CancelScope() as scope:
@@ -202,7 +203,9 @@ class Worker:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-index", str(index),
                "--hosts", str(args.hosts), "--boot-count", str(args.bootstrap),
                "--boot-addrs", ",".join(bootstrap), "--seed", str(args.seed),
-               "--client-hosts", ",".join(map(str, clients)), "--fixes", args.fixes]
+               "--client-hosts", ",".join(map(str, clients)), "--fixes", args.fixes,
+               *(("--max-connections", str(args.max_connections))
+                 if args.max_connections is not None else ())]
         self.index = index
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -327,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixes", choices=("all", "refresh", "old"), default="all",
                     help="the DHT's CPU fixes: all (the mesh as it is), refresh (fix 18 only), "
                          "old (neither fix 18's lean refresh nor fix 19's stream reuse)")
+    ap.add_argument("--max-connections", type=int, default=None,
+                    help="each host's MeshSettings.max_connections (default: the mesh's, "
+                         "128); its watermarks follow it (high 0.75x, low 2 x min, min 1/16)")
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht.last.json")
     # worker mode (internal)
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -339,11 +345,22 @@ def main(argv: list[str] | None = None) -> int:
         args.client_hosts = {int(x) for x in args.client_hosts.split(",") if x}
         trio.run(worker, args)
         return 0
+    if args.max_connections is not None and args.max_connections < 16:
+        ap.error("--max-connections must be at least 16")
     if args.procs < 1 or args.hosts < 1 or not 1 <= args.bootstrap <= args.hosts:
         ap.error("need --procs >= 1, --hosts >= 1 and 1 <= --bootstrap <= --hosts")
     if not 0 <= args.kill_share < 1 or not 0 <= args.client_share < 1:
         ap.error("--kill-share and --client-share must be in [0, 1)")
     return controller(args)
+
+
+def _connection_limits(args: argparse.Namespace) -> dict[str, int]:
+    """MeshSettings overrides for --max-connections: min_connections at a sixteenth (the
+    mesh's default ratio, 8 of 128), so the low watermark stays below the high one."""
+    if args.max_connections is None:
+        return {}
+    return {"max_connections": args.max_connections,
+            "min_connections": max(2, args.max_connections // 16)}
 
 
 def controller(args: argparse.Namespace) -> int:
@@ -364,8 +381,10 @@ def controller(args: argparse.Namespace) -> int:
                    "fixes": args.fixes,
                    "seed": args.seed, "k": defaults.dht_k, "alpha": dht_lookup.ALPHA,
                    "query_timeout_s": dht_lookup.QUERY_TIMEOUT_S,
-                   "max_connections": defaults.max_connections,
-                   "min_connections": defaults.min_connections,
+                   "max_connections": _connection_limits(args).get(
+                       "max_connections", defaults.max_connections),
+                   "min_connections": _connection_limits(args).get(
+                       "min_connections", defaults.min_connections),
                    "transport": "TCP on loopback, host j of process w on 127.0.<w+1>.<j+1>"},
         "method": "every host starts at once and publishes its capacity record once its "
                   "routing table is filled (Mesh.table_ready: a first peer, then a self-lookup "
