@@ -762,9 +762,9 @@ class Policy:
             # node reports energy and bytes together; the simulator does so per lease).
             self._s = _apply(s, ev)
             return []
-        return self._decide(s, ev)
+        return self._full_decision(s, ev)
 
-    def _decide(self, s: PolicyState, ev: object) -> list:
+    def _full_decision(self, s: PolicyState, ev: object) -> list:
         off = (ev.utc_offset_s if isinstance(ev, (StateObserved, StateUnavailable, Tick))
                else s.utc_offset_s)
         s, lapsed = _advance(self.config, s, ev.at, off)

@@ -266,8 +266,8 @@ class BlobCache:
                               f"{hashlib.sha256(data).hexdigest()[:16]}, not to its digest")
         with self._lock:
             if self._merge_existing(digest, public, pinned):
-                if not self._checked(digest):
-                    self._write_file(digest, data)
+                if not self._checked(digest):  # replaced, keeping its index row
+                    self._move_in(self._write_tmp(digest, data), digest)
                 return
             self._make_room(len(data), digest)
             self._install(self._write_tmp(digest, data), digest, len(data), public, pinned)
@@ -284,10 +284,6 @@ class BlobCache:
         except FileNotFoundError:
             return False
         return self._verified.get(digest) == (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def _write_file(self, digest: bytes, data: bytes) -> None:
-        """Replace a held blob's file by `data` (hash-checked), keeping its index row."""
-        self._move_in(self._write_tmp(digest, data), digest)
 
     def _move_in(self, src: Path, digest: bytes) -> None:
         os.replace(src, self._path(digest))
@@ -579,8 +575,8 @@ class PartialBlob:
     writes it to the partial file, on large contiguous spans, so the worker releases the GIL
     a few times per batch instead of handing it back and forth per piece. `close` and
     `finish` write what is left; `finish` checks the whole blob's hash (nothing is fsynced:
-    see the module docstring) and returns the buffer as `bytes` without copying it (a `BytesIO` over a `bytes` it alone
-    holds hands that object out)."""
+    see the module docstring) and returns the buffer as `bytes` without copying it (a
+    `BytesIO` over a `bytes` it alone holds hands that object out)."""
 
     def __init__(self, cache: BlobCache, digest: bytes, total_size: int, public: bool,
                  pinned: bool):
@@ -631,7 +627,8 @@ class PartialBlob:
         self._offset = end
 
     def write_pending(self) -> None:
-        """Hash and write the bytes appended since the last call. May run in a worker thread while `append` adds bytes after them; one call at a time."""
+        """Hash and write the bytes appended since the last call. May run in a worker thread
+        while `append` adds bytes after them; one call at a time."""
         if self._closed:
             raise RuntimeError("this download is closed")
         start, end = self._written, self._offset

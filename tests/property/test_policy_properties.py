@@ -198,7 +198,7 @@ class FullDecision(Policy):
     the instant of the last event (Policy.handle)."""
 
     def handle(self, ev: object) -> list:
-        return self._decide(self._s, ev)
+        return self._full_decision(self._s, ev)
 
 
 @FAST
