@@ -9,7 +9,10 @@ manifest (a missing blob and a refused one look the same to the requester).
 
 Serving: public blobs (models) to any peer, private ones (inputs, outputs) only when the
 `authorize(peer, digest, token)` hook says yes; the request's signer must be the stream's
-remote peer; at most `max_serves_per_peer` streams per peer at once. The blob's encoding
+remote peer; at most `max_serves_per_peer` streams per peer at once. A blob the cache does
+not hold, or drops as damaged when it is about to be served, is offered to the optional
+`recover(peer, digest, token)` hook: the holder of a durable copy (a publisher's job store)
+stores it in the cache again if that peer may have it, and it is served as if never lost. The blob's encoding
 (chunks, codec, hashes: `BlobCache.encoding`) is built once per blob and kept beside it;
 chunks are read ahead (a few in flight; from the page cache on the event loop, else in a
 worker thread) and each written within `write_timeout`, the muxer's window giving
@@ -39,7 +42,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +76,7 @@ from .streams import (
 log = logging.getLogger(__name__)
 
 Authorizer = Callable[[str, bytes, bytes | None], bool]
+Recoverer = Callable[[str, bytes, bytes | None], Awaitable[bool]]
 BudgetHook = Callable[[int], bool]
 
 MAX_CHUNK = blobcodec.CHUNK_SIZE
@@ -198,6 +202,8 @@ class BlobService:
         self.mesh = mesh
         self.cache = cache
         self.authorize = authorize
+        # stores a blob this cache lost again, if the peer may have it (set by a publisher)
+        self.recover: Recoverer | None = None
         self.clock = clock
         self.may_send = may_send
         self.max_serves_per_peer = max_serves_per_peer
@@ -269,12 +275,16 @@ class BlobService:
             return
         req: BlobRequest = opened.body
         reason = self._refusal(peer, req)
+        if reason == "not held" and await self._recovered(peer, req):
+            reason = self._refusal(peer, req)
         if reason:
             self.stats.refused[reason] += 1
             await close_quietly(stream)
             return
         enc = (self.cache.encoding_ready(req.digest)
                or await trio.to_thread.run_sync(self.cache.encoding, req.digest))
+        if enc is None and await self._recovered(peer, req):  # dropped as damaged
+            enc = await trio.to_thread.run_sync(self.cache.encoding, req.digest)
         if enc is None:  # dropped as corrupt, or evicted meanwhile
             self.stats.refused["gone"] += 1
             await close_quietly(stream)
@@ -346,6 +356,16 @@ class BlobService:
                         return
                     await send.send((wire, i))
                     at += n
+
+    async def _recovered(self, peer: str, req: BlobRequest) -> bool:
+        """The `recover` hook stored the blob in the cache again for this request."""
+        if self.recover is None:
+            return False
+        try:
+            return bool(await self.recover(peer, req.digest, req.token))
+        except Exception:  # noqa: BLE001 - a failing hook serves nothing, as when lost
+            log.exception("recovering blob %s failed", req.digest.hex()[:16])
+            return False
 
     def _refusal(self, peer: str, req: BlobRequest) -> str | None:
         info = self.cache.info(req.digest)

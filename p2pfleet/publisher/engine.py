@@ -5,7 +5,9 @@ the `lease` protocol (one work_request -> one lease_batch or no_work) and the `r
 protocol (progress, hand_back, result, failed -> stored -> up to 64 pending receipts ->
 clean close), authorises input fetches on the blob service with lease-bound tokens, pushes
 cancels and receipts on `notice` when it can reach the worker, announces live jobs on the
-jobs topic, publishes evidence, and ticks the scheduler so leases expire.
+jobs topic, publishes evidence, and ticks the scheduler so leases expire. A model or input
+of a live job that its blob cache lost (a power loss zeroed the file, dropped at its first
+serve) is stored again from the job store when a worker allowed to fetch it asks (`_recover`).
 
 Order of persistence (specs/work-and-leases.md, section 10): each scheduler event runs
 inside one store transaction with its input (the result envelope) and its consequences
@@ -245,6 +247,7 @@ class Publisher:
         self._prev_authorize = getattr(blobs, "authorize", None) if blobs is not None else None
         if isinstance(getattr(self._prev_authorize, "__self__", None), Publisher):
             self._prev_authorize = None  # an earlier engine of this store, not another service
+        self._recovering = trio.Lock()  # one blob stored again at a time (a rare repair)
 
     # --- public API --------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> bytes:
@@ -432,6 +435,7 @@ class Publisher:
         self.mesh.set_handler("report", self._on_report_stream)
         if self.blobs is not None:
             self.blobs.authorize = self._authorize
+            self.blobs.recover = self._recover
         for job_id in self._meta:
             self._provide(job_id)
         try:
@@ -456,6 +460,8 @@ class Publisher:
             self.mesh.set_handler("report", _not_serving)
             if self.blobs is not None and self.blobs.authorize == self._authorize:
                 self.blobs.authorize = self._prev_authorize
+            if self.blobs is not None and getattr(self.blobs, "recover", None) == self._recover:
+                self.blobs.recover = None
 
     # --- internals: scheduler plumbing -------------------------------------------------
     def _now(self) -> int:
@@ -665,6 +671,10 @@ class Publisher:
 
     # --- blobs -------------------------------------------------------------------------
     def _provide(self, job_id: bytes) -> None:
+        """Put a job's model and, while it is live, its inputs in the blob cache. An input
+        held is not stored again (each start would hash and rewrite every shard's input):
+        if a power loss damaged its file, the cache drops it at its first serve and
+        `_recover` stores it then."""
         if self.blobs is None:
             return
         meta = self._meta[job_id]
@@ -676,6 +686,30 @@ class Publisher:
         for digest, _ka in self._shards[job_id]:
             if not self.blobs.cache.has(digest):
                 self.blobs.cache.put(digest, self.store.get_blob(digest), public=False, pinned=True)
+
+    async def _recover(self, peer: str, digest: bytes, token: bytes | None) -> bool:
+        """The blob service's `recover` hook: a request found `digest` lost from the cache
+        (not held, or dropped as damaged when about to be served). The model of a live job
+        (public) or an input asked for with its live lease's token (the `_authorize` rule,
+        without the hooks it chains to) is stored again from the job store; anything else
+        is not, so a stranger cannot make the publisher read and write its inputs. True if
+        the cache holds the blob now."""
+        live = [j for j, rec in self.sched.jobs.items() if rec.status == "live"]
+        public = any(self._meta[j]["model_digest"] == digest.hex() for j in live)
+        if not public and not self._lease_allows(peer, digest, token):
+            return False
+        async with self._recovering:
+            if self.blobs.cache.has(digest):  # stored again by the request before this one
+                return True
+            data = self.store.get_blob(digest)
+            if data is None:
+                return False
+            # hashed and written in a thread; the store stays on this one
+            await trio.to_thread.run_sync(
+                lambda: self.blobs.cache.put(digest, data, public=public, pinned=True))
+        log.warning("blob %s was lost from the cache (damaged or removed on disk): stored "
+                    "again from the job store", digest.hex()[:16])
+        return True
 
     async def _provide_model(self, job_id: bytes) -> None:
         """Announce the model in the DHT, so workers may fetch it from each other."""
@@ -693,18 +727,23 @@ class Publisher:
         return lease.lease_id + mac[:16]
 
     def _authorize(self, peer: str, digest: bytes, token: bytes | None) -> bool:
-        if token is not None and len(token) == 32:
-            lease = self.sched.leases.get(token[:16])
-            if lease is not None and lease.state == "live":
-                input_digest = self._shards[lease.job_id][lease.shard][0]
-                ok = (digest == input_digest and peer_id_from_key(lease.worker) == peer and
-                      hmac.compare_digest(token, self.token(lease, input_digest)) and
-                      self._now() < lease.expires_ms)
-                if ok:
-                    return True
+        if self._lease_allows(peer, digest, token):
+            return True
         if self._prev_authorize is not None:
             return bool(self._prev_authorize(peer, digest, token))
         return False
+
+    def _lease_allows(self, peer: str, digest: bytes, token: bytes | None) -> bool:
+        """`token` is that of a live lease of ours, held by `peer`, whose input is `digest`."""
+        if token is None or len(token) != 32:
+            return False
+        lease = self.sched.leases.get(token[:16])
+        if lease is None or lease.state != "live":
+            return False
+        input_digest = self._shards[lease.job_id][lease.shard][0]
+        return (digest == input_digest and peer_id_from_key(lease.worker) == peer and
+                hmac.compare_digest(token, self.token(lease, input_digest)) and
+                self._now() < lease.expires_ms)
 
     # --- the lease protocol ------------------------------------------------------------
     async def _on_lease_stream(self, stream: Any) -> None:
