@@ -53,13 +53,13 @@ Requests and replies (every reply has "ok"; failures carry "reason" and "detail"
    The child starts micro-batch i only while i < grant; the parent raises it with
    {"op": "grant", "upto"} and ends the shard early with {"op": "stop"} (checked between
    micro-batches; outside a shard both are ignored, without a reply). Replies:
-   {"ok": true, "batches": [{"batch": i, "outputs": [[name, dtype, shape]], "ms",
-   "cpu_s"}, ...]}: the micro-batches finished since the last such frame, in order (sent
-   at most every 10 ms or 256 KiB of outputs, and before waiting for a grant, to spare the
-   parent wake-ups); then
-   {"ok": true, "end": micro-batches run, "cpu_s"}, or a failure (which also ends the
-   shard, after the finished micro-batches' frame). The watchdog holds the whole shard to
-   timeout_s.
+   {"ok": true, "batches": [{"batch": i, "outputs": [[name, dtype, shape]], "ms"}, ...],
+   "cpu_s"}: the micro-batches finished since the last such frame, in order (sent at most
+   every 30 ms or 256 KiB of outputs, and before waiting for a grant, to spare the parent
+   wake-ups); then
+   {"ok": true, "end": micro-batches run, "cpu_s"} (in the same write as the last batches'
+   frame), or a failure (which also ends the shard, after the finished micro-batches'
+   frame). The watchdog holds the whole shard to timeout_s.
 - {"op": "validate", "model": [offset, nbytes], "shapes": {name: [dims]}, "limits": {...
    ModelLimits fields}, "timeout_s"} -> {"ok": true, "valid": {ValidatedModel fields but
    model_bytes}} or {"ok": true, "refused": {"rule", "reason", "node", "tensor"}}. The onnx
@@ -616,8 +616,10 @@ class Child:
 
 
 #: Replies of finished micro-batches wait up to this long to go in one write: each write
-#: wakes the node, whose work then competes with onnxruntime's threads for the cores...
-FLUSH_S = 0.010
+#: wakes the node, whose work then competes with onnxruntime's threads for the cores (at
+#: 10 ms, half the node's CPU per mlp784 shard was its ~20 wake-ups; a stop still reaches
+#: the child within about this long)...
+FLUSH_S = 0.030
 #: ... unless their outputs reach this many bytes: then the node has enough to copy and
 #: digest to be worth waking for while the child computes on.
 FLUSH_BYTES = 256 << 10
@@ -696,10 +698,19 @@ class ShardRun:
         self.grant = 0
         self.stopped = False
 
-    def flush(self) -> None:
+    def flush(self, then: dict | None = None) -> None:
+        """Send the pending micro-batches' frame and, in the same write (one wake-up of the
+        parent), `then`. The CPU time goes once per frame: read after every micro-batch,
+        while onnxruntime's threads wind down, it cost ~70 us each (under load), 4 ms of
+        an mlp784 shard's 64 micro-batches."""
+        out = b""
         if self.pending:
-            _write_all(self.fd_out, _frame_bytes({"ok": True, "batches": self.pending}))
+            out = _frame_bytes({"ok": True, "batches": self.pending, "cpu_s": cpu_used()})
             self.pending, self.pending_bytes = [], 0
+        if then is not None:
+            out += _frame_bytes(then)
+        if out:
+            _write_all(self.fd_out, out)
         self.last_flush = time.monotonic()
 
     def control(self, i: int) -> None:
@@ -720,10 +731,12 @@ class ShardRun:
             else:
                 raise Refused("internal", f"unexpected request {op!r} during a shard")
 
-    def run(self) -> dict:
+    def run(self) -> None:
+        """Run the shard and send its replies, the end frame last; a failure is raised
+        (after the finished micro-batches' frame) for the caller to send."""
         child, req = self.child, self.req
         fds = _receive_fds(self.sock, 2)  # first: fds left queued would go to the next shard
-        in_map = out_map = None
+        in_map = out_map = end = None
         try:
             if child.session is None:
                 raise Refused("internal", "shard before a successful load")
@@ -749,18 +762,18 @@ class ShardRun:
             for fd in fds:
                 os.close(fd)
             fds = []
-            return self._batches(ins, outs, rows, in_map, in_size, out_map, out_size,
-                                 float(timeout_s))
+            end = self._batches(ins, outs, rows, in_map, in_size, out_map, out_size,
+                                float(timeout_s))
         finally:
             for fd in fds:
                 os.close(fd)
-            self.pending and self.flush()
             for m in (in_map, out_map):
                 if m is not None:
                     try:
                         m.close()
                     except BufferError:  # a view survived (an exception's frame): let it go
                         pass
+            self.flush(then=end)  # end is None when a failure is raised
 
     def _batches(self, ins, outs, rows, in_map, in_size, out_map, out_size, timeout_s) -> dict:
         child = self.child
@@ -828,7 +841,7 @@ class ShardRun:
                     shape[0] *= lie
                 claimed.append([name, dt.name, shape])
             done += 1
-            self.pending.append({"batch": i, "outputs": claimed, "ms": ms, "cpu_s": cpu_used()})
+            self.pending.append({"batch": i, "outputs": claimed, "ms": ms})
             self.pending_bytes += sum(v.nbytes for v in results)
             if self.pending_bytes >= FLUSH_BYTES or time.monotonic() - self.last_flush >= FLUSH_S:
                 self.flush()
@@ -988,7 +1001,8 @@ def main() -> int:
             elif op == "exit":
                 return 0
             elif op == "shard":
-                reply = ShardRun(child, req, fd_in, fd_out, fd_sock, max_frame).run()
+                ShardRun(child, req, fd_in, fd_out, fd_sock, max_frame).run()
+                continue  # its replies and end frame are sent
             elif op == "debug" and debug_enabled:
                 reply = debug(req, child)
             else:

@@ -1272,7 +1272,7 @@ class Sandbox:
                          outputs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
                          deadline: float,
                          on_result: Callable[[int, dict[str, np.ndarray], float], bool],
-                         depth: int = 2, ahead_s: float = 0.04) -> None:
+                         depth: int = 2, ahead_s: float = 0.1) -> None:
         """Run the loaded model on micro-batches `rows` ([start, stop) of every input in
         `inputs`, consecutive) over shared memory (shm.py): one request for the whole
         shard, the inputs mapped read-only by the child, the outputs written by it into an
@@ -1283,8 +1283,9 @@ class Sandbox:
         Each micro-batch's outputs are copied out of the arena (the child could still
         write there) before `on_result(i, outputs, ms)` sees them, in order. Flow control:
         the child runs micro-batch i only once granted; the first `depth` are, and the
-        grant is kept about `ahead_s` seconds of micro-batches (at least `depth`; 16
-        before the first reply) ahead of the results seen, so the child neither waits for the node nor runs far past a stop.
+        grant is kept about `ahead_s` seconds of micro-batches (at least `depth`; 32
+        before the first reply) ahead of the results seen, so the child neither waits for
+        the node (it replies every 30 ms: child.FLUSH_S) nor runs far past a stop.
         on_result returning False stops the shard like run_many: the micro-batch queued
         behind is still passed to it, any later one the child finished is dropped. A reply
         that claims an output other than the one the layout bounds (a larger shape above
@@ -1303,7 +1304,7 @@ class Sandbox:
                  for name, dt, tail in outputs}
         # Granting ahead costs no stop latency (the child checks for a stop between micro-batches)
         # and results past a stop are dropped anyway: start generously, then keep ~ahead_s.
-        granted, seen, limit, stopping = min(total, max(2 * depth, 16)), 0, total, False
+        granted, seen, limit, stopping = min(total, max(2 * depth, 32)), 0, total, False
         completed = False
         try:
             with trio.fail_at(deadline + self.config.kill_grace_s):
@@ -1335,9 +1336,13 @@ class Sandbox:
                         completed = True
                         break
                     items = reply.get("batches")
-                    if not isinstance(items, list) or not items or payload:
+                    try:
+                        if not isinstance(items, list) or not items or payload:
+                            raise ValueError
+                        self._cpu_s = float(reply["cpu_s"])
+                    except (KeyError, TypeError, ValueError):
                         await self._kill("crash", "bad shard reply")
-                        raise _bad_reply("malformed shard reply")
+                        raise _bad_reply("malformed shard reply") from None
                     ms = 0.0
                     for item in items:
                         i = item.get("batch") if isinstance(item, dict) else None
@@ -1349,7 +1354,6 @@ class Sandbox:
                                                           private, bound)
                         try:
                             ms = float(item["ms"])
-                            self._cpu_s = float(item["cpu_s"])
                         except (KeyError, TypeError, ValueError):
                             await self._kill("crash", "bad shard reply")
                             raise _bad_reply("malformed shard reply") from None
