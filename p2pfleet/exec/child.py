@@ -767,13 +767,17 @@ class ShardRun:
         finally:
             for fd in fds:
                 os.close(fd)
-            for m in (in_map, out_map):
-                if m is not None:
-                    try:
-                        m.close()
-                    except BufferError:  # a view survived (an exception's frame): let it go
-                        pass
-            self.flush(then=end)  # end is None when a failure is raised
+            try:
+                # End first (None when a failure is raised): unmapping an mlp784 shard's
+                # 12.8 MB of inputs takes ~0.6 ms the node need not wait for.
+                self.flush(then=end)
+            finally:
+                for m in (in_map, out_map):
+                    if m is not None:
+                        try:
+                            m.close()
+                        except BufferError:  # a view survived (an exception's frame)
+                            pass
 
     def _batches(self, ins, outs, rows, in_map, in_size, out_map, out_size, timeout_s) -> dict:
         child = self.child
