@@ -1358,13 +1358,9 @@ class Sandbox:
                         completed = True
                         break
                     items = reply.get("batches")
-                    try:
-                        if not isinstance(items, list) or not items or payload:
-                            raise ValueError
-                        self._cpu_s = float(reply["cpu_s"])
-                    except (KeyError, TypeError, ValueError):
+                    if not isinstance(items, list) or not items or payload:
                         await self._kill("crash", "bad shard reply")
-                        raise _bad_reply("malformed shard reply") from None
+                        raise _bad_reply("malformed shard reply")
                     ms = 0.0
                     for item in items:
                         i = item.get("batch") if isinstance(item, dict) else None
