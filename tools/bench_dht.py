@@ -2,9 +2,10 @@
 """Benchmark the DHT at more hosts than k: many real mesh hosts per process, on loopback.
 
 The controller starts P worker processes of H `Mesh` hosts each (default 10 x 20 = 200;
-py-libp2p hosts over TCP, host j of worker w listens on 127.0.<w+1>.<j+1>). The first
---bootstrap hosts of worker 0 are the bootstrap nodes (the first alone, the others through
-it); every other host joins through them at once, as a fleet starting together. Each host
+py-libp2p hosts over TCP, host j of worker w listens on 127.0.<w+1>.<j+1>), and worker 0
+with the --bootstrap bootstrap nodes alone (the first alone, the others through it), as
+bootstrap nodes run on machines of their own. Every other host joins through them at once,
+as a fleet starting together. Each host
 publishes its signed capacity record as soon as it joined (its routing table filled:
 `Mesh.table_ready`). Then it measures, from outside the hosts' code paths:
 
@@ -75,6 +76,9 @@ async def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("p2pfleet").setLevel(logging.WARNING)  # bans, into the worker's log
+    if os.environ.get("BENCH_DHT_DEBUG"):
+        for name in os.environ["BENCH_DHT_DEBUG"].split(","):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     w = args.worker_index
     hosts: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -114,6 +118,15 @@ async def worker(args: argparse.Namespace) -> None:
                 entry["published_s"] = time.monotonic() - t0
         entry["alive"] = False
 
+    lags: list[float] = []  # how late the worker's event loop woke a 50 ms sleep (s)
+
+    async def watch_lag() -> None:
+        while True:
+            before = trio.current_time()
+            await trio.sleep(0.05)
+            lags.append(trio.current_time() - before - 0.05)
+            del lags[:-2000]
+
     def status() -> dict:
         out = []
         for e in sorted(hosts, key=lambda e: e["j"]):
@@ -127,8 +140,14 @@ async def worker(args: argparse.Namespace) -> None:
                         "puts": m.puts,
                         "table": m.dht.routing_table.size() if m.dht else None,
                         "connections": len(m.connected_peers()),
-                        "bans": len(m.stats.bans), "violations": dict(m.stats.violations)})
-        return {"hosts": out}
+                        "bans": len(m.stats.bans), "violations": dict(m.stats.violations),
+                        "opened": m.stats.connections_opened,
+                        "closed": m.stats.connections_closed})
+        ordered = sorted(lags)
+        lag = {"p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
+               "max_ms": round(ordered[-1] * 1000, 1) if ordered else None}
+        lags.clear()
+        return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag}
 
     async def lookups(pairs: list[list], parallel: int) -> dict:
         by_j = {e["j"]: e for e in hosts}
@@ -160,6 +179,7 @@ async def worker(args: argparse.Namespace) -> None:
 
     stdin = trio.lowlevel.FdStream(os.dup(0))
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_lag)
         boot = tuple(a for a in args.boot_addrs.split(",") if a)
         for j in range(args.hosts):
             if w == 0 and j < args.boot_count:
@@ -197,16 +217,21 @@ async def worker(args: argparse.Namespace) -> None:
 
 
 # --- controller ---------------------------------------------------------------------------
+WORKERS: list["Worker"] = []  # every worker started, for the loop lag in `activity`
+
+
 class Worker:
     def __init__(self, index: int, args: argparse.Namespace, bootstrap: list[str], logdir: Path,
-                 clients: list[int]):
+                 clients: list[int], hosts: int):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-index", str(index),
-               "--hosts", str(args.hosts), "--boot-count", str(args.bootstrap),
+               "--hosts", str(hosts), "--boot-count", str(args.bootstrap),
                "--boot-addrs", ",".join(bootstrap), "--seed", str(args.seed),
                "--client-hosts", ",".join(map(str, clients)), "--fixes", args.fixes,
                *(("--max-connections", str(args.max_connections))
                  if args.max_connections is not None else ())]
         self.index = index
+        self.lag: dict[str, Any] = {}
+        WORKERS.append(self)
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, text=True, bufsize=1)
@@ -249,11 +274,36 @@ def ask_all(workers: list[Worker], cmds: list[dict]) -> list[dict]:
 
 
 def all_hosts(workers: list[Worker]) -> list[dict]:
-    hosts = []
+    return snapshot(workers)[0]
+
+
+def snapshot(workers: list[Worker]) -> tuple[list[dict], float]:
+    """Every host's status, and the CPU seconds the workers used so far (all together)."""
+    hosts, cpu = [], 0.0
     for w, reply in zip(workers, ask_all(workers, [{"cmd": "status"}] * len(workers))):
+        cpu += reply["cpu_s"]
+        w.lag = reply["loop_lag"]
         for h in reply["hosts"]:
             hosts.append({**h, "w": w.index})
-    return hosts
+    return hosts, cpu
+
+
+def activity(before: tuple[list[dict], float, float], after: tuple[list[dict], float, float]) -> dict:
+    """What the fleet did between two snapshots (hosts, CPU s, wall s): CPU in cores, and
+    connections opened and closed per host per minute (the churn that costs CPU at rest)."""
+    (h0, cpu0, t0), (h1, cpu1, t1) = before, after
+    wall = max(t1 - t0, 1e-9)
+    alive = [h for h in h1 if h.get("alive")]
+    old = {h["peer"]: h for h in h0}
+
+    def per_host_min(name: str) -> float:
+        n = sum(h.get(name, 0) - old.get(h["peer"], {}).get(name, 0) for h in alive)
+        return round(n / max(len(alive), 1) / wall * 60, 2)
+    return {"wall_s": round(wall, 1), "cpu_cores": round((cpu1 - cpu0) / wall, 2),
+            # per worker, since the last snapshot: how late its event loop ran (p50, max)
+            "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"]] for w in WORKERS},
+            "opened_per_host_min": per_host_min("opened"),
+            "closed_per_host_min": per_host_min("closed")}
 
 
 def run_lookups(workers: list[Worker], pairs: list[tuple[dict, dict]], parallel: int) -> dict:
@@ -347,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.max_connections is not None and args.max_connections < 16:
         ap.error("--max-connections must be at least 16")
-    if args.procs < 1 or args.hosts < 1 or not 1 <= args.bootstrap <= args.hosts:
-        ap.error("need --procs >= 1, --hosts >= 1 and 1 <= --bootstrap <= --hosts")
+    if args.procs < 1 or args.hosts < 1 or args.bootstrap < 1:
+        ap.error("need --procs >= 1, --hosts >= 1 and --bootstrap >= 1")
     if not 0 <= args.kill_share < 1 or not 0 <= args.client_share < 1:
         ap.error("--kill-share and --client-share must be in [0, 1)")
     return controller(args)
@@ -370,12 +420,14 @@ def controller(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     logdir = Path(tempfile.mkdtemp(prefix="bench_dht-"))
     defaults = MeshSettings(network=NETWORK)
+    started = time.monotonic()
     result: dict[str, Any] = {
         "tool": "tools/bench_dht.py",
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": B.machine_info(),
         "config": {"procs": args.procs, "hosts_per_proc": args.hosts,
-                   "hosts": args.procs * args.hosts, "bootstrap_hosts": args.bootstrap,
+                   "hosts": args.procs * args.hosts + args.bootstrap,
+                   "bootstrap_hosts": args.bootstrap,
                    "lookups_per_phase": args.lookups, "settle_s": args.settle, "parallel_per_proc": args.parallel,
                    "kill_share": args.kill_share, "client_share": args.client_share,
                    "fixes": args.fixes,
@@ -397,33 +449,38 @@ def controller(args: argparse.Namespace) -> int:
     }
     workers: list[Worker] = []
     try:
-        n_clients = int(args.client_share * (args.procs * args.hosts - args.bootstrap))
-        candidates = [(w, j) for w in range(args.procs) for j in range(args.hosts)
-                      if not (w == 0 and j < args.bootstrap)]
+        n_clients = int(args.client_share * args.procs * args.hosts)
+        candidates = [(w, j) for w in range(1, args.procs + 1) for j in range(args.hosts)]
         clients = set(rng.sample(candidates, n_clients))
-        log(f"starting worker 0 ({args.hosts} hosts, {args.bootstrap} bootstrap)")
-        workers.append(Worker(0, args, [], logdir, [j for w, j in clients if w == 0]))
+        # the bootstrap hosts run in a process of their own, as bootstrap nodes run on
+        # machines of their own: 20 hosts sharing one core with them starved their service
+        log(f"starting worker 0 ({args.bootstrap} bootstrap hosts)")
+        workers.append(Worker(0, args, [], logdir, [], args.bootstrap))
         first = workers[0].read()["hosts"]
         boot = [h["addr"] for h in first[:args.bootstrap]]
-        for w in range(1, args.procs):
-            workers.append(Worker(w, args, boot, logdir, [j for v, j in clients if v == w]))
+        for w in range(1, args.procs + 1):
+            workers.append(Worker(w, args, boot, logdir, [j for v, j in clients if v == w],
+                                  args.hosts))
         for w in workers[1:]:
             w.read()
-        log(f"{args.procs * args.hosts} hosts started; waiting for every record to be published")
+        log(f"{args.procs * args.hosts + args.bootstrap} hosts started; waiting for every record to be published")
         deadline = time.monotonic() + args.join_timeout
+        start = ([], 0.0, started)
         while True:
-            hosts = all_hosts(workers)
+            hosts, cpu = snapshot(workers)
             published = sum(1 for h in hosts if h.get("published_s") is not None)
             if published == len(hosts) or time.monotonic() > deadline:
                 break
             log(f"  {published}/{len(hosts)} published")
             time.sleep(5)
-        result["join"] = join_summary(hosts)
+        joined = (hosts, cpu, time.monotonic())
+        result["join"] = {**join_summary(hosts), "activity": activity(start, joined)}
         log(f"join: {json.dumps(result['join'])}")
         if args.settle > 0:  # a fleet that joined all at once keeps refreshing a while
             time.sleep(args.settle)
-            hosts = all_hosts(workers)
-            result["settled"] = join_summary(hosts)
+            hosts, cpu = snapshot(workers)
+            settled = (hosts, cpu, time.monotonic())
+            result["settled"] = {**join_summary(hosts), "activity": activity(joined, settled)}
             log(f"after {args.settle:g} s more: {json.dumps(result['settled'])}")
 
         def sample(readers: list[dict], targets: list[dict]) -> list[tuple[dict, dict]]:
@@ -436,7 +493,9 @@ def controller(args: argparse.Namespace) -> int:
 
         published = [h for h in hosts if h.get("published_s") is not None]
         log("lookups with all hosts up")
+        before = (*snapshot(workers), time.monotonic())
         result["all_up"] = run_lookups(workers, sample(hosts, published), args.parallel)
+        result["all_up"]["activity"] = activity(before, (*snapshot(workers), time.monotonic()))
         log(f"all up: success {result['all_up']['success']}")
         if args.kill_share > 0:
             victims = rng.sample([h for h in hosts if not (h["w"] == 0 and h["j"] < args.bootstrap)],
@@ -446,7 +505,9 @@ def controller(args: argparse.Namespace) -> int:
             dead = {v["peer"] for v in victims}
             survivors = [h for h in hosts if h["peer"] not in dead]
             log(f"killed {len(victims)} hosts; lookups from survivors")
+            before = (*snapshot(workers), time.monotonic())
             phase = run_lookups(workers, sample(survivors, published), args.parallel)
+            phase["activity"] = activity(before, (*snapshot(workers), time.monotonic()))
             phase["killed"] = len(victims)
             result["after_kill"] = phase
             log(f"after kill: success {phase['success']}")

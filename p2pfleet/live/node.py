@@ -290,7 +290,8 @@ class Node:
         lifetime = (self.config.records.leaving_lifetime_s if state == "leaving"
                     else self.config.records.capacity_lifetime_s)
         try:
-            await self.mesh.put_capacity(self.capacity_record(state, lifetime))
+            await self.mesh.put_capacity(self.capacity_record(state, lifetime),
+                                         known_first=state == "leaving")
             self.status.record_state = state
         except MeshError as exc:
             self.status.last_error = str(exc)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 K = 20          # replication: the k closest peers hold a record
 ALPHA = 3       # parallel queries per round
 QUERY_TIMEOUT_S = 5.0
+GET_QUORUM = 0  # copies a get collects before it ends; 0: all k closest (MeshSettings.dht_get_quorum)
 
 
 @dataclass
@@ -74,7 +75,8 @@ async def query_rounds(key: bytes, shortlist: list[Any], query: Callable[[Any], 
 
     A query ending starts the next at once, so one slow or dead peer delays nothing else
     (at 200 busy hosts, rounds that waited for their slowest query took the 5 s timeout
-    each and a get's deadline ended its walk after 2 of them). `lockstep`: rounds of alpha
+    each and a get's deadline ended its walk after 2 of them); once `enough()` holds after an
+    answer, the queries still in flight are cancelled. `lockstep`: rounds of alpha
     that each wait for all their queries, `enough()` checked between rounds (fix 18's
     "no closer peer in a round" needs rounds)."""
     queried: set[Any] = set()
@@ -116,6 +118,9 @@ async def query_rounds(key: bytes, shortlist: list[Any], query: Callable[[Any], 
                 return
             answered = await done_recv.receive()
             in_flight -= 1
+            if enough is not None and enough():  # the spec's "cancel outstanding requests"
+                nursery.cancel_scope.cancel()
+                return
             for p in shortlist:  # the peers its answer named are one hop further
                 hop.setdefault(p, hop[answered] + 1)
 
@@ -125,7 +130,9 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                stats: WalkStats | None = None,
                learn: bool = False,
                until_no_closer: bool = False,
-               found: dict[Any, bytes] | None = None) -> tuple[list[Any], dict[Any, bytes]]:
+               found: dict[Any, bytes] | None = None,
+               quorum: int = 0,
+               counts: Callable[[bytes], bool] | None = None) -> tuple[list[Any], dict[Any, bytes]]:
     """Iterative lookup of `key`: returns (the k closest responding peers, {peer: value}).
 
     With `learn`, every peer that really answered (we hold a connection to it after the
@@ -135,7 +142,11 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
     all k closest: enough for a walk that only explores (fix 18), not for a put or get.
     `found`, if given, receives each value as it arrives: what a walk cut short by its
     caller's deadline had found is not lost (at 200 busy hosts a get holding a copy from
-    its first round returned nothing when the deadline ended the walk)."""
+    its first round returned nothing when the deadline ended the walk).
+
+    With `quorum` > 0, the walk ends (queries in flight cancelled) once that many peers
+    returned a value that `counts(value)` accepts: the libp2p specification's Q for value
+    retrieval. Values that do not count (forged, expired, unreadable) never end a walk."""
     stats = stats if stats is not None else WalkStats()
     host_id = dht.host.get_id()
     shortlist = start_shortlist(dht, key, k)
@@ -165,12 +176,15 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
                 await dht.add_peer(peer, skip_server_mode_check=True)
             if record is not None and getattr(record, "value", None):
                 values[peer] = bytes(record.value)
+                if quorum > 0 and (counts is None or counts(values[peer])):
+                    counted.append(peer)
             for p in closer or []:
                 if p != host_id and p not in shortlist:
                     shortlist.append(p)
         if waited.cancelled_caught:
             stats.timeouts += 1
 
+    counted: list[Any] = []  # peers whose value counts toward the quorum
     best: list[int] = []  # the closest distance known before the last round
 
     def no_closer() -> bool:
@@ -183,8 +197,10 @@ async def walk(dht: Any, key: bytes, *, k: int = K, alpha: int = ALPHA,
         return stop
 
     target = hashlib.sha256(key).digest()
+    enough = (no_closer if until_no_closer
+              else (lambda: len(counted) >= quorum) if quorum > 0 else None)
     await query_rounds(key, shortlist, query, k=k, alpha=alpha, stats=stats,
-                       enough=no_closer if until_no_closer else None, lockstep=until_no_closer)
+                       enough=enough, lockstep=until_no_closer)
     closest = sort_peer_ids_by_distance(key, responded)[:k]
     return closest, values
 

@@ -159,6 +159,15 @@ class FleetRecordValidator(Validator):
     def validate(self, key: str, value: bytes) -> None:
         self.check(key, value)
 
+    def authentic(self, key: str, value: bytes) -> bool:
+        """Whether `value` is a current record of `key`, signed by the peer the key names
+        (newer or older than others: ordering is `newest`'s job). What a get's quorum counts."""
+        try:
+            self.open(key, value)
+        except RecordRejected:
+            return False
+        return True
+
     def newest(self, key: str, values: list[bytes]) -> tuple[int | None, Opened] | None:
         """The newest current record for `key`: the index among `values` (None when it is
         the one held at the mark and none of `values`) and its opened form; None when the

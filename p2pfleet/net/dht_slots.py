@@ -252,9 +252,10 @@ class DhtSlots:
             fair = _FairStream(stream, peer, self.slots, self.limits)
             try:
                 await handler(fair)
-            except Exception:  # noqa: BLE001 - fix 2 reports it unless we know why
+            except Exception as exc:  # noqa: BLE001 - fix 2 reports it unless we know why
                 if fair.violation is None:
                     raise
+                log.debug("DHT stream from %s: %s", peer, exc)
             finally:
                 fair.release()
                 _drop(self.streams, peer)

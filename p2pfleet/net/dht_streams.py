@@ -119,14 +119,22 @@ class _PooledStream:
         return data
 
     async def close(self) -> None:
-        await self._flush()  # nothing written is ever dropped
-        reusable = (self._writes and self._frames.complete and not self._pending_prefix
-                    and _alive(self._stream))
-        self._writes = 0
-        self._frames.reset()
-        if reusable and self._pool.give_back(self):
-            return
-        await self._pool.close_quietly(self._stream)
+        try:
+            await self._flush()  # nothing written is ever dropped
+            reusable = (self._writes and self._frames.complete and not self._pending_prefix
+                        and _alive(self._stream))
+            self._writes = 0
+            self._frames.reset()
+            if reusable and self._pool.give_back(self):
+                return
+            await self._pool.close_quietly(self._stream)
+        except trio.Cancelled:
+            # A request cancelled half-way (its query's deadline, or a get that reached its
+            # quorum) closes here under that cancellation, and every await raises at once:
+            # the stream stayed open on both ends, and the server counted a stall against us
+            # when its idle timeout ran out. A reset, outside the cancelled scope, ends both.
+            self._pool.reset_later(self._stream)
+            raise
 
     async def reset(self) -> None:
         await self._stream.reset()
@@ -176,6 +184,18 @@ class DhtStreamPool:
                 self.idle[peer] = keep
             else:
                 del self.idle[peer]
+
+    def reset_later(self, stream: Any) -> None:
+        nursery = getattr(self, "nursery", None)
+        if nursery is not None:
+            nursery.start_soon(self.reset_quietly, stream)
+
+    @staticmethod
+    async def reset_quietly(stream: Any) -> None:
+        try:
+            await stream.reset()
+        except Exception as exc:  # noqa: BLE001 - a stream already gone is fine
+            log.debug("resetting a DHT stream: %s", exc)
 
     def _close_later(self, stream: Any) -> None:
         nursery = getattr(self, "nursery", None)

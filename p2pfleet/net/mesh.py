@@ -114,6 +114,12 @@ class MeshSettings:
     # inbound slots kept for our routing table's and dialled peers' addresses (fix 16)
     inbound_reserve: libp2p_fixes.InboundReserve = field(default_factory=libp2p_fixes.InboundReserve)
     dht_k: int = dht_lookup.K  # bucket size and replication (small in tests, so lookups route)
+    # a record get ends once this many peers returned a current copy (the libp2p spec's Q;
+    # the newest of them wins and older holders are corrected); 0 (the default): ask all k
+    # closest. Off because copies cached away from the key's closest peers may be older: at
+    # Q = 3 a node kept reading "available" for a car whose "leaving" record the closest held
+    # (tests/integration/test_record_replay.py)
+    dht_get_quorum: int = dht_lookup.GET_QUORUM
     # routing-table refresh period (net/dht_refresh.py); 0: never fill or refresh the table
     # (it then holds only peers met otherwise: a test that needs a fixed topology)
     dht_refresh_s: float = 600.0
@@ -137,6 +143,8 @@ class MeshStats:
     violations: Counter[str] = field(default_factory=Counter)  # stream violations by offence
     gated_connections: int = 0
     bans: list[str] = field(default_factory=list)
+    connections_opened: int = 0  # both directions, since the mesh started (churn: with closed)
+    connections_closed: int = 0
 
 
 def _direct_source(conn: Any) -> str | None:
@@ -165,6 +173,7 @@ class _ConnectionGate(INotifee):
 
     async def connected(self, network: Any, conn: Any) -> None:
         peer = conn.muxed_conn.peer_id
+        self.mesh.stats.connections_opened += 1
         if self.mesh.is_banned(peer):
             self.mesh.stats.gated_connections += 1
             try:
@@ -182,6 +191,7 @@ class _ConnectionGate(INotifee):
         # A peer that leaves before it was of any use (not in our routing table, not dialled
         # by us, holding no lease of ours) spends none of the transfer cap: fresh identities
         # cycling through connect-and-leave would otherwise cost ~3 kB of it each.
+        self.mesh.stats.connections_closed += 1
         reservation = getattr(self.mesh, "inbound_reservation", None)
         peer = conn.muxed_conn.peer_id
         if reservation is not None and not reservation.known(peer):
@@ -512,11 +522,15 @@ class Mesh:
             if len(self.connected_peers()) >= self.settings.min_connections:
                 await trio.sleep(60.0)  # in the mesh: the bootstrap peers are not needed now
                 continue
+            # One bootstrap peer is enough to join (the self-lookup learns the rest); asked in
+            # random order, a fleet joining at once spreads over them instead of every
+            # newcomer handshaking with each (at 200 hosts they could not keep up).
             answered, failures = 0, []
-            for addr in self.settings.bootstrap:
+            for addr in self._rng.sample(self.settings.bootstrap, len(self.settings.bootstrap)):
                 try:
                     await self.connect(addr)
                     answered += 1
+                    break
                 except MeshError as exc:
                     failures.append(str(exc))
             if answered:
@@ -577,8 +591,13 @@ class Mesh:
         return str(info.peer_id)
 
     # --- records ---------------------------------------------------------------------------
-    async def put_capacity(self, envelope: bytes) -> str:
-        """Store our signed capacity record in the DHT under our peer id."""
+    async def put_capacity(self, envelope: bytes, *, known_first: bool = False) -> str:
+        """Store our signed capacity record in the DHT under our peer id.
+
+        `known_first`: before the walk, store it at once where the last put of the key was
+        accepted and at the routing table's closest peers, a single round of requests: a
+        leaving car has seconds, and a walk waits for its slowest query (a 5 s limit), so
+        its "leaving" record reached no one whenever one closest peer was slow or gone."""
         if self.dht is None:
             raise MeshError("the mesh is not running")
         key = self.names.node_key(self.identity.peer_id)
@@ -588,8 +607,24 @@ class Mesh:
             raise MeshError(f"our own capacity record is invalid: {exc}") from None
         key_bytes = key.encode()
         self.dht.value_store.put(key_bytes, envelope)
+        if known_first:
+            await self._store_at_known(self.dht, key_bytes, envelope)
         await self._store(self.dht, key_bytes, envelope)
         return key
+
+    async def _store_at_known(self, dht: KadDHT, key_bytes: bytes, envelope: bytes) -> None:
+        """Store at the peers that accepted the key's last put and the table's closest."""
+        _old, held_before = self._published.get(key_bytes, (b"", set()))
+        targets = list(held_before)
+        for peer in dht.routing_table.find_local_closest_peers(key_bytes, self.settings.dht_k):
+            if peer not in held_before:
+                targets.append(peer)
+        held: set[Any] = set()
+        self.puts += 1
+        self.last_put = dht_lookup.WalkStats()
+        self.last_put_peers = await dht_lookup.store_at(dht, targets, key_bytes, envelope,
+                                                        accepted=held, stats=self.last_put)
+        self._published[key_bytes] = (envelope, held)
 
     async def _store(self, dht: KadDHT, key_bytes: bytes, envelope: bytes) -> None:
         closest, _values = await dht_lookup.walk(dht, key_bytes, k=self.settings.dht_k, learn=True)
@@ -661,7 +696,9 @@ class Mesh:
         self.last_lookup = dht_lookup.WalkStats()
         with trio.move_on_after(timeout):  # what the walk found by then counts (`found`)
             await dht_lookup.walk(self.dht, key_bytes, k=self.settings.dht_k,
-                                  stats=self.last_lookup, learn=True, found=values)
+                                  stats=self.last_lookup, learn=True, found=values,
+                                  quorum=self.settings.dht_get_quorum,
+                                  counts=lambda value: self.record_validator.authentic(key, value))
             self._walked.note(self.dht, key_bytes, trio.current_time())
         local = self.dht.value_store.get(key_bytes)
         candidates = list(values.values()) + ([bytes(local.value)] if local else [])

@@ -3,6 +3,7 @@ live on a few peers and lookups must route (issue 15 item 3, net/dht_refresh.py)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import trio
@@ -59,4 +60,38 @@ async def test_record_published_right_after_join_is_found_by_hosts_that_never_me
             if opened is None or opened.signer != publisher.identity.public_key:
                 missed.append(reader.identity.peer_id)
         assert not missed, f"{len(missed)} of {len(strangers)} hosts did not find the record"
+        nursery.cancel_scope.cancel()
+
+
+
+async def test_a_get_ends_once_a_quorum_of_peers_returned_the_record():
+    """The libp2p spec's Q: a get stops asking once `dht_get_quorum` peers returned a current
+    copy, instead of querying all k closest (at 200 hosts every get ran into its deadline)."""
+    async with trio.open_nursery() as nursery:
+        fleet: list[Mesh] = []
+        for i in range(8):  # k = 20 > the fleet: every host holds the record after the put
+            mesh = Mesh(Identity.from_seed(f"dht-quorum-{i}".encode()),
+                        settings(100 + i, bootstrap=tuple(m.listen_addrs()[0] for m in fleet[:1])))
+            await nursery.start(mesh.run)
+            fleet.append(mesh)
+        publisher, readers = fleet[0], fleet[1:]
+        await wait_until(lambda: all(m.table_ready.is_set() for m in fleet), timeout=60)
+        for mesh in readers:  # every reader knows every other host
+            for other in fleet:
+                if other is not mesh:
+                    await mesh.connect(other.listen_addrs()[0])
+        await publisher.put_capacity(seal(capacity(), publisher.identity, NETWORK))
+        await wait_until(lambda: publisher.last_put_peers == len(readers), timeout=60)
+
+        async def get(mesh: Mesh, quorum: int) -> None:
+            mesh.settings = dataclasses.replace(mesh.settings, dht_get_quorum=quorum)
+            opened = await mesh.get_capacity(publisher.identity.peer_id)
+            assert opened is not None and opened.signer == publisher.identity.public_key
+
+        await get(readers[0], 0)  # no quorum: all k closest (every other host) are asked
+        full = readers[0].last_lookup
+        assert full.responses == len(fleet) - 1, full
+        await get(readers[1], 2)
+        quick = readers[1].last_lookup
+        assert 2 <= quick.responses < full.responses and quick.rpcs < full.rpcs, (quick, full)
         nursery.cancel_scope.cancel()

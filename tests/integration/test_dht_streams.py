@@ -13,7 +13,7 @@ from p2pfleet.net.mesh import Mesh
 from p2pfleet.wire.envelope import seal
 from p2pfleet.wire.kinds import Capacity
 
-from fleetkit import NETWORK, settings
+from fleetkit import NETWORK, settings, wait_until
 
 GETS = 5
 
@@ -117,4 +117,38 @@ async def test_a_stream_with_an_unread_answer_is_not_reused():
             client.dht.value_store.store.clear()  # found only if the server answers it
             opened = await client.get_capacity(client.identity.peer_id)
             assert opened is not None and opened.signer == client.identity.public_key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_cancelled_half_way_resets_its_stream():
+    """A query cancelled while it waits for its answer (its deadline, or a get that reached
+    its quorum) used to leave its stream open on both ends: upstream closes it in a
+    `finally` that the cancellation cut short. The server then waited for its idle timeout
+    and counted a stall against the honest client. Now the stream is reset at once."""
+    async with trio.open_nursery() as nursery:
+        over = dict(dht_refresh_s=0, dht_idle_timeout_s=30.0)
+        server = Mesh(Identity.from_seed(b"dht-streams-server3"),
+                      settings(0, listen=("/ip4/127.0.9.5/tcp/0",), **over))
+        await nursery.start(server.run)
+        inner, ended = server.dht.handle_stream, []
+
+        async def slow(stream) -> None:  # answers after the client gave up
+            try:
+                await trio.sleep(1.0)
+                await inner(stream)
+            finally:
+                ended.append(stream)
+
+        server.host.set_stream_handler(server.names.protocol("kad"), slow)
+        client = Mesh(Identity.from_seed(b"dht-streams-client3"),
+                      settings(1, listen=("/ip4/127.0.9.6/tcp/0",), **over))
+        await nursery.start(client.run)
+        await client.connect(server.listen_addrs()[0])
+        key = client.names.node_key(client.identity.peer_id).encode()
+        with trio.move_on_after(0.3) as waited:
+            await client.dht.value_store._get_from_peer(server.host.get_id(), key,
+                                                        return_record=True)
+        assert waited.cancelled_caught
+        await wait_until(lambda: ended, timeout=10)  # not the server's 30 s idle timeout
+        assert not server.stats.violations, server.stats.violations
         nursery.cancel_scope.cancel()

@@ -119,6 +119,44 @@ async def test_a_replayed_available_record_does_not_bring_back_a_node_that_left(
         nursery.cancel_scope.cancel()
 
 
+
+async def test_a_leaving_car_reaches_its_record_holders_though_one_peer_is_silent(tmp_path):
+    """A leaving car has 3 s (LEAVE_TIMEOUT_S) to publish its "leaving" record. The put's
+    walk waits for its slowest query (up to 5 s): with one peer in the car's routing table
+    that accepts TCP and never answers, the walk outlasted the window and no one ever read
+    "leaving". The car now first stores it where its last record was accepted."""
+    import multiaddr
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    held: list = []
+
+    async def hang(stream) -> None:  # accepts, and never answers a handshake
+        held.append(stream)
+        await trio.sleep_forever()
+
+    config = load_config(None, env={}, overrides=NODE_SETTINGS)
+    car_id = Identity.from_seed(b"car that leaves past a silent peer")
+    async with fleet(3, state_dir=tmp_path) as meshes, trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, hang, 0, host="127.0.0.1"))
+        silent_addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{listener.socket.getsockname()[1]}")
+        car = Node(car_id, config, NodeState(tmp_path / "car.sqlite"),
+                   bootstrap=(meshes[0].listen_addrs()[0],), listen=("/ip4/127.0.0.9/tcp/0",),
+                   rng=random.Random(1))
+        await nursery.start(functools.partial(car.run, handle_signals=False))
+        pid = car_id.peer_id
+        for mesh in meshes:
+            await until_state(mesh, pid, "available")
+        silent = ID.from_base58(Identity.from_seed(b"a silent peer").peer_id)
+        car.mesh.host.get_peerstore().add_addrs(silent, [silent_addr], 3600)
+        assert await car.mesh.dht.routing_table.add_peer(PeerInfo(silent, [silent_addr]),
+                                                         skip_server_mode_check=True)
+        await car.stop()
+        for mesh in meshes:
+            await until_state(mesh, pid, "leaving")
+        nursery.cancel_scope.cancel()
+
 async def test_two_records_with_one_seq_ban_their_signer_not_the_forwarders(tmp_path):
     async with fleet(4, state_dir=tmp_path) as meshes:
         victim, signer, holder, reader = meshes
