@@ -2,10 +2,10 @@
 """Benchmark the DHT at more hosts than k: many real mesh hosts per process, on loopback.
 
 The controller starts P worker processes of H `Mesh` hosts each (default 10 x 20 = 200;
-py-libp2p hosts over TCP, host j of worker w listens on 127.0.<w+1>.<j+1>), and worker 0
-with the --bootstrap bootstrap nodes alone (the first alone, the others through it), as
-bootstrap nodes run on machines of their own. Every other host joins through them at once,
-as a fleet starting together. Each host
+py-libp2p hosts over TCP, host j of worker w listens on 127.0.<w+1>.<j+1>), after
+--bootstrap workers of one bootstrap host each (the first alone, each next one through the
+ones before it), as bootstrap nodes run on machines of their own. Every other host joins
+through them at once, as a fleet starting together. Each host
 publishes its signed capacity record as soon as it joined (its routing table filled:
 `Mesh.table_ready`). Then it measures, from outside the hosts' code paths:
 
@@ -181,14 +181,8 @@ async def worker(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_lag)
         boot = tuple(a for a in args.boot_addrs.split(",") if a)
-        for j in range(args.hosts):
-            if w == 0 and j < args.boot_count:
-                first = hosts[0]["mesh"].listen_addrs()[:1] if j else []
-                await nursery.start(host, j, tuple(first))
-            else:
-                if w == 0 and not boot:  # worker 0 holds the bootstrap hosts itself
-                    boot = tuple(h["mesh"].listen_addrs()[0] for h in hosts[:args.boot_count])
-                await nursery.start(host, j, boot)
+        for j in range(args.hosts):  # a bootstrap worker's one host joins the ones before it
+            await nursery.start(host, j, boot)
         print(json.dumps(status()), flush=True)
         buf = b""
         while True:
@@ -224,7 +218,7 @@ class Worker:
     def __init__(self, index: int, args: argparse.Namespace, bootstrap: list[str], logdir: Path,
                  clients: list[int], hosts: int):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-index", str(index),
-               "--hosts", str(hosts), "--boot-count", str(args.bootstrap),
+               "--hosts", str(hosts),
                "--boot-addrs", ",".join(bootstrap), "--seed", str(args.seed),
                "--client-hosts", ",".join(map(str, clients)), "--fixes", args.fixes,
                *(("--max-connections", str(args.max_connections))
@@ -386,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "tools" / "bench_dht.last.json")
     # worker mode (internal)
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--boot-count", type=int, default=3, help=argparse.SUPPRESS)
     ap.add_argument("--client-hosts", default="", help=argparse.SUPPRESS)
     ap.add_argument("--boot-addrs", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -450,18 +443,22 @@ def controller(args: argparse.Namespace) -> int:
     workers: list[Worker] = []
     try:
         n_clients = int(args.client_share * args.procs * args.hosts)
-        candidates = [(w, j) for w in range(1, args.procs + 1) for j in range(args.hosts)]
+        first_worker = args.bootstrap  # workers 0 .. bootstrap - 1 hold one bootstrap host each
+        candidates = [(w, j) for w in range(first_worker, first_worker + args.procs)
+                      for j in range(args.hosts)]
         clients = set(rng.sample(candidates, n_clients))
-        # the bootstrap hosts run in a process of their own, as bootstrap nodes run on
-        # machines of their own: 20 hosts sharing one core with them starved their service
-        log(f"starting worker 0 ({args.bootstrap} bootstrap hosts)")
-        workers.append(Worker(0, args, [], logdir, [], args.bootstrap))
-        first = workers[0].read()["hosts"]
-        boot = [h["addr"] for h in first[:args.bootstrap]]
-        for w in range(1, args.procs + 1):
+        # each bootstrap host runs in a process of its own, as bootstrap nodes run on
+        # machines of their own: 20 hosts sharing one core with them starved their service,
+        # and so did 3 bootstrap hosts sharing one (event loop 170-360 ms late, p50)
+        log(f"starting {args.bootstrap} bootstrap workers (one host each)")
+        boot: list[str] = []
+        for w in range(args.bootstrap):
+            workers.append(Worker(w, args, list(boot), logdir, [], 1))
+            boot.append(workers[-1].read()["hosts"][0]["addr"])
+        for w in range(first_worker, first_worker + args.procs):
             workers.append(Worker(w, args, boot, logdir, [j for v, j in clients if v == w],
                                   args.hosts))
-        for w in workers[1:]:
+        for w in workers[first_worker:]:
             w.read()
         log(f"{args.procs * args.hosts + args.bootstrap} hosts started; waiting for every record to be published")
         deadline = time.monotonic() + args.join_timeout
@@ -498,7 +495,7 @@ def controller(args: argparse.Namespace) -> int:
         result["all_up"]["activity"] = activity(before, (*snapshot(workers), time.monotonic()))
         log(f"all up: success {result['all_up']['success']}")
         if args.kill_share > 0:
-            victims = rng.sample([h for h in hosts if not (h["w"] == 0 and h["j"] < args.bootstrap)],
+            victims = rng.sample([h for h in hosts if h["w"] >= first_worker],
                                  int(args.kill_share * len(hosts)))
             ask_all(workers, [{"cmd": "kill", "hosts": [v["j"] for v in victims if v["w"] == w.index]}
                               for w in workers])
