@@ -81,6 +81,20 @@ async def worker(args: argparse.Namespace) -> None:
             logging.getLogger(name).setLevel(logging.DEBUG)
     w = args.worker_index
     hosts: list[dict[str, Any]] = []
+    dialled: Counter[str] = Counter()  # BENCH_DHT_DIALS: who dials new connections
+    if os.environ.get("BENCH_DHT_DIALS"):
+        import traceback
+
+        from libp2p.network.swarm import Swarm
+        dial = Swarm.dial_peer
+
+        async def counted_dial(self: Any, peer_id: Any) -> Any:
+            if not self.get_connections(peer_id):
+                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
+                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
+                dialled[" < ".join(reversed(frames))] += 1
+            return await dial(self, peer_id)
+        Swarm.dial_peer = counted_dial
     t0 = time.monotonic()
 
     def record(mesh: Mesh) -> bytes:
@@ -147,7 +161,8 @@ async def worker(args: argparse.Namespace) -> None:
         lag = {"p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
                "max_ms": round(ordered[-1] * 1000, 1) if ordered else None}
         lags.clear()
-        return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag}
+        return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag,
+                "dials": dict(dialled.most_common(12))}
 
     async def lookups(pairs: list[list], parallel: int) -> dict:
         by_j = {e["j"]: e for e in hosts}
@@ -225,6 +240,7 @@ class Worker:
                  if args.max_connections is not None else ())]
         self.index = index
         self.lag: dict[str, Any] = {}
+        self.dials: dict[str, int] = {}  # with BENCH_DHT_DIALS: new dials by caller, so far
         WORKERS.append(self)
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -277,6 +293,7 @@ def snapshot(workers: list[Worker]) -> tuple[list[dict], float]:
     for w, reply in zip(workers, ask_all(workers, [{"cmd": "status"}] * len(workers))):
         cpu += reply["cpu_s"]
         w.lag = reply["loop_lag"]
+        w.dials = reply.get("dials") or {}
         for h in reply["hosts"]:
             hosts.append({**h, "w": w.index})
     return hosts, cpu
@@ -297,7 +314,10 @@ def activity(before: tuple[list[dict], float, float], after: tuple[list[dict], f
             # per worker, since the last snapshot: how late its event loop ran (p50, max)
             "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"]] for w in WORKERS},
             "opened_per_host_min": per_host_min("opened"),
-            "closed_per_host_min": per_host_min("closed")}
+            "closed_per_host_min": per_host_min("closed"),
+            **({"dials_so_far_by_caller": dict(sum((Counter(w.dials) for w in WORKERS),
+                                                    Counter()).most_common(8))}
+               if any(w.dials for w in WORKERS) else {})}
 
 
 def run_lookups(workers: list[Worker], pairs: list[tuple[dict, dict]], parallel: int) -> dict:

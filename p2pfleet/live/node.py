@@ -212,6 +212,7 @@ class Node:
         self._mesh_done: trio.Event | None = None
         self._wake = trio.Event()
         self._stopping = False
+        self._leaving = False  # set once a leaving record is made, until the next session
         self._events: list[Any] = []
         self.jobs: dict[tuple[bytes, bytes], dict] = {}
         self.traffic = traffic.install()
@@ -287,6 +288,10 @@ class Node:
     async def publish_capacity(self, state: str) -> None:
         if self.mesh is None:
             return
+        if self._leaving and state != "leaving":
+            # a republish that began after the leaving record was made has a newer seq and
+            # would replace it everywhere: the car would read "available" after it left
+            return
         lifetime = (self.config.records.leaving_lifetime_s if state == "leaving"
                     else self.config.records.capacity_lifetime_s)
         try:
@@ -301,6 +306,7 @@ class Node:
     async def _mesh_session(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         done = trio.Event()
         self._mesh_done = done
+        self._leaving = False  # a new session: records say what the car does again
         try:
             with trio.CancelScope() as scope:
                 self._mesh_scope = scope
@@ -439,6 +445,7 @@ class Node:
         scope, done = self._mesh_scope, self._mesh_done
         if scope is None:
             return
+        self._leaving = True
         if self.mesh is not None and may_send:
             with trio.move_on_after(LEAVE_TIMEOUT_S) as leaving:
                 leaving.shield = True
