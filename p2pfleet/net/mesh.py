@@ -619,22 +619,12 @@ class Mesh:
         for peer in dht.routing_table.find_local_closest_peers(key_bytes, self.settings.dht_k):
             if peer not in held_before:
                 targets.append(peer)
-        held: set[Any] = set()
-        self.puts += 1
-        self.last_put = dht_lookup.WalkStats()
-        self.last_put_peers = await dht_lookup.store_at(dht, targets, key_bytes, envelope,
-                                                        accepted=held, stats=self.last_put)
-        self._published[key_bytes] = (envelope, held)
+        await self._store_at(dht, targets, key_bytes, envelope)
 
     async def _store(self, dht: KadDHT, key_bytes: bytes, envelope: bytes) -> None:
         closest, _values = await dht_lookup.walk(dht, key_bytes, k=self.settings.dht_k, learn=True)
         self._walked.note(dht, key_bytes, trio.current_time())
-        held: set[Any] = set()
-        self.puts += 1
-        self.last_put = dht_lookup.WalkStats()
-        self.last_put_peers = await dht_lookup.store_at(dht, closest, key_bytes, envelope,
-                                                        accepted=held, stats=self.last_put)
-        self._published[key_bytes] = (envelope, held)
+        held = await self._store_at(dht, closest, key_bytes, envelope)
         if len(held) * 2 < len(closest):
             self.refresh_now()  # few copies (peers busy or gone): refresh, then store again
 
@@ -672,6 +662,17 @@ class Mesh:
     def refresh_now(self) -> None:
         """Ask for a routing-table refresh (and republish check) without waiting."""
         self._refresh_wanted.set()
+
+    async def _store_at(self, dht: KadDHT, peers: list[Any], key_bytes: bytes,
+                        envelope: bytes) -> set[Any]:
+        """PUT_VALUE to `peers`, remembered as this key's last put; returns who accepted."""
+        held: set[Any] = set()
+        self.puts += 1
+        self.last_put = dht_lookup.WalkStats()
+        self.last_put_peers = await dht_lookup.store_at(dht, peers, key_bytes, envelope,
+                                                        accepted=held, stats=self.last_put)
+        self._published[key_bytes] = (envelope, held)
+        return held
 
     async def _republish_moved(self, dht: KadDHT) -> None:
         """Store our records again where the peers closest to their keys changed much."""
