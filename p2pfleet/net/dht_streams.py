@@ -32,6 +32,8 @@ from typing import Any
 
 import trio
 
+from .streams import close_quietly, reset_quietly
+
 log = logging.getLogger(__name__)
 
 MAX_POOLED_PER_PEER = 2  # idle streams kept per peer (walks send 1 request per peer at once)
@@ -127,13 +129,13 @@ class _PooledStream:
             self._frames.reset()
             if reusable and self._pool.give_back(self):
                 return
-            await self._pool.close_quietly(self._stream)
+            await close_quietly(self._stream)
         except trio.Cancelled:
             # A request cancelled half-way (its query's deadline, or a get that reached its
             # quorum) closes here under that cancellation, and every await raises at once:
             # the stream stayed open on both ends, and the server counted a stall against us
-            # when its idle timeout ran out. A reset, outside the cancelled scope, ends both.
-            self._pool.reset_later(self._stream)
+            # when its idle timeout ran out. A reset, shielded from the cancellation, ends both.
+            await reset_quietly(self._stream)
             raise
 
     async def reset(self) -> None:
@@ -185,29 +187,10 @@ class DhtStreamPool:
             else:
                 del self.idle[peer]
 
-    def reset_later(self, stream: Any) -> None:
-        nursery = getattr(self, "nursery", None)
-        if nursery is not None:
-            nursery.start_soon(self.reset_quietly, stream)
-
-    @staticmethod
-    async def reset_quietly(stream: Any) -> None:
-        try:
-            await stream.reset()
-        except Exception as exc:  # noqa: BLE001 - a stream already gone is fine
-            log.debug("resetting a DHT stream: %s", exc)
-
     def _close_later(self, stream: Any) -> None:
         nursery = getattr(self, "nursery", None)
         if nursery is not None:
-            nursery.start_soon(self.close_quietly, stream)
-
-    @staticmethod
-    async def close_quietly(stream: Any) -> None:
-        try:
-            await stream.close()
-        except Exception as exc:  # noqa: BLE001 - a stream already gone is fine
-            log.debug("closing a DHT stream: %s", exc)
+            nursery.start_soon(close_quietly, stream)
 
     async def run(self) -> None:
         """Close expired idle streams, every half reuse window, until cancelled."""
