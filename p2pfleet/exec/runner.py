@@ -229,6 +229,10 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
 
     validate_ms = 0.0
 
+    def timed_out(detail: str) -> ShardOutcome:  # say when the node's cap, not the lease, ended it
+        return outcome("failed", "timeout",
+                       f"{detail} (the node's max_run_s of {cap:.3g} s)" if capped else detail)
+
     def outcome(status: str, reason: str | None = None, detail: str = "",
                 rule: str | None = None) -> ShardOutcome:
         encoded = digest = None
@@ -274,7 +278,7 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                     return outcome("failed", "input_error", problem)
                 left = deadline - trio.current_time()
                 if left <= 0:
-                    return outcome("failed", "timeout", f"no time left of {limit:.3g} s")
+                    return timed_out(f"no time left of {limit:.3g} s")
                 rows = min(lease.micro_batch, lease.samples)
                 shapes = {name: (rows, *arr.shape[1:]) for name, arr in inputs.items()}
                 # The child maps the whole shard's inputs: they count against its address space.
@@ -293,7 +297,7 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
                     expected_outputs = vm.outputs
             left = deadline - trio.current_time()
             if left <= 0:
-                return outcome("failed", "timeout", f"no time left of {limit:.3g} s")
+                return timed_out(f"no time left of {limit:.3g} s")
             info = await sandbox.load(model, session_key(lease, threads), opt_level=lease.opt_level,
                                       provider=lease.provider, threads=threads, timeout_s=left)
             load_ms = info.load_ms
@@ -350,10 +354,9 @@ async def run_shard(sandbox: Sandbox, lease, model: bytes, inputs: Mapping[str, 
             if len(digests) < len(plan):
                 return outcome("stopped")
         except SandboxFailure as e:
-            detail = e.detail
-            if e.reason == "timeout" and capped:
-                detail = f"{detail} (the node's max_run_s of {cap:.3g} s)"
-            return outcome("failed", e.reason, detail)
+            if e.reason == "timeout":
+                return timed_out(e.detail)
+            return outcome("failed", e.reason, e.detail)
     return outcome("done")
 
 

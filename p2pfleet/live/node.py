@@ -192,6 +192,10 @@ class Node:
         self.state = state
         self.control_path = control_path
         self.provider = provider if provider is not None else make_provider(config)
+        # a trace the node loads itself replays from when the node starts watching the car
+        # (see _run): hardware measurement and sandbox start-up take seconds, and a sped-up
+        # trace would otherwise play its first events before anyone looks
+        self._trace_from_policy_start = provider is None and isinstance(self.provider, TraceProvider)
         self.policy = P.Policy(policy_config(config))
         self.rng = rng or random.Random()
         self.clock = clock
@@ -794,6 +798,8 @@ class Node:
                     raise NodeError(f"node.metrics_listen {self.config.node.metrics_listen}: "
                                     f"{exc.strerror or exc}") from None
             await self.measure_hardware()
+            if self._trace_from_policy_start:
+                self.provider.t0 = self.clock()
             nursery.start_soon(self._policy_loop, nursery)
             task_status.started(self)
 

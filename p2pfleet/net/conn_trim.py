@@ -80,10 +80,12 @@ def trim_order(conns: Iterable[Any], *, now: float, grace_s: float, long_lived: 
 
 
 def trim_connections(swarm: Any, long_lived: Iterable[str], keep: Callable[[Any], bool],
-                     in_table: Callable[[Any], bool] = lambda peer: False) -> None:
+                     in_table: Callable[[Any], bool] = lambda peer: False,
+                     on_trim: Callable[[int, list[Any]], None] | None = None) -> None:
     """Fix 21: replace the swarm's pruning decision (see the module docstring). `keep(peer)`:
     a peer whose connections must stay (our GossipSub mesh peers, protected peers);
-    `in_table(peer)`: in our routing table (trimmed last)."""
+    `in_table(peer)`: in our routing table (trimmed last); `on_trim(connections before,
+    peers of the connections closed)` after each trim."""
     pruner = swarm.connection_pruner
     lived = frozenset(long_lived)
 
@@ -111,5 +113,7 @@ def trim_connections(swarm: Any, long_lived: Iterable[str], keep: Callable[[Any]
                 log.debug("trimming a connection: %s", exc)
         if batch:
             pruner._last_trim_time = time.time()
+            if on_trim is not None:
+                on_trim(len(conns), [c.muxed_conn.peer_id for c in batch])
 
     pruner._maybe_prune_connections = maybe_prune

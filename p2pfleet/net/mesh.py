@@ -145,6 +145,8 @@ class MeshStats:
     bans: list[str] = field(default_factory=list)
     connections_opened: int = 0  # both directions, since the mesh started (churn: with closed)
     connections_closed: int = 0
+    trims: int = 0  # fix 21's trims; the last one: connections before, peers it closed
+    last_trim: tuple[int, tuple[str, ...]] = (0, ())
 
 
 def _direct_source(conn: Any) -> str | None:
@@ -457,8 +459,12 @@ class Mesh:
                 raise MeshError("relay_only and mdns exclude each other: mDNS announces "
                                 "this node's address on the LAN")
             advertise_only(host, self.relays.addrs)
+        def trimmed(before: int, peers: list[Any]) -> None:
+            self.stats.trims += 1
+            self.stats.last_trim = (before, tuple(str(p) for p in peers))
+
         conn_trim.trim_connections(host.get_network(), long_lived, keep=in_gossip_mesh,  # fix 21
-                                   in_table=dht.routing_table.peer_in_table)
+                                   in_table=dht.routing_table.peer_in_table, on_trim=trimmed)
         host.get_network().register_notifee(_ConnectionGate(self))
         async with host.run(listen_addrs=[]), trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -75,7 +75,6 @@ async def test_trimming_stops_at_the_watermarks_midpoint_and_spares_routing_tabl
             dht_refresh_s=0, inbound_reserve=InboundReserve(fraction=0.0)))
         await nursery.start(hub.run)
         hub_addr = hub.listen_addrs()[0]
-        pruner = hub.host.get_network().connection_pruner
         spokes = []
         for i in range(1, spokes_n + 1):  # the first ones connect first: the oldest
             spoke = Mesh(Identity.from_seed(f"trim-mid-spoke-{i}".encode()), settings(
@@ -87,8 +86,10 @@ async def test_trimming_stops_at_the_watermarks_midpoint_and_spares_routing_tabl
         for peer in table:  # the oldest connections: the old order trimmed these first
             await wait_until(lambda peer=peer: hub.host.get_peerstore().get_protocols(peer))
             assert await hub.dht.routing_table.add_peer(peer)
-        await wait_until(lambda: pruner._last_trim_time is not None, timeout=30)
-        connected = set(hub.connected_peers())
-        assert len(connected) >= 6, f"trimmed below the midpoint: {len(connected)} left"
-        assert {str(p) for p in table} <= connected, "a routing-table peer was trimmed"
+        await wait_until(lambda: hub.stats.trims > 0, timeout=30)
+        # what the trim itself closed: on a loaded machine a connection may also fail on
+        # its own (a muxer negotiation running out of time), which is no trim's doing
+        before, trimmed = hub.stats.last_trim
+        assert before - len(trimmed) >= 6, f"trimmed below the midpoint: {before} - {trimmed}"
+        assert not {str(p) for p in table} & set(trimmed), "a routing-table peer was trimmed"
         nursery.cancel_scope.cancel()
