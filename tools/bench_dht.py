@@ -95,6 +95,45 @@ async def worker(args: argparse.Namespace) -> None:
                 dialled[" < ".join(reversed(frames))] += 1
             return await dial(self, peer_id)
         Swarm.dial_peer = counted_dial
+
+        from libp2p.network.connection.swarm_connection import SwarmConn
+        close = SwarmConn.close
+
+        async def counted_close(self: Any) -> None:  # who closes connections (not a dial)
+            if not self.event_closed.is_set():
+                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
+                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
+                dialled["close: " + " < ".join(reversed(frames))] += 1
+            return await close(self)
+        SwarmConn.close = counted_close
+
+        import sys as _sys
+
+        from libp2p.stream_muxer.yamux.yamux import Yamux
+        on_error, ymx_close = Yamux._cleanup_on_error, Yamux.close
+
+        ymx_start = Yamux.start
+
+        async def timed_start(self: Any) -> None:
+            self._bench_started = time.monotonic()
+            return await ymx_start(self)
+
+        async def counted_error(self: Any) -> None:  # the muxer ends on its own: where, why
+            exc = _sys.exc_info()[1]
+            age = time.monotonic() - getattr(self, "_bench_started", time.monotonic())
+            why = type(exc).__name__ + (f" clean={exc.is_clean_close}" if hasattr(exc, "is_clean_close") else "")
+            dialled[f"yamux ends at line {_sys._getframe(1).f_lineno} ({why}, age "
+                    f"{'<10' if age < 10 else '<60' if age < 60 else '>=60'} s)"] += 1
+            return await on_error(self)
+        Yamux.start = timed_start
+
+        async def counted_ymx_close(self: Any, *a: Any, **kw: Any) -> None:
+            if not self.event_shutting_down.is_set():
+                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
+                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
+                dialled["yamux close: " + " < ".join(reversed(frames))] += 1
+            return await ymx_close(self, *a, **kw)
+        Yamux._cleanup_on_error, Yamux.close = counted_error, counted_ymx_close
     t0 = time.monotonic()
 
     def record(mesh: Mesh) -> bytes:
@@ -156,13 +195,14 @@ async def worker(args: argparse.Namespace) -> None:
                         "connections": len(m.connected_peers()),
                         "bans": len(m.stats.bans), "violations": dict(m.stats.violations),
                         "opened": m.stats.connections_opened,
-                        "closed": m.stats.connections_closed})
+                        "closed": m.stats.connections_closed,
+                        "refreshes": m.refreshes, "trims": m.stats.trims})
         ordered = sorted(lags)
         lag = {"p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
                "max_ms": round(ordered[-1] * 1000, 1) if ordered else None}
         lags.clear()
         return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag,
-                "dials": dict(dialled.most_common(12))}
+                "dials": dict(dialled)}
 
     async def lookups(pairs: list[list], parallel: int) -> dict:
         by_j = {e["j"]: e for e in hosts}
@@ -241,6 +281,7 @@ class Worker:
         self.index = index
         self.lag: dict[str, Any] = {}
         self.dials: dict[str, int] = {}  # with BENCH_DHT_DIALS: new dials by caller, so far
+        self.dials_reported: Counter[str] = Counter()  # ... as of the last `activity`
         WORKERS.append(self)
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -315,9 +356,22 @@ def activity(before: tuple[list[dict], float, float], after: tuple[list[dict], f
             "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"]] for w in WORKERS},
             "opened_per_host_min": per_host_min("opened"),
             "closed_per_host_min": per_host_min("closed"),
-            **({"dials_so_far_by_caller": dict(sum((Counter(w.dials) for w in WORKERS),
-                                                    Counter()).most_common(8))}
+            # what makes walks at rest: routing-table refreshes and puts (republishing)
+            "refreshes_per_host_min": per_host_min("refreshes"),
+            "puts_per_host_min": per_host_min("puts"),
+            "trims_per_host_min": per_host_min("trims"),
+            **({"dials_by_caller": dict(_new_dials().most_common(20))}
                if any(w.dials for w in WORKERS) else {})}
+
+
+def _new_dials() -> Counter[str]:
+    """New dials by caller since the last call (BENCH_DHT_DIALS), all workers together."""
+    new: Counter[str] = Counter()
+    for w in WORKERS:
+        now = Counter(w.dials)
+        new += now - w.dials_reported
+        w.dials_reported = now
+    return new
 
 
 def run_lookups(workers: list[Worker], pairs: list[tuple[dict, dict]], parallel: int) -> dict:

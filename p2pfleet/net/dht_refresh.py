@@ -30,7 +30,8 @@ and the Kademlia paper do less, and so do we now:
   the table or go mostly unanswered (a fleet of fewer than k + 1 hosts never fills it, and
   answers), and a refresh asked for
   because a put reached few peers backs off, doubling, while walks get answers from fewer
-  than half the peers asked (busy or departed peers: more walks would only add load).
+  than half the peers asked or puts keep reaching few peers (busy or departed peers: more
+  walks would only add load).
 """
 
 from __future__ import annotations
@@ -99,15 +100,19 @@ def next_wait(stats: RefreshStats, *, k: int, table: int, delay: float, period: 
 
 
 def asked_wait(stats: RefreshStats, *, backoff: float, first: float, period: float,
-               lean: bool) -> tuple[float, float]:
+               lean: bool, poor_puts: int = 0) -> tuple[float, float]:
     """(wait before a refresh someone asked for, the next back-off) after a refresh.
 
     Old rule: `first` always. Lean (fix 18): while fewer than half of the last refresh's
-    requests were answered, the wait doubles up to `period`; it drops back to `first` once
-    they are."""
+    requests were answered, or puts keep reaching fewer than half of their peers
+    (`poor_puts`: such puts in a row, each of which asks for a refresh), the wait doubles up
+    to `period`; it drops back to `first` once neither holds. A put that reaches few peers
+    on a saturated machine used to ask for a refresh every `first` seconds for good: the
+    refresh republished the record (its holders "moved"), the put reached few peers again,
+    and the walks kept the machine saturated (issue 15, 200 hosts on 2 cores)."""
     if not lean:
         return first, first
-    if stats.answered < 0.5:
+    if stats.answered < 0.5 or poor_puts > 1:
         return backoff, min(period, backoff * 2)
     return first, first
 

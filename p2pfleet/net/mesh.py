@@ -236,6 +236,7 @@ class Mesh:
         self.last_refresh = dht_refresh.RefreshStats()
         self.refreshes = 0  # fills and refreshes run so far
         self._refresh_wanted = trio.Event()
+        self._poor_puts = 0  # puts in a row that reached fewer than half their peers
         self._walked = dht_refresh.WalkedBuckets()  # stale-bucket rule (fix 18)
         self._published: dict[bytes, tuple[bytes, set[Any]]] = {}  # key -> (ours, held at)
         self.host: Any = None
@@ -632,7 +633,10 @@ class Mesh:
         self._walked.note(dht, key_bytes, trio.current_time())
         held = await self._store_at(dht, closest, key_bytes, envelope)
         if len(held) * 2 < len(closest):
+            self._poor_puts += 1
             self.refresh_now()  # few copies (peers busy or gone): refresh, then store again
+        else:
+            self._poor_puts = 0
 
     async def _refresh_loop(self, dht: KadDHT) -> None:
         """Fill the routing table once a first peer is connected (then `table_ready`), and
@@ -659,7 +663,7 @@ class Mesh:
                                                 table=dht.routing_table.size(), period=period)
             asked, backoff = dht_refresh.asked_wait(self.last_refresh, backoff=backoff,
                                                     first=FIRST_REFRESH_S, period=period,
-                                                    lean=lean)
+                                                    lean=lean, poor_puts=self._poor_puts)
             with trio.move_on_after(wait * self._rng.uniform(0.9, 1.1)):
                 await self._refresh_wanted.wait()
                 await trio.sleep(asked)  # asked for: still not more often than this

@@ -78,9 +78,10 @@ async def test_stalled_dht_streams_time_out_and_free_the_slots():
                 except Exception:  # refused: over fix 15's per-peer cap
                     continue
                 streams.append(s)
-            # those over fix 15's per-peer cap are refused at once, the others held
+            # those over fix 15's per-peer cap are refused at once, the others held (an
+            # honest peer's request may hold a slot too)
             await wait_until(lambda: victim.dht._inbound_limiter.borrowed_tokens
-                             + victim.dht_slots.refused == 12, timeout=5)
+                             + victim.dht_slots.refused >= 12, timeout=5)
             await wait_until(lambda: victim.stats.protocol_errors >= 12, timeout=15)
             assert victim.dht._inbound_limiter.borrowed_tokens == 0
             await assert_still_serving(meshes)
@@ -214,3 +215,49 @@ async def test_fix19_an_ipv6_connection_has_a_remote_address():
         remote = conn.muxed_conn.secured_conn.get_remote_address()
     assert remote is not None and remote[0] == "::1", remote
     assert libp2p_fixes.source_address(remote[0]) == "::/64"
+
+
+async def test_fix22_a_write_cancelled_after_encryption_keeps_the_connection():
+    """Before: a write whose deadline passed while it waited for the socket (after Noise had
+    encrypted it, using up a nonce) was dropped; the peer could not decrypt the next message
+    and closed the connection. Two meshes; a second writer holds the socket, as a write in
+    progress does, while a yamux stream write times out behind it; then the same connection
+    must still carry a DHT lookup."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    async def sink(stream) -> None:
+        while await stream.read(1024):
+            pass
+
+    async with fleet(2) as (a, b):
+        b.host.set_stream_handler(TProtocol("/p2pfleet-test/sink/1"), sink)
+        b_id = ID.from_base58(b.identity.peer_id)
+        [conn] = a.host.get_network().get_connections(b_id)
+        stream = await a.host.new_stream(b_id, [TProtocol("/p2pfleet-test/sink/1")])
+        await stream.write(b"first")
+        socket = conn.muxed_conn.secured_conn.conn.read_writer.read_write_closer.stream
+        held, release = trio.Event(), trio.Event()
+
+        async def another_write_in_progress() -> None:
+            async with socket.write_lock:
+                held.set()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(another_write_in_progress)
+            await held.wait()
+            nursery.start_soon(_set_later, release, 0.6)
+            with trio.move_on_after(0.3):  # the deadline passes while the write waits
+                await stream.write(b"second")
+        await stream.write(b"third")
+        await b.put_capacity(seal(capacity(now_ms()), b.identity, NETWORK))
+        got = await a.get_capacity(b.identity.peer_id)
+        assert got is not None and got.signer == b.identity.public_key
+        assert not conn.is_closed, "the connection died after a cancelled write"
+        assert a.host.get_network().get_connections(b_id) == [conn]
+
+
+async def _set_later(event: trio.Event, delay: float) -> None:
+    await trio.sleep(delay)
+    event.set()

@@ -61,6 +61,18 @@ def test_asked_refresh_backs_off_while_requests_go_unanswered():
     assert RefreshStats().answered == 1.0
 
 
+def test_asked_refresh_backs_off_while_puts_keep_reaching_few_peers():
+    """A well answered refresh after a put that reached few peers: the first such put
+    gets its refresh soon; puts that stay poor wait longer each time (a saturated 200-host
+    fleet refreshed and republished every 15 s, for good)."""
+    answered = RefreshStats(rpcs=10, responses=8)
+    assert asked_wait(answered, backoff=15, first=15, period=600, lean=True, poor_puts=1) == (15, 15)
+    assert asked_wait(answered, backoff=15, first=15, period=600, lean=True, poor_puts=2) == (15, 30)
+    assert asked_wait(answered, backoff=30, first=15, period=600, lean=True, poor_puts=3) == (30, 60)
+    assert asked_wait(answered, backoff=480, first=15, period=600, lean=True, poor_puts=9) == (480, 600)
+    assert asked_wait(answered, backoff=480, first=15, period=600, lean=True, poor_puts=0) == (15, 15)
+
+
 def test_a_bucket_is_stale_when_no_walk_visited_it_within_the_period():
     walked = WalkedBuckets()
     walked.at = {0: 100.0, 2: 650.0}
