@@ -418,6 +418,7 @@ class Mesh:
         for bucket in dht.routing_table.buckets:  # split buckets inherit it
             bucket.bucket_size = self.settings.dht_k
         guard_served_values(dht.value_store, self.record_validator)
+        dht_refresh.disable_upstream_refresh(dht)  # fix 23: _refresh_loop refreshes the table
         pubsub.set_topic_validator(self.names.topic("jobs"), self._validate_job, False)
         libp2p_fixes.add_validation_ignore(  # fix 10
             pubsub, self.names.topic("jobs"), over_rate_filter(

@@ -261,3 +261,25 @@ async def test_fix22_a_write_cancelled_after_encryption_keeps_the_connection():
 async def _set_later(event: trio.Event, delay: float) -> None:
     await trio.sleep(delay)
     event.set()
+
+
+async def test_fix23_upstreams_routing_table_refresh_does_not_run(monkeypatch):
+    """Before: py-libp2p's DHT refreshed the routing table itself every 10 minutes (a full
+    lookup per non-empty bucket), besides ours, and a fleet that started together did it all
+    at once. Its loop is made to come round every 0.3 s here; no lookup of its own may run."""
+    from libp2p.kad_dht import kad_dht
+    from libp2p.kad_dht.peer_routing import PeerRouting
+
+    monkeypatch.setattr(kad_dht, "ROUTING_TABLE_REFRESH_INTERVAL", 0.3)
+    lookups = []
+    upstream = PeerRouting.find_closest_peers_network
+
+    async def counted(self, target_key, *args, **kwargs):
+        lookups.append(target_key)
+        return await upstream(self, target_key, *args, **kwargs)
+
+    monkeypatch.setattr(PeerRouting, "find_closest_peers_network", counted)
+    async with fleet(3, dht_refresh_s=0) as meshes:  # no refresh of ours either
+        await trio.sleep(2.0)  # 6 rounds of upstream's loop
+        assert lookups == []
+        await assert_still_serving(meshes)
