@@ -121,16 +121,21 @@ def socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def tcp_sockets(pid: int, ignore: tuple[str, ...] = ()) -> int:
+def tcp_sockets(pid: int, ignore: tuple[str, ...] = (), involving: str | None = None) -> int:
     """TCP sockets (any state) the process holds open, from /proc (Linux); `ignore` lists
-    local "host:port" addresses not to count (e.g. the node's own metrics listener)."""
+    local "host:port" addresses not to count (e.g. the node's own metrics listener);
+    `involving`: only sockets with this IPv4 address at either end."""
     ignored = {_proc_addr(a) for a in ignore}
+    ip = _proc_addr(f"{involving}:0").partition(":")[0] if involving else None
     inodes = socket_inodes(pid)
     count = 0
     for table in ("tcp", "tcp6"):
-        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        count += sum(1 for line in lines
-                     if line.split()[9] in inodes and line.split()[1] not in ignored)
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[9] not in inodes or f[1] in ignored:
+                continue
+            if ip is None or ip in (f[1].partition(":")[0], f[2].partition(":")[0]):
+                count += 1
     return count
 
 
