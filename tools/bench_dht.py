@@ -29,6 +29,7 @@ at each step (a shared 2-core machine is noisy); progress to stderr.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -172,6 +173,15 @@ async def worker(args: argparse.Namespace) -> None:
         entry["alive"] = False
 
     lags: list[float] = []  # how late the worker's event loop woke a 50 ms sleep (s)
+    gc_pauses: list[float] = []  # the garbage collector's pauses since the last status (s)
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.append(time.perf_counter() - gc_started[0])
+    gc.callbacks.append(on_gc)
 
     async def watch_lag() -> None:
         while True:
@@ -199,8 +209,13 @@ async def worker(args: argparse.Namespace) -> None:
                         "refreshes": m.refreshes, "trims": m.stats.trims})
         ordered = sorted(lags)
         lag = {"p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
-               "max_ms": round(ordered[-1] * 1000, 1) if ordered else None}
+               "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+               "gc_max_ms": round(max(gc_pauses, default=0.0) * 1000, 1),
+               "gc_total_ms": round(sum(gc_pauses) * 1000, 1),
+               "rss_mb": round(int(Path("/proc/self/statm").read_text().split()[1])
+                               * os.sysconf("SC_PAGE_SIZE") / 2**20)}
         lags.clear()
+        gc_pauses.clear()
         return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag,
                 "dials": dict(dialled)}
 
@@ -352,8 +367,10 @@ def activity(before: tuple[list[dict], float, float], after: tuple[list[dict], f
         n = sum(h.get(name, 0) - old.get(h["peer"], {}).get(name, 0) for h in alive)
         return round(n / max(len(alive), 1) / wall * 60, 2)
     return {"wall_s": round(wall, 1), "cpu_cores": round((cpu1 - cpu0) / wall, 2),
-            # per worker, since the last snapshot: how late its event loop ran (p50, max)
-            "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"]] for w in WORKERS},
+            # per worker, since the last snapshot: how late its event loop ran (p50, max), the
+            # longest and total garbage-collector pause (ms), and its resident memory (MB)
+            "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"], w.lag["gc_max_ms"],
+                                           w.lag["gc_total_ms"], w.lag["rss_mb"]] for w in WORKERS},
             "opened_per_host_min": per_host_min("opened"),
             "closed_per_host_min": per_host_min("closed"),
             # what makes walks at rest: routing-table refreshes and puts (republishing)

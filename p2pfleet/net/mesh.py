@@ -461,6 +461,7 @@ class Mesh:
                 raise MeshError("relay_only and mdns exclude each other: mDNS announces "
                                 "this node's address on the LAN")
             advertise_only(host, self.relays.addrs)
+
         def trimmed(before: int, peers: list[Any]) -> None:
             self.stats.trims += 1
             self.stats.last_trim = (before, tuple(str(p) for p in peers))
