@@ -89,11 +89,14 @@ async def worker(args: argparse.Namespace) -> None:
         from libp2p.network.swarm import Swarm
         dial = Swarm.dial_peer
 
+        def callers() -> str:  # the last 4 frames of ours or py-libp2p's, innermost first
+            frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-2]
+                      if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
+            return " < ".join(reversed(frames))
+
         async def counted_dial(self: Any, peer_id: Any) -> Any:
             if not self.get_connections(peer_id):
-                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
-                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
-                dialled[" < ".join(reversed(frames))] += 1
+                dialled["" + callers()] += 1
             return await dial(self, peer_id)
         Swarm.dial_peer = counted_dial
 
@@ -102,9 +105,7 @@ async def worker(args: argparse.Namespace) -> None:
 
         async def counted_close(self: Any) -> None:  # who closes connections (not a dial)
             if not self.event_closed.is_set():
-                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
-                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
-                dialled["close: " + " < ".join(reversed(frames))] += 1
+                dialled["close: " + callers()] += 1
             return await close(self)
         SwarmConn.close = counted_close
 
@@ -130,9 +131,7 @@ async def worker(args: argparse.Namespace) -> None:
 
         async def counted_ymx_close(self: Any, *a: Any, **kw: Any) -> None:
             if not self.event_shutting_down.is_set():
-                frames = [f"{Path(f.filename).name}:{f.name}" for f in traceback.extract_stack()[:-1]
-                          if "p2pfleet" in f.filename or "/libp2p/" in f.filename][-4:]
-                dialled["yamux close: " + " < ".join(reversed(frames))] += 1
+                dialled["yamux close: " + callers()] += 1
             return await ymx_close(self, *a, **kw)
         Yamux._cleanup_on_error, Yamux.close = counted_error, counted_ymx_close
     t0 = time.monotonic()
