@@ -442,6 +442,13 @@ async def test_a_replayed_work_request_gets_no_leases_not_even_after_a_restart(t
         pub2.close()
 
 
+def processed(records: tuple) -> tuple:
+    """The store's records less what the publisher's own timer changes between two reports
+    (a shard nobody may take now is marked stalled: `stalled_ms`), which is not processing."""
+    jobs, shards, *rest = records
+    return (jobs, [replace(s, stalled_ms=0) for s in shards], *rest)
+
+
 async def test_replayed_reports_are_acknowledged_again_and_processed_once(tmp_path):
     """A worker resends a report whose acknowledgement was lost: the publisher answers as
     the first time (a clean close) but runs nothing again; the ids are in its replay store."""
@@ -465,11 +472,11 @@ async def test_replayed_reports_are_acknowledged_again_and_processed_once(tmp_pa
             ]
             for env in reports:
                 await w.report(pid, env)
-            records = pub.store.load_records()
+            records = processed(pub.store.load_records())
             for env in reports:
                 await w.report(pid, env)  # acknowledged again (raises if reset)
                 assert pub.store.seen(open_envelope(env, NETWORK).msg_id)
-            assert pub.store.load_records() == records
+            assert processed(pub.store.load_records()) == records
             nursery.cancel_scope.cancel()
         pub.close()
         header, *lines = log.read_text().splitlines()
