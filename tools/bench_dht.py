@@ -21,6 +21,16 @@ publishes its signed capacity record as soon as it joined (its routing table fil
 JSON goes to stdout and tools/bench_dht.last.json (--out to change), with the load average
 at each step (a shared 2-core machine is noisy); progress to stderr.
 
+Diagnostics (environment): BENCH_DHT_DIALS=1 adds, per phase, new dials and connection ends
+by cause (`dials_by_caller`), GET_VALUE requests by outcome, by where a timeout caught them
+(getting a stream, negotiating it, waiting for the answer) and by whether a connection was
+open, pooled or dialled (`get_value_s`: count, p50, p90, p99 s), where the workers' tasks
+were suspended at the phase's end (`task_waits`; whole chains go to the worker logs) and
+the yamux stream slots left per connection. BENCH_DHT_GC=freeze makes each worker collect
+and freeze its heap at every status (gc.freeze): 20 hosts share one process here, so a full
+collection walks 20 hosts' objects at once (3-5 s pauses on a starved core), which a car
+running one host never does.
+
     tools/bench_dht.py                          # 10 x 20 hosts
     tools/bench_dht.py --procs 4 --hosts 10 --lookups 200   # a smaller run
     tools/bench_dht.py --fixes old              # without fixes 18 and 19, as a baseline
@@ -83,6 +93,7 @@ async def worker(args: argparse.Namespace) -> None:
     w = args.worker_index
     hosts: list[dict[str, Any]] = []
     dialled: Counter[str] = Counter()  # BENCH_DHT_DIALS: who dials new connections
+    rpc_times: dict[str, list[float]] = {}  # BENCH_DHT_DIALS: GET_VALUE durations by outcome
     if os.environ.get("BENCH_DHT_DIALS"):
         import traceback
 
@@ -134,6 +145,64 @@ async def worker(args: argparse.Namespace) -> None:
                 dialled["yamux close: " + callers()] += 1
             return await ymx_close(self, *a, **kw)
         Yamux._cleanup_on_error, Yamux.close = counted_error, counted_ymx_close
+
+        # where a GET_VALUE request's time goes: getting a stream (a dial if not connected)
+        # or waiting for the answer; and in which of the two a timeout caught it
+        import contextvars
+
+        from libp2p.host.basic_host import BasicHost
+        from libp2p.kad_dht.value_store import ValueStore
+        rpc_phase: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rpc", default=None)
+        get_from_peer, host_new_stream = ValueStore._get_from_peer, BasicHost.new_stream
+
+        async def timed_new_stream(self: Any, *a: Any, **kw: Any) -> Any:
+            out = await host_new_stream(self, *a, **kw)
+            phase = rpc_phase.get()
+            if phase is not None:
+                phase["stream_s"] = time.monotonic() - phase["t0"]
+            return out
+
+        async def timed_get(self: Any, peer_id: Any, *a: Any, **kw: Any) -> Any:
+            phase = {"t0": time.monotonic(),
+                     "conn": bool(self.host.get_network().get_connections(peer_id))}
+            rpc_phase.set(phase)
+            how = "error"
+            try:
+                out = await get_from_peer(self, peer_id, *a, **kw)
+                how = "ok"
+                return out
+            except trio.Cancelled:
+                how = "cancelled"
+                raise
+            finally:
+                took = time.monotonic() - phase["t0"]
+                where = ("answer" if "stream_s" in phase else
+                         "negotiation" if "swarm_s" in phase else "stream")
+                how_stream = {True: "connected", False: "dialled"}.get(phase["conn"], phase["conn"])
+                key = f"get {how} in {where} ({how_stream})"
+                dialled[key] += 1
+                rpc_times.setdefault(key, []).append(round(took, 2))
+        BasicHost.new_stream, ValueStore._get_from_peer = timed_new_stream, timed_get
+        swarm_new_stream = Swarm.new_stream
+
+        async def timed_swarm_stream(self: Any, *a: Any, **kw: Any) -> Any:
+            out = await swarm_new_stream(self, *a, **kw)
+            phase = rpc_phase.get()
+            if phase is not None:
+                phase["swarm_s"] = time.monotonic() - phase["t0"]
+            return out
+        Swarm.new_stream = timed_swarm_stream
+
+        from p2pfleet.net.dht_streams import DhtStreamPool
+        pool_take = DhtStreamPool.take
+
+        def timed_take(self: Any, peer: Any) -> Any:
+            out = pool_take(self, peer)
+            phase = rpc_phase.get()
+            if out is not None and phase is not None:
+                phase["stream_s"], phase["conn"] = 0.0, "reused"
+            return out
+        DhtStreamPool.take = timed_take
     t0 = time.monotonic()
 
     def record(mesh: Mesh) -> bytes:
@@ -173,13 +242,18 @@ async def worker(args: argparse.Namespace) -> None:
 
     lags: list[float] = []  # how late the worker's event loop woke a 50 ms sleep (s)
     gc_pauses: list[float] = []  # the garbage collector's pauses since the last status (s)
-    gc_started = [0.0]
+    gc_full: list[float] = []  # the full (generation 2) collections' pauses among them
+    gc_started = [0.0, 0.0]  # wall and CPU clocks at the collection's start
+    gc_cpu = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
-            gc_started[0] = time.perf_counter()
+            gc_started[:] = [time.perf_counter(), time.thread_time()]
         else:
             gc_pauses.append(time.perf_counter() - gc_started[0])
+            gc_cpu[0] += time.thread_time() - gc_started[1]
+            if info["generation"] == 2:
+                gc_full.append(gc_pauses[-1])
     gc.callbacks.append(on_gc)
 
     async def watch_lag() -> None:
@@ -205,18 +279,58 @@ async def worker(args: argparse.Namespace) -> None:
                         "bans": len(m.stats.bans), "violations": dict(m.stats.violations),
                         "opened": m.stats.connections_opened,
                         "closed": m.stats.connections_closed,
-                        "refreshes": m.refreshes, "trims": m.stats.trims})
+                        "refreshes": m.refreshes, "trims": m.stats.trims,
+                        "backlog_free": sorted(
+                            c.muxed_conn.stream_backlog_semaphore.value
+                            for conns in m.host.get_network().connections.values()
+                            for c in (conns if isinstance(conns, list) else [conns])
+                            if hasattr(c.muxed_conn, "stream_backlog_semaphore"))
+                        if e["alive"] and m.host is not None else []})
         ordered = sorted(lags)
         lag = {"p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
                "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
                "gc_max_ms": round(max(gc_pauses, default=0.0) * 1000, 1),
                "gc_total_ms": round(sum(gc_pauses) * 1000, 1),
+               "gc_cpu_ms": round(gc_cpu[0] * 1000, 1), "gc_full": len(gc_full),
+               "gc_objects": len(gc.get_objects()),
                "rss_mb": round(int(Path("/proc/self/statm").read_text().split()[1])
                                * os.sysconf("SC_PAGE_SIZE") / 2**20)}
         lags.clear()
         gc_pauses.clear()
+        gc_full.clear()
+        gc_cpu[0] = 0.0
+        if os.environ.get("BENCH_DHT_GC") == "freeze":
+            gc.collect()
+            gc.freeze()
+        times = dict(rpc_times)
+        waits: Counter[str] = Counter()  # BENCH_DHT_DIALS: where the tasks are suspended
+        waits_full: Counter[str] = Counter()  # ... whole chains, into the worker's log
+        if os.environ.get("BENCH_DHT_DIALS"):
+            todo = [trio.lowlevel.current_root_task()]
+            while todo:
+                task = todo.pop()
+                for child in task.child_nurseries:
+                    todo.extend(child.child_tasks)
+                chain, coro = [], task.coro
+                while coro is not None and len(chain) < 40:
+                    frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) \
+                        or getattr(coro, "gi_frame", None)
+                    if frame is None:
+                        break
+                    if "/trio/" not in frame.f_code.co_filename:
+                        chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                    coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) \
+                        or getattr(coro, "ag_await", None)
+                if chain:
+                    waits[f"{chain[0]} ... {' < '.join(reversed(chain[-3:]))}"] += 1
+                    waits_full[" > ".join(chain)] += 1
+            print(json.dumps({"t": round(time.monotonic() - t0, 1),
+                              "waits": dict(waits_full.most_common())}),
+                  file=sys.stderr, flush=True)
+        rpc_times.clear()
         return {"hosts": out, "cpu_s": time.process_time(), "loop_lag": lag,
-                "dials": dict(dialled)}
+                "dials": dict(dialled), "rpc_times": times,
+                "waits": dict(waits.most_common(25))}
 
     async def lookups(pairs: list[list], parallel: int) -> dict:
         by_j = {e["j"]: e for e in hosts}
@@ -296,6 +410,8 @@ class Worker:
         self.lag: dict[str, Any] = {}
         self.dials: dict[str, int] = {}  # with BENCH_DHT_DIALS: new dials by caller, so far
         self.dials_reported: Counter[str] = Counter()  # ... as of the last `activity`
+        self.rpc_times: dict[str, list[float]] = {}  # ... GET_VALUE durations since then
+        self.waits: dict[str, int] = {}  # ... where its tasks were suspended, last status
         WORKERS.append(self)
         self.err = open(logdir / f"worker-{index}.log", "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -349,6 +465,9 @@ def snapshot(workers: list[Worker]) -> tuple[list[dict], float]:
         cpu += reply["cpu_s"]
         w.lag = reply["loop_lag"]
         w.dials = reply.get("dials") or {}
+        w.waits = reply.get("waits") or {}
+        for key, took in (reply.get("rpc_times") or {}).items():
+            w.rpc_times.setdefault(key, []).extend(took)
         for h in reply["hosts"]:
             hosts.append({**h, "w": w.index})
     return hosts, cpu
@@ -369,15 +488,32 @@ def activity(before: tuple[list[dict], float, float], after: tuple[list[dict], f
             # per worker, since the last snapshot: how late its event loop ran (p50, max), the
             # longest and total garbage-collector pause (ms), and its resident memory (MB)
             "loop_lag_ms": {str(w.index): [w.lag["p50_ms"], w.lag["max_ms"], w.lag["gc_max_ms"],
-                                           w.lag["gc_total_ms"], w.lag["rss_mb"]] for w in WORKERS},
+                                           w.lag["gc_total_ms"], w.lag["rss_mb"], w.lag["gc_cpu_ms"],
+                                           w.lag["gc_full"], w.lag["gc_objects"]] for w in WORKERS},
             "opened_per_host_min": per_host_min("opened"),
             "closed_per_host_min": per_host_min("closed"),
             # what makes walks at rest: routing-table refreshes and puts (republishing)
             "refreshes_per_host_min": per_host_min("refreshes"),
             "puts_per_host_min": per_host_min("puts"),
             "trims_per_host_min": per_host_min("trims"),
-            **({"dials_by_caller": dict(_new_dials().most_common(20))}
+            **({"dials_by_caller": dict(_new_dials().most_common(20)),
+                "get_value_s": _rpc_times(),
+                # where the workers' tasks were suspended at the phase's end, all together
+                "task_waits": dict(sum((Counter(w.waits) for w in WORKERS), Counter())
+                                   .most_common(25))}
                if any(w.dials for w in WORKERS) else {})}
+
+
+def _rpc_times() -> dict[str, list]:
+    """GET_VALUE requests since the last call (BENCH_DHT_DIALS) by outcome, where a
+    timeout caught them and whether a connection existed: [count, p50, p90, p99 seconds]."""
+    merged: dict[str, list[float]] = {}
+    for w in WORKERS:
+        for key, took in w.rpc_times.items():
+            merged.setdefault(key, []).extend(took)
+        w.rpc_times = {}
+    return {k: [len(v), *(sorted(v)[int(q * (len(v) - 1))] for q in (0.5, 0.9, 0.99))]
+            for k, v in sorted(merged.items(), key=lambda kv: -len(kv[1]))}
 
 
 def _new_dials() -> Counter[str]:
@@ -438,6 +574,11 @@ def join_summary(hosts: list[dict]) -> dict:
                                         for h in hosts), Counter())),
         "routing_table_size": B.summary(vals("table")),
         "connections": B.summary(vals("connections")),
+        **({"yamux_backlog_free": {  # outbound stream slots left per connection (256 each)
+            "connections": len(free := [f for h in hosts for f in h.get("backlog_free", [])]),
+            "below_128": sum(f < 128 for f in free), "zero": sum(f == 0 for f in free),
+            "min": min(free, default=None)}}
+           if any("backlog_free" in h for h in hosts) else {}),
         # peers banned and stream violations seen (honest hosts only here: any is a false alarm)
         "bans_total": sum(vals("bans")),
         "violations_total": dict(sum((Counter(h.get("violations") or {}) for h in hosts),

@@ -89,6 +89,8 @@ INLINE_BYTES = 64 * 1024
 WRITE_BATCH = 2 * 1024 * 1024  # bytes of a download hashed and written at once, at least
 MAX_LENGTH = 2**32 - 1
 MESSAGE_LIFETIME_MS = 60_000
+RELAYED_ONLY = ("our only connection to it is relayed, and blobs never cross a relay "
+                "(fetch from the publisher or a directly connected holder)")
 # streams.py raises "oversized" for a frame over the cap; the reputation table calls that
 # an invalid message (reachability-and-discovery.md, section 8)
 _OFFENCES = {"oversized": "invalid-message"}
@@ -596,14 +598,16 @@ class BlobService:
         """Append what `peer` sends from `part.offset` on; raise _Fault or _Failed if it
         stops short of the end. Every chunk accepted is told to `pacer`."""
         size = part.total_size
+        conns = self.mesh.host.get_network().get_connections(ID.from_base58(peer))
+        if conns and all(is_relayed(c) for c in conns):  # the holder would refuse the stream
+            raise _Failed(RELAYED_ONLY)
         try:
             stream = await self.mesh.open_stream(peer, "blob")
         except MeshError as exc:
             raise _Failed(str(exc).removeprefix(f"{peer}: ")) from None
         if is_relayed(stream):
             await reset_quietly(stream)
-            raise _Failed("our only connection to it is relayed, and blobs never cross a relay "
-                          "(fetch from the publisher or a directly connected holder)")
+            raise _Failed(RELAYED_ONLY)
         req = BlobRequest(req_id=os.urandom(16), exp=self._now_ms() + MESSAGE_LIFETIME_MS,
                           digest=part.digest, offset=part.offset,
                           length=min(size - part.offset, MAX_LENGTH), token=token)

@@ -1030,3 +1030,78 @@ def fix_noise_write_cancellation() -> None:
 
 
 fix_noise_write_cancellation()
+
+
+# --- Fix 24: multistream-select waits a round trip before it names the protocol --------------
+# Upstream: the client writes the multistream header, waits for the listener's header, and
+# only then writes the protocol and waits again: two round trips before a stream carries a
+# byte, for every stream (each DHT request that finds no pooled stream, identify, GossipSub)
+# and twice more when a connection is upgraded (security, then muxer). Each read and write in
+# py-libp2p passes several locks, every one a trip through the event loop, so on a busy host
+# (loop 50 ms late) a negotiation took seconds: at 203 hosts on two cores, 3,300 of ~4,900
+# GET_VALUE requests in two minutes timed out while negotiating a stream on a connection that
+# was already open (tools/bench_dht.py, BENCH_DHT_DIALS). Now the client writes the header and
+# its first protocol together and then reads both answers, as go-multistream's
+# SelectProtoOrFail does; a listener reads them one after the other either way. A refusal
+# ("na") falls back to upstream's one-by-one selection for the other protocols.
+# Process-wide, applied when this module is imported.
+
+def lazy_multistream_select() -> None:
+    from libp2p.io.exceptions import IOException
+    from libp2p.protocol_muxer.exceptions import (
+        MultiselectClientError,
+        MultiselectCommunicatorError,
+        ProtocolNotSupportedError,
+    )
+    from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
+    from libp2p.protocol_muxer.multiselect_client import MultiselectClient, is_valid_handshake
+    from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+    from libp2p.utils import encode_delim
+
+    if getattr(MultiselectClient, "_p2pfleet_fix_24", False):
+        return
+    upstream = MultiselectClient.select_one_of
+
+    async def select_one_of(self: Any, protocols: Any, communicator: Any,
+                            negotiate_timeout: int = 5) -> Any:
+        if not protocols or type(communicator) is not MultiselectCommunicator:
+            return await upstream(self, protocols, communicator, negotiate_timeout)
+        first, rest = protocols[0], list(protocols[1:])
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                try:  # what communicator.write turns into its own error, as there
+                    await communicator.read_writer.write(
+                        encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                        + encode_delim(str(first).encode()))
+                except (IOException, AssertionError, ValueError) as error:
+                    raise MultiselectCommunicatorError("write failed") from error
+                header = await communicator.read()
+                if not is_valid_handshake(header):
+                    raise MultiselectClientError(
+                        f"multiselect protocol ID mismatch: expected "
+                        f"{MULTISELECT_PROTOCOL_ID}, got {header!r}")
+                answer = await communicator.read()
+            except MultiselectCommunicatorError as error:
+                raise MultiselectClientError(f"negotiation failed: {error}") from error
+            if answer == str(first):
+                return first
+            if answer != PROTOCOL_NOT_FOUND_MSG:
+                raise MultiselectClientError(
+                    f"unrecognized response: {answer!r}, expected {str(first)!r} or "
+                    f"{PROTOCOL_NOT_FOUND_MSG!r}, protocol={first}")
+            for protocol in rest:  # the handshake is done: upstream's per-protocol step
+                try:
+                    return await self.try_select(communicator, protocol)
+                except ProtocolNotSupportedError:
+                    continue
+            raise MultiselectClientError(
+                f"protocols not supported by the peer: {[str(p) for p in protocols]}")
+        raise MultiselectClientError(
+            f"response timed out after {negotiate_timeout}s, protocols tried: "
+            f"{[str(p) for p in protocols]}")
+
+    MultiselectClient.select_one_of = select_one_of
+    MultiselectClient._p2pfleet_fix_24 = True
+
+
+lazy_multistream_select()

@@ -9,6 +9,8 @@ was refused (issue 15). Real hosts on loopback, one address each.
 
 from __future__ import annotations
 
+import time
+
 import trio
 
 from p2pfleet.identity import Identity
@@ -80,6 +82,11 @@ async def test_trimming_stops_at_the_watermarks_midpoint_and_spares_routing_tabl
             spoke = Mesh(Identity.from_seed(f"trim-mid-spoke-{i}".encode()), settings(
                 i, dht_refresh_s=0, min_connections=1))
             await nursery.start(spoke.run)
+            if i == spokes_n:  # the connection over the high watermark: the others are all
+                # past their grace, else the table's (the oldest) were the only candidates
+                await wait_until(lambda: all(
+                    time.time() - c._created_at > 0.6
+                    for c in hub.host.get_network().get_connections()))
             await spoke.connect(hub_addr)
             spokes.append(spoke)
             if i == in_table_n:  # the oldest connections: the old order trimmed these first

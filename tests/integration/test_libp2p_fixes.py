@@ -285,3 +285,58 @@ async def test_fix23_upstreams_routing_table_refresh_does_not_run(monkeypatch):
         await trio.sleep(2.0)  # 6 rounds of upstream's loop
         assert lookups == []
         await assert_still_serving(meshes)
+
+
+async def test_fix24_a_stream_names_its_protocol_before_waiting_for_the_peer():
+    """Before: the client wrote the multistream header, waited a round trip for the peer's,
+    and only then named the protocol (two round trips per stream, each several passes of a
+    busy event loop). Now the header and the protocol go out together, before the client
+    reads anything; a refused first protocol still falls back to the next one, and the
+    connection's own negotiation (security, muxer) works the same way."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+    from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+
+    sent_before_reading: list[bytes] = []
+    reads = [0]
+
+    async def echo(stream) -> None:
+        await stream.write(await stream.read(5))
+
+    async with fleet(2) as (a, b):
+        b.host.set_stream_handler(TProtocol("/p2pfleet-test/echo/1"), echo)
+        b_id = ID.from_base58(b.identity.peer_id)
+
+        class Recorder:  # what the client sends before it first reads
+            def __init__(self, stream):
+                self.stream = stream
+
+            async def write(self, data: bytes) -> None:
+                if reads[0] == 0:
+                    sent_before_reading.append(bytes(data))
+                await self.stream.write(data)
+
+            async def read(self, n=None):
+                reads[0] += 1
+                return await self.stream.read(n)
+
+            def __getattr__(self, name):
+                return getattr(self.stream, name)
+
+        def recording_init(self, read_writer) -> None:
+            self.read_writer = Recorder(read_writer)
+
+        original_init = MultiselectCommunicator.__init__
+        MultiselectCommunicator.__init__ = recording_init
+        try:
+            stream = await a.host.new_stream(
+                b_id, [TProtocol("/p2pfleet-test/absent/1"), TProtocol("/p2pfleet-test/echo/1")])
+        finally:
+            MultiselectCommunicator.__init__ = original_init
+        first = b"".join(sent_before_reading)
+        assert b"/multistream/1.0.0" in first
+        assert b"/p2pfleet-test/absent/1" in first, "the client waited before naming a protocol"
+        assert stream.get_protocol() == "/p2pfleet-test/echo/1"  # after the refusal
+        await stream.write(b"hello")
+        assert await stream.read(5) == b"hello"
+        await assert_still_serving([a, b])  # new connections negotiate security and muxer too
