@@ -652,7 +652,10 @@ def controller(args: argparse.Namespace) -> int:
         "config": {"procs": args.procs, "hosts_per_proc": args.hosts,
                    "hosts": args.procs * args.hosts + args.bootstrap,
                    "bootstrap_hosts": args.bootstrap,
-                   "lookups_per_phase": args.lookups, "settle_s": args.settle, "parallel_per_proc": args.parallel,
+                   "lookups_per_phase": args.lookups, "settle_s": args.settle,
+                   "environment": {k: os.environ[k] for k in ("BENCH_DHT_DIALS", "BENCH_DHT_GC")
+                                   if k in os.environ},
+                   "parallel_per_proc": args.parallel,
                    "kill_share": args.kill_share, "client_share": args.client_share,
                    "fixes": args.fixes,
                    "seed": args.seed, "k": defaults.dht_k, "alpha": dht_lookup.ALPHA,
