@@ -598,7 +598,8 @@ class BlobService:
         """Append what `peer` sends from `part.offset` on; raise _Fault or _Failed if it
         stops short of the end. Every chunk accepted is told to `pacer`."""
         size = part.total_size
-        conns = self.mesh.host.get_network().get_connections(ID.from_base58(peer))
+        host = self.mesh.host
+        conns = host.get_network().get_connections(ID.from_base58(peer)) if host else []
         if conns and all(is_relayed(c) for c in conns):  # the holder would refuse the stream
             raise _Failed(RELAYED_ONLY)
         try:
