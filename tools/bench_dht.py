@@ -155,12 +155,14 @@ async def worker(args: argparse.Namespace) -> None:
         rpc_phase: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rpc", default=None)
         get_from_peer, host_new_stream = ValueStore._get_from_peer, BasicHost.new_stream
 
-        async def timed_new_stream(self: Any, *a: Any, **kw: Any) -> Any:
-            out = await host_new_stream(self, *a, **kw)
-            phase = rpc_phase.get()
-            if phase is not None:
-                phase["stream_s"] = time.monotonic() - phase["t0"]
-            return out
+        def marks(upstream: Any, mark: str) -> Any:  # `upstream`, noting when it returned
+            async def timed(self: Any, *a: Any, **kw: Any) -> Any:
+                out = await upstream(self, *a, **kw)
+                phase = rpc_phase.get()
+                if phase is not None:
+                    phase[mark] = time.monotonic() - phase["t0"]
+                return out
+            return timed
 
         async def timed_get(self: Any, peer_id: Any, *a: Any, **kw: Any) -> Any:
             phase = {"t0": time.monotonic(),
@@ -182,16 +184,9 @@ async def worker(args: argparse.Namespace) -> None:
                 key = f"get {how} in {where} ({how_stream})"
                 dialled[key] += 1
                 rpc_times.setdefault(key, []).append(round(took, 2))
-        BasicHost.new_stream, ValueStore._get_from_peer = timed_new_stream, timed_get
-        swarm_new_stream = Swarm.new_stream
-
-        async def timed_swarm_stream(self: Any, *a: Any, **kw: Any) -> Any:
-            out = await swarm_new_stream(self, *a, **kw)
-            phase = rpc_phase.get()
-            if phase is not None:
-                phase["swarm_s"] = time.monotonic() - phase["t0"]
-            return out
-        Swarm.new_stream = timed_swarm_stream
+        BasicHost.new_stream = marks(host_new_stream, "stream_s")  # negotiated
+        Swarm.new_stream = marks(Swarm.new_stream, "swarm_s")  # a muxed stream, not negotiated
+        ValueStore._get_from_peer = timed_get
 
         from p2pfleet.net.dht_streams import DhtStreamPool
         pool_take = DhtStreamPool.take
