@@ -13,9 +13,11 @@ import pytest
 from bedkit import ROOT, TOKENS, need_bed, root_veths
 
 HOLDER = """
-import json, sys, time
+import json, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import netbed
+# Ctrl-C as at a terminal: a process started from a background job inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with netbed.Bed() as bed:
     a = bed.public("a")
     car = bed.behind(bed.nat_router("r"), "car")
