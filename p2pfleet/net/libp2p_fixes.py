@@ -1055,7 +1055,11 @@ def lazy_multistream_select() -> None:
         ProtocolNotSupportedError,
     )
     from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
-    from libp2p.protocol_muxer.multiselect_client import MultiselectClient, is_valid_handshake
+    from libp2p.protocol_muxer.multiselect_client import (
+        DEFAULT_NEGOTIATE_TIMEOUT,
+        MultiselectClient,
+        is_valid_handshake,
+    )
     from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
     from libp2p.utils import encode_delim
 
@@ -1064,7 +1068,7 @@ def lazy_multistream_select() -> None:
     upstream = MultiselectClient.select_one_of
 
     async def select_one_of(self: Any, protocols: Any, communicator: Any,
-                            negotiate_timeout: int = 5) -> Any:
+                            negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT) -> Any:
         if not protocols or type(communicator) is not MultiselectCommunicator:
             return await upstream(self, protocols, communicator, negotiate_timeout)
         first, rest = protocols[0], list(protocols[1:])
