@@ -88,8 +88,9 @@ async def worker(args: argparse.Namespace) -> None:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     logging.getLogger("p2pfleet").setLevel(logging.WARNING)  # bans, into the worker's log
     if os.environ.get("BENCH_DHT_DEBUG"):
-        for name in os.environ["BENCH_DHT_DEBUG"].split(","):
-            logging.getLogger(name).setLevel(logging.DEBUG)
+        for entry in os.environ["BENCH_DHT_DEBUG"].split(","):  # logger[:LEVEL]
+            name, _, level = entry.partition(":")
+            logging.getLogger(name).setLevel(level.upper() or logging.DEBUG)
     w = args.worker_index
     hosts: list[dict[str, Any]] = []
     dialled: Counter[str] = Counter()  # BENCH_DHT_DIALS: who dials new connections

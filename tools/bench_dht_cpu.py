@@ -14,7 +14,11 @@ around two phases:
    pings), also for the second half alone (after the first refreshes);
 3. requests, in a second process of 2 hosts only (so no other host's refreshes are counted):
    --requests GET_VALUE requests, one after the other, from host 1 to host 0 (for keys
-   nobody holds); CPU per request, both ends together.
+   nobody holds); CPU per request, both ends together;
+4. connections, in the same pair: --connections cycles of closing the connection and dialling
+   again, each followed by CONNECTION_SETTLE_S for what a new connection starts (security and
+   muxer negotiation, identify both ways, GossipSub and DHT streams); CPU per connection,
+   both ends together, the pair's idle CPU included (it is small: `idle` above).
 
 The variants: `lean` (the mesh as it is: fix 18 in net/dht_refresh.py, fix 19 in
 net/dht_streams.py), `refresh` (fix 18 only) and `old` (`MeshSettings.dht_lean_refresh=False`
@@ -49,6 +53,7 @@ import benchlib as B  # noqa: E402
 
 NETWORK = "benchdhtcpu"
 VARIANTS = ("lean", "refresh", "old")
+CONNECTION_SETTLE_S = 1.0
 _T0 = time.monotonic()
 
 
@@ -120,7 +125,10 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def requests(meshes: list[Any], args: argparse.Namespace, out: dict[str, Any]) -> None:
-    """Back-to-back GET_VALUE requests from host 1 to host 0 (both ends in this process)."""
+    """Back-to-back GET_VALUE requests from host 1 to host 0 (both ends in this process),
+    then connect/disconnect cycles between them."""
+    import trio
+
     asker, answerer = meshes[1], meshes[0].host.get_id()
     c0, t0 = cpu_s(), time.monotonic()
     for i in range(args.requests):
@@ -132,6 +140,20 @@ async def requests(meshes: list[Any], args: argparse.Namespace, out: dict[str, A
     out["requests"] = {"n": args.requests,
                        "cpu_ms_per_request": round((c1 - c0) / n * 1000, 2),
                        "wall_ms_per_request": round((t1 - t0) / n * 1000, 2)}
+    # a connection's whole life: dial, security, muxer, identify, GossipSub and DHT streams
+    # opened by either end, then the close (both ends; the 2 hosts' idle CPU is included)
+    answerer_addr = meshes[0].listen_addrs()[0]
+    c0, t0 = cpu_s(), time.monotonic()
+    for _ in range(args.connections):
+        await asker.host.disconnect(answerer)
+        await trio.sleep(0.2)
+        await asker.connect(answerer_addr)
+        await trio.sleep(CONNECTION_SETTLE_S)
+    c1, t1 = cpu_s(), time.monotonic()
+    n = max(1, args.connections)
+    out["connections"] = {"n": args.connections,
+                          "cpu_ms_per_connection": round((c1 - c0) / n * 1000, 1),
+                          "wall_s_per_cycle": round((t1 - t0) / n, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="idle seconds measured (default 60)")
     ap.add_argument("--k", type=int, default=20, help="DHT bucket size and replication")
     ap.add_argument("--requests", type=int, default=300, help="back-to-back DHT requests")
+    ap.add_argument("--connections", type=int, default=30,
+                    help="connect/disconnect cycles between the pair (default 30)")
     ap.add_argument("--join-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS),
@@ -163,18 +187,21 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": B.machine_info(),
         "config": {"hosts": args.hosts, "idle_s": args.idle, "k": args.k, "seed": args.seed,
-                   "variants": variants, "transport": "TCP on loopback, one process"},
+                   "variants": variants, "connections": args.connections, "transport": "TCP on loopback, one process"},
         "method": "per variant a fresh process of H meshes joining at once through the first; "
                   "its rusage CPU from the first start until every table_ready (per join: "
                   "/ H), then over the idle window (per host: / seconds / H), then over "
-                  "back-to-back GET_VALUE requests host 1 -> host 0 (per request)",
+                  "back-to-back GET_VALUE requests host 1 -> host 0 (per request), then over "
+                  "close-and-redial cycles of the same pair, each settling "
+                  f"{CONNECTION_SETTLE_S:g} s (per connection)",
         "errors": [], "runs": {},
     }
     for variant in variants:
         log(f"{variant}: {args.hosts} hosts, load {os.getloadavg()[0]:.2f}")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
                "--idle", str(args.idle), "--k", str(args.k), "--seed", str(args.seed),
-               "--join-timeout", str(args.join_timeout), "--requests", str(args.requests)]
+               "--join-timeout", str(args.join_timeout), "--requests", str(args.requests),
+               "--connections", str(args.connections)]
         load_before = [round(x, 2) for x in os.getloadavg()]
         main_run = subprocess.run(cmd + ["--hosts", str(args.hosts)], capture_output=True,
                                   text=True)
@@ -186,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{failed[0].stderr[-500:]}")
             continue
         run = json.loads(main_run.stdout.strip().splitlines()[-1])
-        run["requests"] = json.loads(pair.stdout.strip().splitlines()[-1])["requests"]
+        pair_out = json.loads(pair.stdout.strip().splitlines()[-1])
+        run["requests"], run["connections"] = pair_out["requests"], pair_out["connections"]
         run["loadavg_before"] = load_before
         result["runs"][variant] = run
         log(f"{variant}: {json.dumps(run)}")

@@ -1110,3 +1110,195 @@ def lazy_multistream_select() -> None:
 
 
 lazy_multistream_select()
+
+
+# --- Fix 25: yamux answers every read with a WINDOW_UPDATE frame -----------------------------
+# Upstream's receive-window bookkeeping sends credit back after every read that takes bytes
+# (its "partial slack" and "release on read" paths), so every message costs a second frame
+# the other way: a DHT request read as a one-byte varint and a body sent two WINDOW_UPDATE
+# frames back, each Noise-encrypted, written, read, decrypted and handled under the stream's
+# window lock at the far end. go-yamux and rust-yamux send credit only once the bytes read
+# since the last update reach half the window (go-yamux `sendWindowUpdate`), so a small
+# request/answer stream never sends one. Now we do the same: a read sends an update only when
+# the window has shrunk by at least half its target (then growing it back to the target, with
+# upstream's auto-tuning), and costs no lock otherwise. The sender never waits for credit
+# while we keep reading: it always holds at least half a window.
+# Process-wide, applied when this module is imported.
+
+def lean_yamux_window_updates() -> None:
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    if getattr(YamuxStream, "_p2pfleet_fix_25", False):
+        return
+
+    def credit_due(stream: Any) -> int:
+        buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
+        owed = stream.target_recv_window - (stream.recv_window + buffered)
+        return owed if owed >= max(stream.target_recv_window // 2, 1) else 0
+
+    async def send_credit_when_due(self: Any, *, bytes_read: int = 0) -> None:
+        if not credit_due(self):
+            return
+        async with self.window_lock:
+            if not credit_due(self):  # another reader of this stream sent it meanwhile
+                return
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            increment = self._grow_to_delta(buffered)
+            increment += self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        await self.send_window_update(increment, skip_lock=True)
+
+    YamuxStream._auto_tune_and_send_window_update = send_credit_when_due
+    YamuxStream._p2pfleet_fix_25 = True
+
+
+lean_yamux_window_updates()
+
+
+# --- Fix 26: a task per notifee for every stream opened and closed ---------------------------
+# The swarm tells its notifees (identify, GossipSub, the tag store, ours) of every stream
+# opened and closed by starting a nursery with one task per notifee, though every notifee
+# here ignores stream events: five task spawns and a nursery per stream end, ~8 % of an idle
+# host's CPU (py-spy, 20 hosts refreshing their tables). go-libp2p calls notifees inline.
+# Now stream events are delivered to each notifee in turn in the caller's task, a notifee's
+# exception still logged and isolated as upstream does; connection events are unchanged.
+# Process-wide, applied when this module is imported.
+
+_INLINE_EVENTS = frozenset({"opened_stream", "closed_stream"})
+
+
+def inline_stream_notifications() -> None:
+    from libp2p.network import swarm as swarm_module
+
+    Swarm = swarm_module.Swarm
+    if getattr(Swarm, "_p2pfleet_fix_26", False):
+        return
+    upstream = Swarm._notify
+
+    async def notify(self: Any, method: str, *args: Any) -> None:
+        if method not in _INLINE_EVENTS:
+            return await upstream(self, method, *args)
+        for notifee in list(self.notifees):
+            try:
+                await getattr(notifee, method)(self, *args)
+            except Exception:
+                swarm_module.logger.exception("Notifee %s.%s raised",
+                                              type(notifee).__name__, method)
+
+    Swarm._notify = notify
+    Swarm._p2pfleet_fix_26 = True
+
+
+inline_stream_notifications()
+
+
+# --- Fix 27: every RPC rebuilds our signed peer record and re-verifies every peer's ---------
+# py-libp2p puts the sender's signed peer record in every DHT and GossipSub RPC, and one per
+# peer in every FIND_NODE answer (up to k = 20). To send, `env_to_send_in_RPC` rebuilds the
+# host's advertised addresses (parsing multiaddrs) and re-serialises the record every time,
+# ~11 % of a DHT request's CPU (py-spy, GET_VALUE between two hosts); to receive,
+# `consume_envelope` parses and Ed25519-verifies each record again though the same few
+# hundred records circulate all day. Now our record's bytes are kept for
+# SELF_RECORD_TTL_S (addresses that change reach the record within that time, as upstream
+# re-issues it when they differ), and a record whose exact bytes verified before is not
+# verified again (bounded LRU of VERIFIED_RECORDS entries: a flood of distinct valid records
+# only evicts; an invalid record is checked every time, as before).
+# Process-wide, applied when this module is imported.
+
+SELF_RECORD_TTL_S = 1.0
+VERIFIED_RECORDS = 4096
+_PEER_RECORD_DOMAIN = "libp2p-peer-record"
+
+
+def cache_signed_peer_records() -> None:
+    import importlib
+    import time
+    import weakref
+
+    from libp2p.peer import envelope as envelope_module, peerstore as peerstore_module
+
+    if getattr(peerstore_module, "_p2pfleet_fix_27", False):
+        return
+    upstream_send = peerstore_module.env_to_send_in_RPC
+    upstream_consume = envelope_module.consume_envelope
+    sent: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+    verified: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
+
+    def env_to_send_in_RPC(host: Any) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        kept = sent.get(host)
+        if kept is not None and now - kept[0] < SELF_RECORD_TTL_S:
+            return kept[1], False
+        data, fresh = upstream_send(host)
+        sent[host] = (now, data)
+        return data, fresh
+
+    def consume_envelope(data: bytes, domain: str) -> tuple[Any, Any]:
+        if domain != _PEER_RECORD_DOMAIN:
+            return upstream_consume(data, domain)
+        key = bytes(data)
+        hit = verified.get(key)
+        if hit is not None:
+            verified.move_to_end(key)
+            return hit
+        hit = upstream_consume(key, domain)  # raises on a bad signature: nothing kept
+        verified[key] = hit
+        if len(verified) > VERIFIED_RECORDS:
+            verified.popitem(last=False)
+        return hit
+
+    for name in ("libp2p.identity.identify.identify", "libp2p.identity.update",
+                 "libp2p.pubsub.pubsub", "libp2p.pubsub.gossipsub", "libp2p.pubsub.floodsub",
+                 "libp2p.pubsub.utils", "libp2p.kad_dht.utils", "libp2p.kad_dht.kad_dht",
+                 "libp2p.kad_dht.value_store", "libp2p.kad_dht.provider_store",
+                 "libp2p.kad_dht.peer_routing", "libp2p.relay.circuit_v2.utils",
+                 "libp2p.relay.circuit_v2.discovery", "libp2p.peer.peerstore",
+                 "libp2p.peer.envelope"):
+        module = importlib.import_module(name)
+        if getattr(module, "env_to_send_in_RPC", None) is upstream_send:
+            module.env_to_send_in_RPC = env_to_send_in_RPC  # type: ignore[attr-defined]
+        if getattr(module, "consume_envelope", None) is upstream_consume:
+            module.consume_envelope = consume_envelope  # type: ignore[attr-defined]
+    peerstore_module._p2pfleet_fix_27 = True  # type: ignore[attr-defined]
+
+
+cache_signed_peer_records()
+
+
+# --- Fix 28: every yamux read takes the connection's stream lock -----------------------------
+# `Yamux.read_stream` takes the connection-wide `streams_lock` for every read, even when the
+# bytes asked for are already buffered, and a trio lock is a checkpoint: each read is a pass
+# through the run queue, and py-libp2p reads lengths one byte at a time, so a DHT message
+# costs a dozen passes per end (50-80 ms each on a busy host: issue 15), and a read waits
+# behind any task holding the lock for the whole connection. Now a read of a stream that
+# has bytes buffered and is neither reset nor fully closed takes them without the lock (no
+# await between the checks and the take: trio runs one task at a time); every other case
+# (empty buffer, end of stream, reset, shutdown) goes through upstream's locked path.
+# Process-wide, applied when this module is imported.
+
+def lock_free_buffered_reads() -> None:
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    if getattr(Yamux, "_p2pfleet_fix_28", False):
+        return
+    upstream = Yamux.read_stream
+
+    async def read_stream(self: Any, stream_id: int, n: int = -1) -> bytes:
+        buffer = self.stream_buffers.get(stream_id)
+        stream = self.streams.get(stream_id)
+        if (not buffer or stream is None or stream.reset_received or stream.closed
+                or self.event_shutting_down.is_set()):
+            return await upstream(self, stream_id, n)
+        if n is None or n < 0 or n >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(buffer[:n])
+            del buffer[:n]
+        return data
+
+    Yamux.read_stream = read_stream
+    Yamux._p2pfleet_fix_28 = True
+
+
+lock_free_buffered_reads()

@@ -340,3 +340,196 @@ async def test_fix24_a_stream_names_its_protocol_before_waiting_for_the_peer():
         await stream.write(b"hello")
         assert await stream.read(5) == b"hello"
         await assert_still_serving([a, b])  # new connections negotiate security and muxer too
+
+
+async def test_fix25_small_messages_send_no_window_updates_and_bulk_still_flows():
+    """Before: yamux sent a WINDOW_UPDATE frame back for every read that took bytes, so 50
+    small request/answer exchanges cost over 100 extra frames (each encrypted, written, read
+    and handled under a lock at the far end). Now credit goes back only once half the window
+    was read, as go-yamux does: none for small messages, and a bulk transfer larger than the
+    window still flows in both directions."""
+    import struct
+
+    from libp2p.peer.id import ID
+    from libp2p.stream_muxer.yamux.yamux import (
+        DEFAULT_WINDOW_SIZE,
+        HEADER_SIZE,
+        TYPE_WINDOW_UPDATE,
+        YAMUX_HEADER_FORMAT,
+        Yamux,
+    )
+
+    updates: list[int] = []
+    upstream = Yamux._write_frame
+
+    async def counting(self, data: bytes) -> None:
+        _, typ, _, _, length = struct.unpack(YAMUX_HEADER_FORMAT, data[:HEADER_SIZE])
+        if typ == TYPE_WINDOW_UPDATE and length > 0:
+            updates.append(length)
+        await upstream(self, data)
+
+    async def echo(stream) -> None:
+        while True:
+            size = int.from_bytes(await read_n(stream, 4), "big")
+            if size == 0:
+                break
+            await stream.write(await read_n(stream, size))
+        await stream.close()
+
+    async def read_n(stream, n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            chunk = await stream.read(n - len(got))
+            assert chunk, "stream ended early"
+            got += chunk
+        return got
+
+    async def exchange(stream, payload: bytes) -> None:
+        await stream.write(len(payload).to_bytes(4, "big") + payload)
+        assert await read_n(stream, len(payload)) == payload
+
+    async with fleet(2) as (a, b):
+        b.host.set_stream_handler(TProtocol("/p2pfleet-test/echo/2"), echo)
+        stream = await a.host.new_stream(ID.from_base58(b.identity.peer_id),
+                                         [TProtocol("/p2pfleet-test/echo/2")])
+        Yamux._write_frame = counting
+        try:
+            for i in range(50):
+                await exchange(stream, b"request %d" % i)
+            small = len(updates)
+            bulk = os.urandom(3 * DEFAULT_WINDOW_SIZE)  # 3 windows each way
+            with trio.fail_after(30):
+                await exchange(stream, bulk)
+            await stream.write((0).to_bytes(4, "big"))
+        finally:
+            Yamux._write_frame = upstream
+        assert small == 0, f"{small} WINDOW_UPDATE frames for 50 small exchanges"
+        assert 4 <= len(updates) <= 40, updates  # credit went back for the bulk, in big steps
+        assert min(updates) >= DEFAULT_WINDOW_SIZE // 2
+        await assert_still_serving([a, b])
+
+
+async def test_fix26_stream_events_reach_notifees_in_the_callers_task():
+    """Before: every stream opened or closed started a nursery with a task per notifee
+    (five here, all of which ignore stream events). Now the notifees are called in turn in
+    the task that opened or closed the stream; one that raises is logged and the others
+    still hear the event."""
+    from libp2p.peer.id import ID
+
+    heard: list[tuple[str, object]] = []
+
+    class Recorder:
+        async def opened_stream(self, network, stream) -> None:
+            heard.append(("opened", trio.lowlevel.current_task()))
+
+        async def closed_stream(self, network, stream) -> None:
+            heard.append(("closed", trio.lowlevel.current_task()))
+
+        async def connected(self, network, conn) -> None: ...
+        async def disconnected(self, network, conn) -> None: ...
+        async def listen(self, network, multiaddr) -> None: ...
+        async def listen_close(self, network, multiaddr) -> None: ...
+
+    class Raiser(Recorder):
+        async def opened_stream(self, network, stream) -> None:
+            raise RuntimeError("a broken notifee")
+
+    async def hold(stream) -> None:
+        await stream.read(1)
+
+    async with fleet(2) as (a, b):
+        b.host.set_stream_handler(TProtocol("/p2pfleet-test/hold/1"), hold)
+        network = a.host.get_network()
+        network.register_notifee(Raiser())
+        network.register_notifee(Recorder())
+        me = trio.lowlevel.current_task()
+        for _ in range(3):
+            stream = await a.host.new_stream(ID.from_base58(b.identity.peer_id),
+                                             [TProtocol("/p2pfleet-test/hold/1")])
+            await stream.close()
+        opened = [task for event, task in heard if event == "opened"]
+        assert len(opened) == 3  # the raiser before it did not stop the event
+        assert all(task is me for task in opened), "notifee ran in a task of its own"
+        await assert_still_serving([a, b])
+
+
+async def test_fix27_peer_records_are_verified_once_and_a_forged_one_still_refused():
+    """Before: every DHT and GossipSub message re-verified the sender's signed peer record
+    (and k of them per FIND_NODE answer), and every message sent rebuilt ours. Now a record
+    whose exact bytes verified before is not verified again, our own is rebuilt at most once
+    a second, and a record with a broken signature is still refused every time."""
+    from libp2p.kad_dht import utils as kad_utils
+    from libp2p.peer import envelope as envelope_module
+    from libp2p.peer.peerstore import env_to_send_in_RPC
+
+    async with fleet(2) as (a, b):
+        calls = {"validate": 0, "addrs": 0}
+        validate, get_addrs = envelope_module.Envelope.validate, type(b.host).get_addrs
+
+        def counting_validate(self, domain):
+            calls["validate"] += 1
+            return validate(self, domain)
+
+        def counting_addrs(self):
+            calls["addrs"] += 1
+            return get_addrs(self)
+
+        envelope_module.Envelope.validate = counting_validate
+        type(b.host).get_addrs = counting_addrs
+        try:
+            record = env_to_send_in_RPC(b.host)[0]
+            assert env_to_send_in_RPC(b.host)[0] == record
+            assert calls["addrs"] <= 1
+            for _ in range(5):
+                _, peer_record = kad_utils.consume_envelope(record, "libp2p-peer-record")
+                assert str(peer_record.peer_id) == b.identity.peer_id
+            assert calls["validate"] <= 1
+            forged = bytearray(record)
+            forged[-1] ^= 0x01  # the signature's last byte
+            for _ in range(2):
+                try:
+                    kad_utils.consume_envelope(bytes(forged), "libp2p-peer-record")
+                except Exception:  # noqa: BLE001 - whatever upstream raises for a bad one
+                    pass
+                else:
+                    raise AssertionError("a forged peer record was accepted")
+        finally:
+            envelope_module.Envelope.validate = validate
+            type(b.host).get_addrs = get_addrs
+        await assert_still_serving([a, b])
+
+
+async def test_fix28_a_buffered_read_does_not_wait_for_the_connection_lock():
+    """Before: every yamux read took the connection-wide stream lock (a pass through the
+    run queue each, and a wait behind any task holding it), even for bytes already
+    buffered. Now buffered bytes are returned at once; an empty buffer still waits."""
+    from libp2p.peer.id import ID
+
+    async def send(stream) -> None:
+        await stream.write(b"0123456789")
+        await trio.sleep(30)
+
+    async with fleet(2) as (a, b):
+        b.host.set_stream_handler(TProtocol("/p2pfleet-test/send/1"), send)
+        stream = await a.host.new_stream(ID.from_base58(b.identity.peer_id),
+                                         [TProtocol("/p2pfleet-test/send/1")])
+        assert await stream.read(2) == b"01"  # the rest is buffered now
+        muxer = stream.muxed_stream.conn
+        release = trio.Event()
+
+        async def hold_lock(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with muxer.streams_lock:  # as a task opening or removing a stream would
+                task_status.started()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_lock)
+            with trio.fail_after(5):
+                assert await stream.read(3) == b"234"
+                assert await stream.read(100) == b"56789"
+            release.set()
+        with trio.move_on_after(0.5) as waited:  # nothing buffered: it waits for data
+            await stream.read(1)
+        assert waited.cancelled_caught
+        await stream.reset()
+        await assert_still_serving([a, b])
