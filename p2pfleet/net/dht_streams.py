@@ -14,7 +14,9 @@ request code closes it after reading one complete answer, the stream goes back t
 pool instead of closing; the next request to that peer within `idle_s` takes it (never one
 the peer has closed or reset, never one with a request or an answer half-way, e.g. a
 query cancelled by its deadline, nor one holding unread bytes past the answer: those are
-closed as before). Streams idle longer are
+closed as before; and an answer frame whose type or key is not the request's, a copy from a
+peer that answered an earlier request twice arriving after the stream was reused, is
+dropped and the stream is not pooled again). Streams idle longer are
 closed, below every server's idle timeout (ours: `MeshSettings.dht_idle_timeout_s`, fix 3),
 so a server does not close a stream as we send on it. The length prefix is sent with the
 message in one frame. Servers need nothing new to answer: fix 15 serves each request on its own,
@@ -86,6 +88,25 @@ class _FrameTracker:
         return
 
 
+def _type_and_key(data: bytes, *, prefixed: bool = True) -> tuple[int, bytes] | None:
+    """A Kademlia message's (type, key), from a frame with or without its length prefix;
+    None if it does not parse (upstream deals with it as before)."""
+    from libp2p.kad_dht.pb.kademlia_pb2 import Message
+    from libp2p.utils.varint import decode_varint_with_size
+
+    try:
+        start = 0
+        if prefixed:
+            length, start = decode_varint_with_size(data)
+            if length != len(data) - start:
+                return None  # not one whole frame: nothing to match answers against
+        message = Message()
+        message.ParseFromString(bytes(data[start:]))
+    except Exception:  # noqa: BLE001 - not ours to judge: upstream parses it again
+        return None
+    return message.type, bytes(message.key)
+
+
 class _PooledStream:
     """A DHT stream whose close() hands it back to the pool when it is between requests."""
 
@@ -95,6 +116,9 @@ class _PooledStream:
         self._pending_prefix = b""
         self._writes = 0
         self.idle_since = 0.0
+        self._request: tuple[int, bytes] | None = None  # (type, key) of the request sent
+        self._answer = b""  # the rest of the answer frame being read
+        self._stale = False  # a frame that answered an earlier request came: not pooled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -107,6 +131,7 @@ class _PooledStream:
             self._pending_prefix = bytes(data)  # a length prefix: send it with the message
             return
         data, self._pending_prefix = self._pending_prefix + bytes(data), b""
+        self._request = _type_and_key(data)
         await self._stream.write(data)
 
     async def _flush(self) -> None:
@@ -116,15 +141,36 @@ class _PooledStream:
 
     async def read(self, n: int | None = None) -> bytes:
         await self._flush()
-        data = await self._stream.read(n)
+        while not self._answer:
+            self._answer = await self._next_answer()
+        take = len(self._answer) if n is None or n < 0 else n
+        data, self._answer = self._answer[:take], self._answer[take:]
         self._frames.feed(data)
         return data
+
+    async def _next_answer(self) -> bytes:
+        """The next whole frame (with its length prefix) answering the request sent. A frame
+        of another type, or for another key, answers an earlier request (a peer that
+        answered twice, its copy arriving after the stream was reused): it is dropped and
+        the stream is not pooled again. Upstream then reads the frame from memory, not a
+        byte at a time through the muxer."""
+        from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
+        from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
+
+        body = await read_varint_prefixed_bytes_limited(self._stream, MAX_DHT_MESSAGE_SIZE)
+        answered = _type_and_key(body, prefixed=False)
+        if (self._request is not None and answered is not None
+                and (answered[0] != self._request[0]
+                     or (answered[1] and answered[1] != self._request[1]))):
+            self._stale = True
+            return b""
+        return encode_uvarint(len(body)) + body
 
     async def close(self) -> None:
         try:
             await self._flush()  # nothing written is ever dropped
             reusable = (self._writes and self._frames.complete and not self._pending_prefix
-                        and _alive(self._stream))
+                        and not self._stale and _alive(self._stream))
             self._writes = 0
             self._frames.reset()
             if reusable and self._pool.give_back(self):

@@ -5,7 +5,9 @@ has a test that fails without it: fixes 1-4 and 6 in tests/integration/test_libp
 fixes 7-10 in tests/integration/test_hostile.py (fix 5 lives in dht_lookup.py, fix 11 in
 dht_providers.py, fixes 12-13 in state_limits.py, tested in test_hostile_state.py, fix 14 in
 dht_find_node.py, fix 15 in dht_slots.py, tested with fix 16 in test_hostile_dht.py; fix 20 in
-test_libp2p_fixes.py and, against a relay, tests/netbed/test_relay_ipv6.py). They are small
+test_libp2p_fixes.py and, against a relay, tests/netbed/test_relay_ipv6.py; fixes 22-28 in
+test_libp2p_fixes.py, fix 21 living in conn_trim.py (tested in test_conn_trim.py) and fix 23
+in dht_refresh.py). They are small
 enough to send upstream. pyproject.toml pins the exact py-libp2p version they were
 written against; `check_version` refuses to run on another.
 """
