@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": B.machine_info(),
         "config": {"hosts": args.hosts, "idle_s": args.idle, "k": args.k, "seed": args.seed,
-                   "variants": variants, "connections": args.connections, "transport": "TCP on loopback, one process"},
+                   "variants": variants, "connections": args.connections,
+                   "transport": "TCP on loopback, one process"},
         "method": "per variant a fresh process of H meshes joining at once through the first; "
                   "its rusage CPU from the first start until every table_ready (per join: "
                   "/ H), then over the idle window (per host: / seconds / H), then over "

@@ -1147,7 +1147,6 @@ def lean_yamux_window_updates() -> None:
             buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
             increment = self._grow_to_delta(buffered)
             increment += self._apply_autotune_epoch(buffered)
-            self._pending_recv_release = 0
         await self.send_window_update(increment, skip_lock=True)
 
     YamuxStream._auto_tune_and_send_window_update = send_credit_when_due
